@@ -1,0 +1,69 @@
+"""sparselearn: train neural networks that stay sparse from the first step to the last.
+
+Quick start::
+
+    import sparselearn as sl
+    engine = sl.sparsify(model, optimizer, method="sparse_momentum", density=0.05,
+                         total_steps=epochs * len(train_loader))
+    # ... your own training loop, calling optimizer.step() as usual
+
+Code written for the 2019 sparse momentum library: ``from sparselearn.compat import Masking,
+CosineDecay``.
+"""
+
+from __future__ import annotations
+
+from .budget import INIT, register_init
+from .config import SparsityConfig
+from .criteria import (
+    GROWTH,
+    PRUNE,
+    REDISTRIBUTION,
+    LayerView,
+    register_growth,
+    register_prune,
+    register_redistribution,
+)
+from .engine import MaskUpdate, SparseEngine, sparsify
+from .methods import METHODS, Method, methods, register_method
+from .schedules import PRUNE_RATE_SCHEDULE, register_prune_rate_schedule
+
+__version__ = "0.1.0"
+
+_REGISTRIES = {
+    "method": METHODS,
+    "prune": PRUNE,
+    "growth": GROWTH,
+    "redistribution": REDISTRIBUTION,
+    "init": INIT,
+    "prune_rate_schedule": PRUNE_RATE_SCHEDULE,
+}
+
+
+def choices(kind: str) -> list[str]:
+    """Registered names of one kind: ``method``, ``prune``, ``growth``, ``redistribution``,
+    ``init`` or ``prune_rate_schedule``."""
+    from ._registry import unknown_name_message
+
+    if kind not in _REGISTRIES:
+        raise ValueError(unknown_name_message("registry kind", kind, sorted(_REGISTRIES)))
+    return _REGISTRIES[kind].names()
+
+
+__all__ = [
+    "LayerView",
+    "MaskUpdate",
+    "Method",
+    "SparseEngine",
+    "SparsityConfig",
+    "__version__",
+    "choices",
+    "methods",
+    "register_growth",
+    "register_init",
+    "register_method",
+    "register_prune",
+    "register_prune_rate_schedule",
+    "register_redistribution",
+    "sparsify",
+]

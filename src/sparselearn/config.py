@@ -1,0 +1,348 @@
+"""The resolved configuration of a sparse training run: a frozen dataclass that validates itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from torch import nn
+
+from ._registry import unknown_name_message
+from .budget import INIT
+from .criteria import GROWTH, PRUNE, REDISTRIBUTION
+from .schedules import PRUNE_RATE_SCHEDULE
+
+ScheduleName = Literal["dense", "fixed", "one_shot", "periodic", "gradual"]
+SCHEDULES: tuple[str, ...] = ("dense", "fixed", "one_shot", "periodic", "gradual")
+"""How masks evolve:
+
+- ``dense``: every weight active, nothing ever pruned (the reference).
+- ``fixed``: masks drawn from ``init`` at the start and never changed (static sparse).
+- ``one_shot``: dense until the first optimizer step; before that step is applied, the ``prune``
+  criterion cuts the model to the budget using its gradient (SNIP); fixed afterwards.
+- ``periodic``: constant budget; every ``update_every`` steps prune, redistribute and regrow.
+- ``gradual``: dense start; every ``update_every`` steps prune towards the target along a cubic
+  schedule that reaches it at ``stop_at`` (Zhu & Gupta 2017); no regrowth.
+"""
+
+OPTIMIZER_STATE_POLICIES = ("keep", "reset_grown", "reset_pruned", "reset_both")
+
+Selector = Union[str, type[nn.Module]]
+
+# options that change nothing under a given schedule: passing one explicitly is an error
+_UNUSED: dict[str, frozenset[str]] = {
+    "dense": frozenset(
+        {
+            "init",
+            "prune",
+            "growth",
+            "redistribution",
+            "update_every",
+            "steps_per_epoch",
+            "start_at",
+            "stop_at",
+            "prune_rate",
+            "prune_rate_schedule",
+            "prune_rate_min",
+            "optimizer_state",
+            "ema_decay",
+            "layer_density",
+            "dense_first",
+            "dense_last",
+        }
+    ),
+    "fixed": frozenset(
+        {
+            "prune",
+            "growth",
+            "redistribution",
+            "update_every",
+            "steps_per_epoch",
+            "start_at",
+            "stop_at",
+            "prune_rate",
+            "prune_rate_schedule",
+            "prune_rate_min",
+            "optimizer_state",
+            "ema_decay",
+        }
+    ),
+    "one_shot": frozenset(
+        {
+            "growth",
+            "redistribution",
+            "update_every",
+            "steps_per_epoch",
+            "start_at",
+            "stop_at",
+            "prune_rate",
+            "prune_rate_schedule",
+            "prune_rate_min",
+            "optimizer_state",
+            "ema_decay",
+        }
+    ),
+    "gradual": frozenset(
+        {
+            "growth",
+            "redistribution",
+            "prune_rate",
+            "prune_rate_schedule",
+            "prune_rate_min",
+            "optimizer_state",
+        }
+    ),
+    "periodic": frozenset(),
+}
+
+
+def _check_unit(name: str, value: object, *, low_open: bool, high_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    lo_ok = v > 0 if low_open else v >= 0
+    hi_ok = v < 1 if high_open else v <= 1
+    if not (math.isfinite(v) and lo_ok and hi_ok):
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return v
+
+
+def _check_selectors(name: str, value: object) -> tuple[Selector, ...]:
+    if isinstance(value, (str, type)):
+        value = (value,)
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a list of parameter names, 're:' patterns or module types, "
+            f"got {type(value).__name__}"
+        )
+    for item in value:
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            continue
+        if not isinstance(item, str) or not item or item == "re:":
+            raise TypeError(
+                f"{name} entries must be parameter names, 're:' patterns or nn.Module "
+                f"subclasses, got {item!r}"
+            )
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Everything that defines how a model is trained sparse. Build it with
+    :func:`sparselearn.sparsify` (which merges a method preset with your options) or directly.
+
+    See the README for the meaning and default of every field.
+    """
+
+    method: str = "custom"
+    density: float = 1.0
+    total_steps: int | None = None
+    schedule: ScheduleName = "periodic"
+    init: str = "uniform"
+    prune: str | None = "magnitude"
+    growth: str | None = "momentum"
+    redistribution: str = "none"
+    update_every: int | Literal["epoch"] = 100
+    steps_per_epoch: int | None = None
+    start_at: float = 0.0
+    stop_at: float = 1.0
+    prune_rate: float = 0.5
+    prune_rate_schedule: str = "cosine"
+    prune_rate_min: float = 0.005
+    optimizer_state: str = "keep"
+    ema_decay: float = 0.9
+    include: tuple[Selector, ...] = ()
+    exclude: tuple[Selector, ...] = ()
+    layer_density: tuple[tuple[str, float], ...] = field(default=())
+    dense_first: bool = False
+    dense_last: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise through object.__setattr__
+        set_(self, "density", _check_unit("density", self.density, low_open=True, high_open=False))
+        if self.total_steps is not None and (
+            isinstance(self.total_steps, bool)
+            or not isinstance(self.total_steps, int)
+            or self.total_steps < 1
+        ):
+            raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(unknown_name_message("schedule", self.schedule, list(SCHEDULES)))
+        INIT.get(self.init)
+        REDISTRIBUTION.get(self.redistribution)
+        PRUNE_RATE_SCHEDULE.get(self.prune_rate_schedule)
+        if self.prune is not None:
+            PRUNE.get(self.prune)
+        if self.growth is not None:
+            GROWTH.get(self.growth)
+        self._check_update_every()
+        set_(self, "start_at", _check_unit("start_at", self.start_at, low_open=False, high_open=True))
+        set_(self, "stop_at", _check_unit("stop_at", self.stop_at, low_open=True, high_open=False))
+        if self.start_at >= self.stop_at:
+            raise ValueError(f"start_at ({self.start_at}) must be below stop_at ({self.stop_at})")
+        set_(self, "prune_rate", _check_unit("prune_rate", self.prune_rate, low_open=False, high_open=True))
+        set_(
+            self,
+            "prune_rate_min",
+            _check_unit("prune_rate_min", self.prune_rate_min, low_open=False, high_open=True),
+        )
+        if self.prune_rate_min > self.prune_rate and self.prune_rate_schedule != "constant":
+            raise ValueError(
+                f"prune_rate_min ({self.prune_rate_min}) must not exceed prune_rate "
+                f"({self.prune_rate})"
+            )
+        if self.optimizer_state not in OPTIMIZER_STATE_POLICIES:
+            raise ValueError(
+                unknown_name_message(
+                    "optimizer_state policy", self.optimizer_state, list(OPTIMIZER_STATE_POLICIES)
+                )
+            )
+        set_(self, "ema_decay", _check_unit("ema_decay", self.ema_decay, low_open=False, high_open=True))
+        set_(self, "include", _check_selectors("include", self.include))
+        set_(self, "exclude", _check_selectors("exclude", self.exclude))
+        set_(self, "layer_density", self._check_layer_density(self.layer_density))
+        for flag in ("dense_first", "dense_last"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an integer or None, got {self.seed!r}")
+        self._check_schedule()
+
+    def _check_update_every(self) -> None:
+        every = self.update_every
+        if every == "epoch":
+            if self.steps_per_epoch is None:
+                raise ValueError(
+                    "update_every='epoch' needs steps_per_epoch (optimizer steps per epoch, "
+                    "e.g. len(train_loader) // accumulation_steps)"
+                )
+        elif isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(
+                f"update_every must be an integer >= 0 (0: only when you call "
+                f"engine.update_masks()) or 'epoch', got {every!r}"
+            )
+        spe = self.steps_per_epoch
+        if spe is not None and (isinstance(spe, bool) or not isinstance(spe, int) or spe < 1):
+            raise ValueError(f"steps_per_epoch must be a positive integer, got {spe!r}")
+
+    @staticmethod
+    def _check_layer_density(value: object) -> tuple[tuple[str, float], ...]:
+        items: list[tuple[object, object]]
+        if isinstance(value, Mapping):
+            items = list(value.items())
+        elif isinstance(value, (list, tuple)):
+            items = []
+            for pair in value:
+                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                    raise TypeError(f"layer_density entries must be (name, density) pairs, got {pair!r}")
+                items.append((pair[0], pair[1]))
+        else:
+            raise TypeError(
+                "layer_density must map parameter names or 're:' patterns to densities, "
+                f"got {type(value).__name__}"
+            )
+        out = []
+        for key, dens in items:
+            if not isinstance(key, str) or not key or key == "re:":
+                raise TypeError(f"layer_density keys must be parameter names or 're:' patterns, got {key!r}")
+            out.append((key, _check_unit(f"layer_density[{key!r}]", dens, low_open=True, high_open=False)))
+        return tuple(out)
+
+    def _check_schedule(self) -> None:
+        s = self.schedule
+        wants_prune = s in ("one_shot", "periodic", "gradual")
+        wants_growth = s == "periodic"
+        if wants_prune and self.prune is None:
+            raise ValueError(f"schedule {s!r} needs a prune criterion (prune=...)")
+        if not wants_prune and self.prune is not None:
+            raise ValueError(f"schedule {s!r} never prunes; set prune=None")
+        if wants_growth and self.growth is None:
+            raise ValueError(f"schedule {s!r} needs a growth criterion (growth=...)")
+        if not wants_growth and self.growth is not None:
+            raise ValueError(f"schedule {s!r} never grows weights; set growth=None")
+        if s == "dense" and self.density != 1.0:
+            raise ValueError(f"method {self.method!r} trains every weight; density must be 1.0")
+        if self.growth is not None and GROWTH.get(self.growth).scope == "global":
+            if self.redistribution != "none":
+                raise ValueError(
+                    f"growth {self.growth!r} picks positions across all layers at once; "
+                    f"it needs redistribution='none', got {self.redistribution!r}"
+                )
+        if self.total_steps is None and self.needs_total_steps():
+            raise ValueError(
+                f"method {self.method!r} schedules its mask updates over training: pass "
+                "total_steps (the number of optimizer steps, e.g. epochs * len(train_loader))"
+            )
+
+    def needs_total_steps(self) -> bool:
+        if self.schedule == "gradual":
+            return True
+        if self.schedule != "periodic":
+            return False
+        return not (
+            self.prune_rate_schedule == "constant" and self.start_at == 0.0 and self.stop_at == 1.0
+        )
+
+    # ------------------------------------------------------------------ calendar
+
+    @property
+    def interval(self) -> int:
+        """Optimizer steps between scheduled mask updates (0: none scheduled)."""
+        if self.update_every == "epoch":
+            assert self.steps_per_epoch is not None
+            return self.steps_per_epoch
+        return int(self.update_every)
+
+    def window(self) -> tuple[float, float]:
+        """First and last optimizer step (as floats) of the period in which masks may change."""
+        if self.total_steps is None:
+            return 0.0, math.inf
+        return self.start_at * self.total_steps, self.stop_at * self.total_steps
+
+    def progress(self, step: int) -> float:
+        """How far ``step`` is through the mask-changing period, clamped to [0, 1]."""
+        start, stop = self.window()
+        if math.isinf(stop):
+            return 0.0
+        return min(max((step - start) / (stop - start), 0.0), 1.0)
+
+    def prune_rate_at(self, step: int) -> float:
+        fn = PRUNE_RATE_SCHEDULE.get(self.prune_rate_schedule)
+        return float(fn(self.prune_rate, self.prune_rate_min, self.progress(step)))
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values only (safe for ``torch.load(weights_only=True)`` and JSON)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("include", "exclude"):
+                value = [
+                    v if isinstance(v, str) else f"type:{v.__module__}.{v.__qualname__}" for v in value
+                ]
+            elif f.name == "layer_density":
+                value = [[k, d] for k, d in value]
+            out[f.name] = value
+        return out
+
+
+CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SparsityConfig))
+OPTION_NAMES: tuple[str, ...] = tuple(n for n in CONFIG_FIELDS if n not in ("method", "density", "total_steps"))
+
+
+def unknown_option_message(name: str, valid: tuple[str, ...] = OPTION_NAMES) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown option {name!r}{hint} (options: {', '.join(sorted(valid))})"
+
+
+def unused_options(schedule: str, passed: set[str]) -> list[str]:
+    """Options the user passed that change nothing under ``schedule``."""
+    return sorted(passed & _UNUSED[schedule])
