@@ -383,7 +383,8 @@ class SparseEngine:
         return hook
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        closure = args[0] if args else kwargs.get("closure")
+        # hooks receive the step call's own arguments: (optimizer, closure?) and kwargs
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
         self._closure_step = closure is not None
         if self._closure_step:
             return  # the gradient is computed inside step(): handled in the post-step hook
@@ -605,12 +606,23 @@ class SparseEngine:
         prune_scores = self._scores(self._prune, views)
         if isinstance(prune_scores, str):
             return self._skip(prune_scores, rate)
-        # per layer: never empty a layer; never remove more than the model can regrow
-        remove = [min(round(rate * a), a - 1, r) for a, r in zip(active, room, strict=True)]
+        # never empty a layer, and never remove more than can be regrown: a layer that regrows
+        # its own loss (fixed layers, redistribution "none") is bounded by its own free room,
+        # layers that share their regrowth only by the free room of all of them together
+        shares_regrowth = self._redistribution.fn is not None or self._growth.scope == "global"
+        remove = [
+            min(round(rate * a), a - 1, r if layer.fixed or not shares_regrowth else a)
+            for a, r, layer in zip(active, room, layers, strict=True)
+        ]
+        room_free = sum(room[i] for i in free)
+        if shares_regrowth and sum(remove[i] for i in free) > room_free:
+            for i, k in zip(free, allocate(room_free, [float(remove[i]) for i in free],
+                                           [remove[i] for i in free]), strict=True):
+                remove[i] = k
         total_free = 0
         if self._prune.scope == "global" and free:
             a_free = sum(active[i] for i in free)
-            total_free = min(round(rate * a_free), a_free - len(free), sum(room[i] for i in free))
+            total_free = min(round(rate * a_free), a_free - len(free), room_free)
         pruned = self._prune_sets(views, prune_scores, remove, total_free)
         kept = [v.mask & ~p for v, p in zip(views, pruned, strict=True)]
         lost = [int(p.sum()) for p in pruned]
