@@ -73,11 +73,13 @@ def allocate(total: int, weights: Sequence[float], caps: Sequence[int]) -> list[
     open_ = [i for i in range(n) if weights[i] > 0 and caps[i] > 0]
     remaining = float(total)
     while open_ and remaining > 0:
-        scale = remaining / sum(weights[i] for i in open_)
-        over = [i for i in open_ if scale * weights[i] >= caps[i]]
+        mass = sum(weights[i] for i in open_)
+        # remaining * (w / mass): a fraction times the remainder never overflows
+        want = {i: remaining * (weights[i] / mass) for i in open_}
+        over = [i for i in open_ if want[i] >= caps[i]]
         if not over:
             for i in open_:
-                shares[i] = scale * weights[i]
+                shares[i] = want[i]
             remaining = 0.0
             break
         for i in over:
