@@ -134,5 +134,6 @@ def save_load(obj: Any) -> Any:
 def assert_inactive_zero(engine: sl.SparseEngine, model: nn.Module) -> None:
     params = dict(model.named_parameters())
     for name, mask in engine.masks.items():
-        assert mask.dtype == torch.bool and mask.shape == params[name].shape
+        assert mask.dtype == torch.bool
+        assert mask.shape == params[name].shape
         assert torch.count_nonzero(params[name].detach()[~mask]) == 0, name

@@ -69,7 +69,9 @@ def test_allocation_refuses_impossible_totals() -> None:
         allocate(1, [math.nan], [3])
 
 
-SHAPES = [torch.Size(s) for s in [(300, 784), (100, 300), (10, 100), (64, 3, 3, 3), (128, 64, 3, 3)]]
+SHAPES = [
+    torch.Size(s) for s in [(300, 784), (100, 300), (10, 100), (64, 3, 3, 3), (128, 64, 3, 3)]
+]
 NAMES = [f"l{i}" for i in range(len(SHAPES))]
 
 

@@ -31,7 +31,8 @@ def test_the_2019_training_loop_with_one_import_change() -> None:
         rate = mask.prune_rate
         mask.at_end_of_epoch()
         update = mask.engine.last_update
-        assert update is not None and update.prune_rate == rate == decay.get_dr(0.5)
+        assert update is not None
+        assert update.prune_rate == rate == decay.get_dr(0.5)
         assert sum(int(m.sum()) for m in mask.masks.values()) == budget  # no drift
     assert [u.step for u in mask.engine.history] == [5, 10, 15]
     assert set(mask.masks) == {"fc1.weight", "fc2.weight", "fc3.weight"}
@@ -101,7 +102,8 @@ def test_2019_mode_names(prune_mode: str, growth_mode: str, redistribution_mode:
         nn.functional.cross_entropy(model(x), y).backward()
         mask.step()
     mask.at_end_of_epoch()
-    assert mask.engine.last_update is not None and mask.engine.last_update.kind == "regrow"
+    assert mask.engine.last_update is not None
+    assert mask.engine.last_update.kind == "regrow"
     assert sum(int(m.sum()) for m in mask.masks.values()) == round(0.2 * 1824)
 
 
@@ -158,7 +160,8 @@ def test_state_dict_round_trip() -> None:
     mask2 = Masking(opt2, CosineDecay(0.5, 20))
     mask2.add_module(model2, density=0.2)
     mask2.load_state_dict(state)
-    assert mask2.steps == 3 and mask2.prune_rate == mask.prune_rate
+    assert mask2.steps == 3
+    assert mask2.prune_rate == mask.prune_rate
     assert mask2.prune_rate_decay.get_dr(0.5) == mask.prune_rate_decay.get_dr(0.5)
     for name in mask.masks:
         assert torch.equal(mask.masks[name], mask2.masks[name])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+from torch.multiprocessing.spawn import spawn
 from torch.nn.parallel import DistributedDataParallel
 
 import sparselearn as sl
@@ -50,7 +50,7 @@ def _worker(rank: int, store: str, out: str, method: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 @pytest.mark.parametrize("method", ["sparse_momentum", "set", "static"])
 def test_masks_identical_on_every_rank(tmp_path: Path, method: str) -> None:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), method), nprocs=WORLD)
+    spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), method), nprocs=WORLD)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     assert r0["history"] == r1["history"] == ([] if method == "static" else [3, 6, 9])
     for key in ("initial", "masks", "weights"):

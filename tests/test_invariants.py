@@ -65,8 +65,12 @@ def build(
 
 
 def run(
-    engine: sl.SparseEngine, model: nn.Module, opt: torch.optim.Optimizer, kind: str,
-    steps: range, seed: int = 0,
+    engine: sl.SparseEngine,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    kind: str,
+    steps: range,
+    seed: int = 0,
 ) -> None:
     data = list(batches(kind, steps.stop, seed=seed))
     for i in steps:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def setup(method: str = "sparse_momentum", optimizer: str = "sgd", **options: ob
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    kw: dict[str, object] = {"density": 0.2, "total_steps": 100, "seed": 0}
+    kw: dict[str, Any] = {"density": 0.2, "total_steps": 100, "seed": 0}
     kw.update(options)
     return model, opt, sl.sparsify(model, opt, method=method, **kw)
 
@@ -122,7 +123,8 @@ def test_redistribution_never_fills_a_layer_beyond_full_density() -> None:
     with torch.no_grad():
         small.fill_(1e-3)
     update = engine.update_masks(prune_rate=0.5)
-    assert update.pruned["0.weight"] == 6 and update.grown["0.weight"] == 0
+    assert update.pruned["0.weight"] == 6
+    assert update.grown["0.weight"] == 0
     assert sum(int(m.sum()) for m in engine.masks.values()) == round(0.5 * 416)
 
 
@@ -224,7 +226,8 @@ def test_rigl_grows_where_the_dense_gradient_is_largest_and_resets_their_state()
         assert torch.count_nonzero(dense[n][~old[n]]) > 0  # the update step sees dense grads
     opt.step()
     update = engine.last_update
-    assert update is not None and update.step == 4
+    assert update is not None
+    assert update.step == 4
     for n, p in model.named_parameters():
         if n not in old:
             continue
@@ -297,7 +300,7 @@ def test_dsr_prunes_globally_but_never_empties_a_layer() -> None:
     assert update.grown["fc3.weight"] <= 1
 
 
-# ----------------------------------------------------------------------------- GMP, SNIP, static, dense
+# ------------------------------------------------------------------ GMP, SNIP, static, dense
 
 
 def test_gmp_follows_the_cubic_schedule_to_the_target() -> None:
@@ -332,7 +335,8 @@ def test_snip_keeps_the_globally_most_salient_weights_of_the_first_batch() -> No
     for n in names:
         assert torch.equal(engine.masks[n], sal[n] >= threshold), n
     first = engine.history[0]
-    assert first.step == 0 and first.kind == "prune"
+    assert first.step == 0
+    assert first.kind == "prune"
     # later steps never change the masks
     masks = {n: m.clone() for n, m in engine.masks.items()}
     for xb, yb in batches("mlp", 5):
@@ -359,7 +363,8 @@ def test_dense_is_identical_to_training_without_the_engine() -> None:
     for x, y in batches("mlp", 5):
         train_step(plain, opt_plain, x, y)
         train_step(model, opt, x, y)
-    assert engine.density() == 1.0 and engine.step == 5
+    assert engine.density() == 1.0
+    assert engine.step == 5
     for p1, p2 in zip(plain.parameters(), model.parameters(), strict=True):
         assert torch.equal(p1, p2)
 
@@ -415,9 +420,7 @@ def test_layer_density_override_keeps_its_count_through_updates() -> None:
 def test_dense_first_and_last_leave_those_layers_unmasked() -> None:
     model = ConvBN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    engine = sl.sparsify(
-        model, opt, density=0.2, total_steps=10, dense_first=True, dense_last=True
-    )
+    engine = sl.sparsify(model, opt, density=0.2, total_steps=10, dense_first=True, dense_last=True)
     assert list(engine.masks) == ["features.3.weight"]
 
 
@@ -483,7 +486,7 @@ def test_a_criterion_returning_the_wrong_shape_is_reported() -> None:
         return layer.weight.reshape(-1)
 
     try:
-        model, opt, engine = setup(update_every=0, prune="test_bad_shape")
+        _model, _opt, engine = setup(update_every=0, prune="test_bad_shape")
         with pytest.raises(TypeError, match="must return a tensor of shape"):
             engine.update_masks()
     finally:
@@ -492,8 +495,13 @@ def test_a_criterion_returning_the_wrong_shape_is_reported() -> None:
 
 def test_register_a_new_method_preset() -> None:
     sl.register_method(
-        "test_set_erk", schedule="periodic", init="erk", prune="set", growth="random",
-        prune_rate=0.2, prune_rate_schedule="constant",
+        "test_set_erk",
+        schedule="periodic",
+        init="erk",
+        prune="set",
+        growth="random",
+        prune_rate=0.2,
+        prune_rate_schedule="constant",
     )
     try:
         assert "test_set_erk" in sl.methods()

@@ -80,7 +80,9 @@ def test_recurrent_weights_are_sparsified_when_asked(cell: str) -> None:
     default = sl.sparsify(model, opt, method="static", density=0.5)
     assert list(default.masks) == ["head.weight"]  # recurrent weights only when asked
     default.remove()
-    engine = sl.sparsify(model, opt, density=0.3, total_steps=12, update_every=3, include=RNN_INCLUDE)
+    engine = sl.sparsify(
+        model, opt, density=0.3, total_steps=12, update_every=3, include=RNN_INCLUDE
+    )
     assert sorted(engine.masks) == sorted(
         [f"rnn.weight_{k}_l{i}" for k in ("ih", "hh") for i in (0, 1)] + ["head.weight"]
     )

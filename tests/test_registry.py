@@ -20,7 +20,7 @@ def test_unknown_name_suggests_the_closest_and_lists_choices() -> None:
     reg: Registry[int] = Registry("growth")
     for name in ("gradient", "momentum", "random"):
         reg.register(name, 0)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match="momentun") as err:
         reg.get("momentun")
     assert str(err.value) == (
         "unknown growth 'momentun'; did you mean 'momentum'? (choices: gradient, momentum, random)"

@@ -50,7 +50,8 @@ def test_lr_scheduler(method: str) -> None:
             scheduler.step()
             lrs.append(opt.param_groups[0]["lr"])
             assert_inactive_zero(engine, model)
-    assert len(set(lrs)) == 12 and engine.step == 12
+    assert len(set(lrs)) == 12
+    assert engine.step == 12
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -64,7 +65,9 @@ def test_gradient_clipping_sees_the_sparse_gradient(method: str) -> None:
         if method in MASKS_GRADIENTS and not update_step and step > 1:
             for name, mask in engine.masks.items():
                 assert torch.count_nonzero(params[name].grad[~mask]) == 0, name
-        expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        expected = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in model.parameters()])
+        )
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
         assert torch.isclose(norm, expected)
         clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))

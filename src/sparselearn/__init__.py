@@ -13,6 +13,9 @@ CosineDecay``.
 
 from __future__ import annotations
 
+from typing import Any
+
+from ._registry import Registry
 from .budget import INIT, register_init
 from .config import SparsityConfig
 from .criteria import (
@@ -30,7 +33,7 @@ from .schedules import PRUNE_RATE_SCHEDULE, register_prune_rate_schedule
 
 __version__ = "0.1.0"
 
-_REGISTRIES = {
+_REGISTRIES: dict[str, Registry[Any]] = {
     "method": METHODS,
     "prune": PRUNE,
     "growth": GROWTH,
@@ -51,9 +54,16 @@ def choices(kind: str) -> list[str]:
 
 
 __all__ = [
+    "GROWTH",
+    "INIT",
+    "METHODS",
+    "PRUNE",
+    "PRUNE_RATE_SCHEDULE",
+    "REDISTRIBUTION",
     "LayerView",
     "MaskUpdate",
     "Method",
+    "Registry",
     "SparseEngine",
     "SparsityConfig",
     "__version__",

@@ -126,7 +126,9 @@ def layer_counts(
         relative.append(rho)
     budget = round(density * sum(numels))
     counts = allocate(budget, [r * n for r, n in zip(relative, numels, strict=True)], numels)
-    empty = [f"{name} ({n} weights)" for name, n, c in zip(names, numels, counts, strict=True) if c == 0]
+    empty = [
+        f"{name} ({n} weights)" for name, n, c in zip(names, numels, counts, strict=True) if c == 0
+    ]
     if empty:
         raise ValueError(
             f"density {density} leaves no active weight in {', '.join(empty)} under init "

@@ -153,7 +153,7 @@ class Masking:
         # fp16: nothing special is needed; masks follow each parameter's own dtype
         self.fp16 = fp16
         self.steps = 0
-        self.engine: SparseEngine | None = None
+        self._sparse: SparseEngine | None = None
         if verbose and not logger.handlers:
             logger.addHandler(logging.StreamHandler())
             logger.setLevel(logging.INFO)
@@ -167,7 +167,7 @@ class Masking:
     ) -> None:
         """Sparsify ``module`` at ``density``. ``remove_param_names``: parameters whose name
         contains one of these strings stay dense."""
-        if self.engine is not None:
+        if self._sparse is not None:
             raise RuntimeError("add_module was already called; use one Masking per model")
         if sparse_init == "resume":
             raise ValueError(
@@ -179,7 +179,7 @@ class Masking:
         if self.growth_mode == "global_momentum" and redistribution != "none":
             # the 2019 global growth ignored the redistribution mode
             redistribution = "none"
-        self.engine = sparsify(
+        self._sparse = sparsify(
             module,
             self.optimizer,
             method="sparse_momentum",
@@ -196,7 +196,7 @@ class Masking:
         )
         self.optimizer.register_step_post_hook(self._after_step)
         if self.verbose:
-            logger.info("%s", self.engine.summary())
+            logger.info("%s", self._sparse.summary())
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # runs after the engine's own hook, which already applied the masks
@@ -206,10 +206,12 @@ class Masking:
         if self.prune_every_k_steps and self.steps % self.prune_every_k_steps == 0:
             self.truncate_weights()
 
-    def _engine(self) -> SparseEngine:
-        if self.engine is None:
+    @property
+    def engine(self) -> SparseEngine:
+        """The :class:`sparselearn.SparseEngine` doing the work (after ``add_module``)."""
+        if self._sparse is None:
             raise RuntimeError("call add_module(model, density) first")
-        return self.engine
+        return self._sparse
 
     def step(self) -> None:
         """``optimizer.step()``; masks are applied by the engine's hook."""
@@ -217,7 +219,7 @@ class Masking:
 
     def truncate_weights(self) -> None:
         """One prune / redistribute / regrow cycle at the current prune rate."""
-        self._engine().update_masks(prune_rate=self.prune_rate)
+        self.engine.update_masks(prune_rate=self.prune_rate)
         if self.verbose:
             self.print_nonzero_counts()
 
@@ -225,27 +227,27 @@ class Masking:
         self.truncate_weights()
 
     def apply_mask(self) -> None:
-        self._engine()._apply_masks()
+        self.engine._apply_masks()
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
-        return self._engine().masks
+        return self.engine.masks
 
     def print_nonzero_counts(self) -> None:
         """Logs the per-layer table at INFO level (the library does not print)."""
-        logger.info("%s\nPrune rate: %s", self._engine().summary(), self.prune_rate)
+        logger.info("%s\nPrune rate: %s", self.engine.summary(), self.prune_rate)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "engine": self._engine().state_dict(),
+            "engine": self.engine.state_dict(),
             "prune_rate": self.prune_rate,
             "steps": self.steps,
             "decay_steps": getattr(self.prune_rate_decay, "steps", None),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._engine().load_state_dict(state["engine"])
+        self.engine.load_state_dict(state["engine"])
         self.prune_rate = float(state["prune_rate"])
         self.steps = int(state["steps"])
         if state.get("decay_steps") is not None and hasattr(self.prune_rate_decay, "steps"):
-            self.prune_rate_decay.steps = int(state["decay_steps"])
+            setattr(self.prune_rate_decay, "steps", int(state["decay_steps"]))  # noqa: B010

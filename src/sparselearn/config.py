@@ -7,7 +7,7 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from torch import nn
 
@@ -31,7 +31,7 @@ SCHEDULES: tuple[str, ...] = ("dense", "fixed", "one_shot", "periodic", "gradual
 
 OPTIMIZER_STATE_POLICIES = ("keep", "reset_grown", "reset_pruned", "reset_both")
 
-Selector = Union[str, type[nn.Module]]
+Selector = str | type[nn.Module]
 
 # options that change nothing under a given schedule: passing one explicitly is an error
 _UNUSED: dict[str, frozenset[str]] = {
@@ -182,11 +182,17 @@ class SparsityConfig:
         if self.growth is not None:
             GROWTH.get(self.growth)
         self._check_update_every()
-        set_(self, "start_at", _check_unit("start_at", self.start_at, low_open=False, high_open=True))
+        set_(
+            self, "start_at", _check_unit("start_at", self.start_at, low_open=False, high_open=True)
+        )
         set_(self, "stop_at", _check_unit("stop_at", self.stop_at, low_open=True, high_open=False))
         if self.start_at >= self.stop_at:
             raise ValueError(f"start_at ({self.start_at}) must be below stop_at ({self.stop_at})")
-        set_(self, "prune_rate", _check_unit("prune_rate", self.prune_rate, low_open=False, high_open=True))
+        set_(
+            self,
+            "prune_rate",
+            _check_unit("prune_rate", self.prune_rate, low_open=False, high_open=True),
+        )
         set_(
             self,
             "prune_rate_min",
@@ -203,14 +209,20 @@ class SparsityConfig:
                     "optimizer_state policy", self.optimizer_state, list(OPTIMIZER_STATE_POLICIES)
                 )
             )
-        set_(self, "ema_decay", _check_unit("ema_decay", self.ema_decay, low_open=False, high_open=True))
+        set_(
+            self,
+            "ema_decay",
+            _check_unit("ema_decay", self.ema_decay, low_open=False, high_open=True),
+        )
         set_(self, "include", _check_selectors("include", self.include))
         set_(self, "exclude", _check_selectors("exclude", self.exclude))
         set_(self, "layer_density", self._check_layer_density(self.layer_density))
         for flag in ("dense_first", "dense_last"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise TypeError(f"seed must be an integer or None, got {self.seed!r}")
         self._check_schedule()
 
@@ -240,7 +252,9 @@ class SparsityConfig:
             items = []
             for pair in value:
                 if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                    raise TypeError(f"layer_density entries must be (name, density) pairs, got {pair!r}")
+                    raise TypeError(
+                        f"layer_density entries must be (name, density) pairs, got {pair!r}"
+                    )
                 items.append((pair[0], pair[1]))
         else:
             raise TypeError(
@@ -250,8 +264,12 @@ class SparsityConfig:
         out = []
         for key, dens in items:
             if not isinstance(key, str) or not key or key == "re:":
-                raise TypeError(f"layer_density keys must be parameter names or 're:' patterns, got {key!r}")
-            out.append((key, _check_unit(f"layer_density[{key!r}]", dens, low_open=True, high_open=False)))
+                raise TypeError(
+                    f"layer_density keys must be parameter names or 're:' patterns, got {key!r}"
+                )
+            out.append(
+                (key, _check_unit(f"layer_density[{key!r}]", dens, low_open=True, high_open=False))
+            )
         return tuple(out)
 
     def _check_schedule(self) -> None:
@@ -268,12 +286,12 @@ class SparsityConfig:
             raise ValueError(f"schedule {s!r} never grows weights; set growth=None")
         if s == "dense" and self.density != 1.0:
             raise ValueError(f"method {self.method!r} trains every weight; density must be 1.0")
-        if self.growth is not None and GROWTH.get(self.growth).scope == "global":
-            if self.redistribution != "none":
-                raise ValueError(
-                    f"growth {self.growth!r} picks positions across all layers at once; "
-                    f"it needs redistribution='none', got {self.redistribution!r}"
-                )
+        growth_scope = GROWTH.get(self.growth).scope if self.growth is not None else None
+        if growth_scope == "global" and self.redistribution != "none":
+            raise ValueError(
+                f"growth {self.growth!r} picks positions across all layers at once; "
+                f"it needs redistribution='none', got {self.redistribution!r}"
+            )
         if self.total_steps is None and self.needs_total_steps():
             raise ValueError(
                 f"method {self.method!r} schedules its mask updates over training: pass "
@@ -325,7 +343,8 @@ class SparsityConfig:
             value = getattr(self, f.name)
             if f.name in ("include", "exclude"):
                 value = [
-                    v if isinstance(v, str) else f"type:{v.__module__}.{v.__qualname__}" for v in value
+                    v if isinstance(v, str) else f"type:{v.__module__}.{v.__qualname__}"
+                    for v in value
                 ]
             elif f.name == "layer_density":
                 value = [[k, d] for k, d in value]
@@ -334,7 +353,9 @@ class SparsityConfig:
 
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SparsityConfig))
-OPTION_NAMES: tuple[str, ...] = tuple(n for n in CONFIG_FIELDS if n not in ("method", "density", "total_steps"))
+OPTION_NAMES: tuple[str, ...] = tuple(
+    n for n in CONFIG_FIELDS if n not in ("method", "density", "total_steps")
+)
 
 
 def unknown_option_message(name: str, valid: tuple[str, ...] = OPTION_NAMES) -> str:

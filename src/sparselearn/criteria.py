@@ -195,9 +195,7 @@ def register_growth(
     return decorator
 
 
-def register_redistribution(
-    name: str, *, needs: Iterable[str] = ()
-) -> Callable[[StatFn], StatFn]:
+def register_redistribution(name: str, *, needs: Iterable[str] = ()) -> Callable[[StatFn], StatFn]:
     """Register a redistribution: ``fn(layer) -> float >= 0``; regrowth is shared in proportion."""
     needs_set = _check_needs(needs)
 

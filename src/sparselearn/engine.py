@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -58,7 +59,7 @@ class MaskUpdate:
 class _Layer:
     """Engine-side record of one sparsified weight tensor."""
 
-    __slots__ = ("fixed", "final_count", "inactive", "mask", "name", "param")
+    __slots__ = ("final_count", "fixed", "inactive", "mask", "name", "param")
 
     def __init__(self, target: Target, mask: Tensor, final_count: int) -> None:
         self.name = target.name
@@ -148,7 +149,9 @@ class SparseEngine:
             if self._mask_grads:
                 for layer in self._layers:
                     self._handles.append(
-                        layer.param.register_post_accumulate_grad_hook(self._grad_hook(layer))
+                        layer.param.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                            self._grad_hook(layer)
+                        )
                     )
         ref = weakref.ref(self)
         _ACTIVE[id(model)] = ref
@@ -338,7 +341,9 @@ class SparseEngine:
         saved_cfg, ours = dict(state["config"]), self.config.to_dict()
         diff = [k for k in sorted(set(saved_cfg) | set(ours)) if saved_cfg.get(k) != ours.get(k)]
         if diff:
-            detail = ", ".join(f"{k}: saved {saved_cfg.get(k)!r}, here {ours.get(k)!r}" for k in diff)
+            detail = ", ".join(
+                f"{k}: saved {saved_cfg.get(k)!r}, here {ours.get(k)!r}" for k in diff
+            )
             raise ValueError(f"engine state was saved with a different configuration ({detail})")
         masks = state["masks"]
         names = [layer.name for layer in self._layers]
@@ -349,8 +354,10 @@ class SparseEngine:
         for layer in self._layers:
             m = masks[layer.name]
             if not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != layer.mask.shape:
-                raise ValueError(f"saved mask for {layer.name} is not a bool tensor of shape "
-                                 f"{tuple(layer.mask.shape)}")
+                raise ValueError(
+                    f"saved mask for {layer.name} is not a bool tensor of shape "
+                    f"{tuple(layer.mask.shape)}"
+                )
         ema = state.get("ema", {})
         if sorted(ema) != sorted(self._ema):
             raise ValueError("engine state EMA buffers do not match this engine")
@@ -504,9 +511,9 @@ class SparseEngine:
             layer.sync_device()
             signals: dict[str, Callable[[], Tensor]] = {}
             if "momentum" in self._needs:
-                signals["momentum"] = lambda layer=layer: self._momentum(layer)
+                signals["momentum"] = functools.partial(self._momentum, layer)
             if "grad" in self._needs:
-                signals["grad"] = lambda layer=layer: self._grad(layer)
+                signals["grad"] = functools.partial(self._grad, layer)
             views.append(
                 LayerView(
                     layer.name,
@@ -592,7 +599,8 @@ class SparseEngine:
     def _regrow(self, rate: float) -> MaskUpdate:
         """Prune ``rate`` of the active weights, share the regrowth, regrow: budget unchanged."""
         t0 = time.perf_counter()
-        assert self._prune is not None and self._growth is not None
+        assert self._prune is not None
+        assert self._growth is not None
         views = self._views()
         bad = self._non_finite_inputs(views)
         if bad:
@@ -616,8 +624,11 @@ class SparseEngine:
         ]
         room_free = sum(room[i] for i in free)
         if shares_regrowth and sum(remove[i] for i in free) > room_free:
-            for i, k in zip(free, allocate(room_free, [float(remove[i]) for i in free],
-                                           [remove[i] for i in free]), strict=True):
+            for i, k in zip(
+                free,
+                allocate(room_free, [float(remove[i]) for i in free], [remove[i] for i in free]),
+                strict=True,
+            ):
                 remove[i] = k
         total_free = 0
         if self._prune.scope == "global" and free:
@@ -669,16 +680,18 @@ class SparseEngine:
             offset = 0
             for i in free:
                 n = numel[i]
-                grown[i] = chosen[offset : offset + n].view_as(views[i].mask).to(views[i].mask.device)
+                grown[i] = (
+                    chosen[offset : offset + n].view_as(views[i].mask).to(views[i].mask.device)
+                )
                 offset += n
 
         update = MaskUpdate(self._step, "regrow", rate)
         for i, layer in enumerate(layers):
-            g = grown[i]
-            assert g is not None
-            self._commit(layer, kept[i] | g, pruned[i], g)
+            new_positions = grown[i]
+            assert new_positions is not None
+            self._commit(layer, kept[i] | new_positions, pruned[i], new_positions)
             update.pruned[layer.name] = lost[i]
-            update.grown[layer.name] = int(g.sum())
+            update.grown[layer.name] = int(new_positions.sum())
         return self._finish(update, t0)
 
     @torch.no_grad()
@@ -714,7 +727,9 @@ class SparseEngine:
 
     def _commit(self, layer: _Layer, new: Tensor, pruned: Tensor, grown: Tensor | None) -> None:
         layer.set_mask(new)
-        layer.zero_inactive_(layer.param)  # pruned weights are zero now; grown ones were zero already
+        layer.zero_inactive_(
+            layer.param
+        )  # pruned weights are zero now; grown ones were zero already
         policy = self.config.optimizer_state
         if policy in ("reset_pruned", "reset_both"):
             reset_state(self.optimizer, layer.param, pruned)
@@ -761,7 +776,9 @@ def _check_not_sparsified(model: nn.Module, targets: list[Target]) -> None:
         engine = ref() if ref is not None else None
         if engine is None:
             continue
-        if engine.model is model or any(layer.param is t.param for layer in engine._layers for t in targets):
+        if engine.model is model or any(
+            layer.param is t.param for layer in engine._layers for t in targets
+        ):
             raise RuntimeError(
                 f"{what} is already sparsified by {engine!r}; call engine.remove() first"
             )
@@ -808,7 +825,12 @@ def sparsify(
         density = 1.0
     unused = unused_options(str(schedule), set(options))
     prune = options.get("prune", preset.defaults.get("prune"))
-    if schedule == "one_shot" and "init" in options and prune and PRUNE.get(prune).scope == "global":
+    if (
+        schedule == "one_shot"
+        and "init" in options
+        and prune
+        and PRUNE.get(prune).scope == "global"
+    ):
         unused.append("init")
     if unused:
         raise ValueError(

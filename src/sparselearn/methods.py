@@ -29,7 +29,9 @@ class Method:
                 raise ValueError(f"method {self.name!r}: {unknown_option_message(key)}")
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
         # a preset must be valid on its own (given a density and total_steps)
-        SparsityConfig(method=self.name, density=_probe_density(self), total_steps=1000, **self.defaults)
+        SparsityConfig(
+            method=self.name, density=_probe_density(self), total_steps=1000, **self.defaults
+        )
 
 
 def _probe_density(method: Method) -> float:

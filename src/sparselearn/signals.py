@@ -31,13 +31,16 @@ def optimizer_momentum(optimizer: torch.optim.Optimizer, param: nn.Parameter) ->
     Adam family: ``exp_avg / (sqrt(exp_avg_sq) + eps)`` (Adamax: ``exp_avg / (exp_inf + eps)``);
     SGD and RMSprop: ``momentum_buffer``.
     """
-    state = optimizer.state.get(param, {})
+    state: dict[str, Any] = optimizer.state.get(param, {})
     if "exp_avg" in state:
         eps = float(_group_of(optimizer, param).get("eps", 1e-8))
+        exp_avg: Tensor = state["exp_avg"]
         if "exp_avg_sq" in state:
-            return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + eps)
+            exp_avg_sq: Tensor = state["exp_avg_sq"]
+            return exp_avg / (exp_avg_sq.sqrt() + eps)
         if "exp_inf" in state:
-            return state["exp_avg"] / (state["exp_inf"] + eps)
+            exp_inf: Tensor = state["exp_inf"]
+            return exp_avg / (exp_inf + eps)
     buf = state.get("momentum_buffer")
     if isinstance(buf, Tensor):
         return buf

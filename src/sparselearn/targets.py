@@ -51,11 +51,7 @@ def _owners(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
 
 def _eligible(module: nn.Module, local: str, param: nn.Parameter) -> bool:
     """Biases, 1-D tensors and normalisation layers are never sparsified."""
-    return (
-        param.dim() >= 2
-        and not local.startswith("bias")
-        and not isinstance(module, NORM_TYPES)
-    )
+    return param.dim() >= 2 and not local.startswith("bias") and not isinstance(module, NORM_TYPES)
 
 
 def _matches(selector: Selector, name: str, module: nn.Module, aliases: Sequence[str]) -> bool:
