@@ -5,10 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 
+# Fashion-MNIST (the full 70k images, standard IDX files) comes from a Debian package.
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+
 # Benchmarks: PyTorch's OpenMP spin-wait makes small ops very slow on a 2-core VM.
 BENCH_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)}
 
-.PHONY: all venv demo test lint format bench clean
+.PHONY: all venv data demo test lint format bench clean
 
 all: test
 
@@ -20,7 +25,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+data: $(FMNIST)
+
+$(FMNIST):
+	$(APT) install -y -q dataset-fashion-mnist || \
+	  ($(APT) update -q && $(APT) install -y -q dataset-fashion-mnist)
+
+demo: $(STAMP) $(FMNIST)
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
@@ -35,7 +46,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP)
+bench: $(STAMP) $(FMNIST)
 	$(BENCH_ENV) $(BIN)/python benchmarks/mask_update.py --out docs/performance.md
 
 clean:

@@ -67,7 +67,10 @@ def test_sparse_momentum_prunes_smallest_magnitude_and_regrows_largest_momentum(
         for i, (name, mask) in enumerate(before.items()):
             p = params[name]
             p.copy_(distinct_values(p.shape, seed=i) * torch.sign(torch.randn(p.shape)) * mask)
-            momenta[name] = distinct_values(p.shape, seed=100 + i) - 0.5
+            # distinct magnitudes (no ties in |m|), both signs
+            momenta[name] = distinct_values(p.shape, seed=100 + i) * torch.sign(
+                torch.randn(p.shape)
+            )
             opt.state[p]["momentum_buffer"].copy_(momenta[name])
     weights = {n: params[n].detach().clone() for n in before}
     update = engine.update_masks(prune_rate=0.3)
@@ -134,7 +137,7 @@ def test_adam_momentum_signal_is_exp_avg_over_root_exp_avg_sq() -> None:
     p = model.fc2.weight
     state = opt.state[p]
     with torch.no_grad():
-        state["exp_avg"].copy_(distinct_values(p.shape, 1) - 0.5)
+        state["exp_avg"].copy_(distinct_values(p.shape, 1) * torch.sign(torch.randn(p.shape)))
         state["exp_avg_sq"].copy_(distinct_values(p.shape, 2))
     signal = state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
     old = engine.masks["fc2.weight"].clone()

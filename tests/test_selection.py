@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sparselearn import selection
 from sparselearn.selection import bottom_k, top_k
 
 
@@ -61,3 +63,58 @@ def test_shape_is_kept_and_half_precision_works() -> None:
     out = top_k(scores, cand, 7, torch.Generator().manual_seed(0))
     assert out.shape == (4, 5, 3)
     assert int(out.sum()) == 7
+
+
+@given(
+    n=st.integers(64, 4000),
+    k_frac=st.floats(0.0, 0.25),
+    levels=st.sampled_from([3, 50, 10_000]),
+    seed=st.integers(0, 2**30),
+    largest=st.booleans(),
+)
+def test_sampled_kth_value_is_exact(
+    monkeypatch: pytest.MonkeyPatch, n: int, k_frac: float, levels: int, seed: int, largest: bool
+) -> None:
+    # shrink the thresholds so that small inputs take the sampled path (and sometimes its
+    # fallback, when the sample underestimates the tail)
+    monkeypatch.setattr(selection, "SAMPLED_MIN", 64)
+    monkeypatch.setattr(selection, "_SAMPLE", 16)
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, levels, (n,), generator=g).float()
+    k = max(1, int(k_frac * n))
+    ordered = torch.sort(values, descending=largest).values
+    assert selection._kth_value(values, k, largest) == ordered[k - 1]
+
+
+def test_large_selection_matches_a_full_sort() -> None:
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(2**21, generator=g)
+    cand = torch.rand(2**21, generator=g) < 0.9
+    chosen = top_k(scores, cand, 50_000, torch.Generator().manual_seed(0))
+    expected = torch.zeros_like(cand)
+    masked = torch.where(cand, scores, torch.tensor(float("-inf")))
+    expected[torch.sort(masked, descending=True).indices[:50_000]] = True
+    assert torch.equal(chosen, expected)
+
+
+def test_sampled_kth_value_falls_back_when_the_sample_misleads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(selection, "SAMPLED_MIN", 64)
+    monkeypatch.setattr(selection, "_SAMPLE", 16)
+    n = 4000
+    values = torch.zeros(n)
+    values[1::7] = 0.5
+    values[:: n // 16] = 1.0  # every sampled position holds a large value, nothing else does
+    calls: list[int] = []
+    real = torch.kthvalue
+
+    def counting(t: torch.Tensor, k: int) -> torch.return_types.kthvalue:
+        calls.append(t.numel())
+        return real(t, k)
+
+    monkeypatch.setattr(torch, "kthvalue", counting)
+    k = 500  # far more than the 16 large values the sample suggests
+    result = selection._kth_value(values, k, largest=True)
+    assert result == torch.sort(values, descending=True).values[k - 1] == 0.5
+    assert calls[-1] == n  # the pre-filter held too few values: the full tensor was used

@@ -329,11 +329,11 @@ def magnitude_redistribution(layer: LayerView) -> float:
 @register_redistribution("nonzero")
 def nonzero_redistribution(layer: LayerView) -> float:
     """Number of active weights before the update (the 2019 library's ``nonzero``)."""
-    return float(layer.mask.sum())
+    return float(torch.count_nonzero(layer.mask))
 
 
 @register_redistribution("survivors")
 def survivors_redistribution(layer: LayerView) -> float:
     """DSR: number of weights that survived this update's pruning."""
     assert layer.kept is not None
-    return float(layer.kept.sum())
+    return float(torch.count_nonzero(layer.kept))
