@@ -637,7 +637,7 @@ class SparseEngine:
             a_free = sum(active[i] for i in free)
             total_free = min(round(rate * a_free), a_free - len(free), room_free)
         pruned = self._prune_sets(views, prune_scores, remove, total_free)
-        kept = [v.mask & ~p for v, p in zip(views, pruned, strict=True)]
+        kept = [v.mask & p.logical_not() for v, p in zip(views, pruned, strict=True)]
         lost = [_count(p) for p in pruned]
 
         # how many each layer regrows: fixed layers their own loss, free layers share theirs

@@ -63,8 +63,8 @@ def top_k(
 
     if 2 * n_cand >= candidates.numel():
         # most positions are candidates (growth): push the others out of reach and work in place
-        out_of_reach = -math.inf if largest else math.inf
-        flat = scores.masked_fill(~candidates, out_of_reach).reshape(-1)
+        out_of_reach = torch.tensor(-math.inf if largest else math.inf, dtype=scores.dtype)
+        flat = torch.where(candidates, scores, out_of_reach.to(scores.device)).reshape(-1)
         kth = _kth_value(flat, k, largest)  # finite: k < n_cand
         chosen = flat > kth if largest else flat < kth
         ties = (flat == kth).nonzero().squeeze(1)
