@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -42,6 +42,14 @@ class Registry(Generic[T]):
             )
         self._items[name] = item
         return item
+
+    def decorator(self, name: str) -> Callable[[T], T]:
+        """``@registry.decorator("name")`` registers the decorated object under ``name``."""
+
+        def register(item: T) -> T:
+            return self.register(name, item)
+
+        return register
 
     def unregister(self, name: str) -> T:
         """Remove and return a registered item (for replacing a built-in, or cleaning up tests)."""

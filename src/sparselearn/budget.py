@@ -22,12 +22,7 @@ INIT: Registry[InitFn] = Registry("init")
 
 def register_init(name: str) -> Callable[[InitFn], InitFn]:
     """Register an initial distribution: ``fn(shape) -> relative density`` (> 0)."""
-
-    def decorator(fn: InitFn) -> InitFn:
-        INIT.register(name, fn)
-        return fn
-
-    return decorator
+    return INIT.decorator(name)
 
 
 @register_init("uniform")

@@ -33,69 +33,25 @@ OPTIMIZER_STATE_POLICIES = ("keep", "reset_grown", "reset_pruned", "reset_both")
 
 Selector = str | type[nn.Module]
 
+# options grouped by the part of the machinery that reads them
+_CALENDAR = frozenset({"update_every", "steps_per_epoch", "start_at", "stop_at"})
+_REGROWTH = frozenset(
+    {
+        "growth",
+        "redistribution",
+        "prune_rate",
+        "prune_rate_schedule",
+        "prune_rate_min",
+        "optimizer_state",
+    }
+)
+_MASKS = frozenset({"init", "prune", "layer_density", "dense_first", "dense_last"})
 # options that change nothing under a given schedule: passing one explicitly is an error
 _UNUSED: dict[str, frozenset[str]] = {
-    "dense": frozenset(
-        {
-            "init",
-            "prune",
-            "growth",
-            "redistribution",
-            "update_every",
-            "steps_per_epoch",
-            "start_at",
-            "stop_at",
-            "prune_rate",
-            "prune_rate_schedule",
-            "prune_rate_min",
-            "optimizer_state",
-            "ema_decay",
-            "layer_density",
-            "dense_first",
-            "dense_last",
-        }
-    ),
-    "fixed": frozenset(
-        {
-            "prune",
-            "growth",
-            "redistribution",
-            "update_every",
-            "steps_per_epoch",
-            "start_at",
-            "stop_at",
-            "prune_rate",
-            "prune_rate_schedule",
-            "prune_rate_min",
-            "optimizer_state",
-            "ema_decay",
-        }
-    ),
-    "one_shot": frozenset(
-        {
-            "growth",
-            "redistribution",
-            "update_every",
-            "steps_per_epoch",
-            "start_at",
-            "stop_at",
-            "prune_rate",
-            "prune_rate_schedule",
-            "prune_rate_min",
-            "optimizer_state",
-            "ema_decay",
-        }
-    ),
-    "gradual": frozenset(
-        {
-            "growth",
-            "redistribution",
-            "prune_rate",
-            "prune_rate_schedule",
-            "prune_rate_min",
-            "optimizer_state",
-        }
-    ),
+    "dense": _CALENDAR | _REGROWTH | _MASKS | {"ema_decay"},
+    "fixed": _CALENDAR | _REGROWTH | {"prune", "ema_decay"},
+    "one_shot": _CALENDAR | _REGROWTH | {"ema_decay"},
+    "gradual": _REGROWTH,
     "periodic": frozenset(),
 }
 

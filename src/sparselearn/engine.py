@@ -18,8 +18,9 @@ from torch.utils.hooks import RemovableHandle
 
 from . import _distributed
 from .budget import allocate, layer_counts
-from .config import SparsityConfig
+from .config import OPTION_NAMES, SparsityConfig, unknown_option_message, unused_options
 from .criteria import GROWTH, PRUNE, REDISTRIBUTION, Criterion, LayerView
+from .methods import METHODS
 from .schedules import gradual_fraction
 from .selection import bottom_k, top_k
 from .signals import keeps_momentum, optimizer_momentum, reset_state
@@ -563,6 +564,20 @@ class SparseEngine:
             out.append(s)
         return out
 
+    def _select_across(
+        self, scores: list[Tensor], candidates: list[Tensor], k: int, *, largest: bool = True
+    ) -> list[Tensor]:
+        """Exact top-k (or bottom-k) over several layers at once; one bool tensor per layer."""
+        device = scores[0].device
+        flat = torch.cat([s.float().reshape(-1).to(device) for s in scores])
+        cand = torch.cat([c.reshape(-1).to(device) for c in candidates])
+        chosen = top_k(flat, cand, k, self._generator(device), largest=largest)
+        out, offset = [], 0
+        for c in candidates:
+            out.append(chosen[offset : offset + c.numel()].view_as(c).to(c.device))
+            offset += c.numel()
+        return out
+
     def _prune_sets(
         self, views: list[LayerView], scores: list[Tensor], remove: list[int], total_free: int
     ) -> list[Tensor]:
@@ -578,23 +593,18 @@ class SparseEngine:
                 continue
             out[i] = bottom_k(s, view.mask, remove[i], self._generator(s.device))
         if glob:
-            cands, flat = [], []
+            cands = []
             for i in free:
-                s, mask = scores[i].float(), views[i].mask
-                best = torch.where(mask, s, torch.full_like(s, -math.inf)).argmax()
-                cand = mask.clone().reshape(-1)
-                cand[best] = False  # protected: every layer keeps at least one weight
+                mask = views[i].mask
+                best = torch.where(mask, scores[i].float(), -math.inf).argmax()
+                cand = mask.clone()
+                cand.view(-1)[best] = False  # protected: every layer keeps at least one weight
                 cands.append(cand)
-                flat.append(s.reshape(-1).to(scores[free[0]].device))
-            cand_all = torch.cat([c.to(flat[0].device) for c in cands])
-            chosen = bottom_k(
-                torch.cat(flat), cand_all, total_free, self._generator(flat[0].device)
+            chosen = self._select_across(
+                [scores[i] for i in free], cands, total_free, largest=False
             )
-            offset = 0
-            for i, cand in zip(free, cands, strict=True):
-                n = cand.numel()
-                out[i] = chosen[offset : offset + n].view_as(views[i].mask).to(views[i].mask.device)
-                offset += n
+            for i, c in zip(free, chosen, strict=True):
+                out[i] = c
         return [o for o in out if o is not None]
 
     @torch.no_grad()
@@ -678,17 +688,11 @@ class SparseEngine:
                 self._generator(layers[i].mask.device),
             )
         if global_growth and free:
-            dev = growth_scores[free[0]].device
-            cand = torch.cat([(~views[i].mask).reshape(-1).to(dev) for i in free])
-            flat = torch.cat([growth_scores[i].float().reshape(-1).to(dev) for i in free])
-            chosen = top_k(flat, cand, r_free, self._generator(dev))
-            offset = 0
-            for i in free:
-                n = numel[i]
-                grown[i] = (
-                    chosen[offset : offset + n].view_as(views[i].mask).to(views[i].mask.device)
-                )
-                offset += n
+            chosen = self._select_across(
+                [growth_scores[i] for i in free], [layers[i].inactive for i in free], r_free
+            )
+            for i, c in zip(free, chosen, strict=True):
+                grown[i] = c
 
         update = MaskUpdate(self._step, "regrow", rate)
         for i, layer in enumerate(layers):
@@ -828,9 +832,6 @@ def sparsify(
         engine = sl.sparsify(model, optimizer, method="sparse_momentum", density=0.05,
                              total_steps=epochs * len(train_loader))
     """
-    from .config import OPTION_NAMES, unknown_option_message, unused_options
-    from .methods import METHODS
-
     preset = METHODS.get(method)
     for key in options:
         if key not in OPTION_NAMES:

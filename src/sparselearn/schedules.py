@@ -20,12 +20,7 @@ PRUNE_RATE_SCHEDULE: Registry[RateFn] = Registry("prune_rate_schedule")
 
 def register_prune_rate_schedule(name: str) -> Callable[[RateFn], RateFn]:
     """Register a schedule ``fn(initial_rate, min_rate, progress) -> rate``."""
-
-    def decorator(fn: RateFn) -> RateFn:
-        PRUNE_RATE_SCHEDULE.register(name, fn)
-        return fn
-
-    return decorator
+    return PRUNE_RATE_SCHEDULE.decorator(name)
 
 
 @register_prune_rate_schedule("cosine")
