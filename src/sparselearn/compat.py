@@ -16,9 +16,9 @@ Code written for ``sparselearn`` (Dettmers & Zettlemoyer, 2019) runs with one im
 
 Same argument names, mode names and meaning, without the old defects: the budget is exact (the
 old regrowth could pick active positions and drift below the target), ``SET`` prunes the weights
-closest to zero on both sides (the old code removed the most negative ones), no ``.cuda()``, the
-masks are part of ``state_dict()``, unknown mode names raise instead of printing, and
-``optimizer.step()`` keeps working (AMP grad scalers, clipping, closures).
+closest to zero on both sides (the old code removed the most negative ones), no hard-coded CUDA
+device, the masks are part of ``state_dict()``, unknown mode names raise instead of printing,
+and ``optimizer.step()`` keeps working (AMP grad scalers, clipping, closures).
 
 Differences worth knowing: weights of every module except biases, 1-D tensors and normalisation
 layers are sparsified (the old code also masked 1-D non-bias parameters such as PReLU weights);
