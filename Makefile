@@ -13,7 +13,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 # Benchmarks: PyTorch's OpenMP spin-wait makes small ops very slow on a 2-core VM.
 BENCH_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)}
 
-.PHONY: all venv data demo test lint format bench clean
+.PHONY: all venv data demo test lint format bench study results clean
 
 all: test
 
@@ -48,6 +48,17 @@ format: $(STAMP)
 
 bench: $(STAMP) $(FMNIST)
 	$(BENCH_ENV) $(BIN)/python benchmarks/mask_update.py --out docs/performance.md
+
+# The reproduction study of docs/results.md (about two hours on 2 cores; finished runs are
+# skipped, interrupted ones resumed), then its tables, plots and analysis.
+study: $(STAMP) $(FMNIST)
+	$(BIN)/sparselearn study studies/fashion_mnist.yaml
+	$(MAKE) results
+
+results: $(STAMP) $(FMNIST)
+	$(BIN)/sparselearn report runs/fashion-mnist --markdown docs/results.md --plots docs/figures
+	$(BIN)/sparselearn analyze runs/fashion-mnist/lenet5/dense \
+	  runs/fashion-mnist/lenet5/sparse_momentum/density-0.05 --out docs/figures --markdown docs/results.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

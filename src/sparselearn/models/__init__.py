@@ -1,0 +1,15 @@
+"""Model registry: the architectures of the sparse momentum paper and its peers.
+
+``create_model(name, input_shape=(C, H, W), num_classes=K)`` adapts each model to the dataset.
+"""
+
+from __future__ import annotations
+
+from ._registry import MODELS, ModelFn, create_model, list_models, register_model
+from . import lenet as _lenet  # noqa: F401  (registers)
+from . import alexnet as _alexnet  # noqa: F401
+from . import vgg as _vgg  # noqa: F401
+from . import wide_resnet as _wide_resnet  # noqa: F401
+from . import resnet as _resnet  # noqa: F401
+
+__all__ = ["MODELS", "ModelFn", "create_model", "list_models", "register_model"]
