@@ -32,7 +32,7 @@ $(FMNIST):
 	  ($(APT) update -q && $(APT) install -y -q dataset-fashion-mnist)
 
 demo: $(STAMP) $(FMNIST)
-	$(BIN)/python examples/demo.py
+	$(BIN)/sparselearn demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -112,7 +112,9 @@ def _options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-_CONFIG_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"sparsity"} | set(SPARSITY_OPTIONS)
+_CONFIG_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"sparsity"} | set(
+    SPARSITY_OPTIONS
+)
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -131,11 +133,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(args)
     out = args.out or default_run_dir(cfg)
-    summary = train(cfg, out, resume=args.resume, progress=None if args.progress is None else args.progress)
+    summary = train(
+        cfg, out, resume=args.resume, progress=None if args.progress is None else args.progress
+    )
     print(
         f"{cfg.model} {cfg.data} {cfg.method} density {summary['density']}: test accuracy "
-        f"{100 * summary['test_acc']:.2f}% after {cfg.epochs} epochs ({summary['wall_time']:.0f} s); "
-        f"run in {out}"
+        f"{100 * summary['test_acc']:.2f}% after {cfg.epochs} epochs "
+        f"({summary['wall_time']:.0f} s); run in {out}"
     )
     return 0
 
@@ -197,8 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with the same keys as the flags")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<model>-<data>-...)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 

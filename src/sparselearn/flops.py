@@ -64,7 +64,8 @@ def count_flops(
 
     def hook(module: nn.Module, _inputs: object, output: Tensor) -> None:
         # output positions per sample: spatial size for convolutions, 1 for Linear
-        per_channel = output[0].numel() // module.weight.shape[0] if output.dim() > 1 else 1
+        weight: Tensor = module.weight  # type: ignore[assignment]
+        per_channel = output[0].numel() // weight.shape[0] if output.dim() > 1 else 1
         positions[names[id(module)]] = per_channel
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]

@@ -38,7 +38,9 @@ def plot_run(metrics: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     trained = [m for m in metrics if m["train_loss"] is not None]
-    ax_loss.plot([m["epoch"] for m in trained], [m["train_loss"] for m in trained], label="train loss")
+    ax_loss.plot(
+        [m["epoch"] for m in trained], [m["train_loss"] for m in trained], label="train loss"
+    )
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()

@@ -72,22 +72,36 @@ def expand(spec: Mapping[str, Any], out: Path) -> list[Run]:
 
 
 def _command(run: Run, threads: int, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "sparselearn.cli", "train", "--config",
-           str(run.folder / "study-config.yaml"), "--out", str(run.folder), "--threads",
-           str(threads), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sparselearn.cli",
+        "train",
+        "--config",
+        str(run.folder / "study-config.yaml"),
+        "--out",
+        str(run.folder),
+        "--threads",
+        str(threads),
+        "--no-progress",
+    ]
     return [*cmd, "--resume"] if resume else cmd
 
 
-def run_study(spec_path: Path, out: Path | None = None, jobs: int | None = None,
-              dry_run: bool = False) -> int:
+def run_study(
+    spec_path: Path, out: Path | None = None, jobs: int | None = None, dry_run: bool = False
+) -> int:
     spec = load_yaml(spec_path)
     out = Path(out or spec.get("out") or "runs/study")
     runs = expand(spec, out)
     todo = [r for r in runs if not (r.folder / "summary.json").exists()]
     jobs = jobs or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    print(f"study {spec_path}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
-          f"{len(todo)} to run, {jobs} at a time, {threads} thread(s) each, in {out}", flush=True)
+    print(
+        f"study {spec_path}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
+        f"{len(todo)} to run, {jobs} at a time, {threads} thread(s) each, in {out}",
+        flush=True,
+    )
     if dry_run:
         for r in todo:
             print(f"  {r.folder}")
@@ -117,8 +131,14 @@ def run_study(spec_path: Path, out: Path | None = None, jobs: int | None = None,
             if proc.returncode != 0:
                 failed.append(run.folder)
             elapsed = time.perf_counter() - started
-            print(f"[{done}/{len(todo)}] {'FAILED ' if proc.returncode else ''}{run.folder} "
-                  f"({elapsed / 60:.1f} min)", flush=True)
-    print(f"study done in {(time.perf_counter() - started) / 60:.1f} min; "
-          f"{len(failed)} failed" + "".join(f"\n  see {f / 'train.log'}" for f in failed), flush=True)
+            print(
+                f"[{done}/{len(todo)}] {'FAILED ' if proc.returncode else ''}{run.folder} "
+                f"({elapsed / 60:.1f} min)",
+                flush=True,
+            )
+    print(
+        f"study done in {(time.perf_counter() - started) / 60:.1f} min; "
+        f"{len(failed)} failed" + "".join(f"\n  see {f / 'train.log'}" for f in failed),
+        flush=True,
+    )
     return 1 if failed else 0

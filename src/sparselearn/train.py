@@ -85,7 +85,9 @@ class TrainConfig:
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if any(not 0 < m < 1 for m in self.lr_milestones):
-            raise ValueError(f"lr_milestones are fractions of training in (0, 1), got {self.lr_milestones}")
+            raise ValueError(
+                f"lr_milestones are fractions of training in (0, 1), got {self.lr_milestones}"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         unknown = [k for k in self.sparsity if k not in SPARSITY_OPTIONS]
@@ -96,7 +98,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat keys, as ``--config`` reads them: run settings, then the engine options set."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sparsity"}
+        out = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sparsity"
+        }
         out["lr_milestones"] = list(self.lr_milestones)
         out.update(self.sparsity)
         return out
@@ -111,7 +115,9 @@ class TrainConfig:
             elif key in SPARSITY_OPTIONS:
                 sparse[key] = value
             else:
-                raise ValueError(unknown_option_message(key, (*sorted(run_keys), *SPARSITY_OPTIONS)))
+                raise ValueError(
+                    unknown_option_message(key, (*sorted(run_keys), *SPARSITY_OPTIONS))
+                )
         if "lr_milestones" in run:
             run["lr_milestones"] = tuple(run["lr_milestones"])
         return cls(**run, sparsity=sparse)
@@ -156,8 +162,11 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay,
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
     )
 
 
@@ -171,7 +180,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data, split: str, batch_size: int, device: torch.device) -> float:
+def evaluate(
+    model: nn.Module, data: Data, split: str, batch_size: int, device: torch.device
+) -> float:
     """Top-1 accuracy on ``split``."""
     was_training = model.training
     model.eval()
@@ -192,7 +203,9 @@ class Progress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self._last = 0.0
 
-    def update(self, epoch: int, epochs: int, step: int, loss: float, acc: float, density: float) -> None:
+    def update(
+        self, epoch: int, epochs: int, step: int, loss: float, acc: float, density: float
+    ) -> None:
         now = time.perf_counter()
         if not self.enabled or (now - self._last < 0.2 and step < self.total):
             return
@@ -282,8 +295,13 @@ def train(
     torch.manual_seed(cfg.seed)
 
     data = load_dataset(
-        cfg.data, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-        download=cfg.download, mirror=cfg.data_mirror, image_size=cfg.image_size,
+        cfg.data,
+        cfg.data_dir,
+        val_fraction=cfg.val_fraction,
+        split_seed=cfg.split_seed,
+        download=cfg.download,
+        mirror=cfg.data_mirror,
+        image_size=cfg.image_size,
     )
     if hasattr(data, "workers"):
         data.workers = cfg.workers
@@ -297,8 +315,13 @@ def train(
     if schedule in ("periodic", "gradual"):
         options["steps_per_epoch"] = spe  # lets update_every say "epoch"
     engine = sparsify(
-        model, optimizer, method=cfg.method, density=None if schedule == "dense" else cfg.density,
-        total_steps=total_steps, seed=cfg.seed, **options,
+        model,
+        optimizer,
+        method=cfg.method,
+        density=None if schedule == "dense" else cfg.density,
+        total_steps=total_steps,
+        seed=cfg.seed,
+        **options,
     )
     scaler = torch.amp.GradScaler(device.type) if cfg.amp and device.type == "cuda" else None
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -307,7 +330,9 @@ def train(
     start_epoch, wall = 0, 0.0
     if resume:
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("config") != _jsonable(cfg.to_dict()):
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("config") != _jsonable(
+            cfg.to_dict()
+        ):
             raise ValueError(
                 f"{checkpoint_path} was written by a different configuration; resume with the "
                 f"run's own config ({out / 'config.yaml'})"
@@ -325,15 +350,29 @@ def train(
         write_atomic(out / "config.yaml", dump_yaml(_jsonable(cfg.to_dict())))
         write_atomic(out / "sparsity.yaml", dump_yaml(engine.config.to_dict()))
         # epoch 0: where training starts (untrained accuracy, initial layer densities)
-        metrics.append({
-            "epoch": 0, "step": 0, "train_loss": None, "train_acc": None,
-            "val_acc": evaluate(model, data, "val", cfg.eval_batch_size, device) if data.size("val") else None,
-            "test_acc": evaluate(model, data, "test", cfg.eval_batch_size, device),
-            "density": engine.density(), "layer_density": engine.layer_densities(),
-            "pruned": 0, "regrown": 0, "mask_updates": 0, "lr": lr_at(cfg, 0, total_steps),
-            "prune_rate": engine.config.prune_rate_at(0) if engine.config.schedule == "periodic" else None,
-            "epoch_seconds": 0.0, "wall_time": 0.0,
-        })
+        metrics.append(
+            {
+                "epoch": 0,
+                "step": 0,
+                "train_loss": None,
+                "train_acc": None,
+                "val_acc": evaluate(model, data, "val", cfg.eval_batch_size, device)
+                if data.size("val")
+                else None,
+                "test_acc": evaluate(model, data, "test", cfg.eval_batch_size, device),
+                "density": engine.density(),
+                "layer_density": engine.layer_densities(),
+                "pruned": 0,
+                "regrown": 0,
+                "mask_updates": 0,
+                "lr": lr_at(cfg, 0, total_steps),
+                "prune_rate": engine.config.prune_rate_at(0)
+                if engine.config.schedule == "periodic"
+                else None,
+                "epoch_seconds": 0.0,
+                "wall_time": 0.0,
+            }
+        )
 
     bar = Progress(total_steps, progress)
     model.train()
@@ -342,7 +381,9 @@ def train(
         seen = correct = 0
         loss_sum = 0.0
         step_before = engine.step
-        for x, y in data.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=augment):
+        for x, y in data.batches(
+            "train", cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=augment
+        ):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lr = lr_at(cfg, engine.step, total_steps)
             for group in optimizer.param_groups:
@@ -352,10 +393,10 @@ def train(
                 logits = model(x)  # (B, classes)
                 loss = nn.functional.cross_entropy(logits, y)
             if scaler is not None:
-                scaler.scale(loss).backward()
+                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
                 scaler.unscale_(optimizer)
             else:
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if scaler is not None:
@@ -366,7 +407,14 @@ def train(
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-            bar.update(epoch + 1, cfg.epochs, engine.step, loss_sum / seen, correct / seen, engine.density())
+            bar.update(
+                epoch + 1,
+                cfg.epochs,
+                engine.step,
+                loss_sum / seen,
+                correct / seen,
+                engine.density(),
+            )
         wall += time.perf_counter() - t0
 
         updates = [u for u in engine.history if step_before < u.step <= engine.step]
@@ -375,7 +423,9 @@ def train(
             "step": engine.step,
             "train_loss": loss_sum / seen,
             "train_acc": correct / seen,
-            "val_acc": evaluate(model, data, "val", cfg.eval_batch_size, device) if data.size("val") else None,
+            "val_acc": evaluate(model, data, "val", cfg.eval_batch_size, device)
+            if data.size("val")
+            else None,
             "test_acc": evaluate(model, data, "test", cfg.eval_batch_size, device),
             "density": engine.density(),
             "layer_density": engine.layer_densities(),
@@ -383,23 +433,28 @@ def train(
             "regrown": sum(u.total_grown for u in updates),
             "mask_updates": len(updates),
             "lr": lr_at(cfg, max(engine.step - 1, 0), total_steps),
-            "prune_rate": engine.config.prune_rate_at(engine.step) if engine.config.schedule == "periodic" else None,
+            "prune_rate": engine.config.prune_rate_at(engine.step)
+            if engine.config.schedule == "periodic"
+            else None,
             "epoch_seconds": time.perf_counter() - t0,
             "wall_time": wall,
         }
         metrics.append(row)
         write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
-        save_checkpoint(checkpoint_path, {
-            "format": CHECKPOINT_FORMAT,
-            "config": _jsonable(cfg.to_dict()),
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "engine": engine.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "torch_rng": torch.get_rng_state(),
-            "wall_time": wall,
-        })
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": _jsonable(cfg.to_dict()),
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "engine": engine.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "wall_time": wall,
+            },
+        )
         if on_epoch is not None:
             on_epoch(row)
     bar.close()
@@ -414,7 +469,11 @@ def train(
 
 
 def summarize(
-    cfg: TrainConfig, model: nn.Module, engine: SparseEngine, data: Data, metrics: list[dict[str, Any]]
+    cfg: TrainConfig,
+    model: nn.Module,
+    engine: SparseEngine,
+    data: Data,
+    metrics: list[dict[str, Any]],
 ) -> dict[str, Any]:
     last = metrics[-1]
     flops = count_flops(model, data.info.input_shape, engine.masks)
@@ -452,7 +511,8 @@ def read_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
     """Plain JSON/YAML values (tuples become lists), so that saved configs compare equal."""
-    return json.loads(json.dumps(dict(values)))
+    plain: dict[str, Any] = json.loads(json.dumps(dict(values)))
+    return plain
 
 
 def iter_runs(paths: list[str | os.PathLike[str]]) -> Iterator[Path]:

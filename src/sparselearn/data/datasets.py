@@ -68,15 +68,25 @@ DATASETS: Registry[DatasetInfo] = Registry("dataset")
 DATASETS.register(
     "mnist",
     DatasetInfo(
-        "mnist", (1, 28, 28), 10, (0.1307,), (0.3081,),
+        "mnist",
+        (1, 28, 28),
+        10,
+        (0.1307,),
+        (0.3081,),
         folders=("mnist", "MNIST/raw"),
         files=_IDX_FILES,
         downloads=tuple(
             (_MNIST + f, md5)
-            for f, md5 in zip(_IDX_FILES, (
-                "f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
-                "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c",
-            ), strict=True)
+            for f, md5 in zip(
+                _IDX_FILES,
+                (
+                    "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                    "d53e105ee54ea40749a09fcbcd1e9432",
+                    "9fb629c4189551a2d022fa330f9573f3",
+                    "ec29112dd5afa0611ce80d1b7f02629c",
+                ),
+                strict=True,
+            )
         ),
         how_to_get="the four IDX files of MNIST (train-images-idx3-ubyte.gz, ...)",
     ),
@@ -84,16 +94,26 @@ DATASETS.register(
 DATASETS.register(
     "fashion-mnist",
     DatasetInfo(
-        "fashion-mnist", (1, 28, 28), 10, (0.2860,), (0.3530,),
+        "fashion-mnist",
+        (1, 28, 28),
+        10,
+        (0.2860,),
+        (0.3530,),
         folders=("fashion-mnist", "FashionMNIST/raw"),
         files=_IDX_FILES,
         system_dirs=("/usr/share/datasets/fashion-mnist",),
         downloads=tuple(
             (_FASHION + f, md5)
-            for f, md5 in zip(_IDX_FILES, (
-                "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-                "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310",
-            ), strict=True)
+            for f, md5 in zip(
+                _IDX_FILES,
+                (
+                    "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                    "25c81989df183df01b3e8a0aad5dffbe",
+                    "bef4ecab320f06d8554ea6380940ec79",
+                    "bb300cfdad3c16e7a12a480ee83cd310",
+                ),
+                strict=True,
+            )
         ),
         how_to_get="`apt-get install dataset-fashion-mnist` (Debian), or the four IDX files",
     ),
@@ -101,12 +121,18 @@ DATASETS.register(
 DATASETS.register(
     "cifar10",
     DatasetInfo(
-        "cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        "cifar10",
+        (3, 32, 32),
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
         folders=("cifar-10-batches-py", "cifar10/cifar-10-batches-py", "cifar10"),
         files=(*TRAIN_FILES, *TEST_FILES),
         downloads=(
-            ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-             "c58f30108f718f92721af3b95e74349a"),
+            (
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a",
+            ),
         ),
         how_to_get="cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, "
         "unpacked (the cifar-10-batches-py folder)",
@@ -116,7 +142,11 @@ DATASETS.register(
 DATASETS.register(
     "imagenet",
     DatasetInfo(
-        "imagenet", (3, 224, 224), 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+        "imagenet",
+        (3, 224, 224),
+        1000,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
         folders=("imagenet", "ILSVRC2012"),
         files=("train", "val"),
         how_to_get="ImageNet (ILSVRC2012) from https://image-net.org after registration, as "
@@ -304,8 +334,9 @@ def load_dataset(
         if len(x) != len(y):
             raise ValueError(f"{name} {what} set: {len(x)} images but {len(y)} labels")
         if tuple(x.shape[1:]) != info.input_shape:
-            raise ValueError(f"{name} {what} images have shape {tuple(x.shape[1:])}, "
-                             f"expected {info.input_shape}")
+            raise ValueError(
+                f"{name} {what} images have shape {tuple(x.shape[1:])}, expected {info.input_shape}"
+            )
     train, val = _hold_out(train_x, train_y, val_fraction, split_seed)
     return ArrayData(info, {"train": train, "val": val, "test": (test_x, test_y)})
 

@@ -43,8 +43,15 @@ def _scan(root: Path, classes: list[str] | None = None) -> tuple[list[Path], Ten
 
 class _Images(Dataset[tuple[Tensor, int]]):
     def __init__(
-        self, paths: list[Path], labels: Tensor, size: int, train: bool, seed: int, epoch: int,
-        mean: tuple[float, ...], std: tuple[float, ...],
+        self,
+        paths: list[Path],
+        labels: Tensor,
+        size: int,
+        train: bool,
+        seed: int,
+        epoch: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
     ) -> None:
         self.paths, self.labels, self.size, self.train = paths, labels, size, train
         self.seed, self.epoch = seed, epoch
@@ -57,8 +64,8 @@ class _Images(Dataset[tuple[Tensor, int]]):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         from PIL import Image
 
-        with Image.open(self.paths[i]) as img:
-            img = img.convert("RGB")
+        with Image.open(self.paths[i]) as file:
+            img: Any = file.convert("RGB")
             if self.train:
                 gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, i))
                 img = _random_resized_crop(img, self.size, gen)
@@ -76,7 +83,9 @@ def _random_resized_crop(img: Any, size: int, gen: torch.Generator) -> Any:
     area = w * h
     for _ in range(10):
         target = area * float(torch.empty(1).uniform_(0.08, 1.0, generator=gen))
-        ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)))
+        ratio = math.exp(
+            float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen))
+        )
         cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
         if 0 < cw <= w and 0 < ch <= h:
             x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
@@ -138,7 +147,10 @@ class FolderData:
         )
         generator = torch.Generator().manual_seed(_seed(seed, epoch))
         loader = DataLoader(
-            images, batch_size=batch_size, shuffle=shuffle, generator=generator,
+            images,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
             num_workers=self.workers,
         )
         yield from loader

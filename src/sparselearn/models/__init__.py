@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
-from ._registry import MODELS, ModelFn, create_model, list_models, register_model
-from . import lenet as _lenet  # noqa: F401  (registers)
 from . import alexnet as _alexnet  # noqa: F401
+from . import lenet as _lenet  # noqa: F401  (registers)
+from . import resnet as _resnet  # noqa: F401
 from . import vgg as _vgg  # noqa: F401
 from . import wide_resnet as _wide_resnet  # noqa: F401
-from . import resnet as _resnet  # noqa: F401
+from ._registry import MODELS, ModelFn, create_model, list_models, register_model
 
 __all__ = ["MODELS", "ModelFn", "create_model", "list_models", "register_model"]

@@ -16,8 +16,26 @@ from ._shapes import output_features
 # numbers: 3x3 conv channels; (k, c): k x k conv with c channels; "M": 2x2 max-pool
 _CONFIGS: dict[str, list[int | str | tuple[int, int]]] = {
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "C": [64, 64, "M", 128, 128, "M", 256, 256, (1, 256), "M", 512, 512, (1, 512), "M",
-          512, 512, (1, 512), "M"],
+    "C": [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        (1, 256),
+        "M",
+        512,
+        512,
+        (1, 512),
+        "M",
+        512,
+        512,
+        (1, 512),
+        "M",
+    ],
 }
 
 

@@ -1,6 +1,6 @@
 """Sparse momentum at 5% density on LeNet-300-100, Fashion-MNIST, in a plain PyTorch loop.
 
-Run with ``make demo`` (which installs Fashion-MNIST), or ``python examples/demo.py``.
+Run with ``python examples/plain_loop.py`` (``make data`` installs Fashion-MNIST).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
             return x.reshape(len(x), -1), read_idx(labels).long()
     raise SystemExit(
         "Fashion-MNIST not found in $SPARSELEARN_DATA or /usr/share/datasets/fashion-mnist: "
-        "run `make demo`, or `apt-get install dataset-fashion-mnist`"
+        "run `make data`, or `apt-get install dataset-fashion-mnist`"
     )
 
 

@@ -1,0 +1,84 @@
+"""`sparselearn report`: mean ± standard error over seeds, tables and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from sparselearn.report import END, START, collect, replace_section, report
+
+ACCURACIES = {
+    ("dense", 1.0): [0.90, 0.91, 0.92],
+    ("sparse_momentum", 0.05): [0.88, 0.89, 0.86],
+    ("sparse_momentum", 0.1): [0.895, 0.90],
+    ("set", 0.05): [0.85, 0.87, 0.86],
+    ("set", 0.1): [0.91],
+}
+
+
+def fake_runs(root: Path) -> Path:
+    for (method, density), accs in ACCURACIES.items():
+        for seed, acc in enumerate(accs, start=1):
+            run = root / method / f"density-{density}" / f"seed-{seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(
+                json.dumps(
+                    {
+                        "data": "fashion-mnist",
+                        "model": "lenet5",
+                        "method": method,
+                        "density": density,
+                        "seed": seed,
+                        "test_acc": acc,
+                        "wall_time": 1.0,
+                    }
+                )
+            )
+    return root
+
+
+def test_cells_are_mean_and_standard_error(tmp_path: Path) -> None:
+    results = collect([fake_runs(tmp_path)])
+    cells = results[("fashion-mnist", "lenet5")]
+    for (method, density), accs in ACCURACIES.items():
+        cell = cells[method][density]
+        assert cell.n == len(accs)
+        assert cell.mean == pytest.approx(statistics.fmean(accs))
+        expected_se = statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else 0.0
+        assert cell.se == pytest.approx(expected_se)
+
+
+def test_markdown_table_and_plots(tmp_path: Path) -> None:
+    runs = fake_runs(tmp_path / "runs")
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nIntro.\n\n" + START + "\nold table\n" + END + "\n\nDiscussion.\n")
+    text = report([runs], markdown=doc, plots=tmp_path / "docs" / "figures")
+    assert "| method | 5% | 10% |" in text
+    assert "| sparse_momentum | **87.67 ± 0.88 (3)** | 89.75 ± 0.25 (2) |" in text
+    assert "| set | 86.00 ± 0.58 (3) | **91.00 (n=1)** |" in text
+    assert "| dense (100%) | 91.00 ± 0.58 (3) |" in text
+    written = doc.read_text()
+    assert written.startswith("# Results\n\nIntro.\n\n")
+    assert written.endswith("\n\nDiscussion.\n")
+    assert "old table" not in written
+    assert text.strip() in written
+    png = tmp_path / "docs" / "figures" / "fashion-mnist-lenet5-accuracy-vs-density.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "(figures/fashion-mnist-lenet5-accuracy-vs-density.png)" in written
+
+
+def test_replace_section_appends_when_markers_are_missing(tmp_path: Path) -> None:
+    doc = tmp_path / "a.md"
+    doc.write_text("text\n")
+    replace_section(doc, START, END, "body")
+    assert doc.read_text() == f"text\n\n{START}\nbody\n{END}\n"
+
+
+def test_no_runs(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no finished runs"):
+        report([tmp_path])

@@ -1,0 +1,71 @@
+"""`sparselearn study`: grids of runs, in parallel, finished runs skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sparselearn.study import expand, run_study
+from tests.datafiles import write_mnist_like
+
+
+def test_expand_a_grid(tmp_path: Path) -> None:
+    spec = {
+        "base": {"data": "mnist", "epochs": 2},
+        "models": ["lenet5", "lenet300-100"],
+        "methods": {"dense": {}, "sparse_momentum": {"update_every": "epoch"}, "static": {}},
+        "densities": [0.05, 0.1],
+        "seeds": [1, 2, 3],
+    }
+    runs = expand(spec, tmp_path)
+    assert len(runs) == 2 * (1 + 2 * 2) * 3
+    folders = {r.folder.relative_to(tmp_path).as_posix() for r in runs}
+    assert "lenet5/dense/seed-2" in folders
+    assert "lenet300-100/sparse_momentum/density-0.05/seed-3" in folders
+    sm = next(r for r in runs if r.folder.parts[-3] == "sparse_momentum")
+    assert sm.config["update_every"] == "epoch"
+    assert sm.config["epochs"] == 2
+    assert runs[0].config["model"] == "lenet5"  # the long runs start first
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"models": ["lenet5"], "methods": {"dense": {}}, "seeds": [1], "extra": 1},
+            "unknown study keys",
+        ),
+        ({"models": ["lenet5"], "methods": {"rigl": {}}, "seeds": [1]}, "needs densities"),
+        ({"models": ["lenet5"], "methods": {"dense": {}}, "seeds": []}, "non-empty 'seeds'"),
+        (
+            {"models": ["lenet5"], "methods": {"dense": {"epochs": 0}}, "seeds": [1]},
+            "epochs must be",
+        ),
+        ({"models": ["lenet5"], "methods": {"dense": {"prune_rat": 1}}, "seeds": [1]}, "prune_rat"),
+    ],
+)
+def test_bad_specs_fail_before_anything_runs(
+    tmp_path: Path, spec: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        expand(spec, tmp_path)
+
+
+def test_run_in_parallel_and_skip_finished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_mnist_like(tmp_path / "mnist", n_train=300, n_test=100)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"base: {{data: mnist, data_dir: {data}, download: false, epochs: 1, batch_size: 50}}\n"
+        "models: [lenet300-100]\nmethods: {dense: {}, static: {}}\ndensities: [0.2]\nseeds: [1]\n"
+    )
+    assert run_study(spec, out=tmp_path / "study", jobs=2) == 0
+    out = capsys.readouterr().out
+    assert "2 runs, 0 finished, 2 to run, 2 at a time" in out
+    assert (tmp_path / "study/lenet300-100/dense/seed-1/summary.json").exists()
+    assert (tmp_path / "study/lenet300-100/static/density-0.2/seed-1/summary.json").exists()
+    assert run_study(spec, out=tmp_path / "study", jobs=2) == 0
+    assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out

@@ -1,0 +1,332 @@
+"""The training run and the command line: run directories, resume, config files, flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparselearn.cli as cli
+from sparselearn.train import SPARSITY_OPTIONS, TrainConfig, load_yaml, read_metrics, train
+from tests.datafiles import write_mnist_like
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mnist_like(tmp_path_factory.mktemp("data") / "mnist", n_train=1000, n_test=200)
+
+
+def small(data_dir: Path, **kw: object) -> TrainConfig:
+    values = {
+        "model": "lenet300-100",
+        "data": "mnist",
+        "data_dir": str(data_dir),
+        "epochs": 3,
+        "batch_size": 50,
+        "download": False,
+        "method": "sparse_momentum",
+        "density": 0.1,
+        "sparsity": {"update_every": "epoch"},
+    }
+    values.update(kw)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+def test_a_run_directory_holds_everything(tmp_path: Path, data_dir: Path) -> None:
+    cfg = small(data_dir)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.pt",
+        "config.yaml",
+        "metrics.jsonl",
+        "plots",
+        "sparsity.yaml",
+        "summary.json",
+    ]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == [
+        "layer_density.png",
+        "learning_curves.png",
+    ]
+    for png in (run / "plots").iterdir():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    keys = {
+        "train_loss",
+        "val_acc",
+        "test_acc",
+        "density",
+        "layer_density",
+        "pruned",
+        "regrown",
+        "lr",
+        "prune_rate",
+        "wall_time",
+    }
+    assert keys <= set(rows[1])
+    assert rows[1]["pruned"] == rows[1]["regrown"] > 0
+    assert rows[1]["mask_updates"] == 1
+    assert rows[3]["mask_updates"] == 0  # no update after the last step
+    assert all(abs(r["density"] - 0.1) < 1e-3 for r in rows)
+    assert rows[-1]["test_acc"] > 0.5 > rows[0]["test_acc"]  # it learned the class templates
+    assert summary["test_acc"] == rows[-1]["test_acc"]
+    assert summary["active_weights"] == round(0.1 * summary["sparsified_weights"])
+    assert summary["inference_flops"]["ratio"] == pytest.approx(0.1, abs=0.01)
+    # the saved config reproduces the run's settings
+    assert TrainConfig.from_dict(load_yaml(run / "config.yaml")) == cfg
+    assert load_yaml(run / "sparsity.yaml")["update_every"] == "epoch"
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 3
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path: Path, data_dir: Path) -> None:
+    cfg = small(data_dir, epochs=1)
+    train(cfg, tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "summary.json").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "summary.json").read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(cfg, tmp_path / "other", resume=True)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(small(data_dir, epochs=2), tmp_path / "run", resume=True)
+
+
+# rigl: dense-gradient capture at updates; set: random growth from the engine's generator
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_resume_after_a_kill_gives_the_same_final_numbers(
+    tmp_path: Path, data_dir: Path, method: str
+) -> None:
+    args = [
+        "--model",
+        "lenet300-100",
+        "--data",
+        "mnist",
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "8",
+        "--batch-size",
+        "20",
+        "--method",
+        method,
+        "--no-download",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
+    args += ["--density", "0.1", "--update-every", "17"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "sparselearn.cli", "train", *args]
+    reference = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "straight")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert reference.returncode == 0, reference.stderr
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "metrics.jsonl").exists() and len(read_metrics(killed)) >= 3:
+            proc.send_signal(signal.SIGKILL)  # mid-run: some epochs done, no summary yet
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run(
+        [*cmd, "--out", str(killed), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    for key in ("test_acc", "val_acc", "final_density", "active_weights", "steps"):
+        assert a[key] == b[key], key
+    strip = ("wall_time", "epoch_seconds")
+    rows_a = [
+        {k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / "straight")
+    ]
+    rows_b = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(killed)]
+    assert rows_a == rows_b
+    sa = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    sb = torch.load(killed / "checkpoint.pt", weights_only=True)
+    for name, tensor in sa["model"].items():
+        assert torch.equal(tensor, sb["model"][name]), name
+
+
+def test_every_engine_option_is_a_flag_and_a_config_key(tmp_path: Path) -> None:
+    parser = cli.build_parser()
+    values = {
+        "update_every": ("epoch", "epoch"),
+        "start_at": ("0.1", 0.1),
+        "stop_at": ("0.9", 0.9),
+        "prune_rate": ("0.3", 0.3),
+        "prune_rate_schedule": ("linear", "linear"),
+        "prune_rate_min": ("0.01", 0.01),
+        "init": ("erk", "erk"),
+        "prune": ("magnitude", "magnitude"),
+        "growth": ("random", "random"),
+        "redistribution": ("none", "none"),
+        "schedule": ("periodic", "periodic"),
+        "optimizer_state": ("keep", "keep"),
+        "ema_decay": ("0.8", 0.8),
+        "include": ("re:fc.*", ["re:fc.*"]),
+        "exclude": ("fc3.weight", ["fc3.weight"]),
+        "layer_density": ("fc1.weight=0.5", {"fc1.weight": 0.5}),
+        "dense_first": (None, True),
+        "dense_last": (None, True),
+    }
+    assert set(values) == set(SPARSITY_OPTIONS)
+    for name, (text, expected) in values.items():
+        flag = "--" + name.replace("_", "-")
+        argv = ["train", flag] if text is None else ["train", flag, text]
+        cfg = cli.resolve_config(parser.parse_args(argv))
+        assert cfg.sparsity == {name: expected}, name
+        (tmp_path / "c.yaml").write_text(f"{name}: {json.dumps(expected)}\n")
+        from_file = cli.resolve_config(
+            parser.parse_args(["train", "--config", str(tmp_path / "c.yaml")])
+        )
+        assert from_file.sparsity == {name: expected}, name
+
+
+def test_flags_override_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("model: lenet5\nepochs: 7\nprune-rate: 0.2\nlr: 0.05\n")
+    parser = cli.build_parser()
+    cfg = cli.resolve_config(
+        parser.parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "9"])
+    )
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.sparsity) == ("lenet5", 9, 0.05, {"prune_rate": 0.2})
+    (tmp_path / "bad.yaml").write_text("epoch: 3\n")
+    with pytest.raises(ValueError, match="unknown option 'epoch'; did you mean 'epochs'"):
+        cli.resolve_config(parser.parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
+
+
+def test_cli_train_and_errors(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            "lenet300-100",
+            "--data",
+            "mnist",
+            "--data-dir",
+            str(data_dir),
+            "--epochs",
+            "1",
+            "--density",
+            "0.2",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-download",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "lenet300-100 mnist sparse_momentum density 0.2: test accuracy" in out
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            "lenet",
+            "--data",
+            "mnist",
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "r2"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown model 'lenet'" in err
+    assert "Traceback" not in err
+    code = cli.main(["train", "--density", "1.5", "--out", str(tmp_path / "r3")])
+    assert code == 2
+    assert "density must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_progress_bar_only_on_a_terminal(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train(small(data_dir, epochs=1), tmp_path / "quiet")  # stderr is not a terminal here
+    assert capsys.readouterr().err == ""
+    train(small(data_dir, epochs=1), tmp_path / "bar", progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err
+    assert "density 0.1000" in err
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "lenet300-100",
+        "wrn-28-2",
+        "resnet50",
+        "fashion-mnist",
+        "cifar10",
+        "imagenet",
+        "sparse_momentum",
+        "rigl",
+        "dense",
+    ):
+        assert name in out
+
+
+def test_train_config_validation() -> None:
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        TrainConfig(lr_schedule="exp")
+    with pytest.raises(ValueError, match="unknown option 'prune_rat'"):
+        TrainConfig(sparsity={"prune_rat": 0.1})
+    with pytest.raises(ValueError, match="device must be"):
+        TrainConfig(device="tpu")
+
+
+def test_demo(
+    tmp_path: Path,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dataclasses import replace
+
+    from sparselearn.data import datasets as ds
+
+    fashion = tmp_path / "fashion"
+    write_mnist_like(fashion, n_train=300, n_test=100)
+    info = ds.DATASETS.get("fashion-mnist")
+    monkeypatch.setitem(ds.DATASETS._items, "fashion-mnist", replace(info, system_dirs=()))
+    assert (
+        cli.main(
+            ["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--data-dir", str(fashion)]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "dense" in out
+    assert "sparse_momentum (5%)" in out
+    assert "13,310 / 266,200" in out  # 5% of LeNet-300-100's weights
+    assert "5.0%" in out  # inference FLOPs relative to dense
