@@ -1,0 +1,256 @@
+"""Layers that compute with sparse weights: forward, input gradient, and the weight gradient at
+the active positions only.
+
+The trainable parameter of a sparse layer is ``values``: the active weights in row-major (CSR)
+order, so that the weights and their optimizer state take memory proportional to the active
+weights. The structure (CSR of W, CSR of W^T and the permutation between their value orders) is
+kept in buffers and rebuilt only when the mask changes (:meth:`SparseWeight.restructure`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels import ops_for
+
+DenseGradSink = Callable[[Tensor], None]
+
+
+def csr_structure(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """CSR of a weight mask (rows: output units) and of its transpose, plus ``perm`` with
+    ``values_of_transpose = values[perm]``.
+
+    Linear (out, in): the transpose is the (in, out) matrix. Convolution (out, in, kh, kw): the
+    transpose has one row per input channel, and its columns encode (out, ky, kx) as
+    ``o * kh * kw + ky * kw + kx``, which is what the input-gradient kernel walks.
+    """
+    rows = mask.shape[0]
+    khw = math.prod(mask.shape[2:]) if mask.dim() == 4 else 1
+    rows_t = mask.shape[1] if mask.dim() == 4 else math.prod(mask.shape[1:])
+    flat = mask.reshape(rows, -1)
+    r, c = flat.nonzero(as_tuple=True)  # row-major order = CSR order of W
+    crow = torch.zeros(rows + 1, dtype=torch.long, device=mask.device)
+    crow[1:] = torch.bincount(r, minlength=rows).cumsum(0)
+    row_t = c // khw
+    col_t = r * khw + c % khw
+    order = torch.argsort(row_t * (rows * khw) + col_t)  # CSR order of the transpose
+    crow_t = torch.zeros(rows_t + 1, dtype=torch.long, device=mask.device)
+    crow_t[1:] = torch.bincount(row_t, minlength=rows_t).cumsum(0)
+    return crow, c.contiguous(), crow_t, col_t[order].contiguous(), order
+
+
+class SparseWeight(nn.Module):
+    """A weight of ``shape`` held as CSR over its first dimension (rows: output units).
+
+    ``values`` is the parameter; ``crow``/``col`` the CSR of the weight viewed as
+    (out, fan_in); ``crow_t``/``col_t``/``perm`` the CSR of its transpose.
+    """
+
+    def __init__(self, dense: Tensor, mask: Tensor) -> None:
+        super().__init__()
+        self.shape = tuple(dense.shape)
+        flat_mask = mask.reshape(self.shape[0], -1)
+        self.values = nn.Parameter(dense.detach().reshape(self.shape[0], -1)[flat_mask].clone())
+        crow, col, crow_t, col_t, perm = csr_structure(mask.view(self.shape))
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self.register_buffer("crow_t", crow_t)
+        self.register_buffer("col_t", col_t)
+        self.register_buffer("perm", perm)
+        # set by the engine on steps that need the dense gradient (RigL, windows): receives it
+        self.dense_grad_sink: DenseGradSink | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.shape[1:])
+
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    def mask(self) -> Tensor:
+        """Bool mask of the weight's shape (materialised)."""
+        m = torch.zeros(self.rows, self.fan_in, dtype=torch.bool, device=self.col.device)
+        rows = torch.repeat_interleave(torch.arange(self.rows, device=self.col.device), self.crow.diff())
+        m[rows, self.col] = True
+        return m.view(self.shape)
+
+    def dense(self) -> Tensor:
+        """The weight as a dense tensor with exact zeros (materialised, no gradient)."""
+        w = torch.zeros(self.rows, self.fan_in, dtype=self.values.dtype, device=self.values.device)
+        w[self.mask().view(self.rows, -1)] = self.values.detach()
+        return w.view(self.shape)
+
+    @torch.no_grad()
+    def restructure(self, new_mask: Tensor) -> Tensor:
+        """Adopt ``new_mask``: kept weights keep their values, new ones start at zero.
+
+        Returns ``source`` (new nnz,): for each new position the index of its old value, or -1
+        for a new position (so that the caller can move optimizer state the same way).
+        """
+        old = torch.full((self.rows * self.fan_in,), -1, dtype=torch.long, device=self.col.device)
+        old[self.mask().reshape(-1).nonzero().squeeze(1)] = torch.arange(self.nnz, device=self.col.device)
+        source = old[new_mask.reshape(-1).nonzero().squeeze(1)]
+        crow, col, crow_t, col_t, perm = csr_structure(new_mask.reshape(self.shape))
+        values = torch.zeros(col.numel(), dtype=self.values.dtype, device=self.values.device)
+        kept = source >= 0
+        values[kept] = self.values.detach()[source[kept]]
+        self.values.data = values  # the same Parameter object: the optimizer keeps holding it
+        self.values.grad = None
+        self.crow, self.col, self.crow_t, self.col_t, self.perm = crow, col, crow_t, col_t, perm
+        return source
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # the number of active weights may differ from this module's: take the saved sizes
+        for name in ("values", "crow", "col", "crow_t", "col_t", "perm"):
+            key = prefix + name
+            if key in state_dict:
+                current = getattr(self, name)
+                if current.shape != state_dict[key].shape:
+                    current.data = torch.empty_like(state_dict[key], device=current.device)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class _SparseLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, values: Tensor, weight: SparseWeight, backend: str) -> Tensor:  # type: ignore[override]
+        ops = ops_for(x, backend)
+        xt = x.t().contiguous()  # (in, B): each non-zero scales one contiguous batch row
+        yt = ops.spmm(weight.crow, weight.col, values, xt, weight.rows)  # (out, B)
+        ctx.save_for_backward(xt, values)
+        ctx.weight, ctx.ops = weight, ops
+        return yt.t()
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        xt, values = ctx.saved_tensors
+        w: SparseWeight = ctx.weight
+        ops = ctx.ops
+        gt = grad_y.t().contiguous()  # (out, B)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ops.spmm(w.crow_t, w.col_t, values, gt, w.fan_in, w.perm).t()
+        grad_values = None
+        if ctx.needs_input_grad[1]:
+            if w.dense_grad_sink is not None:
+                dense = gt @ xt.t()  # (out, in): the full gradient, only on the steps that ask
+                w.dense_grad_sink(dense)
+                grad_values = dense[w.mask()]
+            else:
+                grad_values = ops.sampled(w.crow, w.col, gt, xt)
+        return grad_x, grad_values, None, None
+
+
+class _SparseConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, values: Tensor, weight: SparseWeight, stride: int,
+        padding: tuple[int, int], backend: str,
+    ) -> Tensor:
+        ops = ops_for(x, backend)
+        _, kh, kw = weight.shape[1:]
+        xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0])).contiguous()
+        oh = (xp.shape[2] - kh) // stride + 1
+        ow = (xp.shape[3] - kw) // stride + 1
+        y = ops.conv2d_forward(weight.crow, weight.col, values, xp, weight.rows, kh, kw, stride, oh, ow)
+        ctx.save_for_backward(xp, values)
+        ctx.weight, ctx.ops, ctx.stride, ctx.padding, ctx.in_hw = weight, ops, stride, padding, x.shape[2:]
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:  # type: ignore[override]
+        xp, values = ctx.saved_tensors
+        w: SparseWeight = ctx.weight
+        c_in, kh, kw = w.shape[1:]
+        g = grad_y.contiguous()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gxp = ctx.ops.conv2d_grad_input(
+                w.crow_t, w.col_t, values[w.perm], g, c_in, xp.shape[2], xp.shape[3], kh, kw, ctx.stride
+            )
+            (ph, pw), (h, wd) = ctx.padding, ctx.in_hw
+            grad_x = gxp[:, :, ph : ph + h, pw : pw + wd]
+        grad_values = None
+        if ctx.needs_input_grad[1]:
+            if w.dense_grad_sink is not None:
+                dense = torch.nn.grad.conv2d_weight(xp, w.shape, g, stride=ctx.stride)
+                w.dense_grad_sink(dense)
+                grad_values = dense.reshape(w.rows, -1)[w.mask().view(w.rows, -1)]
+            else:
+                grad_values = ctx.ops.conv2d_grad_weight(w.crow, w.col, g, xp, kh, kw, ctx.stride)
+        return grad_x, grad_values, None, None, None, None
+
+
+class SparseLinear(nn.Module):
+    """``nn.Linear`` computing with a CSR weight (see :class:`SparseWeight`)."""
+
+    def __init__(self, linear: nn.Linear, mask: Tensor, backend: str = "auto") -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_sparse = SparseWeight(linear.weight, mask)
+        self.bias = linear.bias
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (B, in)
+        y = _SparseLinearFn.apply(x2, self.weight_sparse.values, self.weight_sparse, self.backend)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        w = self.weight_sparse
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}")
+
+
+class SparseConv2d(nn.Module):
+    """``nn.Conv2d`` (groups 1, dilation 1, zero padding) computing directly with a CSR weight."""
+
+    def __init__(self, conv: nn.Conv2d, mask: Tensor, backend: str = "auto") -> None:
+        super().__init__()
+        if not supports_conv(conv):
+            raise ValueError(f"unsupported convolution for the sparse kernels: {conv}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride = conv.stride[0]
+        self.padding: tuple[int, int] = conv.padding  # type: ignore[assignment]
+        self.weight_sparse = SparseWeight(conv.weight, mask)
+        self.bias = conv.bias
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _SparseConv2dFn.apply(
+            x, self.weight_sparse.values, self.weight_sparse, self.stride, self.padding, self.backend
+        )
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    def extra_repr(self) -> str:
+        w = self.weight_sparse
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, "
+                f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}")
+
+
+def supports_conv(conv: nn.Conv2d) -> bool:
+    """Groups 1, dilation 1, square stride, numeric zero padding."""
+    return (
+        conv.groups == 1
+        and conv.dilation == (1, 1)
+        and conv.stride[0] == conv.stride[1]
+        and not isinstance(conv.padding, str)
+        and conv.padding_mode == "zeros"
+    )
