@@ -59,8 +59,8 @@ study: $(STAMP) $(FMNIST)
 
 results: $(STAMP) $(FMNIST)
 	$(BIN)/sparselearn report runs/fashion-mnist --markdown docs/results.md --plots docs/figures
-	$(BIN)/sparselearn report runs/fashion-mnist-clip --markdown docs/results-clip.md \
-	  --plots docs/figures/clip
+	$(BIN)/sparselearn report runs/fashion-mnist-clip --markdown docs/results.md \
+	  --plots docs/figures/clip --section report-clip
 	$(BIN)/sparselearn analyze runs/fashion-mnist-clip/lenet5/dense \
 	  runs/fashion-mnist-clip/lenet5/sparse_momentum/density-0.05 --out docs/figures \
 	  --markdown docs/results.md

@@ -82,3 +82,17 @@ def test_replace_section_appends_when_markers_are_missing(tmp_path: Path) -> Non
 def test_no_runs(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         report([tmp_path])
+
+
+def test_two_reports_in_one_file(tmp_path: Path) -> None:
+    runs = fake_runs(tmp_path / "runs")
+    doc = tmp_path / "results.md"
+    doc.write_text("# A\n\n<!-- first:start -->\n<!-- first:end -->\n\n# B\n")
+    report([runs], markdown=doc, section="first")
+    report([runs / "set"], markdown=doc, section="second")
+    text = doc.read_text()
+    first = text.split("<!-- first:start -->")[1].split("<!-- first:end -->")[0]
+    second = text.split("<!-- second:start -->")[1].split("<!-- second:end -->")[0]
+    assert "sparse_momentum" in first and "sparse_momentum" not in second
+    assert "| set |" in second
+    assert text.index("# B") < text.index("<!-- second:start -->")  # appended at the end

@@ -166,7 +166,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
 
-    text = report(args.runs, markdown=args.markdown, plots=args.plots)
+    text = report(args.runs, markdown=args.markdown, plots=args.plots, section=args.section)
     print(text)
     return 0
 
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories or folders holding them")
     p.add_argument("--markdown", type=Path, help="write the table into this markdown file")
     p.add_argument("--plots", type=Path, help="folder for accuracy-versus-density plots")
+    p.add_argument("--section", default="report",
+                   help="name of the marked section of --markdown to (re)write")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="registered models, datasets and methods")

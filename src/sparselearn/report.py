@@ -156,8 +156,13 @@ def report(
     *,
     markdown: Path | None = None,
     plots: Path | None = None,
+    section: str = "report",
 ) -> str:
-    """Aggregate runs; optionally write the tables into a markdown file and the plots."""
+    """Aggregate runs; optionally write the tables into a markdown file and the plots.
+
+    The tables go between ``<!-- {section}:start -->`` and ``<!-- {section}:end -->``, so that
+    one file can hold several reports; the rest of the file is kept.
+    """
     results = collect(paths)
     text = table(results)
     if plots is not None:
@@ -166,5 +171,5 @@ def report(
             rel = [os.path.relpath(p, markdown.parent) for p in figures]
             text += "\n" + "\n".join(f"![accuracy versus density]({r})" for r in rel) + "\n"
     if markdown is not None:
-        replace_section(markdown, START, END, text)
+        replace_section(markdown, f"<!-- {section}:start -->", f"<!-- {section}:end -->", text)
     return text
