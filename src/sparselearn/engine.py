@@ -120,6 +120,7 @@ class _CompactLayer:
         self.final_count = old.final_count
         self.storage = storage  # a sparselearn.accel.layers.SparseWeight
         self._mask: Tensor | None = None
+        self._mask_version = -1
 
     @property
     def param(self) -> nn.Parameter:
@@ -127,8 +128,9 @@ class _CompactLayer:
 
     @property
     def mask(self) -> Tensor:
-        if self._mask is None:
+        if self._mask is None or self._mask_version != self.storage.version:
             self._mask = self.storage.mask()
+            self._mask_version = self.storage.version
         return self._mask
 
     @property
@@ -157,7 +159,7 @@ class _CompactLayer:
     def set_mask(self, new: Tensor) -> Tensor:
         """Restructure; returns, per new position, the index of its old value (-1: new)."""
         source: Tensor = self.storage.restructure(new)
-        self._mask = new.clone()
+        self._mask, self._mask_version = new.clone(), self.storage.version
         return source
 
     def zero_inactive_(self, tensor: Tensor) -> None:  # structurally sparse: nothing to zero

@@ -136,9 +136,16 @@ def accelerate(
             owners.setdefault(id(w), []).append((mod_name, module))
 
     shapes: dict[str, torch.Size] = {}
+
+    def record(name: str) -> Any:
+        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
+            shapes.setdefault(name, inputs[0].shape)  # returns None: the output is unchanged
+
+        return hook
+
     if example_input is not None:
         hooks = [
-            m.register_forward_hook(lambda m, i, o, n=n: shapes.setdefault(n, i[0].shape))
+            m.register_forward_hook(record(n))
             for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d))
         ]

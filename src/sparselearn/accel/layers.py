@@ -65,6 +65,7 @@ class SparseWeight(nn.Module):
         self.register_buffer("perm", perm)
         # set by the engine on steps that need the dense gradient (RigL, windows): receives it
         self.dense_grad_sink: DenseGradSink | None = None
+        self.version = 0  # bumped whenever the structure changes (for cached masks)
 
     @property
     def rows(self) -> int:
@@ -108,6 +109,7 @@ class SparseWeight(nn.Module):
         kept = source >= 0
         values[kept] = self.values.detach()[source[kept]]
         self.values = nn.Parameter(values, requires_grad=self.values.requires_grad)
+        self.version += 1
         self.crow, self.col, self.crow_t, self.col_t, self.perm = crow, col, crow_t, col_t, perm
         return source
 
@@ -120,6 +122,7 @@ class SparseWeight(nn.Module):
                 if current.shape != state_dict[key].shape:
                     current.data = torch.empty_like(state_dict[key], device=current.device)
         super()._load_from_state_dict(state_dict, prefix, *args)
+        self.version += 1
 
 
 class _SparseLinearFn(torch.autograd.Function):
