@@ -43,6 +43,7 @@ _REGROWTH = frozenset(
         "prune_rate_schedule",
         "prune_rate_min",
         "optimizer_state",
+        "momentum_window",
     }
 )
 _MASKS = frozenset({"init", "prune", "layer_density", "dense_first", "dense_last"})
@@ -112,6 +113,7 @@ class SparsityConfig:
     prune_rate_min: float = 0.005
     optimizer_state: str = "keep"
     ema_decay: float = 0.9
+    momentum_window: int | None = None
     include: tuple[Selector, ...] = ()
     exclude: tuple[Selector, ...] = ()
     layer_density: tuple[tuple[str, float], ...] = field(default=())
@@ -170,6 +172,7 @@ class SparsityConfig:
             "ema_decay",
             _check_unit("ema_decay", self.ema_decay, low_open=False, high_open=True),
         )
+        self._check_momentum_window()
         set_(self, "include", _check_selectors("include", self.include))
         set_(self, "exclude", _check_selectors("exclude", self.exclude))
         set_(self, "layer_density", self._check_layer_density(self.layer_density))
@@ -198,6 +201,25 @@ class SparsityConfig:
         spe = self.steps_per_epoch
         if spe is not None and (isinstance(spe, bool) or not isinstance(spe, int) or spe < 1):
             raise ValueError(f"steps_per_epoch must be a positive integer, got {spe!r}")
+
+    def _check_momentum_window(self) -> None:
+        w = self.momentum_window
+        if w is None:
+            return
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"momentum_window must be a positive integer or None, got {w!r}")
+        if self.growth is None or "momentum" not in GROWTH.get(self.growth).needs:
+            raise ValueError(
+                f"momentum_window applies to growth by momentum; growth {self.growth!r} does "
+                "not read momentum"
+            )
+        if self.interval == 0:
+            raise ValueError("momentum_window needs scheduled updates (update_every > 0)")
+        if w > self.interval:
+            raise ValueError(
+                f"momentum_window ({w}) must not exceed the update interval "
+                f"({self.interval} steps)"
+            )
 
     @staticmethod
     def _check_layer_density(value: object) -> tuple[tuple[str, float], ...]:

@@ -23,7 +23,7 @@ from .criteria import GROWTH, PRUNE, REDISTRIBUTION, Criterion, LayerView
 from .methods import METHODS
 from .schedules import gradual_fraction
 from .selection import bottom_k, top_k
-from .signals import keeps_momentum, optimizer_momentum, reset_state
+from .signals import _group_of, keeps_momentum, optimizer_momentum, reset_state
 from .targets import Target, find_targets
 
 logger = logging.getLogger("sparselearn")
@@ -58,7 +58,9 @@ class MaskUpdate:
 
 
 class _Layer:
-    """Engine-side record of one sparsified weight tensor."""
+    """Engine-side record of one sparsified weight tensor kept dense, with its mask."""
+
+    compact = False
 
     __slots__ = ("active", "final_count", "fixed", "inactive", "mask", "name", "param")
 
@@ -86,6 +88,88 @@ class _Layer:
         if self.mask.device != self.param.device:
             self.mask = self.mask.to(self.param.device)
             self.inactive = ~self.mask
+
+    @property
+    def numel(self) -> int:
+        return self.mask.numel()
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.mask.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    def weight(self) -> Tensor:
+        return self.param.detach()
+
+    def release(self) -> None:
+        """Drop what was materialised for a mask update (nothing for dense storage)."""
+
+
+class _CompactLayer:
+    """A sparsified weight stored as CSR in an accelerated module: the optimizer holds only the
+    active values. Masks, dense weights and gradients are materialised for mask updates only."""
+
+    compact = True
+
+    def __init__(self, old: _Layer, storage: Any) -> None:
+        self.name = old.name
+        self.fixed = old.fixed
+        self.final_count = old.final_count
+        self.storage = storage  # a sparselearn.accel.layers.SparseWeight
+        self._mask: Tensor | None = None
+        self._mask_version = -1
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.storage.values  # type: ignore[no-any-return]
+
+    @property
+    def mask(self) -> Tensor:
+        if self._mask is None or self._mask_version != self.storage.version:
+            self._mask = self.storage.mask()
+            self._mask_version = self.storage.version
+        return self._mask
+
+    @property
+    def inactive(self) -> Tensor:
+        return ~self.mask
+
+    @property
+    def active(self) -> int:
+        return int(self.storage.nnz)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.storage.shape)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.storage.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    def weight(self) -> Tensor:
+        return self.storage.dense()  # type: ignore[no-any-return]
+
+    def set_mask(self, new: Tensor) -> Tensor:
+        """Restructure; returns, per new position, the index of its old value (-1: new)."""
+        source: Tensor = self.storage.restructure(new)
+        self._mask, self._mask_version = new.clone(), self.storage.version
+        return source
+
+    def zero_inactive_(self, tensor: Tensor) -> None:  # structurally sparse: nothing to zero
+        pass
+
+    def sync_device(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self._mask = None
 
 
 class SparseEngine:
@@ -127,17 +211,21 @@ class SparseEngine:
         if config.schedule == "periodic":
             needs |= self._redistribution.needs
         self._needs = frozenset(needs)
-        # growth by momentum needs the momentum of missing weights: leave gradients dense
+        # growth by momentum needs the momentum of missing weights: leave gradients dense, unless
+        # that momentum is gathered from dense gradients in a window before each update
         self._mask_grads = config.schedule != "dense" and not (
-            self._growth is not None and "momentum" in self._growth.needs
+            self._growth is not None
+            and "momentum" in self._growth.needs
+            and config.momentum_window is None
         )
         self._pending_one_shot = config.schedule == "one_shot"
         self._finished = config.schedule != "periodic" and config.schedule != "gradual"
         self._dense_grads: dict[str, Tensor] = {}
+        self._window: dict[str, Tensor] = {}  # momentum of the dense gradient within the window
         self._closure_step = False
         self.history: list[MaskUpdate] = []
 
-        self._layers = self._build_layers(targets)
+        self._layers: list[_Layer | _CompactLayer] = list(self._build_layers(targets))
         self._ema: dict[str, Tensor] = {}
         if "momentum" in self._needs:
             for layer in self._layers:
@@ -229,28 +317,28 @@ class SparseEngine:
     def density(self) -> float:
         """Global fraction of active weights over the sparsified parameters."""
         active = sum(layer.active for layer in self._layers)
-        total = sum(layer.mask.numel() for layer in self._layers)
+        total = sum(layer.numel for layer in self._layers)
         return active / total
 
     def layer_densities(self) -> dict[str, float]:
-        return {layer.name: layer.active / layer.mask.numel() for layer in self._layers}
+        return {layer.name: layer.active / layer.numel for layer in self._layers}
 
     def summary(self) -> str:
         """A per-layer table: name, shape, density, active count."""
         rows = [("layer", "shape", "density", "active", "total")]
         for layer in self._layers:
-            active, total = layer.active, layer.mask.numel()
+            active, total = layer.active, layer.numel
             rows.append(
                 (
                     layer.name,
-                    "x".join(map(str, layer.mask.shape)),
+                    "x".join(map(str, layer.shape)),
                     f"{100 * active / total:.2f}%",
                     f"{active:,}",
                     f"{total:,}",
                 )
             )
         active = sum(layer.active for layer in self._layers)
-        total = sum(layer.mask.numel() for layer in self._layers)
+        total = sum(layer.numel for layer in self._layers)
         rows.append(("total", "", f"{100 * active / total:.2f}%", f"{active:,}", f"{total:,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [self._headline()]
@@ -309,6 +397,7 @@ class SparseEngine:
             if ref is not None and ref() is self:
                 del _ACTIVE[key]
         self._attached = False
+        self._arm_sinks()  # accelerated layers stop producing dense gradients
 
     def _check_attached(self) -> None:
         if not self._attached:
@@ -330,6 +419,7 @@ class SparseEngine:
             "masks": {layer.name: layer.mask.clone() for layer in self._layers},
             "generators": {k: g.get_state() for k, g in self._generators.items()},
             "ema": {k: v.clone() for k, v in self._ema.items()},
+            "window": {k: v.clone() for k, v in self._window.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -362,14 +452,25 @@ class SparseEngine:
                     f"{tuple(layer.mask.shape)}"
                 )
         ema = state.get("ema", {})
-        if sorted(ema) != sorted(self._ema):
+        if sorted(ema) != sorted(self._ema) or any(
+            v.shape != self._ema[k].shape for k, v in ema.items()
+        ):
             raise ValueError("engine state EMA buffers do not match this engine")
+        for layer in self._layers:
+            if layer.compact and not torch.equal(masks[layer.name].to(layer.device), layer.mask):
+                raise ValueError(
+                    f"{layer.name} is accelerated and its structure differs from the saved mask: "
+                    "load the model's state_dict (which holds the sparse weights) first"
+                )
         # validated: now apply
         for layer in self._layers:
-            layer.sync_device()
-            layer.set_mask(masks[layer.name].to(layer.mask.device))
+            if not layer.compact:
+                layer.sync_device()
+                layer.set_mask(masks[layer.name].to(layer.mask.device))
+            layer.release()
         for k, v in ema.items():
             self._ema[k].copy_(v)
+        self._window = {k: v.clone() for k, v in state.get("window", {}).items()}
         self._generators.clear()
         for key, gen_state in state["generators"].items():
             gen = torch.Generator(device=key)
@@ -379,6 +480,7 @@ class SparseEngine:
         self._pending_one_shot = bool(state["pending_one_shot"])
         self._finished = bool(state["finished"])
         self._apply_masks()
+        self._arm_sinks()
 
     # ------------------------------------------------------------------ hooks
 
@@ -405,7 +507,7 @@ class SparseEngine:
         if self._mask_grads:
             with torch.no_grad():
                 for layer in self._layers:
-                    if layer.param.grad is not None:
+                    if not layer.compact and layer.param.grad is not None:
                         layer.sync_device()
                         layer.zero_inactive_(layer.param.grad)
 
@@ -421,6 +523,7 @@ class SparseEngine:
         self._apply_masks()
         self._update_ema()
         self._step += 1
+        self._update_window()
         try:
             if self._update_due(self._step):
                 if self.config.schedule == "periodic":
@@ -429,6 +532,7 @@ class SparseEngine:
                     self._prune_to(gradual_fraction(self.config.progress(self._step)))
         finally:
             self._dense_grads.clear()
+            self._arm_sinks()
 
     def _one_shot(self) -> None:
         self._pending_one_shot = False
@@ -470,16 +574,70 @@ class SparseEngine:
         return step >= start and (step % every == 0 or step >= stop)
 
     def _wants_dense_grad(self, upcoming: int) -> bool:
+        if self._in_window(upcoming):
+            return True
         if "grad" not in self._needs:
             return False
         return self._pending_one_shot or self._update_due(upcoming)
 
+    def _in_window(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is one of the last ``momentum_window`` before an
+        update (whose dense gradients feed the momentum of the missing weights)."""
+        w = self.config.momentum_window
+        if w is None:
+            return False
+        every = self.config.interval
+        nxt = -(-step // every) * every  # the next scheduled update at or after `step`
+        return nxt - step < w and self._update_due(nxt)
+
     def _snapshot_grads(self) -> None:
         for layer in self._layers:
+            if layer.compact:  # their dense gradient arrives through the module's sink
+                if layer.name not in self._dense_grads:
+                    self._dense_grads[layer.name] = torch.zeros(layer.shape, device=layer.device)
+                continue
             g = layer.param.grad
             self._dense_grads[layer.name] = (
                 torch.zeros_like(layer.param) if g is None else g.detach().clone()
             )
+
+    def _arm_sinks(self) -> None:
+        """Tell accelerated layers whether the coming step must produce the dense gradient."""
+        wanted = self._attached and self._wants_dense_grad(self._step + 1)
+        for layer in self._layers:
+            if layer.compact:
+                layer.storage.dense_grad_sink = (
+                    functools.partial(self._receive_dense_grad, layer.name) if wanted else None
+                )
+
+    def _receive_dense_grad(self, name: str, grad: Tensor) -> None:
+        g = grad.detach()
+        prior = self._dense_grads.get(name)
+        self._dense_grads[name] = g.clone() if prior is None else prior + g  # accumulation
+
+    def _momentum_coefficient(self, layer: _Layer | _CompactLayer) -> float:
+        group = _group_of(self.optimizer, layer.param)
+        if "betas" in group:
+            return float(group["betas"][0])
+        momentum = group.get("momentum", 0)
+        return float(momentum) if momentum else self.config.ema_decay
+
+    @torch.no_grad()
+    def _update_window(self) -> None:
+        """Fold this step's dense gradient into the window momentum (window steps only)."""
+        if self.config.momentum_window is None or not self._in_window(self._step):
+            return
+        for layer in self._layers:
+            # the dense gradient captured before masking (pre-step hook, or the layer's sink)
+            g = self._dense_grads.get(layer.name)
+            if g is None:
+                continue
+            beta = self._momentum_coefficient(layer)
+            buf = self._window.get(layer.name)
+            if buf is None:
+                self._window[layer.name] = g.float() * (1.0 - beta)
+            else:
+                buf.mul_(beta).add_(g, alpha=1.0 - beta)
 
     def _capture_grads_for_manual_update(self) -> None:
         if "grad" not in self._needs or self._dense_grads:
@@ -494,15 +652,23 @@ class SparseEngine:
 
     # ------------------------------------------------------------------ signals and views
 
-    def _momentum(self, layer: _Layer) -> Tensor:
+    def _momentum(self, layer: _Layer | _CompactLayer) -> Tensor:
         m = optimizer_momentum(self.optimizer, layer.param)
         if m is None:
             m = self._ema.get(layer.name)
         if m is None:
             m = torch.zeros_like(layer.param)
-        return m.detach()
+        m = m.detach()
+        if layer.compact:  # values order -> the weight's shape
+            dense = torch.zeros(layer.shape, dtype=m.dtype, device=m.device)
+            dense[layer.mask] = m
+            m = dense
+        window = self._window.get(layer.name)
+        if window is not None:  # missing weights: the momentum gathered in the window
+            m = torch.where(layer.mask, m, window.to(m.dtype))
+        return m
 
-    def _grad(self, layer: _Layer) -> Tensor:
+    def _grad(self, layer: _Layer | _CompactLayer) -> Tensor:
         g = self._dense_grads.get(layer.name)
         if g is None:
             raise RuntimeError(f"no dense gradient captured for {layer.name} at this update")
@@ -520,10 +686,10 @@ class SparseEngine:
             views.append(
                 LayerView(
                     layer.name,
-                    layer.param.detach(),
+                    layer.weight(),
                     layer.mask,
                     signals=signals,
-                    generator=self._generator(layer.param.device),
+                    generator=self._generator(layer.device),
                 )
             )
         return views
@@ -543,6 +709,7 @@ class SparseEngine:
             if not _finite(ema):
                 ema.zero_()  # restart the gradient average so that later updates can run
                 logger.warning("reset the gradient moving average of %s (non-finite)", name)
+        self._window.clear()  # the next window starts afresh
         update = MaskUpdate(self._step, "skipped", rate, density=self.density(), reason=reason)
         self.history.append(update)
         return update
@@ -619,7 +786,7 @@ class SparseEngine:
             return self._skip(f"non-finite {bad}", rate)
         layers = self._layers
         active = [layer.active for layer in layers]
-        numel = [layer.mask.numel() for layer in layers]
+        numel = [layer.numel for layer in layers]
         room = [n - a for n, a in zip(numel, active, strict=True)]  # inactive before the update
         free = [i for i, layer in enumerate(layers) if not layer.fixed]
 
@@ -715,7 +882,7 @@ class SparseEngine:
         layers = self._layers
         active = [layer.active for layer in layers]
         target = [
-            round(layer.mask.numel() - (layer.mask.numel() - layer.final_count) * fraction)
+            round(layer.numel - (layer.numel - layer.final_count) * fraction)
             for layer in layers
         ]
         remove = [max(a - t, 0) for a, t in zip(active, target, strict=True)]
@@ -734,25 +901,93 @@ class SparseEngine:
             self._finished = True
         return self._finish(update, t0)
 
-    def _commit(self, layer: _Layer, new: Tensor, pruned: Tensor, grown: Tensor | None) -> None:
-        layer.set_mask(new)
-        layer.zero_inactive_(
-            layer.param
-        )  # pruned weights are zero now; grown ones were zero already
+    def _commit(
+        self, layer: _Layer | _CompactLayer, new: Tensor, pruned: Tensor, grown: Tensor | None
+    ) -> None:
         policy = self.config.optimizer_state
-        if policy in ("reset_pruned", "reset_both"):
-            reset_state(self.optimizer, layer.param, pruned)
-        if grown is not None and policy in ("reset_grown", "reset_both"):
-            reset_state(self.optimizer, layer.param, grown)
+        window = self._window.get(layer.name)
+        if isinstance(layer, _CompactLayer):
+            old_param, old_nnz = layer.param, layer.active
+            source = layer.set_mask(new)  # new values: kept ones carried over, grown ones zero
+            kept = source >= 0
+            # the optimizer holds the new values Parameter, with its state moved along
+            for group in self.optimizer.param_groups:
+                group["params"] = [layer.param if p is old_param else p for p in group["params"]]
+            old_state = self.optimizer.state.pop(old_param, None)
+            if old_state is not None:
+                state = {}
+                for key, value in old_state.items():
+                    if isinstance(value, Tensor) and value.shape == (old_nnz,):
+                        moved = torch.zeros(source.numel(), dtype=value.dtype, device=value.device)
+                        moved[kept] = value[source[kept]]
+                        value = moved
+                    state[key] = value
+                self.optimizer.state[layer.param] = state
+            _ACTIVE.pop(id(old_param), None)
+            _ACTIVE[id(layer.param)] = weakref.ref(self)
+            ema = self._ema.get(layer.name)
+            if ema is not None:
+                moved = torch.zeros(source.numel(), dtype=ema.dtype, device=ema.device)
+                moved[kept] = ema[source[kept]]
+                self._ema[layer.name] = moved
+        else:
+            layer.set_mask(new)
+            layer.zero_inactive_(layer.param)  # pruned weights are zero now; grown ones were zero
+            if policy in ("reset_pruned", "reset_both"):
+                reset_state(self.optimizer, layer.param, pruned)
+            if grown is not None and (policy in ("reset_grown", "reset_both") or window is not None):
+                reset_state(self.optimizer, layer.param, grown)
+        if grown is not None and window is not None and policy == "keep":
+            self._carry_window_momentum(layer, grown, window)
+
+    def _carry_window_momentum(
+        self, layer: _Layer | _CompactLayer, grown: Tensor, window: Tensor
+    ) -> None:
+        """SGD: a regrown weight starts with the momentum its position gathered in the window
+        (the window keeps an average; SGD's buffer is a sum: scale by 1 / (1 - momentum))."""
+        state = self.optimizer.state.get(layer.param, {})
+        buf = state.get("momentum_buffer")
+        if not isinstance(buf, Tensor):
+            return
+        carried = window / (1.0 - self._momentum_coefficient(layer))
+        if isinstance(layer, _CompactLayer):
+            # grown positions, in the new values order
+            at = layer.mask.reshape(-1).nonzero().squeeze(1)
+            is_grown = grown.reshape(-1)[at]
+            buf[is_grown] = carried.reshape(-1)[at[is_grown]].to(buf.dtype)
+        else:
+            buf[grown] = carried[grown].to(buf.dtype)
+
+    def _use_compact(self, name: str, storage: Any) -> None:
+        """Hand layer ``name`` over to accelerated storage (see :func:`sparselearn.accelerate`)."""
+        index = next(i for i, layer in enumerate(self._layers) if layer.name == name)
+        old = self._layers[index]
+        if old.compact:
+            raise ValueError(f"{name} is already accelerated")
+        assert isinstance(old, _Layer)
+        compact = _CompactLayer(old, storage)
+        ema = self._ema.get(name)
+        if ema is not None:
+            self._ema[name] = ema[old.mask].clone()
+        self._layers[index] = compact
+        _ACTIVE.pop(id(old.param), None)
+        _ACTIVE[id(compact.param)] = weakref.ref(self)
+        self._arm_sinks()
 
     def _finish(self, update: MaskUpdate, t0: float) -> MaskUpdate:
         if _distributed.is_parallel():
             # every rank computed the same update from the same (all-reduced) signals; copying
             # rank 0's masks guarantees identity even where floating point disagreed
             for layer in self._layers:
-                _distributed.broadcast_(layer.mask)
-                layer.set_mask(layer.mask.clone())
-                layer.zero_inactive_(layer.param)
+                mask = layer.mask.clone()
+                _distributed.broadcast_(mask)
+                if not torch.equal(mask, layer.mask):
+                    layer.set_mask(mask)
+                    layer.zero_inactive_(layer.param)
+        if update.kind == "regrow":
+            self._window.clear()  # a new window starts before the next update
+        for layer in self._layers:
+            layer.release()
         update.density = self.density()
         update.seconds = time.perf_counter() - t0
         self.history.append(update)

@@ -65,6 +65,7 @@ class SparseWeight(nn.Module):
         self.register_buffer("perm", perm)
         # set by the engine on steps that need the dense gradient (RigL, windows): receives it
         self.dense_grad_sink: DenseGradSink | None = None
+        self.version = 0  # bumped whenever the structure changes (for cached masks)
 
     @property
     def rows(self) -> int:
@@ -95,6 +96,8 @@ class SparseWeight(nn.Module):
     def restructure(self, new_mask: Tensor) -> Tensor:
         """Adopt ``new_mask``: kept weights keep their values, new ones start at zero.
 
+        ``values`` becomes a new Parameter (autograd remembers a leaf's shape, so a leaf cannot
+        change size in place): whoever holds the old one (the optimizer) must take the new one.
         Returns ``source`` (new nnz,): for each new position the index of its old value, or -1
         for a new position (so that the caller can move optimizer state the same way).
         """
@@ -105,8 +108,8 @@ class SparseWeight(nn.Module):
         values = torch.zeros(col.numel(), dtype=self.values.dtype, device=self.values.device)
         kept = source >= 0
         values[kept] = self.values.detach()[source[kept]]
-        self.values.data = values  # the same Parameter object: the optimizer keeps holding it
-        self.values.grad = None
+        self.values = nn.Parameter(values, requires_grad=self.values.requires_grad)
+        self.version += 1
         self.crow, self.col, self.crow_t, self.col_t, self.perm = crow, col, crow_t, col_t, perm
         return source
 
@@ -119,6 +122,7 @@ class SparseWeight(nn.Module):
                 if current.shape != state_dict[key].shape:
                     current.data = torch.empty_like(state_dict[key], device=current.device)
         super()._load_from_state_dict(state_dict, prefix, *args)
+        self.version += 1
 
 
 class _SparseLinearFn(torch.autograd.Function):

@@ -1,0 +1,208 @@
+"""``sl.accelerate(model, engine)``: swap sparsified layers for layers that compute sparsely."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..engine import SparseEngine
+from .layers import SparseConv2d, SparseLinear, supports_conv
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    name: str  # the weight's name
+    kind: str  # "linear" or "conv2d"
+    density: float
+    dense_ms: float | None  # median forward + backward time, dense masked layer
+    sparse_ms: float | None  # the same for the sparse layer
+    chosen: str  # "sparse" or "dense"
+    reason: str
+
+
+@dataclass
+class AccelerationReport:
+    backend: str
+    layers: list[LayerChoice] = field(default_factory=list)
+
+    @property
+    def accelerated(self) -> list[str]:
+        return [c.name for c in self.layers if c.chosen == "sparse"]
+
+    def __str__(self) -> str:
+        rows = [("layer", "kind", "density", "dense ms", "sparse ms", "chosen", "why")]
+        for c in self.layers:
+            rows.append((
+                c.name, c.kind, f"{c.density:.4f}",
+                "-" if c.dense_ms is None else f"{c.dense_ms:.2f}",
+                "-" if c.sparse_ms is None else f"{c.sparse_ms:.2f}", c.chosen, c.reason,
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def _parent(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    *path, child = qualified.split(".")
+    parent = model
+    for part in path:
+        parent = getattr(parent, part)
+    return parent, child
+
+
+def _time(fn: Any, repeats: int) -> float:
+    fn()  # warm-up (allocations, kernel build)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _fwd_bwd(module: nn.Module, x: Tensor) -> Any:
+    x = x.detach().requires_grad_()
+
+    def run() -> None:
+        module.zero_grad(set_to_none=True)
+        out = module(x)
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def _swap_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter,
+                       new: nn.Parameter, mask: Tensor) -> None:
+    """The optimizer holds ``new`` where it held ``old``; per-weight state follows the mask."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state:
+        optimizer.state[new] = {
+            k: (v.reshape(-1)[mask.reshape(-1)].clone()
+                if isinstance(v, Tensor) and v.shape == old.shape else v)
+            for k, v in state.items()
+        }
+
+
+def accelerate(
+    model: nn.Module,
+    engine: SparseEngine,
+    example_input: Tensor | tuple[Any, ...] | None = None,
+    *,
+    mode: str = "auto",
+    backend: str = "auto",
+    repeats: int = 5,
+) -> AccelerationReport:
+    """Replace the engine's sparsified Linear and Conv2d layers with layers that compute with
+    the sparse weights, wherever that is faster.
+
+    Args:
+        model: the sparsified model (in place).
+        engine: its engine (from :func:`sparselearn.sparsify`).
+        example_input: one real batch; each layer is timed once, dense against sparse, on the
+            input shape it receives, and the faster is kept (``mode="auto"``).
+        mode: ``"auto"`` (timed), ``"sparse"`` (every supported layer) or ``"dense"`` (none:
+            only report).
+        backend: ``"auto"``, ``"cpp"`` (compiled kernels) or ``"torch"`` (PyTorch CSR ops).
+        repeats: timing repeats per layer (median).
+
+    The weights and their optimizer state of accelerated layers then take memory proportional
+    to their active weights; masks change as before (the sparse structure is rebuilt at each
+    mask update). Methods whose growth needs the momentum of missing weights at every step
+    (sparse momentum) must set ``momentum_window`` to be accelerated.
+    """
+    if mode not in ("auto", "sparse", "dense"):
+        raise ValueError(f"mode must be 'auto', 'sparse' or 'dense', got {mode!r}")
+    if mode == "auto" and example_input is None:
+        raise ValueError("mode='auto' times each layer on a real batch: pass example_input")
+    engine._check_attached()
+    cfg = engine.config
+    growth = engine._growth
+    if growth is not None and "momentum" in growth.needs and cfg.momentum_window is None:
+        raise ValueError(
+            f"{cfg.method} grows by the momentum of missing weights, which needs the dense "
+            "gradient at every step; sparsify with momentum_window=N (dense gradients only in "
+            "the N steps before each update) to accelerate it"
+        )
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mod_name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.Parameter):
+            owners.setdefault(id(w), []).append((mod_name, module))
+
+    shapes: dict[str, torch.Size] = {}
+
+    def record(name: str) -> Any:
+        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
+            shapes.setdefault(name, inputs[0].shape)  # returns None: the output is unchanged
+
+        return hook
+
+    if example_input is not None:
+        hooks = [
+            m.register_forward_hook(record(n))
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d))
+        ]
+        try:
+            with torch.no_grad():
+                args = example_input if isinstance(example_input, tuple) else (example_input,)
+                model(*args)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    report = AccelerationReport(backend=backend)
+    for layer in list(engine._layers):
+        density = layer.active / layer.numel
+        found = owners.get(id(layer.param), [])
+        kind = "-"
+        if layer.compact:
+            report.layers.append(LayerChoice(layer.name, kind, density, None, None, "sparse", "already"))
+            continue
+        if len(found) != 1:
+            reason = "tied to several modules" if found else "not a module's weight"
+            report.layers.append(LayerChoice(layer.name, kind, density, None, None, "dense", reason))
+            continue
+        mod_name, module = found[0]
+        if type(module) is nn.Linear:
+            kind = "linear"
+        elif type(module) is nn.Conv2d and supports_conv(module):
+            kind = "conv2d"
+        else:
+            report.layers.append(LayerChoice(
+                layer.name, kind, density, None, None, "dense",
+                f"{type(module).__name__} with these settings has no sparse kernel",
+            ))
+            continue
+        mask = layer.mask
+        sparse: nn.Module = (SparseLinear(module, mask, backend) if kind == "linear"
+                             else SparseConv2d(module, mask, backend))  # type: ignore[arg-type]
+        dense_ms = sparse_ms = None
+        if mode == "auto":
+            if mod_name not in shapes:
+                report.layers.append(LayerChoice(layer.name, kind, density, None, None, "dense",
+                                                 "not reached by the example input"))
+                continue
+            x = torch.randn(shapes[mod_name], device=layer.device, dtype=layer.param.dtype)
+            dense_ms = _time(_fwd_bwd(module, x), repeats)
+            sparse_ms = _time(_fwd_bwd(sparse, x), repeats)
+            chosen = "sparse" if sparse_ms < dense_ms else "dense"
+            reason = "faster" if chosen == "sparse" else "dense is faster"
+        else:
+            chosen, reason = mode, "forced"
+        report.layers.append(LayerChoice(layer.name, kind, density, dense_ms, sparse_ms, chosen, reason))
+        if chosen != "sparse":
+            continue
+        sparse.train(module.training)
+        parent, child = _parent(model, mod_name)
+        setattr(parent, child, sparse)
+        storage = sparse.weight_sparse  # type: ignore[union-attr]
+        _swap_in_optimizer(engine.optimizer, layer.param, storage.values, mask)
+        engine._use_compact(layer.name, storage)
+    return report

@@ -1,0 +1,278 @@
+"""Sparse compute: kernels against dense references, gradients, the accelerated training path."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import sparselearn as sl
+from sparselearn.accel import SparseConv2d, SparseLinear, SparseWeight, accelerate
+from sparselearn.kernels import TorchOps, extension, ops_for
+
+BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
+
+
+def masked_linear(n_in: int, n_out: int, density: float, dtype: torch.dtype) -> tuple[nn.Linear, torch.Tensor]:
+    lin = nn.Linear(n_in, n_out).to(dtype)
+    mask = torch.rand(n_out, n_in) < density
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    return lin, mask
+
+
+def masked_conv(c_in: int, c_out: int, k: int, stride: int, pad: int, density: float,
+                dtype: torch.dtype) -> tuple[nn.Conv2d, torch.Tensor]:
+    conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad).to(dtype)
+    mask = torch.rand(conv.weight.shape) < density
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    return conv, mask
+
+
+def test_the_compiled_kernels_build_here() -> None:
+    # this machine kind has g++ and OpenMP: the extension must build (elsewhere: the fallback)
+    assert extension() is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 5, 64, 100])
+def test_linear_matches_the_dense_masked_layer(backend: str, batch: int) -> None:
+    torch.manual_seed(batch)
+    lin, mask = masked_linear(70, 50, 0.15, torch.float32)
+    sparse = SparseLinear(lin, mask, backend)
+    x = torch.randn(batch, 70, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(batch, 50)
+    sparse(x).backward(g)
+    y_ref = lin(x_ref)
+    y_ref.backward(g)
+    # float32: sums of at most 70 products in another order; 1e-5 relative is ample
+    assert torch.allclose(sparse(x), y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(sparse.weight_sparse.values.grad, lin.weight.grad[mask], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("k", "stride", "pad"), [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 2, 0)])
+def test_conv_matches_the_dense_masked_layer(backend: str, k: int, stride: int, pad: int) -> None:
+    torch.manual_seed(k * 10 + stride)
+    conv, mask = masked_conv(6, 8, k, stride, pad, 0.2, torch.float32)
+    sparse = SparseConv2d(conv, mask, backend)
+    x = torch.randn(3, 6, 9, 9, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = sparse(x), conv(x_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend: str) -> None:
+    torch.manual_seed(0)
+    lin, mask = masked_linear(12, 9, 0.3, torch.float64)
+    sl_ = SparseLinear(lin, mask, backend)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v: sl_(x), (x, sl_.weight_sparse.values))
+    for k, stride, pad in [(3, 1, 1), (3, 2, 1), (1, 1, 0)]:
+        conv, cmask = masked_conv(3, 4, k, stride, pad, 0.4, torch.float64)
+        sc = SparseConv2d(conv, cmask, backend)
+        xc = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, v: sc(x), (xc, sc.weight_sparse.values))
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled kernels unavailable")
+def test_fallback_equals_compiled() -> None:
+    torch.manual_seed(1)
+    lin, mask = masked_linear(200, 150, 0.05, torch.float64)
+    a, b = SparseLinear(lin, mask, "cpp"), SparseLinear(lin, mask, "torch")
+    x = torch.randn(70, 200, dtype=torch.float64)
+    g = torch.randn(70, 150, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a(xa).backward(g)
+    b(xb).backward(g)
+    # float64: only the order of additions differs
+    assert torch.allclose(a(x), b(x), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(a.weight_sparse.values.grad, b.weight_sparse.values.grad, rtol=1e-12, atol=1e-12)
+    assert isinstance(ops_for(x, "torch"), TorchOps)
+
+
+def test_restructure_keeps_values_and_reports_sources() -> None:
+    w = torch.arange(1.0, 13.0).view(3, 4)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    sw = SparseWeight(w * mask, mask)
+    assert sw.values.tolist() == [1.0, 3.0, 6.0, 9.0, 10.0, 12.0]
+    assert torch.equal(sw.mask(), mask) and torch.equal(sw.dense(), w * mask)
+    new = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 1]], dtype=torch.bool)
+    old_param = sw.values
+    source = sw.restructure(new)
+    assert source.tolist() == [0, -1, 2, 4, 5]
+    assert sw.values.tolist() == [1.0, 0.0, 6.0, 10.0, 12.0]
+    assert sw.values is not old_param  # a new leaf (autograd caches a leaf's shape)
+    assert torch.equal(sw.mask(), new)
+    # the transposed structure lists, per column, the rows holding a non-zero
+    assert sw.crow_t.tolist() == [0, 1, 4, 4, 5]
+    assert sw.values[sw.perm].tolist() == [1.0, 0.0, 6.0, 10.0, 12.0]
+
+
+def test_state_dict_loads_a_different_number_of_weights() -> None:
+    lin, mask = masked_linear(8, 6, 0.5, torch.float32)
+    a = SparseLinear(lin, mask)
+    lin2, mask2 = masked_linear(8, 6, 0.2, torch.float32)
+    b = SparseLinear(lin2, mask2)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 8)
+    assert torch.equal(a(x), b(x))
+
+
+# ----------------------------------------------------------------------------- the engine path
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+
+
+def train(method: str, accel: bool, steps: int = 12, backend: str = "auto", **kw: Any):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    engine = sl.sparsify(model, opt, method=method, density=0.2, total_steps=40, seed=0, **kw)
+    if accel:
+        accelerate(model, engine, mode="sparse", backend=backend)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(16, 20, generator=g), torch.randint(0, 5, (16,), generator=g)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, opt, engine, losses
+
+
+CASES = [
+    ("rigl", {"update_every": 4}),
+    ("set", {"update_every": 4}),
+    ("dsr", {"update_every": 4}),
+    ("static", {}),
+    ("gmp", {"update_every": 4}),
+    ("sparse_momentum", {"update_every": 4, "momentum_window": 2}),
+]
+
+
+@pytest.mark.parametrize(("method", "options"), CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accelerated_training_follows_the_masked_path(method: str, options: dict[str, Any], backend: str) -> None:
+    _, _, e1, l1 = train(method, False, **options)
+    _, _, e2, l2 = train(method, True, backend=backend, **options)
+    for name in e1.masks:
+        assert torch.equal(e1.masks[name], e2.masks[name]), name
+    # float32, different summation order: the trajectories agree to float precision
+    assert l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
+    assert [u.step for u in e1.history] == [u.step for u in e2.history]
+    assert e1.density() == e2.density()
+
+
+def test_memory_follows_the_active_weights() -> None:
+    model, opt, engine, _ = train("rigl", True, update_every=4)
+    params = {id(p) for g in opt.param_groups for p in g["params"]}
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            v = module.weight_sparse.values
+            assert id(v) in params
+            assert v.numel() == module.weight_sparse.nnz
+            assert opt.state[v]["momentum_buffer"].shape == v.shape
+    assert not any(p.dim() == 2 for g in opt.param_groups for p in g["params"])  # no dense weight
+
+
+def test_checkpoint_round_trip_with_accelerated_layers() -> None:
+    model, opt, engine, _ = train("sparse_momentum", True, steps=6, update_every=4, momentum_window=2)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "engine": engine.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    torch.manual_seed(5)
+    model2 = mlp()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    engine2 = sl.sparsify(model2, opt2, density=0.2, total_steps=40, seed=0, update_every=4, momentum_window=2)
+    accelerate(model2, engine2, mode="sparse")
+    # the usual order: model (resizes the sparse weights in place), optimizer, engine
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    engine2.load_state_dict(saved["engine"])
+    assert engine2.step == 6
+    for name in engine.masks:
+        assert torch.equal(engine.masks[name], engine2.masks[name])
+    # and both continue identically
+    g = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        x, y = torch.randn(16, 20, generator=g), torch.randint(0, 5, (16,), generator=g)
+        for m, o in ((model, opt), (model2, opt2)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    x = torch.randn(4, 20)
+    assert torch.equal(model(x), model2(x))
+
+
+def test_window_computes_dense_gradients_only_before_updates() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = sl.sparsify(model, opt, density=0.2, total_steps=40, update_every=5, momentum_window=2)
+    accelerate(model, engine, mode="sparse")
+    armed = []
+    for step in range(1, 11):
+        armed.append(any(layer.storage.dense_grad_sink is not None for layer in engine._layers))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(8, 20)), torch.randint(0, 5, (8,))).backward()
+        opt.step()
+    # updates at steps 5 and 10: dense gradients on steps 4, 5, 9 and 10 only
+    assert armed == [False, False, False, True, True, False, False, False, True, True]
+
+
+def test_accelerate_refuses_what_it_cannot_speed_up() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = sl.sparsify(model, opt, density=0.2, total_steps=40)
+    with pytest.raises(ValueError, match="momentum_window"):
+        accelerate(model, engine, mode="sparse")
+    engine.remove()
+    engine = sl.sparsify(model, opt, method="rigl", density=0.2, total_steps=40)
+    with pytest.raises(ValueError, match="pass example_input"):
+        accelerate(model, engine)
+
+
+def test_auto_mode_times_each_layer_on_the_real_shape() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = sl.sparsify(model, opt, method="static", density=0.05, init="uniform")
+    report = accelerate(model, engine, torch.randn(64, 512), repeats=3)
+    assert [c.name for c in report.layers] == ["0.weight", "2.weight"]
+    for c in report.layers:
+        assert c.dense_ms is not None and c.sparse_ms is not None
+        assert (c.chosen == "sparse") == (c.sparse_ms < c.dense_ms)
+        is_sparse = isinstance(dict(model.named_children())[c.name.split(".")[0]], SparseLinear)
+        assert is_sparse == (c.chosen == "sparse")
+    assert "dense ms" in str(report)
+
+
+def test_momentum_window_validation() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pytest.raises(ValueError, match="must not exceed the update interval"):
+        sl.sparsify(model, opt, density=0.2, total_steps=40, update_every=3, momentum_window=5)
+    with pytest.raises(ValueError, match="applies to growth by momentum"):
+        sl.sparsify(model, opt, method="rigl", density=0.2, total_steps=40, momentum_window=5)
+    with pytest.raises(ValueError, match="needs scheduled updates"):
+        sl.sparsify(model, opt, density=0.2, total_steps=40, update_every=0, momentum_window=5)
