@@ -16,7 +16,9 @@ from sparselearn.kernels import TorchOps, extension, ops_for
 BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
 
 
-def masked_linear(n_in: int, n_out: int, density: float, dtype: torch.dtype) -> tuple[nn.Linear, torch.Tensor]:
+def masked_linear(
+    n_in: int, n_out: int, density: float, dtype: torch.dtype
+) -> tuple[nn.Linear, torch.Tensor]:
     lin = nn.Linear(n_in, n_out).to(dtype)
     mask = torch.rand(n_out, n_in) < density
     with torch.no_grad():
@@ -24,8 +26,9 @@ def masked_linear(n_in: int, n_out: int, density: float, dtype: torch.dtype) -> 
     return lin, mask
 
 
-def masked_conv(c_in: int, c_out: int, k: int, stride: int, pad: int, density: float,
-                dtype: torch.dtype) -> tuple[nn.Conv2d, torch.Tensor]:
+def masked_conv(
+    c_in: int, c_out: int, k: int, stride: int, pad: int, density: float, dtype: torch.dtype
+) -> tuple[nn.Conv2d, torch.Tensor]:
     conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad).to(dtype)
     mask = torch.rand(conv.weight.shape) < density
     with torch.no_grad():
@@ -39,10 +42,11 @@ def test_the_compiled_kernels_build_here() -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("batch", [1, 5, 64, 100])
-def test_linear_matches_the_dense_masked_layer(backend: str, batch: int) -> None:
+@pytest.mark.parametrize("batch", [1, 5, 20, 64, 100, 130])  # panel widths 16, 32, 64; padding
+@pytest.mark.parametrize("density", [0.15, 0.6])  # 0.6: rows of > 16 non-zeros (blocked path)
+def test_linear_matches_the_dense_masked_layer(backend: str, batch: int, density: float) -> None:
     torch.manual_seed(batch)
-    lin, mask = masked_linear(70, 50, 0.15, torch.float32)
+    lin, mask = masked_linear(70, 50, density, torch.float32)
     sparse = SparseLinear(lin, mask, backend)
     x = torch.randn(batch, 70, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
@@ -53,11 +57,15 @@ def test_linear_matches_the_dense_masked_layer(backend: str, batch: int) -> None
     # float32: sums of at most 70 products in another order; 1e-5 relative is ample
     assert torch.allclose(sparse(x), y_ref, rtol=1e-5, atol=1e-5)
     assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(sparse.weight_sparse.values.grad, lin.weight.grad[mask], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(
+        sparse.weight_sparse.values.grad, lin.weight.grad[mask], rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("k", "stride", "pad"), [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 2, 0)])
+@pytest.mark.parametrize(
+    ("k", "stride", "pad"), [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 2, 0)]
+)
 def test_conv_matches_the_dense_masked_layer(backend: str, k: int, stride: int, pad: int) -> None:
     torch.manual_seed(k * 10 + stride)
     conv, mask = masked_conv(6, 8, k, stride, pad, 0.2, torch.float32)
@@ -70,7 +78,9 @@ def test_conv_matches_the_dense_masked_layer(backend: str, k: int, stride: int, 
     y_ref.backward(g)
     assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(
+        sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -84,7 +94,7 @@ def test_gradcheck_float64(backend: str) -> None:
         conv, cmask = masked_conv(3, 4, k, stride, pad, 0.4, torch.float64)
         sc = SparseConv2d(conv, cmask, backend)
         xc = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, v: sc(x), (xc, sc.weight_sparse.values))
+        assert torch.autograd.gradcheck(lambda x, v, sc=sc: sc(x), (xc, sc.weight_sparse.values))
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled kernels unavailable")
@@ -100,7 +110,9 @@ def test_fallback_equals_compiled() -> None:
     # float64: only the order of additions differs
     assert torch.allclose(a(x), b(x), rtol=1e-12, atol=1e-12)
     assert torch.allclose(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(a.weight_sparse.values.grad, b.weight_sparse.values.grad, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(
+        a.weight_sparse.values.grad, b.weight_sparse.values.grad, rtol=1e-12, atol=1e-12
+    )
     assert isinstance(ops_for(x, "torch"), TorchOps)
 
 
@@ -109,7 +121,8 @@ def test_restructure_keeps_values_and_reports_sources() -> None:
     mask = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
     sw = SparseWeight(w * mask, mask)
     assert sw.values.tolist() == [1.0, 3.0, 6.0, 9.0, 10.0, 12.0]
-    assert torch.equal(sw.mask(), mask) and torch.equal(sw.dense(), w * mask)
+    assert torch.equal(sw.mask(), mask)
+    assert torch.equal(sw.dense(), w * mask)
     new = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 1]], dtype=torch.bool)
     old_param = sw.values
     source = sw.restructure(new)
@@ -136,7 +149,9 @@ def test_state_dict_loads_a_different_number_of_weights() -> None:
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    return nn.Sequential(
+        nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)
+    )
 
 
 def train(method: str, accel: bool, steps: int = 12, backend: str = "auto", **kw: Any):
@@ -170,7 +185,9 @@ CASES = [
 
 @pytest.mark.parametrize(("method", "options"), CASES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_accelerated_training_follows_the_masked_path(method: str, options: dict[str, Any], backend: str) -> None:
+def test_accelerated_training_follows_the_masked_path(
+    method: str, options: dict[str, Any], backend: str
+) -> None:
     _, _, e1, l1 = train(method, False, **options)
     _, _, e2, l2 = train(method, True, backend=backend, **options)
     for name in e1.masks:
@@ -182,7 +199,7 @@ def test_accelerated_training_follows_the_masked_path(method: str, options: dict
 
 
 def test_memory_follows_the_active_weights() -> None:
-    model, opt, engine, _ = train("rigl", True, update_every=4)
+    model, opt, _, _ = train("rigl", True, update_every=4)
     params = {id(p) for g in opt.param_groups for p in g["params"]}
     for module in model.modules():
         if isinstance(module, SparseLinear):
@@ -194,15 +211,21 @@ def test_memory_follows_the_active_weights() -> None:
 
 
 def test_checkpoint_round_trip_with_accelerated_layers() -> None:
-    model, opt, engine, _ = train("sparse_momentum", True, steps=6, update_every=4, momentum_window=2)
+    model, opt, engine, _ = train(
+        "sparse_momentum", True, steps=6, update_every=4, momentum_window=2
+    )
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "engine": engine.state_dict()}, buf)
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "engine": engine.state_dict()}, buf
+    )
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     torch.manual_seed(5)
     model2 = mlp()
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    engine2 = sl.sparsify(model2, opt2, density=0.2, total_steps=40, seed=0, update_every=4, momentum_window=2)
+    engine2 = sl.sparsify(
+        model2, opt2, density=0.2, total_steps=40, seed=0, update_every=4, momentum_window=2
+    )
     accelerate(model2, engine2, mode="sparse")
     # the usual order: model (resizes the sparse weights in place), optimizer, engine
     model2.load_state_dict(saved["model"])
@@ -230,7 +253,7 @@ def test_window_computes_dense_gradients_only_before_updates() -> None:
     engine = sl.sparsify(model, opt, density=0.2, total_steps=40, update_every=5, momentum_window=2)
     accelerate(model, engine, mode="sparse")
     armed = []
-    for step in range(1, 11):
+    for _ in range(10):
         armed.append(any(layer.storage.dense_grad_sink is not None for layer in engine._layers))
         opt.zero_grad()
         nn.functional.cross_entropy(model(torch.randn(8, 20)), torch.randint(0, 5, (8,))).backward()
@@ -260,7 +283,8 @@ def test_auto_mode_times_each_layer_on_the_real_shape() -> None:
     report = accelerate(model, engine, torch.randn(64, 512), repeats=3)
     assert [c.name for c in report.layers] == ["0.weight", "2.weight"]
     for c in report.layers:
-        assert c.dense_ms is not None and c.sparse_ms is not None
+        assert c.dense_ms is not None
+        assert c.sparse_ms is not None
         assert (c.chosen == "sparse") == (c.sparse_ms < c.dense_ms)
         is_sparse = isinstance(dict(model.named_children())[c.name.split(".")[0]], SparseLinear)
         assert is_sparse == (c.chosen == "sparse")

@@ -114,7 +114,7 @@ def test_unknown_mode_names_raise_instead_of_printing() -> None:
     with pytest.raises(ValueError, match="did you mean 'SET'"):
         Masking(opt, CosineDecay(0.5, 10), prune_mode="set")
     with pytest.raises(TypeError, match="register a criterion"):
-        Masking(opt, CosineDecay(0.5, 10), growth_mode=lambda *a: None)  # type: ignore[arg-type]
+        Masking(opt, CosineDecay(0.5, 10), growth_mode=lambda *a: None)
 
 
 def test_sparse_init_names() -> None:
@@ -170,7 +170,7 @@ def test_state_dict_round_trip() -> None:
 def test_bad_arguments() -> None:
     opt = torch.optim.SGD(MLP().parameters(), lr=0.1)
     with pytest.raises(TypeError, match="step\\(\\) and get_dr"):
-        Masking(opt, prune_rate_decay=0.5)  # type: ignore[arg-type]
+        Masking(opt, prune_rate_decay=0.5)
     with pytest.raises(ValueError, match="T_max must be a positive integer"):
         CosineDecay(0.5, 0)
     with pytest.raises(RuntimeError, match="add_module"):

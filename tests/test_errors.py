@@ -29,7 +29,7 @@ def test_density_outside_unit_interval(density: float) -> None:
 def test_density_of_wrong_type() -> None:
     model, opt = mlp_and_sgd()
     with pytest.raises(TypeError, match="density must be a number"):
-        sl.sparsify(model, opt, method="static", density="0.1")  # type: ignore[arg-type]
+        sl.sparsify(model, opt, method="static", density="0.1")
 
 
 def test_missing_density() -> None:
@@ -99,7 +99,7 @@ def test_optimizer_that_does_not_hold_the_parameters() -> None:
 def test_not_an_optimizer() -> None:
     model, _ = mlp_and_sgd()
     with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
-        sl.sparsify(model, object(), method="static", density=0.5)  # type: ignore[arg-type]
+        sl.sparsify(model, object(), method="static", density=0.5)
 
 
 def test_schedule_without_total_steps() -> None:

@@ -72,6 +72,6 @@ def test_registry_errors() -> None:
     with pytest.raises(ValueError, match="unknown model 'lenet-5'; did you mean 'lenet5'"):
         create_model("lenet-5")
     with pytest.raises(ValueError, match="input_shape must be"):
-        create_model("lenet5", (28, 28), 10)  # type: ignore[arg-type]
+        create_model("lenet5", (28, 28), 10)
     with pytest.raises(ValueError, match="already registered"):
         register_model("lenet5")(lambda shape, k: nn.Linear(1, 1))

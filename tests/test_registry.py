@@ -39,7 +39,7 @@ def test_case_mismatch_is_suggested() -> None:
 @pytest.mark.parametrize("name", ["", "1abc", "a b", "a.b", None])
 def test_invalid_names(name: object) -> None:
     with pytest.raises(ValueError, match="must start with a letter"):
-        Registry("x").register(name, 0)  # type: ignore[arg-type]
+        Registry("x").register(name, 0)
 
 
 def test_unregister() -> None:

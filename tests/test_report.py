@@ -93,6 +93,7 @@ def test_two_reports_in_one_file(tmp_path: Path) -> None:
     text = doc.read_text()
     first = text.split("<!-- first:start -->")[1].split("<!-- first:end -->")[0]
     second = text.split("<!-- second:start -->")[1].split("<!-- second:end -->")[0]
-    assert "sparse_momentum" in first and "sparse_momentum" not in second
+    assert "sparse_momentum" in first
+    assert "sparse_momentum" not in second
     assert "| set |" in second
     assert text.index("# B") < text.index("<!-- second:start -->")  # appended at the end

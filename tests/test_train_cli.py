@@ -36,7 +36,7 @@ def small(data_dir: Path, **kw: object) -> TrainConfig:
         "sparsity": {"update_every": "epoch"},
     }
     values.update(kw)
-    return TrainConfig(**values)  # type: ignore[arg-type]
+    return TrainConfig(**values)
 
 
 def test_a_run_directory_holds_everything(tmp_path: Path, data_dir: Path) -> None:
@@ -194,6 +194,7 @@ def test_every_engine_option_is_a_flag_and_a_config_key(tmp_path: Path) -> None:
         "layer_density": ("fc1.weight=0.5", {"fc1.weight": 0.5}),
         "dense_first": (None, True),
         "dense_last": (None, True),
+        "momentum_window": ("20", 20),
     }
     assert set(values) == set(SPARSITY_OPTIONS)
     for name, (text, expected) in values.items():

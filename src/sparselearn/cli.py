@@ -60,6 +60,8 @@ _HELP = {
     "layer_density": "NAME=DENSITY pairs fixing the density of those layers",
     "dense_first": "keep the first sparsified layer dense",
     "dense_last": "keep the last sparsified layer dense",
+    "momentum_window": "growth by momentum: accumulate dense gradients only in this many steps "
+    "before each update (the variant that trains sparse in between)",
 }
 
 
@@ -96,6 +98,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             kw["nargs"] = "+"
         elif name in ("dense_first", "dense_last"):
             kw["action"] = argparse.BooleanOptionalAction
+        elif name == "momentum_window":
+            kw["type"] = int
         engine.add_argument(_flag(name), **kw)
 
 
@@ -214,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories or folders holding them")
     p.add_argument("--markdown", type=Path, help="write the table into this markdown file")
     p.add_argument("--plots", type=Path, help="folder for accuracy-versus-density plots")
-    p.add_argument("--section", default="report",
-                   help="name of the marked section of --markdown to (re)write")
+    p.add_argument(
+        "--section", default="report", help="name of the marked section of --markdown to (re)write"
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="registered models, datasets and methods")

@@ -217,8 +217,7 @@ class SparsityConfig:
             raise ValueError("momentum_window needs scheduled updates (update_every > 0)")
         if w > self.interval:
             raise ValueError(
-                f"momentum_window ({w}) must not exceed the update interval "
-                f"({self.interval} steps)"
+                f"momentum_window ({w}) must not exceed the update interval ({self.interval} steps)"
             )
 
     @staticmethod

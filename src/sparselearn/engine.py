@@ -484,7 +484,7 @@ class SparseEngine:
 
     # ------------------------------------------------------------------ hooks
 
-    def _grad_hook(self, layer: _Layer) -> Callable[[Tensor], None]:
+    def _grad_hook(self, layer: _Layer | _CompactLayer) -> Callable[[Tensor], None]:
         def hook(param: Tensor) -> None:
             # mask as gradients accumulate, so that clipping sees the sparse gradient; on steps
             # that need the dense gradient, masking waits for the optimizer pre-step hook
@@ -605,7 +605,7 @@ class SparseEngine:
         """Tell accelerated layers whether the coming step must produce the dense gradient."""
         wanted = self._attached and self._wants_dense_grad(self._step + 1)
         for layer in self._layers:
-            if layer.compact:
+            if isinstance(layer, _CompactLayer):
                 layer.storage.dense_grad_sink = (
                     functools.partial(self._receive_dense_grad, layer.name) if wanted else None
                 )
@@ -882,8 +882,7 @@ class SparseEngine:
         layers = self._layers
         active = [layer.active for layer in layers]
         target = [
-            round(layer.numel - (layer.numel - layer.final_count) * fraction)
-            for layer in layers
+            round(layer.numel - (layer.numel - layer.final_count) * fraction) for layer in layers
         ]
         remove = [max(a - t, 0) for a, t in zip(active, target, strict=True)]
         free = [i for i, layer in enumerate(layers) if not layer.fixed]
@@ -935,7 +934,9 @@ class SparseEngine:
             layer.zero_inactive_(layer.param)  # pruned weights are zero now; grown ones were zero
             if policy in ("reset_pruned", "reset_both"):
                 reset_state(self.optimizer, layer.param, pruned)
-            if grown is not None and (policy in ("reset_grown", "reset_both") or window is not None):
+            if grown is not None and (
+                policy in ("reset_grown", "reset_both") or window is not None
+            ):
                 reset_state(self.optimizer, layer.param, grown)
         if grown is not None and window is not None and policy == "keep":
             self._carry_window_momentum(layer, grown, window)

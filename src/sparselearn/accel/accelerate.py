@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import SparseEngine
-from .layers import SparseConv2d, SparseLinear, supports_conv
+from .layers import SparseConv2d, SparseLinear, SparseWeight, supports_conv
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,21 @@ class AccelerationReport:
     def __str__(self) -> str:
         rows = [("layer", "kind", "density", "dense ms", "sparse ms", "chosen", "why")]
         for c in self.layers:
-            rows.append((
-                c.name, c.kind, f"{c.density:.4f}",
-                "-" if c.dense_ms is None else f"{c.dense_ms:.2f}",
-                "-" if c.sparse_ms is None else f"{c.sparse_ms:.2f}", c.chosen, c.reason,
-            ))
+            rows.append(
+                (
+                    c.name,
+                    c.kind,
+                    f"{c.density:.4f}",
+                    "-" if c.dense_ms is None else f"{c.dense_ms:.2f}",
+                    "-" if c.sparse_ms is None else f"{c.sparse_ms:.2f}",
+                    c.chosen,
+                    c.reason,
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+        return "\n".join(
+            "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows
+        )
 
 
 def _parent(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -75,16 +83,20 @@ def _fwd_bwd(module: nn.Module, x: Tensor) -> Any:
     return run
 
 
-def _swap_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter,
-                       new: nn.Parameter, mask: Tensor) -> None:
+def _swap_in_optimizer(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, mask: Tensor
+) -> None:
     """The optimizer holds ``new`` where it held ``old``; per-weight state follows the mask."""
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)
     if state:
         optimizer.state[new] = {
-            k: (v.reshape(-1)[mask.reshape(-1)].clone()
-                if isinstance(v, Tensor) and v.shape == old.shape else v)
+            k: (
+                v.reshape(-1)[mask.reshape(-1)].clone()
+                if isinstance(v, Tensor) and v.shape == old.shape
+                else v
+            )
             for k, v in state.items()
         }
 
@@ -163,11 +175,15 @@ def accelerate(
         found = owners.get(id(layer.param), [])
         kind = "-"
         if layer.compact:
-            report.layers.append(LayerChoice(layer.name, kind, density, None, None, "sparse", "already"))
+            report.layers.append(
+                LayerChoice(layer.name, kind, density, None, None, "sparse", "already")
+            )
             continue
         if len(found) != 1:
             reason = "tied to several modules" if found else "not a module's weight"
-            report.layers.append(LayerChoice(layer.name, kind, density, None, None, "dense", reason))
+            report.layers.append(
+                LayerChoice(layer.name, kind, density, None, None, "dense", reason)
+            )
             continue
         mod_name, module = found[0]
         if type(module) is nn.Linear:
@@ -175,19 +191,38 @@ def accelerate(
         elif type(module) is nn.Conv2d and supports_conv(module):
             kind = "conv2d"
         else:
-            report.layers.append(LayerChoice(
-                layer.name, kind, density, None, None, "dense",
-                f"{type(module).__name__} with these settings has no sparse kernel",
-            ))
+            report.layers.append(
+                LayerChoice(
+                    layer.name,
+                    kind,
+                    density,
+                    None,
+                    None,
+                    "dense",
+                    f"{type(module).__name__} with these settings has no sparse kernel",
+                )
+            )
             continue
         mask = layer.mask
-        sparse: nn.Module = (SparseLinear(module, mask, backend) if kind == "linear"
-                             else SparseConv2d(module, mask, backend))  # type: ignore[arg-type]
+        sparse: nn.Module = (
+            SparseLinear(module, mask, backend)
+            if kind == "linear"
+            else SparseConv2d(module, mask, backend)
+        )
         dense_ms = sparse_ms = None
         if mode == "auto":
             if mod_name not in shapes:
-                report.layers.append(LayerChoice(layer.name, kind, density, None, None, "dense",
-                                                 "not reached by the example input"))
+                report.layers.append(
+                    LayerChoice(
+                        layer.name,
+                        kind,
+                        density,
+                        None,
+                        None,
+                        "dense",
+                        "not reached by the example input",
+                    )
+                )
                 continue
             x = torch.randn(shapes[mod_name], device=layer.device, dtype=layer.param.dtype)
             dense_ms = _time(_fwd_bwd(module, x), repeats)
@@ -196,13 +231,16 @@ def accelerate(
             reason = "faster" if chosen == "sparse" else "dense is faster"
         else:
             chosen, reason = mode, "forced"
-        report.layers.append(LayerChoice(layer.name, kind, density, dense_ms, sparse_ms, chosen, reason))
+        report.layers.append(
+            LayerChoice(layer.name, kind, density, dense_ms, sparse_ms, chosen, reason)
+        )
         if chosen != "sparse":
             continue
         sparse.train(module.training)
         parent, child = _parent(model, mod_name)
         setattr(parent, child, sparse)
-        storage = sparse.weight_sparse  # type: ignore[union-attr]
+        storage = sparse.weight_sparse
+        assert isinstance(storage, SparseWeight)
         _swap_in_optimizer(engine.optimizer, layer.param, storage.values, mask)
         engine._use_compact(layer.name, storage)
     return report

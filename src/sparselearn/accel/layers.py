@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
 
 from ..kernels import ops_for
 
@@ -52,6 +53,12 @@ class SparseWeight(nn.Module):
     (out, fan_in); ``crow_t``/``col_t``/``perm`` the CSR of its transpose.
     """
 
+    crow: Tensor
+    col: Tensor
+    crow_t: Tensor
+    col_t: Tensor
+    perm: Tensor
+
     def __init__(self, dense: Tensor, mask: Tensor) -> None:
         super().__init__()
         self.shape = tuple(dense.shape)
@@ -82,7 +89,9 @@ class SparseWeight(nn.Module):
     def mask(self) -> Tensor:
         """Bool mask of the weight's shape (materialised)."""
         m = torch.zeros(self.rows, self.fan_in, dtype=torch.bool, device=self.col.device)
-        rows = torch.repeat_interleave(torch.arange(self.rows, device=self.col.device), self.crow.diff())
+        rows = torch.repeat_interleave(
+            torch.arange(self.rows, device=self.col.device), self.crow.diff()
+        )
         m[rows, self.col] = True
         return m.view(self.shape)
 
@@ -102,7 +111,9 @@ class SparseWeight(nn.Module):
         for a new position (so that the caller can move optimizer state the same way).
         """
         old = torch.full((self.rows * self.fan_in,), -1, dtype=torch.long, device=self.col.device)
-        old[self.mask().reshape(-1).nonzero().squeeze(1)] = torch.arange(self.nnz, device=self.col.device)
+        old[self.mask().reshape(-1).nonzero().squeeze(1)] = torch.arange(
+            self.nnz, device=self.col.device
+        )
         source = old[new_mask.reshape(-1).nonzero().squeeze(1)]
         crow, col, crow_t, col_t, perm = csr_structure(new_mask.reshape(self.shape))
         values = torch.zeros(col.numel(), dtype=self.values.dtype, device=self.values.device)
@@ -127,52 +138,69 @@ class SparseWeight(nn.Module):
 
 class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, values: Tensor, weight: SparseWeight, backend: str) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, values: Tensor, weight: SparseWeight, backend: str) -> Tensor:
         ops = ops_for(x, backend)
-        xt = x.t().contiguous()  # (in, B): each non-zero scales one contiguous batch row
-        yt = ops.spmm(weight.crow, weight.col, values, xt, weight.rows)  # (out, B)
-        ctx.save_for_backward(xt, values)
+        xp = ops.pack(x)  # panels: each non-zero scales one contiguous row of batch values
+        y = ops.spmm(weight.crow, weight.col, values, xp, weight.rows, x.shape[0])
+        ctx.save_for_backward(xp, values)
         ctx.weight, ctx.ops = weight, ops
-        return yt.t()
+        return y
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
-        xt, values = ctx.saved_tensors
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        xp, values = ctx.saved_tensors
         w: SparseWeight = ctx.weight
         ops = ctx.ops
-        gt = grad_y.t().contiguous()  # (out, B)
+        batch = grad_y.shape[0]
+        gp = ops.pack(grad_y)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = ops.spmm(w.crow_t, w.col_t, values, gt, w.fan_in, w.perm).t()
+            grad_x = ops.spmm(w.crow_t, w.col_t, values, gp, w.fan_in, batch, w.perm)
         grad_values = None
         if ctx.needs_input_grad[1]:
             if w.dense_grad_sink is not None:
-                dense = gt @ xt.t()  # (out, in): the full gradient, only on the steps that ask
+                # the full gradient, only on the steps that ask (padding rows are zero)
+                dense = torch.einsum("pow,piw->oi", gp, xp)
                 w.dense_grad_sink(dense)
                 grad_values = dense[w.mask()]
             else:
-                grad_values = ops.sampled(w.crow, w.col, gt, xt)
+                grad_values = ops.sampled(w.crow, w.col, gp, xp)
         return grad_x, grad_values, None, None
 
 
 class _SparseConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, values: Tensor, weight: SparseWeight, stride: int,
-        padding: tuple[int, int], backend: str,
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        values: Tensor,
+        weight: SparseWeight,
+        stride: int,
+        padding: tuple[int, int],
+        backend: str,
     ) -> Tensor:
         ops = ops_for(x, backend)
         _, kh, kw = weight.shape[1:]
         xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0])).contiguous()
         oh = (xp.shape[2] - kh) // stride + 1
         ow = (xp.shape[3] - kw) // stride + 1
-        y = ops.conv2d_forward(weight.crow, weight.col, values, xp, weight.rows, kh, kw, stride, oh, ow)
+        y = ops.conv2d_forward(
+            weight.crow, weight.col, values, xp, weight.rows, kh, kw, stride, oh, ow
+        )
         ctx.save_for_backward(xp, values)
-        ctx.weight, ctx.ops, ctx.stride, ctx.padding, ctx.in_hw = weight, ops, stride, padding, x.shape[2:]
+        ctx.weight, ctx.ops, ctx.stride, ctx.padding, ctx.in_hw = (
+            weight,
+            ops,
+            stride,
+            padding,
+            x.shape[2:],
+        )
         return y
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_y: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
         xp, values = ctx.saved_tensors
         w: SparseWeight = ctx.weight
         c_in, kh, kw = w.shape[1:]
@@ -180,14 +208,23 @@ class _SparseConv2dFn(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             gxp = ctx.ops.conv2d_grad_input(
-                w.crow_t, w.col_t, values[w.perm], g, c_in, xp.shape[2], xp.shape[3], kh, kw, ctx.stride
+                w.crow_t,
+                w.col_t,
+                values[w.perm],
+                g,
+                c_in,
+                xp.shape[2],
+                xp.shape[3],
+                kh,
+                kw,
+                ctx.stride,
             )
             (ph, pw), (h, wd) = ctx.padding, ctx.in_hw
             grad_x = gxp[:, :, ph : ph + h, pw : pw + wd]
         grad_values = None
         if ctx.needs_input_grad[1]:
             if w.dense_grad_sink is not None:
-                dense = torch.nn.grad.conv2d_weight(xp, w.shape, g, stride=ctx.stride)
+                dense = conv2d_weight(xp, w.shape, g, stride=ctx.stride)  # type: ignore[no-untyped-call]
                 w.dense_grad_sink(dense)
                 grad_values = dense.reshape(w.rows, -1)[w.mask().view(w.rows, -1)]
             else:
@@ -208,15 +245,19 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B, in)
-        y = _SparseLinearFn.apply(x2, self.weight_sparse.values, self.weight_sparse, self.backend)
+        y: Tensor = _SparseLinearFn.apply(  # type: ignore[no-untyped-call]
+            x2, self.weight_sparse.values, self.weight_sparse, self.backend
+        )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         w = self.weight_sparse
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}"
+        )
 
 
 class SparseConv2d(nn.Module):
@@ -235,8 +276,13 @@ class SparseConv2d(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _SparseConv2dFn.apply(
-            x, self.weight_sparse.values, self.weight_sparse, self.stride, self.padding, self.backend
+        y: Tensor = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
+            x,
+            self.weight_sparse.values,
+            self.weight_sparse,
+            self.stride,
+            self.padding,
+            self.backend,
         )
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
@@ -244,9 +290,11 @@ class SparseConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         w = self.weight_sparse
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, "
-                f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, "
+            f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}"
+        )
 
 
 def supports_conv(conv: nn.Conv2d) -> bool:

@@ -2,9 +2,12 @@
 
 Both backends implement the same operations on a CSR weight (``crow``, ``col``, ``val``):
 
-- ``spmm(crow, col, val, XT, rows) -> YT``: ``YT = W @ XT``, activations stored
-  (features, batch) so that the batch is contiguous;
-- ``sampled(crow, col, GT, XT) -> dval``: ``(GT @ XT.T)`` at the non-zeros of W only;
+- ``pack(x) -> xp``: activations (batch, features) as panels (nb, features, W): batch rows
+  ``p*W .. p*W+W-1`` transposed, zero-padded (``W = panel_width(batch)``), so that each
+  non-zero weight scales one contiguous, cache-resident row of W floats;
+- ``spmm(crow, col, val, xp, rows, batch, perm=None) -> Y``: ``Y = X @ W.T`` (batch, rows),
+  the values read through ``perm`` when given (the transposed product reuses W's values);
+- ``sampled(crow, col, gp, xp) -> dval``: ``(G.T @ X)`` at the non-zeros of W only;
 - ``conv2d_forward / conv2d_grad_input / conv2d_grad_weight``: direct sparse convolution on a
   padded NCHW input.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import platform
 import threading
@@ -27,6 +31,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 logger = logging.getLogger("sparselearn")
 
@@ -36,23 +41,55 @@ _extension: Any = None
 _extension_error: str | None = None
 
 
+def panel_width(batch: int) -> int:
+    """Batch rows per panel: 64, or 32/16 for small batches (less padding)."""
+    return 64 if batch >= 64 else 32 if batch > 16 else 16
+
+
 class Ops(Protocol):
     name: str
 
-    def spmm(  # noqa: N803
-        self, crow: Tensor, col: Tensor, val: Tensor, XT: Tensor, rows: int, perm: Tensor | None = None
+    def pack(self, x: Tensor) -> Tensor: ...
+
+    def spmm(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        rows: int,
+        batch: int,
+        perm: Tensor | None = None,
     ) -> Tensor: ...
 
-    def sampled(self, crow: Tensor, col: Tensor, GT: Tensor, XT: Tensor) -> Tensor: ...  # noqa: N803
+    def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor: ...
 
     def conv2d_forward(
-        self, crow: Tensor, col: Tensor, val: Tensor, xp: Tensor, out_channels: int, kh: int,
-        kw: int, stride: int, oh: int, ow: int,
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        out_channels: int,
+        kh: int,
+        kw: int,
+        stride: int,
+        oh: int,
+        ow: int,
     ) -> Tensor: ...
 
     def conv2d_grad_input(
-        self, crowT: Tensor, colT: Tensor, valT: Tensor, g: Tensor, in_channels: int,  # noqa: N803
-        hp: int, wp: int, kh: int, kw: int, stride: int,
+        self,
+        crow_t: Tensor,
+        col_t: Tensor,
+        val_t: Tensor,
+        g: Tensor,
+        in_channels: int,
+        hp: int,
+        wp: int,
+        kh: int,
+        kw: int,
+        stride: int,
     ) -> Tensor: ...
 
     def conv2d_grad_weight(
@@ -76,8 +113,6 @@ def _cpu_key() -> str:
 def extension() -> Any:
     """The compiled extension, built on first call; None if it cannot be built here."""
     global _extension, _extension_error
-    if _extension is not None or _extension_error is not None:
-        return _extension
     with _lock:
         if _extension is not None or _extension_error is not None:
             return _extension
@@ -101,7 +136,9 @@ def extension() -> Any:
             )
         except Exception as err:  # no compiler, no headers, ...: fall back, say why
             _extension_error = f"{type(err).__name__}: {err}"
-            logger.warning("sparse CPU kernels unavailable (%s); using PyTorch ops", _extension_error)
+            logger.warning(
+                "sparse CPU kernels unavailable (%s); using PyTorch ops", _extension_error
+            )
     return _extension
 
 
@@ -114,43 +151,85 @@ class TorchOps:
     def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
         return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
 
-    def spmm(  # noqa: N803
-        self, crow: Tensor, col: Tensor, val: Tensor, XT: Tensor, rows: int, perm: Tensor | None = None
+    def pack(self, x: Tensor) -> Tensor:
+        b, f = x.shape
+        w = panel_width(b)
+        nb = -(-b // w)
+        padded = F.pad(x, (0, 0, 0, nb * w - b))
+        return padded.view(nb, w, f).transpose(1, 2).contiguous()
+
+    @staticmethod
+    def _unpanel(xp: Tensor) -> Tensor:
+        """Panels (nb, F, W) -> (F, nb * W): the transposed, padded activations."""
+        return xp.permute(1, 0, 2).reshape(xp.shape[1], -1)
+
+    def spmm(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        rows: int,
+        batch: int,
+        perm: Tensor | None = None,
     ) -> Tensor:
         values = val if perm is None else val[perm]
-        return self._csr(crow, col, values, (rows, XT.shape[0])) @ XT
+        xt = self._unpanel(xp)
+        return (self._csr(crow, col, values, (rows, xt.shape[0])) @ xt)[:, :batch].t()
 
-    def sampled(self, crow: Tensor, col: Tensor, GT: Tensor, XT: Tensor) -> Tensor:  # noqa: N803
-        pattern = self._csr(crow, col, torch.zeros_like(col, dtype=GT.dtype), (GT.shape[0], XT.shape[0]))
-        return torch.sparse.sampled_addmm(pattern, GT, XT.T, beta=0.0).values()
+    def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor:
+        gt, xt = self._unpanel(gp), self._unpanel(xp)
+        pattern = self._csr(
+            crow, col, torch.zeros_like(col, dtype=gt.dtype), (gt.shape[0], xt.shape[0])
+        )
+        out: Tensor = torch.sparse.sampled_addmm(pattern, gt, xt.T, beta=0.0)
+        return out.values()
 
     def _dense(self, crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, ...]) -> Tensor:
         rows = shape[0]
-        return self._csr(crow, col, val, (rows, col.new_tensor(shape[1:]).prod().item())).to_dense().view(shape)
+        return self._csr(crow, col, val, (rows, math.prod(shape[1:]))).to_dense().view(shape)
 
     def conv2d_forward(
-        self, crow: Tensor, col: Tensor, val: Tensor, xp: Tensor, out_channels: int, kh: int,
-        kw: int, stride: int, oh: int, ow: int,
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        out_channels: int,
+        kh: int,
+        kw: int,
+        stride: int,
+        oh: int,
+        ow: int,
     ) -> Tensor:
         w = self._dense(crow, col, val, (out_channels, xp.shape[1], kh, kw))
         return F.conv2d(xp, w, stride=stride)
 
     def conv2d_grad_input(
-        self, crowT: Tensor, colT: Tensor, valT: Tensor, g: Tensor, in_channels: int,  # noqa: N803
-        hp: int, wp: int, kh: int, kw: int, stride: int,
+        self,
+        crow_t: Tensor,
+        col_t: Tensor,
+        val_t: Tensor,
+        g: Tensor,
+        in_channels: int,
+        hp: int,
+        wp: int,
+        kh: int,
+        kw: int,
+        stride: int,
     ) -> Tensor:
-        wt = self._dense(crowT, colT, valT, (in_channels, g.shape[1], kh, kw))
+        wt = self._dense(crow_t, col_t, val_t, (in_channels, g.shape[1], kh, kw))
         w = wt.transpose(0, 1)  # back to (out, in, kh, kw)
-        return torch.nn.grad.conv2d_input((g.shape[0], in_channels, hp, wp), w, g, stride=stride)
+        shape = (g.shape[0], in_channels, hp, wp)
+        gx: Tensor = conv2d_input(shape, w, g, stride=stride)  # type: ignore[no-untyped-call]
+        return gx
 
     def conv2d_grad_weight(
         self, crow: Tensor, col: Tensor, g: Tensor, xp: Tensor, kh: int, kw: int, stride: int
     ) -> Tensor:
         shape = (g.shape[1], xp.shape[1], kh, kw)
-        dw = torch.nn.grad.conv2d_weight(xp, shape, g, stride=stride)
-        rows = torch.repeat_interleave(
-            torch.arange(g.shape[1], device=crow.device), crow.diff()
-        )
+        dw: Tensor = conv2d_weight(xp, shape, g, stride=stride)  # type: ignore[no-untyped-call]
+        rows = torch.repeat_interleave(torch.arange(g.shape[1], device=crow.device), crow.diff())
         return dw.reshape(g.shape[1], -1)[rows, col]
 
 
@@ -162,30 +241,68 @@ class CppOps:
     def __init__(self, ext: Any) -> None:
         self._ext = ext
 
-    def spmm(  # noqa: N803
-        self, crow: Tensor, col: Tensor, val: Tensor, XT: Tensor, rows: int, perm: Tensor | None = None
-    ) -> Tensor:
-        return self._ext.spmm(crow, col, val, XT, rows, perm)  # type: ignore[no-any-return]
+    def pack(self, x: Tensor) -> Tensor:
+        out: Tensor = self._ext.pack(x)
+        return out
 
-    def sampled(self, crow: Tensor, col: Tensor, GT: Tensor, XT: Tensor) -> Tensor:  # noqa: N803
-        return self._ext.sampled(crow, col, GT, XT)  # type: ignore[no-any-return]
+    def spmm(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        rows: int,
+        batch: int,
+        perm: Tensor | None = None,
+    ) -> Tensor:
+        out: Tensor = self._ext.spmm(crow, col, val, xp, rows, batch, perm)
+        return out
+
+    def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor:
+        out: Tensor = self._ext.sampled(crow, col, gp, xp)
+        return out
 
     def conv2d_forward(
-        self, crow: Tensor, col: Tensor, val: Tensor, xp: Tensor, out_channels: int, kh: int,
-        kw: int, stride: int, oh: int, ow: int,
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        out_channels: int,
+        kh: int,
+        kw: int,
+        stride: int,
+        oh: int,
+        ow: int,
     ) -> Tensor:
-        return self._ext.conv2d_forward(crow, col, val, xp, out_channels, kh, kw, stride, oh, ow)  # type: ignore[no-any-return]
+        out: Tensor = self._ext.conv2d_forward(
+            crow, col, val, xp, out_channels, kh, kw, stride, oh, ow
+        )
+        return out
 
     def conv2d_grad_input(
-        self, crowT: Tensor, colT: Tensor, valT: Tensor, g: Tensor, in_channels: int,  # noqa: N803
-        hp: int, wp: int, kh: int, kw: int, stride: int,
+        self,
+        crow_t: Tensor,
+        col_t: Tensor,
+        val_t: Tensor,
+        g: Tensor,
+        in_channels: int,
+        hp: int,
+        wp: int,
+        kh: int,
+        kw: int,
+        stride: int,
     ) -> Tensor:
-        return self._ext.conv2d_grad_input(crowT, colT, valT, g, in_channels, hp, wp, kh, kw, stride)  # type: ignore[no-any-return]
+        out: Tensor = self._ext.conv2d_grad_input(
+            crow_t, col_t, val_t, g, in_channels, hp, wp, kh, kw, stride
+        )
+        return out
 
     def conv2d_grad_weight(
         self, crow: Tensor, col: Tensor, g: Tensor, xp: Tensor, kh: int, kw: int, stride: int
     ) -> Tensor:
-        return self._ext.conv2d_grad_weight(crow, col, g, xp, kh, kw, stride)  # type: ignore[no-any-return]
+        out: Tensor = self._ext.conv2d_grad_weight(crow, col, g, xp, kh, kw, stride)
+        return out
 
 
 _TORCH = TorchOps()

@@ -1,8 +1,12 @@
-// CPU kernels for sparse training: CSR weight times dense activations with the batch contiguous,
-// the sampled weight gradient, and direct sparse convolution (NCHW).
+// CPU kernels for sparse training: CSR weight times dense activations, the sampled weight
+// gradient, and direct sparse convolution (NCHW).
 //
-// Layouts. Linear: activations are passed transposed, (features, batch), so that each non-zero
-// weight scales one contiguous batch row: the inner loops vectorise over the batch.
+// Linear layout. Activations are packed into panels: XP (nb, features, W) holds batch rows
+// p*W .. p*W+W-1 of x transposed, zero-padded to a whole panel. Each non-zero weight then scales
+// one contiguous W-float row of a panel (vectorised over the batch, held in registers), and one
+// panel (features * W floats) stays in L2 while every non-zero reads it. A plain (features, batch)
+// transpose is 3.5x slower here: its rows are 1 KiB apart, so a batch block of them maps to a
+// quarter of the cache sets and thrashes L2 (docs/performance.md).
 // Convolution: CSR rows are output channels; a column index encodes (input channel, ky, kx) as
 // c * kh * kw + ky * kw + kx; each non-zero adds a scaled, shifted input plane to an output plane.
 #include <torch/extension.h>
@@ -10,59 +14,182 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-// Batch block: a block of XT (features x kBlock floats) stays in L2 while every non-zero of W
-// reads its row; without blocking, each non-zero streams a whole batch row from L3.
-constexpr int64_t kBlock = 64;
+constexpr int64_t kPrefetch = 8;  // non-zeros ahead whose panel rows are prefetched
 
-// YT[r, :] = sum_k val[idx(k)] * XT[col[k], :] over the non-zeros k of row r, where idx is the
-// identity or, for the transposed matrix, perm (so the values need no reordered copy).
+// dst[k] = src[idx[k]]
 template <typename T>
-void spmm_rows(const int64_t* crow, const int64_t* col, const T* val, const int64_t* perm,
-               const T* XT, T* YT, int64_t rows, int64_t B) {
-  // one parallel region; a static row schedule gives each thread the same rows in every batch
-  // block, so threads never wait for each other between blocks (nowait)
-#pragma omp parallel
-  for (int64_t b0 = 0; b0 < B; b0 += kBlock) {
-    const int64_t nb = std::min(kBlock, B - b0);
-#pragma omp for schedule(static) nowait
-    for (int64_t r = 0; r < rows; ++r) {
-      T acc[kBlock];
-      for (int64_t b = 0; b < nb; ++b) acc[b] = T(0);
-      for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
-        const T v = perm ? val[perm[k]] : val[k];
-        const T* __restrict__ x = XT + col[k] * B + b0;
-        if (k + 1 < crow[r + 1]) __builtin_prefetch(XT + col[k + 1] * B + b0);
-#pragma omp simd
-        for (int64_t b = 0; b < nb; ++b) acc[b] += v * x[b];
+void gather(const T* src, const int64_t* idx, T* dst, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < n; ++k) dst[k] = src[idx[k]];
+}
+
+// XP[p, f, b] = x[p * W + b, f] (0 past the batch)
+template <typename T>
+void pack_panels(const T* x, T* XP, int64_t B, int64_t F, int64_t W) {
+  const int64_t nb = (B + W - 1) / W;
+  constexpr int64_t kF = 64;  // features per tile: W x kF reads, kF x W writes
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t p = 0; p < nb; ++p) {
+    for (int64_t f0 = 0; f0 < F; f0 += kF) {
+      const int64_t nf = std::min(kF, F - f0);
+      T* out = XP + (p * F + f0) * W;
+      for (int64_t b = 0; b < W; ++b) {
+        const int64_t row = p * W + b;
+        if (row < B) {
+          const T* in = x + row * F + f0;
+          for (int64_t f = 0; f < nf; ++f) out[f * W + b] = in[f];
+        } else {
+          for (int64_t f = 0; f < nf; ++f) out[f * W + b] = T(0);
+        }
       }
-      T* __restrict__ y = YT + r * B + b0;
-      for (int64_t b = 0; b < nb; ++b) y[b] = acc[b];
     }
   }
 }
 
-// dval[k] = <GT[r, :], XT[col[k], :]> for each non-zero k = (r, col[k]), summed block by block.
-template <typename T>
-void sampled_rows(const int64_t* crow, const int64_t* col, const T* GT, const T* XT, T* dval,
-                  int64_t rows, int64_t B) {
-  // as above: the same thread owns row r (and its dval entries) in every block, so the
-  // accumulation across blocks needs no synchronisation
+// out[b] = sum over the non-zeros k in [begin, end) of val[k] * X[col[k], b]. Bound by L2
+// bandwidth here (W / 16 cache lines per non-zero; a second accumulator set does not help).
+template <typename T, int W>
+inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_t end,
+                                                           const int64_t* col, const T* val,
+                                                           const T* X, T* __restrict__ out) {
+  T acc[W];
+#pragma GCC unroll 64
+  for (int b = 0; b < W; ++b) acc[b] = T(0);
+  for (int64_t k = begin; k < end; ++k) {
+    if (k + kPrefetch < end) {
+      const T* q = X + col[k + kPrefetch] * W;
+#pragma GCC unroll 8
+      for (int l = 0; l < W; l += 64 / int(sizeof(T))) __builtin_prefetch(q + l);
+    }
+    const T v = val[k];
+    const T* __restrict__ x = X + col[k] * W;
+#pragma GCC unroll 64
+    for (int b = 0; b < W; ++b) acc[b] += v * x[b];
+  }
+#pragma GCC unroll 64
+  for (int b = 0; b < W; ++b) out[b] = acc[b];
+}
+
+// Y[b, r] = sum_k val[k] * XP[p, col[k], b - p W] over the non-zeros k of row r. Y is written in
+// the ordinary (batch, rows) layout through a small tile, so that its stores stay contiguous.
+template <typename T, int W>
+void spmm_panels(const int64_t* crow, const int64_t* col, const T* val, const T* XP, T* Y,
+                 int64_t rows, int64_t F, int64_t B) {
+  const int64_t nb = (B + W - 1) / W;
+  constexpr int64_t kRows = 16;  // rows per tile
+  const int64_t ntiles = (rows + kRows - 1) / kRows;
+  // one parallel region; a static tile schedule gives each thread the same rows in every panel,
+  // so threads never wait for each other between panels (nowait)
 #pragma omp parallel
-  for (int64_t b0 = 0; b0 < B; b0 += kBlock) {
-    const int64_t nb = std::min(kBlock, B - b0);
+  for (int64_t p = 0; p < nb; ++p) {
+    const T* X = XP + p * F * W;
+    const int64_t nvalid = std::min<int64_t>(W, B - p * W);
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < ntiles; ++t) {
+      alignas(64) T tile[kRows][W];
+      const int64_t r0 = t * kRows, nr = std::min(kRows, rows - r0);
+      for (int64_t j = 0; j < nr; ++j) {
+        const int64_t r = r0 + j;
+        row_times_panel<T, W>(crow[r], crow[r + 1], col, val, X, tile[j]);
+      }
+      for (int64_t b = 0; b < nvalid; ++b) {
+        T* y = Y + (p * W + b) * rows + r0;
+        for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b];
+      }
+    }
+  }
+}
+
+// Sixteen float lanes (one AVX-512 register; GCC splits it where the CPU has narrower ones).
+typedef float v16f __attribute__((vector_size(64)));
+typedef int v16i __attribute__((vector_size(64)));
+
+inline v16f load16(const float* p) {
+  v16f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// One level of a transposing reduction: lanes of a and b, summed pairwise over blocks of 2h.
+template <int H>
+inline v16f fold(v16f a, v16f b) {
+  v16i lo, hi;
+  for (int i = 0, n = 0; i < 16; i += 2 * H)
+    for (int side = 0; side < 2; ++side)
+      for (int j = 0; j < H; ++j, ++n) {
+        lo[n] = side * 16 + i + j;
+        hi[n] = side * 16 + i + H + j;
+      }
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+// dval[k] = sum_b GP[p, r, b] * XP[p, col[k], b] summed over the panels p, for each non-zero
+// k = (r, col[k]). The same thread owns row r (and its dval entries) in every panel.
+template <typename T, int W>
+void sampled_panels(const int64_t* crow, const int64_t* col, const T* GP, const T* XP, T* dval,
+                    int64_t rows, int64_t F, int64_t nb) {
+#pragma omp parallel
+  for (int64_t p = 0; p < nb; ++p) {
+    const T* X = XP + p * F * W;
 #pragma omp for schedule(static) nowait
     for (int64_t r = 0; r < rows; ++r) {
-      const T* __restrict__ g = GT + r * B + b0;
-      for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
-        const T* __restrict__ x = XT + col[k] * B + b0;
+      T g[W];
+      const T* gs = GP + (p * rows + r) * W;
+#pragma GCC unroll 64
+      for (int b = 0; b < W; ++b) g[b] = gs[b];
+      const int64_t end = crow[r + 1];
+      int64_t k = crow[r];
+      if constexpr (std::is_same_v<T, float> && W % 16 == 0) {
+        // sixteen non-zeros at a time: sixteen lane-wise partial dot products, then one
+        // transposing reduction gives their sixteen sums in one register (no horizontal sum
+        // per non-zero). Non-zero j goes to slot bitreverse(j) so that the sums come out in order.
+        constexpr int kRev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+        v16f gv[W / 16];
+#pragma GCC unroll 4
+        for (int c = 0; c < W / 16; ++c) gv[c] = load16(g + 16 * c);
+        for (; k + 16 <= end; k += 16) {
+          v16f s[16];
+#pragma GCC unroll 16
+          for (int j = 0; j < 16; ++j) {
+            if (k + j + kPrefetch < end) {
+              const T* q = X + col[k + j + kPrefetch] * W;
+#pragma GCC unroll 4
+              for (int l = 0; l < W; l += 16) __builtin_prefetch(q + l);
+            }
+            const T* x = X + col[k + j] * W;
+            v16f t = gv[0] * load16(x);
+#pragma GCC unroll 4
+            for (int c = 1; c < W / 16; ++c) t += gv[c] * load16(x + 16 * c);
+            s[kRev[j]] = t;
+          }
+          v16f s8[8], s4[4], s2[2];
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; ++i) s8[i] = fold<8>(s[2 * i], s[2 * i + 1]);
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) s4[i] = fold<4>(s8[2 * i], s8[2 * i + 1]);
+          s2[0] = fold<2>(s4[0], s4[1]);
+          s2[1] = fold<2>(s4[2], s4[3]);
+          v16f sum = fold<1>(s2[0], s2[1]);
+          if (p > 0) sum += load16(dval + k);
+          __builtin_memcpy(dval + k, &sum, sizeof sum);
+        }
+      }
+      for (; k < end; ++k) {
+        if (k + kPrefetch < end) {
+          const T* q = X + col[k + kPrefetch] * W;
+#pragma GCC unroll 8
+          for (int l = 0; l < W; l += 64 / int(sizeof(T))) __builtin_prefetch(q + l);
+        }
+        const T* __restrict__ x = X + col[k] * W;
         T acc = T(0);
 #pragma omp simd reduction(+ : acc)
-        for (int64_t b = 0; b < nb; ++b) acc += g[b] * x[b];
-        dval[k] = (b0 == 0 ? T(0) : dval[k]) + acc;
+        for (int b = 0; b < W; ++b) acc += g[b] * x[b];
+        dval[k] = (p == 0 ? T(0) : dval[k]) + acc;
       }
     }
   }
@@ -70,29 +197,61 @@ void sampled_rows(const int64_t* crow, const int64_t* col, const T* GT, const T*
 
 }  // namespace
 
-torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, torch::Tensor XT,
-                   int64_t rows, c10::optional<torch::Tensor> perm) {
-  TORCH_CHECK(XT.dim() == 2 && XT.is_contiguous(), "XT must be a contiguous (features, batch)");
-  TORCH_CHECK(crow.numel() == rows + 1, "crow must have rows + 1 entries");
-  auto YT = torch::empty({rows, XT.size(1)}, XT.options());
-  const int64_t* p = perm.has_value() ? perm->data_ptr<int64_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES(XT.scalar_type(), "spmm", [&] {
-    spmm_rows<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
-                        val.data_ptr<scalar_t>(), p, XT.data_ptr<scalar_t>(),
-                        YT.data_ptr<scalar_t>(), rows, XT.size(1));
+int64_t panel_width(int64_t batch) { return batch >= 64 ? 64 : batch > 16 ? 32 : 16; }
+
+torch::Tensor pack(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2, "pack expects a (batch, features) matrix");
+  auto xc = x.contiguous();
+  const int64_t B = xc.size(0), F = xc.size(1), W = panel_width(B);
+  auto XP = torch::empty({(B + W - 1) / W, F, W}, xc.options());
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "pack", [&] {
+    pack_panels<scalar_t>(xc.data_ptr<scalar_t>(), XP.data_ptr<scalar_t>(), B, F, W);
   });
-  return YT;
+  return XP;
 }
 
-torch::Tensor sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor GT, torch::Tensor XT) {
-  TORCH_CHECK(GT.is_contiguous() && XT.is_contiguous(), "GT and XT must be contiguous");
-  TORCH_CHECK(GT.size(1) == XT.size(1), "GT and XT must share the batch dimension");
-  const int64_t rows = crow.numel() - 1;
-  auto dval = torch::empty({col.numel()}, GT.options());
-  AT_DISPATCH_FLOATING_TYPES(GT.scalar_type(), "sampled", [&] {
-    sampled_rows<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
-                           GT.data_ptr<scalar_t>(), XT.data_ptr<scalar_t>(),
-                           dval.data_ptr<scalar_t>(), rows, GT.size(1));
+torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, torch::Tensor XP,
+                   int64_t rows, int64_t batch, c10::optional<torch::Tensor> perm) {
+  TORCH_CHECK(XP.dim() == 3 && XP.is_contiguous(), "XP must be contiguous panels (nb, F, W)");
+  TORCH_CHECK(crow.numel() == rows + 1, "crow must have rows + 1 entries");
+  const int64_t W = XP.size(2);
+  TORCH_CHECK(W == panel_width(batch) && XP.size(0) == (batch + W - 1) / W, "XP/batch mismatch");
+  auto Y = torch::empty({batch, rows}, XP.options());
+  // values in this CSR's order: a gather for the transposed matrix (cheaper than reading
+  // val[perm[k]] at random inside the kernel)
+  auto v = perm.has_value() ? torch::empty_like(val) : val.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "spmm", [&] {
+    if (perm.has_value())
+      gather<scalar_t>(val.data_ptr<scalar_t>(), perm->data_ptr<int64_t>(), v.data_ptr<scalar_t>(),
+                       v.numel());
+    auto run = [&](auto w) {
+      spmm_panels<scalar_t, decltype(w)::value>(
+          crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), v.data_ptr<scalar_t>(),
+          XP.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), rows, XP.size(1), batch);
+    };
+    if (W == 64) run(std::integral_constant<int, 64>{});
+    else if (W == 32) run(std::integral_constant<int, 32>{});
+    else run(std::integral_constant<int, 16>{});
+  });
+  return Y;
+}
+
+torch::Tensor sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor GP, torch::Tensor XP) {
+  TORCH_CHECK(GP.is_contiguous() && XP.is_contiguous(), "GP and XP must be contiguous panels");
+  TORCH_CHECK(GP.size(0) == XP.size(0) && GP.size(2) == XP.size(2), "GP and XP panels differ");
+  const int64_t rows = crow.numel() - 1, W = XP.size(2);
+  TORCH_CHECK(GP.size(1) == rows, "GP must have one row per CSR row");
+  auto dval = torch::empty({col.numel()}, GP.options());
+  AT_DISPATCH_FLOATING_TYPES(GP.scalar_type(), "sampled", [&] {
+    auto run = [&](auto w) {
+      sampled_panels<scalar_t, decltype(w)::value>(
+          crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), GP.data_ptr<scalar_t>(),
+          XP.data_ptr<scalar_t>(), dval.data_ptr<scalar_t>(), rows, XP.size(1), XP.size(0));
+    };
+    if (W == 64) run(std::integral_constant<int, 64>{});
+    else if (W == 32) run(std::integral_constant<int, 32>{});
+    else if (W == 16) run(std::integral_constant<int, 16>{});
+    else TORCH_CHECK(false, "panel width must be 16, 32 or 64");
   });
   return dval;
 }
@@ -237,10 +396,12 @@ torch::Tensor conv2d_grad_weight(torch::Tensor crow, torch::Tensor col, torch::T
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("spmm", &spmm, "YT = CSR(W) @ XT, activations (features, batch); values read through perm",
-        py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("XT"), py::arg("rows"),
-        py::arg("perm") = py::none());
-  m.def("sampled", &sampled, "dW at the non-zeros: <GT[row], XT[col]>");
+  m.def("pack", &pack, "x (batch, features) -> panels (nb, features, W), zero-padded");
+  m.def("panel_width", &panel_width, "the panel width W used for a batch size");
+  m.def("spmm", &spmm, "Y (batch, rows) = X @ CSR(W)^T from panels; values read through perm",
+        py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("XP"), py::arg("rows"),
+        py::arg("batch"), py::arg("perm") = py::none());
+  m.def("sampled", &sampled, "dW at the non-zeros from panels of G and X");
   m.def("conv2d_forward", &conv2d_forward, "direct sparse convolution");
   m.def("conv2d_grad_input", &conv2d_grad_input, "gradient of the padded input");
   m.def("conv2d_grad_weight", &conv2d_grad_weight, "gradient at the non-zero weights");
