@@ -64,13 +64,16 @@ def test_linear_matches_the_dense_masked_layer(backend: str, batch: int, density
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    ("k", "stride", "pad"), [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 2, 0)]
+    ("k", "stride", "pad"), [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 2, 0), (5, 1, 2)]
 )
-def test_conv_matches_the_dense_masked_layer(backend: str, k: int, stride: int, pad: int) -> None:
+@pytest.mark.parametrize("size", [9, 21])  # stride 1 works on whole planes in 64-wide chunks
+def test_conv_matches_the_dense_masked_layer(
+    backend: str, k: int, stride: int, pad: int, size: int
+) -> None:
     torch.manual_seed(k * 10 + stride)
     conv, mask = masked_conv(6, 8, k, stride, pad, 0.2, torch.float32)
     sparse = SparseConv2d(conv, mask, backend)
-    x = torch.randn(3, 6, 9, 9, requires_grad=True)
+    x = torch.randn(3, 6, size, size, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     y, y_ref = sparse(x), conv(x_ref)
     g = torch.randn_like(y_ref)
