@@ -97,3 +97,22 @@ def test_two_reports_in_one_file(tmp_path: Path) -> None:
     assert "sparse_momentum" not in second
     assert "| set |" in second
     assert text.index("# B") < text.index("<!-- second:start -->")  # appended at the end
+
+
+def test_labelled_variants_get_their_own_rows(tmp_path: Path) -> None:
+    for label, acc in [("sparse_momentum", 0.8), ("sm-window-50", 0.7)]:
+        run = tmp_path / label / "seed-1"
+        run.mkdir(parents=True)
+        summary = {
+            "data": "mnist",
+            "model": "lenet5",
+            "method": "sparse_momentum",
+            "label": label,
+            "density": 0.05,
+            "seed": 1,
+            "test_acc": acc,
+        }
+        (run / "summary.json").write_text(json.dumps(summary))
+    cells = collect([tmp_path])[("mnist", "lenet5")]
+    assert cells["sparse_momentum"][0.05].mean == pytest.approx(0.8)
+    assert cells["sm-window-50"][0.05].mean == pytest.approx(0.7)

@@ -69,3 +69,21 @@ def test_run_in_parallel_and_skip_finished(
     assert (tmp_path / "study/lenet300-100/static/density-0.2/seed-1/summary.json").exists()
     assert run_study(spec, out=tmp_path / "study", jobs=2) == 0
     assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out
+
+
+def test_variants_of_one_method_are_labelled(tmp_path: Path) -> None:
+    spec: dict[str, Any] = {
+        "models": ["lenet300-100"],
+        "methods": {
+            "sparse_momentum": {},
+            "sm-window-50": {"method": "sparse_momentum", "momentum_window": 50},
+        },
+        "densities": [0.05],
+        "seeds": [1],
+    }
+    runs = {r.folder.relative_to(tmp_path).parts[1]: r.config for r in expand(spec, tmp_path)}
+    assert set(runs) == {"sparse_momentum", "sm-window-50"}
+    assert runs["sm-window-50"]["method"] == "sparse_momentum"
+    assert runs["sm-window-50"]["label"] == "sm-window-50"
+    assert runs["sm-window-50"]["momentum_window"] == 50
+    assert "label" not in runs["sparse_momentum"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._registry import Registry
+from .accel import AccelerationReport, CompactResult, accelerate, compact
 from .budget import INIT, register_init
 from .config import SparsityConfig
 from .criteria import (
@@ -28,10 +29,12 @@ from .criteria import (
     register_redistribution,
 )
 from .engine import MaskUpdate, SparseEngine, sparsify
+from .flops import TrainingFlopReport, flops
 from .methods import METHODS, Method, methods, register_method
 from .schedules import PRUNE_RATE_SCHEDULE, register_prune_rate_schedule
 
 __version__ = "0.1.0"
+
 
 _REGISTRIES: dict[str, Registry[Any]] = {
     "method": METHODS,
@@ -60,14 +63,20 @@ __all__ = [
     "PRUNE",
     "PRUNE_RATE_SCHEDULE",
     "REDISTRIBUTION",
+    "AccelerationReport",
+    "CompactResult",
     "LayerView",
     "MaskUpdate",
     "Method",
     "Registry",
     "SparseEngine",
     "SparsityConfig",
+    "TrainingFlopReport",
     "__version__",
+    "accelerate",
     "choices",
+    "compact",
+    "flops",
     "methods",
     "register_growth",
     "register_init",

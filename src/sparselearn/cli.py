@@ -31,6 +31,7 @@ _HELP = {
     "split_seed": "seed of the validation split (shared by all runs)",
     "augment": "data augmentation (default: on for CIFAR-10 and ImageNet)",
     "seed": "seed of the model, data order and masks",
+    "label": "the name of this variant in reports (default: the method)",
     "data_dir": "where the dataset lives (then $SPARSELEARN_DATA, then the system location)",
     "download": "download missing datasets from their canonical source",
     "data_mirror": "base URL to download dataset files from instead of the canonical host",

@@ -7,8 +7,10 @@ activations, pooling and biases are not counted (they are a small share and stay
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,11 +66,11 @@ def count_flops(
 
     def hook(module: nn.Module, _inputs: object, output: Tensor) -> None:
         # output positions per sample: spatial size for convolutions, 1 for Linear
-        weight: Tensor = module.weight  # type: ignore[assignment]
-        per_channel = output[0].numel() // weight.shape[0] if output.dim() > 1 else 1
+        rows = _weight_shape(module)[0]
+        per_channel = output[0].numel() // rows if output.dim() > 1 else 1
         positions[names[id(module)]] = per_channel
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _counted(m)]
     was_training = model.training
     model.eval()
     try:
@@ -81,15 +83,153 @@ def count_flops(
 
     layers = []
     for module_name, module in model.named_modules():
-        if not isinstance(module, _COUNTED) or module_name not in positions:
+        if not _counted(module) or module_name not in positions:
             continue
         weight_name = f"{module_name}.weight" if module_name else "weight"
-        w = module.weight
+        numel = math.prod(_weight_shape(module))
         if masks is not None and weight_name in masks:
             active = int(torch.count_nonzero(masks[weight_name]))
+        elif hasattr(module, "weight_sparse"):  # an accelerated layer: its stored weights
+            active = int(module.weight_sparse.nnz)
         else:
-            active = int(torch.count_nonzero(w))
-        dense = 2 * w.numel() * positions[module_name]  # every weight is used at every position
+            active = int(torch.count_nonzero(_weight(module)))
+        dense = 2 * numel * positions[module_name]  # every weight is used at every position
         sparse = 2 * active * positions[module_name]
-        layers.append(LayerFlops(weight_name, dense, sparse, active / w.numel()))
+        layers.append(LayerFlops(weight_name, dense, sparse, active / numel))
     return FlopReport(layers)
+
+
+def _counted(module: nn.Module) -> bool:
+    return isinstance(module, _COUNTED) or hasattr(module, "weight_sparse")
+
+
+def _weight(module: nn.Module) -> Tensor:
+    w = module.weight
+    assert isinstance(w, Tensor)
+    return w
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    if hasattr(module, "weight_sparse"):  # SparseLinear / SparseConv2d
+        storage: Any = module.weight_sparse
+        return tuple(storage.shape)
+    return tuple(_weight(module).shape)
+
+
+@dataclass(frozen=True)
+class TrainingLayerFlops:
+    """FLOPs per sample of one layer: inference, and a training step (forward, input gradient,
+    weight gradient)."""
+
+    name: str
+    density: float
+    inference_dense: int
+    inference_sparse: int
+    train_dense: int
+    train_sparse: int  # as this engine computes it, dense-gradient steps amortised
+    train_paper: int  # every product at the active weights only (the 2019 paper's accounting)
+
+
+@dataclass(frozen=True)
+class TrainingFlopReport:
+    """:func:`flops`: per layer and in total; ``dense_gradient_share`` is the fraction of
+    training steps on which the engine needs the dense weight gradient."""
+
+    layers: list[TrainingLayerFlops]
+    dense_gradient_share: float
+
+    def total(self, field_name: str) -> int:
+        return sum(getattr(layer, field_name) for layer in self.layers)
+
+    @property
+    def inference_speedup(self) -> float:
+        return self.total("inference_dense") / max(1, self.total("inference_sparse"))
+
+    @property
+    def train_speedup(self) -> float:
+        """Theoretical training-step speedup as the engine computes (dense gradients included)."""
+        return self.total("train_dense") / max(1, self.total("train_sparse"))
+
+    @property
+    def paper_speedup(self) -> float:
+        """The speedup the paper's FLOP accounting would claim (all products sparse)."""
+        return self.total("train_dense") / max(1, self.total("train_paper"))
+
+    def table(self) -> str:
+        """Per-layer text table, in MFLOPs per sample."""
+        head = (
+            f"{'layer':<28} {'density':>8} {'infer dense':>12} {'infer sparse':>13} "
+            f"{'train dense':>12} {'train sparse':>13} {'train paper':>12}"
+        )
+        rows = [head, "-" * len(head)]
+
+        def mf(x: int) -> str:
+            return f"{x / 1e6:.2f}"
+
+        for r in self.layers:
+            rows.append(
+                f"{r.name:<28} {r.density:>8.4f} {mf(r.inference_dense):>12} "
+                f"{mf(r.inference_sparse):>13} {mf(r.train_dense):>12} "
+                f"{mf(r.train_sparse):>13} {mf(r.train_paper):>12}"
+            )
+        rows.append(
+            f"{'total':<28} {'':>8} {mf(self.total('inference_dense')):>12} "
+            f"{mf(self.total('inference_sparse')):>13} {mf(self.total('train_dense')):>12} "
+            f"{mf(self.total('train_sparse')):>13} {mf(self.total('train_paper')):>12}"
+        )
+        rows.append(
+            f"theoretical speedup: inference {self.inference_speedup:.2f}x, training step "
+            f"{self.train_speedup:.2f}x as computed (dense weight gradient on "
+            f"{100 * self.dense_gradient_share:.1f}% of steps), {self.paper_speedup:.2f}x by the "
+            "paper's accounting"
+        )
+        return "\n".join(rows)
+
+
+def dense_gradient_share(engine: Any) -> float:
+    """Fraction of training steps on which ``engine`` needs the dense weight gradient: every
+    step for sparse momentum without a momentum window, update steps (and window steps) for the
+    others, none for fixed masks."""
+    cfg = engine.config
+    needs = engine._needs
+    if "momentum" in needs and cfg.momentum_window is None:
+        return 1.0
+    if cfg.interval == 0 or cfg.schedule in ("dense", "fixed", "one_shot"):
+        return 0.0
+    steps = cfg.total_steps if cfg.total_steps and cfg.total_steps <= 1_000_000 else cfg.interval
+    wanted = sum(
+        1
+        for s in range(1, steps + 1)
+        if engine._in_window(s) or ("grad" in needs and engine._update_due(s))
+    )
+    return float(wanted / steps)
+
+
+def flops(model: nn.Module, engine: Any, input_shape: tuple[int, ...]) -> TrainingFlopReport:
+    """FLOPs per sample of ``model`` under ``engine``'s masks for one input of ``input_shape``
+    (no batch dimension): inference and a training step, dense and sparse, per layer.
+
+    A training step is counted as three products per layer (forward, input gradient, weight
+    gradient), each ``2 * weights * positions`` dense. Sparse: the forward and input gradient
+    at the active weights; the weight gradient at the active weights, or dense on the steps
+    where the engine needs the dense gradient (``dense_gradient_share``). The paper's
+    accounting charges every product at the active weights only.
+    """
+    inference = count_flops(model, input_shape, engine.masks)
+    share = dense_gradient_share(engine)
+    layers = []
+    for r in inference.layers:
+        sparsified = r.name in engine.masks
+        grad_w = (share * r.dense + (1 - share) * r.sparse) if sparsified else r.dense
+        layers.append(
+            TrainingLayerFlops(
+                name=r.name,
+                density=r.density,
+                inference_dense=r.dense,
+                inference_sparse=r.sparse,
+                train_dense=3 * r.dense,
+                train_sparse=int(2 * r.sparse + grad_w),
+                train_paper=3 * r.sparse,
+            )
+        )
+    return TrainingFlopReport(layers, share)

@@ -50,7 +50,9 @@ def collect(paths: Sequence[str | os.PathLike[str]]) -> dict[Key, dict[str, dict
     )
     for run in iter_runs(list(paths)):
         s: dict[str, Any] = json.loads((run / "summary.json").read_text())
-        raw[(s["data"], s["model"])][s["method"]][float(s["density"])].append(s["test_acc"])
+        raw[(s["data"], s["model"])][s.get("label") or s["method"]][float(s["density"])].append(
+            s["test_acc"]
+        )
     if not raw:
         raise FileNotFoundError(
             f"no finished runs (summary.json) under {', '.join(map(str, paths))}"

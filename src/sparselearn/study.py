@@ -8,6 +8,8 @@ Spec (YAML)::
     methods:                                        # method -> its own settings
       dense: {}
       sparse_momentum: {update_every: epoch}
+      sm-window-50:                                 # a variant: a label with its method
+        {method: sparse_momentum, update_every: epoch, momentum_window: 50}
     densities: [0.01, 0.05]                         # not used by dense
     seeds: [1, 2, 3]
 
@@ -54,17 +56,21 @@ def expand(spec: Mapping[str, Any], out: Path) -> list[Run]:
         raise ValueError("methods must map method names to their settings ({} for none)")
     runs = []
     for model in spec["models"]:
-        for method, extra in methods.items():
+        for key, extra in methods.items():
+            extra = dict(extra or {})
+            method = extra.pop("method", key)
+            if key != method:
+                extra.setdefault("label", key)
             dense = METHODS.get(method).defaults.get("schedule") == "dense"
             densities = [None] if dense else list(spec.get("densities") or [])
             if not densities:
                 raise ValueError(f"method {method!r} needs densities in the spec")
             for density in densities:
                 for seed in spec["seeds"]:
-                    cfg = {**base, **(extra or {}), "model": model, "method": method, "seed": seed}
+                    cfg = {**base, **extra, "model": model, "method": method, "seed": seed}
                     cfg["density"] = density
                     TrainConfig.from_dict(cfg)  # fail now, not two hours in
-                    sub = Path(model) / method
+                    sub = Path(model) / key
                     sub = sub / (f"seed-{seed}" if dense else f"density-{density}/seed-{seed}")
                     cost = 10.0 if "lenet5" in model or "wrn" in model or "vgg" in model else 1.0
                     runs.append(Run(out / sub, cfg, cost))

@@ -43,6 +43,7 @@ class TrainConfig:
     model: str = "lenet300-100"
     data: str = "fashion-mnist"
     method: str = "sparse_momentum"
+    label: str | None = None  # the name shown in reports (default: the method)
     density: float | None = 0.05  # None for dense
     epochs: int = 100
     batch_size: int = 100
@@ -485,6 +486,7 @@ def summarize(
         "model": cfg.model,
         "data": cfg.data,
         "method": cfg.method,
+        "label": cfg.label or cfg.method,
         "density": cfg.density if engine.config.schedule != "dense" else 1.0,
         "seed": cfg.seed,
         "epochs": cfg.epochs,

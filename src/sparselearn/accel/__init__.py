@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from .accelerate import AccelerationReport, LayerChoice, accelerate
+from .compact import CompactedLayer, CompactResult, compact
 from .layers import SparseConv2d, SparseLinear, SparseWeight
 
 __all__ = [
     "AccelerationReport",
+    "CompactResult",
+    "CompactedLayer",
     "LayerChoice",
     "SparseConv2d",
     "SparseLinear",
     "SparseWeight",
     "accelerate",
+    "compact",
 ]

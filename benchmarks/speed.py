@@ -1,0 +1,295 @@
+"""Speed of the accelerated sparse layers against dense PyTorch (``sl.accelerate``).
+
+Usage: ``make bench`` (or ``python benchmarks/speed.py --out docs/performance.md``).
+
+Every number is a median over repeats, measured in one process, dense and sparse side by side,
+after warm-up. Rows: single Linear layers (training step = forward + both gradients), an MLP
+784-4096-4096-4096-10 (full step with the optimizer, and inference), single convolutions, and
+the VGG/WRN models of the experiments, each next to its theoretical FLOP speedup and its
+target. Writes its section of the output file between markers and leaves the rest alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# OpenMP reads its wait policy when it loads: spin-waiting makes small ops up to 50x slower on a
+# 2-core VM. Restart with the policy set before torch is imported.
+if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparselearn as sl
+from sparselearn.accel import SparseConv2d, SparseLinear
+from sparselearn.kernels import extension
+from sparselearn.models import create_model
+from sparselearn.report import replace_section
+
+START, END = "<!-- speed:start -->", "<!-- speed:end -->"
+LINEAR_TARGET = {0.01: 20.0, 0.05: 8.0, 0.1: 3.5}  # at 20% and above: never slower (>= 1x)
+
+
+def inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    return lambda: model(x)
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """Forward and backward (input and weight gradients) of one layer."""
+    x = x.detach().requires_grad_()
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).sum().backward()
+
+    return step
+
+
+def masked(module: nn.Module, density: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    mask = torch.rand(w.shape, generator=g) < density
+    with torch.no_grad():
+        w.mul_(mask)
+    return mask
+
+
+def verdict(speedup: float, target: float | None) -> str:
+    if target is None:
+        return "(reported)"
+    return "met" if speedup >= target else "**missed**"
+
+
+def bench_linear(repeats: int) -> list[str]:
+    rows = [
+        "| layer | density | dense ms | sparse ms | chosen | speedup | target | |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for n in (4096, 1024):
+        x = torch.randn(256, n)
+        for density in (0.01, 0.05, 0.1, 0.2, 0.5):
+            torch.manual_seed(0)
+            dense = nn.Linear(n, n)
+            mask = masked(dense, density)
+            sparse = SparseLinear(dense, mask)
+            d_ms = median_ms(train_step(dense, x), repeats)
+            s_ms = median_ms(train_step(sparse, x), repeats)
+            # what sl.accelerate does with this layer: time both on the real input, keep the faster
+            model = nn.Sequential(nn.Linear(n, n))
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            engine = sl.sparsify(model, opt, method="static", density=density, init="uniform")
+            chosen = sl.accelerate(model, engine, x, repeats=repeats).layers[0].chosen
+            c_ms = median_ms(train_step(model, x), repeats)
+            target = LINEAR_TARGET.get(density, 1.0)
+            speedup = d_ms / c_ms
+            rows.append(
+                f"| Linear {n}x{n} | {100 * density:g}% | {d_ms:.2f} | {s_ms:.2f} | {chosen} "
+                f"| {speedup:.2f}x | {target:g}x | {verdict(speedup, target)} |"
+            )
+            engine.remove()
+    return rows
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
+        nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10),
+    )  # fmt: skip
+
+
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def full_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def bench_mlp(repeats: int) -> list[str]:
+    x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
+    results = {}
+    for kind in ("dense", "sparse"):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        flop_speedup = 1.0
+        if kind == "sparse":
+            engine = sl.sparsify(model, opt, method="static", density=0.05, init="uniform")
+            sl.accelerate(model, engine, x, repeats=repeats)
+            flop_speedup = sl.flops(model, engine, (784,)).paper_speedup
+        train_ms = median_ms(full_step(model, opt, x, y), repeats)
+        model.eval()
+        with torch.no_grad():
+            infer_ms = median_ms(inference(model, x), repeats)
+        model.train()
+        results[kind] = (train_ms, infer_ms, state_bytes(model, opt), flop_speedup)
+    (dt, di, dm, _), (st, si, sm, fs) = results["dense"], results["sparse"]
+    return [
+        "| MLP 784-4096x3-10, batch 256 | dense | sparse 5% | speedup | theoretical | target | |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        f"| training step (SGD momentum) | {dt:.1f} ms | {st:.1f} ms | {dt / st:.2f}x | {fs:.1f}x "
+        f"| 4x | {verdict(dt / st, 4.0)} |",
+        f"| inference | {di:.1f} ms | {si:.1f} ms | {di / si:.2f}x | {fs:.1f}x "
+        f"| 6x | {verdict(di / si, 6.0)} |",
+        f"| weights + optimizer state | {dm / 2**20:.1f} MiB | {sm / 2**20:.1f} MiB "
+        f"| {dm / sm:.1f}x smaller | | | |",
+    ]
+
+
+def bench_conv(repeats: int) -> list[str]:
+    rows = [
+        "| convolution (batch 64, 5%) | dense ms | sparse ms | speedup | inference dense/sparse ms "
+        "| inference speedup | target | |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    cases = [(128, 16, 3, 1), (128, 32, 3, 1), (256, 16, 3, 1), (256, 32, 3, 1),
+             (256, 16, 1, 1), (128, 32, 3, 2), (256, 16, 3, 2)]  # fmt: skip
+    for c, hw, k, stride in cases:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(c, c, k, stride=stride, padding=k // 2)
+        sparse = SparseConv2d(conv, masked(conv, 0.05))
+        x = torch.randn(64, c, hw, hw)
+        reps = max(3, repeats // 2) if hw == 32 and c == 256 else repeats
+        d_ms = median_ms(train_step(conv, x), reps)
+        s_ms = median_ms(train_step(sparse, x), reps)
+        with torch.no_grad():
+            di = median_ms(inference(conv, x), reps)
+            si = median_ms(inference(sparse, x), reps)
+        target = 1.5 if (k, stride) == (3, 1) else None
+        rows.append(
+            f"| {k}x{k} stride {stride}, {c} ch, {hw}x{hw} | {d_ms:.1f} | {s_ms:.1f} "
+            f"| {d_ms / s_ms:.2f}x | {di:.1f} / {si:.1f} | {di / si:.2f}x "
+            f"| {'-' if target is None else f'{target:g}x'} | {verdict(d_ms / s_ms, target)} |"
+        )
+    return rows
+
+
+def bench_models(repeats: int) -> list[str]:
+    rows = [
+        "| model (CIFAR-10 shape, batch 64, 5%) | train dense / accelerated ms | train speedup "
+        "| FLOP speedup (as computed / paper) | inference dense / accelerated ms "
+        "| inference speedup | FLOP speedup | layers sparse |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    reps = max(3, repeats // 2)
+    for name in ("vgg-d", "wrn-16-8"):
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        out = {}
+        for kind in ("dense", "sparse"):
+            torch.manual_seed(0)
+            model = create_model(name, (3, 32, 32), 10)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            extra = ("", "", "")
+            if kind == "sparse":
+                # static masks: the training step of every method between mask updates
+                engine = sl.sparsify(model, opt, method="static", density=0.05)
+                report = sl.accelerate(model, engine, x, repeats=3)
+                f = sl.flops(model, engine, (3, 32, 32))
+                extra = (
+                    f"{f.train_speedup:.1f}x / {f.paper_speedup:.1f}x",
+                    f"{f.inference_speedup:.1f}x",
+                    f"{len(report.accelerated)}/{len(report.layers)}",
+                )
+            t = median_ms(full_step(model, opt, x, y), reps, warmup=1)
+            model.eval()
+            with torch.no_grad():
+                i = median_ms(inference(model, x), reps, warmup=1)
+            out[kind] = (t, i, extra)
+        (dt, di, _), (st, si, (fl_train, fl_inf, n_sparse)) = out["dense"], out["sparse"]
+        rows.append(
+            f"| {name} | {dt:.0f} / {st:.0f} | {dt / st:.2f}x | {fl_train} | {di:.0f} / {si:.0f} "
+            f"| {di / si:.2f}x | {fl_inf} | {n_sparse} |"
+        )
+    return rows
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, help="markdown file to write the section into")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument(
+        "--only", nargs="+", choices=["linear", "mlp", "conv", "models"],
+        default=["linear", "mlp", "conv", "models"],
+    )  # fmt: skip
+    args = p.parse_args()
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    backend = "compiled C++/OpenMP kernels" if extension() is not None else "PyTorch fallback"
+    env = (
+        f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+        f"sparse kernels: {backend}; float32; median of {args.repeats} repeats "
+        "(fewer for the largest shapes) after warm-up"
+    )
+    print(env, flush=True)
+    sections = {
+        "linear": ("Linear layers: training step (forward + input and weight gradients), "
+                   "batch 256; *chosen* is what `sl.accelerate` keeps after timing both",
+                   bench_linear),
+        "mlp": ("Whole model, full training step (forward, backward, SGD step) and inference",
+                bench_mlp),
+        "conv": ("Convolutions: training step (forward + both gradients) and inference, sparse "
+                 "kernels forced (`sl.accelerate` keeps the dense layer where slower)", bench_conv),
+        "models": ("Experiment models at 5% (ERK), full training step and inference, "
+                   "`sl.accelerate` choosing per layer", bench_models),
+    }  # fmt: skip
+    parts = [
+        "Command: `make bench` (`python benchmarks/speed.py --out docs/performance.md`).",
+        "",
+        f"Machine: {env}.",
+    ]
+    for key in args.only:
+        title, fn = sections[key]
+        t0 = time.time()
+        rows = fn(args.repeats)
+        print(f"\n{title} ({time.time() - t0:.0f} s)\n" + "\n".join(rows), flush=True)
+        parts += ["", f"**{title}.**", "", *rows]
+    if args.out:
+        replace_section(args.out, START, END, "\n".join(parts))
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
