@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -49,7 +51,7 @@ def test_sparse_momentum_needs_the_dense_gradient_every_step() -> None:
         ({"method": "sparse_momentum", "update_every": 100, "momentum_window": 10}, 90 / 1000),
     ],
 )
-def test_dense_gradient_share_follows_the_schedule(options: dict, share: float) -> None:
+def test_dense_gradient_share_follows_the_schedule(options: dict[str, Any], share: float) -> None:
     model, opt = model_and_opt()
     engine = sl.sparsify(model, opt, density=0.25, total_steps=1000, **options)
     assert sl.flops(model, engine, (30,)).dense_gradient_share == pytest.approx(share)
