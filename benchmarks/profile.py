@@ -1,0 +1,197 @@
+"""Where the time goes in the rows of docs/performance.md that miss their targets.
+
+Usage: ``make bench`` (or ``python benchmarks/profile.py --out docs/performance.md``).
+
+- Linear layers: each kernel of a sparse training step timed alone (packing the activations
+  into panels, the forward product, the transposed product, the sampled weight gradient) with
+  its GFLOP/s, next to the dense matmul's;
+- the MLP's inference, op by op (torch profiler), dense and sparse;
+- the per-layer choices of ``sl.accelerate`` on VGG-D and WRN-16-8;
+- the cost of keeping the gradient masked on a layer that stays dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import sparselearn as sl
+from sparselearn.accel.layers import csr_structure
+from sparselearn.kernels import ops_for
+from sparselearn.models import create_model
+from sparselearn.report import replace_section
+
+START, END = "<!-- profile:start -->", "<!-- profile:end -->"
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 9) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def kernel_times(n: int, density: float, batch: int) -> tuple[float, float, float, float, int]:
+    """Median ms of pack, W x, W^T g and sampled dW for an n x n layer; and its non-zeros."""
+    x, g = torch.randn(batch, n), torch.randn(batch, n)
+    mask = torch.rand(n, n, generator=torch.Generator().manual_seed(0)) < density
+    crow, col, crow_t, col_t, perm = csr_structure(mask)
+    val = torch.randn(col.numel())
+    ops = ops_for(x)
+    xp, gp = ops.pack(x), ops.pack(g)
+    return (
+        median_ms(lambda: ops.pack(x)),
+        median_ms(lambda: ops.spmm(crow, col, val, xp, n, batch)),
+        median_ms(lambda: ops.spmm(crow_t, col_t, val, gp, n, batch, perm)),
+        median_ms(lambda: ops.sampled(crow, col, gp, xp)),
+        col.numel(),
+    )
+
+
+def dense_matmul_ms(n: int, batch: int) -> float:
+    x, w = torch.randn(batch, n), torch.randn(n, n)
+    return median_ms(lambda: x @ w.t())
+
+
+def linear_kernels() -> list[str]:
+    rows = [
+        "| layer, density | pack x (ms) | W x (ms) | W^T g (ms) | sampled dW (ms) "
+        "| sparse GFLOP/s | dense x W^T (ms) | dense GFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    batch = 256
+    for n in (4096, 1024):
+        dense_ms = dense_matmul_ms(n, batch)
+        dense_rate = 2 * n * n * batch / 1e9 / dense_ms * 1e3
+        for density in (0.01, 0.05, 0.1):
+            t_pack, t_f, t_t, t_s, nnz = kernel_times(n, density, batch)
+            rate = 3 * 2 * nnz * batch / 1e9 / (t_f + t_t + t_s) * 1e3
+            rows.append(
+                f"| {n}x{n}, {100 * density:g}% | {t_pack:.2f} | {t_f:.2f} | {t_t:.2f} | "
+                f"{t_s:.2f} | {rate:.0f} | {dense_ms:.2f} | {dense_rate:.0f} |"
+            )
+    return rows
+
+
+def mlp_inference() -> list[str]:
+    x = torch.randn(256, 784)
+    rows = ["| op | dense: ms per forward | sparse 5%: ms per forward |", "|---|---:|---:|"]
+    tables = {}
+    for kind in ("dense", "sparse"):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(784, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
+            nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10),
+        )  # fmt: skip
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if kind == "sparse":
+            engine = sl.sparsify(model, opt, method="static", density=0.05, init="uniform")
+            sl.accelerate(model, engine, mode="sparse")
+        model.eval()
+        with torch.no_grad():
+            for _ in range(3):
+                model(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(10):
+                    model(x)
+        tables[kind] = {
+            e.key: e.self_cpu_time_total / 1e3 / 10 for e in prof.key_averages() if e.count
+        }
+
+    def total(k: str) -> float:
+        return tables["dense"].get(k, 0) + tables["sparse"].get(k, 0)
+
+    keys = sorted(set(tables["dense"]) | set(tables["sparse"]), key=total, reverse=True)
+    for k in keys[:10]:
+        rows.append(
+            f"| `{k}` | {tables['dense'].get(k, 0):.2f} | {tables['sparse'].get(k, 0):.2f} |"
+        )
+    return rows
+
+
+def model_choices() -> list[str]:
+    out = []
+    for name in ("vgg-d", "wrn-16-8"):
+        torch.manual_seed(0)
+        model = create_model(name, (3, 32, 32), 10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        engine = sl.sparsify(model, opt, method="static", density=0.05)
+        report = sl.accelerate(model, engine, torch.randn(64, 3, 32, 32), repeats=3)
+        out += [f"`{name}` (batch 64, 5% ERK): per layer, forward + backward timed on its input",
+                "", "```", str(report), "```", ""]  # fmt: skip
+    return out
+
+
+def masking_ms(engine: Any, n: int) -> tuple[float, float]:
+    """Zeroing the inactive entries of one n x n gradient, and a dense layer's step."""
+    layer = engine._layers[0]
+    grad = torch.randn(n, n)
+    x = torch.randn(256, n, requires_grad=True)
+    lin = nn.Linear(n, n)
+    return (
+        median_ms(lambda: layer.zero_inactive_(grad)),
+        median_ms(lambda: lin(x).sum().backward()),
+    )
+
+
+def gradient_masking() -> list[str]:
+    from sparselearn.engine import SparseEngine
+
+    rows = []
+    for n in (4096, 1024):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(n, n))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine: SparseEngine = sl.sparsify(model, opt, method="static", density=0.5)
+        t, s = masking_ms(engine, n)
+        rows.append(f"- {n}x{n} at 50%: zeroing the inactive gradient entries takes {t:.2f} ms, "
+                    f"{100 * t / s:.0f}% of the dense layer's {s:.2f} ms step")  # fmt: skip
+        engine.remove()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    head = (
+        f"Command: `make bench` (`python benchmarks/profile.py --out docs/performance.md`); "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+        "float32, batch 256 for the Linear rows."
+    )
+    parts = [head, ""]
+    for title, fn in [
+        ("Linear kernels, each timed alone (median of 9)", linear_kernels),
+        ("MLP 784-4096x3-10 inference, self CPU time per op (torch profiler)", mlp_inference),
+        ("Per-layer choices of `sl.accelerate`", model_choices),
+        ("Keeping the gradient masked on a dense layer", gradient_masking),
+    ]:
+        lines = fn()
+        print(f"\n{title}\n" + "\n".join(lines), flush=True)
+        parts += [f"**{title}.**", "", *lines, ""]
+    if args.out:
+        replace_section(args.out, START, END, "\n".join(parts))
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
