@@ -53,16 +53,20 @@ bench: $(STAMP) $(FMNIST)
 
 # The reproduction study of docs/results.md: the paper's protocol, then the same with the
 # gradient norm clipped at 5 (about two hours each on 2 cores; finished runs are skipped,
-# interrupted ones resumed), then the tables, plots and analysis.
+# interrupted ones resumed), sparse momentum with momentum windows (2 minutes), then the
+# tables, plots and analysis.
 study: $(STAMP) $(FMNIST)
 	$(BIN)/sparselearn study studies/fashion_mnist.yaml
 	$(BIN)/sparselearn study studies/fashion_mnist_clip.yaml
+	$(BIN)/sparselearn study studies/momentum_window.yaml
 	$(MAKE) results
 
 results: $(STAMP) $(FMNIST)
 	$(BIN)/sparselearn report runs/fashion-mnist --markdown docs/results.md --plots docs/figures
 	$(BIN)/sparselearn report runs/fashion-mnist-clip --markdown docs/results.md \
 	  --plots docs/figures/clip --section report-clip
+	$(BIN)/sparselearn report runs/momentum-window --markdown docs/results.md \
+	  --plots docs/figures/window --section report-window
 	$(BIN)/sparselearn analyze runs/fashion-mnist-clip/lenet5/dense \
 	  runs/fashion-mnist-clip/lenet5/sparse_momentum/density-0.05 --out docs/figures \
 	  --markdown docs/results.md
