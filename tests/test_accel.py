@@ -303,3 +303,26 @@ def test_momentum_window_validation() -> None:
         sl.sparsify(model, opt, method="rigl", density=0.2, total_steps=40, momentum_window=5)
     with pytest.raises(ValueError, match="needs scheduled updates"):
         sl.sparsify(model, opt, density=0.2, total_steps=40, update_every=0, momentum_window=5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_on_cuda_match_the_dense_masked_layers() -> None:
+    # on CUDA the layers use PyTorch's CSR operations (the compiled kernels are CPU only)
+    torch.manual_seed(0)
+    lin, mask = masked_linear(64, 48, 0.1, torch.float32)
+    conv, cmask = masked_conv(6, 8, 3, 1, 1, 0.2, torch.float32)
+    for dense, m, shape in [(lin, mask, (32, 64)), (conv, cmask, (4, 6, 10, 10))]:
+        dense = dense.cuda()
+        sparse = (SparseLinear if isinstance(dense, nn.Linear) else SparseConv2d)(dense, m.cuda())
+        x = torch.randn(*shape, device="cuda", requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = sparse(x), dense(x_ref)
+        g = torch.randn_like(y_ref)
+        y.backward(g)
+        y_ref.backward(g)
+        assert torch.allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+        assert dense.weight.grad is not None
+        assert torch.allclose(
+            sparse.weight_sparse.values.grad, dense.weight.grad[m.cuda()], rtol=1e-3, atol=1e-4
+        )
