@@ -59,14 +59,15 @@ def randomise_norms(model: nn.Module) -> None:
             m.bias.data.copy_(torch.randn(m.num_features, generator=g))
 
 
-def test_empty_neurons_and_unread_inputs_are_removed() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_neurons_and_unread_inputs_are_removed(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    model = MLP()
+    model = MLP().to(dtype)
     with torch.no_grad():
         model.fc1.weight[[3, 7, 11]] = 0  # three fc1 neurons without weights: constant relu(bias)
         model.fc2.weight[:, [0, 1]] = 0  # two fc1 neurons that fc2 never reads
         model.fc2.weight[5] = 0  # one fc2 neuron without weights
-    x = torch.randn(9, 20)
+    x = torch.randn(9, 20, dtype=dtype)
     result = sl.compact(model, example_input=x)
     changed = {c.name: (c.channels_before, c.channels_after) for c in result.layers}
     assert changed == {"fc1": (30, 25), "fc2": (16, 15)}

@@ -220,7 +220,7 @@ def compact(
         cons_active = active(cname, cons.weight).reshape(cons.weight.shape[0], channels, -1)
         unread = ~cons_active.any(2).any(0)
         # the constant that an empty output channel becomes after the chain
-        z = torch.zeros(1, *shapes[node.name][1:], device=prod.weight.device)
+        z = prod.weight.new_zeros(1, *shapes[node.name][1:])
         if prod.bias is not None:
             z += prod.bias.view(1, -1, *([1] * (z.dim() - 2)))
         for n in path:
