@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import sparselearn as sl
@@ -325,4 +327,70 @@ def test_layers_on_cuda_match_the_dense_masked_layers() -> None:
         assert dense.weight.grad is not None
         assert torch.allclose(
             sparse.weight_sparse.values.grad, dense.weight.grad[m.cuda()], rtol=1e-3, atol=1e-4
+        )
+
+
+@given(
+    n_in=st.integers(1, 90),
+    n_out=st.integers(1, 40),
+    batch=st.integers(1, 140),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_linear_kernels_property(
+    n_in: int, n_out: int, batch: int, density: float, seed: int
+) -> None:
+    # any shape, batch (panel padding) and density, empty rows and columns included: both
+    # backends give the dense masked layer's outputs and gradients
+    torch.manual_seed(seed)
+    lin, mask = masked_linear(n_in, n_out, density, torch.float64)
+    x = torch.randn(batch, n_in, dtype=torch.float64)
+    g = torch.randn(batch, n_out, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_()
+    lin(x_ref).backward(g)
+    for backend in BACKENDS:
+        sparse = SparseLinear(lin, mask, backend)
+        xs = x.clone().requires_grad_()
+        y = sparse(xs)
+        y.backward(g)
+        assert torch.allclose(y, lin(x), rtol=1e-10, atol=1e-10)
+        assert torch.allclose(xs.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(
+            sparse.weight_sparse.values.grad, lin.weight.grad[mask], rtol=1e-10, atol=1e-10
+        )
+
+
+@given(
+    c_in=st.integers(1, 5),
+    c_out=st.integers(1, 5),
+    size=st.integers(3, 12),
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.sampled_from([1, 2]),
+    pad=st.integers(0, 2),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_conv_kernels_property(
+    c_in: int, c_out: int, size: int, k: int, stride: int, pad: int, density: float, seed: int
+) -> None:
+    if size + 2 * pad < k:
+        return  # no output position
+    torch.manual_seed(seed)
+    conv, mask = masked_conv(c_in, c_out, k, stride, pad, density, torch.float64)
+    x = torch.randn(2, c_in, size, size, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_()
+    y_ref = conv(x_ref)
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    for backend in BACKENDS:
+        sparse = SparseConv2d(conv, mask, backend)
+        xs = x.clone().requires_grad_()
+        y = sparse(xs)
+        y.backward(g)
+        assert torch.allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(xs.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(
+            sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-10, atol=1e-10
         )
