@@ -1,6 +1,6 @@
 """Where the time goes in the rows of docs/performance.md that miss their targets.
 
-Usage: ``make bench`` (or ``python benchmarks/profile.py --out docs/performance.md``).
+Usage: ``make bench`` (or ``python benchmarks/op_profile.py --out docs/performance.md``).
 
 - Linear layers: each kernel of a sparse training step timed alone (packing the activations
   into panels, the forward product, the transposed product, the sampled weight gradient) with
@@ -169,20 +169,24 @@ def gradient_masking() -> list[str]:
 
 
 def rigl_update() -> list[str]:
-    """One RigL mask update on the MLP at 5% (after a backward pass), op by op."""
+    """Training steps that each end in a RigL mask update, MLP at 5%, op by op."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(784, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
         nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10),
     )  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    engine = sl.sparsify(model, opt, method="rigl", density=0.05, total_steps=10_000)
+    # RigL needs the dense gradient, which the engine captures only on scheduled update steps:
+    # update on every step, so that each profiled step is an update step
+    engine = sl.sparsify(
+        model, opt, method="rigl", density=0.05, total_steps=10_000, update_every=1, stop_at=1.0
+    )
     x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
 
     def update() -> None:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        engine.update_masks()
+        opt.step()
 
     update()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -193,7 +197,8 @@ def rigl_update() -> list[str]:
     )
     total = sum(e.self_cpu_time_total for e in events) / 3e3
     rows = [
-        f"Total {total:.0f} ms per update (forward and backward included).",
+        f"Total {total:.0f} ms per step with an update (forward, backward and optimizer step "
+        "included).",
         "",
         "| op | calls per update | self ms per update |",
         "|---|---:|---:|",
@@ -209,7 +214,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     head = (
-        f"Command: `make bench` (`python benchmarks/profile.py --out docs/performance.md`); "
+        f"Command: `make bench` (`python benchmarks/op_profile.py --out docs/performance.md`); "
         f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
         "float32, batch 256 for the Linear rows."
     )
