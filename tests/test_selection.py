@@ -118,3 +118,55 @@ def test_sampled_kth_value_falls_back_when_the_sample_misleads(
     result = selection._kth_value(values, k, largest=True)
     assert result == torch.sort(values, descending=True).values[k - 1] == 0.5
     assert calls[-1] == n  # the pre-filter held too few values: the full tensor was used
+
+
+@given(
+    n=st.integers(64, 3000),
+    cand_frac=st.floats(0.5, 1.0),
+    k_frac=st.floats(0.0, 0.25),
+    levels=st.sampled_from([2, 5, 50, 100_000]),
+    seed=st.integers(0, 2**30),
+    largest=st.booleans(),
+)
+def test_the_sampled_pivot_path_selects_what_ranking_all_candidates_selects(
+    monkeypatch: pytest.MonkeyPatch,
+    n: int,
+    cand_frac: float,
+    k_frac: float,
+    levels: int,
+    seed: int,
+    largest: bool,
+) -> None:
+    # same positions, same tie draw, whether or not the candidates were pre-filtered by a pivot
+    monkeypatch.setattr(selection, "SAMPLED_MIN", 64)
+    monkeypatch.setattr(selection, "_SAMPLE", 16)
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (n,), generator=g).float()
+    scores[torch.rand(n, generator=g) < 0.1] = float("nan")  # never candidates: never read
+    cand = (torch.rand(n, generator=g) < cand_frac) & ~scores.isnan()
+    n_cand = int(cand.sum())
+    k = int(k_frac * n_cand)
+    fast = top_k(scores, cand, k, torch.Generator().manual_seed(seed), largest=largest)
+    fast_counted = top_k(
+        scores, cand, k, torch.Generator().manual_seed(seed), largest=largest, count=n_cand
+    )
+    monkeypatch.setattr(selection, "_at_or_past_pivot", lambda *args: None)
+    full = top_k(scores, cand, k, torch.Generator().manual_seed(seed), largest=largest)
+    assert torch.equal(fast, full)
+    assert torch.equal(fast_counted, full)
+    assert int(fast.sum()) == k
+
+
+def test_growth_ranks_only_the_candidates_past_the_pivot() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 2**21
+    scores = torch.rand(n, generator=g)
+    cand = torch.rand(n, generator=g) < 0.95
+    k = 30_000
+    idx = selection._at_or_past_pivot(scores, cand, k, int(cand.sum()), True)
+    assert idx is not None
+    assert k <= idx.numel() < 2 * k  # a short list, not all two million candidates
+    assert bool(cand[idx].all())
+    # and nothing better than the k-th best was left out
+    kth = torch.sort(scores[cand], descending=True).values[k - 1]
+    assert int((scores[idx] >= kth).sum()) == int(((scores >= kth) & cand).sum())

@@ -75,10 +75,11 @@ class _Layer:
         self.inactive = ~mask
         self.active = _count(mask)  # kept in step with the mask
 
-    def set_mask(self, new: Tensor) -> None:
+    def set_mask(self, new: Tensor, active: int | None = None) -> None:
+        """``active``: the number of True entries of ``new``, where the caller knows it."""
         self.mask.copy_(new)
         torch.logical_not(new, out=self.inactive)
-        self.active = _count(new)
+        self.active = _count(new) if active is None else active
 
     def zero_inactive_(self, tensor: Tensor) -> None:
         tensor.masked_fill_(self.inactive, 0)
@@ -284,7 +285,8 @@ class SparseEngine:
             else:
                 gen = self._generator(p.device)
                 noise = torch.rand(p.shape, generator=gen, device=p.device)
-                mask = top_k(noise, torch.ones_like(p, dtype=torch.bool), count, gen)
+                everywhere = torch.ones_like(p, dtype=torch.bool)
+                mask = top_k(noise, everywhere, count, gen, count=p.numel())
             layers.append(_Layer(t, mask, p.numel() if cfg.schedule == "dense" else count))
         return layers
 
@@ -758,7 +760,9 @@ class SparseEngine:
         for i, (view, s) in enumerate(zip(views, scores, strict=True)):
             if glob and i in free:
                 continue
-            out[i] = bottom_k(s, view.mask, remove[i], self._generator(s.device))
+            out[i] = bottom_k(
+                s, view.mask, remove[i], self._generator(s.device), count=self._layers[i].active
+            )
         if glob:
             cands = []
             for i in free:
@@ -815,7 +819,12 @@ class SparseEngine:
             total_free = min(round(rate * a_free), a_free - len(free), room_free)
         pruned = self._prune_sets(views, prune_scores, remove, total_free)
         kept = [v.mask & p.logical_not() for v, p in zip(views, pruned, strict=True)]
-        lost = [_count(p) for p in pruned]
+        # exact counts: top_k selects exactly what it is asked for; only a global criterion
+        # leaves the per-layer split to be counted
+        global_prune = self._prune.scope == "global"
+        lost = [
+            _count(p) if global_prune and i in free else remove[i] for i, p in enumerate(pruned)
+        ]
 
         # how many each layer regrows: fixed layers their own loss, free layers share theirs
         grow = list(lost)
@@ -853,6 +862,7 @@ class SparseEngine:
                 layers[i].inactive,
                 grow[i],
                 self._generator(layers[i].mask.device),
+                count=room[i],
             )
         if global_growth and free:
             chosen = self._select_across(
@@ -865,9 +875,16 @@ class SparseEngine:
         for i, layer in enumerate(layers):
             new_positions = grown[i]
             assert new_positions is not None
-            self._commit(layer, kept[i] | new_positions, pruned[i], new_positions)
+            n_grown = _count(new_positions) if global_growth and i in free else grow[i]
+            self._commit(
+                layer,
+                kept[i] | new_positions,
+                pruned[i],
+                new_positions,
+                active=active[i] - lost[i] + n_grown,
+            )
             update.pruned[layer.name] = lost[i]
-            update.grown[layer.name] = _count(new_positions)
+            update.grown[layer.name] = n_grown
         return self._finish(update, t0)
 
     @torch.no_grad()
@@ -901,8 +918,15 @@ class SparseEngine:
         return self._finish(update, t0)
 
     def _commit(
-        self, layer: _Layer | _CompactLayer, new: Tensor, pruned: Tensor, grown: Tensor | None
+        self,
+        layer: _Layer | _CompactLayer,
+        new: Tensor,
+        pruned: Tensor,
+        grown: Tensor | None,
+        *,
+        active: int | None = None,
     ) -> None:
+        """Install the mask ``new`` (``active``: its count, where known)."""
         policy = self.config.optimizer_state
         window = self._window.get(layer.name)
         if isinstance(layer, _CompactLayer):
@@ -930,7 +954,7 @@ class SparseEngine:
                 moved[kept] = ema[source[kept]]
                 self._ema[layer.name] = moved
         else:
-            layer.set_mask(new)
+            layer.set_mask(new, active)
             layer.zero_inactive_(layer.param)  # pruned weights are zero now; grown ones were zero
             if policy in ("reset_pruned", "reset_both"):
                 reset_state(self.optimizer, layer.param, pruned)

@@ -44,14 +44,16 @@ def top_k(
     generator: torch.Generator,
     *,
     largest: bool = True,
+    count: int | None = None,
 ) -> Tensor:
     """Bool tensor (shape of ``candidates``) marking exactly ``k`` candidate positions with the
     largest (``largest=False``: smallest) ``scores``; ties at the threshold are broken uniformly at
     random by ``generator``.
 
-    ``scores`` must be finite at the candidate positions.
+    ``scores`` must be finite at the candidate positions. ``count``, the number of candidates,
+    saves a counting pass where the caller knows it.
     """
-    n_cand = int(torch.count_nonzero(candidates))
+    n_cand = int(torch.count_nonzero(candidates)) if count is None else count
     if k < 0 or k > n_cand:
         raise ValueError(f"cannot select {k} of {n_cand} candidates")
     if k == n_cand:
@@ -60,29 +62,53 @@ def top_k(
         return torch.zeros_like(candidates)
     if scores.dtype in (torch.float16, torch.bfloat16) or not scores.is_floating_point():
         scores = scores.float()
+    flat, cand = scores.reshape(-1), candidates.reshape(-1)
 
-    if 2 * n_cand >= candidates.numel():
-        # most positions are candidates (growth): push the others out of reach and work in place
-        out_of_reach = torch.tensor(-math.inf if largest else math.inf, dtype=scores.dtype)
-        flat = torch.where(candidates, scores, out_of_reach.to(scores.device)).reshape(-1)
-        kth = _kth_value(flat, k, largest)  # finite: k < n_cand
-        chosen = flat > kth if largest else flat < kth
-        ties = (flat == kth).nonzero().squeeze(1)
-    else:
-        # few candidates (pruning the active weights): gather them
-        idx = candidates.reshape(-1).nonzero().squeeze(1)
-        vals = scores.reshape(-1)[idx]
-        kth = _kth_value(vals, k, largest)
-        beyond = vals > kth if largest else vals < kth
-        chosen = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
-        chosen[idx[beyond]] = True
-        ties = idx[vals == kth]
-    need = k - int(torch.count_nonzero(chosen))
+    # the candidates that can hold the answer, as indices and scores: those at or past a
+    # sampled pivot when most positions are candidates and few are wanted (growth), else all
+    idx = _at_or_past_pivot(flat, cand, k, n_cand, largest)
+    if idx is None:
+        idx = cand.nonzero().squeeze(1)
+    vals = flat[idx]
+    kth = _kth_value(vals, k, largest)
+    beyond = vals > kth if largest else vals < kth
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    picked = idx[beyond]
+    chosen[picked] = True
+    ties = idx[vals == kth]  # ascending positions: the draw below does not depend on the path
+    need = k - picked.numel()
     if need == ties.numel():
         chosen[ties] = True
     else:
         chosen[ties[_sample_without_replacement(ties.numel(), need, generator, ties.device)]] = True
     return chosen.view_as(candidates)
+
+
+def _at_or_past_pivot(
+    flat: Tensor, cand: Tensor, k: int, n_cand: int, largest: bool
+) -> Tensor | None:
+    """Positions of the candidates whose score is at or past a pivot estimated from a strided
+    sample to lie a little beyond the k-th best; None when there is no point in sampling or the
+    estimate fell short (fewer than ``k`` reached it).
+
+    Every candidate better than the k-th best, and every one tied with it, is among them: one
+    comparison pass and one short index list instead of ranking all candidates.
+    """
+    n = flat.numel()
+    if n < SAMPLED_MIN or 2 * n_cand < n or 4 * k > n_cand:
+        return None
+    step = n // _SAMPLE
+    sample = flat[::step][cand[::step]]
+    s = sample.numel()
+    if s == 0:
+        return None
+    expected = k * s / n_cand
+    j = min(s, int(1.25 * expected + 4 * math.sqrt(expected) + 16))  # rank inside the sample
+    pivot = torch.kthvalue(sample, s - j + 1 if largest else j).values
+    reached = torch.ge(flat, pivot) if largest else torch.le(flat, pivot)
+    reached.logical_and_(cand)
+    idx = reached.nonzero().squeeze(1)
+    return idx if idx.numel() >= k else None
 
 
 def _sample_without_replacement(
@@ -101,6 +127,13 @@ def _sample_without_replacement(
     return torch.from_numpy(picked).to(device)
 
 
-def bottom_k(scores: Tensor, candidates: Tensor, k: int, generator: torch.Generator) -> Tensor:
+def bottom_k(
+    scores: Tensor,
+    candidates: Tensor,
+    k: int,
+    generator: torch.Generator,
+    *,
+    count: int | None = None,
+) -> Tensor:
     """Like :func:`top_k`, for the ``k`` smallest scores."""
-    return top_k(scores, candidates, k, generator, largest=False)
+    return top_k(scores, candidates, k, generator, largest=False, count=count)
