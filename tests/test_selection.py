@@ -150,23 +150,46 @@ def test_the_sampled_pivot_path_selects_what_ranking_all_candidates_selects(
     fast_counted = top_k(
         scores, cand, k, torch.Generator().manual_seed(seed), largest=largest, count=n_cand
     )
-    monkeypatch.setattr(selection, "_at_or_past_pivot", lambda *args: None)
+    monkeypatch.setattr(selection, "_split_at_sampled_pivot", lambda *args: None)
     full = top_k(scores, cand, k, torch.Generator().manual_seed(seed), largest=largest)
     assert torch.equal(fast, full)
     assert torch.equal(fast_counted, full)
     assert int(fast.sum()) == k
 
 
-def test_growth_ranks_only_the_candidates_past_the_pivot() -> None:
+def test_growth_ranks_only_the_candidates_past_the_pivot(monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(0)
     n = 2**21
     scores = torch.rand(n, generator=g)
     cand = torch.rand(n, generator=g) < 0.95
     k = 30_000
-    idx = selection._at_or_past_pivot(scores, cand, k, int(cand.sum()), True)
-    assert idx is not None
-    assert k <= idx.numel() < 2 * k  # a short list, not all two million candidates
-    assert bool(cand[idx].all())
-    # and nothing better than the k-th best was left out
+    ranked: list[int] = []
+    real = selection._split
+
+    def spy(flat: torch.Tensor, idx: torch.Tensor, k: int, largest: bool) -> object:
+        ranked.append(idx.numel())
+        return real(flat, idx, k, largest)
+
+    monkeypatch.setattr(selection, "_split", spy)
+    chosen = top_k(scores, cand, k, torch.Generator().manual_seed(0))
+    assert len(ranked) == 1
+    assert k <= ranked[0] < 2 * k
     kth = torch.sort(scores[cand], descending=True).values[k - 1]
-    assert int((scores[idx] >= kth).sum()) == int(((scores >= kth) & cand).sum())
+    assert torch.equal(chosen, (scores >= kth) & cand)
+
+
+def test_a_sea_of_tied_scores_is_split_without_ranking() -> None:
+    # real gradients: most positions exactly zero (dead units), fewer non-zero than wanted
+    g = torch.Generator().manual_seed(1)
+    n = 2**21
+    scores = torch.where(torch.rand(n, generator=g) < 0.01, torch.rand(n, generator=g), 0.0)
+    cand = torch.rand(n, generator=g) < 0.95
+    k = 50_000
+    found = selection._split_at_sampled_pivot(scores, cand, k, int(cand.sum()), True)
+    assert found is not None
+    picked, ties = found
+    assert torch.equal(picked, ((scores > 0) & cand).nonzero().squeeze(1))
+    assert torch.equal(ties, ((scores == 0) & cand).nonzero().squeeze(1))
+    chosen = top_k(scores, cand, k, torch.Generator().manual_seed(0))
+    assert int(chosen.sum()) == k
+    assert bool(chosen[(scores > 0) & cand].all())

@@ -64,18 +64,13 @@ def top_k(
         scores = scores.float()
     flat, cand = scores.reshape(-1), candidates.reshape(-1)
 
-    # the candidates that can hold the answer, as indices and scores: those at or past a
-    # sampled pivot when most positions are candidates and few are wanted (growth), else all
-    idx = _at_or_past_pivot(flat, cand, k, n_cand, largest)
-    if idx is None:
-        idx = cand.nonzero().squeeze(1)
-    vals = flat[idx]
-    kth = _kth_value(vals, k, largest)
-    beyond = vals > kth if largest else vals < kth
+    # positions strictly better than the k-th best score, and those tied with it
+    found = _split_at_sampled_pivot(flat, cand, k, n_cand, largest)
+    picked, ties = (
+        found if found is not None else _split(flat, cand.nonzero().squeeze(1), k, largest)
+    )
     chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    picked = idx[beyond]
     chosen[picked] = True
-    ties = idx[vals == kth]  # ascending positions: the draw below does not depend on the path
     need = k - picked.numel()
     if need == ties.numel():
         chosen[ties] = True
@@ -84,15 +79,27 @@ def top_k(
     return chosen.view_as(candidates)
 
 
-def _at_or_past_pivot(
-    flat: Tensor, cand: Tensor, k: int, n_cand: int, largest: bool
-) -> Tensor | None:
-    """Positions of the candidates whose score is at or past a pivot estimated from a strided
-    sample to lie a little beyond the k-th best; None when there is no point in sampling or the
-    estimate fell short (fewer than ``k`` reached it).
+def _split(flat: Tensor, idx: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """Among the positions ``idx`` (ascending), those strictly better than the k-th best score
+    and those tied with it (ascending: the tie draw does not depend on how ``idx`` was found)."""
+    vals = flat[idx]
+    kth = _kth_value(vals, k, largest)
+    beyond = vals > kth if largest else vals < kth
+    return idx[beyond], idx[vals == kth]
 
-    Every candidate better than the k-th best, and every one tied with it, is among them: one
-    comparison pass and one short index list instead of ranking all candidates.
+
+def _split_at_sampled_pivot(
+    flat: Tensor, cand: Tensor, k: int, n_cand: int, largest: bool
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`_split` without ranking every candidate, for when most positions are candidates
+    and few are wanted (growth): a pivot estimated from a strided sample to lie a little beyond
+    the k-th best leaves a short list of candidates at or past it, which holds every candidate
+    better than the k-th best and every one tied with it. None when there is no point in
+    sampling or the estimate fell short (fewer than ``k`` reached the pivot).
+
+    When far more than expected reach the pivot, the pivot sits on a large tie (e.g. the zero
+    gradients of dead units): if fewer than ``k`` lie strictly past it, it is the k-th best
+    value itself and the split needs no ranking at all.
     """
     n = flat.numel()
     if n < SAMPLED_MIN or 2 * n_cand < n or 4 * k > n_cand:
@@ -107,8 +114,17 @@ def _at_or_past_pivot(
     pivot = torch.kthvalue(sample, s - j + 1 if largest else j).values
     reached = torch.ge(flat, pivot) if largest else torch.le(flat, pivot)
     reached.logical_and_(cand)
-    idx = reached.nonzero().squeeze(1)
-    return idx if idx.numel() >= k else None
+    n_reached = int(torch.count_nonzero(reached))
+    if n_reached < k:
+        return None
+    if n_reached > 2 * k + _SAMPLE:
+        past = torch.gt(flat, pivot) if largest else torch.lt(flat, pivot)
+        past.logical_and_(cand)
+        if int(torch.count_nonzero(past)) < k:  # the pivot is the k-th best value
+            picked = past.nonzero().squeeze(1)
+            return picked, reached.logical_xor_(past).nonzero().squeeze(1)
+        return _split(flat, past.nonzero().squeeze(1), k, largest)
+    return _split(flat, reached.nonzero().squeeze(1), k, largest)
 
 
 def _sample_without_replacement(
