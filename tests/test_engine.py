@@ -118,3 +118,30 @@ def test_logging_reports_updates(caplog: pytest.LogCaptureFixture) -> None:
     u = engine.last_update
     assert u is not None
     assert f"step 2: regrow: pruned {u.total_pruned}, grown {u.total_grown}" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_inactive_entries_become_exact_zeros_even_over_inf_and_nan(dtype: torch.dtype) -> None:
+    model = nn.Linear(64, 48).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = sl.sparsify(model, opt, method="static", density=0.3)
+    layer = engine._layers[0]
+    mask = engine.masks["weight"]
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(48, 64, generator=g).to(dtype)
+    values[torch.rand(48, 64, generator=g) < 0.2] = float("nan")
+    values[torch.rand(48, 64, generator=g) < 0.1] = float("-inf")
+    for tensor in (values.clone(), values.t().clone().t()):  # contiguous, and not
+        layer.zero_inactive_(tensor)
+        assert (tensor[~mask] == 0).all()
+        assert not torch.signbit(tensor[~mask]).any()  # +0, not -0
+        kept, expected = tensor[mask], values[mask]
+        assert torch.equal(kept.isnan(), expected.isnan())
+        assert torch.equal(kept.nan_to_num(), expected.nan_to_num())  # active entries untouched
+    # after a mask change, the new inactive set is what gets zeroed
+    new = torch.rand(48, 64, generator=g) < 0.5
+    layer.set_mask(new)
+    tensor = values.clone()
+    layer.zero_inactive_(tensor)
+    assert (tensor[~new] == 0).all()
+    assert torch.equal(tensor[new].nan_to_num(), values[new].nan_to_num())

@@ -106,6 +106,9 @@ def test_sampled_kth_value_falls_back_when_the_sample_misleads(
     values = torch.zeros(n)
     values[1::7] = 0.5
     values[:: n // 16] = 1.0  # every sampled position holds a large value, nothing else does
+    monkeypatch.setattr(
+        selection, "_sample_positions", lambda n, device: torch.arange(0, n, n // 16)
+    )
     calls: list[int] = []
     real = torch.kthvalue
 
@@ -193,3 +196,21 @@ def test_a_sea_of_tied_scores_is_split_without_ranking() -> None:
     chosen = top_k(scores, cand, k, torch.Generator().manual_seed(0))
     assert int(chosen.sum()) == k
     assert bool(chosen[(scores > 0) & cand].all())
+
+
+def test_a_misleading_sample_gets_a_second_wider_try_before_ranking_everything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the sample sees only the largest scores; the wider second pivot still leaves a short list
+    monkeypatch.setattr(selection, "SAMPLED_MIN", 64)
+    monkeypatch.setattr(selection, "_SAMPLE", 64)
+    n, k = 20_000, 200
+    scores = torch.linspace(0, 1, n)
+    cand = torch.ones(n, dtype=torch.bool)
+    top = torch.arange(n - 400, n)  # what the sample sees: the top 2%, k is the top 1%
+    sample = top[torch.randperm(400, generator=torch.Generator().manual_seed(0))[:64]]
+    monkeypatch.setattr(selection, "_sample_positions", lambda n, device: sample)
+    found = selection._split_at_sampled_pivot(scores, cand, k, n, True)
+    assert found is not None
+    picked, ties = found
+    assert torch.equal(torch.cat([picked, ties]).sort().values, torch.arange(n - k, n))

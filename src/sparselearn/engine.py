@@ -62,7 +62,7 @@ class _Layer:
 
     compact = False
 
-    __slots__ = ("active", "final_count", "fixed", "inactive", "mask", "name", "param")
+    __slots__ = ("_zero", "active", "final_count", "fixed", "mask", "name", "param")
 
     def __init__(self, target: Target, mask: Tensor, final_count: int) -> None:
         self.name = target.name
@@ -70,25 +70,47 @@ class _Layer:
         self.fixed = target.density is not None  # layer_density override: own count, no sharing
         self.final_count = final_count  # the layer's budget at the target density
         self.mask = mask  # bool, the truth
-        # masked_fill_ with the complement gives exact zeros even over inf/NaN (a product with a
-        # float mask would keep NaN); 1 byte per weight
-        self.inactive = ~mask
+        self._zero = _zeroing_mask(mask, self.param.dtype)
         self.active = _count(mask)  # kept in step with the mask
+
+    @property
+    def inactive(self) -> Tensor:
+        return ~self.mask
 
     def set_mask(self, new: Tensor, active: int | None = None) -> None:
         """``active``: the number of True entries of ``new``, where the caller knows it."""
         self.mask.copy_(new)
-        torch.logical_not(new, out=self.inactive)
+        if self._zero.dtype == torch.bool:
+            torch.logical_not(new, out=self._zero)
+        else:
+            self._zero.copy_(new).neg_()
         self.active = _count(new) if active is None else active
 
     def zero_inactive_(self, tensor: Tensor) -> None:
-        tensor.masked_fill_(self.inactive, 0)
+        """Exact zeros at the inactive positions of ``tensor`` (the weight or its gradient), even
+        over inf and NaN (a product with a 0/1 mask would keep NaN)."""
+        z = self._zero
+        if z.dtype == torch.bool:
+            tensor.masked_fill_(z, 0)
+        elif (
+            tensor.dtype.itemsize == z.dtype.itemsize
+            and tensor.shape == z.shape
+            and tensor.device == z.device
+            and tensor.is_contiguous()
+        ):
+            tensor.view(z.dtype).bitwise_and_(z)
+        else:  # e.g. a gradient in another dtype or memory format than the weight
+            tensor.masked_fill_(~self.mask, 0)
 
     def sync_device(self) -> None:
         """Follow the parameter if the model was moved or cast after ``sparsify``."""
         if self.mask.device != self.param.device:
             self.mask = self.mask.to(self.param.device)
-            self.inactive = ~self.mask
+        if self._zero.device != self.param.device or (
+            self._zero.dtype != torch.bool
+            and self._zero.dtype.itemsize != self.param.dtype.itemsize
+        ):
+            self._zero = _zeroing_mask(self.mask, self.param.dtype)
 
     @property
     def numel(self) -> int:
@@ -1026,6 +1048,21 @@ class SparseEngine:
             update.seconds,
         )
         return update
+
+
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _zeroing_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """What :meth:`_Layer.zero_inactive_` applies. On CPU: an integer word per weight of the
+    weight's width, all one bits where active, zero where not; AND-ing the weight's bits with it
+    zeroes the inactive entries exactly and vectorises (float32 4096x4096 at 50% density: 4.4 ms,
+    against 40 ms for ``masked_fill_`` with a bool mask, whose per-element branch mispredicts).
+    It costs the weight's width in memory instead of one byte: elsewhere (GPUs, where
+    ``masked_fill_`` runs at memory speed) the bool complement is kept instead."""
+    if mask.device.type != "cpu" or dtype.itemsize not in _BITS:
+        return ~mask
+    return mask.to(_BITS[dtype.itemsize]).neg_()
 
 
 def _count(mask: Tensor) -> int:

@@ -12,17 +12,29 @@ SAMPLED_MIN = 1 << 20
 _SAMPLE = 1 << 16
 
 
+def _sample_positions(n: int, device: torch.device) -> Tensor:
+    """``_SAMPLE`` positions in ``range(n)``, drawn uniformly from a generator seeded by ``n``.
+
+    A pivot estimated from them only decides how much work the exact selection does, never what
+    it selects, so it need not follow the engine's seed. Not a stride: a stride that divides
+    the row length of a weight samples a few columns only, and gradients are correlated by
+    column (an input that is zero for the whole batch zeroes its column).
+    """
+    gen = torch.Generator(device=device).manual_seed(n)
+    return torch.randint(0, n, (_SAMPLE,), generator=gen, device=device)
+
+
 def _kth_value(values: Tensor, k: int, largest: bool) -> Tensor:
     """The k-th largest (or smallest) entry of a 1-D tensor, exactly.
 
-    For large inputs a strided sample estimates a threshold a little beyond the k-th value; only
+    For large inputs a random sample estimates a threshold a little beyond the k-th value; only
     the entries past it (about 1.25 k) go through ``kthvalue``, and none do when the k-th value is
     the pivot itself. If the estimate was too tight, the
     full tensor is used: the answer is exact either way, only the cost differs.
     """
     n = values.numel()
     if n >= SAMPLED_MIN and 4 * k <= n:
-        sample = values[:: n // _SAMPLE]
+        sample = values[_sample_positions(n, values.device)]
         s = sample.numel()
         expected = k * s / n
         j = min(s, int(1.25 * expected + 4 * math.sqrt(expected) + 16))  # rank inside the sample
@@ -92,7 +104,7 @@ def _split_at_sampled_pivot(
     flat: Tensor, cand: Tensor, k: int, n_cand: int, largest: bool
 ) -> tuple[Tensor, Tensor] | None:
     """:func:`_split` without ranking every candidate, for when most positions are candidates
-    and few are wanted (growth): a pivot estimated from a strided sample to lie a little beyond
+    and few are wanted (growth): a pivot estimated from a random sample to lie a little beyond
     the k-th best leaves a short list of candidates at or past it, which holds every candidate
     better than the k-th best and every one tied with it. None when there is no point in
     sampling or the estimate fell short (fewer than ``k`` reached the pivot).
@@ -104,18 +116,21 @@ def _split_at_sampled_pivot(
     n = flat.numel()
     if n < SAMPLED_MIN or 2 * n_cand < n or 4 * k > n_cand:
         return None
-    step = n // _SAMPLE
-    sample = flat[::step][cand[::step]]
+    pos = _sample_positions(n, flat.device)
+    sample = flat[pos][cand[pos]]
     s = sample.numel()
     if s == 0:
         return None
     expected = k * s / n_cand
-    j = min(s, int(1.25 * expected + 4 * math.sqrt(expected) + 16))  # rank inside the sample
-    pivot = torch.kthvalue(sample, s - j + 1 if largest else j).values
-    reached = torch.ge(flat, pivot) if largest else torch.le(flat, pivot)
-    reached.logical_and_(cand)
-    n_reached = int(torch.count_nonzero(reached))
-    if n_reached < k:
+    for margin in (1, 4):  # a second, wider try before ranking every candidate
+        j = min(s, int(margin * (1.25 * expected + 4 * math.sqrt(expected) + 16)))  # rank inside
+        pivot = torch.kthvalue(sample, s - j + 1 if largest else j).values
+        reached = torch.ge(flat, pivot) if largest else torch.le(flat, pivot)
+        reached.logical_and_(cand)
+        n_reached = int(torch.count_nonzero(reached))
+        if n_reached >= k:
+            break
+    else:
         return None
     if n_reached > 2 * k + _SAMPLE:
         past = torch.gt(flat, pivot) if largest else torch.lt(flat, pivot)
