@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -149,7 +150,9 @@ class TorchOps:
 
     @staticmethod
     def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
-        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
+        with warnings.catch_warnings():  # torch's "CSR support is in beta" note, once per user
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
 
     def pack(self, x: Tensor) -> Tensor:
         b, f = x.shape
