@@ -96,10 +96,10 @@ class _Layer:
             tensor.dtype.itemsize == z.dtype.itemsize
             and tensor.shape == z.shape
             and tensor.device == z.device
-            and tensor.is_contiguous()
         ):
+            # elementwise by index: any memory format (e.g. channels_last) gives the same result
             tensor.view(z.dtype).bitwise_and_(z)
-        else:  # e.g. a gradient in another dtype or memory format than the weight
+        else:  # e.g. a gradient in another dtype than the weight
             tensor.masked_fill_(~self.mask, 0)
 
     def sync_device(self) -> None:
