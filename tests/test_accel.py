@@ -296,6 +296,20 @@ def test_auto_mode_times_each_layer_on_the_real_shape() -> None:
     assert "dense ms" in str(report)
 
 
+def test_layers_limits_what_is_accelerated() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = sl.sparsify(model, opt, method="static", density=0.2)
+    with pytest.raises(ValueError, match=r"\['1.weight'\] are not sparsified weights"):
+        accelerate(model, engine, mode="sparse", layers=["1.weight"])
+    report = accelerate(model, engine, mode="sparse", layers=["2.weight"])
+    assert report.accelerated == ["2.weight"]
+    assert isinstance(model[2], SparseLinear)
+    assert type(model[0]) is nn.Linear
+    assert [c.reason for c in report.layers] == ["not in layers", "forced"]
+
+
 def test_momentum_window_validation() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

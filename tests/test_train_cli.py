@@ -87,6 +87,29 @@ def test_a_run_directory_holds_everything(tmp_path: Path, data_dir: Path) -> Non
     assert state["epoch"] == 3
 
 
+def test_accelerate_auto_times_the_layers_on_a_training_batch(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    cfg = small(data_dir, method="rigl", accelerate="auto", sparsity={"update_every": 7})
+    summary = train(cfg, tmp_path / "run", progress=False)
+    report = (tmp_path / "run" / "acceleration.txt").read_text()
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        assert name in report
+    assert "dense ms" in report
+    assert "forced" not in report  # timed, on the batch's real shapes
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    chosen = [line.split()[0] for line in report.splitlines()[1:] if " sparse " in line]
+    assert state["accelerated"] == chosen
+    assert summary["final_density"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_accelerate_rejects_bad_values_and_amp(data_dir: Path) -> None:
+    with pytest.raises(ValueError, match="accelerate must be 'off', 'auto'"):
+        small(data_dir, accelerate="yes")
+    with pytest.raises(ValueError, match="accelerate and amp cannot be combined"):
+        small(data_dir, accelerate="sparse", amp=True)
+
+
 def test_an_existing_run_is_not_overwritten(tmp_path: Path, data_dir: Path) -> None:
     cfg = small(data_dir, epochs=1)
     train(cfg, tmp_path / "run", progress=False)
@@ -101,9 +124,11 @@ def test_an_existing_run_is_not_overwritten(tmp_path: Path, data_dir: Path) -> N
 
 
 # rigl: dense-gradient capture at updates; set: random growth from the engine's generator
-@pytest.mark.parametrize("method", ["rigl", "set"])
+@pytest.mark.parametrize(
+    ("method", "extra"), [("rigl", []), ("set", []), ("rigl", ["--accelerate", "sparse"])]
+)
 def test_resume_after_a_kill_gives_the_same_final_numbers(
-    tmp_path: Path, data_dir: Path, method: str
+    tmp_path: Path, data_dir: Path, method: str, extra: list[str]
 ) -> None:
     args = [
         "--model",
@@ -123,7 +148,7 @@ def test_resume_after_a_kill_gives_the_same_final_numbers(
         "1",
         "--no-progress",
     ]
-    args += ["--density", "0.1", "--update-every", "17"]
+    args += ["--density", "0.1", "--update-every", "17", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "sparselearn.cli", "train", *args]
     reference = subprocess.run(
@@ -171,6 +196,11 @@ def test_resume_after_a_kill_gives_the_same_final_numbers(
     sb = torch.load(killed / "checkpoint.pt", weights_only=True)
     for name, tensor in sa["model"].items():
         assert torch.equal(tensor, sb["model"][name]), name
+    if extra:  # the resumed run computed with the same sparse layers as the first launch
+        assert sa["accelerated"] == sb["accelerated"] == ["fc1.weight", "fc2.weight", "fc3.weight"]
+        assert any(name.endswith("weight_sparse.values") for name in sb["model"])
+        report = (tmp_path / "straight" / "acceleration.txt").read_text()
+        assert report.count("forced") == 3
 
 
 def test_every_engine_option_is_a_flag_and_a_config_key(tmp_path: Path) -> None:
@@ -331,3 +361,16 @@ def test_demo(
     assert "sparse_momentum (5%)" in out
     assert "13,310 / 266,200" in out  # 5% of LeNet-300-100's weights
     assert "5.0%" in out  # inference FLOPs relative to dense
+
+
+def test_a_checkpoint_from_before_an_option_existed_still_resumes(data_dir: Path) -> None:
+    from sparselearn.train import _jsonable, _same_config
+
+    cfg = small(data_dir)
+    saved = _jsonable(cfg.to_dict())
+    older = {k: v for k, v in saved.items() if k != "accelerate"}  # written before it existed
+    assert _same_config(older, cfg)
+    assert not _same_config({**older, "lr": 0.5}, cfg)
+    assert not _same_config({**saved, "accelerate": "sparse"}, cfg)
+    assert not _same_config({**saved, "no_such_option": 1}, cfg)
+    assert not _same_config(None, cfg)

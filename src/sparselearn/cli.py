@@ -41,6 +41,8 @@ _HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "amp": "mixed precision (float16 with a grad scaler on CUDA, bfloat16 on CPU)",
     "grad_clip": "clip the gradient norm to this value",
+    "accelerate": "compute with the sparse weights (sl.accelerate): off; auto (time each "
+    "layer on a training batch, keep the faster); sparse (every supported layer)",
     "eval_batch_size": "batch size for evaluation",
     # engine options
     "update_every": "optimizer steps between mask updates, or 'epoch'; 0: never",

@@ -68,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     grad_clip: float | None = None
+    accelerate: str = "off"
     eval_batch_size: int = 1000
     sparsity: Mapping[str, Any] = field(default_factory=dict)  # engine options that were set
 
@@ -88,6 +89,16 @@ class TrainConfig:
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError(
                 f"lr_milestones are fractions of training in (0, 1), got {self.lr_milestones}"
+            )
+        if self.accelerate not in ("off", "auto", "sparse"):
+            raise ValueError(
+                f"accelerate must be 'off', 'auto' (time each layer, keep the faster) or "
+                f"'sparse' (every supported layer), got {self.accelerate!r}"
+            )
+        if self.accelerate != "off" and self.amp:
+            raise ValueError(
+                "accelerate and amp cannot be combined: the sparse kernels compute in the "
+                "weights' dtype (float32); drop one of them"
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -329,15 +340,20 @@ def train(
 
     metrics: list[dict[str, Any]] = []
     start_epoch, wall = 0, 0.0
+    state: dict[str, Any] | None = None
     if resume:
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("config") != _jsonable(
-            cfg.to_dict()
-        ):
+        if state.get("format") != CHECKPOINT_FORMAT or not _same_config(state.get("config"), cfg):
             raise ValueError(
                 f"{checkpoint_path} was written by a different configuration; resume with the "
                 f"run's own config ({out / 'config.yaml'})"
             )
+    accelerated: list[str] = []
+    if cfg.accelerate != "off":
+        accelerated = _accelerate(
+            cfg, model, engine, data, device, None if state is None else state["accelerated"], out
+        )
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         engine.load_state_dict(state["engine"])
@@ -454,6 +470,7 @@ def train(
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "torch_rng": torch.get_rng_state(),
                 "wall_time": wall,
+                "accelerated": accelerated,
             },
         )
         if on_epoch is not None:
@@ -467,6 +484,50 @@ def train(
     plot_run(metrics, out / "plots")
     engine.remove()
     return summary
+
+
+def _same_config(saved: Any, cfg: TrainConfig) -> bool:
+    """``saved`` (a checkpoint's config) describes ``cfg``; options added to sparselearn after
+    the checkpoint was written count as their defaults."""
+    if not isinstance(saved, dict):
+        return False
+    try:
+        filled = TrainConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        return False
+    return _jsonable(filled) == _jsonable(cfg.to_dict())
+
+
+def _accelerate(
+    cfg: TrainConfig,
+    model: nn.Module,
+    engine: SparseEngine,
+    data: Any,
+    device: torch.device,
+    saved: list[str] | None,
+    out: Path,
+) -> list[str]:
+    """``sl.accelerate`` for a run: timed on a real training batch (``auto``) or forced
+    (``sparse``); a resumed run re-applies the layers its first launch chose. The per-layer
+    report goes to ``acceleration.txt``; returns the names of the accelerated weights (kept in
+    the checkpoint)."""
+    from .accel import accelerate
+
+    with torch.random.fork_rng(devices=[]):  # timing draws random inputs: keep the run's RNG
+        if saved is not None:
+            report = accelerate(model, engine, mode="sparse", layers=saved)
+        else:
+            x = None
+            if cfg.accelerate == "auto":
+                batches = data.batches(
+                    "train", cfg.batch_size, shuffle=False, seed=cfg.seed, epoch=0, augment=False
+                )
+                x = next(iter(batches))[0].to(device)
+            report = accelerate(model, engine, example_input=x, mode=cfg.accelerate)
+    if saved is None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "acceleration.txt", f"{report}\n")
+    return report.accelerated
 
 
 def summarize(

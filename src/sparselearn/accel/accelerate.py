@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,7 @@ def accelerate(
     mode: str = "auto",
     backend: str = "auto",
     repeats: int = 5,
+    layers: Collection[str] | None = None,
 ) -> AccelerationReport:
     """Replace the engine's sparsified Linear and Conv2d layers with layers that compute with
     the sparse weights, wherever that is faster.
@@ -122,6 +124,9 @@ def accelerate(
             only report).
         backend: ``"auto"``, ``"cpp"`` (compiled kernels) or ``"torch"`` (PyTorch CSR ops).
         repeats: timing repeats per layer (median).
+        layers: if given, only these sparsified weights (names as in ``engine.masks``) may be
+            accelerated; the others stay dense. With ``mode="sparse"`` this re-applies the
+            choices of an earlier call (``report.accelerated``), e.g. when resuming a run.
 
     The weights and their optimizer state of accelerated layers then take memory proportional
     to their active weights; masks change as before (the sparse structure is rebuilt at each
@@ -132,6 +137,14 @@ def accelerate(
         raise ValueError(f"mode must be 'auto', 'sparse' or 'dense', got {mode!r}")
     if mode == "auto" and example_input is None:
         raise ValueError("mode='auto' times each layer on a real batch: pass example_input")
+    if layers is not None:
+        layers = set(layers)
+        unknown = sorted(layers - set(engine.masks))
+        if unknown:
+            raise ValueError(
+                f"layers {unknown} are not sparsified weights of this engine; "
+                f"choose from {sorted(engine.masks)}"
+            )
     engine._check_attached()
     cfg = engine.config
     growth = engine._growth
@@ -177,6 +190,11 @@ def accelerate(
         if layer.compact:
             report.layers.append(
                 LayerChoice(layer.name, kind, density, None, None, "sparse", "already")
+            )
+            continue
+        if layers is not None and layer.name not in layers:
+            report.layers.append(
+                LayerChoice(layer.name, kind, density, None, None, "dense", "not in layers")
             )
             continue
         if len(found) != 1:
