@@ -516,3 +516,52 @@ def test_register_a_new_method_preset() -> None:
             sl.register_method("test_bad", schedule="fixed", prune=None, growth=None, prune_ratio=1)
     finally:
         sl.METHODS.unregister("test_set_erk")
+
+
+def test_an_elementwise_prune_criterion_sees_only_the_active_weights_and_agrees() -> None:
+    # the same score registered both ways must give the same masks, step for step; the
+    # elementwise one is called on 1-D tensors of the active positions only
+    def score(layer: sl.LayerView) -> torch.Tensor:
+        return (layer.grad * layer.weight).abs() + layer.weight.abs()
+
+    seen: list[tuple[int, ...]] = []
+
+    def elementwise(layer: sl.LayerView) -> torch.Tensor:
+        seen.append(tuple(layer.weight.shape))
+        assert layer.grad.shape == layer.weight.shape == layer.mask.shape
+        return score(layer)
+
+    sl.register_prune("test_whole", needs=("grad",))(score)
+    sl.register_prune("test_elementwise", needs=("grad",), elementwise=True)(elementwise)
+    try:
+        masks = []
+        for prune in ("test_whole", "test_elementwise"):
+            model, opt, engine = setup("rigl", update_every=2, prune=prune, init="uniform")
+            for x, y in batches("mlp", 8):
+                train_step(model, opt, x, y)
+            assert [u.kind for u in engine.history] == ["regrow"] * 4
+            masks.append({k: v.clone() for k, v in engine.masks.items()})
+            engine.remove()
+        assert masks[0].keys() == masks[1].keys()
+        for name in masks[0]:
+            assert torch.equal(masks[0][name], masks[1][name]), name
+        # fc1 (20x32 at 20%: 128 active) and the others: 1-D, the active count each
+        assert seen
+        assert all(len(shape) == 1 for shape in seen)
+        assert (128,) in seen
+    finally:
+        sl.PRUNE.unregister("test_whole")
+        sl.PRUNE.unregister("test_elementwise")
+
+
+def test_an_elementwise_criterion_returning_the_wrong_shape_is_reported() -> None:
+    @sl.register_prune("test_bad_elementwise", elementwise=True)
+    def bad(layer: sl.LayerView) -> torch.Tensor:
+        return layer.weight[:1]
+
+    try:
+        _model, _opt, engine = setup(update_every=0, prune="test_bad_elementwise")
+        with pytest.raises(TypeError, match="must return scores of the shape of its"):
+            engine.update_masks()
+    finally:
+        sl.PRUNE.unregister("test_bad_elementwise")

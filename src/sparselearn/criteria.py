@@ -20,6 +20,7 @@ Register your own with one decorator::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -116,6 +117,21 @@ class LayerView:
         view._cache = self._cache
         return view
 
+    def at(self, idx: Tensor) -> LayerView:
+        """The view restricted to the flat positions ``idx``: 1-D weight, mask and signals (the
+        full signals are computed once and shared). For elementwise prune criteria."""
+        signals = {key: functools.partial(_gather_signal, self, key, idx) for key in self._signals}
+        return LayerView(
+            self.name,
+            self.weight.reshape(-1)[idx],
+            torch.ones(idx.numel(), dtype=torch.bool, device=idx.device),
+            signals=signals,
+        )
+
+
+def _gather_signal(view: LayerView, key: str, idx: Tensor) -> Tensor:
+    return view._signal(key).reshape(-1)[idx]
+
 
 @dataclass(frozen=True)
 class Criterion:
@@ -126,6 +142,7 @@ class Criterion:
     needs: frozenset[str]
     scope: Scope
     doc: str
+    elementwise: bool = False  # prune: a position's score depends only on its own values
 
 
 @dataclass(frozen=True)
@@ -162,16 +179,21 @@ def _check_scope(scope: str) -> Scope:
 
 
 def register_prune(
-    name: str, *, needs: Iterable[str] = (), scope: str = "layer"
+    name: str, *, needs: Iterable[str] = (), scope: str = "layer", elementwise: bool = False
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Register a prune criterion: ``fn(layer) -> scores``; the lowest-scoring active weights go.
 
     ``scope="global"`` compares scores across layers (the engine still never empties a layer).
+    ``elementwise=True`` promises that a position's score depends only on the values at that
+    position (``torch.abs(layer.weight)`` does; a rank within the layer, or ``layer.rand()``,
+    does not): the engine may then call ``fn`` on a view of the active weights only, with 1-D
+    tensors, which saves a pass over the whole layer when few weights are active.
     """
     needs_set, scope_v = _check_needs(needs), _check_scope(scope)
 
     def decorator(fn: ScoreFn) -> ScoreFn:
-        PRUNE.register(name, Criterion(name, fn, needs_set, scope_v, (fn.__doc__ or "").strip()))
+        doc = (fn.__doc__ or "").strip()
+        PRUNE.register(name, Criterion(name, fn, needs_set, scope_v, doc, elementwise))
         return fn
 
     return decorator
@@ -211,7 +233,7 @@ def register_redistribution(name: str, *, needs: Iterable[str] = ()) -> Callable
 # ----------------------------------------------------------------------------- prune criteria
 
 
-@register_prune("magnitude")
+@register_prune("magnitude", elementwise=True)
 def magnitude(layer: LayerView) -> Tensor:
     """Smallest |w| goes (sparse momentum, RigL, SET-style magnitude pruning, GMP)."""
     return layer.weight.abs()

@@ -10,7 +10,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -755,6 +755,36 @@ class SparseEngine:
             out.append(s)
         return out
 
+    def _prune_scores(self, views: list[LayerView]) -> list[Tensor | _ActiveScores] | str:
+        """Prune scores per layer. An elementwise layer-scope criterion (magnitude) is evaluated
+        on the active weights only where they are fewer than half: the scores of those
+        positions, with the positions, instead of a pass over the whole layer."""
+        crit = self._prune
+        assert crit is not None
+        if not (crit.elementwise and crit.scope == "layer"):
+            whole = self._scores(crit, views)
+            return whole if isinstance(whole, str) else list[Tensor | _ActiveScores](whole)
+        out: list[Tensor | _ActiveScores] = []
+        for view, layer in zip(views, self._layers, strict=True):
+            if 2 * layer.active >= layer.numel:
+                full = self._scores(crit, [view])
+                if isinstance(full, str):
+                    return full
+                out.append(full[0])
+                continue
+            idx = view.mask.reshape(-1).nonzero().squeeze(1)
+            s = crit.fn(view.at(idx))
+            if not isinstance(s, Tensor) or s.shape != idx.shape:
+                raise TypeError(
+                    f"elementwise criterion {crit.name!r} must return scores of the shape of "
+                    f"its (1-D) inputs, {tuple(idx.shape)} for {view.name}, got "
+                    f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
+                )
+            if not _finite(s):
+                return f"criterion {crit.name!r} gave non-finite scores for {view.name}"
+            out.append(_ActiveScores(idx, s))
+        return out
+
     def _select_across(
         self, scores: list[Tensor], candidates: list[Tensor], k: int, *, largest: bool = True
     ) -> list[Tensor]:
@@ -770,7 +800,11 @@ class SparseEngine:
         return out
 
     def _prune_sets(
-        self, views: list[LayerView], scores: list[Tensor], remove: list[int], total_free: int
+        self,
+        views: list[LayerView],
+        scores: list[Tensor | _ActiveScores],
+        remove: list[int],
+        total_free: int,
     ) -> list[Tensor]:
         """Bool tensors of the positions to prune. Fixed layers and layer-scope criteria remove
         ``remove[i]`` per layer; a global criterion removes ``total_free`` across the free layers,
@@ -782,21 +816,31 @@ class SparseEngine:
         for i, (view, s) in enumerate(zip(views, scores, strict=True)):
             if glob and i in free:
                 continue
+            if isinstance(s, _ActiveScores):  # scores of the active positions only
+                m = s.idx.numel()
+                every = torch.ones(m, dtype=torch.bool, device=s.idx.device)
+                chosen = bottom_k(
+                    s.scores, every, remove[i], self._generator(s.idx.device), count=m
+                )
+                pruned = torch.zeros(view.mask.numel(), dtype=torch.bool, device=s.idx.device)
+                pruned[s.idx[chosen]] = True
+                out[i] = pruned.view_as(view.mask)
+                continue
             out[i] = bottom_k(
                 s, view.mask, remove[i], self._generator(s.device), count=self._layers[i].active
             )
         if glob:
+            full = [s for s in scores if isinstance(s, Tensor)]
+            assert len(full) == len(scores)  # global criteria are scored over whole layers
             cands = []
             for i in free:
                 mask = views[i].mask
-                best = torch.where(mask, scores[i].float(), -math.inf).argmax()
+                best = torch.where(mask, full[i].float(), -math.inf).argmax()
                 cand = mask.clone()
                 cand.view(-1)[best] = False  # protected: every layer keeps at least one weight
                 cands.append(cand)
-            chosen = self._select_across(
-                [scores[i] for i in free], cands, total_free, largest=False
-            )
-            for i, c in zip(free, chosen, strict=True):
+            across = self._select_across([full[i] for i in free], cands, total_free, largest=False)
+            for i, c in zip(free, across, strict=True):
                 out[i] = c
         return [o for o in out if o is not None]
 
@@ -816,7 +860,7 @@ class SparseEngine:
         room = [n - a for n, a in zip(numel, active, strict=True)]  # inactive before the update
         free = [i for i, layer in enumerate(layers) if not layer.fixed]
 
-        prune_scores = self._scores(self._prune, views)
+        prune_scores = self._prune_scores(views)
         if isinstance(prune_scores, str):
             return self._skip(prune_scores, rate)
         # never empty a layer, and never remove more than can be regrown: a layer that regrows
@@ -926,7 +970,7 @@ class SparseEngine:
         remove = [max(a - t, 0) for a, t in zip(active, target, strict=True)]
         free = [i for i, layer in enumerate(layers) if not layer.fixed]
         total_free = max(sum(active[i] for i in free) - sum(target[i] for i in free), 0)
-        scores = self._scores(self._prune, views)
+        scores = self._prune_scores(views)
         if isinstance(scores, str):
             return self._skip(scores, None)
         pruned = self._prune_sets(views, scores, remove, total_free)
@@ -1048,6 +1092,13 @@ class SparseEngine:
             update.seconds,
         )
         return update
+
+
+class _ActiveScores(NamedTuple):
+    """Prune scores of the active positions only (flat indices ``idx``, ascending)."""
+
+    idx: Tensor
+    scores: Tensor
 
 
 _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
