@@ -483,14 +483,18 @@ def test_a_criterion_reading_an_undeclared_signal_is_told_so() -> None:
         sl.GROWTH.unregister("test_sneaky")
 
 
-def test_a_criterion_returning_the_wrong_shape_is_reported() -> None:
-    @sl.register_prune("test_bad_shape")
+@pytest.mark.parametrize(
+    ("elementwise", "match"),
+    [(False, "must return a tensor of shape"), (True, "must return scores of the shape of its")],
+)
+def test_a_criterion_returning_the_wrong_shape_is_reported(elementwise: bool, match: str) -> None:
+    @sl.register_prune("test_bad_shape", elementwise=elementwise)
     def bad(layer: sl.LayerView) -> torch.Tensor:
-        return layer.weight.reshape(-1)
+        return layer.weight.reshape(-1)[:1]  # neither the weight's shape nor its own input's
 
     try:
         _model, _opt, engine = setup(update_every=0, prune="test_bad_shape")
-        with pytest.raises(TypeError, match="must return a tensor of shape"):
+        with pytest.raises(TypeError, match=match):
             engine.update_masks()
     finally:
         sl.PRUNE.unregister("test_bad_shape")
@@ -552,16 +556,3 @@ def test_an_elementwise_prune_criterion_sees_only_the_active_weights_and_agrees(
     finally:
         sl.PRUNE.unregister("test_whole")
         sl.PRUNE.unregister("test_elementwise")
-
-
-def test_an_elementwise_criterion_returning_the_wrong_shape_is_reported() -> None:
-    @sl.register_prune("test_bad_elementwise", elementwise=True)
-    def bad(layer: sl.LayerView) -> torch.Tensor:
-        return layer.weight[:1]
-
-    try:
-        _model, _opt, engine = setup(update_every=0, prune="test_bad_elementwise")
-        with pytest.raises(TypeError, match="must return scores of the shape of its"):
-            engine.update_masks()
-    finally:
-        sl.PRUNE.unregister("test_bad_elementwise")
