@@ -513,7 +513,9 @@ def _accelerate(
     the checkpoint)."""
     from .accel import accelerate
 
-    with torch.random.fork_rng(devices=[]):  # timing draws random inputs: keep the run's RNG
+    # timing draws random inputs on the layers' device: keep the run's RNG, there too
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         if saved is not None:
             report = accelerate(model, engine, mode="sparse", layers=saved)
         else:
