@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import Any
 
@@ -47,9 +48,11 @@ def test_the_compiled_kernels_build_here() -> None:
 @pytest.mark.parametrize("batch", [1, 5, 20, 64, 100, 130])  # panel widths 16, 32, 64; padding
 @pytest.mark.parametrize("density", [0.15, 0.6])  # 0.6: rows of > 16 non-zeros (blocked path)
 def test_linear_matches_the_dense_masked_layer(backend: str, batch: int, density: float) -> None:
+    # the sparse layer gets its own copy of the parameters (it would share the bias otherwise,
+    # and the bias gradients compared below would be one tensor)
     torch.manual_seed(batch)
     lin, mask = masked_linear(70, 50, density, torch.float32)
-    sparse = SparseLinear(lin, mask, backend)
+    sparse = SparseLinear(copy.deepcopy(lin), mask, backend)
     x = torch.randn(batch, 70, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     g = torch.randn(batch, 50)
@@ -62,6 +65,55 @@ def test_linear_matches_the_dense_masked_layer(backend: str, batch: int, density
     assert torch.allclose(
         sparse.weight_sparse.values.grad, lin.weight.grad[mask], rtol=1e-4, atol=1e-5
     )
+    assert torch.allclose(sparse.bias.grad, lin.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wanted", ["input", "weight", "bias", "input+weight"])
+def test_linear_gradients_when_only_some_are_wanted(backend: str, wanted: str) -> None:
+    # the backward takes different kernels for one gradient and for both: each must be right
+    torch.manual_seed(3)
+    lin, mask = masked_linear(40, 30, 0.2, torch.float32)
+    sparse = SparseLinear(copy.deepcopy(lin), mask, backend)
+    sparse.weight_sparse.values.requires_grad_("weight" in wanted)
+    assert sparse.bias is not None
+    sparse.bias.requires_grad_("bias" in wanted)
+    x = torch.randn(70, 40, requires_grad="input" in wanted)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(70, 30)
+    sparse(x).backward(g)
+    lin(x_ref).backward(g)
+    assert (x.grad is not None) == ("input" in wanted)
+    if x.grad is not None:
+        assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    values = sparse.weight_sparse.values
+    assert (values.grad is not None) == ("weight" in wanted)
+    if values.grad is not None:
+        assert torch.allclose(values.grad, lin.weight.grad[mask], rtol=1e-4, atol=1e-5)
+    assert (sparse.bias.grad is not None) == ("bias" in wanted)
+    if sparse.bias.grad is not None:
+        assert torch.allclose(sparse.bias.grad, lin.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["expanded", "transposed", "sliced", "row_broadcast"])
+def test_pack_reads_any_strides(backend: str, layout: str) -> None:
+    # what autograd hands the backward (sum().backward() gives an expanded tensor) is packed
+    # as it is, without a copy first: panels and column sums equal those of a contiguous copy
+    torch.manual_seed(4)
+    x = {
+        "expanded": torch.tensor(2.5).expand(70, 33),
+        "transposed": torch.randn(33, 70).t(),
+        "sliced": torch.randn(70, 66)[:, ::2],
+        "row_broadcast": torch.randn(33).expand(70, 33),
+    }[layout]
+    assert not x.is_contiguous()
+    ops = ops_for(x, backend)
+    xp, total = ops.pack_sum(x)
+    ref = TorchOps().pack(x.contiguous())
+    assert torch.equal(xp, ref)
+    assert torch.equal(ops.pack(x), ref)
+    assert torch.allclose(total, x.contiguous().sum(0), rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,7 +158,8 @@ def test_gradcheck_float64(backend: str) -> None:
 def test_fallback_equals_compiled() -> None:
     torch.manual_seed(1)
     lin, mask = masked_linear(200, 150, 0.05, torch.float64)
-    a, b = SparseLinear(lin, mask, "cpp"), SparseLinear(lin, mask, "torch")
+    a = SparseLinear(copy.deepcopy(lin), mask, "cpp")
+    b = SparseLinear(copy.deepcopy(lin), mask, "torch")
     x = torch.randn(70, 200, dtype=torch.float64)
     g = torch.randn(70, 150, dtype=torch.float64)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -118,6 +171,7 @@ def test_fallback_equals_compiled() -> None:
     assert torch.allclose(
         a.weight_sparse.values.grad, b.weight_sparse.values.grad, rtol=1e-12, atol=1e-12
     )
+    assert torch.allclose(a.bias.grad, b.bias.grad, rtol=1e-12, atol=1e-12)
     assert isinstance(ops_for(x, "torch"), TorchOps)
 
 
@@ -364,7 +418,7 @@ def test_linear_kernels_property(
     x_ref = x.clone().requires_grad_()
     lin(x_ref).backward(g)
     for backend in BACKENDS:
-        sparse = SparseLinear(lin, mask, backend)
+        sparse = SparseLinear(copy.deepcopy(lin), mask, backend)
         xs = x.clone().requires_grad_()
         y = sparse(xs)
         y.backward(g)
@@ -373,6 +427,7 @@ def test_linear_kernels_property(
         assert torch.allclose(
             sparse.weight_sparse.values.grad, lin.weight.grad[mask], rtol=1e-10, atol=1e-10
         )
+        assert torch.allclose(sparse.bias.grad, lin.bias.grad, rtol=1e-10, atol=1e-10)
 
 
 @given(

@@ -137,27 +137,51 @@ class SparseWeight(nn.Module):
 
 
 class _SparseLinearFn(torch.autograd.Function):
+    """``x @ W.T + bias`` with W sparse; the bias is added as the output is written, and its
+    gradient (the output gradient summed over the batch) comes from the pass that packs the
+    output gradient."""
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, values: Tensor, weight: SparseWeight, backend: str) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        weight: SparseWeight,
+        backend: str,
+    ) -> Tensor:
         ops = ops_for(x, backend)
         xp = ops.pack(x)  # panels: each non-zero scales one contiguous row of batch values
-        y = ops.spmm(weight.crow, weight.col, values, xp, weight.rows, x.shape[0])
+        y = ops.spmm(weight.crow, weight.col, values, xp, weight.rows, x.shape[0], bias=bias)
         ctx.save_for_backward(xp, values)
         ctx.weight, ctx.ops = weight, ops
         return y
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(
+        ctx: Any, grad_y: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         xp, values = ctx.saved_tensors
         w: SparseWeight = ctx.weight
         ops = ctx.ops
         batch = grad_y.shape[0]
-        gp = ops.pack(grad_y)
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_bias = None
+        if want_b:
+            gp, grad_bias = ops.pack_sum(grad_y)
+        else:
+            gp = ops.pack(grad_y)
+        if want_x and want_w and w.dense_grad_sink is None:
+            # both products in one pass: each row of gp is read once for the two
+            grad_x, grad_values = ops.linear_backward(
+                w.crow, w.col, w.crow_t, w.col_t, w.perm, values, gp, xp, batch
+            )
+            return grad_x, grad_values, grad_bias, None, None
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if want_x:
             grad_x = ops.spmm(w.crow_t, w.col_t, values, gp, w.fan_in, batch, w.perm)
         grad_values = None
-        if ctx.needs_input_grad[1]:
+        if want_w:
             if w.dense_grad_sink is not None:
                 # the full gradient, only on the steps that ask (padding rows are zero)
                 dense = torch.einsum("pow,piw->oi", gp, xp)
@@ -165,7 +189,7 @@ class _SparseLinearFn(torch.autograd.Function):
                 grad_values = dense[w.mask()]
             else:
                 grad_values = ops.sampled(w.crow, w.col, gp, xp)
-        return grad_x, grad_values, None, None
+        return grad_x, grad_values, grad_bias, None, None
 
 
 class _SparseConv2dFn(torch.autograd.Function):
@@ -245,11 +269,13 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B, in)
+        bias = self.bias
+        fused = bias is not None and bias.dtype == x2.dtype and bias.device == x2.device
         y: Tensor = _SparseLinearFn.apply(  # type: ignore[no-untyped-call]
-            x2, self.weight_sparse.values, self.weight_sparse, self.backend
+            x2, self.weight_sparse.values, bias if fused else None, self.weight_sparse, self.backend
         )
-        if self.bias is not None:
-            y = y + self.bias
+        if bias is not None and not fused:
+            y = y + bias
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

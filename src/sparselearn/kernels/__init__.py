@@ -4,10 +4,15 @@ Both backends implement the same operations on a CSR weight (``crow``, ``col``, 
 
 - ``pack(x) -> xp``: activations (batch, features) as panels (nb, features, W): batch rows
   ``p*W .. p*W+W-1`` transposed, zero-padded (``W = panel_width(batch)``), so that each
-  non-zero weight scales one contiguous, cache-resident row of W floats;
-- ``spmm(crow, col, val, xp, rows, batch, perm=None) -> Y``: ``Y = X @ W.T`` (batch, rows),
-  the values read through ``perm`` when given (the transposed product reuses W's values);
+  non-zero weight scales one contiguous, cache-resident row of W floats; ``pack_sum(x)`` also
+  returns the column sums of ``x`` (a bias gradient) from the same pass;
+- ``spmm(crow, col, val, xp, rows, batch, perm=None, bias=None) -> Y``: ``Y = X @ W.T (+ bias)``
+  (batch, rows), the values read through ``perm`` when given (the transposed product reuses W's
+  values);
 - ``sampled(crow, col, gp, xp) -> dval``: ``(G.T @ X)`` at the non-zeros of W only;
+- ``linear_backward(crow, col, crow_t, col_t, perm, val, gp, xp, batch) -> (grad_x, dval)``: both
+  gradients of ``Y = X @ W.T`` (the transposed product and the sampled gradient, ``dval`` in W's
+  CSR order); the compiled kernel walks W^T's CSR once and reads each row of ``gp`` once for both;
 - ``conv2d_forward / conv2d_grad_input / conv2d_grad_weight``: direct sparse convolution on a
   padded NCHW input.
 
@@ -52,6 +57,8 @@ class Ops(Protocol):
 
     def pack(self, x: Tensor) -> Tensor: ...
 
+    def pack_sum(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
     def spmm(
         self,
         crow: Tensor,
@@ -61,9 +68,23 @@ class Ops(Protocol):
         rows: int,
         batch: int,
         perm: Tensor | None = None,
+        bias: Tensor | None = None,
     ) -> Tensor: ...
 
     def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor: ...
+
+    def linear_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        perm: Tensor,
+        val: Tensor,
+        gp: Tensor,
+        xp: Tensor,
+        batch: int,
+    ) -> tuple[Tensor, Tensor]: ...
 
     def conv2d_forward(
         self,
@@ -161,6 +182,9 @@ class TorchOps:
         padded = F.pad(x, (0, 0, 0, nb * w - b))
         return padded.view(nb, w, f).transpose(1, 2).contiguous()
 
+    def pack_sum(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.pack(x), x.sum(0)
+
     @staticmethod
     def _unpanel(xp: Tensor) -> Tensor:
         """Panels (nb, F, W) -> (F, nb * W): the transposed, padded activations."""
@@ -175,10 +199,12 @@ class TorchOps:
         rows: int,
         batch: int,
         perm: Tensor | None = None,
+        bias: Tensor | None = None,
     ) -> Tensor:
         values = val if perm is None else val[perm]
         xt = self._unpanel(xp)
-        return (self._csr(crow, col, values, (rows, xt.shape[0])) @ xt)[:, :batch].t()
+        y = (self._csr(crow, col, values, (rows, xt.shape[0])) @ xt)[:, :batch].t()
+        return y if bias is None else y + bias
 
     def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor:
         gt, xt = self._unpanel(gp), self._unpanel(xp)
@@ -187,6 +213,21 @@ class TorchOps:
         )
         out: Tensor = torch.sparse.sampled_addmm(pattern, gt, xt.T, beta=0.0)
         return out.values()
+
+    def linear_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        perm: Tensor,
+        val: Tensor,
+        gp: Tensor,
+        xp: Tensor,
+        batch: int,
+    ) -> tuple[Tensor, Tensor]:
+        grad_x = self.spmm(crow_t, col_t, val, gp, crow_t.numel() - 1, batch, perm)
+        return grad_x, self.sampled(crow, col, gp, xp)
 
     def _dense(self, crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, ...]) -> Tensor:
         rows = shape[0]
@@ -248,6 +289,10 @@ class CppOps:
         out: Tensor = self._ext.pack(x)
         return out
 
+    def pack_sum(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        xp, total = self._ext.pack_sum(x)
+        return xp, total
+
     def spmm(
         self,
         crow: Tensor,
@@ -257,13 +302,29 @@ class CppOps:
         rows: int,
         batch: int,
         perm: Tensor | None = None,
+        bias: Tensor | None = None,
     ) -> Tensor:
-        out: Tensor = self._ext.spmm(crow, col, val, xp, rows, batch, perm)
+        out: Tensor = self._ext.spmm(crow, col, val, xp, rows, batch, perm, bias)
         return out
 
     def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor:
         out: Tensor = self._ext.sampled(crow, col, gp, xp)
         return out
+
+    def linear_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        perm: Tensor,
+        val: Tensor,
+        gp: Tensor,
+        xp: Tensor,
+        batch: int,
+    ) -> tuple[Tensor, Tensor]:
+        grad_x, dval = self._ext.linear_backward(crow_t, col_t, perm, val, gp, xp, batch)
+        return grad_x, dval
 
     def conv2d_forward(
         self,

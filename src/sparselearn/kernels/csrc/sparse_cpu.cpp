@@ -64,9 +64,12 @@ void gather(const T* src, const int64_t* idx, T* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = src[idx[k]];
 }
 
-// XP[p, f, b] = x[p * W + b, f] (0 past the batch)
+// XP[p, f, b] = x[p * W + b, f] (0 past the batch), x read through strides (sb, sf) so that an
+// expanded or transposed input needs no copy first. With psum (nb, F) given, also
+// psum[p, f] = sum of x[p * W + b, f] over the panel's rows (the column sums, for a bias).
 template <typename T>
-void pack_panels(const T* x, T* XP, int64_t B, int64_t F, int64_t W) {
+void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, int64_t F,
+                 int64_t W) {
   const int64_t nb = (B + W - 1) / W;
   constexpr int64_t kF = 64;  // features per tile: W x kF reads, kF x W writes
 #pragma omp parallel for collapse(2) schedule(static)
@@ -74,21 +77,34 @@ void pack_panels(const T* x, T* XP, int64_t B, int64_t F, int64_t W) {
     for (int64_t f0 = 0; f0 < F; f0 += kF) {
       const int64_t nf = std::min(kF, F - f0);
       T* out = XP + (p * F + f0) * W;
+      T acc[kF] = {};
       for (int64_t b = 0; b < W; ++b) {
         const int64_t row = p * W + b;
         if (row < B) {
-          const T* in = x + row * F + f0;
-          for (int64_t f = 0; f < nf; ++f) out[f * W + b] = in[f];
+          const T* in = x + row * sb + f0 * sf;
+          if (sf == 1) {
+            for (int64_t f = 0; f < nf; ++f) out[f * W + b] = in[f];
+            if (psum)
+              for (int64_t f = 0; f < nf; ++f) acc[f] += in[f];
+          } else {
+            for (int64_t f = 0; f < nf; ++f) out[f * W + b] = in[f * sf];
+            if (psum)
+              for (int64_t f = 0; f < nf; ++f) acc[f] += in[f * sf];
+          }
         } else {
           for (int64_t f = 0; f < nf; ++f) out[f * W + b] = T(0);
         }
       }
+      if (psum)
+        for (int64_t f = 0; f < nf; ++f) psum[p * F + f0 + f] = acc[f];
     }
   }
 }
 
 // out[b] = sum over the non-zeros k in [begin, end) of val[k] * X[col[k], b]. Bound by L2
 // bandwidth here (W / 16 cache lines per non-zero; a second accumulator set does not help).
+// No software prefetch: the out-of-order window already covers the L2 latency, and the
+// prefetch instructions competed with the loads for the load ports (5-10% slower with them).
 template <typename T, int W>
 inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_t end,
                                                            const int64_t* col, const T* val,
@@ -98,11 +114,6 @@ inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_
 #pragma GCC unroll 16
   for (int i = 0; i < NV; ++i) acc[i] = vec_t<T>{};
   for (int64_t k = begin; k < end; ++k) {
-    if (k + kPrefetch < end) {
-      const T* q = X + col[k + kPrefetch] * W;
-#pragma GCC unroll 16
-      for (int i = 0; i < NV; ++i) __builtin_prefetch(q + i * L);
-    }
     const T v = val[k];
     const T* x = X + col[k] * W;
 #pragma GCC unroll 16
@@ -115,8 +126,8 @@ inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_
 // Y[b, r] = sum_k val[k] * XP[p, col[k], b - p W] over the non-zeros k of row r. Y is written in
 // the ordinary (batch, rows) layout through a small tile, so that its stores stay contiguous.
 template <typename T, int W>
-void spmm_panels(const int64_t* crow, const int64_t* col, const T* val, const T* XP, T* Y,
-                 int64_t rows, int64_t F, int64_t B) {
+void spmm_panels(const int64_t* crow, const int64_t* col, const T* val, const T* XP,
+                 const T* bias, T* Y, int64_t rows, int64_t F, int64_t B) {
   const int64_t nb = (B + W - 1) / W;
   constexpr int64_t kRows = 16;  // rows per tile
   const int64_t ntiles = (rows + kRows - 1) / kRows;
@@ -136,7 +147,10 @@ void spmm_panels(const int64_t* crow, const int64_t* col, const T* val, const T*
       }
       for (int64_t b = 0; b < nvalid; ++b) {
         T* y = Y + (p * W + b) * rows + r0;
-        for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b];
+        if (bias)
+          for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b] + bias[r0 + j];
+        else
+          for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b];
       }
     }
   }
@@ -223,28 +237,152 @@ void sampled_panels(const int64_t* crow, const int64_t* col, const T* GP, const 
   }
 }
 
+
+// Both backward products in one pass over the CSR of W^T (rows c: input features; non-zeros
+// k = (c, r = colT[k]) with values valT in that order):
+//   GX[b, c] = sum_k valT[k] * GP[p, r, b - p W]  (the input gradient, G @ W)
+//   dvalT[k] = sum_b GP[p, r, b] * XP[p, c, b]    (the weight gradient at the non-zeros)
+// Each non-zero reads one random row of the G panel (from L2: the limit, as in spmm); here that
+// one read serves both products, where two separate kernels read a row each.
+// One parallel region (each region costs a wake-up of the threads): valT = val[perm], the
+// products, then dval[perm] = dvalT, so that dval comes back in W's CSR order.
+template <typename T, int W>
+void backward_panels(const int64_t* crowT, const int64_t* colT, const int64_t* perm,
+                     const T* val, T* valT, const T* GP, const T* XP, T* GX, T* dvalT, T* dval,
+                     int64_t rows, int64_t F, int64_t B) {
+  constexpr int L = kLanes<T>, NV = W / L;
+  const int64_t nb = (B + W - 1) / W, nnz = crowT[F];
+  constexpr int64_t kRows = 16;  // rows of W^T per tile (for contiguous stores of GX)
+  const int64_t ntiles = (F + kRows - 1) / kRows;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+  for (int64_t k = 0; k < nnz; ++k) valT[k] = val[perm[k]];
+  for (int64_t p = 0; p < nb; ++p) {
+    const T* G = GP + p * rows * W;
+    const T* X = XP + p * F * W;
+    const int64_t nvalid = std::min<int64_t>(W, B - p * W);
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < ntiles; ++t) {
+      alignas(64) T tile[kRows][W];
+      const int64_t c0 = t * kRows, nr = std::min(kRows, F - c0);
+      for (int64_t j = 0; j < nr; ++j) {
+        const int64_t c = c0 + j;
+        vec_t<T> xc[NV], acc[NV];
+#pragma GCC unroll 16
+        for (int i = 0; i < NV; ++i) {
+          xc[i] = loadv<T>(X + c * W + i * L);
+          acc[i] = vec_t<T>{};
+        }
+        const int64_t begin = crowT[c], end = crowT[c + 1];
+        if constexpr (std::is_same_v<T, float>) {
+          // sixteen non-zeros at a time (the last group padded with zeros): their sixteen
+          // lane-wise partial dot products reduce to one register of sums (see sampled_panels)
+          constexpr int kRev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+          for (int64_t k = begin; k < end; k += 16) {
+            const int m = int(std::min<int64_t>(16, end - k));
+            v16f s[16];
+#pragma GCC unroll 16
+            for (int q = 0; q < 16; ++q) {
+              if (q < m) {
+                const float* g = G + colT[k + q] * W;
+                const float v = valT[k + q];
+                v16f d = v16f{};
+#pragma GCC unroll 4
+                for (int i = 0; i < NV; ++i) {
+                  const v16f gi = load16(g + 16 * i);
+                  acc[i] += v * gi;
+                  d += gi * xc[i];
+                }
+                s[kRev[q]] = d;
+              } else {
+                s[kRev[q]] = v16f{};
+              }
+            }
+            v16f s8[8], s4[4], s2[2];
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; ++i) s8[i] = fold<8>(s[2 * i], s[2 * i + 1]);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) s4[i] = fold<4>(s8[2 * i], s8[2 * i + 1]);
+            s2[0] = fold<2>(s4[0], s4[1]);
+            s2[1] = fold<2>(s4[2], s4[3]);
+            v16f sum = fold<1>(s2[0], s2[1]);
+            if (m == 16) {
+              if (p > 0) sum += load16(dvalT + k);
+              __builtin_memcpy(dvalT + k, &sum, sizeof sum);
+            } else {
+              for (int q = 0; q < m; ++q) dvalT[k + q] = (p > 0 ? dvalT[k + q] : 0.0f) + sum[q];
+            }
+          }
+        } else {
+          for (int64_t k = begin; k < end; ++k) {
+            const T* g = G + colT[k] * W;
+            const T v = valT[k];
+            vec_t<T> d = vec_t<T>{};
+#pragma GCC unroll 16
+            for (int i = 0; i < NV; ++i) {
+              const vec_t<T> gi = loadv<T>(g + i * L);
+              acc[i] += v * gi;
+              d += gi * xc[i];
+            }
+            T dot = T(0);
+#pragma GCC unroll 16
+            for (int l = 0; l < L; ++l) dot += d[l];
+            dvalT[k] = (p > 0 ? dvalT[k] : T(0)) + dot;
+          }
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < NV; ++i) storev<T>(tile[j] + i * L, acc[i]);
+      }
+      for (int64_t b = 0; b < nvalid; ++b) {
+        T* y = GX + (p * W + b) * F + c0;
+        for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b];
+      }
+    }
+  }
+#pragma omp barrier
+#pragma omp for schedule(static)
+  for (int64_t k = 0; k < nnz; ++k) dval[perm[k]] = dvalT[k];
+  }
+}
+
 }  // namespace
 
 int64_t panel_width(int64_t batch) { return batch >= 64 ? 64 : batch > 16 ? 32 : 16; }
 
-torch::Tensor pack(torch::Tensor x) {
+// Panels of x (any strides) and, with want_sum, the column sums of x (sum over the batch).
+std::vector<torch::Tensor> pack_impl(const torch::Tensor& x, bool want_sum) {
   TORCH_CHECK(x.dim() == 2, "pack expects a (batch, features) matrix");
-  auto xc = x.contiguous();
-  const int64_t B = xc.size(0), F = xc.size(1), W = panel_width(B);
-  auto XP = torch::empty({(B + W - 1) / W, F, W}, xc.options());
-  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "pack", [&] {
-    pack_panels<scalar_t>(xc.data_ptr<scalar_t>(), XP.data_ptr<scalar_t>(), B, F, W);
+  const int64_t B = x.size(0), F = x.size(1), W = panel_width(B), nb = (B + W - 1) / W;
+  auto XP = torch::empty({nb, F, W}, x.options());
+  auto psum = want_sum ? torch::empty({nb, F}, x.options()) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pack", [&] {
+    pack_panels<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                          XP.data_ptr<scalar_t>(),
+                          want_sum ? psum.data_ptr<scalar_t>() : nullptr, B, F, W);
   });
-  return XP;
+  if (!want_sum) return {XP};
+  return {XP, psum.sum(0)};
 }
 
+torch::Tensor pack(torch::Tensor x) { return pack_impl(x, false)[0]; }
+
+std::vector<torch::Tensor> pack_sum(torch::Tensor x) { return pack_impl(x, true); }
+
 torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, torch::Tensor XP,
-                   int64_t rows, int64_t batch, c10::optional<torch::Tensor> perm) {
+                   int64_t rows, int64_t batch, c10::optional<torch::Tensor> perm,
+                   c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(XP.dim() == 3 && XP.is_contiguous(), "XP must be contiguous panels (nb, F, W)");
   TORCH_CHECK(crow.numel() == rows + 1, "crow must have rows + 1 entries");
   const int64_t W = XP.size(2);
   TORCH_CHECK(W == panel_width(batch) && XP.size(0) == (batch + W - 1) / W, "XP/batch mismatch");
   auto Y = torch::empty({batch, rows}, XP.options());
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.numel() == rows && b.scalar_type() == XP.scalar_type(),
+                "bias must have one entry per row, of the panels' dtype");
+  }
   // values in this CSR's order: a gather for the transposed matrix (cheaper than reading
   // val[perm[k]] at random inside the kernel)
   auto v = perm.has_value() ? torch::empty_like(val) : val.contiguous();
@@ -255,7 +393,8 @@ torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, tor
     auto run = [&](auto w) {
       spmm_panels<scalar_t, decltype(w)::value>(
           crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), v.data_ptr<scalar_t>(),
-          XP.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), rows, XP.size(1), batch);
+          XP.data_ptr<scalar_t>(), bias.has_value() ? b.data_ptr<scalar_t>() : nullptr,
+          Y.data_ptr<scalar_t>(), rows, XP.size(1), batch);
     };
     if (W == 64) run(std::integral_constant<int, 64>{});
     else if (W == 32) run(std::integral_constant<int, 32>{});
@@ -282,6 +421,39 @@ torch::Tensor sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor GP, t
     else TORCH_CHECK(false, "panel width must be 16, 32 or 64");
   });
   return dval;
+}
+
+// (grad_x (batch, F), dval (nnz,) in the CSR order of W) for y = x @ W.T, from panels of the
+// output gradient (GP) and of the input (XP); W^T's CSR with perm: valT[k] = val[perm[k]].
+std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor colT,
+                                           torch::Tensor perm, torch::Tensor val,
+                                           torch::Tensor GP, torch::Tensor XP, int64_t batch) {
+  TORCH_CHECK(GP.is_contiguous() && XP.is_contiguous(), "GP and XP must be contiguous panels");
+  TORCH_CHECK(GP.dim() == 3 && XP.dim() == 3 && GP.size(0) == XP.size(0) &&
+                  GP.size(2) == XP.size(2),
+              "GP and XP panels differ");
+  const int64_t F = XP.size(1), rows = GP.size(1), W = XP.size(2), nnz = colT.numel();
+  TORCH_CHECK(crowT.numel() == F + 1, "crowT must have one row per input feature (+1)");
+  TORCH_CHECK(perm.numel() == nnz && val.numel() == nnz, "perm and val must have nnz entries");
+  TORCH_CHECK(W == panel_width(batch) && XP.size(0) == (batch + W - 1) / W, "XP/batch mismatch");
+  auto GX = torch::empty({batch, F}, XP.options());
+  auto valT = torch::empty({nnz}, XP.options());
+  auto dvalT = torch::empty({nnz}, XP.options());
+  auto dval = torch::empty({nnz}, XP.options());
+  auto v = val.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "linear_backward", [&] {
+    auto run = [&](auto w) {
+      backward_panels<scalar_t, decltype(w)::value>(
+          crowT.data_ptr<int64_t>(), colT.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
+          v.data_ptr<scalar_t>(), valT.data_ptr<scalar_t>(), GP.data_ptr<scalar_t>(),
+          XP.data_ptr<scalar_t>(), GX.data_ptr<scalar_t>(), dvalT.data_ptr<scalar_t>(),
+          dval.data_ptr<scalar_t>(), rows, F, batch);
+    };
+    if (W == 64) run(std::integral_constant<int, 64>{});
+    else if (W == 32) run(std::integral_constant<int, 32>{});
+    else run(std::integral_constant<int, 16>{});
+  });
+  return {GX, dval};
 }
 
 // ------------------------------------------------------------------ direct sparse convolution
@@ -575,11 +747,14 @@ torch::Tensor conv2d_grad_weight(torch::Tensor crow, torch::Tensor col, torch::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "x (batch, features) -> panels (nb, features, W), zero-padded");
+  m.def("pack_sum", &pack_sum, "(panels of x, the column sums of x)");
   m.def("panel_width", &panel_width, "the panel width W used for a batch size");
   m.def("spmm", &spmm, "Y (batch, rows) = X @ CSR(W)^T from panels; values read through perm",
         py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("XP"), py::arg("rows"),
-        py::arg("batch"), py::arg("perm") = py::none());
+        py::arg("batch"), py::arg("perm") = py::none(), py::arg("bias") = py::none());
   m.def("sampled", &sampled, "dW at the non-zeros from panels of G and X");
+  m.def("linear_backward", &linear_backward,
+        "(grad_x, dW at the non-zeros) in one pass over the CSR of W^T");
   m.def("conv2d_forward", &conv2d_forward, "direct sparse convolution");
   m.def("conv2d_grad_input", &conv2d_grad_input, "gradient of the padded input");
   m.def("conv2d_grad_weight", &conv2d_grad_weight, "gradient at the non-zero weights");
