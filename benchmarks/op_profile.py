@@ -3,8 +3,9 @@
 Usage: ``make bench`` (or ``python benchmarks/op_profile.py --out docs/performance.md``).
 
 - Linear layers: each kernel of a sparse training step timed alone (packing the activations
-  into panels, the forward product, the transposed product, the sampled weight gradient) with
-  its GFLOP/s, next to the dense matmul's;
+  into panels, the forward product, the one-pass backward, and the transposed product and the
+  sampled weight gradient each alone) with their GFLOP/s, next to the dense matmul's; and the
+  step of a layer with no non-zeros (the fixed costs);
 - the MLP's inference, op by op (torch profiler), dense and sparse;
 - the per-layer choices of ``sl.accelerate`` on VGG-D and WRN-16-8;
 - the cost of keeping the gradient masked on a layer that stays dense.
@@ -30,6 +31,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import sparselearn as sl
+from sparselearn.accel import SparseLinear
 from sparselearn.accel.layers import csr_structure
 from sparselearn.kernels import ops_for
 from sparselearn.models import create_model
@@ -49,8 +51,9 @@ def median_ms(fn: Callable[[], object], repeats: int = 9) -> float:
     return 1e3 * statistics.median(times)
 
 
-def kernel_times(n: int, density: float, batch: int) -> tuple[float, float, float, float, int]:
-    """Median ms of pack, W x, W^T g and sampled dW for an n x n layer; and its non-zeros."""
+def kernel_times(n: int, density: float, batch: int) -> tuple[float, ...]:
+    """Median ms of pack, W x, the one-pass backward (W^T g and dW), and of W^T g and dW each
+    alone (the kernels used when only one gradient is wanted); and the non-zeros."""
     x, g = torch.randn(batch, n), torch.randn(batch, n)
     mask = torch.rand(n, n, generator=torch.Generator().manual_seed(0)) < density
     crow, col, crow_t, col_t, perm = csr_structure(mask)
@@ -60,6 +63,7 @@ def kernel_times(n: int, density: float, batch: int) -> tuple[float, float, floa
     return (
         median_ms(lambda: ops.pack(x)),
         median_ms(lambda: ops.spmm(crow, col, val, xp, n, batch)),
+        median_ms(lambda: ops.linear_backward(crow, col, crow_t, col_t, perm, val, gp, xp, batch)),
         median_ms(lambda: ops.spmm(crow_t, col_t, val, gp, n, batch, perm)),
         median_ms(lambda: ops.sampled(crow, col, gp, xp)),
         col.numel(),
@@ -71,10 +75,28 @@ def dense_matmul_ms(n: int, batch: int) -> float:
     return median_ms(lambda: x @ w.t())
 
 
+def empty_step_ms(n: int, batch: int) -> tuple[float, float]:
+    """A training step (as in speed.py) of an n x n layer with no non-zeros, sparse and dense:
+    what a step costs besides the products (packing, bias, the loss's sum, autograd)."""
+    x = torch.randn(batch, n, requires_grad=True)
+    dense = nn.Linear(n, n)
+    sparse = SparseLinear(dense, torch.zeros(n, n, dtype=torch.bool))
+
+    def step(module: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            module(x).sum().backward()
+
+        return run
+
+    return median_ms(step(sparse), 21), median_ms(step(dense), 9)
+
+
 def linear_kernels() -> list[str]:
     rows = [
-        "| layer, density | pack x (ms) | W x (ms) | W^T g (ms) | sampled dW (ms) "
-        "| sparse GFLOP/s | dense x W^T (ms) | dense GFLOP/s |",
+        "| layer, density | pack x (ms) | W x (ms) | backward: W^T g + dW, one pass (ms) "
+        "| alone: W^T g / dW (ms) | sparse GFLOP/s | dense x W^T (ms) | dense GFLOP/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     batch = 256
@@ -82,12 +104,23 @@ def linear_kernels() -> list[str]:
         dense_ms = dense_matmul_ms(n, batch)
         dense_rate = 2 * n * n * batch / 1e9 / dense_ms * 1e3
         for density in (0.01, 0.05, 0.1):
-            t_pack, t_f, t_t, t_s, nnz = kernel_times(n, density, batch)
-            rate = 3 * 2 * nnz * batch / 1e9 / (t_f + t_t + t_s) * 1e3
+            t_pack, t_f, t_b, t_t, t_s, nnz = kernel_times(n, density, batch)
+            rate = 3 * 2 * nnz * batch / 1e9 / (t_f + t_b) * 1e3
             rows.append(
-                f"| {n}x{n}, {100 * density:g}% | {t_pack:.2f} | {t_f:.2f} | {t_t:.2f} | "
-                f"{t_s:.2f} | {rate:.0f} | {dense_ms:.2f} | {dense_rate:.0f} |"
+                f"| {n}x{n}, {100 * density:g}% | {t_pack:.2f} | {t_f:.2f} | {t_b:.2f} | "
+                f"{t_t:.2f} / {t_s:.2f} | {rate:.0f} | {dense_ms:.2f} | {dense_rate:.0f} |"
             )
+    rows += [
+        "",
+        "A training step of a layer with no non-zeros at all (`SparseLinear` at 0%), next to the "
+        "dense layer's step: the floor that no kernel speed lowers.",
+        "",
+        "| layer, batch 256 | sparse step at 0% (ms) | dense step (ms) | best possible speedup |",
+        "|---|---:|---:|---:|",
+    ]
+    for n in (4096, 1024):
+        floor, dense = empty_step_ms(n, batch)
+        rows.append(f"| {n}x{n} | {floor:.2f} | {dense:.2f} | {dense / floor:.1f}x |")
     return rows
 
 

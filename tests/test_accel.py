@@ -204,6 +204,39 @@ def test_state_dict_loads_a_different_number_of_weights() -> None:
     assert torch.equal(a(x), b(x))
 
 
+def test_state_dict_with_64_bit_indices_still_loads() -> None:
+    # checkpoints written before the indices became 32-bit hold int64 col / col_t / perm
+    lin, mask = masked_linear(30, 20, 0.3, torch.float32)
+    a = SparseLinear(lin, mask)
+    old = {
+        k: v.long() if k.endswith(("col", "col_t", "perm")) else v
+        for k, v in a.state_dict().items()
+    }
+    assert old["weight_sparse.col"].dtype == torch.int64
+    lin2, mask2 = masked_linear(30, 20, 0.1, torch.float32)
+    b = SparseLinear(lin2, mask2)
+    b.load_state_dict(old)
+    w = b.weight_sparse
+    assert w.col.dtype == w.col_t.dtype == w.perm.dtype == torch.int32
+    x = torch.randn(5, 30, requires_grad=True)
+    xb = x.detach().clone().requires_grad_()
+    g = torch.randn(5, 20)
+    a(x).backward(g)
+    b(xb).backward(g)
+    assert torch.equal(a(x), b(xb))
+    assert torch.equal(x.grad, xb.grad)
+    assert torch.equal(a.weight_sparse.values.grad, w.values.grad)
+
+
+def test_layers_too_large_for_32_bit_indices_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparselearn.accel import layers
+
+    monkeypatch.setattr(layers, "_INDEX_LIMIT", 100)
+    lin, mask = masked_linear(10, 10, 0.5, torch.float32)
+    with pytest.raises(ValueError, match="32-bit indices"):
+        SparseLinear(lin, mask)
+
+
 # ----------------------------------------------------------------------------- the engine path
 
 

@@ -23,15 +23,28 @@ from ..kernels import ops_for
 DenseGradSink = Callable[[Tensor], None]
 
 
+# Column indices and the permutation are 32-bit: the kernels stream them once per panel of the
+# batch, and half the bytes is a few percent of a product (the row pointers stay 64-bit).
+INDEX_DTYPE = torch.int32
+_INDEX_LIMIT = 2**31
+
+
 def csr_structure(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """CSR of a weight mask (rows: output units) and of its transpose, plus ``perm`` with
-    ``values_of_transpose = values[perm]``.
+    ``values_of_transpose = values[perm]``. Row pointers are int64; column indices and ``perm``
+    are int32 (:data:`INDEX_DTYPE`).
 
     Linear (out, in): the transpose is the (in, out) matrix. Convolution (out, in, kh, kw): the
     transpose has one row per input channel, and its columns encode (out, ky, kx) as
     ``o * kh * kw + ky * kw + kx``, which is what the input-gradient kernel walks.
     """
     rows = mask.shape[0]
+    if mask.numel() >= _INDEX_LIMIT:
+        raise ValueError(
+            f"a weight of {mask.numel()} entries is too large for the sparse kernels' 32-bit "
+            f"indices (at most {_INDEX_LIMIT - 1}); leave this layer dense (sl.accelerate(..., "
+            "layers=[...]) chooses which layers are accelerated)"
+        )
     khw = math.prod(mask.shape[2:]) if mask.dim() == 4 else 1
     rows_t = mask.shape[1] if mask.dim() == 4 else math.prod(mask.shape[1:])
     flat = mask.reshape(rows, -1)
@@ -43,7 +56,13 @@ def csr_structure(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
     order = torch.argsort(row_t * (rows * khw) + col_t)  # CSR order of the transpose
     crow_t = torch.zeros(rows_t + 1, dtype=torch.long, device=mask.device)
     crow_t[1:] = torch.bincount(row_t, minlength=rows_t).cumsum(0)
-    return crow, c.contiguous(), crow_t, col_t[order].contiguous(), order
+    return (
+        crow,
+        c.to(INDEX_DTYPE).contiguous(),
+        crow_t,
+        col_t[order].to(INDEX_DTYPE).contiguous(),
+        order.to(INDEX_DTYPE),
+    )
 
 
 class SparseWeight(nn.Module):
@@ -126,12 +145,16 @@ class SparseWeight(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # the number of active weights may differ from this module's: take the saved sizes
+        # (checkpoints written before the indices became int32 hold int64 ones: the copy into
+        # this module's buffers converts them)
         for name in ("values", "crow", "col", "crow_t", "col_t", "perm"):
             key = prefix + name
             if key in state_dict:
                 current = getattr(self, name)
                 if current.shape != state_dict[key].shape:
-                    current.data = torch.empty_like(state_dict[key], device=current.device)
+                    current.data = torch.empty(
+                        state_dict[key].shape, dtype=current.dtype, device=current.device
+                    )
         super()._load_from_state_dict(state_dict, prefix, *args)
         self.version += 1
 

@@ -173,7 +173,10 @@ class TorchOps:
     def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
         with warnings.catch_warnings():  # torch's "CSR support is in beta" note, once per user
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
+            # torch wants the row pointers and column indices of one dtype
+            return torch.sparse_csr_tensor(
+                crow.to(col.dtype), col, val, shape, check_invariants=False
+            )
 
     def pack(self, x: Tensor) -> Tensor:
         b, f = x.shape

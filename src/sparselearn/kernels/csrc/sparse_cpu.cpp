@@ -58,8 +58,8 @@ inline v16f load16(const float* p) { return loadv<float>(p); }
 constexpr int64_t kPrefetch = 8;  // non-zeros ahead whose panel rows are prefetched
 
 // dst[k] = src[idx[k]]
-template <typename T>
-void gather(const T* src, const int64_t* idx, T* dst, int64_t n) {
+template <typename T, typename I>
+void gather(const T* src, const I* idx, T* dst, int64_t n) {
 #pragma omp parallel for schedule(static)
   for (int64_t k = 0; k < n; ++k) dst[k] = src[idx[k]];
 }
@@ -105,9 +105,9 @@ void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, 
 // bandwidth here (W / 16 cache lines per non-zero; a second accumulator set does not help).
 // No software prefetch: the out-of-order window already covers the L2 latency, and the
 // prefetch instructions competed with the loads for the load ports (5-10% slower with them).
-template <typename T, int W>
+template <typename T, int W, typename I>
 inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_t end,
-                                                           const int64_t* col, const T* val,
+                                                           const I* col, const T* val,
                                                            const T* X, T* __restrict__ out) {
   constexpr int L = kLanes<T>, NV = W / L;
   vec_t<T> acc[NV];
@@ -115,7 +115,7 @@ inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_
   for (int i = 0; i < NV; ++i) acc[i] = vec_t<T>{};
   for (int64_t k = begin; k < end; ++k) {
     const T v = val[k];
-    const T* x = X + col[k] * W;
+    const T* x = X + int64_t(col[k]) * W;
 #pragma GCC unroll 16
     for (int i = 0; i < NV; ++i) acc[i] += v * loadv<T>(x + i * L);
   }
@@ -125,8 +125,8 @@ inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_
 
 // Y[b, r] = sum_k val[k] * XP[p, col[k], b - p W] over the non-zeros k of row r. Y is written in
 // the ordinary (batch, rows) layout through a small tile, so that its stores stay contiguous.
-template <typename T, int W>
-void spmm_panels(const int64_t* crow, const int64_t* col, const T* val, const T* XP,
+template <typename T, int W, typename I>
+void spmm_panels(const int64_t* crow, const I* col, const T* val, const T* XP,
                  const T* bias, T* Y, int64_t rows, int64_t F, int64_t B) {
   const int64_t nb = (B + W - 1) / W;
   constexpr int64_t kRows = 16;  // rows per tile
@@ -143,7 +143,7 @@ void spmm_panels(const int64_t* crow, const int64_t* col, const T* val, const T*
       const int64_t r0 = t * kRows, nr = std::min(kRows, rows - r0);
       for (int64_t j = 0; j < nr; ++j) {
         const int64_t r = r0 + j;
-        row_times_panel<T, W>(crow[r], crow[r + 1], col, val, X, tile[j]);
+        row_times_panel<T, W, I>(crow[r], crow[r + 1], col, val, X, tile[j]);
       }
       for (int64_t b = 0; b < nvalid; ++b) {
         T* y = Y + (p * W + b) * rows + r0;
@@ -172,8 +172,8 @@ inline v16f fold(v16f a, v16f b) {
 
 // dval[k] = sum_b GP[p, r, b] * XP[p, col[k], b] summed over the panels p, for each non-zero
 // k = (r, col[k]). The same thread owns row r (and its dval entries) in every panel.
-template <typename T, int W>
-void sampled_panels(const int64_t* crow, const int64_t* col, const T* GP, const T* XP, T* dval,
+template <typename T, int W, typename I>
+void sampled_panels(const int64_t* crow, const I* col, const T* GP, const T* XP, T* dval,
                     int64_t rows, int64_t F, int64_t nb) {
 #pragma omp parallel
   for (int64_t p = 0; p < nb; ++p) {
@@ -199,11 +199,11 @@ void sampled_panels(const int64_t* crow, const int64_t* col, const T* GP, const 
 #pragma GCC unroll 16
           for (int j = 0; j < 16; ++j) {
             if (k + j + kPrefetch < end) {
-              const T* q = X + col[k + j + kPrefetch] * W;
+              const T* q = X + int64_t(col[k + j + kPrefetch]) * W;
 #pragma GCC unroll 4
               for (int l = 0; l < W; l += 16) __builtin_prefetch(q + l);
             }
-            const T* x = X + col[k + j] * W;
+            const T* x = X + int64_t(col[k + j]) * W;
             v16f t = gv[0] * load16(x);
 #pragma GCC unroll 4
             for (int c = 1; c < W / 16; ++c) t += gv[c] * load16(x + 16 * c);
@@ -223,11 +223,11 @@ void sampled_panels(const int64_t* crow, const int64_t* col, const T* GP, const 
       }
       for (; k < end; ++k) {
         if (k + kPrefetch < end) {
-          const T* q = X + col[k + kPrefetch] * W;
+          const T* q = X + int64_t(col[k + kPrefetch]) * W;
 #pragma GCC unroll 8
           for (int l = 0; l < W; l += 64 / int(sizeof(T))) __builtin_prefetch(q + l);
         }
-        const T* __restrict__ x = X + col[k] * W;
+        const T* __restrict__ x = X + int64_t(col[k]) * W;
         T acc = T(0);
 #pragma omp simd reduction(+ : acc)
         for (int b = 0; b < W; ++b) acc += g[b] * x[b];
@@ -246,8 +246,8 @@ void sampled_panels(const int64_t* crow, const int64_t* col, const T* GP, const 
 // one read serves both products, where two separate kernels read a row each.
 // One parallel region (each region costs a wake-up of the threads): valT = val[perm], the
 // products, then dval[perm] = dvalT, so that dval comes back in W's CSR order.
-template <typename T, int W>
-void backward_panels(const int64_t* crowT, const int64_t* colT, const int64_t* perm,
+template <typename T, int W, typename I>
+void backward_panels(const int64_t* crowT, const I* colT, const I* perm,
                      const T* val, T* valT, const T* GP, const T* XP, T* GX, T* dvalT, T* dval,
                      int64_t rows, int64_t F, int64_t B) {
   constexpr int L = kLanes<T>, NV = W / L;
@@ -285,7 +285,7 @@ void backward_panels(const int64_t* crowT, const int64_t* colT, const int64_t* p
 #pragma GCC unroll 16
             for (int q = 0; q < 16; ++q) {
               if (q < m) {
-                const float* g = G + colT[k + q] * W;
+                const float* g = G + int64_t(colT[k + q]) * W;
                 const float v = valT[k + q];
                 v16f d = v16f{};
 #pragma GCC unroll 4
@@ -316,7 +316,7 @@ void backward_panels(const int64_t* crowT, const int64_t* colT, const int64_t* p
           }
         } else {
           for (int64_t k = begin; k < end; ++k) {
-            const T* g = G + colT[k] * W;
+            const T* g = G + int64_t(colT[k]) * W;
             const T v = valT[k];
             vec_t<T> d = vec_t<T>{};
 #pragma GCC unroll 16
@@ -386,19 +386,23 @@ torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, tor
   // values in this CSR's order: a gather for the transposed matrix (cheaper than reading
   // val[perm[k]] at random inside the kernel)
   auto v = perm.has_value() ? torch::empty_like(val) : val.contiguous();
+  TORCH_CHECK(!perm.has_value() || perm->scalar_type() == col.scalar_type(),
+              "perm and col must have the same index dtype");
   AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "spmm", [&] {
-    if (perm.has_value())
-      gather<scalar_t>(val.data_ptr<scalar_t>(), perm->data_ptr<int64_t>(), v.data_ptr<scalar_t>(),
-                       v.numel());
-    auto run = [&](auto w) {
-      spmm_panels<scalar_t, decltype(w)::value>(
-          crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), v.data_ptr<scalar_t>(),
-          XP.data_ptr<scalar_t>(), bias.has_value() ? b.data_ptr<scalar_t>() : nullptr,
-          Y.data_ptr<scalar_t>(), rows, XP.size(1), batch);
-    };
-    if (W == 64) run(std::integral_constant<int, 64>{});
-    else if (W == 32) run(std::integral_constant<int, 32>{});
-    else run(std::integral_constant<int, 16>{});
+    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "spmm", [&] {
+      if (perm.has_value())
+        gather<scalar_t, index_t>(val.data_ptr<scalar_t>(), perm->data_ptr<index_t>(),
+                                  v.data_ptr<scalar_t>(), v.numel());
+      auto run = [&](auto w) {
+        spmm_panels<scalar_t, decltype(w)::value, index_t>(
+            crow.data_ptr<int64_t>(), col.data_ptr<index_t>(), v.data_ptr<scalar_t>(),
+            XP.data_ptr<scalar_t>(), bias.has_value() ? b.data_ptr<scalar_t>() : nullptr,
+            Y.data_ptr<scalar_t>(), rows, XP.size(1), batch);
+      };
+      if (W == 64) run(std::integral_constant<int, 64>{});
+      else if (W == 32) run(std::integral_constant<int, 32>{});
+      else run(std::integral_constant<int, 16>{});
+    });
   });
   return Y;
 }
@@ -409,16 +413,18 @@ torch::Tensor sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor GP, t
   const int64_t rows = crow.numel() - 1, W = XP.size(2);
   TORCH_CHECK(GP.size(1) == rows, "GP must have one row per CSR row");
   auto dval = torch::empty({col.numel()}, GP.options());
+  TORCH_CHECK(W == 16 || W == 32 || W == 64, "panel width must be 16, 32 or 64");
   AT_DISPATCH_FLOATING_TYPES(GP.scalar_type(), "sampled", [&] {
-    auto run = [&](auto w) {
-      sampled_panels<scalar_t, decltype(w)::value>(
-          crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), GP.data_ptr<scalar_t>(),
-          XP.data_ptr<scalar_t>(), dval.data_ptr<scalar_t>(), rows, XP.size(1), XP.size(0));
-    };
-    if (W == 64) run(std::integral_constant<int, 64>{});
-    else if (W == 32) run(std::integral_constant<int, 32>{});
-    else if (W == 16) run(std::integral_constant<int, 16>{});
-    else TORCH_CHECK(false, "panel width must be 16, 32 or 64");
+    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "sampled", [&] {
+      auto run = [&](auto w) {
+        sampled_panels<scalar_t, decltype(w)::value, index_t>(
+            crow.data_ptr<int64_t>(), col.data_ptr<index_t>(), GP.data_ptr<scalar_t>(),
+            XP.data_ptr<scalar_t>(), dval.data_ptr<scalar_t>(), rows, XP.size(1), XP.size(0));
+      };
+      if (W == 64) run(std::integral_constant<int, 64>{});
+      else if (W == 32) run(std::integral_constant<int, 32>{});
+      else run(std::integral_constant<int, 16>{});
+    });
   });
   return dval;
 }
@@ -441,17 +447,21 @@ std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor co
   auto dvalT = torch::empty({nnz}, XP.options());
   auto dval = torch::empty({nnz}, XP.options());
   auto v = val.contiguous();
+  TORCH_CHECK(perm.scalar_type() == colT.scalar_type(),
+              "perm and colT must have the same index dtype");
   AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "linear_backward", [&] {
-    auto run = [&](auto w) {
-      backward_panels<scalar_t, decltype(w)::value>(
-          crowT.data_ptr<int64_t>(), colT.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
-          v.data_ptr<scalar_t>(), valT.data_ptr<scalar_t>(), GP.data_ptr<scalar_t>(),
-          XP.data_ptr<scalar_t>(), GX.data_ptr<scalar_t>(), dvalT.data_ptr<scalar_t>(),
-          dval.data_ptr<scalar_t>(), rows, F, batch);
-    };
-    if (W == 64) run(std::integral_constant<int, 64>{});
-    else if (W == 32) run(std::integral_constant<int, 32>{});
-    else run(std::integral_constant<int, 16>{});
+    AT_DISPATCH_INDEX_TYPES(colT.scalar_type(), "linear_backward", [&] {
+      auto run = [&](auto w) {
+        backward_panels<scalar_t, decltype(w)::value, index_t>(
+            crowT.data_ptr<int64_t>(), colT.data_ptr<index_t>(), perm.data_ptr<index_t>(),
+            v.data_ptr<scalar_t>(), valT.data_ptr<scalar_t>(), GP.data_ptr<scalar_t>(),
+            XP.data_ptr<scalar_t>(), GX.data_ptr<scalar_t>(), dvalT.data_ptr<scalar_t>(),
+            dval.data_ptr<scalar_t>(), rows, F, batch);
+      };
+      if (W == 64) run(std::integral_constant<int, 64>{});
+      else if (W == 32) run(std::integral_constant<int, 32>{});
+      else run(std::integral_constant<int, 16>{});
+    });
   });
   return {GX, dval};
 }
@@ -666,6 +676,7 @@ torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tenso
                              torch::Tensor xp, int64_t out_channels, int64_t kh, int64_t kw,
                              int64_t stride, int64_t OH, int64_t OW) {
   TORCH_CHECK(xp.dim() == 4 && xp.is_contiguous(), "xp must be a contiguous (B, C, H, W)");
+  col = col.to(torch::kLong);  // the convolution kernels index with int64
   if (stride == 1) {
     const int64_t B = xp.size(0), Hp = xp.size(2), Wp = xp.size(3), plane = Hp * Wp;
     auto off = plane_offsets(col, kh, kw, Wp, plane, 1, 0);
@@ -693,6 +704,7 @@ torch::Tensor conv2d_grad_input(torch::Tensor crowT, torch::Tensor colT, torch::
                                 torch::Tensor g, int64_t in_channels, int64_t Hp, int64_t Wp,
                                 int64_t kh, int64_t kw, int64_t stride) {
   TORCH_CHECK(g.dim() == 4 && g.is_contiguous(), "g must be a contiguous (B, O, OH, OW)");
+  colT = colT.to(torch::kLong);
   if (stride == 1) {
     const int64_t B = g.size(0), O = g.size(1), M = (kh - 1) * Wp + kw - 1;
     const int64_t Lg = M + Hp * Wp;
@@ -720,6 +732,7 @@ torch::Tensor conv2d_grad_input(torch::Tensor crowT, torch::Tensor colT, torch::
 torch::Tensor conv2d_grad_weight(torch::Tensor crow, torch::Tensor col, torch::Tensor g,
                                  torch::Tensor xp, int64_t kh, int64_t kw, int64_t stride) {
   TORCH_CHECK(g.is_contiguous() && xp.is_contiguous(), "g and xp must be contiguous");
+  col = col.to(torch::kLong);
   if (stride == 1) {
     const int64_t B = g.size(0), O = g.size(1), OH = g.size(2), OW = g.size(3);
     const int64_t Hp = xp.size(2), Wp = xp.size(3), plane = Hp * Wp;
