@@ -12,6 +12,7 @@ target. Writes its section of the output file between markers and leaves the res
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -44,15 +45,29 @@ def inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return lambda: model(x)
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+def paired_ms(
+    fns: list[Callable[[], object]], repeats: int, rounds: int = 3, settle: int = 3
+) -> list[float]:
+    """Median ms of each callable over ``repeats`` timed runs, taken in ``rounds`` turns: in
+    each turn a callable runs ``settle`` times untimed, then its share of the timed runs.
+
+    Turns put the sides of a speedup under the same load of this shared machine (timed one
+    after the other, a change of load between them moved ratios by 10-20%). The untimed runs
+    matter as much: right after a dense 4096x4096 step, a 1% sparse step took 9.4 ms, then
+    7.9, 6.9, ... and 6.1 ms by the eighth (caches, allocator, clock); a model trains in the
+    settled state.
+    """
+    per_turn = -(-repeats // rounds)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, times, strict=True):
+            for _ in range(settle):
+                fn()
+            for _ in range(per_turn):
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -94,15 +109,15 @@ def bench_linear(repeats: int) -> list[str]:
             torch.manual_seed(0)
             dense = nn.Linear(n, n)
             mask = masked(dense, density)
-            sparse = SparseLinear(dense, mask)
-            d_ms = median_ms(train_step(dense, x), repeats)
-            s_ms = median_ms(train_step(sparse, x), repeats)
+            sparse = SparseLinear(copy.deepcopy(dense), mask)
             # what sl.accelerate does with this layer: time both on the real input, keep the faster
-            model = nn.Sequential(nn.Linear(n, n))
+            model = nn.Sequential(copy.deepcopy(dense))
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             engine = sl.sparsify(model, opt, method="static", density=density, init="uniform")
             chosen = sl.accelerate(model, engine, x, repeats=repeats).layers[0].chosen
-            c_ms = median_ms(train_step(model, x), repeats)
+            d_ms, s_ms, c_ms = paired_ms(
+                [train_step(dense, x), train_step(sparse, x), train_step(model, x)], repeats
+            )
             target = LINEAR_TARGET.get(density, 1.0)
             speedup = d_ms / c_ms
             rows.append(
@@ -139,7 +154,7 @@ def full_step(
 
 def bench_mlp(repeats: int) -> list[str]:
     x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
-    results = {}
+    built = {}
     for kind in ("dense", "sparse"):
         torch.manual_seed(0)
         model = mlp()
@@ -149,12 +164,17 @@ def bench_mlp(repeats: int) -> list[str]:
             engine = sl.sparsify(model, opt, method="static", density=0.05, init="uniform")
             sl.accelerate(model, engine, x, repeats=repeats)
             flop_speedup = sl.flops(model, engine, (784,)).paper_speedup
-        train_ms = median_ms(full_step(model, opt, x, y), repeats)
-        model.eval()
-        with torch.no_grad():
-            infer_ms = median_ms(inference(model, x), repeats)
-        model.train()
-        results[kind] = (train_ms, infer_ms, state_bytes(model, opt), flop_speedup)
+        built[kind] = (model, opt, flop_speedup)
+    models = [built[k][0] for k in ("dense", "sparse")]
+    train = paired_ms([full_step(m, o, x, y) for m, o, _ in built.values()], repeats)
+    for m in models:
+        m.eval()
+    with torch.no_grad():
+        infer = paired_ms([inference(m, x) for m in models], repeats)
+    results = {
+        kind: (train[i], infer[i], state_bytes(built[kind][0], built[kind][1]), built[kind][2])
+        for i, kind in enumerate(("dense", "sparse"))
+    }
     (dt, di, dm, _), (st, si, sm, fs) = results["dense"], results["sparse"]
     return [
         "| MLP 784-4096x3-10, batch 256 | dense | sparse 5% | speedup | theoretical | target | |",
@@ -182,11 +202,9 @@ def bench_conv(repeats: int) -> list[str]:
         sparse = SparseConv2d(conv, masked(conv, 0.05))
         x = torch.randn(64, c, hw, hw)
         reps = max(3, repeats // 2) if hw == 32 and c == 256 else repeats
-        d_ms = median_ms(train_step(conv, x), reps)
-        s_ms = median_ms(train_step(sparse, x), reps)
+        d_ms, s_ms = paired_ms([train_step(conv, x), train_step(sparse, x)], reps)
         with torch.no_grad():
-            di = median_ms(inference(conv, x), reps)
-            si = median_ms(inference(sparse, x), reps)
+            di, si = paired_ms([inference(conv, x), inference(sparse, x)], reps)
         target = 1.5 if (k, stride) == (3, 1) else None
         rows.append(
             f"| {k}x{k} stride {stride}, {c} ch, {hw}x{hw} | {d_ms:.1f} | {s_ms:.1f} "
@@ -206,12 +224,12 @@ def bench_models(repeats: int) -> list[str]:
     reps = max(3, repeats // 2)
     for name in ("vgg-d", "wrn-16-8"):
         x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-        out = {}
+        built = []
+        extra = ("", "", "")
         for kind in ("dense", "sparse"):
             torch.manual_seed(0)
             model = create_model(name, (3, 32, 32), 10)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            extra = ("", "", "")
             if kind == "sparse":
                 # static masks: the training step of every method between mask updates
                 engine = sl.sparsify(model, opt, method="static", density=0.05)
@@ -222,16 +240,18 @@ def bench_models(repeats: int) -> list[str]:
                     f"{f.inference_speedup:.1f}x",
                     f"{len(report.accelerated)}/{len(report.layers)}",
                 )
-            t = median_ms(full_step(model, opt, x, y), reps, warmup=1)
+            built.append((model, opt))
+        dt, st = paired_ms([full_step(m, o, x, y) for m, o in built], reps, rounds=2, settle=1)
+        for model, _ in built:
             model.eval()
-            with torch.no_grad():
-                i = median_ms(inference(model, x), reps, warmup=1)
-            out[kind] = (t, i, extra)
-        (dt, di, _), (st, si, (fl_train, fl_inf, n_sparse)) = out["dense"], out["sparse"]
+        with torch.no_grad():
+            di, si = paired_ms([inference(m, x) for m, _ in built], reps, rounds=2, settle=1)
+        fl_train, fl_inf, n_sparse = extra
         rows.append(
             f"| {name} | {dt:.0f} / {st:.0f} | {dt / st:.2f}x | {fl_train} | {di:.0f} / {si:.0f} "
             f"| {di / si:.2f}x | {fl_inf} | {n_sparse} |"
         )
+        del built
     return rows
 
 

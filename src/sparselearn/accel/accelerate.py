@@ -63,14 +63,21 @@ def _parent(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
     return parent, child
 
 
-def _time(fn: Any, repeats: int) -> float:
-    fn()  # warm-up (allocations, kernel build)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def _time_pair(first: Any, second: Any, repeats: int) -> tuple[float, float]:
+    """Median ms of two callables over ``repeats`` timed runs each, taken in two turns (so
+    that a change in the machine's load weighs on both alike); each turn starts with two
+    untimed runs, which bring back the caches and free memory that the other one used."""
+    per_turn = -(-repeats // 2)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(2):
+        for fn, out in ((first, times[0]), (second, times[1])):
+            fn()
+            fn()
+            for _ in range(per_turn):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
 
 
 def _fwd_bwd(module: nn.Module, x: Tensor) -> Any:
@@ -243,8 +250,7 @@ def accelerate(
                 )
                 continue
             x = torch.randn(shapes[mod_name], device=layer.device, dtype=layer.param.dtype)
-            dense_ms = _time(_fwd_bwd(module, x), repeats)
-            sparse_ms = _time(_fwd_bwd(sparse, x), repeats)
+            dense_ms, sparse_ms = _time_pair(_fwd_bwd(module, x), _fwd_bwd(sparse, x), repeats)
             chosen = "sparse" if sparse_ms < dense_ms else "dense"
             reason = "faster" if chosen == "sparse" else "dense is faster"
         else:
