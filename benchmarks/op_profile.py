@@ -31,8 +31,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import sparselearn as sl
-from sparselearn.accel import SparseLinear
-from sparselearn.accel.layers import csr_structure
+from sparselearn.accel import SparseLinear, SparseWeight
 from sparselearn.kernels import ops_for
 from sparselearn.models import create_model
 from sparselearn.report import replace_section
@@ -56,14 +55,17 @@ def kernel_times(n: int, density: float, batch: int) -> tuple[float, ...]:
     alone (the kernels used when only one gradient is wanted); and the non-zeros."""
     x, g = torch.randn(batch, n), torch.randn(batch, n)
     mask = torch.rand(n, n, generator=torch.Generator().manual_seed(0)) < density
-    crow, col, crow_t, col_t, perm = csr_structure(mask)
-    val = torch.randn(col.numel())
+    w = SparseWeight(torch.randn(n, n), mask)
+    crow, col, crow_t, col_t, perm, inv = w.crow, w.col, w.crow_t, w.col_t, w.perm, w.perm_inv
+    val = w.values.detach()
     ops = ops_for(x)
     xp, gp = ops.pack(x), ops.pack(g)
     return (
         median_ms(lambda: ops.pack(x)),
         median_ms(lambda: ops.spmm(crow, col, val, xp, n, batch)),
-        median_ms(lambda: ops.linear_backward(crow, col, crow_t, col_t, perm, val, gp, xp, batch)),
+        median_ms(
+            lambda: ops.linear_backward(crow, col, crow_t, col_t, perm, inv, val, gp, xp, batch)
+        ),
         median_ms(lambda: ops.spmm(crow_t, col_t, val, gp, n, batch, perm)),
         median_ms(lambda: ops.sampled(crow, col, gp, xp)),
         col.numel(),

@@ -192,6 +192,7 @@ def test_restructure_keeps_values_and_reports_sources() -> None:
     # the transposed structure lists, per column, the rows holding a non-zero
     assert sw.crow_t.tolist() == [0, 1, 4, 4, 5]
     assert sw.values[sw.perm].tolist() == [1.0, 0.0, 6.0, 10.0, 12.0]
+    assert torch.equal(sw.values[sw.perm][sw.perm_inv], sw.values)  # the inverse follows
 
 
 def test_state_dict_loads_a_different_number_of_weights() -> None:
@@ -218,6 +219,8 @@ def test_state_dict_with_64_bit_indices_still_loads() -> None:
     b.load_state_dict(old)
     w = b.weight_sparse
     assert w.col.dtype == w.col_t.dtype == w.perm.dtype == torch.int32
+    assert "weight_sparse.perm_inv" not in a.state_dict()  # derived from perm on loading
+    assert torch.equal(w.perm[w.perm_inv], torch.arange(w.nnz, dtype=torch.int32))
     x = torch.randn(5, 30, requires_grad=True)
     xb = x.detach().clone().requires_grad_()
     g = torch.randn(5, 20)

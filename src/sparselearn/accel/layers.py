@@ -65,11 +65,18 @@ def csr_structure(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
     )
 
 
+def _inverse(perm: Tensor) -> Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm.long()] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
+    return inv
+
+
 class SparseWeight(nn.Module):
     """A weight of ``shape`` held as CSR over its first dimension (rows: output units).
 
     ``values`` is the parameter; ``crow``/``col`` the CSR of the weight viewed as
-    (out, fan_in); ``crow_t``/``col_t``/``perm`` the CSR of its transpose.
+    (out, fan_in); ``crow_t``/``col_t``/``perm`` the CSR of its transpose; ``perm_inv`` the
+    inverse permutation (``values = values_of_transpose[perm_inv]``; derived, not saved).
     """
 
     crow: Tensor
@@ -77,6 +84,7 @@ class SparseWeight(nn.Module):
     crow_t: Tensor
     col_t: Tensor
     perm: Tensor
+    perm_inv: Tensor
 
     def __init__(self, dense: Tensor, mask: Tensor) -> None:
         super().__init__()
@@ -89,6 +97,7 @@ class SparseWeight(nn.Module):
         self.register_buffer("crow_t", crow_t)
         self.register_buffer("col_t", col_t)
         self.register_buffer("perm", perm)
+        self.register_buffer("perm_inv", _inverse(perm), persistent=False)
         # set by the engine on steps that need the dense gradient (RigL, windows): receives it
         self.dense_grad_sink: DenseGradSink | None = None
         self.version = 0  # bumped whenever the structure changes (for cached masks)
@@ -141,6 +150,7 @@ class SparseWeight(nn.Module):
         self.values = nn.Parameter(values, requires_grad=self.values.requires_grad)
         self.version += 1
         self.crow, self.col, self.crow_t, self.col_t, self.perm = crow, col, crow_t, col_t, perm
+        self.perm_inv = _inverse(perm)
         return source
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -156,6 +166,7 @@ class SparseWeight(nn.Module):
                         state_dict[key].shape, dtype=current.dtype, device=current.device
                     )
         super()._load_from_state_dict(state_dict, prefix, *args)
+        self.perm_inv = _inverse(self.perm)
         self.version += 1
 
 
@@ -197,7 +208,7 @@ class _SparseLinearFn(torch.autograd.Function):
         if want_x and want_w and w.dense_grad_sink is None:
             # both products in one pass: each row of gp is read once for the two
             grad_x, grad_values = ops.linear_backward(
-                w.crow, w.col, w.crow_t, w.col_t, w.perm, values, gp, xp, batch
+                w.crow, w.col, w.crow_t, w.col_t, w.perm, w.perm_inv, values, gp, xp, batch
             )
             return grad_x, grad_values, grad_bias, None, None
         grad_x = None

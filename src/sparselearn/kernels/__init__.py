@@ -10,9 +10,11 @@ Both backends implement the same operations on a CSR weight (``crow``, ``col``, 
   (batch, rows), the values read through ``perm`` when given (the transposed product reuses W's
   values);
 - ``sampled(crow, col, gp, xp) -> dval``: ``(G.T @ X)`` at the non-zeros of W only;
-- ``linear_backward(crow, col, crow_t, col_t, perm, val, gp, xp, batch) -> (grad_x, dval)``: both
-  gradients of ``Y = X @ W.T`` (the transposed product and the sampled gradient, ``dval`` in W's
-  CSR order); the compiled kernel walks W^T's CSR once and reads each row of ``gp`` once for both;
+- ``linear_backward(crow, col, crow_t, col_t, perm, perm_inv, val, gp, xp, batch) -> (grad_x,
+  dval)``: both gradients of ``Y = X @ W.T`` (the transposed product and the sampled gradient,
+  ``dval`` in W's CSR order); the compiled kernel walks W^T's CSR once and reads each row of
+  ``gp`` once for both, and puts ``dval`` back in W's order with a gather through ``perm_inv``
+  (2-4x faster than scattering through ``perm``);
 - ``conv2d_forward / conv2d_grad_input / conv2d_grad_weight``: direct sparse convolution on a
   padded NCHW input.
 
@@ -80,6 +82,7 @@ class Ops(Protocol):
         crow_t: Tensor,
         col_t: Tensor,
         perm: Tensor,
+        perm_inv: Tensor,
         val: Tensor,
         gp: Tensor,
         xp: Tensor,
@@ -224,6 +227,7 @@ class TorchOps:
         crow_t: Tensor,
         col_t: Tensor,
         perm: Tensor,
+        perm_inv: Tensor,
         val: Tensor,
         gp: Tensor,
         xp: Tensor,
@@ -321,12 +325,13 @@ class CppOps:
         crow_t: Tensor,
         col_t: Tensor,
         perm: Tensor,
+        perm_inv: Tensor,
         val: Tensor,
         gp: Tensor,
         xp: Tensor,
         batch: int,
     ) -> tuple[Tensor, Tensor]:
-        grad_x, dval = self._ext.linear_backward(crow_t, col_t, perm, val, gp, xp, batch)
+        grad_x, dval = self._ext.linear_backward(crow_t, col_t, perm, perm_inv, val, gp, xp, batch)
         return grad_x, dval
 
     def conv2d_forward(

@@ -245,9 +245,10 @@ void sampled_panels(const int64_t* crow, const I* col, const T* GP, const T* XP,
 // Each non-zero reads one random row of the G panel (from L2: the limit, as in spmm); here that
 // one read serves both products, where two separate kernels read a row each.
 // One parallel region (each region costs a wake-up of the threads): valT = val[perm], the
-// products, then dval[perm] = dvalT, so that dval comes back in W's CSR order.
+// products, then dval = dvalT[perm_inv], W's CSR order (a gather: scattering through perm,
+// random writes, took 2-4x longer).
 template <typename T, int W, typename I>
-void backward_panels(const int64_t* crowT, const I* colT, const I* perm,
+void backward_panels(const int64_t* crowT, const I* colT, const I* perm, const I* perm_inv,
                      const T* val, T* valT, const T* GP, const T* XP, T* GX, T* dvalT, T* dval,
                      int64_t rows, int64_t F, int64_t B) {
   constexpr int L = kLanes<T>, NV = W / L;
@@ -342,7 +343,7 @@ void backward_panels(const int64_t* crowT, const I* colT, const I* perm,
   }
 #pragma omp barrier
 #pragma omp for schedule(static)
-  for (int64_t k = 0; k < nnz; ++k) dval[perm[k]] = dvalT[k];
+  for (int64_t k = 0; k < nnz; ++k) dval[k] = dvalT[perm_inv[k]];
   }
 }
 
@@ -432,7 +433,8 @@ torch::Tensor sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor GP, t
 // (grad_x (batch, F), dval (nnz,) in the CSR order of W) for y = x @ W.T, from panels of the
 // output gradient (GP) and of the input (XP); W^T's CSR with perm: valT[k] = val[perm[k]].
 std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor colT,
-                                           torch::Tensor perm, torch::Tensor val,
+                                           torch::Tensor perm, torch::Tensor perm_inv,
+                                           torch::Tensor val,
                                            torch::Tensor GP, torch::Tensor XP, int64_t batch) {
   TORCH_CHECK(GP.is_contiguous() && XP.is_contiguous(), "GP and XP must be contiguous panels");
   TORCH_CHECK(GP.dim() == 3 && XP.dim() == 3 && GP.size(0) == XP.size(0) &&
@@ -440,21 +442,23 @@ std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor co
               "GP and XP panels differ");
   const int64_t F = XP.size(1), rows = GP.size(1), W = XP.size(2), nnz = colT.numel();
   TORCH_CHECK(crowT.numel() == F + 1, "crowT must have one row per input feature (+1)");
-  TORCH_CHECK(perm.numel() == nnz && val.numel() == nnz, "perm and val must have nnz entries");
+  TORCH_CHECK(perm.numel() == nnz && perm_inv.numel() == nnz && val.numel() == nnz,
+              "perm, perm_inv and val must have nnz entries");
   TORCH_CHECK(W == panel_width(batch) && XP.size(0) == (batch + W - 1) / W, "XP/batch mismatch");
   auto GX = torch::empty({batch, F}, XP.options());
   auto valT = torch::empty({nnz}, XP.options());
   auto dvalT = torch::empty({nnz}, XP.options());
   auto dval = torch::empty({nnz}, XP.options());
   auto v = val.contiguous();
-  TORCH_CHECK(perm.scalar_type() == colT.scalar_type(),
-              "perm and colT must have the same index dtype");
+  TORCH_CHECK(perm.scalar_type() == colT.scalar_type() &&
+                  perm_inv.scalar_type() == colT.scalar_type(),
+              "perm, perm_inv and colT must have the same index dtype");
   AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "linear_backward", [&] {
     AT_DISPATCH_INDEX_TYPES(colT.scalar_type(), "linear_backward", [&] {
       auto run = [&](auto w) {
         backward_panels<scalar_t, decltype(w)::value, index_t>(
             crowT.data_ptr<int64_t>(), colT.data_ptr<index_t>(), perm.data_ptr<index_t>(),
-            v.data_ptr<scalar_t>(), valT.data_ptr<scalar_t>(), GP.data_ptr<scalar_t>(),
+            perm_inv.data_ptr<index_t>(), v.data_ptr<scalar_t>(), valT.data_ptr<scalar_t>(), GP.data_ptr<scalar_t>(),
             XP.data_ptr<scalar_t>(), GX.data_ptr<scalar_t>(), dvalT.data_ptr<scalar_t>(),
             dval.data_ptr<scalar_t>(), rows, F, batch);
       };
