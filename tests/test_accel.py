@@ -116,6 +116,24 @@ def test_pack_reads_any_strides(backend: str, layout: str) -> None:
     assert torch.allclose(total, x.contiguous().sum(0), rtol=1e-6, atol=1e-5)
 
 
+@given(
+    batch=st.integers(1, 200),
+    features=st.integers(1, 150),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_pack_property(batch: int, features: int, dtype: torch.dtype, seed: int) -> None:
+    # any batch (panel padding) and width (16-wide blocks and their remainder): the panels are
+    # the same data moved, so equal exactly; the column sums equal the batch sums
+    x = torch.randn(batch, features, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    ref = TorchOps().pack(x)
+    for backend in BACKENDS:
+        xp, total = ops_for(x, backend).pack_sum(x)
+        assert torch.equal(xp, ref)
+        assert torch.allclose(total, x.sum(0), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("k", "stride", "pad"), [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 2, 0), (5, 1, 2)]

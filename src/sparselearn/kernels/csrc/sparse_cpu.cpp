@@ -12,6 +12,9 @@
 #include <torch/extension.h>
 
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <type_traits>
@@ -64,6 +67,39 @@ void gather(const T* src, const I* idx, T* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = src[idx[k]];
 }
 
+#if defined(__AVX512F__)
+// r[i][j] -> r[j][i] for a 16 x 16 block of floats: per 128-bit lane 4 x 4 transposes
+// (unpack 32-bit, then 64-bit), then the lanes regrouped (two rounds of shuffle_f32x4).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // s[4i + c], lane l: column 4l + c of rows 4i .. 4i + 3
+  __m512 s[16];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    s[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    s[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    s[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    s[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  // column 4l + c: lane l of s[c], s[4 + c], s[8 + c], s[12 + c]
+  for (int c = 0; c < 4; ++c) {
+    const __m512 lo01 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0x44);
+    const __m512 hi23 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0xEE);
+    const __m512 lo01b = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0x44);
+    const __m512 hi23b = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(lo01, lo01b, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(lo01, lo01b, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(hi23, hi23b, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(hi23, hi23b, 0xDD);
+  }
+}
+#endif
+
 // XP[p, f, b] = x[p * W + b, f] (0 past the batch), x read through strides (sb, sf) so that an
 // expanded or transposed input needs no copy first. With psum (nb, F) given, also
 // psum[p, f] = sum of x[p * W + b, f] over the panel's rows (the column sums, for a bias).
@@ -78,21 +114,47 @@ void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, 
       const int64_t nf = std::min(kF, F - f0);
       T* out = XP + (p * F + f0) * W;
       T acc[kF] = {};
-      for (int64_t b = 0; b < W; ++b) {
-        const int64_t row = p * W + b;
-        if (row < B) {
-          const T* in = x + row * sb + f0 * sf;
-          if (sf == 1) {
-            for (int64_t f = 0; f < nf; ++f) out[f * W + b] = in[f];
-            if (psum)
-              for (int64_t f = 0; f < nf; ++f) acc[f] += in[f];
-          } else {
-            for (int64_t f = 0; f < nf; ++f) out[f * W + b] = in[f * sf];
-            if (psum)
-              for (int64_t f = 0; f < nf; ++f) acc[f] += in[f * sf];
+      int64_t done = 0;  // features packed by the vector path
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (sf == 1) {
+          // 16 x 16 blocks transposed in registers: 16 vector loads, 16 vector stores (the
+          // scalar loop below stores one float per cache line touched)
+          done = nf / 16 * 16;
+          for (int64_t fb = 0; fb < done; fb += 16) {
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t b0 = 0; b0 < W; b0 += 16) {
+              __m512 r[16];
+              for (int i = 0; i < 16; ++i) {
+                const int64_t row = p * W + b0 + i;
+                r[i] = row < B ? _mm512_loadu_ps(x + row * sb + f0 + fb) : _mm512_setzero_ps();
+                sum = _mm512_add_ps(sum, r[i]);
+              }
+              transpose16(r);
+              for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (fb + i) * W + b0, r[i]);
+            }
+            _mm512_storeu_ps(acc + fb, sum);
           }
-        } else {
-          for (int64_t f = 0; f < nf; ++f) out[f * W + b] = T(0);
+        }
+      }
+#endif
+      if (done < nf) {
+        for (int64_t b = 0; b < W; ++b) {
+          const int64_t row = p * W + b;
+          if (row < B) {
+            const T* in = x + row * sb + f0 * sf;
+            if (sf == 1) {
+              for (int64_t f = done; f < nf; ++f) out[f * W + b] = in[f];
+              if (psum)
+                for (int64_t f = done; f < nf; ++f) acc[f] += in[f];
+            } else {
+              for (int64_t f = done; f < nf; ++f) out[f * W + b] = in[f * sf];
+              if (psum)
+                for (int64_t f = done; f < nf; ++f) acc[f] += in[f * sf];
+            }
+          } else {
+            for (int64_t f = done; f < nf; ++f) out[f * W + b] = T(0);
+          }
         }
       }
       if (psum)
