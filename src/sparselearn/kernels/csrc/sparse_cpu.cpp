@@ -163,6 +163,34 @@ void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, 
   }
 }
 
+// Y[b * ld + j] = tile[j][b] (+ bias[j]) for j < nr, b < nvalid: a tile of nr rows of W
+// batch values each, written back in the (batch, rows) layout.
+template <typename T, int W>
+inline void store_tile(const T (*tile)[W], int64_t nr, int64_t nvalid, const T* bias, T* Y,
+                       int64_t ld) {
+  int64_t b0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && W % 16 == 0) {
+    if (nr == 16) {  // whole 16 x 16 blocks through registers
+      const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+      for (; b0 + 16 <= nvalid; b0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(tile[i] + b0);
+        transpose16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(Y + (b0 + i) * ld, _mm512_add_ps(r[i], bv));
+      }
+    }
+  }
+#endif
+  for (int64_t b = b0; b < nvalid; ++b) {
+    T* y = Y + b * ld;
+    if (bias)
+      for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b] + bias[j];
+    else
+      for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b];
+  }
+}
+
 // out[b] = sum over the non-zeros k in [begin, end) of val[k] * X[col[k], b]. Bound by L2
 // bandwidth here (W / 16 cache lines per non-zero; a second accumulator set does not help).
 // No software prefetch: the out-of-order window already covers the L2 latency, and the
@@ -207,13 +235,8 @@ void spmm_panels(const int64_t* crow, const I* col, const T* val, const T* XP,
         const int64_t r = r0 + j;
         row_times_panel<T, W, I>(crow[r], crow[r + 1], col, val, X, tile[j]);
       }
-      for (int64_t b = 0; b < nvalid; ++b) {
-        T* y = Y + (p * W + b) * rows + r0;
-        if (bias)
-          for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b] + bias[r0 + j];
-        else
-          for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b];
-      }
+      store_tile<T, W>(tile, nr, nvalid, bias ? bias + r0 : nullptr, Y + p * W * rows + r0,
+                       rows);
     }
   }
 }
@@ -397,10 +420,7 @@ void backward_panels(const int64_t* crowT, const I* colT, const I* perm, const I
 #pragma GCC unroll 16
         for (int i = 0; i < NV; ++i) storev<T>(tile[j] + i * L, acc[i]);
       }
-      for (int64_t b = 0; b < nvalid; ++b) {
-        T* y = GX + (p * W + b) * F + c0;
-        for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b];
-      }
+      store_tile<T, W>(tile, nr, nvalid, nullptr, GX + p * W * F + c0, F);
     }
   }
 #pragma omp barrier
