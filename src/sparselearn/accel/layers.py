@@ -185,8 +185,8 @@ class _SparseLinearFn(torch.autograd.Function):
         backend: str,
     ) -> Tensor:
         ops = ops_for(x, backend)
-        xp = ops.pack(x)  # panels: each non-zero scales one contiguous row of batch values
-        y = ops.spmm(weight.crow, weight.col, values, xp, weight.rows, x.shape[0], bias=bias)
+        # y, and x in panels (each non-zero scales one contiguous row of batch values)
+        y, xp = ops.linear_forward(x, weight.crow, weight.col, values, weight.rows, bias)
         ctx.save_for_backward(xp, values)
         ctx.weight, ctx.ops = weight, ops
         return y
@@ -200,17 +200,17 @@ class _SparseLinearFn(torch.autograd.Function):
         ops = ctx.ops
         batch = grad_y.shape[0]
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        if want_x and want_w and w.dense_grad_sink is None:
+            # both products in one pass: each row of the gradient's panels is read once for two
+            grad_x, grad_values, grad_bias = ops.linear_backward(
+                w.crow, w.col, w.crow_t, w.col_t, w.perm, w.perm_inv, values, grad_y, xp, want_b
+            )
+            return grad_x, grad_values, grad_bias, None, None
         grad_bias = None
         if want_b:
             gp, grad_bias = ops.pack_sum(grad_y)
         else:
             gp = ops.pack(grad_y)
-        if want_x and want_w and w.dense_grad_sink is None:
-            # both products in one pass: each row of gp is read once for the two
-            grad_x, grad_values = ops.linear_backward(
-                w.crow, w.col, w.crow_t, w.col_t, w.perm, w.perm_inv, values, gp, xp, batch
-            )
-            return grad_x, grad_values, grad_bias, None, None
         grad_x = None
         if want_x:
             grad_x = ops.spmm(w.crow_t, w.col_t, values, gp, w.fan_in, batch, w.perm)

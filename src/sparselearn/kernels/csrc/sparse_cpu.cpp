@@ -58,6 +58,11 @@ inline void storev(T* p, vec_t<T> v) {
 
 inline v16f load16(const float* p) { return loadv<float>(p); }
 
+// Work (multiply-adds plus elements moved) below which a kernel runs on the calling thread alone:
+// waking the pool's threads costs about 0.1-0.15 ms on this VM with OMP_WAIT_POLICY=PASSIVE,
+// what one thread needs for a million or more multiply-adds here.
+constexpr int64_t kParallelWork = int64_t(1) << 20;
+
 constexpr int64_t kPrefetch = 8;  // non-zeros ahead whose panel rows are prefetched
 
 // dst[k] = src[idx[k]]
@@ -103,12 +108,14 @@ inline void transpose16(__m512 r[16]) {
 // XP[p, f, b] = x[p * W + b, f] (0 past the batch), x read through strides (sb, sf) so that an
 // expanded or transposed input needs no copy first. With psum (nb, F) given, also
 // psum[p, f] = sum of x[p * W + b, f] over the panel's rows (the column sums, for a bias).
+// The loops are an orphaned worksharing construct: they split among the threads of the
+// enclosing parallel region (see pack_panels, linear_forward), and end with its barrier.
 template <typename T>
-void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, int64_t F,
-                 int64_t W) {
+void pack_body(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, int64_t F,
+               int64_t W) {
   const int64_t nb = (B + W - 1) / W;
   constexpr int64_t kF = 64;  // features per tile: W x kF reads, kF x W writes
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static)
   for (int64_t p = 0; p < nb; ++p) {
     for (int64_t f0 = 0; f0 < F; f0 += kF) {
       const int64_t nf = std::min(kF, F - f0);
@@ -161,6 +168,13 @@ void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, 
         for (int64_t f = 0; f < nf; ++f) psum[p * F + f0 + f] = acc[f];
     }
   }
+}
+
+template <typename T>
+void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, int64_t F,
+                 int64_t W) {
+#pragma omp parallel if (B * F >= kParallelWork)
+  pack_body<T>(x, sb, sf, XP, psum, B, F, W);
 }
 
 // Y[b * ld + j] = tile[j][b] (+ bias[j]) for j < nr, b < nvalid: a tile of nr rows of W
@@ -216,14 +230,13 @@ inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_
 // Y[b, r] = sum_k val[k] * XP[p, col[k], b - p W] over the non-zeros k of row r. Y is written in
 // the ordinary (batch, rows) layout through a small tile, so that its stores stay contiguous.
 template <typename T, int W, typename I>
-void spmm_panels(const int64_t* crow, const I* col, const T* val, const T* XP,
-                 const T* bias, T* Y, int64_t rows, int64_t F, int64_t B) {
+void spmm_body(const int64_t* crow, const I* col, const T* val, const T* XP, const T* bias,
+               T* Y, int64_t rows, int64_t F, int64_t B) {
   const int64_t nb = (B + W - 1) / W;
   constexpr int64_t kRows = 16;  // rows per tile
   const int64_t ntiles = (rows + kRows - 1) / kRows;
-  // one parallel region; a static tile schedule gives each thread the same rows in every panel,
-  // so threads never wait for each other between panels (nowait)
-#pragma omp parallel
+  // (orphaned, in the caller's parallel region) a static tile schedule gives each thread the
+  // same rows in every panel, so threads never wait for each other between panels (nowait)
   for (int64_t p = 0; p < nb; ++p) {
     const T* X = XP + p * F * W;
     const int64_t nvalid = std::min<int64_t>(W, B - p * W);
@@ -239,6 +252,13 @@ void spmm_panels(const int64_t* crow, const I* col, const T* val, const T* XP,
                        rows);
     }
   }
+}
+
+template <typename T, int W, typename I>
+void spmm_panels(const int64_t* crow, const I* col, const T* val, const T* XP, const T* bias,
+                 T* Y, int64_t rows, int64_t F, int64_t B) {
+#pragma omp parallel if (B * (rows + crow[rows]) >= kParallelWork)
+  spmm_body<T, W, I>(crow, col, val, XP, bias, Y, rows, F, B);
 }
 
 
@@ -329,18 +349,18 @@ void sampled_panels(const int64_t* crow, const I* col, const T* GP, const T* XP,
 //   dvalT[k] = sum_b GP[p, r, b] * XP[p, c, b]    (the weight gradient at the non-zeros)
 // Each non-zero reads one random row of the G panel (from L2: the limit, as in spmm); here that
 // one read serves both products, where two separate kernels read a row each.
-// One parallel region (each region costs a wake-up of the threads): valT = val[perm], the
-// products, then dval = dvalT[perm_inv], W's CSR order (a gather: scattering through perm,
+// In the caller's parallel region (each region costs a wake-up of the threads, 0.1 ms here
+// with OMP_WAIT_POLICY=PASSIVE): valT = val[perm], the products, then dval = dvalT[perm_inv],
+// W's CSR order (a gather: scattering through perm,
 // random writes, took 2-4x longer).
 template <typename T, int W, typename I>
-void backward_panels(const int64_t* crowT, const I* colT, const I* perm, const I* perm_inv,
-                     const T* val, T* valT, const T* GP, const T* XP, T* GX, T* dvalT, T* dval,
-                     int64_t rows, int64_t F, int64_t B) {
+void backward_body(const int64_t* crowT, const I* colT, const I* perm, const I* perm_inv,
+                   const T* val, T* valT, const T* GP, const T* XP, T* GX, T* dvalT, T* dval,
+                   int64_t rows, int64_t F, int64_t B) {
   constexpr int L = kLanes<T>, NV = W / L;
   const int64_t nb = (B + W - 1) / W, nnz = crowT[F];
   constexpr int64_t kRows = 16;  // rows of W^T per tile (for contiguous stores of GX)
   const int64_t ntiles = (F + kRows - 1) / kRows;
-#pragma omp parallel
   {
 #pragma omp for schedule(static)
   for (int64_t k = 0; k < nnz; ++k) valT[k] = val[perm[k]];
@@ -512,43 +532,128 @@ torch::Tensor sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor GP, t
   return dval;
 }
 
-// (grad_x (batch, F), dval (nnz,) in the CSR order of W) for y = x @ W.T, from panels of the
-// output gradient (GP) and of the input (XP); W^T's CSR with perm: valT[k] = val[perm[k]].
+namespace {
+
+// y = x @ W.T (+ bias) and the panels of x, in one parallel region (packing, its barrier, the
+// product): one wake-up of the threads instead of two.
+template <typename T, int W, typename I>
+void forward_region(const T* x, int64_t sb, int64_t sf, T* XP, const int64_t* crow, const I* col,
+                    const T* val, const T* bias, T* Y, int64_t rows, int64_t F, int64_t B) {
+  const bool parallel = B * (F + rows + crow[rows]) >= kParallelWork;
+#pragma omp parallel if (parallel)
+  {
+    pack_body<T>(x, sb, sf, XP, nullptr, B, F, W);
+    spmm_body<T, W, I>(crow, col, val, XP, bias, Y, rows, F, B);
+  }
+}
+
+// The backward in one parallel region: the output gradient packed (with its column sums, the
+// bias gradient, when asked), then both products (backward_body).
+template <typename T, int W, typename I>
+void backward_region(const T* g, int64_t sb, int64_t sf, T* GP, T* psum, T* gbias,
+                     const int64_t* crowT, const I* colT, const I* perm, const I* perm_inv,
+                     const T* val, T* valT, const T* XP, T* GX, T* dvalT, T* dval, int64_t rows,
+                     int64_t F, int64_t B) {
+  const int64_t nb = (B + W - 1) / W;
+  const bool parallel = B * (F + rows + 2 * crowT[F]) >= kParallelWork;
+#pragma omp parallel if (parallel)
+  {
+    pack_body<T>(g, sb, sf, GP, psum, B, rows, W);
+    if (gbias) {
+#pragma omp for schedule(static) nowait
+      for (int64_t r = 0; r < rows; ++r) {
+        T total = T(0);
+        for (int64_t p = 0; p < nb; ++p) total += psum[p * rows + r];
+        gbias[r] = total;
+      }
+    }
+    backward_body<T, W, I>(crowT, colT, perm, perm_inv, val, valT, GP, XP, GX, dvalT, dval, rows,
+                           F, B);
+  }
+}
+
+template <typename F>
+void with_panel_width(int64_t W, F&& run) {
+  if (W == 64) run(std::integral_constant<int, 64>{});
+  else if (W == 32) run(std::integral_constant<int, 32>{});
+  else run(std::integral_constant<int, 16>{});
+}
+
+}  // namespace
+
+// (y, panels of x) for y = x @ W.T (+ bias); x of any strides.
+std::vector<torch::Tensor> linear_forward(torch::Tensor x, torch::Tensor crow, torch::Tensor col,
+                                          torch::Tensor val, int64_t rows,
+                                          c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2, "x must be (batch, features)");
+  TORCH_CHECK(crow.numel() == rows + 1, "crow must have rows + 1 entries");
+  const int64_t B = x.size(0), F = x.size(1), W = panel_width(B);
+  auto XP = torch::empty({(B + W - 1) / W, F, W}, x.options());
+  auto Y = torch::empty({B, rows}, x.options());
+  auto v = val.contiguous();
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.numel() == rows && b.scalar_type() == x.scalar_type(),
+                "bias must have one entry per row, of x's dtype");
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_forward", [&] {
+    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "linear_forward", [&] {
+      with_panel_width(W, [&](auto w) {
+        forward_region<scalar_t, decltype(w)::value, index_t>(
+            x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), XP.data_ptr<scalar_t>(),
+            crow.data_ptr<int64_t>(), col.data_ptr<index_t>(), v.data_ptr<scalar_t>(),
+            bias.has_value() ? b.data_ptr<scalar_t>() : nullptr, Y.data_ptr<scalar_t>(), rows, F,
+            B);
+      });
+    });
+  });
+  return {Y, XP};
+}
+
+// (grad_x (batch, F), dval (nnz,) in the CSR order of W, and the bias gradient when want_bias)
+// for y = x @ W.T (+ bias), from the output gradient (any strides) and the panels of x; W^T's
+// CSR with perm (valT[k] = val[perm[k]]) and its inverse.
 std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor colT,
                                            torch::Tensor perm, torch::Tensor perm_inv,
-                                           torch::Tensor val,
-                                           torch::Tensor GP, torch::Tensor XP, int64_t batch) {
-  TORCH_CHECK(GP.is_contiguous() && XP.is_contiguous(), "GP and XP must be contiguous panels");
-  TORCH_CHECK(GP.dim() == 3 && XP.dim() == 3 && GP.size(0) == XP.size(0) &&
-                  GP.size(2) == XP.size(2),
-              "GP and XP panels differ");
-  const int64_t F = XP.size(1), rows = GP.size(1), W = XP.size(2), nnz = colT.numel();
+                                           torch::Tensor val, torch::Tensor grad_y,
+                                           torch::Tensor XP, bool want_bias) {
+  TORCH_CHECK(XP.dim() == 3 && XP.is_contiguous(), "XP must be contiguous panels (nb, F, W)");
+  TORCH_CHECK(grad_y.dim() == 2, "grad_y must be (batch, rows)");
+  const int64_t B = grad_y.size(0), rows = grad_y.size(1);
+  const int64_t F = XP.size(1), W = XP.size(2), nb = XP.size(0), nnz = colT.numel();
+  TORCH_CHECK(W == panel_width(B) && nb == (B + W - 1) / W, "XP/batch mismatch");
   TORCH_CHECK(crowT.numel() == F + 1, "crowT must have one row per input feature (+1)");
   TORCH_CHECK(perm.numel() == nnz && perm_inv.numel() == nnz && val.numel() == nnz,
               "perm, perm_inv and val must have nnz entries");
-  TORCH_CHECK(W == panel_width(batch) && XP.size(0) == (batch + W - 1) / W, "XP/batch mismatch");
-  auto GX = torch::empty({batch, F}, XP.options());
-  auto valT = torch::empty({nnz}, XP.options());
-  auto dvalT = torch::empty({nnz}, XP.options());
-  auto dval = torch::empty({nnz}, XP.options());
-  auto v = val.contiguous();
   TORCH_CHECK(perm.scalar_type() == colT.scalar_type() &&
                   perm_inv.scalar_type() == colT.scalar_type(),
               "perm, perm_inv and colT must have the same index dtype");
+  TORCH_CHECK(grad_y.scalar_type() == XP.scalar_type(), "grad_y and XP dtypes differ");
+  auto opts = XP.options();
+  auto GP = torch::empty({nb, rows, W}, opts);
+  auto psum = want_bias ? torch::empty({nb, rows}, opts) : torch::Tensor();
+  auto gbias = want_bias ? torch::empty({rows}, opts) : torch::Tensor();
+  auto GX = torch::empty({B, F}, opts);
+  auto valT = torch::empty({nnz}, opts);
+  auto dvalT = torch::empty({nnz}, opts);
+  auto dval = torch::empty({nnz}, opts);
+  auto v = val.contiguous();
   AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "linear_backward", [&] {
     AT_DISPATCH_INDEX_TYPES(colT.scalar_type(), "linear_backward", [&] {
-      auto run = [&](auto w) {
-        backward_panels<scalar_t, decltype(w)::value, index_t>(
-            crowT.data_ptr<int64_t>(), colT.data_ptr<index_t>(), perm.data_ptr<index_t>(),
-            perm_inv.data_ptr<index_t>(), v.data_ptr<scalar_t>(), valT.data_ptr<scalar_t>(), GP.data_ptr<scalar_t>(),
-            XP.data_ptr<scalar_t>(), GX.data_ptr<scalar_t>(), dvalT.data_ptr<scalar_t>(),
-            dval.data_ptr<scalar_t>(), rows, F, batch);
-      };
-      if (W == 64) run(std::integral_constant<int, 64>{});
-      else if (W == 32) run(std::integral_constant<int, 32>{});
-      else run(std::integral_constant<int, 16>{});
+      with_panel_width(W, [&](auto w) {
+        backward_region<scalar_t, decltype(w)::value, index_t>(
+            grad_y.data_ptr<scalar_t>(), grad_y.stride(0), grad_y.stride(1),
+            GP.data_ptr<scalar_t>(), want_bias ? psum.data_ptr<scalar_t>() : nullptr,
+            want_bias ? gbias.data_ptr<scalar_t>() : nullptr, crowT.data_ptr<int64_t>(),
+            colT.data_ptr<index_t>(), perm.data_ptr<index_t>(), perm_inv.data_ptr<index_t>(),
+            v.data_ptr<scalar_t>(), valT.data_ptr<scalar_t>(), XP.data_ptr<scalar_t>(),
+            GX.data_ptr<scalar_t>(), dvalT.data_ptr<scalar_t>(), dval.data_ptr<scalar_t>(), rows,
+            F, B);
+      });
     });
   });
+  if (want_bias) return {GX, dval, gbias};
   return {GX, dval};
 }
 
@@ -852,8 +957,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("XP"), py::arg("rows"),
         py::arg("batch"), py::arg("perm") = py::none(), py::arg("bias") = py::none());
   m.def("sampled", &sampled, "dW at the non-zeros from panels of G and X");
+  m.def("linear_forward", &linear_forward, "(y, panels of x): packing and product, one region",
+        py::arg("x"), py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("rows"),
+        py::arg("bias") = py::none());
   m.def("linear_backward", &linear_backward,
-        "(grad_x, dW at the non-zeros) in one pass over the CSR of W^T");
+        "(grad_x, dW at the non-zeros[, grad_bias]): packing the output gradient and one pass "
+        "over the CSR of W^T, one region");
   m.def("conv2d_forward", &conv2d_forward, "direct sparse convolution");
   m.def("conv2d_grad_input", &conv2d_grad_input, "gradient of the padded input");
   m.def("conv2d_grad_weight", &conv2d_grad_weight, "gradient at the non-zero weights");
