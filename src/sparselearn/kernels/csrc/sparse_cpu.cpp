@@ -787,16 +787,22 @@ inline __attribute__((always_inline)) void shifted_chunk(int64_t begin, int64_t 
 template <typename T, int W>
 inline void shifted_rows(const int64_t* crow, const int64_t* off, const T* val, const T* X, T* Y,
                          int64_t rows, int64_t N, int64_t Lo) {
-#pragma omp for schedule(static) nowait
-  for (int64_t r = 0; r < rows; ++r) {
-    T* __restrict__ y = Y + r * Lo;
-    const int64_t begin = crow[r], end = crow[r + 1];
-    int64_t n0 = 0;
-    for (; n0 + W <= N; n0 += W) shifted_chunk<T, W>(begin, end, off, val, X + n0, y + n0);
-    if (n0 < N) {
-      const int64_t nr = N - n0;
+  // this thread's rows (a static split, as an omp for would make), then chunk by chunk of the
+  // plane: for one chunk, every row reads the same window of the input planes (chunk + halo
+  // per channel), which stays in L1 across the rows; row by row, each row swept the whole
+  // sample's input, from L2
+  const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+  const int64_t r_begin = rows * tid / nt, r_end = rows * (tid + 1) / nt;
+  int64_t n0 = 0;
+  for (; n0 + W <= N; n0 += W)
+    for (int64_t r = r_begin; r < r_end; ++r)
+      shifted_chunk<T, W>(crow[r], crow[r + 1], off, val, X + n0, Y + r * Lo + n0);
+  if (n0 < N) {
+    const int64_t nr = N - n0;
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      T* __restrict__ y = Y + r * Lo;
       for (int64_t b = 0; b < nr; ++b) y[n0 + b] = T(0);
-      for (int64_t k = begin; k < end; ++k) {
+      for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
         const T v = val[k];
         const T* __restrict__ x = X + off[k] + n0;
 #pragma omp simd
