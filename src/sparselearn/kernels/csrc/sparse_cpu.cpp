@@ -829,21 +829,54 @@ void shifted_spmm(const int64_t* crow, const int64_t* off, const T* val, const T
 }
 
 // dval[k] = sum_b sum_{n < N} G[b, r, n] * X[b, off[k] + n] for the non-zeros k of row r.
+// Chunk-outer as in shifted_rows: for one chunk of the plane, the input window of every channel
+// stays in L1 while this thread's rows and their non-zeros go by; each non-zero keeps a vector of
+// lane-wise partial sums (part, nnz x lanes) until the end, then one horizontal sum.
 template <typename T>
 void shifted_sampled(const int64_t* crow, const int64_t* off, const T* G, const T* X, T* dval,
                      int64_t B, int64_t rows, int64_t N, int64_t Lg, int64_t Gb, int64_t Xb) {
+  constexpr int L = kLanes<T>, NV = 4, CW = NV * L;  // a chunk: four vectors
+  std::vector<vec_t<T>> part(crow[rows]);
 #pragma omp parallel
-  for (int64_t b = 0; b < B; ++b) {
-#pragma omp for schedule(static) nowait
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* __restrict__ g = G + b * Gb + r * Lg;
-      for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
-        const T* __restrict__ x = X + b * Xb + off[k];
-        T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-        for (int64_t n = 0; n < N; ++n) acc += g[n] * x[n];
-        dval[k] = (b == 0 ? T(0) : dval[k]) + acc;
+  {
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t r_begin = rows * tid / nt, r_end = rows * (tid + 1) / nt;
+    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) part[k] = vec_t<T>{};
+    for (int64_t b = 0; b < B; ++b) {
+      const T* Gs = G + b * Gb;
+      const T* Xs = X + b * Xb;
+      int64_t n0 = 0;
+      for (; n0 + CW <= N; n0 += CW) {
+        for (int64_t r = r_begin; r < r_end; ++r) {
+          vec_t<T> g[NV];
+#pragma GCC unroll 4
+          for (int i = 0; i < NV; ++i) g[i] = loadv<T>(Gs + r * Lg + n0 + i * L);
+          for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+            const T* x = Xs + off[k] + n0;
+            vec_t<T> d = g[0] * loadv<T>(x);
+#pragma GCC unroll 4
+            for (int i = 1; i < NV; ++i) d += g[i] * loadv<T>(x + i * L);
+            part[k] += d;
+          }
+        }
       }
+      if (n0 < N) {  // the last, partial chunk: into lane 0
+        for (int64_t r = r_begin; r < r_end; ++r) {
+          const T* __restrict__ g = Gs + r * Lg;
+          for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+            const T* __restrict__ x = Xs + off[k];
+            T acc = T(0);
+            for (int64_t n = n0; n < N; ++n) acc += g[n] * x[n];
+            part[k][0] += acc;
+          }
+        }
+      }
+    }
+    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) {
+      T total = T(0);
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) total += part[k][l];
+      dval[k] = total;
     }
   }
 }
