@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 from typing import Any
 
@@ -402,6 +403,19 @@ def test_auto_mode_times_each_layer_on_the_real_shape() -> None:
         is_sparse = isinstance(dict(model.named_children())[c.name.split(".")[0]], SparseLinear)
         assert is_sparse == (c.chosen == "sparse")
     assert "dense ms" in str(report)
+
+
+def test_timing_waits_for_cuda_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA kernels run asynchronously: the timed step must wait for them (and a CPU step must
+    # not touch the CUDA runtime)
+    acc = importlib.import_module("sparselearn.accel.accelerate")  # the module, not the function
+    waited: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    acc._wait_for(torch.device("cuda", 0))
+    acc._wait_for(torch.device("cpu"))
+    assert waited == [torch.device("cuda", 0)]
+    acc._fwd_bwd(nn.Linear(3, 2), torch.randn(4, 3))()
+    assert waited == [torch.device("cuda", 0)]
 
 
 def test_layers_limits_what_is_accelerated() -> None:

@@ -80,6 +80,13 @@ def _time_pair(first: Any, second: Any, repeats: int) -> tuple[float, float]:
     return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
 
 
+def _wait_for(device: torch.device) -> None:
+    """Block until ``device`` has finished its queued work (CUDA runs asynchronously: a timer
+    around the launches alone would measure the launches, not the work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _fwd_bwd(module: nn.Module, x: Tensor) -> Any:
     x = x.detach().requires_grad_()
 
@@ -87,6 +94,7 @@ def _fwd_bwd(module: nn.Module, x: Tensor) -> Any:
         module.zero_grad(set_to_none=True)
         out = module(x)
         out.backward(torch.ones_like(out))
+        _wait_for(x.device)
 
     return run
 
