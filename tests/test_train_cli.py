@@ -334,6 +334,11 @@ def test_train_config_validation() -> None:
         TrainConfig(sparsity={"prune_rat": 0.1})
     with pytest.raises(ValueError, match="device must be"):
         TrainConfig(device="tpu")
+    # checked when the run is configured, before any data is looked for
+    for bad in (0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+            TrainConfig(density=bad)
+    assert TrainConfig(density=1.0).density == 1.0
 
 
 def test_demo(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import OPTION_NAMES, unknown_option_message
+from .config import OPTION_NAMES, _check_unit, unknown_option_message
 from .data.datasets import Data, load_dataset, steps_per_epoch
 from .engine import SparseEngine, sparsify
 from .flops import count_flops
@@ -100,6 +100,8 @@ class TrainConfig:
                 "accelerate and amp cannot be combined: the sparse kernels compute in the "
                 "weights' dtype (float32); drop one of them"
             )
+        if self.density is not None:  # checked before any data is read
+            _check_unit("density", self.density, low_open=True, high_open=False)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         unknown = [k for k in self.sparsity if k not in SPARSITY_OPTIONS]
