@@ -97,7 +97,9 @@ def test_linear_gradients_when_only_some_are_wanted(backend: str, wanted: str) -
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["expanded", "transposed", "sliced", "row_broadcast"])
+@pytest.mark.parametrize(
+    "layout", ["expanded", "transposed", "sliced", "row_broadcast", "column_broadcast"]
+)
 def test_pack_reads_any_strides(backend: str, layout: str) -> None:
     # what autograd hands the backward (sum().backward() gives an expanded tensor) is packed
     # as it is, without a copy first: panels and column sums equal those of a contiguous copy
@@ -107,6 +109,7 @@ def test_pack_reads_any_strides(backend: str, layout: str) -> None:
         "transposed": torch.randn(33, 70).t(),
         "sliced": torch.randn(70, 66)[:, ::2],
         "row_broadcast": torch.randn(33).expand(70, 33),
+        "column_broadcast": torch.randn(70, 1).expand(70, 33),  # constant along the features
     }[layout]
     assert not x.is_contiguous()
     ops = ops_for(x, backend)

@@ -122,6 +122,22 @@ void pack_body(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, in
       T* out = XP + (p * F + f0) * W;
       T acc[kF] = {};
       int64_t done = 0;  // features packed by the vector path
+      if (sf == 0) {
+        // constant along the features (an expanded tensor, e.g. the gradient of a sum): each
+        // panel row is one vector of W batch values, stored contiguously nf times
+        T colv[64];  // W <= 64 (panel_width)
+        T total = T(0);
+        for (int64_t b = 0; b < W; ++b) {
+          const int64_t row = p * W + b;
+          colv[b] = row < B ? x[row * sb] : T(0);
+          total += colv[b];
+        }
+        for (int64_t f = 0; f < nf; ++f) {
+          std::copy(colv, colv + W, out + f * W);
+          acc[f] = total;
+        }
+        done = nf;
+      }
 #if defined(__AVX512F__)
       if constexpr (std::is_same_v<T, float>) {
         if (sf == 1) {
