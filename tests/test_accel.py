@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -162,6 +163,106 @@ def test_conv_matches_the_dense_masked_layer(
     )
 
 
+@given(
+    stride=st.integers(2, 3),
+    pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    hw=st.tuples(st.integers(1, 11), st.integers(1, 11)),
+    extra=st.tuples(st.integers(-2, 2), st.integers(-2, 2)),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_phase_planes_property(
+    stride: int,
+    pad: tuple[int, int],
+    hw: tuple[int, int],
+    extra: tuple[int, int],
+    seed: int,
+) -> None:
+    # plane (py, px) of channel c holds the padded input's rows py, py + s, ... and columns
+    # px, px + s, ... (zeros past it; planes smaller than the padded input crop it), and the
+    # gradient is the adjoint: <planes(x), g> = <x, planes_grad(g)>
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, *hw, dtype=torch.float64, generator=gen)
+    s, (ph, pw) = stride, pad
+    padded_hw = [size + 2 * p for size, p in zip(hw, pad, strict=True)]
+    hq, wq = (max(1, -(-size // s) + e) for size, e in zip(padded_hw, extra, strict=True))
+    big = F.pad(x, (pw, pw + s * wq, ph, ph + s * hq))  # the padded input, then more zeros
+    g = torch.randn(2, s * s * 3, hq, wq, dtype=torch.float64, generator=gen)
+    for backend in BACKENDS:
+        ops = ops_for(x, backend)
+        planes = ops.phase_planes(x, s, ph, pw, hq, wq)
+        for py in range(s):
+            for px in range(s):
+                want = big[:, :, py::s, px::s][:, :, :hq, :wq]
+                got = planes[:, (py * s + px) * 3 : (py * s + px + 1) * 3]
+                assert torch.equal(got, want), (backend, py, px)
+        gx = ops.phase_planes_grad(g, s, ph, pw, *hw)
+        assert gx.shape == x.shape
+        assert torch.allclose((planes * g).sum(), (x * gx).sum(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("k", "stride", "pad", "hw"),
+    [((3, 3), 2, (1, 1), (16, 16)), ((3, 3), 2, (1, 1), (9, 7)), ((1, 1), 2, (0, 0), (9, 8)),
+     ((3, 1), 2, (1, 0), (10, 5)), ((5, 5), 3, (2, 2), (13, 11)), ((2, 2), 2, (0, 0), (7, 7))],
+)  # fmt: skip
+def test_strided_conv_on_phase_planes(
+    backend: str,
+    k: tuple[int, int],
+    stride: int,
+    pad: tuple[int, int],
+    hw: tuple[int, int],
+) -> None:
+    # a strided layer computes as a stride-1 one on the phase planes: outputs and gradients
+    # equal the dense masked layer's, and a mask change rebuilds the planes' structure
+    torch.manual_seed(sum(k) + stride + hw[0])
+    conv = nn.Conv2d(5, 7, k, stride=stride, padding=pad)
+    mask = torch.rand(conv.weight.shape) < 0.4
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    sparse = SparseConv2d(copy.deepcopy(conv), mask, backend)
+    for step in range(2):
+        x = torch.randn(3, 5, *hw, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = sparse(x), conv(x_ref)
+        assert sparse.phases().shape[1] == 5 * stride * stride
+        g = torch.randn_like(y_ref)
+        y.backward(g)
+        y_ref.backward(g)
+        assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(
+            sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
+        )
+        if step == 0:  # a new mask: the layer and the reference change the same way
+            mask = torch.rand(conv.weight.shape) < 0.4
+            sparse.weight_sparse.restructure(mask)
+            with torch.no_grad():
+                conv.weight.copy_(sparse.weight_sparse.dense())
+            conv.zero_grad()
+
+
+def test_strided_conv_dense_gradient_steps() -> None:
+    # on steps that ask for the dense gradient (RigL, momentum windows) the strided layer
+    # hands over the full gradient in the weight's own shape
+    torch.manual_seed(3)
+    conv, mask = masked_conv(4, 6, 3, 2, 1, 0.3, torch.float32)
+    sparse = SparseConv2d(copy.deepcopy(conv), mask)
+    received: list[torch.Tensor] = []
+    sparse.weight_sparse.dense_grad_sink = received.append
+    x = torch.randn(2, 4, 9, 9)
+    g = torch.randn(2, 6, 5, 5)
+    sparse(x).backward(g)
+    conv(x).backward(g)
+    assert len(received) == 1
+    assert received[0].shape == conv.weight.shape
+    assert torch.allclose(received[0], conv.weight.grad, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(
+        sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend: str) -> None:
     torch.manual_seed(0)
@@ -169,7 +270,7 @@ def test_gradcheck_float64(backend: str) -> None:
     sl_ = SparseLinear(lin, mask, backend)
     x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, v: sl_(x), (x, sl_.weight_sparse.values))
-    for k, stride, pad in [(3, 1, 1), (3, 2, 1), (1, 1, 0)]:
+    for k, stride, pad in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0)]:
         conv, cmask = masked_conv(3, 4, k, stride, pad, 0.4, torch.float64)
         sc = SparseConv2d(conv, cmask, backend)
         xc = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)

@@ -19,7 +19,10 @@ Both backends implement the same operations on a CSR weight (``crow``, ``col``, 
   W's order with a gather through ``perm_inv`` (2-4x faster than scattering through ``perm``),
   all in one parallel region;
 - ``conv2d_forward / conv2d_grad_input / conv2d_grad_weight``: direct sparse convolution on a
-  padded NCHW input.
+  padded NCHW input;
+- ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
+  the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
+  stride-1 one (``accel.layers``).
 
 The extension (C++ with OpenMP, through ``torch.utils.cpp_extension``) is built on first use and
 cached in ``$SPARSELEARN_CACHE`` (default ``~/.cache/sparselearn``), keyed by its source, the torch
@@ -132,6 +135,14 @@ class Ops(Protocol):
 
     def conv2d_grad_weight(
         self, crow: Tensor, col: Tensor, g: Tensor, xp: Tensor, kh: int, kw: int, stride: int
+    ) -> Tensor: ...
+
+    def phase_planes(
+        self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int
+    ) -> Tensor: ...
+
+    def phase_planes_grad(
+        self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int
     ) -> Tensor: ...
 
 
@@ -310,6 +321,23 @@ class TorchOps:
         rows = torch.repeat_interleave(torch.arange(g.shape[1], device=crow.device), crow.diff())
         return dw.reshape(g.shape[1], -1)[rows, col]
 
+    def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
+        s, (n, c, h, w) = stride, x.shape
+        # pad to s*hq x s*wq; what lies past that is never read: crop it
+        xp = F.pad(x, (pw, max(0, s * wq - w - pw), ph, max(0, s * hq - h - ph)))
+        xp = xp[:, :, : s * hq, : s * wq]
+        planes = xp.reshape(n, c, hq, s, wq, s).permute(0, 3, 5, 1, 2, 4)
+        return planes.reshape(n, s * s * c, hq, wq)
+
+    def phase_planes_grad(self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int) -> Tensor:
+        s, (n, _, hq, wq) = stride, g.shape
+        c = g.shape[1] // (s * s)
+        grid = g.reshape(n, s, s, c, hq, wq).permute(0, 3, 4, 1, 5, 2)
+        grid = grid.reshape(n, c, s * hq, s * wq)
+        # the padded input's gradient: zero past the planes (rows and columns never read)
+        full = F.pad(grid, (0, max(0, w + pw - s * wq), 0, max(0, h + ph - s * hq)))
+        return full[:, :, ph : ph + h, pw : pw + w].contiguous()
+
 
 class CppOps:
     """The compiled CPU kernels (float32 and float64)."""
@@ -413,6 +441,14 @@ class CppOps:
         self, crow: Tensor, col: Tensor, g: Tensor, xp: Tensor, kh: int, kw: int, stride: int
     ) -> Tensor:
         out: Tensor = self._ext.conv2d_grad_weight(crow, col, g, xp, kh, kw, stride)
+        return out
+
+    def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
+        out: Tensor = self._ext.phase_planes(x, stride, ph, pw, hq, wq)
+        return out
+
+    def phase_planes_grad(self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int) -> Tensor:
+        out: Tensor = self._ext.phase_planes_grad(g, stride, ph, pw, h, w)
         return out
 
 

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -1011,6 +1012,122 @@ torch::Tensor conv2d_grad_weight(torch::Tensor crow, torch::Tensor col, torch::T
   return dval;
 }
 
+// ----------------------------------------------------- strided convolution on phase planes
+// A stride-s convolution is a stride-1 one over the s*s phase planes of its padded input:
+// P[n, (py*s + px)*C + c, i, j] = x[n, c, s*i + py - ph, s*j + px - pw] (0 outside x). Built in
+// one pass (padding, cropping and the reordering of a pad + reshape, which took three passes
+// over fresh memory), and its adjoint: every input position lies on exactly one phase plane, so
+// the input gradient is a gather (0 where a position is never read: rows and columns cropped).
+
+namespace {
+
+// Calls f with the stride as a compile-time constant where it is 2 (the common case: the
+// strided loops below then vectorise), else as 0, meaning "read it at run time".
+template <typename F>
+void with_stride(int64_t s, F&& f) {
+  if (s == 2) f(std::integral_constant<int, 2>{});
+  else f(std::integral_constant<int, 0>{});
+}
+
+// The columns j of a phase plane whose input column s*j + px - pw lies in [0, W): [j0, j1).
+inline std::pair<int64_t, int64_t> phase_columns(int64_t s, int64_t px, int64_t pw, int64_t W,
+                                                 int64_t wq) {
+  const int64_t j0 = std::min(wq, std::max<int64_t>(0, (pw - px + s - 1) / s));
+  const int64_t last = W - 1 + pw - px;  // (no column at all when negative)
+  return {j0, last < 0 ? j0 : std::max(j0, std::min(wq, last / s + 1))};
+}
+
+template <typename T, int S>
+void phase_planes_kernel(const T* X, T* out, int64_t N, int64_t C, int64_t H, int64_t W,
+                         int64_t s_, int64_t ph, int64_t pw, int64_t hq, int64_t wq) {
+  const int64_t s = S ? S : s_;
+#pragma omp parallel for collapse(2) schedule(static) if (N * C * s * s * hq * wq >= kParallelWork)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* src = X + (n * C + c) * H * W;
+      for (int64_t py = 0; py < s; ++py) {
+        for (int64_t px = 0; px < s; ++px) {
+          T* dst = out + ((n * s * s + py * s + px) * C + c) * hq * wq;
+          const auto [j0, j1] = phase_columns(s, px, pw, W, wq);
+          for (int64_t i = 0; i < hq; ++i) {
+            T* __restrict__ row = dst + i * wq;
+            const int64_t y = s * i + py - ph;
+            if (y < 0 || y >= H) {
+              std::fill(row, row + wq, T(0));
+              continue;
+            }
+            const T* __restrict__ in = src + y * W + px - pw;
+            std::fill(row, row + j0, T(0));
+            for (int64_t j = j0; j < j1; ++j) row[j] = in[s * j];
+            std::fill(row + j1, row + wq, T(0));
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int S>
+void phase_planes_grad_kernel(const T* G, T* out, int64_t N, int64_t C, int64_t H, int64_t W,
+                              int64_t s_, int64_t ph, int64_t pw, int64_t hq, int64_t wq) {
+  const int64_t s = S ? S : s_;
+#pragma omp parallel for collapse(2) schedule(static) if (N * C * H * W >= kParallelWork)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      // the input plane (in L1) zeroed, then each phase plane's rows scattered into it
+      T* dst = out + (n * C + c) * H * W;
+      std::fill(dst, dst + H * W, T(0));
+      for (int64_t py = 0; py < s; ++py) {
+        for (int64_t px = 0; px < s; ++px) {
+          const T* src = G + ((n * s * s + py * s + px) * C + c) * hq * wq;
+          const auto [j0, j1] = phase_columns(s, px, pw, W, wq);
+          for (int64_t i = 0; i < hq; ++i) {
+            const int64_t y = s * i + py - ph;
+            if (y < 0 || y >= H) continue;
+            const T* __restrict__ row = src + i * wq;
+            T* __restrict__ o = dst + y * W + px - pw;
+            for (int64_t j = j0; j < j1; ++j) o[s * j] = row[j];
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor phase_planes(torch::Tensor x, int64_t s, int64_t ph, int64_t pw, int64_t hq,
+                           int64_t wq) {
+  TORCH_CHECK(x.dim() == 4 && s >= 1 && ph >= 0 && pw >= 0,
+              "x must be (N, C, H, W), the stride >= 1 and the padding >= 0");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  auto P = torch::empty({N, s * s * C, hq, wq}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "phase_planes", [&] {
+    with_stride(s, [&](auto S) {
+      phase_planes_kernel<scalar_t, S>(x.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(), N, C, H,
+                                       W, s, ph, pw, hq, wq);
+    });
+  });
+  return P;
+}
+
+torch::Tensor phase_planes_grad(torch::Tensor gP, int64_t s, int64_t ph, int64_t pw, int64_t H,
+                                int64_t W) {
+  TORCH_CHECK(gP.dim() == 4 && s >= 1 && gP.size(1) % (s * s) == 0,
+              "gP must be (N, s*s*C, hq, wq)");
+  gP = gP.contiguous();
+  const int64_t N = gP.size(0), C = gP.size(1) / (s * s), hq = gP.size(2), wq = gP.size(3);
+  auto gx = torch::empty({N, C, H, W}, gP.options());
+  AT_DISPATCH_FLOATING_TYPES(gP.scalar_type(), "phase_planes_grad", [&] {
+    with_stride(s, [&](auto S) {
+      phase_planes_grad_kernel<scalar_t, S>(gP.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), N,
+                                            C, H, W, s, ph, pw, hq, wq);
+    });
+  });
+  return gx;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "x (batch, features) -> panels (nb, features, W), zero-padded");
   m.def("pack_sum", &pack_sum, "(panels of x, the column sums of x)");
@@ -1028,5 +1145,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_forward", &conv2d_forward, "direct sparse convolution");
   m.def("conv2d_grad_input", &conv2d_grad_input, "gradient of the padded input");
   m.def("conv2d_grad_weight", &conv2d_grad_weight, "gradient at the non-zero weights");
+  m.def("phase_planes", &phase_planes, "the s*s phase planes of the padded input (stride s)");
+  m.def("phase_planes_grad", &phase_planes_grad, "the input gradient from the planes' gradient");
   m.def("num_threads", []() { return omp_get_max_threads(); });
 }
