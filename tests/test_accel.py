@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import io
+import math
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from torch import nn
 
 import sparselearn as sl
 from sparselearn.accel import SparseConv2d, SparseLinear, SparseWeight, accelerate
+from sparselearn.accel.layers import UNFOLD_MAX_POSITIONS
 from sparselearn.kernels import TorchOps, extension, ops_for
 
 BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
@@ -144,12 +146,13 @@ def test_pack_property(batch: int, features: int, dtype: torch.dtype, seed: int)
     ("k", "stride", "pad"), [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 2, 0), (5, 1, 2)]
 )
 @pytest.mark.parametrize("size", [9, 21])  # stride 1 works on whole planes in 64-wide chunks
+@pytest.mark.parametrize("algorithm", ["planes", "unfold"])
 def test_conv_matches_the_dense_masked_layer(
-    backend: str, k: int, stride: int, pad: int, size: int
+    backend: str, k: int, stride: int, pad: int, size: int, algorithm: str
 ) -> None:
     torch.manual_seed(k * 10 + stride)
     conv, mask = masked_conv(6, 8, k, stride, pad, 0.2, torch.float32)
-    sparse = SparseConv2d(conv, mask, backend)
+    sparse = SparseConv2d(conv, mask, backend, algorithm)
     x = torch.randn(3, 6, size, size, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     y, y_ref = sparse(x), conv(x_ref)
@@ -221,7 +224,7 @@ def test_strided_conv_on_phase_planes(
     mask = torch.rand(conv.weight.shape) < 0.4
     with torch.no_grad():
         conv.weight.mul_(mask)
-    sparse = SparseConv2d(copy.deepcopy(conv), mask, backend)
+    sparse = SparseConv2d(copy.deepcopy(conv), mask, backend, algorithm="planes")
     for step in range(2):
         x = torch.randn(3, 5, *hw, requires_grad=True)
         x_ref = x.detach().clone().requires_grad_()
@@ -243,12 +246,13 @@ def test_strided_conv_on_phase_planes(
             conv.zero_grad()
 
 
-def test_strided_conv_dense_gradient_steps() -> None:
+@pytest.mark.parametrize("algorithm", ["planes", "unfold"])
+def test_strided_conv_dense_gradient_steps(algorithm: str) -> None:
     # on steps that ask for the dense gradient (RigL, momentum windows) the strided layer
-    # hands over the full gradient in the weight's own shape
+    # hands over the full gradient in the weight's own shape, whichever way it computes
     torch.manual_seed(3)
     conv, mask = masked_conv(4, 6, 3, 2, 1, 0.3, torch.float32)
-    sparse = SparseConv2d(copy.deepcopy(conv), mask)
+    sparse = SparseConv2d(copy.deepcopy(conv), mask, algorithm=algorithm)
     received: list[torch.Tensor] = []
     sparse.weight_sparse.dense_grad_sink = received.append
     x = torch.randn(2, 4, 9, 9)
@@ -263,6 +267,28 @@ def test_strided_conv_dense_gradient_steps() -> None:
     )
 
 
+def test_conv_algorithm_follows_the_output_size() -> None:
+    # "auto" multiplies patches for small output planes (at most UNFOLD_MAX_POSITIONS
+    # positions) and walks planes otherwise; both give the dense layer's output
+    torch.manual_seed(5)
+    conv, mask = masked_conv(8, 8, 3, 1, 1, 0.3, torch.float32)
+    sparse = SparseConv2d(copy.deepcopy(conv), mask)
+    side = math.isqrt(UNFOLD_MAX_POSITIONS)
+    assert sparse.algorithm_for((side, side)) == "unfold"
+    assert sparse.algorithm_for((side + 1, side)) == "planes"
+    assert SparseConv2d(copy.deepcopy(conv), mask, algorithm="planes").algorithm_for((2, 2)) == (
+        "planes"
+    )
+    for side_ in (side, side + 4):
+        x = torch.randn(2, 8, side_, side_)
+        assert torch.allclose(sparse(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert sparse._unfolded is not None  # the small input went through the patches
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        SparseConv2d(conv, mask, algorithm="im2col")
+    with pytest.raises(ValueError, match=r"batched \(N, C, H, W\) input"):
+        sparse(torch.randn(8, 5, 5))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend: str) -> None:
     torch.manual_seed(0)
@@ -270,9 +296,16 @@ def test_gradcheck_float64(backend: str) -> None:
     sl_ = SparseLinear(lin, mask, backend)
     x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, v: sl_(x), (x, sl_.weight_sparse.values))
-    for k, stride, pad in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0)]:
+    for k, stride, pad, algorithm in [
+        (3, 1, 1, "planes"),
+        (3, 2, 1, "planes"),
+        (1, 1, 0, "planes"),
+        (1, 2, 0, "planes"),
+        (3, 1, 1, "unfold"),
+        (3, 2, 1, "unfold"),
+    ]:
         conv, cmask = masked_conv(3, 4, k, stride, pad, 0.4, torch.float64)
-        sc = SparseConv2d(conv, cmask, backend)
+        sc = SparseConv2d(conv, cmask, backend, algorithm)
         xc = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x, v, sc=sc: sc(x), (xc, sc.weight_sparse.values))
 

@@ -235,6 +235,34 @@ class _PhasePlanesFn(torch.autograd.Function):
         return gx, None, None, None, None
 
 
+class _Unfolded:
+    """A convolution as a matrix product over its input's patches (im2col): the weight as an
+    (out, in * kh * kw) matrix, the CSR of a Linear layer's weight (the values in the same
+    order as the convolution's), with the transpose a Linear layer's backward walks. For small
+    output planes, where the plane kernels have little to vectorise over. Derived from a
+    :class:`SparseWeight` (its ``version`` and device) and rebuilt when that changes.
+    """
+
+    def __init__(self, weight: SparseWeight) -> None:
+        self.version, self.device = weight.version, weight.col.device
+        self.rows, self.fan_in = weight.rows, weight.fan_in
+        self._weight = weight
+        self._mask = weight.mask().reshape(self.rows, self.fan_in)
+        self.crow, self.col, self.crow_t, self.col_t, self.perm = csr_structure(self._mask)
+        self.perm_inv = _inverse(self.perm)
+
+    def mask(self) -> Tensor:
+        return self._mask
+
+    @property
+    def dense_grad_sink(self) -> DenseGradSink | None:
+        """The weight's sink, handed the dense gradient in the weight's own shape."""
+        sink, shape = self._weight.dense_grad_sink, self._weight.shape
+        if sink is None:
+            return None
+        return lambda grad: sink(grad.reshape(shape))
+
+
 class _SparseLinearFn(torch.autograd.Function):
     """``x @ W.T + bias`` with W sparse; the bias is added as the output is written, and its
     gradient (the output gradient summed over the batch) comes from the pass that packs the
@@ -246,7 +274,7 @@ class _SparseLinearFn(torch.autograd.Function):
         x: Tensor,
         values: Tensor,
         bias: Tensor | None,
-        weight: SparseWeight,
+        weight: SparseWeight | _Unfolded,
         backend: str,
     ) -> Tensor:
         ops = ops_for(x, backend)
@@ -261,11 +289,12 @@ class _SparseLinearFn(torch.autograd.Function):
         ctx: Any, grad_y: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         xp, values = ctx.saved_tensors
-        w: SparseWeight = ctx.weight
+        w: SparseWeight | _Unfolded = ctx.weight
         ops = ctx.ops
         batch = grad_y.shape[0]
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        if want_x and want_w and w.dense_grad_sink is None:
+        sink = w.dense_grad_sink
+        if want_x and want_w and sink is None:
             # both products in one pass: each row of the gradient's panels is read once for two
             grad_x, grad_values, grad_bias = ops.linear_backward(
                 w.crow, w.col, w.crow_t, w.col_t, w.perm, w.perm_inv, values, grad_y, xp, want_b
@@ -281,10 +310,10 @@ class _SparseLinearFn(torch.autograd.Function):
             grad_x = ops.spmm(w.crow_t, w.col_t, values, gp, w.fan_in, batch, w.perm)
         grad_values = None
         if want_w:
-            if w.dense_grad_sink is not None:
+            if sink is not None:
                 # the full gradient, only on the steps that ask (padding rows are zero)
                 dense = torch.einsum("pow,piw->oi", gp, xp)
-                w.dense_grad_sink(dense)
+                sink(dense)
                 grad_values = dense[w.mask()]
             else:
                 grad_values = ops.sampled(w.crow, w.col, gp, xp)
@@ -388,17 +417,34 @@ class SparseLinear(nn.Module):
         )
 
 
+# Output planes of at most this many positions compute as a product over patches (im2col and
+# the Linear kernels): 3x3 convolutions at 5% and below, batch 64, on 2x2 and 4x4 outputs ran
+# 1.3-3x faster that way than on planes, 8x8 ones 1.3-3x slower (docs/performance.md).
+UNFOLD_MAX_POSITIONS = 16
+
+_ALGORITHMS = ("auto", "planes", "unfold")
+
+
 class SparseConv2d(nn.Module):
     """``nn.Conv2d`` (groups 1, dilation 1, zero padding) computing directly with a CSR weight.
 
-    Stride 1 walks shifted input planes; a larger stride runs as a stride-1 convolution over
-    the input's phase planes (:class:`_Phases`), except on steps that hand the dense weight
-    gradient to the engine, which take a direct strided kernel."""
+    ``algorithm``: ``"planes"`` walks shifted input planes (a stride above 1 runs as a stride-1
+    convolution over the input's phase planes, :class:`_Phases`, except on steps that hand the
+    dense weight gradient to the engine, which take a direct strided kernel); ``"unfold"``
+    multiplies the input's patches (im2col) by the weight with the Linear kernels;
+    ``"auto"`` (default) unfolds output planes of at most :data:`UNFOLD_MAX_POSITIONS`
+    positions, where planes leave the kernels too little to vectorise over. The choice depends
+    on the input's shape only, so a run computes the same way every time it is resumed.
+    """
 
-    def __init__(self, conv: nn.Conv2d, mask: Tensor, backend: str = "auto") -> None:
+    def __init__(
+        self, conv: nn.Conv2d, mask: Tensor, backend: str = "auto", algorithm: str = "auto"
+    ) -> None:
         super().__init__()
         if not supports_conv(conv):
             raise ValueError(f"unsupported convolution for the sparse kernels: {conv}")
+        if algorithm not in _ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = conv.kernel_size
         self.stride = conv.stride[0]
@@ -406,7 +452,10 @@ class SparseConv2d(nn.Module):
         self.weight_sparse = SparseWeight(conv.weight, mask)
         self.bias = conv.bias
         self.backend = backend
-        self._phases: _Phases | None = None  # stride > 1: derived from weight_sparse
+        self.algorithm = algorithm
+        # derived from weight_sparse, rebuilt when it changes
+        self._phases: _Phases | None = None
+        self._unfolded: _Unfolded | None = None
 
     def phases(self) -> _Phases:
         """The stride-1 form of this strided convolution (rebuilt when the mask changes)."""
@@ -415,18 +464,38 @@ class SparseConv2d(nn.Module):
             ph = self._phases = _Phases(w, self.stride)
         return ph
 
+    def unfolded(self) -> _Unfolded:
+        """The weight as the matrix of a product over patches (rebuilt when the mask changes)."""
+        w, u = self.weight_sparse, self._unfolded
+        if u is None or u.version != w.version or u.device != w.col.device:
+            u = self._unfolded = _Unfolded(w)
+        return u
+
+    def output_size(self, input_hw: tuple[int, int]) -> tuple[int, int]:
+        (h, wd), (pad_h, pad_w), (kh, kw) = input_hw, self.padding, self.kernel_size
+        return (h + 2 * pad_h - kh) // self.stride + 1, (wd + 2 * pad_w - kw) // self.stride + 1
+
+    def algorithm_for(self, input_hw: tuple[int, int]) -> str:
+        """``"planes"`` or ``"unfold"``: how an input of this height and width is computed."""
+        if self.algorithm != "auto":
+            return self.algorithm
+        oh, ow = self.output_size(input_hw)
+        return "unfold" if oh * ow <= UNFOLD_MAX_POSITIONS else "planes"
+
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"SparseConv2d takes a batched (N, C, H, W) input, got shape {tuple(x.shape)}"
+            )
         w = self.weight_sparse
+        out_hw = self.output_size((x.shape[2], x.shape[3]))
+        if self.algorithm_for((x.shape[2], x.shape[3])) == "unfold":
+            return self._forward_unfolded(x, out_hw)
         if self.stride > 1 and w.dense_grad_sink is None:
             # strided: a stride-1 convolution over the phase planes (the stride-1 kernels are
             # 3-6x faster than a strided walk); steps that need the dense gradient take the
             # direct path below, which computes it in the weight's own shape
             ph = self.phases()
-            (h, wd), (pad_h, pad_w), (kh, kw) = x.shape[2:], self.padding, self.kernel_size
-            out_hw = (
-                (h + 2 * pad_h - kh) // self.stride + 1,
-                (wd + 2 * pad_w - kw) // self.stride + 1,
-            )
             y: Tensor = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
                 ph.planes(x, self.padding, out_hw, self.backend),
                 w.values[ph.index],
@@ -443,12 +512,27 @@ class SparseConv2d(nn.Module):
             y = y + self.bias.view(1, -1, 1, 1)
         return y
 
+    def _forward_unfolded(self, x: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        n = x.shape[0]
+        patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N * OH * OW, C*kh*kw)
+        bias = self.bias
+        fused = bias is not None and bias.dtype == rows.dtype and bias.device == rows.device
+        y: Tensor = _SparseLinearFn.apply(  # type: ignore[no-untyped-call]
+            rows, self.weight_sparse.values, bias if fused else None, self.unfolded(), self.backend
+        )
+        if bias is not None and not fused:
+            y = y + bias
+        y = y.view(n, out_hw[0], out_hw[1], self.out_channels).permute(0, 3, 1, 2)
+        return y.contiguous()
+
     def extra_repr(self) -> str:
         w = self.weight_sparse
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, "
-            f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}"
+            f"density={w.nnz / (w.rows * w.fan_in):.4f}, algorithm={self.algorithm}, "
+            f"backend={self.backend}"
         )
 
 
