@@ -204,6 +204,37 @@ def test_phase_planes_property(
         assert torch.allclose((planes * g).sum(), (x * gx).sum(), rtol=1e-12, atol=1e-12)
 
 
+@given(
+    k=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.integers(1, 3),
+    pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    hw=st.tuples(st.integers(4, 9), st.integers(4, 9)),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_patches_property(
+    k: tuple[int, int],
+    stride: int,
+    pad: tuple[int, int],
+    hw: tuple[int, int],
+    seed: int,
+) -> None:
+    # row (n, oy, ox) is the input patch under output (oy, ox), as F.unfold lays it out, and
+    # the gradient is the adjoint: <patches(x), g> = <x, patches_grad(g)>
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, *hw, dtype=torch.float64, generator=gen)
+    oh, ow = ((size + 2 * p - kk) // stride + 1 for size, p, kk in zip(hw, pad, k, strict=True))
+    want = F.unfold(x, k, padding=pad, stride=stride).transpose(1, 2).reshape(-1, 3 * k[0] * k[1])
+    g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    for backend in BACKENDS:
+        ops = ops_for(x, backend)
+        rows = ops.patches(x, *k, stride, *pad, oh, ow)
+        assert torch.equal(rows, want), backend
+        gx = ops.patches_grad(g, (2, 3, *hw), *k, stride, *pad, oh, ow)
+        assert gx.shape == x.shape
+        assert torch.allclose((rows * g).sum(), (x * gx).sum(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("k", "stride", "pad", "hw"),

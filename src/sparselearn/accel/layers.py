@@ -263,6 +263,33 @@ class _Unfolded:
         return lambda grad: sink(grad.reshape(shape))
 
 
+class _PatchesFn(torch.autograd.Function):
+    """(N, C, H, W) -> (N * OH * OW, C * kh * kw): each output position's input patch as a
+    row (im2col), in one pass of the compiled kernels."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        kernel_size: tuple[int, int],
+        stride: int,
+        padding: tuple[int, int],
+        out_hw: tuple[int, int],
+        backend: str,
+    ) -> Tensor:
+        ops = ops_for(x, backend)
+        ctx.ops, ctx.shape, ctx.args = (
+            ops,
+            tuple(x.shape),
+            (*kernel_size, stride, *padding, *out_hw),
+        )
+        return ops.patches(x, *ctx.args)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        return ctx.ops.patches_grad(grad, ctx.shape, *ctx.args), None, None, None, None, None
+
+
 class _SparseLinearFn(torch.autograd.Function):
     """``x @ W.T + bias`` with W sparse; the bias is added as the output is written, and its
     gradient (the output gradient summed over the batch) comes from the pass that packs the
@@ -514,8 +541,9 @@ class SparseConv2d(nn.Module):
 
     def _forward_unfolded(self, x: Tensor, out_hw: tuple[int, int]) -> Tensor:
         n = x.shape[0]
-        patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N * OH * OW, C*kh*kw)
+        rows: Tensor = _PatchesFn.apply(  # type: ignore[no-untyped-call]
+            x, self.kernel_size, self.stride, self.padding, out_hw, self.backend
+        )  # (N * OH * OW, C * kh * kw)
         bias = self.bias
         fused = bias is not None and bias.dtype == rows.dtype and bias.device == rows.device
         y: Tensor = _SparseLinearFn.apply(  # type: ignore[no-untyped-call]

@@ -22,7 +22,9 @@ Both backends implement the same operations on a CSR weight (``crow``, ``col``, 
   padded NCHW input;
 - ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
   the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
-  stride-1 one (``accel.layers``).
+  stride-1 one (``accel.layers``);
+- ``patches(x, kh, kw, stride, ph, pw, oh, ow) -> rows`` (im2col: each output position's input
+  patch as a row of ``C * kh * kw``) and its adjoint ``patches_grad``.
 
 The extension (C++ with OpenMP, through ``torch.utils.cpp_extension``) is built on first use and
 cached in ``$SPARSELEARN_CACHE`` (default ``~/.cache/sparselearn``), keyed by its source, the torch
@@ -143,6 +145,23 @@ class Ops(Protocol):
 
     def phase_planes_grad(
         self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int
+    ) -> Tensor: ...
+
+    def patches(
+        self, x: Tensor, kh: int, kw: int, stride: int, ph: int, pw: int, oh: int, ow: int
+    ) -> Tensor: ...
+
+    def patches_grad(
+        self,
+        g: Tensor,
+        shape: tuple[int, int, int, int],
+        kh: int,
+        kw: int,
+        stride: int,
+        ph: int,
+        pw: int,
+        oh: int,
+        ow: int,
     ) -> Tensor: ...
 
 
@@ -338,6 +357,27 @@ class TorchOps:
         full = F.pad(grid, (0, max(0, w + pw - s * wq), 0, max(0, h + ph - s * hq)))
         return full[:, :, ph : ph + h, pw : pw + w].contiguous()
 
+    def patches(
+        self, x: Tensor, kh: int, kw: int, stride: int, ph: int, pw: int, oh: int, ow: int
+    ) -> Tensor:
+        cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=stride)  # (N, C*kh*kw, oh*ow)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    def patches_grad(
+        self,
+        g: Tensor,
+        shape: tuple[int, int, int, int],
+        kh: int,
+        kw: int,
+        stride: int,
+        ph: int,
+        pw: int,
+        oh: int,
+        ow: int,
+    ) -> Tensor:
+        cols = g.reshape(shape[0], oh * ow, -1).transpose(1, 2)
+        return F.fold(cols, shape[2:], (kh, kw), padding=(ph, pw), stride=stride)
+
 
 class CppOps:
     """The compiled CPU kernels (float32 and float64)."""
@@ -449,6 +489,27 @@ class CppOps:
 
     def phase_planes_grad(self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int) -> Tensor:
         out: Tensor = self._ext.phase_planes_grad(g, stride, ph, pw, h, w)
+        return out
+
+    def patches(
+        self, x: Tensor, kh: int, kw: int, stride: int, ph: int, pw: int, oh: int, ow: int
+    ) -> Tensor:
+        out: Tensor = self._ext.patches(x, kh, kw, stride, ph, pw, oh, ow)
+        return out
+
+    def patches_grad(
+        self,
+        g: Tensor,
+        shape: tuple[int, int, int, int],
+        kh: int,
+        kw: int,
+        stride: int,
+        ph: int,
+        pw: int,
+        oh: int,
+        ow: int,
+    ) -> Tensor:
+        out: Tensor = self._ext.patches_grad(g, *shape, kh, kw, stride, ph, pw, oh, ow)
         return out
 
 

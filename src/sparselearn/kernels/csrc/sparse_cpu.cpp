@@ -1128,6 +1128,98 @@ torch::Tensor phase_planes_grad(torch::Tensor gP, int64_t s, int64_t ph, int64_t
   return gx;
 }
 
+// ----------------------------------------------------------- patches (im2col) as matrix rows
+// R[(n*OH + oy)*OW + ox, (c*kh + ky)*kw + kx] = x[n, c, s*oy + ky - ph, s*ox + kx - pw] (0 in
+// the padding): each output position's patch as one row, the layout the Linear kernels take,
+// in one pass (unfold and a transposing copy took two). The adjoint adds each row back.
+
+namespace {
+
+template <typename T>
+void patches_kernel(const T* X, T* R, int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh,
+                    int64_t kw, int64_t s, int64_t ph, int64_t pw, int64_t OH, int64_t OW) {
+  const int64_t K = C * kh * kw;
+#pragma omp parallel for collapse(2) schedule(static) if (N * OH * OW * K >= kParallelWork)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t oy = 0; oy < OH; ++oy) {
+      for (int64_t ox = 0; ox < OW; ++ox) {
+        T* row = R + ((n * OH + oy) * OW + ox) * K;
+        for (int64_t c = 0; c < C; ++c) {
+          const T* plane = X + (n * C + c) * H * W;
+          for (int64_t ky = 0; ky < kh; ++ky) {
+            const int64_t y = s * oy + ky - ph;
+            T* out = row + (c * kh + ky) * kw;
+            if (y < 0 || y >= H) {
+              std::fill(out, out + kw, T(0));
+              continue;
+            }
+            for (int64_t kx = 0; kx < kw; ++kx) {
+              const int64_t x = s * ox + kx - pw;
+              out[kx] = (x >= 0 && x < W) ? plane[y * W + x] : T(0);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void patches_grad_kernel(const T* G, T* GX, int64_t N, int64_t C, int64_t H, int64_t W,
+                         int64_t kh, int64_t kw, int64_t s, int64_t ph, int64_t pw, int64_t OH,
+                         int64_t OW) {
+  const int64_t K = C * kh * kw;
+#pragma omp parallel for collapse(2) schedule(static) if (N * OH * OW * K >= kParallelWork)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      T* plane = GX + (n * C + c) * H * W;
+      std::fill(plane, plane + H * W, T(0));
+      for (int64_t oy = 0; oy < OH; ++oy) {
+        for (int64_t ox = 0; ox < OW; ++ox) {
+          const T* g = G + ((n * OH + oy) * OW + ox) * K + c * kh * kw;
+          for (int64_t ky = 0; ky < kh; ++ky) {
+            const int64_t y = s * oy + ky - ph;
+            if (y < 0 || y >= H) continue;
+            for (int64_t kx = 0; kx < kw; ++kx) {
+              const int64_t x = s * ox + kx - pw;
+              if (x >= 0 && x < W) plane[y * W + x] += g[ky * kw + kx];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor patches(torch::Tensor x, int64_t kh, int64_t kw, int64_t s, int64_t ph, int64_t pw,
+                      int64_t OH, int64_t OW) {
+  TORCH_CHECK(x.dim() == 4 && s >= 1, "x must be (N, C, H, W) and the stride >= 1");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  auto R = torch::empty({N * OH * OW, C * kh * kw}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "patches", [&] {
+    patches_kernel<scalar_t>(x.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), N, C, x.size(2),
+                             x.size(3), kh, kw, s, ph, pw, OH, OW);
+  });
+  return R;
+}
+
+torch::Tensor patches_grad(torch::Tensor G, int64_t N, int64_t C, int64_t H, int64_t W,
+                           int64_t kh, int64_t kw, int64_t s, int64_t ph, int64_t pw, int64_t OH,
+                           int64_t OW) {
+  TORCH_CHECK(G.dim() == 2 && G.size(0) == N * OH * OW && G.size(1) == C * kh * kw,
+              "G must be (N * OH * OW, C * kh * kw)");
+  G = G.contiguous();
+  auto GX = torch::empty({N, C, H, W}, G.options());
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "patches_grad", [&] {
+    patches_grad_kernel<scalar_t>(G.data_ptr<scalar_t>(), GX.data_ptr<scalar_t>(), N, C, H, W, kh,
+                                  kw, s, ph, pw, OH, OW);
+  });
+  return GX;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "x (batch, features) -> panels (nb, features, W), zero-padded");
   m.def("pack_sum", &pack_sum, "(panels of x, the column sums of x)");
@@ -1147,5 +1239,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_grad_weight", &conv2d_grad_weight, "gradient at the non-zero weights");
   m.def("phase_planes", &phase_planes, "the s*s phase planes of the padded input (stride s)");
   m.def("phase_planes_grad", &phase_planes_grad, "the input gradient from the planes' gradient");
+  m.def("patches", &patches, "each output position's input patch as a row (im2col)");
+  m.def("patches_grad", &patches_grad, "the input gradient from the patch rows' gradient");
   m.def("num_threads", []() { return omp_get_max_threads(); });
 }
