@@ -152,7 +152,7 @@ def test_conv_matches_the_dense_masked_layer(
 ) -> None:
     torch.manual_seed(k * 10 + stride)
     conv, mask = masked_conv(6, 8, k, stride, pad, 0.2, torch.float32)
-    sparse = SparseConv2d(conv, mask, backend, algorithm)
+    sparse = SparseConv2d(copy.deepcopy(conv), mask, backend, algorithm)  # a bias of its own
     x = torch.randn(3, 6, size, size, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     y, y_ref = sparse(x), conv(x_ref)
@@ -164,6 +164,7 @@ def test_conv_matches_the_dense_masked_layer(
     assert torch.allclose(
         sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
     )
+    assert torch.allclose(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
 
 
 @given(
@@ -269,12 +270,14 @@ def test_strided_conv_on_phase_planes(
         assert torch.allclose(
             sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
         )
+        assert torch.allclose(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
         if step == 0:  # a new mask: the layer and the reference change the same way
             mask = torch.rand(conv.weight.shape) < 0.4
             sparse.weight_sparse.restructure(mask)
             with torch.no_grad():
                 conv.weight.copy_(sparse.weight_sparse.dense())
             conv.zero_grad()
+            sparse.zero_grad()
 
 
 @pytest.mark.parametrize("algorithm", ["planes", "unfold"])
@@ -293,6 +296,7 @@ def test_strided_conv_dense_gradient_steps(algorithm: str) -> None:
     assert len(received) == 1
     assert received[0].shape == conv.weight.shape
     assert torch.allclose(received[0], conv.weight.grad, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
     assert torch.allclose(
         sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
     )

@@ -348,11 +348,15 @@ class _SparseLinearFn(torch.autograd.Function):
 
 
 class _SparseConv2dFn(torch.autograd.Function):
+    """The convolution with a CSR weight; the bias (if any) is added as the output is written,
+    its gradient is the output gradient summed over all but the channels."""
+
     @staticmethod
     def forward(
         ctx: Any,
         x: Tensor,
         values: Tensor,
+        bias: Tensor | None,
         weight: SparseWeight | _Phases,
         stride: int,
         padding: tuple[int, int],
@@ -367,7 +371,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         oh = (xp.shape[2] - kh) // stride + 1
         ow = (xp.shape[3] - kw) // stride + 1
         y = ops.conv2d_forward(
-            weight.crow, weight.col, values, xp, weight.rows, kh, kw, stride, oh, ow
+            weight.crow, weight.col, values, xp, weight.rows, kh, kw, stride, oh, ow, bias
         )
         ctx.save_for_backward(xp, values)
         ctx.weight, ctx.ops, ctx.stride, ctx.padding, ctx.in_hw = (
@@ -382,7 +386,7 @@ class _SparseConv2dFn(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_y: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
         xp, values = ctx.saved_tensors
         w: SparseWeight | _Phases = ctx.weight
         c_in, kh, kw = w.shape[1:]
@@ -411,7 +415,8 @@ class _SparseConv2dFn(torch.autograd.Function):
                 grad_values = dense.reshape(w.rows, -1)[w.mask().view(w.rows, -1)]
             else:
                 grad_values = ctx.ops.conv2d_grad_weight(w.crow, w.col, g, xp, kh, kw, ctx.stride)
-        return grad_x, grad_values, None, None, None, None
+        grad_bias = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_values, grad_bias, None, None, None, None
 
 
 class SparseLinear(nn.Module):
@@ -518,6 +523,8 @@ class SparseConv2d(nn.Module):
         out_hw = self.output_size((x.shape[2], x.shape[3]))
         if self.algorithm_for((x.shape[2], x.shape[3])) == "unfold":
             return self._forward_unfolded(x, out_hw)
+        bias = self.bias
+        fused = bias is not None and bias.dtype == x.dtype and bias.device == x.device
         if self.stride > 1 and w.dense_grad_sink is None:
             # strided: a stride-1 convolution over the phase planes (the stride-1 kernels are
             # 3-6x faster than a strided walk); steps that need the dense gradient take the
@@ -526,6 +533,7 @@ class SparseConv2d(nn.Module):
             y: Tensor = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
                 ph.planes(x, self.padding, out_hw, self.backend),
                 w.values[ph.index],
+                bias if fused else None,
                 ph,
                 1,
                 (0, 0),
@@ -533,10 +541,10 @@ class SparseConv2d(nn.Module):
             )
         else:
             y = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
-                x, w.values, w, self.stride, self.padding, self.backend
+                x, w.values, bias if fused else None, w, self.stride, self.padding, self.backend
             )
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1, 1)
+        if bias is not None and not fused:
+            y = y + bias.view(1, -1, 1, 1)
         return y
 
     def _forward_unfolded(self, x: Tensor, out_hw: tuple[int, int]) -> Tensor:

@@ -19,7 +19,7 @@ Both backends implement the same operations on a CSR weight (``crow``, ``col``, 
   W's order with a gather through ``perm_inv`` (2-4x faster than scattering through ``perm``),
   all in one parallel region;
 - ``conv2d_forward / conv2d_grad_input / conv2d_grad_weight``: direct sparse convolution on a
-  padded NCHW input;
+  padded NCHW input (the forward adds an optional bias as it writes the output);
 - ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
   the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
   stride-1 one (``accel.layers``);
@@ -119,6 +119,7 @@ class Ops(Protocol):
         stride: int,
         oh: int,
         ow: int,
+        bias: Tensor | None = None,
     ) -> Tensor: ...
 
     def conv2d_grad_input(
@@ -309,9 +310,10 @@ class TorchOps:
         stride: int,
         oh: int,
         ow: int,
+        bias: Tensor | None = None,
     ) -> Tensor:
         w = self._dense(crow, col, val, (out_channels, xp.shape[1], kh, kw))
-        return F.conv2d(xp, w, stride=stride)
+        return F.conv2d(xp, w, bias, stride=stride)
 
     def conv2d_grad_input(
         self,
@@ -453,9 +455,10 @@ class CppOps:
         stride: int,
         oh: int,
         ow: int,
+        bias: Tensor | None = None,
     ) -> Tensor:
         out: Tensor = self._ext.conv2d_forward(
-            crow, col, val, xp, out_channels, kh, kw, stride, oh, ow
+            crow, col, val, xp, out_channels, kh, kw, stride, oh, ow, bias
         )
         return out
 

@@ -807,31 +807,64 @@ inline __attribute__((always_inline)) void shifted_chunk(int64_t begin, int64_t 
   for (int i = 0; i < NV; ++i) storev<T>(out + i * L, acc[i]);
 }
 
+// Where the values of grid positions go. The grid is Wg wide; the output keeps its first OW
+// columns (OW == Wg: every position, stored in place), plus bias[r] when a bias is given.
+// Writing the output directly spares a grid-sized temporary and a compacting copy: two passes
+// over fresh memory, which page-faults on this VM (about 9 ms per 35 MB).
+template <typename T>
+struct GridStore {
+  int64_t Wg, OW;
+  const T* bias;
+
+  // yrow[position n of the grid] = v[i] (+ bias) for the count positions from n0, if kept
+  void put(const T* v, int64_t count, int64_t n0, T* yrow, T b) const {
+    int64_t i = 0;
+    while (i < count) {
+      const int64_t n = n0 + i, oy = n / Wg, ox = n % Wg;
+      const int64_t seg = std::min(count - i, Wg - ox);
+      const int64_t keep = std::max<int64_t>(0, std::min(seg, OW - ox));
+      T* dst = yrow + oy * OW + ox;
+      for (int64_t j = 0; j < keep; ++j) dst[j] = v[i + j] + b;
+      i += seg;
+    }
+  }
+};
+
 // Y[r * Lo + n] = sum_k val[k] * X[off[k] + n], n < N, for the rows r this thread is given.
 template <typename T, int W>
 inline void shifted_rows(const int64_t* crow, const int64_t* off, const T* val, const T* X, T* Y,
-                         int64_t rows, int64_t N, int64_t Lo) {
+                         int64_t rows, int64_t N, int64_t Lo, const GridStore<T>& st) {
   // this thread's rows (a static split, as an omp for would make), then chunk by chunk of the
   // plane: for one chunk, every row reads the same window of the input planes (chunk + halo
   // per channel), which stays in L1 across the rows; row by row, each row swept the whole
   // sample's input, from L2
   const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
   const int64_t r_begin = rows * tid / nt, r_end = rows * (tid + 1) / nt;
+  const bool direct = st.OW == st.Wg && st.bias == nullptr;
+  alignas(64) T tmp[W];
   int64_t n0 = 0;
-  for (; n0 + W <= N; n0 += W)
-    for (int64_t r = r_begin; r < r_end; ++r)
-      shifted_chunk<T, W>(crow[r], crow[r + 1], off, val, X + n0, Y + r * Lo + n0);
+  for (; n0 + W <= N; n0 += W) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      if (direct) {
+        shifted_chunk<T, W>(crow[r], crow[r + 1], off, val, X + n0, Y + r * Lo + n0);
+      } else {
+        shifted_chunk<T, W>(crow[r], crow[r + 1], off, val, X + n0, tmp);
+        st.put(tmp, W, n0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
+      }
+    }
+  }
   if (n0 < N) {
     const int64_t nr = N - n0;
     for (int64_t r = r_begin; r < r_end; ++r) {
-      T* __restrict__ y = Y + r * Lo;
-      for (int64_t b = 0; b < nr; ++b) y[n0 + b] = T(0);
+      T* __restrict__ y = direct ? Y + r * Lo + n0 : tmp;
+      for (int64_t b = 0; b < nr; ++b) y[b] = T(0);
       for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
         const T v = val[k];
         const T* __restrict__ x = X + off[k] + n0;
 #pragma omp simd
-        for (int64_t b = 0; b < nr; ++b) y[n0 + b] += v * x[b];
+        for (int64_t b = 0; b < nr; ++b) y[b] += v * x[b];
       }
+      if (!direct) st.put(tmp, nr, n0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
     }
   }
 }
@@ -839,10 +872,11 @@ inline void shifted_rows(const int64_t* crow, const int64_t* off, const T* val, 
 // Y[b] = shifted_rows(X[b]) for every sample b: X planes of Xb floats per sample, Y of Yb.
 template <typename T>
 void shifted_spmm(const int64_t* crow, const int64_t* off, const T* val, const T* X, T* Y,
-                  int64_t B, int64_t rows, int64_t N, int64_t Lo, int64_t Xb, int64_t Yb) {
+                  int64_t B, int64_t rows, int64_t N, int64_t Lo, int64_t Xb, int64_t Yb,
+                  const GridStore<T>& st) {
 #pragma omp parallel
   for (int64_t b = 0; b < B; ++b)
-    shifted_rows<T, 64>(crow, off, val, X + b * Xb, Y + b * Yb, rows, N, Lo);
+    shifted_rows<T, 64>(crow, off, val, X + b * Xb, Y + b * Yb, rows, N, Lo, st);
 }
 
 // dval[k] = sum_b sum_{n < N} G[b, r, n] * X[b, off[k] + n] for the non-zeros k of row r.
@@ -928,21 +962,29 @@ torch::Tensor margin_grid(const torch::Tensor& g, int64_t Hp, int64_t Wp, int64_
 
 torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor val,
                              torch::Tensor xp, int64_t out_channels, int64_t kh, int64_t kw,
-                             int64_t stride, int64_t OH, int64_t OW) {
+                             int64_t stride, int64_t OH, int64_t OW,
+                             c10::optional<torch::Tensor> bias_opt) {
   TORCH_CHECK(xp.dim() == 4 && xp.is_contiguous(), "xp must be a contiguous (B, C, H, W)");
+  c10::optional<torch::Tensor> bias;
+  if (bias_opt.has_value()) {
+    bias = bias_opt->contiguous();
+    TORCH_CHECK(bias->numel() == out_channels && bias->scalar_type() == xp.scalar_type(),
+                "bias must hold one value per output channel, in the input's dtype");
+  }
   col = col.to(torch::kLong);  // the convolution kernels index with int64
   if (stride == 1) {
     const int64_t B = xp.size(0), Hp = xp.size(2), Wp = xp.size(3), plane = Hp * Wp;
     auto off = plane_offsets(col, kh, kw, Wp, plane, 1, 0);
-    auto grid = torch::empty({B, out_channels, OH, Wp}, xp.options());
+    auto y = torch::empty({B, out_channels, OH, OW}, xp.options());
     const int64_t N = (OH - 1) * Wp + OW;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv2d_forward", [&] {
+      const GridStore<scalar_t> st{Wp, OW, bias ? bias->data_ptr<scalar_t>() : nullptr};
       shifted_spmm<scalar_t>(crow.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
                              val.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(),
-                             grid.data_ptr<scalar_t>(), B, out_channels, N, OH * Wp,
-                             xp.size(1) * plane, out_channels * OH * Wp);
+                             y.data_ptr<scalar_t>(), B, out_channels, N, OH * OW,
+                             xp.size(1) * plane, out_channels * OH * OW, st);
     });
-    return grid.narrow(3, 0, OW).contiguous();
+    return y;
   }
   auto y = torch::empty({xp.size(0), out_channels, OH, OW}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv2d_forward", [&] {
@@ -951,6 +993,7 @@ torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tenso
                            y.data_ptr<scalar_t>(), xp.size(0), xp.size(1), xp.size(2),
                            xp.size(3), out_channels, OH, OW, kh, kw, stride);
   });
+  if (bias) y.add_(bias->view({1, out_channels, 1, 1}));  // (its own output: in place)
   return y;
 }
 
@@ -966,10 +1009,11 @@ torch::Tensor conv2d_grad_input(torch::Tensor crowT, torch::Tensor colT, torch::
     auto off = plane_offsets(colT, kh, kw, Wp, Lg, -1, M);
     auto gxp = torch::empty({B, in_channels, Hp, Wp}, g.options());
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_input", [&] {
+      const GridStore<scalar_t> st{Wp, Wp, nullptr};  // every position, in place
       shifted_spmm<scalar_t>(crowT.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
                              valT.data_ptr<scalar_t>(), Gm.data_ptr<scalar_t>(),
                              gxp.data_ptr<scalar_t>(), B, in_channels, Hp * Wp, Hp * Wp, O * Lg,
-                             in_channels * Hp * Wp);
+                             in_channels * Hp * Wp, st);
     });
     return gxp;
   }
@@ -1234,7 +1278,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_backward", &linear_backward,
         "(grad_x, dW at the non-zeros[, grad_bias]): packing the output gradient and one pass "
         "over the CSR of W^T, one region");
-  m.def("conv2d_forward", &conv2d_forward, "direct sparse convolution");
+  m.def("conv2d_forward", &conv2d_forward, "direct sparse convolution (+ bias)", py::arg("crow"),
+        py::arg("col"), py::arg("val"), py::arg("xp"), py::arg("out_channels"), py::arg("kh"),
+        py::arg("kw"), py::arg("stride"), py::arg("OH"), py::arg("OW"),
+        py::arg("bias") = py::none());
   m.def("conv2d_grad_input", &conv2d_grad_input, "gradient of the padded input");
   m.def("conv2d_grad_weight", &conv2d_grad_weight, "gradient at the non-zero weights");
   m.def("phase_planes", &phase_planes, "the s*s phase planes of the padded input (stride s)");
