@@ -302,6 +302,29 @@ def test_strided_conv_dense_gradient_steps(algorithm: str) -> None:
     )
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled kernels unavailable")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_backward_gives_what_is_asked(stride: int) -> None:
+    # the combined backward: each gradient only when asked, equal to the fallback's
+    torch.manual_seed(6)
+    conv, mask = masked_conv(5, 6, 3, stride, 1, 0.3, torch.float64)
+    w = SparseWeight(conv.weight, mask)
+    xp = F.pad(torch.randn(2, 5, 9, 9, dtype=torch.float64), (1, 1, 1, 1))
+    oh = (xp.shape[2] - 3) // stride + 1
+    g = torch.randn(2, 6, oh, oh, dtype=torch.float64)
+    args = (w.crow, w.col, w.crow_t, w.col_t, w.values.detach()[w.perm], g, xp, 3, 3, stride)
+    want = TorchOps().conv2d_backward(*args, True, True)
+    for flags in [(True, True), (True, False), (False, True), (False, False)]:
+        got = ops_for(xp, "cpp").conv2d_backward(*args, *flags)
+        for asked, a, b in zip(flags, got, want, strict=True):
+            if asked:
+                assert a is not None
+                assert b is not None
+                assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+            else:
+                assert a is None
+
+
 def test_conv_algorithm_follows_the_output_size() -> None:
     # "auto" multiplies patches for small output planes (at most UNFOLD_MAX_POSITIONS
     # positions) and walks planes otherwise; both give the dense layer's output

@@ -389,32 +389,34 @@ class _SparseConv2dFn(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
         xp, values = ctx.saved_tensors
         w: SparseWeight | _Phases = ctx.weight
-        c_in, kh, kw = w.shape[1:]
+        kh, kw = w.shape[2:]
         g = grad_y.contiguous()
+        want_x, want_w = ctx.needs_input_grad[:2]
+        sink = w.dense_grad_sink
+        # both gradients in one call (stride 1: they share the output gradient's margin grid);
+        # on steps that ask for the dense weight gradient, that comes from PyTorch instead
+        gxp, grad_values = ctx.ops.conv2d_backward(
+            w.crow,
+            w.col,
+            w.crow_t,
+            w.col_t,
+            values[w.perm],
+            g,
+            xp,
+            kh,
+            kw,
+            ctx.stride,
+            want_x,
+            want_w and sink is None,
+        )
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            gxp = ctx.ops.conv2d_grad_input(
-                w.crow_t,
-                w.col_t,
-                values[w.perm],
-                g,
-                c_in,
-                xp.shape[2],
-                xp.shape[3],
-                kh,
-                kw,
-                ctx.stride,
-            )
+        if gxp is not None:
             (ph, pw), (h, wd) = ctx.padding, ctx.in_hw
             grad_x = gxp[:, :, ph : ph + h, pw : pw + wd]
-        grad_values = None
-        if ctx.needs_input_grad[1]:
-            if w.dense_grad_sink is not None:
-                dense = conv2d_weight(xp, w.shape, g, stride=ctx.stride)  # type: ignore[no-untyped-call]
-                w.dense_grad_sink(dense)
-                grad_values = dense.reshape(w.rows, -1)[w.mask().view(w.rows, -1)]
-            else:
-                grad_values = ctx.ops.conv2d_grad_weight(w.crow, w.col, g, xp, kh, kw, ctx.stride)
+        if want_w and sink is not None:
+            dense = conv2d_weight(xp, w.shape, g, stride=ctx.stride)  # type: ignore[no-untyped-call]
+            sink(dense)
+            grad_values = dense.reshape(w.rows, -1)[w.mask().view(w.rows, -1)]
         grad_bias = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
         return grad_x, grad_values, grad_bias, None, None, None, None
 

@@ -20,6 +20,7 @@ Both backends implement the same operations on a CSR weight (``crow``, ``col``, 
   all in one parallel region;
 - ``conv2d_forward / conv2d_grad_input / conv2d_grad_weight``: direct sparse convolution on a
   padded NCHW input (the forward adds an optional bias as it writes the output);
+  ``conv2d_backward`` gives both gradients at once (sharing what they both need);
 - ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
   the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
   stride-1 one (``accel.layers``);
@@ -139,6 +140,22 @@ class Ops(Protocol):
     def conv2d_grad_weight(
         self, crow: Tensor, col: Tensor, g: Tensor, xp: Tensor, kh: int, kw: int, stride: int
     ) -> Tensor: ...
+
+    def conv2d_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        val_t: Tensor,
+        g: Tensor,
+        xp: Tensor,
+        kh: int,
+        kw: int,
+        stride: int,
+        want_input: bool,
+        want_weight: bool,
+    ) -> tuple[Tensor | None, Tensor | None]: ...
 
     def phase_planes(
         self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int
@@ -342,6 +359,30 @@ class TorchOps:
         rows = torch.repeat_interleave(torch.arange(g.shape[1], device=crow.device), crow.diff())
         return dw.reshape(g.shape[1], -1)[rows, col]
 
+    def conv2d_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        val_t: Tensor,
+        g: Tensor,
+        xp: Tensor,
+        kh: int,
+        kw: int,
+        stride: int,
+        want_input: bool,
+        want_weight: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        c_in, hp, wp = xp.shape[1:]
+        gxp = (
+            self.conv2d_grad_input(crow_t, col_t, val_t, g, c_in, hp, wp, kh, kw, stride)
+            if want_input
+            else None
+        )
+        dval = self.conv2d_grad_weight(crow, col, g, xp, kh, kw, stride) if want_weight else None
+        return gxp, dval
+
     def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
         s, (n, c, h, w) = stride, x.shape
         # pad to s*hq x s*wq; what lies past that is never read: crop it
@@ -485,6 +526,26 @@ class CppOps:
     ) -> Tensor:
         out: Tensor = self._ext.conv2d_grad_weight(crow, col, g, xp, kh, kw, stride)
         return out
+
+    def conv2d_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        val_t: Tensor,
+        g: Tensor,
+        xp: Tensor,
+        kh: int,
+        kw: int,
+        stride: int,
+        want_input: bool,
+        want_weight: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        gxp, dval = self._ext.conv2d_backward(
+            crow, col, crow_t, col_t, val_t, g, xp, kh, kw, stride, want_input, want_weight
+        )
+        return gxp, dval
 
     def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
         out: Tensor = self._ext.phase_planes(x, stride, ph, pw, hq, wq)

@@ -997,25 +997,52 @@ torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tenso
   return y;
 }
 
+namespace {
+
+// The stride-1 input gradient from the output gradient on its margin grid (margin_grid).
+torch::Tensor grad_input_s1(const torch::Tensor& crowT, const torch::Tensor& colT,
+                            const torch::Tensor& valT, const torch::Tensor& Gm, int64_t B,
+                            int64_t O, int64_t in_channels, int64_t Hp, int64_t Wp, int64_t kh,
+                            int64_t kw) {
+  const int64_t M = (kh - 1) * Wp + kw - 1, Lg = M + Hp * Wp;
+  auto off = plane_offsets(colT, kh, kw, Wp, Lg, -1, M);
+  auto gxp = torch::empty({B, in_channels, Hp, Wp}, Gm.options());
+  AT_DISPATCH_FLOATING_TYPES(Gm.scalar_type(), "conv2d_grad_input", [&] {
+    const GridStore<scalar_t> st{Wp, Wp, nullptr};  // every position, in place
+    shifted_spmm<scalar_t>(crowT.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
+                           valT.data_ptr<scalar_t>(), Gm.data_ptr<scalar_t>(),
+                           gxp.data_ptr<scalar_t>(), B, in_channels, Hp * Wp, Hp * Wp, O * Lg,
+                           in_channels * Hp * Wp, st);
+  });
+  return gxp;
+}
+
+// The stride-1 weight gradient at the non-zeros, from the margin grid and the padded input.
+torch::Tensor grad_weight_s1(const torch::Tensor& crow, const torch::Tensor& col,
+                             const torch::Tensor& Gm, const torch::Tensor& xp, int64_t O,
+                             int64_t OH, int64_t OW, int64_t kh, int64_t kw) {
+  const int64_t B = xp.size(0), Hp = xp.size(2), Wp = xp.size(3), plane = Hp * Wp;
+  const int64_t M = (kh - 1) * Wp + kw - 1, Lg = M + plane, N = (OH - 1) * Wp + OW;
+  auto off = plane_offsets(col, kh, kw, Wp, plane, 1, 0);
+  auto dval = torch::empty({col.numel()}, Gm.options());
+  AT_DISPATCH_FLOATING_TYPES(Gm.scalar_type(), "conv2d_grad_weight", [&] {
+    shifted_sampled<scalar_t>(crow.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
+                              Gm.data_ptr<scalar_t>() + M, xp.data_ptr<scalar_t>(),
+                              dval.data_ptr<scalar_t>(), B, O, N, Lg, O * Lg, xp.size(1) * plane);
+  });
+  return dval;
+}
+
+}  // namespace
+
 torch::Tensor conv2d_grad_input(torch::Tensor crowT, torch::Tensor colT, torch::Tensor valT,
                                 torch::Tensor g, int64_t in_channels, int64_t Hp, int64_t Wp,
                                 int64_t kh, int64_t kw, int64_t stride) {
   TORCH_CHECK(g.dim() == 4 && g.is_contiguous(), "g must be a contiguous (B, O, OH, OW)");
   colT = colT.to(torch::kLong);
   if (stride == 1) {
-    const int64_t B = g.size(0), O = g.size(1), M = (kh - 1) * Wp + kw - 1;
-    const int64_t Lg = M + Hp * Wp;
-    auto Gm = margin_grid(g, Hp, Wp, kh, kw);
-    auto off = plane_offsets(colT, kh, kw, Wp, Lg, -1, M);
-    auto gxp = torch::empty({B, in_channels, Hp, Wp}, g.options());
-    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_input", [&] {
-      const GridStore<scalar_t> st{Wp, Wp, nullptr};  // every position, in place
-      shifted_spmm<scalar_t>(crowT.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
-                             valT.data_ptr<scalar_t>(), Gm.data_ptr<scalar_t>(),
-                             gxp.data_ptr<scalar_t>(), B, in_channels, Hp * Wp, Hp * Wp, O * Lg,
-                             in_channels * Hp * Wp, st);
-    });
-    return gxp;
+    return grad_input_s1(crowT, colT, valT, margin_grid(g, Hp, Wp, kh, kw), g.size(0), g.size(1),
+                         in_channels, Hp, Wp, kh, kw);
   }
   auto gxp = torch::empty({g.size(0), in_channels, Hp, Wp}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_input", [&] {
@@ -1032,19 +1059,8 @@ torch::Tensor conv2d_grad_weight(torch::Tensor crow, torch::Tensor col, torch::T
   TORCH_CHECK(g.is_contiguous() && xp.is_contiguous(), "g and xp must be contiguous");
   col = col.to(torch::kLong);
   if (stride == 1) {
-    const int64_t B = g.size(0), O = g.size(1), OH = g.size(2), OW = g.size(3);
-    const int64_t Hp = xp.size(2), Wp = xp.size(3), plane = Hp * Wp;
-    const int64_t M = (kh - 1) * Wp + kw - 1, Lg = M + plane, N = (OH - 1) * Wp + OW;
-    auto Gm = margin_grid(g, Hp, Wp, kh, kw);
-    auto off = plane_offsets(col, kh, kw, Wp, plane, 1, 0);
-    auto dval = torch::empty({col.numel()}, g.options());
-    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_weight", [&] {
-      shifted_sampled<scalar_t>(crow.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
-                                Gm.data_ptr<scalar_t>() + M, xp.data_ptr<scalar_t>(),
-                                dval.data_ptr<scalar_t>(), B, O, N, Lg, O * Lg,
-                                xp.size(1) * plane);
-    });
-    return dval;
+    return grad_weight_s1(crow, col, margin_grid(g, xp.size(2), xp.size(3), kh, kw), xp,
+                          g.size(1), g.size(2), g.size(3), kh, kw);
   }
   auto dval = torch::empty({col.numel()}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_weight", [&] {
@@ -1054,6 +1070,33 @@ torch::Tensor conv2d_grad_weight(torch::Tensor crow, torch::Tensor col, torch::T
                                xp.size(3), g.size(1), g.size(2), g.size(3), kh, kw, stride);
   });
   return dval;
+}
+
+// Both gradients of a convolution; with stride 1 they share one margin grid of the output
+// gradient (built once: a fresh grid-sized tensor and a copy fewer).
+std::vector<c10::optional<torch::Tensor>> conv2d_backward(
+    torch::Tensor crow, torch::Tensor col, torch::Tensor crowT, torch::Tensor colT,
+    torch::Tensor valT, torch::Tensor g, torch::Tensor xp, int64_t kh, int64_t kw, int64_t stride,
+    bool want_input, bool want_weight) {
+  TORCH_CHECK(g.dim() == 4 && g.is_contiguous() && xp.is_contiguous(),
+              "g and xp must be contiguous (B, C, H, W)");
+  c10::optional<torch::Tensor> gxp, dval;
+  if (stride != 1) {
+    if (want_input)
+      gxp = conv2d_grad_input(crowT, colT, valT, g, xp.size(1), xp.size(2), xp.size(3), kh, kw,
+                              stride);
+    if (want_weight) dval = conv2d_grad_weight(crow, col, g, xp, kh, kw, stride);
+    return {gxp, dval};
+  }
+  if (!want_input && !want_weight) return {gxp, dval};
+  auto Gm = margin_grid(g, xp.size(2), xp.size(3), kh, kw);
+  if (want_input)
+    gxp = grad_input_s1(crowT, colT.to(torch::kLong), valT, Gm, g.size(0), g.size(1), xp.size(1),
+                        xp.size(2), xp.size(3), kh, kw);
+  if (want_weight)
+    dval = grad_weight_s1(crow, col.to(torch::kLong), Gm, xp, g.size(1), g.size(2), g.size(3), kh,
+                          kw);
+  return {gxp, dval};
 }
 
 // ----------------------------------------------------- strided convolution on phase planes
@@ -1284,6 +1327,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none());
   m.def("conv2d_grad_input", &conv2d_grad_input, "gradient of the padded input");
   m.def("conv2d_grad_weight", &conv2d_grad_weight, "gradient at the non-zero weights");
+  m.def("conv2d_backward", &conv2d_backward,
+        "(gradient of the padded input or None, gradient at the non-zeros or None)");
   m.def("phase_planes", &phase_planes, "the s*s phase planes of the padded input (stride s)");
   m.def("phase_planes_grad", &phase_planes_grad, "the input gradient from the planes' gradient");
   m.def("patches", &patches, "each output position's input patch as a row (im2col)");
