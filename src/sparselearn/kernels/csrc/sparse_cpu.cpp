@@ -195,30 +195,40 @@ void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, 
 }
 
 // Y[b * ld + j] = tile[j][b] (+ bias[j]) for j < nr, b < nvalid: a tile of nr rows of W
-// batch values each, written back in the (batch, rows) layout.
+// batch values each, written back in the (batch, rows) layout. Whole 16 x 16 blocks go through
+// registers, the 16-row groups of one batch block one after the other, so that each batch row
+// receives nr / 16 consecutive cache lines at a time: with ld a multiple of 1024 floats (4096-
+// and 1024-wide layers) every row's line falls in the same L1 set, and 64 rows of single lines
+// in a row (16-row tiles) made the stores 5x slower than for other widths.
 template <typename T, int W>
 inline void store_tile(const T (*tile)[W], int64_t nr, int64_t nvalid, const T* bias, T* Y,
                        int64_t ld) {
-  int64_t b0 = 0;
+  int64_t b0 = 0, whole = 0;  // batch rows / tile rows written by the vector path
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float> && W % 16 == 0) {
-    if (nr == 16) {  // whole 16 x 16 blocks through registers
-      const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    whole = nr / 16 * 16;
+    if (whole > 0) {
       for (; b0 + 16 <= nvalid; b0 += 16) {
-        __m512 r[16];
-        for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(tile[i] + b0);
-        transpose16(r);
-        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(Y + (b0 + i) * ld, _mm512_add_ps(r[i], bv));
+        for (int64_t j0 = 0; j0 < whole; j0 += 16) {
+          const __m512 bv = bias ? _mm512_loadu_ps(bias + j0) : _mm512_setzero_ps();
+          __m512 r[16];
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(tile[j0 + i] + b0);
+          transpose16(r);
+          for (int i = 0; i < 16; ++i)
+            _mm512_storeu_ps(Y + (b0 + i) * ld + j0, _mm512_add_ps(r[i], bv));
+        }
       }
     }
   }
 #endif
-  for (int64_t b = b0; b < nvalid; ++b) {
+  // what the vector path left: the last batch rows (all tile rows), then the last tile rows
+  for (int64_t b = 0; b < nvalid; ++b) {
+    const int64_t j_begin = b < b0 ? whole : 0;
     T* y = Y + b * ld;
     if (bias)
-      for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b] + bias[j];
+      for (int64_t j = j_begin; j < nr; ++j) y[j] = tile[j][b] + bias[j];
     else
-      for (int64_t j = 0; j < nr; ++j) y[j] = tile[j][b];
+      for (int64_t j = j_begin; j < nr; ++j) y[j] = tile[j][b];
   }
 }
 
@@ -250,7 +260,7 @@ template <typename T, int W, typename I>
 void spmm_body(const int64_t* crow, const I* col, const T* val, const T* XP, const T* bias,
                T* Y, int64_t rows, int64_t F, int64_t B) {
   const int64_t nb = (B + W - 1) / W;
-  constexpr int64_t kRows = 16;  // rows per tile
+  constexpr int64_t kRows = 64;  // rows per tile (see store_tile)
   const int64_t ntiles = (rows + kRows - 1) / kRows;
   // (orphaned, in the caller's parallel region) a static tile schedule gives each thread the
   // same rows in every panel, so threads never wait for each other between panels (nowait)
@@ -378,7 +388,7 @@ void backward_body(const int64_t* crowT, const I* colT, const I* perm, const I* 
                    int64_t rows, int64_t F, int64_t B) {
   constexpr int L = kLanes<T>, NV = W / L;
   const int64_t nb = (B + W - 1) / W, nnz = crowT[F];
-  constexpr int64_t kRows = 16;  // rows of W^T per tile (for contiguous stores of GX)
+  constexpr int64_t kRows = 64;  // rows of W^T per tile (see store_tile)
   const int64_t ntiles = (F + kRows - 1) / kRows;
   {
 #pragma omp for schedule(static)
