@@ -145,20 +145,23 @@ void pack_body(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, in
           // 16 x 16 blocks transposed in registers: 16 vector loads, 16 vector stores (the
           // scalar loop below stores one float per cache line touched)
           done = nf / 16 * 16;
-          for (int64_t fb = 0; fb < done; fb += 16) {
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t b0 = 0; b0 < W; b0 += 16) {
+          __m512 sums[kF / 16];
+          for (int64_t fb = 0; fb < done; fb += 16) sums[fb / 16] = _mm512_setzero_ps();
+          // batch blocks outside, features inside: consecutive blocks read the next cache line
+          // of the same rows (features outside, with rows 4 KiB apart, ran at half the speed)
+          for (int64_t b0 = 0; b0 < W; b0 += 16) {
+            for (int64_t fb = 0; fb < done; fb += 16) {
               __m512 r[16];
               for (int i = 0; i < 16; ++i) {
                 const int64_t row = p * W + b0 + i;
                 r[i] = row < B ? _mm512_loadu_ps(x + row * sb + f0 + fb) : _mm512_setzero_ps();
-                sum = _mm512_add_ps(sum, r[i]);
+                sums[fb / 16] = _mm512_add_ps(sums[fb / 16], r[i]);
               }
               transpose16(r);
               for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (fb + i) * W + b0, r[i]);
             }
-            _mm512_storeu_ps(acc + fb, sum);
           }
+          for (int64_t fb = 0; fb < done; fb += 16) _mm512_storeu_ps(acc + fb, sums[fb / 16]);
         }
       }
 #endif
