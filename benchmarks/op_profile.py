@@ -5,7 +5,9 @@ Usage: ``make bench`` (or ``python benchmarks/op_profile.py --out docs/performan
 - Linear layers: each kernel of a sparse training step timed alone (packing the activations
   into panels, the forward product, the one-pass backward, and the transposed product and the
   sampled weight gradient each alone) with their GFLOP/s, next to the dense matmul's; and the
-  step of a layer with no non-zeros (the fixed costs);
+  step of a layer with no non-zeros (the fixed costs); writing outputs and packing inputs at
+  widths whose rows are 4 KiB apart and at others; a convolution on small outputs computed on
+  planes and as a product over patches;
 - the MLP's inference, op by op (torch profiler), dense and sparse;
 - the per-layer choices of ``sl.accelerate`` on VGG-D and WRN-16-8;
 - the cost of keeping the gradient masked on a layer that stays dense.
@@ -124,6 +126,69 @@ def linear_kernels() -> list[str]:
     for n in (4096, 1024):
         floor, dense = empty_step_ms(n, batch)
         rows.append(f"| {n}x{n} | {floor:.2f} | {dense:.2f} | {dense / floor:.1f}x |")
+    return rows
+
+
+def layout_rows() -> list[str]:
+    """Writing a (256, n) output (the forward product of a layer with no non-zeros) and packing
+    a (256, n) input, per MiB, for widths that are and are not a multiple of 1024 floats (rows
+    4 KiB apart: their cache lines share L1 sets), on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = [
+        "| width n | write a (256, n) output: ms per MiB | pack a (256, n) input: ms per MiB |",
+        "|---:|---:|---:|",
+    ]
+    try:
+        for n in (1000, 1024, 4000, 4096):
+            x = torch.randn(256, n)
+            w = SparseWeight(torch.randn(n, n), torch.zeros(n, n, dtype=torch.bool))
+            ops = ops_for(x)
+            xp, val = ops.pack(x), w.values.detach()
+            mib = 256 * n * 4 / 2**20
+            out_ms = median_ms(lambda: ops.spmm(w.crow, w.col, val, xp, n, 256), 201)  # noqa: B023
+            pack_ms = median_ms(lambda: ops.pack(x), 201)  # noqa: B023
+            rows.append(f"| {n} | {out_ms / mib:.4f} | {pack_ms / mib:.4f} |")
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _conv_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).sum().backward()
+
+    return run
+
+
+def conv_algorithms() -> list[str]:
+    """A 3x3 convolution's training step (forward and both gradients), batch 64, computed on
+    planes and as a product over patches, by output size: where UNFOLD_MAX_POSITIONS comes from."""
+    from sparselearn.accel import SparseConv2d
+    from sparselearn.accel.layers import UNFOLD_MAX_POSITIONS
+
+    rows = [
+        f'`SparseConv2d(algorithm="auto")` takes patches up to {UNFOLD_MAX_POSITIONS} output '
+        "positions.",
+        "",
+        "| 3x3 convolution, batch 64 | density | dense ms | planes ms | patches ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for c_in, c_out, hw, density in [(512, 512, 2, 0.033), (512, 512, 4, 0.033),
+                                     (256, 512, 4, 0.05), (256, 256, 8, 0.066)]:  # fmt: skip
+        torch.manual_seed(0)
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        mask = torch.rand(conv.weight.shape) < density
+        x = torch.randn(64, c_in, hw, hw, requires_grad=True)
+        layers = [conv] + [SparseConv2d(conv, mask, algorithm=a) for a in ("planes", "unfold")]
+
+        d, p, u = (median_ms(_conv_step(m, x)) for m in layers)
+        rows.append(
+            f"| {c_in} -> {c_out} ch, {hw}x{hw} output | {100 * density:g}% | {d:.1f} | {p:.1f} "
+            f"| {u:.1f} |"
+        )
     return rows
 
 
@@ -259,6 +324,8 @@ def main() -> None:
     parts = [head, ""]
     for title, fn in [
         ("Linear kernels, each timed alone (median of 9)", linear_kernels),
+        ("Output and packing by width, one thread (median of 201)", layout_rows),
+        ("Convolutions on small outputs: planes or patches (median of 9)", conv_algorithms),
         ("MLP 784-4096x3-10 inference, self CPU time per op (torch profiler)", mlp_inference),
         ("Per-layer choices of `sl.accelerate`", model_choices),
         ("Keeping the gradient masked on a dense layer", gradient_masking),

@@ -452,8 +452,9 @@ class SparseLinear(nn.Module):
 
 
 # Output planes of at most this many positions compute as a product over patches (im2col and
-# the Linear kernels): 3x3 convolutions at 5% and below, batch 64, on 2x2 and 4x4 outputs ran
-# 1.3-3x faster that way than on planes, 8x8 ones 1.3-3x slower (docs/performance.md).
+# the Linear kernels): 3x3 convolutions at 3-7% density, batch 64, on 2x2 and 4x4 outputs ran
+# 1.5-7x faster that way than on planes, on 8x8 outputs 1.6x slower (docs/performance.md, table
+# "Convolutions on small outputs").
 UNFOLD_MAX_POSITIONS = 16
 
 _ALGORITHMS = ("auto", "planes", "unfold")
