@@ -640,11 +640,20 @@ def test_momentum_window_validation() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_layers_on_cuda_match_the_dense_masked_layers() -> None:
-    # on CUDA the layers use PyTorch's CSR operations (the compiled kernels are CPU only)
+    # on CUDA the layers use PyTorch's CSR operations (the compiled kernels are CPU only):
+    # a Linear, convolutions on planes (stride 1, and stride 2 on phase planes) and on patches
+    # (a 3x3 output)
     torch.manual_seed(0)
     lin, mask = masked_linear(64, 48, 0.1, torch.float32)
     conv, cmask = masked_conv(6, 8, 3, 1, 1, 0.2, torch.float32)
-    for dense, m, shape in [(lin, mask, (32, 64)), (conv, cmask, (4, 6, 10, 10))]:
+    strided, smask = masked_conv(6, 8, 3, 2, 1, 0.2, torch.float32)
+    small, mmask = masked_conv(6, 8, 3, 1, 1, 0.2, torch.float32)
+    for dense, m, shape in [
+        (lin, mask, (32, 64)),
+        (conv, cmask, (4, 6, 10, 10)),
+        (strided, smask, (4, 6, 11, 11)),
+        (small, mmask, (4, 6, 3, 3)),
+    ]:
         dense = dense.cuda()
         sparse = (SparseLinear if isinstance(dense, nn.Linear) else SparseConv2d)(dense, m.cuda())
         x = torch.randn(*shape, device="cuda", requires_grad=True)
