@@ -199,10 +199,13 @@ void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, 
 
 // Y[b * ld + j] = tile[j][b] (+ bias[j]) for j < nr, b < nvalid: a tile of nr rows of W
 // batch values each, written back in the (batch, rows) layout. Whole 16 x 16 blocks go through
-// registers, the 16-row groups of one batch block one after the other, so that each batch row
-// receives nr / 16 consecutive cache lines at a time: with ld a multiple of 1024 floats (4096-
-// and 1024-wide layers) every row's line falls in the same L1 set, and 64 rows of single lines
-// in a row (16-row tiles) made the stores 5x slower than for other widths.
+// registers into a staging block of 16 batch rows (in L1), which is then stored row after row,
+// each row's nr / 16 cache lines consecutively. With ld a multiple of 1024 floats (4096- and
+// 1024-wide layers) the same column of every row falls in one L1 set: storing 16-float pieces
+// row by row down a column ran 5x slower than for other widths with 16-row tiles, 2.5x with
+// 64-row tiles, and about as fast through the staging rows (docs/performance.md).
+constexpr int64_t kMaxTileRows = 64;  // the tiles' rows (spmm_body, backward_body)
+
 template <typename T, int W>
 inline void store_tile(const T (*tile)[W], int64_t nr, int64_t nvalid, const T* bias, T* Y,
                        int64_t ld) {
@@ -211,15 +214,18 @@ inline void store_tile(const T (*tile)[W], int64_t nr, int64_t nvalid, const T* 
   if constexpr (std::is_same_v<T, float> && W % 16 == 0) {
     whole = nr / 16 * 16;
     if (whole > 0) {
+      alignas(64) float stage[16][kMaxTileRows];
       for (; b0 + 16 <= nvalid; b0 += 16) {
         for (int64_t j0 = 0; j0 < whole; j0 += 16) {
           const __m512 bv = bias ? _mm512_loadu_ps(bias + j0) : _mm512_setzero_ps();
           __m512 r[16];
           for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(tile[j0 + i] + b0);
           transpose16(r);
-          for (int i = 0; i < 16; ++i)
-            _mm512_storeu_ps(Y + (b0 + i) * ld + j0, _mm512_add_ps(r[i], bv));
+          for (int i = 0; i < 16; ++i) _mm512_store_ps(stage[i] + j0, _mm512_add_ps(r[i], bv));
         }
+        for (int i = 0; i < 16; ++i)
+          for (int64_t j0 = 0; j0 < whole; j0 += 16)
+            _mm512_storeu_ps(Y + (b0 + i) * ld + j0, _mm512_load_ps(stage[i] + j0));
       }
     }
   }
@@ -263,7 +269,7 @@ template <typename T, int W, typename I>
 void spmm_body(const int64_t* crow, const I* col, const T* val, const T* XP, const T* bias,
                T* Y, int64_t rows, int64_t F, int64_t B) {
   const int64_t nb = (B + W - 1) / W;
-  constexpr int64_t kRows = 64;  // rows per tile (see store_tile)
+  constexpr int64_t kRows = kMaxTileRows;  // rows per tile (see store_tile)
   const int64_t ntiles = (rows + kRows - 1) / kRows;
   // (orphaned, in the caller's parallel region) a static tile schedule gives each thread the
   // same rows in every panel, so threads never wait for each other between panels (nowait)
@@ -391,7 +397,7 @@ void backward_body(const int64_t* crowT, const I* colT, const I* perm, const I* 
                    int64_t rows, int64_t F, int64_t B) {
   constexpr int L = kLanes<T>, NV = W / L;
   const int64_t nb = (B + W - 1) / W, nnz = crowT[F];
-  constexpr int64_t kRows = 64;  // rows of W^T per tile (see store_tile)
+  constexpr int64_t kRows = kMaxTileRows;  // rows of W^T per tile (see store_tile)
   const int64_t ntiles = (F + kRows - 1) / kRows;
   {
 #pragma omp for schedule(static)
