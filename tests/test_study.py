@@ -54,7 +54,7 @@ def test_bad_specs_fail_before_anything_runs(
 
 
 def test_run_in_parallel_and_skip_finished(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = write_mnist_like(tmp_path / "mnist", n_train=300, n_test=100)
     spec = tmp_path / "spec.yaml"
@@ -62,13 +62,17 @@ def test_run_in_parallel_and_skip_finished(
         f"base: {{data: mnist, data_dir: {data}, download: false, epochs: 1, batch_size: 50}}\n"
         "models: [lenet300-100]\nmethods: {dense: {}, static: {}}\ndensities: [0.2]\nseeds: [1]\n"
     )
-    assert run_study(spec, out=tmp_path / "study", jobs=2) == 0
-    out = capsys.readouterr().out
-    assert "2 runs, 0 finished, 2 to run, 2 at a time" in out
+    lines: list[str] = []
+    assert run_study(spec, out=tmp_path / "study", jobs=2, echo=lines.append) == 0
+    assert "2 runs, 0 finished, 2 to run, 2 at a time" in lines[0]
+    assert lines[-1].startswith("study done in ")
+    assert "0 failed" in lines[-1]
     assert (tmp_path / "study/lenet300-100/dense/seed-1/summary.json").exists()
     assert (tmp_path / "study/lenet300-100/static/density-0.2/seed-1/summary.json").exists()
-    assert run_study(spec, out=tmp_path / "study", jobs=2) == 0
-    assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out
+    # without echo, progress goes to the library's logger, not to stdout
+    with caplog.at_level("INFO", logger="sparselearn"):
+        assert run_study(spec, out=tmp_path / "study", jobs=2) == 0
+    assert "2 runs, 2 finished, 0 to run" in caplog.text
 
 
 def test_variants_of_one_method_are_labelled(tmp_path: Path) -> None:

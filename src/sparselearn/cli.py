@@ -185,16 +185,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _echo(line: str) -> None:
+    """Progress of a long command, shown as it happens (the library logs it otherwise)."""
+    print(line, flush=True)
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .study import run_study
 
-    return run_study(args.spec, out=args.out, jobs=args.jobs, dry_run=args.dry_run)
+    return run_study(args.spec, out=args.out, jobs=args.jobs, dry_run=args.dry_run, echo=_echo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
-    return demo(out=args.out, epochs=args.epochs, data_dir=args.data_dir)
+    return demo(out=args.out, epochs=args.epochs, data_dir=args.data_dir, echo=_echo)
 
 
 def build_parser() -> argparse.ArgumentParser:

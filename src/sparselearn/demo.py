@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .train import TrainConfig, train
 
 
-def demo(out: Path = Path("runs/demo"), epochs: int = 3, data_dir: str | None = None) -> int:
+def demo(
+    out: Path = Path("runs/demo"),
+    epochs: int = 3,
+    data_dir: str | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> int:
+    """Train dense and sparse momentum at 5%, then show both side by side. Progress and the
+    table go to ``echo`` (one line per call; ``sparselearn demo`` prints them), or to the
+    ``sparselearn`` logger at INFO level."""
+    say = echo or logging.getLogger("sparselearn").info
     folder = Path(out) / time.strftime("%Y%m%d-%H%M%S")  # never overwrite an earlier demo
     rows = []
     for method, density, extra in (
@@ -24,10 +35,9 @@ def demo(out: Path = Path("runs/demo"), epochs: int = 3, data_dir: str | None = 
             data_dir=data_dir,
             sparsity=extra,
         )
-        print(
+        say(
             f"training {method}{'' if density is None else f' at {density:.0%} density'} "
-            f"for {epochs} epochs ...",
-            flush=True,
+            f"for {epochs} epochs ..."
         )
         summary = train(cfg, folder / method)
         rows.append((method, summary))
@@ -46,17 +56,18 @@ def demo(out: Path = Path("runs/demo"), epochs: int = 3, data_dir: str | None = 
             )
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    print()
+    say("")
     for j, r in enumerate(table):
-        print(
+        say(
             "  ".join(
                 c.ljust(w) if i == 0 else c.rjust(w)
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             )
         )
         if j == 0:
-            print("  ".join("-" * w for w in widths))
-    print(f"\nRun folders, with learning curves and per-layer density plots in plots/: {folder}/")
+            say("  ".join("-" * w for w in widths))
+    say("")
+    say(f"Run folders, with learning curves and per-layer density plots in plots/: {folder}/")
     for method, _ in rows:
-        print(f"  {folder / method / 'plots'}")
+        say(f"  {folder / method / 'plots'}")
     return 0

@@ -20,11 +20,12 @@ finished and skipped; one with only a checkpoint is resumed.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,22 +96,31 @@ def _command(run: Run, threads: int, resume: bool) -> list[str]:
 
 
 def run_study(
-    spec_path: Path, out: Path | None = None, jobs: int | None = None, dry_run: bool = False
+    spec_path: Path,
+    out: Path | None = None,
+    jobs: int | None = None,
+    dry_run: bool = False,
+    echo: Callable[[str], None] | None = None,
 ) -> int:
+    """Run the spec's missing runs, ``jobs`` at a time; 0 if all succeeded, else 1.
+
+    Progress goes to ``echo`` (one line per call; ``sparselearn study`` prints it), or to the
+    ``sparselearn`` logger at INFO level.
+    """
+    say = echo or logging.getLogger("sparselearn").info
     spec = load_yaml(spec_path)
     out = Path(out or spec.get("out") or "runs/study")
     runs = expand(spec, out)
     todo = [r for r in runs if not (r.folder / "summary.json").exists()]
     jobs = jobs or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    print(
+    say(
         f"study {spec_path}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
-        f"{len(todo)} to run, {jobs} at a time, {threads} thread(s) each, in {out}",
-        flush=True,
+        f"{len(todo)} to run, {jobs} at a time, {threads} thread(s) each, in {out}"
     )
     if dry_run:
         for r in todo:
-            print(f"  {r.folder}")
+            say(f"  {r.folder}")
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     running: list[tuple[Run, subprocess.Popen[bytes], Any]] = []
@@ -137,14 +147,12 @@ def run_study(
             if proc.returncode != 0:
                 failed.append(run.folder)
             elapsed = time.perf_counter() - started
-            print(
+            say(
                 f"[{done}/{len(todo)}] {'FAILED ' if proc.returncode else ''}{run.folder} "
-                f"({elapsed / 60:.1f} min)",
-                flush=True,
+                f"({elapsed / 60:.1f} min)"
             )
-    print(
+    say(
         f"study done in {(time.perf_counter() - started) / 60:.1f} min; "
-        f"{len(failed)} failed" + "".join(f"\n  see {f / 'train.log'}" for f in failed),
-        flush=True,
+        f"{len(failed)} failed" + "".join(f"\n  see {f / 'train.log'}" for f in failed)
     )
     return 1 if failed else 0
