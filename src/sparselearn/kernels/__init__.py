@@ -18,9 +18,9 @@ Both backends implement the same operations on a CSR weight (``crow``, ``col``, 
   once, reading each row of the gradient panel once for both products, and puts ``dval`` back in
   W's order with a gather through ``perm_inv`` (2-4x faster than scattering through ``perm``),
   all in one parallel region;
-- ``conv2d_forward / conv2d_grad_input / conv2d_grad_weight``: direct sparse convolution on a
-  padded NCHW input (the forward adds an optional bias as it writes the output);
-  ``conv2d_backward`` gives both gradients at once (sharing what they both need);
+- ``conv2d_forward / conv2d_backward``: direct sparse convolution on a padded NCHW input (the
+  forward adds an optional bias as it writes the output; the backward gives the gradients of
+  the padded input and of the non-zeros, each when asked, sharing what they both need);
 - ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
   the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
   stride-1 one (``accel.layers``);
@@ -121,24 +121,6 @@ class Ops(Protocol):
         oh: int,
         ow: int,
         bias: Tensor | None = None,
-    ) -> Tensor: ...
-
-    def conv2d_grad_input(
-        self,
-        crow_t: Tensor,
-        col_t: Tensor,
-        val_t: Tensor,
-        g: Tensor,
-        in_channels: int,
-        hp: int,
-        wp: int,
-        kh: int,
-        kw: int,
-        stride: int,
-    ) -> Tensor: ...
-
-    def conv2d_grad_weight(
-        self, crow: Tensor, col: Tensor, g: Tensor, xp: Tensor, kh: int, kw: int, stride: int
     ) -> Tensor: ...
 
     def conv2d_backward(
@@ -332,7 +314,7 @@ class TorchOps:
         w = self._dense(crow, col, val, (out_channels, xp.shape[1], kh, kw))
         return F.conv2d(xp, w, bias, stride=stride)
 
-    def conv2d_grad_input(
+    def _grad_input(
         self,
         crow_t: Tensor,
         col_t: Tensor,
@@ -351,7 +333,7 @@ class TorchOps:
         gx: Tensor = conv2d_input(shape, w, g, stride=stride)  # type: ignore[no-untyped-call]
         return gx
 
-    def conv2d_grad_weight(
+    def _grad_weight(
         self, crow: Tensor, col: Tensor, g: Tensor, xp: Tensor, kh: int, kw: int, stride: int
     ) -> Tensor:
         shape = (g.shape[1], xp.shape[1], kh, kw)
@@ -376,11 +358,11 @@ class TorchOps:
     ) -> tuple[Tensor | None, Tensor | None]:
         c_in, hp, wp = xp.shape[1:]
         gxp = (
-            self.conv2d_grad_input(crow_t, col_t, val_t, g, c_in, hp, wp, kh, kw, stride)
+            self._grad_input(crow_t, col_t, val_t, g, c_in, hp, wp, kh, kw, stride)
             if want_input
             else None
         )
-        dval = self.conv2d_grad_weight(crow, col, g, xp, kh, kw, stride) if want_weight else None
+        dval = self._grad_weight(crow, col, g, xp, kh, kw, stride) if want_weight else None
         return gxp, dval
 
     def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
@@ -501,30 +483,6 @@ class CppOps:
         out: Tensor = self._ext.conv2d_forward(
             crow, col, val, xp, out_channels, kh, kw, stride, oh, ow, bias
         )
-        return out
-
-    def conv2d_grad_input(
-        self,
-        crow_t: Tensor,
-        col_t: Tensor,
-        val_t: Tensor,
-        g: Tensor,
-        in_channels: int,
-        hp: int,
-        wp: int,
-        kh: int,
-        kw: int,
-        stride: int,
-    ) -> Tensor:
-        out: Tensor = self._ext.conv2d_grad_input(
-            crow_t, col_t, val_t, g, in_channels, hp, wp, kh, kw, stride
-        )
-        return out
-
-    def conv2d_grad_weight(
-        self, crow: Tensor, col: Tensor, g: Tensor, xp: Tensor, kh: int, kw: int, stride: int
-    ) -> Tensor:
-        out: Tensor = self._ext.conv2d_grad_weight(crow, col, g, xp, kh, kw, stride)
         return out
 
     def conv2d_backward(

@@ -1052,17 +1052,11 @@ torch::Tensor grad_weight_s1(const torch::Tensor& crow, const torch::Tensor& col
   return dval;
 }
 
-}  // namespace
-
-torch::Tensor conv2d_grad_input(torch::Tensor crowT, torch::Tensor colT, torch::Tensor valT,
-                                torch::Tensor g, int64_t in_channels, int64_t Hp, int64_t Wp,
-                                int64_t kh, int64_t kw, int64_t stride) {
-  TORCH_CHECK(g.dim() == 4 && g.is_contiguous(), "g must be a contiguous (B, O, OH, OW)");
-  colT = colT.to(torch::kLong);
-  if (stride == 1) {
-    return grad_input_s1(crowT, colT, valT, margin_grid(g, Hp, Wp, kh, kw), g.size(0), g.size(1),
-                         in_channels, Hp, Wp, kh, kw);
-  }
+// The input gradient of a strided convolution, by the direct kernel (colT int64).
+torch::Tensor grad_input_direct(const torch::Tensor& crowT, const torch::Tensor& colT,
+                                const torch::Tensor& valT, const torch::Tensor& g,
+                                int64_t in_channels, int64_t Hp, int64_t Wp, int64_t kh,
+                                int64_t kw, int64_t stride) {
   auto gxp = torch::empty({g.size(0), in_channels, Hp, Wp}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_input", [&] {
     conv_grad_input<scalar_t>(crowT.data_ptr<int64_t>(), colT.data_ptr<int64_t>(),
@@ -1073,14 +1067,10 @@ torch::Tensor conv2d_grad_input(torch::Tensor crowT, torch::Tensor colT, torch::
   return gxp;
 }
 
-torch::Tensor conv2d_grad_weight(torch::Tensor crow, torch::Tensor col, torch::Tensor g,
-                                 torch::Tensor xp, int64_t kh, int64_t kw, int64_t stride) {
-  TORCH_CHECK(g.is_contiguous() && xp.is_contiguous(), "g and xp must be contiguous");
-  col = col.to(torch::kLong);
-  if (stride == 1) {
-    return grad_weight_s1(crow, col, margin_grid(g, xp.size(2), xp.size(3), kh, kw), xp,
-                          g.size(1), g.size(2), g.size(3), kh, kw);
-  }
+// The weight gradient of a strided convolution at the non-zeros, by the direct kernel.
+torch::Tensor grad_weight_direct(const torch::Tensor& crow, const torch::Tensor& col,
+                                 const torch::Tensor& g, const torch::Tensor& xp, int64_t kh,
+                                 int64_t kw, int64_t stride) {
   auto dval = torch::empty({col.numel()}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_weight", [&] {
     conv_grad_weight<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
@@ -1091,8 +1081,11 @@ torch::Tensor conv2d_grad_weight(torch::Tensor crow, torch::Tensor col, torch::T
   return dval;
 }
 
-// Both gradients of a convolution; with stride 1 they share one margin grid of the output
-// gradient (built once: a fresh grid-sized tensor and a copy fewer).
+}  // namespace
+
+// Both gradients of a convolution (each only when asked): the padded input's and the weight's at
+// the non-zeros. With stride 1 they share one margin grid of the output gradient (built once:
+// a fresh grid-sized tensor and a copy fewer); other strides take the direct kernels.
 std::vector<c10::optional<torch::Tensor>> conv2d_backward(
     torch::Tensor crow, torch::Tensor col, torch::Tensor crowT, torch::Tensor colT,
     torch::Tensor valT, torch::Tensor g, torch::Tensor xp, int64_t kh, int64_t kw, int64_t stride,
@@ -1100,21 +1093,20 @@ std::vector<c10::optional<torch::Tensor>> conv2d_backward(
   TORCH_CHECK(g.dim() == 4 && g.is_contiguous() && xp.is_contiguous(),
               "g and xp must be contiguous (B, C, H, W)");
   c10::optional<torch::Tensor> gxp, dval;
+  if (!want_input && !want_weight) return {gxp, dval};
+  col = col.to(torch::kLong);  // the convolution kernels index with int64
+  colT = colT.to(torch::kLong);
+  const int64_t C = xp.size(1), Hp = xp.size(2), Wp = xp.size(3);
   if (stride != 1) {
-    if (want_input)
-      gxp = conv2d_grad_input(crowT, colT, valT, g, xp.size(1), xp.size(2), xp.size(3), kh, kw,
-                              stride);
-    if (want_weight) dval = conv2d_grad_weight(crow, col, g, xp, kh, kw, stride);
+    if (want_input) gxp = grad_input_direct(crowT, colT, valT, g, C, Hp, Wp, kh, kw, stride);
+    if (want_weight) dval = grad_weight_direct(crow, col, g, xp, kh, kw, stride);
     return {gxp, dval};
   }
-  if (!want_input && !want_weight) return {gxp, dval};
-  auto Gm = margin_grid(g, xp.size(2), xp.size(3), kh, kw);
+  auto Gm = margin_grid(g, Hp, Wp, kh, kw);
   if (want_input)
-    gxp = grad_input_s1(crowT, colT.to(torch::kLong), valT, Gm, g.size(0), g.size(1), xp.size(1),
-                        xp.size(2), xp.size(3), kh, kw);
+    gxp = grad_input_s1(crowT, colT, valT, Gm, g.size(0), g.size(1), C, Hp, Wp, kh, kw);
   if (want_weight)
-    dval = grad_weight_s1(crow, col.to(torch::kLong), Gm, xp, g.size(1), g.size(2), g.size(3), kh,
-                          kw);
+    dval = grad_weight_s1(crow, col, Gm, xp, g.size(1), g.size(2), g.size(3), kh, kw);
   return {gxp, dval};
 }
 
@@ -1344,8 +1336,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("col"), py::arg("val"), py::arg("xp"), py::arg("out_channels"), py::arg("kh"),
         py::arg("kw"), py::arg("stride"), py::arg("OH"), py::arg("OW"),
         py::arg("bias") = py::none());
-  m.def("conv2d_grad_input", &conv2d_grad_input, "gradient of the padded input");
-  m.def("conv2d_grad_weight", &conv2d_grad_weight, "gradient at the non-zero weights");
   m.def("conv2d_backward", &conv2d_backward,
         "(gradient of the padded input or None, gradient at the non-zeros or None)");
   m.def("phase_planes", &phase_planes, "the s*s phase planes of the padded input (stride s)");
