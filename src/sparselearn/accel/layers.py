@@ -248,7 +248,10 @@ class _Unfolded:
         self.rows, self.fan_in = weight.rows, weight.fan_in
         self._weight = weight
         self._mask = weight.mask().reshape(self.rows, self.fan_in)
-        self.crow, self.col, self.crow_t, self.col_t, self.perm = csr_structure(self._mask)
+        # the rows are the weight's own CSR (same column encoding, same order); the transpose
+        # is the (in * kh * kw, out) one of a Linear layer
+        self.crow, self.col = weight.crow, weight.col
+        _, _, self.crow_t, self.col_t, self.perm = csr_structure(self._mask)
         self.perm_inv = _inverse(self.perm)
 
     def mask(self) -> Tensor:
@@ -421,6 +424,23 @@ class _SparseConv2dFn(torch.autograd.Function):
         return grad_x, grad_values, grad_bias, None, None, None, None
 
 
+def _split_bias(bias: Tensor | None, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(the bias the kernels add as they write the output, the bias left to add after): the
+    kernels take a bias of the input's dtype and device only."""
+    if bias is None or (bias.dtype == x.dtype and bias.device == x.device):
+        return bias, None
+    return None, bias
+
+
+def _sparse_linear(
+    x: Tensor, values: Tensor, bias: Tensor | None, weight: SparseWeight | _Unfolded, backend: str
+) -> Tensor:
+    """``x @ W.T + bias`` for a (batch, in) ``x``, the bias fused where the kernels take it."""
+    fused, rest = _split_bias(bias, x)
+    y: Tensor = _SparseLinearFn.apply(x, values, fused, weight, backend)  # type: ignore[no-untyped-call]
+    return y if rest is None else y + rest
+
+
 class SparseLinear(nn.Module):
     """``nn.Linear`` computing with a CSR weight (see :class:`SparseWeight`)."""
 
@@ -434,13 +454,8 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B, in)
-        bias = self.bias
-        fused = bias is not None and bias.dtype == x2.dtype and bias.device == x2.device
-        y: Tensor = _SparseLinearFn.apply(  # type: ignore[no-untyped-call]
-            x2, self.weight_sparse.values, bias if fused else None, self.weight_sparse, self.backend
-        )
-        if bias is not None and not fused:
-            y = y + bias
+        w = self.weight_sparse
+        y = _sparse_linear(x2, w.values, self.bias, w, self.backend)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -526,8 +541,7 @@ class SparseConv2d(nn.Module):
         out_hw = self.output_size((x.shape[2], x.shape[3]))
         if self.algorithm_for((x.shape[2], x.shape[3])) == "unfold":
             return self._forward_unfolded(x, out_hw)
-        bias = self.bias
-        fused = bias is not None and bias.dtype == x.dtype and bias.device == x.device
+        fused, rest = _split_bias(self.bias, x)
         if self.stride > 1 and w.dense_grad_sink is None:
             # strided: a stride-1 convolution over the phase planes (the stride-1 kernels are
             # 3-6x faster than a strided walk); steps that need the dense gradient take the
@@ -536,7 +550,7 @@ class SparseConv2d(nn.Module):
             y: Tensor = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
                 ph.planes(x, self.padding, out_hw, self.backend),
                 w.values[ph.index],
-                bias if fused else None,
+                fused,
                 ph,
                 1,
                 (0, 0),
@@ -544,24 +558,18 @@ class SparseConv2d(nn.Module):
             )
         else:
             y = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
-                x, w.values, bias if fused else None, w, self.stride, self.padding, self.backend
+                x, w.values, fused, w, self.stride, self.padding, self.backend
             )
-        if bias is not None and not fused:
-            y = y + bias.view(1, -1, 1, 1)
-        return y
+        return y if rest is None else y + rest.view(1, -1, 1, 1)
 
     def _forward_unfolded(self, x: Tensor, out_hw: tuple[int, int]) -> Tensor:
         n = x.shape[0]
         rows: Tensor = _PatchesFn.apply(  # type: ignore[no-untyped-call]
             x, self.kernel_size, self.stride, self.padding, out_hw, self.backend
         )  # (N * OH * OW, C * kh * kw)
-        bias = self.bias
-        fused = bias is not None and bias.dtype == rows.dtype and bias.device == rows.device
-        y: Tensor = _SparseLinearFn.apply(  # type: ignore[no-untyped-call]
-            rows, self.weight_sparse.values, bias if fused else None, self.unfolded(), self.backend
+        y = _sparse_linear(
+            rows, self.weight_sparse.values, self.bias, self.unfolded(), self.backend
         )
-        if bias is not None and not fused:
-            y = y + bias
         y = y.view(n, out_hw[0], out_hw[1], self.out_channels).permute(0, 3, 1, 2)
         return y.contiguous()
 
