@@ -80,22 +80,25 @@ def dense_matmul_ms(n: int, batch: int) -> float:
     return median_ms(lambda: x @ w.t())
 
 
+def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A training step as speed.py times it: forward, the output's sum, backward (``x``
+    requires its gradient)."""
+
+    def run() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).sum().backward()
+
+    return run
+
+
 def empty_step_ms(n: int, batch: int) -> tuple[float, float]:
     """A training step (as in speed.py) of an n x n layer with no non-zeros, sparse and dense:
     what a step costs besides the products (packing, bias, the loss's sum, autograd)."""
     x = torch.randn(batch, n, requires_grad=True)
     dense = nn.Linear(n, n)
     sparse = SparseLinear(dense, torch.zeros(n, n, dtype=torch.bool))
-
-    def step(module: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            module(x).sum().backward()
-
-        return run
-
-    return median_ms(step(sparse), 21), median_ms(step(dense), 9)
+    return median_ms(train_step(sparse, x), 21), median_ms(train_step(dense, x), 9)
 
 
 def linear_kernels() -> list[str]:
@@ -154,15 +157,6 @@ def layout_rows() -> list[str]:
     return rows
 
 
-def _conv_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        module(x).sum().backward()
-
-    return run
-
-
 def conv_algorithms() -> list[str]:
     """A 3x3 convolution's training step (forward and both gradients), batch 64, computed on
     planes and as a product over patches, by output size: where UNFOLD_MAX_POSITIONS comes from."""
@@ -184,7 +178,7 @@ def conv_algorithms() -> list[str]:
         x = torch.randn(64, c_in, hw, hw, requires_grad=True)
         layers = [conv] + [SparseConv2d(conv, mask, algorithm=a) for a in ("planes", "unfold")]
 
-        d, p, u = (median_ms(_conv_step(m, x)) for m in layers)
+        d, p, u = (median_ms(train_step(m, x)) for m in layers)
         rows.append(
             f"| {c_in} -> {c_out} ch, {hw}x{hw} output | {100 * density:g}% | {d:.1f} | {p:.1f} "
             f"| {u:.1f} |"
