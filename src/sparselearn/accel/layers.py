@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
-from ..kernels import ops_for
+from ..kernels import Ops, check_threads, ops_for
 
 DenseGradSink = Callable[[Tensor], None]
 
@@ -204,13 +204,13 @@ class _Phases:
         return self._mask
 
     def planes(
-        self, x: Tensor, padding: tuple[int, int], out_hw: tuple[int, int], backend: str
+        self, x: Tensor, padding: tuple[int, int], out_hw: tuple[int, int], ops: Ops
     ) -> Tensor:
         """(N, C, H, W) -> (N, s*s*C, OH + kh' - 1, OW + kw' - 1): the padded input's phase
         planes, as large as the stride-1 convolution reads (zeros past the padded input)."""
         hq, wq = out_hw[0] + self.shape[2] - 1, out_hw[1] + self.shape[3] - 1
         planes: Tensor = _PhasePlanesFn.apply(  # type: ignore[no-untyped-call]
-            x, self.stride, padding, (hq, wq), backend
+            x, self.stride, padding, (hq, wq), ops
         )
         return planes
 
@@ -223,9 +223,8 @@ class _PhasePlanesFn(torch.autograd.Function):
         stride: int,
         padding: tuple[int, int],
         size: tuple[int, int],
-        backend: str,
+        ops: Ops,
     ) -> Tensor:
-        ops = ops_for(x, backend)
         ctx.ops, ctx.stride, ctx.padding, ctx.in_hw = ops, stride, padding, x.shape[2:]
         return ops.phase_planes(x, stride, *padding, *size)
 
@@ -278,9 +277,8 @@ class _PatchesFn(torch.autograd.Function):
         stride: int,
         padding: tuple[int, int],
         out_hw: tuple[int, int],
-        backend: str,
+        ops: Ops,
     ) -> Tensor:
-        ops = ops_for(x, backend)
         ctx.ops, ctx.shape, ctx.args = (
             ops,
             tuple(x.shape),
@@ -305,9 +303,8 @@ class _SparseLinearFn(torch.autograd.Function):
         values: Tensor,
         bias: Tensor | None,
         weight: SparseWeight | _Unfolded,
-        backend: str,
+        ops: Ops,
     ) -> Tensor:
-        ops = ops_for(x, backend)
         # y, and x in panels (each non-zero scales one contiguous row of batch values)
         y, xp = ops.linear_forward(x, weight.crow, weight.col, values, weight.rows, bias)
         ctx.save_for_backward(xp, values)
@@ -363,9 +360,8 @@ class _SparseConv2dFn(torch.autograd.Function):
         weight: SparseWeight | _Phases,
         stride: int,
         padding: tuple[int, int],
-        backend: str,
+        ops: Ops,
     ) -> Tensor:
-        ops = ops_for(x, backend)
         _, kh, kw = weight.shape[1:]
         if padding == (0, 0):
             xp = x.contiguous()
@@ -433,29 +429,39 @@ def _split_bias(bias: Tensor | None, x: Tensor) -> tuple[Tensor | None, Tensor |
 
 
 def _sparse_linear(
-    x: Tensor, values: Tensor, bias: Tensor | None, weight: SparseWeight | _Unfolded, backend: str
+    x: Tensor, values: Tensor, bias: Tensor | None, weight: SparseWeight | _Unfolded, ops: Ops
 ) -> Tensor:
     """``x @ W.T + bias`` for a (batch, in) ``x``, the bias fused where the kernels take it."""
     fused, rest = _split_bias(bias, x)
-    y: Tensor = _SparseLinearFn.apply(x, values, fused, weight, backend)  # type: ignore[no-untyped-call]
+    y: Tensor = _SparseLinearFn.apply(x, values, fused, weight, ops)  # type: ignore[no-untyped-call]
     return y if rest is None else y + rest
 
 
 class SparseLinear(nn.Module):
-    """``nn.Linear`` computing with a CSR weight (see :class:`SparseWeight`)."""
+    """``nn.Linear`` computing with a CSR weight (see :class:`SparseWeight`).
 
-    def __init__(self, linear: nn.Linear, mask: Tensor, backend: str = "auto") -> None:
+    ``backend``: ``"auto"``, ``"cpp"`` or ``"torch"`` (:func:`sparselearn.kernels.ops_for`).
+    ``threads``: the most threads its compiled kernels use (None: all of
+    ``torch.get_num_threads()``); a small layer can run faster on one thread than pay for
+    waking the others (``sl.accelerate`` times both). The results do not depend on it.
+    """
+
+    def __init__(
+        self, linear: nn.Linear, mask: Tensor, backend: str = "auto", threads: int | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_sparse = SparseWeight(linear.weight, mask)
         self.bias = linear.bias
         self.backend = backend
+        self.threads = check_threads(threads)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B, in)
         w = self.weight_sparse
-        y = _sparse_linear(x2, w.values, self.bias, w, self.backend)
+        ops = ops_for(x2, self.backend, self.threads)
+        y = _sparse_linear(x2, w.values, self.bias, w, ops)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -463,6 +469,7 @@ class SparseLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}"
+            + ("" if self.threads is None else f", threads={self.threads}")
         )
 
 
@@ -485,10 +492,16 @@ class SparseConv2d(nn.Module):
     ``"auto"`` (default) unfolds output planes of at most :data:`UNFOLD_MAX_POSITIONS`
     positions, where planes leave the kernels too little to vectorise over. The choice depends
     on the input's shape only, so a run computes the same way every time it is resumed.
+    ``backend`` and ``threads`` as for :class:`SparseLinear`.
     """
 
     def __init__(
-        self, conv: nn.Conv2d, mask: Tensor, backend: str = "auto", algorithm: str = "auto"
+        self,
+        conv: nn.Conv2d,
+        mask: Tensor,
+        backend: str = "auto",
+        algorithm: str = "auto",
+        threads: int | None = None,
     ) -> None:
         super().__init__()
         if not supports_conv(conv):
@@ -503,6 +516,7 @@ class SparseConv2d(nn.Module):
         self.bias = conv.bias
         self.backend = backend
         self.algorithm = algorithm
+        self.threads = check_threads(threads)
         # derived from weight_sparse, rebuilt when it changes
         self._phases: _Phases | None = None
         self._unfolded: _Unfolded | None = None
@@ -539,8 +553,9 @@ class SparseConv2d(nn.Module):
             )
         w = self.weight_sparse
         out_hw = self.output_size((x.shape[2], x.shape[3]))
+        ops = ops_for(x, self.backend, self.threads)
         if self.algorithm_for((x.shape[2], x.shape[3])) == "unfold":
-            return self._forward_unfolded(x, out_hw)
+            return self._forward_unfolded(x, out_hw, ops)
         fused, rest = _split_bias(self.bias, x)
         if self.stride > 1 and w.dense_grad_sink is None:
             # strided: a stride-1 convolution over the phase planes (the stride-1 kernels are
@@ -548,28 +563,26 @@ class SparseConv2d(nn.Module):
             # direct path below, which computes it in the weight's own shape
             ph = self.phases()
             y: Tensor = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
-                ph.planes(x, self.padding, out_hw, self.backend),
+                ph.planes(x, self.padding, out_hw, ops),
                 w.values[ph.index],
                 fused,
                 ph,
                 1,
                 (0, 0),
-                self.backend,
+                ops,
             )
         else:
             y = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
-                x, w.values, fused, w, self.stride, self.padding, self.backend
+                x, w.values, fused, w, self.stride, self.padding, ops
             )
         return y if rest is None else y + rest.view(1, -1, 1, 1)
 
-    def _forward_unfolded(self, x: Tensor, out_hw: tuple[int, int]) -> Tensor:
+    def _forward_unfolded(self, x: Tensor, out_hw: tuple[int, int], ops: Ops) -> Tensor:
         n = x.shape[0]
         rows: Tensor = _PatchesFn.apply(  # type: ignore[no-untyped-call]
-            x, self.kernel_size, self.stride, self.padding, out_hw, self.backend
+            x, self.kernel_size, self.stride, self.padding, out_hw, ops
         )  # (N * OH * OW, C * kh * kw)
-        y = _sparse_linear(
-            rows, self.weight_sparse.values, self.bias, self.unfolded(), self.backend
-        )
+        y = _sparse_linear(rows, self.weight_sparse.values, self.bias, self.unfolded(), ops)
         y = y.view(n, out_hw[0], out_hw[1], self.out_channels).permute(0, 3, 1, 2)
         return y.contiguous()
 
@@ -580,6 +593,7 @@ class SparseConv2d(nn.Module):
             f"stride={self.stride}, padding={self.padding}, "
             f"density={w.nnz / (w.rows * w.fan_in):.4f}, algorithm={self.algorithm}, "
             f"backend={self.backend}"
+            + ("" if self.threads is None else f", threads={self.threads}")
         )
 
 

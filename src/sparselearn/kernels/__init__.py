@@ -404,13 +404,36 @@ class TorchOps:
         return F.fold(cols, shape[2:], (kh, kw), padding=(ph, pw), stride=stride)
 
 
+class _ThreadLimited:
+    """The extension's functions, each run with at most ``threads`` OpenMP threads: a limit
+    local to the calling thread, set in the extension for the call and restored after it."""
+
+    def __init__(self, ext: Any, threads: int) -> None:
+        self._ext, self._threads = ext, threads
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._ext, name)
+
+        def run(*args: Any) -> Any:
+            previous = self._ext.thread_limit()
+            self._ext.set_thread_limit(self._threads)
+            try:
+                return fn(*args)
+            finally:
+                self._ext.set_thread_limit(previous)
+
+        return run
+
+
 class CppOps:
-    """The compiled CPU kernels (float32 and float64)."""
+    """The compiled CPU kernels (float32 and float64); ``threads`` caps the OpenMP threads of
+    every kernel (None: all of them)."""
 
     name = "cpp"
 
-    def __init__(self, ext: Any) -> None:
-        self._ext = ext
+    def __init__(self, ext: Any, threads: int | None = None) -> None:
+        self.threads = threads
+        self._ext = ext if threads is None else _ThreadLimited(ext, threads)
 
     def pack(self, x: Tensor) -> Tensor:
         out: Tensor = self._ext.pack(x)
@@ -538,17 +561,35 @@ class CppOps:
 _TORCH = TorchOps()
 
 
-def ops_for(t: Tensor, backend: str = "auto") -> Ops:
+def check_threads(threads: int | None) -> int | None:
+    """``threads`` if it is None or a positive int, else a ValueError that says so."""
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(
+            f"threads must be None (all of torch.get_num_threads()) or a positive int, "
+            f"got {threads!r}"
+        )
+    return threads
+
+
+def ops_for(t: Tensor, backend: str = "auto", threads: int | None = None) -> Ops:
     """The kernels to use for tensors like ``t``: ``auto`` (compiled on CPU float32/float64 when
-    it builds, else PyTorch), ``cpp`` (error if unavailable) or ``torch``."""
+    it builds, else PyTorch), ``cpp`` (error if unavailable) or ``torch``.
+
+    ``threads`` caps the threads of the compiled kernels (None: all; the result is the same bit
+    for bit on any number). PyTorch's own operations, and so the ``torch`` backend, run on
+    PyTorch's thread pool: ``torch.set_num_threads``.
+    """
     if backend not in ("auto", "cpp", "torch"):
         raise ValueError(f"backend must be 'auto', 'cpp' or 'torch', got {backend!r}")
+    check_threads(threads)
     if backend == "torch":
         return _TORCH
     usable = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
     ext = extension() if usable else None
     if ext is not None:
-        return CppOps(ext)
+        return CppOps(ext, threads)
     if backend == "cpp":
         reason = _extension_error or f"{t.dtype} on {t.device} is not supported by it"
         raise RuntimeError(f"the compiled kernels are unavailable: {reason}")
