@@ -144,15 +144,22 @@ void pack_body(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, in
       if (sf == 0) {
         // constant along the features (an expanded tensor, e.g. the gradient of a sum): each
         // panel row is one vector of W batch values, stored contiguously nf times
-        T colv[64];  // W <= 64 (panel_width)
+        constexpr int L = kLanes<T>, kMaxV = 64 / L;  // W <= 64 (panel_width)
+        alignas(64) T colv[64] = {};
         T total = T(0);
         for (int64_t b = 0; b < W; ++b) {
           const int64_t row = p * W + b;
           colv[b] = row < B ? x[row * sb] : T(0);
           total += colv[b];
         }
+        vec_t<T> cv[kMaxV];
+#pragma GCC unroll 8
+        for (int i = 0; i < kMaxV; ++i) cv[i] = loadv<T>(colv + i * L);
+        // vector stores unrolled over the widest panel (std::copy made a memmove call per row)
         for (int64_t f = 0; f < nf; ++f) {
-          std::copy(colv, colv + W, out + f * W);
+#pragma GCC unroll 8
+          for (int i = 0; i < kMaxV; ++i)
+            if (i * L < W) storev<T>(out + f * W + i * L, cv[i]);
           acc[f] = total;
         }
         done = nf;
@@ -242,9 +249,13 @@ inline void store_tile(const T (*tile)[W], int64_t nr, int64_t nvalid, const T* 
           transpose16(r);
           for (int i = 0; i < 16; ++i) _mm512_store_ps(stage[i] + j0, _mm512_add_ps(r[i], bv));
         }
-        for (int i = 0; i < 16; ++i)
-          for (int64_t j0 = 0; j0 < whole; j0 += 16)
-            _mm512_storeu_ps(Y + (b0 + i) * ld + j0, _mm512_load_ps(stage[i] + j0));
+        // (unrolled over the most vectors a row can hold: a loop bounded by `whole` alone
+        // became a call to memmove per 256-byte row)
+        for (int i = 0; i < 16; ++i) {
+#pragma GCC unroll 4
+          for (int64_t j0 = 0; j0 < kMaxTileRows; j0 += 16)
+            if (j0 < whole) _mm512_storeu_ps(Y + (b0 + i) * ld + j0, _mm512_load_ps(stage[i] + j0));
+        }
       }
     }
   }
@@ -481,7 +492,16 @@ void backward_body(const int64_t* crowT, const I* colT, const I* perm, const I* 
               if (p > 0) sum += load16(dvalT + k);
               __builtin_memcpy(dvalT + k, &sum, sizeof sum);
             } else {
+#if defined(__AVX512F__)
+              // a short group (at 1% density most rows of W^T hold about ten non-zeros): one
+              // masked load and store instead of m scalar read-modify-writes
+              const __mmask16 first = __mmask16((1u << m) - 1);
+              __m512 out = __m512(sum);
+              if (p > 0) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(first, dvalT + k));
+              _mm512_mask_storeu_ps(dvalT + k, first, out);
+#else
               for (int q = 0; q < m; ++q) dvalT[k + q] = (p > 0 ? dvalT[k + q] : 0.0f) + sum[q];
+#endif
             }
           }
         } else {
