@@ -412,16 +412,16 @@ class _ThreadLimited:
         self._ext, self._threads = ext, threads
 
     def __getattr__(self, name: str) -> Any:
-        fn = getattr(self._ext, name)
+        fn, set_limit, threads = getattr(self._ext, name), self._ext.set_thread_limit, self._threads
 
         def run(*args: Any) -> Any:
-            previous = self._ext.thread_limit()
-            self._ext.set_thread_limit(self._threads)
+            previous = set_limit(threads)
             try:
                 return fn(*args)
             finally:
-                self._ext.set_thread_limit(previous)
+                set_limit(previous)
 
+        setattr(self, name, run)  # made once per function: later lookups find the attribute
         return run
 
 
@@ -432,7 +432,7 @@ class CppOps:
     name = "cpp"
 
     def __init__(self, ext: Any, threads: int | None = None) -> None:
-        self.threads = threads
+        self.threads, self._ext_module = threads, ext
         self._ext = ext if threads is None else _ThreadLimited(ext, threads)
 
     def pack(self, x: Tensor) -> Tensor:
@@ -559,6 +559,7 @@ class CppOps:
 
 
 _TORCH = TorchOps()
+_CPP: dict[int | None, CppOps] = {}  # one per thread cap (the layers ask on every call)
 
 
 def check_threads(threads: int | None) -> int | None:
@@ -589,7 +590,10 @@ def ops_for(t: Tensor, backend: str = "auto", threads: int | None = None) -> Ops
     usable = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
     ext = extension() if usable else None
     if ext is not None:
-        return CppOps(ext, threads)
+        ops = _CPP.get(threads)
+        if ops is None or ops._ext_module is not ext:
+            ops = _CPP[threads] = CppOps(ext, threads)
+        return ops
     if backend == "cpp":
         reason = _extension_error or f"{t.dtype} on {t.device} is not supported by it"
         raise RuntimeError(f"the compiled kernels are unavailable: {reason}")

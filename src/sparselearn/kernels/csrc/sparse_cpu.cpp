@@ -1397,9 +1397,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "set_thread_limit",
       [](int64_t n) {
         TORCH_CHECK(n >= 0, "the thread limit must be 0 (all threads) or positive, got ", n);
+        const int previous = tl_thread_limit;
         tl_thread_limit = int(std::min<int64_t>(n, 1 << 20));
+        return previous;
       },
-      "most threads the kernels called from this thread may use (0: all)");
+      "most threads the kernels called from this thread may use (0: all); returns the "
+      "previous limit");
   m.def("thread_limit", []() { return tl_thread_limit; });
   m.def("team_size", [](int64_t work) { return team(work); },
         "threads a parallel region of this much work gets here and now (for tests)");
