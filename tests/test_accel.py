@@ -836,3 +836,22 @@ def test_accelerate_keeps_one_thread_where_that_is_fastest(monkeypatch: pytest.M
             engine.remove()
     finally:
         torch.set_num_threads(previous)
+
+
+def test_forced_mode_reapplies_thread_caps() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = sl.sparsify(model, opt, method="static", density=0.2)
+    with pytest.raises(ValueError, match=r"threads names \['1.weight'\]"):
+        accelerate(model, engine, mode="sparse", threads={"1.weight": 1})
+    with pytest.raises(ValueError, match="threads must be None"):
+        accelerate(model, engine, mode="sparse", threads={"0.weight": 0})
+    with pytest.raises(ValueError, match="mode='auto' times them itself"):
+        accelerate(model, engine, torch.randn(4, 64), threads={"0.weight": 1})
+    report = accelerate(model, engine, mode="sparse", threads={"2.weight": 1})
+    assert isinstance(model[0], SparseLinear)
+    assert isinstance(model[2], SparseLinear)
+    assert (model[0].threads, model[2].threads) == (None, 1)
+    assert report.thread_caps == {"2.weight": 1}
+    assert [c.threads for c in report.layers] == [None, 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparselearn.accel
 import sparselearn.cli as cli
+from sparselearn.kernels import extension
 from sparselearn.train import SPARSITY_OPTIONS, TrainConfig, load_yaml, read_metrics, train
 from tests.datafiles import write_mnist_like
 
@@ -100,7 +103,40 @@ def test_accelerate_auto_times_the_layers_on_a_training_batch(
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     chosen = [line.split()[0] for line in report.splitlines()[1:] if " sparse " in line]
     assert state["accelerated"] == chosen
+    capped = {line.split()[0]: 1 for line in report.splitlines()[1:] if "(1 thread)" in line}
+    assert state["accelerated_threads"] == capped
     assert summary["final_density"] == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
+def test_resume_reapplies_the_thread_caps(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # timings that make one thread the fastest for every layer; the resumed run must cap the
+    # same layers without timing again
+    acc = importlib.import_module("sparselearn.accel.accelerate")
+    monkeypatch.setattr(acc, "_time_turns", lambda fns, repeats: [5.0, 2.0, 1.0][: len(fns)])
+    previous = torch.get_num_threads()
+    try:
+        cfg = small(data_dir, method="rigl", accelerate="auto", epochs=1, threads=2)
+        train(cfg, tmp_path / "run", progress=False)
+        state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+        assert state["accelerated"]
+        assert state["accelerated_threads"] == dict.fromkeys(state["accelerated"], 1)
+        calls: list[dict[str, object]] = []
+        real = sparselearn.accel.accelerate
+
+        def recording(*args: object, **kwargs: object) -> object:
+            calls.append(kwargs)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(sparselearn.accel, "accelerate", recording)
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+        assert len(calls) == 1
+        assert calls[0]["mode"] == "sparse"
+        assert calls[0]["threads"] == state["accelerated_threads"]
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_accelerate_rejects_bad_values_and_amp(data_dir: Path) -> None:

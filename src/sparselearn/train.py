@@ -351,10 +351,13 @@ def train(
                 f"run's own config ({out / 'config.yaml'})"
             )
     accelerated: list[str] = []
+    thread_caps: dict[str, int] = {}
     if cfg.accelerate != "off":
-        accelerated = _accelerate(
-            cfg, model, engine, data, device, None if state is None else state["accelerated"], out
-        )
+        saved = None
+        if state is not None:
+            # checkpoints from before thread caps hold only the names
+            saved = (state["accelerated"], state.get("accelerated_threads", {}))
+        accelerated, thread_caps = _accelerate(cfg, model, engine, data, device, saved, out)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -473,6 +476,7 @@ def train(
                 "torch_rng": torch.get_rng_state(),
                 "wall_time": wall,
                 "accelerated": accelerated,
+                "accelerated_threads": thread_caps,
             },
         )
         if on_epoch is not None:
@@ -506,20 +510,20 @@ def _accelerate(
     engine: SparseEngine,
     data: Any,
     device: torch.device,
-    saved: list[str] | None,
+    saved: tuple[list[str], dict[str, int]] | None,
     out: Path,
-) -> list[str]:
+) -> tuple[list[str], dict[str, int]]:
     """``sl.accelerate`` for a run: timed on a real training batch (``auto``) or forced
-    (``sparse``); a resumed run re-applies the layers its first launch chose. The per-layer
-    report goes to ``acceleration.txt``; returns the names of the accelerated weights (kept in
-    the checkpoint)."""
+    (``sparse``); a resumed run re-applies the layers and thread caps its first launch chose.
+    The per-layer report goes to ``acceleration.txt``; returns the names of the accelerated
+    weights and their thread caps (kept in the checkpoint)."""
     from .accel import accelerate
 
     # timing draws random inputs on the layers' device: keep the run's RNG, there too
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         if saved is not None:
-            report = accelerate(model, engine, mode="sparse", layers=saved)
+            report = accelerate(model, engine, mode="sparse", layers=saved[0], threads=saved[1])
         else:
             x = None
             if cfg.accelerate == "auto":
@@ -531,7 +535,7 @@ def _accelerate(
     if saved is None:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "acceleration.txt", f"{report}\n")
-    return report.accelerated
+    return report.accelerated, report.thread_caps
 
 
 def summarize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import SparseEngine
-from ..kernels import ops_for
+from ..kernels import check_threads, ops_for
 from .layers import SparseConv2d, SparseLinear, SparseWeight, supports_conv
 
 
@@ -36,6 +36,14 @@ class AccelerationReport:
     @property
     def accelerated(self) -> list[str]:
         return [c.name for c in self.layers if c.chosen == "sparse"]
+
+    @property
+    def thread_caps(self) -> dict[str, int]:
+        """The accelerated layers that run on fewer than all threads, with their caps (pass
+        them back as ``threads=`` with ``layers=accelerated`` to re-apply these choices)."""
+        return {
+            c.name: c.threads for c in self.layers if c.chosen == "sparse" and c.threads is not None
+        }
 
     def __str__(self) -> str:
         rows = [("layer", "kind", "density", "dense ms", "sparse ms", "chosen", "why")]
@@ -136,6 +144,7 @@ def accelerate(
     backend: str = "auto",
     repeats: int = 5,
     layers: Collection[str] | None = None,
+    threads: Mapping[str, int] | None = None,
 ) -> AccelerationReport:
     """Replace the engine's sparsified Linear and Conv2d layers with layers that compute with
     the sparse weights, wherever that is faster.
@@ -152,6 +161,11 @@ def accelerate(
         layers: if given, only these sparsified weights (names as in ``engine.masks``) may be
             accelerated; the others stay dense. With ``mode="sparse"`` this re-applies the
             choices of an earlier call (``report.accelerated``), e.g. when resuming a run.
+        threads: with ``mode="sparse"``, thread caps per layer (``report.thread_caps`` of an
+            earlier call; the others use every thread). ``mode="auto"`` times each sparse
+            layer on one thread and on all, and keeps the faster (under
+            ``OMP_WAIT_POLICY=PASSIVE`` a small layer can lose more to waking the threads
+            than it gains from them); results are the same bit for bit either way.
 
     The weights and their optimizer state of accelerated layers then take memory proportional
     to their active weights; masks change as before (the sparse structure is rebuilt at each
@@ -170,6 +184,20 @@ def accelerate(
                 f"layers {unknown} are not sparsified weights of this engine; "
                 f"choose from {sorted(engine.masks)}"
             )
+    if threads is not None:
+        if mode != "sparse":
+            raise ValueError(
+                "threads= re-applies the thread caps of an earlier call with mode='sparse'; "
+                "mode='auto' times them itself"
+            )
+        unknown = sorted(set(threads) - set(engine.masks))
+        if unknown:
+            raise ValueError(
+                f"threads names {unknown}, which are not sparsified weights of this engine; "
+                f"choose from {sorted(engine.masks)}"
+            )
+        for value in threads.values():
+            check_threads(value)
     engine._check_attached()
     cfg = engine.config
     growth = engine._growth
@@ -253,7 +281,7 @@ def accelerate(
             else SparseConv2d(module, mask, backend)
         )
         dense_ms = sparse_ms = None
-        threads: int | None = None
+        cap: int | None = None  # the sparse layer's thread cap
         if mode == "auto":
             if mod_name not in shapes:
                 report.layers.append(
@@ -277,21 +305,23 @@ def accelerate(
                 runs.append(_fwd_bwd(sparse, x, threads=1))
             dense_ms, *sparse_times = _time_turns(runs, repeats)
             best = min(range(len(sparse_times)), key=sparse_times.__getitem__)
-            sparse_ms, threads = sparse_times[best], (None, 1)[best]
+            sparse_ms, cap = sparse_times[best], (None, 1)[best]
             chosen = "sparse" if sparse_ms < dense_ms else "dense"
             if chosen == "dense":
-                reason, threads = "dense is faster", None
+                reason, cap = "dense is faster", None
             else:
-                reason = "faster" if threads is None else "faster on one thread"
+                reason = "faster" if cap is None else "faster on one thread"
         else:
             chosen, reason = mode, "forced"
+            if chosen == "sparse" and threads is not None:
+                cap = threads.get(layer.name)
         report.layers.append(
-            LayerChoice(layer.name, kind, density, dense_ms, sparse_ms, chosen, reason, threads)
+            LayerChoice(layer.name, kind, density, dense_ms, sparse_ms, chosen, reason, cap)
         )
         if chosen != "sparse":
             continue
         assert isinstance(sparse, (SparseLinear, SparseConv2d))
-        sparse.threads = threads
+        sparse.threads = cap
         sparse.train(module.training)
         parent, child = _parent(model, mod_name)
         setattr(parent, child, sparse)
