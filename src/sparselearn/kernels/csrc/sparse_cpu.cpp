@@ -60,8 +60,9 @@ inline void storev(T* p, vec_t<T> v) {
 inline v16f load16(const float* p) { return loadv<float>(p); }
 
 // Work (multiply-adds plus elements moved) below which a kernel runs on the calling thread alone:
-// waking the pool's threads costs about 0.1-0.15 ms on this VM with OMP_WAIT_POLICY=PASSIVE,
-// what one thread needs for a million or more multiply-adds here.
+// with OMP_WAIT_POLICY=PASSIVE each parallel region, and each barrier in one, wakes the pool's
+// sleeping threads (about 27 us each on this VM, see tl_thread_limit), what one thread needs for
+// several hundred thousand multiply-adds.
 constexpr int64_t kParallelWork = int64_t(1) << 20;
 
 // The most threads that kernels called from this thread may use (0: all of OpenMP's). A layer
@@ -419,9 +420,8 @@ void sampled_panels(const int64_t* crow, const I* col, const T* GP, const T* XP,
 // one read serves both products, where two separate kernels read a row each. With twice the
 // arithmetic per row read, prefetching the row kPrefetch non-zeros ahead pays here (3-7%),
 // where in spmm it cost more load slots than it saved.
-// In the caller's parallel region (each region costs a wake-up of the threads, 0.1 ms here
-// with OMP_WAIT_POLICY=PASSIVE): valT = val[perm], the products, then dval = dvalT[perm_inv],
-// W's CSR order (a gather: scattering through perm,
+// In the caller's parallel region (backward_region, which has made valT = val[perm]): the
+// products, then dval = dvalT[perm_inv], W's CSR order (a gather: scattering through perm,
 // random writes, took 2-4x longer).
 template <typename T, int W, typename I>
 void backward_body(const int64_t* crowT, const I* colT, const I* perm, const I* perm_inv,
@@ -432,8 +432,6 @@ void backward_body(const int64_t* crowT, const I* colT, const I* perm, const I* 
   constexpr int64_t kRows = kMaxTileRows;  // rows of W^T per tile (see store_tile)
   const int64_t ntiles = (F + kRows - 1) / kRows;
   {
-#pragma omp for schedule(static)
-  for (int64_t k = 0; k < nnz; ++k) valT[k] = val[perm[k]];
   for (int64_t p = 0; p < nb; ++p) {
     const T* G = GP + p * rows * W;
     const T* X = XP + p * F * W;
@@ -642,6 +640,11 @@ void backward_region(const T* g, int64_t sb, int64_t sf, T* GP, T* psum, T* gbia
   const int nt = team(B * (F + rows + 2 * crowT[F]));
 #pragma omp parallel if (nt > 1) num_threads(nt)
   {
+    // valT = val[perm] before packing, without a barrier of its own: the packing's barrier
+    // ends both (each barrier wakes the sleeping threads under OMP_WAIT_POLICY=PASSIVE)
+    const int64_t nnz = crowT[F];
+#pragma omp for schedule(static) nowait
+    for (int64_t k = 0; k < nnz; ++k) valT[k] = val[perm[k]];
     pack_body<T>(g, sb, sf, GP, psum, B, rows, W);
     if (gbias) {
 #pragma omp for schedule(static) nowait
