@@ -128,92 +128,98 @@ inline void transpose16(__m512 r[16]) {
 // XP[p, f, b] = x[p * W + b, f] (0 past the batch), x read through strides (sb, sf) so that an
 // expanded or transposed input needs no copy first. With psum (nb, F) given, also
 // psum[p, f] = sum of x[p * W + b, f] over the panel's rows (the column sums, for a bias).
-// The loops are an orphaned worksharing construct: they split among the threads of the
-// enclosing parallel region (see pack_panels, linear_forward), and end with its barrier.
+// pack_block does one block: panel p, features f0 .. f0 + kPackF - 1.
+constexpr int64_t kPackF = 64;  // features per block: W x kPackF reads, kPackF x W writes
+
+template <typename T>
+inline void pack_block(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, int64_t F,
+                       int64_t W, int64_t p, int64_t f0) {
+  constexpr int64_t kF = kPackF;
+  const int64_t nf = std::min(kF, F - f0);
+  T* out = XP + (p * F + f0) * W;
+  T acc[kF] = {};
+  int64_t done = 0;  // features packed by the vector path
+  if (sf == 0) {
+    // constant along the features (an expanded tensor, e.g. the gradient of a sum): each
+    // panel row is one vector of W batch values, stored contiguously nf times
+    constexpr int L = kLanes<T>, kMaxV = 64 / L;  // W <= 64 (panel_width)
+    alignas(64) T colv[64] = {};
+    T total = T(0);
+    for (int64_t b = 0; b < W; ++b) {
+      const int64_t row = p * W + b;
+      colv[b] = row < B ? x[row * sb] : T(0);
+      total += colv[b];
+    }
+    vec_t<T> cv[kMaxV];
+#pragma GCC unroll 8
+    for (int i = 0; i < kMaxV; ++i) cv[i] = loadv<T>(colv + i * L);
+    // vector stores unrolled over the widest panel (std::copy made a memmove call per row)
+    for (int64_t f = 0; f < nf; ++f) {
+#pragma GCC unroll 8
+      for (int i = 0; i < kMaxV; ++i)
+        if (i * L < W) storev<T>(out + f * W + i * L, cv[i]);
+      acc[f] = total;
+    }
+    done = nf;
+  }
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (sf == 1) {
+      // 16 x 16 blocks transposed in registers: 16 vector loads, 16 vector stores (the
+      // scalar loop below stores one float per cache line touched)
+      done = nf / 16 * 16;
+      __m512 sums[kF / 16];
+      for (int64_t fb = 0; fb < done; fb += 16) sums[fb / 16] = _mm512_setzero_ps();
+      // batch blocks outside, features inside: consecutive blocks read the next cache line
+      // of the same rows (features outside, with rows 4 KiB apart, ran at half the speed)
+      for (int64_t b0 = 0; b0 < W; b0 += 16) {
+        for (int64_t fb = 0; fb < done; fb += 16) {
+          __m512 r[16];
+          for (int i = 0; i < 16; ++i) {
+            const int64_t row = p * W + b0 + i;
+            r[i] = row < B ? _mm512_loadu_ps(x + row * sb + f0 + fb) : _mm512_setzero_ps();
+            sums[fb / 16] = _mm512_add_ps(sums[fb / 16], r[i]);
+          }
+          transpose16(r);
+          for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (fb + i) * W + b0, r[i]);
+        }
+      }
+      for (int64_t fb = 0; fb < done; fb += 16) _mm512_storeu_ps(acc + fb, sums[fb / 16]);
+    }
+  }
+#endif
+  if (done < nf) {
+    for (int64_t b = 0; b < W; ++b) {
+      const int64_t row = p * W + b;
+      if (row < B) {
+        const T* in = x + row * sb + f0 * sf;
+        if (sf == 1) {
+          for (int64_t f = done; f < nf; ++f) out[f * W + b] = in[f];
+          if (psum)
+            for (int64_t f = done; f < nf; ++f) acc[f] += in[f];
+        } else {
+          for (int64_t f = done; f < nf; ++f) out[f * W + b] = in[f * sf];
+          if (psum)
+            for (int64_t f = done; f < nf; ++f) acc[f] += in[f * sf];
+        }
+      } else {
+        for (int64_t f = done; f < nf; ++f) out[f * W + b] = T(0);
+      }
+    }
+  }
+  if (psum)
+    for (int64_t f = 0; f < nf; ++f) psum[p * F + f0 + f] = acc[f];
+}
+
+// Every block. The loops are an orphaned worksharing construct: they split among the threads of
+// the enclosing parallel region (see pack_panels, linear_forward), and end with its barrier.
 template <typename T>
 void pack_body(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, int64_t F,
                int64_t W) {
   const int64_t nb = (B + W - 1) / W;
-  constexpr int64_t kF = 64;  // features per tile: W x kF reads, kF x W writes
 #pragma omp for collapse(2) schedule(static)
-  for (int64_t p = 0; p < nb; ++p) {
-    for (int64_t f0 = 0; f0 < F; f0 += kF) {
-      const int64_t nf = std::min(kF, F - f0);
-      T* out = XP + (p * F + f0) * W;
-      T acc[kF] = {};
-      int64_t done = 0;  // features packed by the vector path
-      if (sf == 0) {
-        // constant along the features (an expanded tensor, e.g. the gradient of a sum): each
-        // panel row is one vector of W batch values, stored contiguously nf times
-        constexpr int L = kLanes<T>, kMaxV = 64 / L;  // W <= 64 (panel_width)
-        alignas(64) T colv[64] = {};
-        T total = T(0);
-        for (int64_t b = 0; b < W; ++b) {
-          const int64_t row = p * W + b;
-          colv[b] = row < B ? x[row * sb] : T(0);
-          total += colv[b];
-        }
-        vec_t<T> cv[kMaxV];
-#pragma GCC unroll 8
-        for (int i = 0; i < kMaxV; ++i) cv[i] = loadv<T>(colv + i * L);
-        // vector stores unrolled over the widest panel (std::copy made a memmove call per row)
-        for (int64_t f = 0; f < nf; ++f) {
-#pragma GCC unroll 8
-          for (int i = 0; i < kMaxV; ++i)
-            if (i * L < W) storev<T>(out + f * W + i * L, cv[i]);
-          acc[f] = total;
-        }
-        done = nf;
-      }
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
-        if (sf == 1) {
-          // 16 x 16 blocks transposed in registers: 16 vector loads, 16 vector stores (the
-          // scalar loop below stores one float per cache line touched)
-          done = nf / 16 * 16;
-          __m512 sums[kF / 16];
-          for (int64_t fb = 0; fb < done; fb += 16) sums[fb / 16] = _mm512_setzero_ps();
-          // batch blocks outside, features inside: consecutive blocks read the next cache line
-          // of the same rows (features outside, with rows 4 KiB apart, ran at half the speed)
-          for (int64_t b0 = 0; b0 < W; b0 += 16) {
-            for (int64_t fb = 0; fb < done; fb += 16) {
-              __m512 r[16];
-              for (int i = 0; i < 16; ++i) {
-                const int64_t row = p * W + b0 + i;
-                r[i] = row < B ? _mm512_loadu_ps(x + row * sb + f0 + fb) : _mm512_setzero_ps();
-                sums[fb / 16] = _mm512_add_ps(sums[fb / 16], r[i]);
-              }
-              transpose16(r);
-              for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (fb + i) * W + b0, r[i]);
-            }
-          }
-          for (int64_t fb = 0; fb < done; fb += 16) _mm512_storeu_ps(acc + fb, sums[fb / 16]);
-        }
-      }
-#endif
-      if (done < nf) {
-        for (int64_t b = 0; b < W; ++b) {
-          const int64_t row = p * W + b;
-          if (row < B) {
-            const T* in = x + row * sb + f0 * sf;
-            if (sf == 1) {
-              for (int64_t f = done; f < nf; ++f) out[f * W + b] = in[f];
-              if (psum)
-                for (int64_t f = done; f < nf; ++f) acc[f] += in[f];
-            } else {
-              for (int64_t f = done; f < nf; ++f) out[f * W + b] = in[f * sf];
-              if (psum)
-                for (int64_t f = done; f < nf; ++f) acc[f] += in[f * sf];
-            }
-          } else {
-            for (int64_t f = done; f < nf; ++f) out[f * W + b] = T(0);
-          }
-        }
-      }
-      if (psum)
-        for (int64_t f = 0; f < nf; ++f) psum[p * F + f0 + f] = acc[f];
-    }
-  }
+  for (int64_t p = 0; p < nb; ++p)
+    for (int64_t f0 = 0; f0 < F; f0 += kPackF) pack_block<T>(x, sb, sf, XP, psum, B, F, W, p, f0);
 }
 
 template <typename T>
@@ -297,27 +303,31 @@ inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_
 // Y[b, r] = sum_k val[k] * XP[p, col[k], b - p W] over the non-zeros k of row r. Y is written in
 // the ordinary (batch, rows) layout through a small tile, so that its stores stay contiguous.
 template <typename T, int W, typename I>
+void spmm_tile(const int64_t* crow, const I* col, const T* val, const T* XP, const T* bias,
+               T* Y, int64_t rows, int64_t F, int64_t B, int64_t p, int64_t t) {
+  constexpr int64_t kRows = kMaxTileRows;  // rows per tile (see store_tile)
+  const T* X = XP + p * F * W;
+  const int64_t nvalid = std::min<int64_t>(W, B - p * W);
+  alignas(64) T tile[kRows][W];
+  const int64_t r0 = t * kRows, nr = std::min(kRows, rows - r0);
+  for (int64_t j = 0; j < nr; ++j) {
+    const int64_t r = r0 + j;
+    row_times_panel<T, W, I>(crow[r], crow[r + 1], col, val, X, tile[j]);
+  }
+  store_tile<T, W>(tile, nr, nvalid, bias ? bias + r0 : nullptr, Y + p * W * rows + r0, rows);
+}
+
+template <typename T, int W, typename I>
 void spmm_body(const int64_t* crow, const I* col, const T* val, const T* XP, const T* bias,
                T* Y, int64_t rows, int64_t F, int64_t B) {
   const int64_t nb = (B + W - 1) / W;
-  constexpr int64_t kRows = kMaxTileRows;  // rows per tile (see store_tile)
-  const int64_t ntiles = (rows + kRows - 1) / kRows;
+  const int64_t ntiles = (rows + kMaxTileRows - 1) / kMaxTileRows;
   // (orphaned, in the caller's parallel region) a static tile schedule gives each thread the
   // same rows in every panel, so threads never wait for each other between panels (nowait)
   for (int64_t p = 0; p < nb; ++p) {
-    const T* X = XP + p * F * W;
-    const int64_t nvalid = std::min<int64_t>(W, B - p * W);
 #pragma omp for schedule(static) nowait
-    for (int64_t t = 0; t < ntiles; ++t) {
-      alignas(64) T tile[kRows][W];
-      const int64_t r0 = t * kRows, nr = std::min(kRows, rows - r0);
-      for (int64_t j = 0; j < nr; ++j) {
-        const int64_t r = r0 + j;
-        row_times_panel<T, W, I>(crow[r], crow[r + 1], col, val, X, tile[j]);
-      }
-      store_tile<T, W>(tile, nr, nvalid, bias ? bias + r0 : nullptr, Y + p * W * rows + r0,
-                       rows);
-    }
+    for (int64_t t = 0; t < ntiles; ++t)
+      spmm_tile<T, W, I>(crow, col, val, XP, bias, Y, rows, F, B, p, t);
   }
 }
 
@@ -617,15 +627,32 @@ torch::Tensor sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor GP, t
 namespace {
 
 // y = x @ W.T (+ bias) and the panels of x, in one parallel region (packing, its barrier, the
-// product): one wake-up of the threads instead of two.
+// product; no barrier where the panels divide evenly among the threads): one wake-up of the
+// threads instead of two.
 template <typename T, int W, typename I>
 void forward_region(const T* x, int64_t sb, int64_t sf, T* XP, const int64_t* crow, const I* col,
                     const T* val, const T* bias, T* Y, int64_t rows, int64_t F, int64_t B) {
   const int nt = team(B * (F + rows + crow[rows]));
+  const int64_t nb = (B + W - 1) / W;
 #pragma omp parallel if (nt > 1) num_threads(nt)
   {
-    pack_body<T>(x, sb, sf, XP, nullptr, B, F, W);
-    spmm_body<T, W, I>(crow, col, val, XP, bias, Y, rows, F, B);
+    const int64_t threads = omp_get_num_threads();
+    if (threads > 1 && nb % threads == 0) {
+      // as many panels for every thread: each packs the panels it multiplies, so that no
+      // thread waits for another's packing (a barrier: a wake-up of sleeping threads under
+      // OMP_WAIT_POLICY=PASSIVE); each output is computed as in spmm_body, bit for bit
+      const int64_t per = nb / threads, first = omp_get_thread_num() * per;
+      const int64_t ntiles = (rows + kMaxTileRows - 1) / kMaxTileRows;
+      for (int64_t p = first; p < first + per; ++p) {
+        for (int64_t f0 = 0; f0 < F; f0 += kPackF)
+          pack_block<T>(x, sb, sf, XP, nullptr, B, F, W, p, f0);
+        for (int64_t t = 0; t < ntiles; ++t)
+          spmm_tile<T, W, I>(crow, col, val, XP, bias, Y, rows, F, B, p, t);
+      }
+    } else {
+      pack_body<T>(x, sb, sf, XP, nullptr, B, F, W);
+      spmm_body<T, W, I>(crow, col, val, XP, bias, Y, rows, F, B);
+    }
   }
 }
 
