@@ -38,6 +38,9 @@ from sparselearn.kernels import ops_for
 from sparselearn.models import create_model
 from sparselearn.report import replace_section
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
+from benchmarks.speed import train_step  # a layer's step, timed as speed.py times it
+
 START, END = "<!-- profile:start -->", "<!-- profile:end -->"
 
 
@@ -78,20 +81,6 @@ def kernel_times(n: int, density: float, batch: int) -> tuple[float, ...]:
 def dense_matmul_ms(n: int, batch: int) -> float:
     x, w = torch.randn(batch, n), torch.randn(n, n)
     return median_ms(lambda: x @ w.t())
-
-
-def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """A training step as speed.py times it: forward, then backward from a given output
-    gradient (``x`` requires its gradient)."""
-    with torch.no_grad():
-        grad = torch.randn(module(x).shape, generator=torch.Generator().manual_seed(1))
-
-    def run() -> None:
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        module(x).backward(grad)
-
-    return run
 
 
 def empty_step_ms(n: int, batch: int) -> tuple[float, float, float]:
