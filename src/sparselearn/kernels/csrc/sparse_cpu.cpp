@@ -434,14 +434,13 @@ void sampled_panels(const int64_t* crow, const I* col, const T* GP, const T* XP,
 // products, then dval = dvalT[perm_inv], W's CSR order (a gather: scattering through perm,
 // random writes, took 2-4x longer).
 template <typename T, int W, typename I>
-void backward_body(const int64_t* crowT, const I* colT, const I* perm, const I* perm_inv,
-                   const T* val, T* valT, const T* GP, const T* XP, T* GX, T* dvalT, T* dval,
-                   int64_t rows, int64_t F, int64_t B) {
+void backward_body(const int64_t* crowT, const I* colT, const I* perm_inv, const T* valT,
+                   const T* GP, const T* XP, T* GX, T* dvalT, T* dval, int64_t rows, int64_t F,
+                   int64_t B) {
   constexpr int L = kLanes<T>, NV = W / L;
   const int64_t nb = (B + W - 1) / W, nnz = crowT[F];
   constexpr int64_t kRows = kMaxTileRows;  // rows of W^T per tile (see store_tile)
   const int64_t ntiles = (F + kRows - 1) / kRows;
-  {
   for (int64_t p = 0; p < nb; ++p) {
     const T* G = GP + p * rows * W;
     const T* X = XP + p * F * W;
@@ -538,7 +537,6 @@ void backward_body(const int64_t* crowT, const I* colT, const I* perm, const I* 
 #pragma omp barrier
 #pragma omp for schedule(static)
   for (int64_t k = 0; k < nnz; ++k) dval[k] = dvalT[perm_inv[k]];
-  }
 }
 
 }  // namespace
@@ -681,8 +679,7 @@ void backward_region(const T* g, int64_t sb, int64_t sf, T* GP, T* psum, T* gbia
         gbias[r] = total;
       }
     }
-    backward_body<T, W, I>(crowT, colT, perm, perm_inv, val, valT, GP, XP, GX, dvalT, dval, rows,
-                           F, B);
+    backward_body<T, W, I>(crowT, colT, perm_inv, valT, GP, XP, GX, dvalT, dval, rows, F, B);
   }
 }
 
