@@ -129,6 +129,7 @@ def fingerprint() -> str:
     lstm(xs)[0].square().sum().backward()
     for name, module in (("lin", lin), ("conv", conv), ("lstm", lstm)):
         for pname, p in module.named_parameters():
+            assert p.grad is not None
             out[f"{name}.{pname}.grad"] = p.grad
     for cls in (torch.optim.SGD, torch.optim.Adam):
         params = [p for m in (lin, conv, lstm) for p in m.parameters()]
@@ -280,7 +281,7 @@ def train_run(root: Path) -> dict[str, Any]:
         return run_record(root / "runs" / "cli")
 
 
-class _Interrupt(Exception):
+class _InterruptedError(Exception):
     pass
 
 
@@ -291,12 +292,12 @@ def write_legacy_runs(root: Path, archive: Path) -> None:
 
     def stop(row: dict[str, Any]) -> None:
         if row["epoch"] == 1:
-            raise _Interrupt
+            raise _InterruptedError
 
     with _chdir(root):
         for name, flags in LEGACY_RUNS.items():
             args = build_parser().parse_args(["train", *TRAIN_FLAGS, *flags])
-            with contextlib.suppress(_Interrupt):
+            with contextlib.suppress(_InterruptedError):
                 train(resolve_config(args), Path("runs") / name, progress=False, on_epoch=stop)
         with tarfile.open(archive, "w:gz") as tar:
             for name in LEGACY_RUNS:
@@ -321,7 +322,7 @@ def resume_legacy_runs(root: Path, archive: Path) -> dict[str, Any]:
 
 def compute(root: Path, legacy: Path) -> dict[str, Any]:
     torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
     records: dict[str, Any] = {"fingerprint": fingerprint(), "engine": {}, "accelerated": {}}
     for model_kind in MODELS:
         for opt_kind in OPTIMIZERS:
