@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .train import SPARSITY_OPTIONS, TrainConfig
 
 _HELP = {
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sparselearn", description="Sparse training from scratch: experiments and reports."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log mask updates")
+    parser.add_argument("--version", action="version", version=f"sparselearn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model", description="Train one model sparse.")
