@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Collection, Mapping
@@ -26,11 +27,12 @@ class LayerChoice:
     chosen: str  # "sparse" or "dense"
     reason: str
     threads: int | None = None  # the sparse layer's thread cap (None: all threads)
+    backend: str | None = None  # the kernels of a sparse layer: "cpp" (compiled) or "torch"
 
 
 @dataclass
 class AccelerationReport:
-    backend: str
+    backend: str  # as asked for; each accelerated layer's ``backend`` says what it uses
     layers: list[LayerChoice] = field(default_factory=list)
 
     @property
@@ -46,7 +48,7 @@ class AccelerationReport:
         }
 
     def __str__(self) -> str:
-        rows = [("layer", "kind", "density", "dense ms", "sparse ms", "chosen", "why")]
+        rows = [("layer", "kind", "density", "dense ms", "sparse ms", "chosen", "backend", "why")]
         for c in self.layers:
             rows.append(
                 (
@@ -56,6 +58,7 @@ class AccelerationReport:
                     "-" if c.dense_ms is None else f"{c.dense_ms:.2f}",
                     "-" if c.sparse_ms is None else f"{c.sparse_ms:.2f}",
                     c.chosen if c.threads is None else f"{c.chosen} ({c.threads} thread)",
+                    c.backend or "-",
                     c.reason,
                 )
             )
@@ -320,6 +323,9 @@ def accelerate(
         )
         if chosen != "sparse":
             continue
+        report.layers[-1] = dataclasses.replace(
+            report.layers[-1], backend=ops_for(layer.param, backend).name
+        )
         assert isinstance(sparse, (SparseLinear, SparseConv2d))
         sparse.threads = cap
         sparse.train(module.training)

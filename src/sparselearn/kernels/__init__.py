@@ -28,10 +28,13 @@ Both backends implement the same operations on a CSR weight (``crow``, ``col``, 
 - ``patches(x, kh, kw, stride, ph, pw, oh, ow) -> rows`` (im2col: each output position's input
   patch as a row of ``C * kh * kw``) and its adjoint ``patches_grad``.
 
-The extension (C++ with OpenMP, through ``torch.utils.cpp_extension``) is built on first use and
-cached in ``$SPARSELEARN_CACHE`` (default ``~/.cache/sparselearn``), keyed by its source, the torch
-version and the CPU; without a compiler, or on CUDA tensors, the PyTorch backend is used.
-``SPARSELEARN_BACKEND=torch`` forces the fallback.
+The extension (C++ with OpenMP, through ``torch.utils.cpp_extension``) is built on first use
+from the sources shipped in the package (``csrc/``) and cached in ``$SPARSELEARN_CACHE`` (default
+``~/.cache/sparselearn``), keyed by its source, the torch version and the CPU. Where it cannot be
+had (sources missing, no compiler, a failed build), one warning says why and how to get it, and
+the PyTorch backend computes the same results; on CUDA tensors the PyTorch backend is used.
+``SPARSELEARN_BACKEND`` chooses: ``auto`` (the default), ``cpp`` (the compiled kernels or an
+error) or ``torch`` (always the fallback).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -53,10 +57,17 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 logger = logging.getLogger("sparselearn")
 
-_SOURCE = Path(__file__).parent / "csrc" / "sparse_cpu.cpp"
+_SOURCES = (Path(__file__).parent / "csrc" / "sparse_cpu.cpp",)
 _lock = threading.Lock()
 _extension: Any = None
 _extension_error: str | None = None
+
+BACKENDS = ("auto", "cpp", "torch")
+_HOW_TO_BUILD = (
+    "the compiled kernels need the package's C++ sources, a C++ compiler with OpenMP (g++) and "
+    "ninja (e.g. `apt install g++ ninja-build` or `pip install ninja`); see the README's Install "
+    "section"
+)
 
 
 def panel_width(batch: int) -> int:
@@ -166,6 +177,17 @@ class Ops(Protocol):
     ) -> Tensor: ...
 
 
+def backend_setting() -> str:
+    """``$SPARSELEARN_BACKEND``: ``auto`` (unset or empty), ``cpp`` or ``torch``."""
+    value = os.environ.get("SPARSELEARN_BACKEND", "").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"SPARSELEARN_BACKEND must be one of {', '.join(BACKENDS)} (or unset), got "
+            f"{os.environ['SPARSELEARN_BACKEND']!r}"
+        )
+    return value
+
+
 def _cpu_key() -> str:
     flags = ""
     try:
@@ -175,40 +197,98 @@ def _cpu_key() -> str:
                 break
     except OSError:
         flags = platform.processor()
-    text = _SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()
+    text = b"".join(s.read_bytes() for s in _SOURCES) + torch.__version__.encode() + flags.encode()
     return hashlib.sha256(text).hexdigest()[:16]
 
 
+def _ninja_on_path() -> dict[str, str]:
+    """The environment for the build: PATH extended by the ``ninja`` package's binary where no
+    ninja is on PATH (torch's builder calls ``ninja`` by name)."""
+    env = dict(os.environ)
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # type: ignore[import-not-found, unused-ignore]
+
+            env["PATH"] = os.pathsep.join([str(ninja.BIN_DIR), env.get("PATH", "")])
+        except ImportError:
+            pass
+    return env
+
+
+def _build() -> Any:
+    missing = [str(s) for s in _SOURCES if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            "the kernel sources are not installed with sparselearn (missing "
+            f"{', '.join(missing)}); reinstall it from a wheel or sdist that ships them"
+        )
+    if shutil.which("ninja", path=_ninja_on_path().get("PATH")) is None:
+        raise RuntimeError("ninja is not installed")
+    cache = Path(os.environ.get("SPARSELEARN_CACHE", Path.home() / ".cache" / "sparselearn"))
+    build = cache / f"ext-{_cpu_key()}"
+    build.mkdir(parents=True, exist_ok=True)
+    from torch.utils.cpp_extension import load
+
+    logger.info("building the sparse CPU kernels in %s (once)", build)
+    saved_path = os.environ.get("PATH")
+    os.environ["PATH"] = _ninja_on_path()["PATH"]
+    try:
+        return load(
+            name="sparselearn_cpu",
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            verbose=False,
+        )
+    finally:
+        if saved_path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = saved_path
+
+
+def _summary(err: BaseException) -> str:
+    """One line for a build failure: a compiler's own error where the log holds one (the log
+    of a failed build starts with the compile command, which says little)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    for line in lines:
+        if not line.startswith("Error building extension") and any(
+            k in line for k in ("error:", "Error:", "not found", "No such file")
+        ):
+            return f"the C++ build failed: {line[:300]}"
+    return f"{type(err).__name__}: {(lines[0] if lines else '')[:300]}"
+
+
 def extension() -> Any:
-    """The compiled extension, built on first call; None if it cannot be built here."""
+    """The compiled extension, built on first call; None if it cannot be had here (the reason
+    is in :func:`unavailable_reason`, and logged once as a warning)."""
     global _extension, _extension_error
     with _lock:
         if _extension is not None or _extension_error is not None:
             return _extension
-        if os.environ.get("SPARSELEARN_BACKEND", "") == "torch":
+        setting = backend_setting()
+        if setting == "torch":
             _extension_error = "disabled by SPARSELEARN_BACKEND=torch"
             return None
-        cache = Path(os.environ.get("SPARSELEARN_CACHE", Path.home() / ".cache" / "sparselearn"))
-        build = cache / f"ext-{_cpu_key()}"
-        build.mkdir(parents=True, exist_ok=True)
         try:
-            from torch.utils.cpp_extension import load
-
-            logger.info("building the sparse CPU kernels in %s (once)", build)
-            _extension = load(
-                name="sparselearn_cpu",
-                sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build),
-                verbose=False,
-            )
-        except Exception as err:  # no compiler, no headers, ...: fall back, say why
-            _extension_error = f"{type(err).__name__}: {err}"
-            logger.warning(
-                "sparse CPU kernels unavailable (%s); using PyTorch ops", _extension_error
-            )
+            _extension = _build()
+        except Exception as err:  # sources missing, no compiler, a failed build: say why
+            _extension_error = _summary(err)
+            logger.debug("building the sparse CPU kernels failed", exc_info=True)
+            if setting == "auto":  # with "cpp", ops_for raises instead
+                logger.warning(
+                    "sparse CPU kernels unavailable (%s); using the PyTorch backend, which gives "
+                    "the same results more slowly. To get them: %s",
+                    _extension_error,
+                    _HOW_TO_BUILD,
+                )
     return _extension
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled kernels are not available (None: they are, or were not tried yet)."""
+    return _extension_error
 
 
 class TorchOps:
@@ -577,15 +657,18 @@ def check_threads(threads: int | None) -> int | None:
 
 def ops_for(t: Tensor, backend: str = "auto", threads: int | None = None) -> Ops:
     """The kernels to use for tensors like ``t``: ``auto`` (compiled on CPU float32/float64 when
-    it builds, else PyTorch), ``cpp`` (error if unavailable) or ``torch``.
+    it builds, else PyTorch; ``$SPARSELEARN_BACKEND`` can make it ``cpp`` or ``torch``), ``cpp``
+    (error if unavailable) or ``torch``.
 
     ``threads`` caps the threads of the compiled kernels (None: all; the result is the same bit
     for bit on any number). PyTorch's own operations, and so the ``torch`` backend, run on
     PyTorch's thread pool: ``torch.set_num_threads``.
     """
-    if backend not in ("auto", "cpp", "torch"):
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto', 'cpp' or 'torch', got {backend!r}")
     check_threads(threads)
+    if backend == "auto":
+        backend = backend_setting()
     if backend == "torch":
         return _TORCH
     usable = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
@@ -596,6 +679,12 @@ def ops_for(t: Tensor, backend: str = "auto", threads: int | None = None) -> Ops
             ops = _CPP[threads] = CppOps(ext, threads)
         return ops
     if backend == "cpp":
-        reason = _extension_error or f"{t.dtype} on {t.device} is not supported by it"
-        raise RuntimeError(f"the compiled kernels are unavailable: {reason}")
+        if not usable:
+            raise RuntimeError(
+                f"the compiled kernels compute float32 and float64 on the CPU, not {t.dtype} on "
+                f"{t.device}; use backend='auto' or 'torch' for these tensors"
+            )
+        raise RuntimeError(
+            f"the compiled kernels are unavailable ({_extension_error}); {_HOW_TO_BUILD}"
+        )
     return _TORCH

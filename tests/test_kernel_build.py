@@ -1,0 +1,131 @@
+"""When the compiled kernels cannot be had, the library says why once and computes the same
+results with the PyTorch backend; ``SPARSELEARN_BACKEND`` makes that an error or forces it."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import sparselearn as sl
+from sparselearn import kernels
+from sparselearn.accel import SparseLinear
+
+
+@pytest.fixture
+def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The extension not built yet in this process, with an empty cache."""
+    monkeypatch.setattr(kernels, "_extension", None)
+    monkeypatch.setattr(kernels, "_extension_error", None)
+    monkeypatch.setattr(kernels, "_CPP", {})
+    monkeypatch.setenv("SPARSELEARN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SPARSELEARN_BACKEND", raising=False)
+
+
+def _masked_pair() -> tuple[nn.Linear, SparseLinear, torch.Tensor]:
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 16)
+    mask = torch.rand(16, 24) < 0.3
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    return lin, SparseLinear(copy.deepcopy(lin), mask), mask
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.usefixtures("fresh_build")
+def test_missing_sources_warn_once_and_fall_back_with_the_same_results(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(kernels, "_SOURCES", (tmp_path / "gone" / "sparse_cpu.cpp",))
+    with caplog.at_level(logging.WARNING, logger="sparselearn"):
+        assert kernels.extension() is None
+        assert kernels.extension() is None
+        x = torch.randn(8, 24)
+        assert kernels.ops_for(x).name == "torch"
+    (message,) = _warnings(caplog)
+    assert "kernel sources are not installed" in message
+    assert str(tmp_path / "gone") in message
+    assert "PyTorch backend" in message
+    assert "Install" in message
+
+    lin, sparse, _ = _masked_pair()
+    x = torch.randn(8, 24, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    lin(x).square().sum().backward()
+    sparse(x2).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+    assert torch.allclose(sparse.weight_sparse.values.grad, lin.weight.grad[_masked_pair()[2]])
+
+
+@pytest.mark.usefixtures("fresh_build")
+def test_a_failing_compiler_warns_with_its_error_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CXX", "/nonexistent/bin/c++")
+    with caplog.at_level(logging.WARNING, logger="sparselearn"):
+        assert kernels.extension() is None
+    (message,) = [m for m in _warnings(caplog) if "sparse CPU kernels" in m]
+    assert "the C++ build failed" in message
+    assert "/nonexistent/bin/c++" in message
+    assert kernels.ops_for(torch.zeros(2, 2)).name == "torch"
+
+
+@pytest.mark.usefixtures("fresh_build")
+def test_the_accelerate_report_names_the_backend_of_each_layer(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(kernels, "_SOURCES", (tmp_path / "gone.cpp",))
+    model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = sl.sparsify(model, optimizer, method="static", density=0.3)
+    report = sl.accelerate(model, engine, mode="sparse")
+    assert [c.backend for c in report.layers] == ["torch", "torch"]
+    assert "backend" in str(report).splitlines()[0]
+    assert "torch" in str(report).splitlines()[1]
+
+
+@pytest.mark.usefixtures("fresh_build")
+def test_backend_cpp_in_the_environment_turns_the_fallback_into_an_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(kernels, "_SOURCES", (tmp_path / "gone.cpp",))
+    monkeypatch.setenv("SPARSELEARN_BACKEND", "cpp")
+    with (
+        caplog.at_level(logging.WARNING, logger="sparselearn"),
+        pytest.raises(RuntimeError, match=r"compiled kernels are unavailable .*sources"),
+    ):
+        kernels.ops_for(torch.zeros(2, 2))
+    assert not _warnings(caplog)  # an error instead of the warning
+
+
+@pytest.mark.usefixtures("fresh_build")
+def test_backend_torch_in_the_environment_forces_the_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SPARSELEARN_BACKEND", "torch")
+    assert kernels.ops_for(torch.zeros(2, 2)).name == "torch"
+    assert kernels.extension() is None
+    assert kernels.unavailable_reason() == "disabled by SPARSELEARN_BACKEND=torch"
+
+
+@pytest.mark.usefixtures("fresh_build")
+def test_an_unknown_backend_in_the_environment_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SPARSELEARN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="SPARSELEARN_BACKEND must be one of auto, cpp, torch"):
+        kernels.ops_for(torch.zeros(2, 2))
+
+
+def test_backend_cpp_refuses_tensors_it_cannot_compute() -> None:
+    if kernels.extension() is None:
+        pytest.skip("needs the compiled kernels")
+    with pytest.raises(RuntimeError, match=r"float32 and float64 on the CPU, not torch\.float16"):
+        kernels.ops_for(torch.zeros(2, 2, dtype=torch.float16), "cpp")
