@@ -14,13 +14,14 @@ from torch import nn
 import sparselearn as sl
 from sparselearn import kernels
 from sparselearn.accel import SparseLinear
+from sparselearn.kernels import build
 
 
 @pytest.fixture
 def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The extension not built yet in this process, with an empty cache."""
-    monkeypatch.setattr(kernels, "_extension", None)
-    monkeypatch.setattr(kernels, "_extension_error", None)
+    monkeypatch.setattr(build, "_extension", None)
+    monkeypatch.setattr(build, "_extension_error", None)
     monkeypatch.setattr(kernels, "_CPP", {})
     monkeypatch.setenv("SPARSELEARN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SPARSELEARN_BACKEND", raising=False)
@@ -43,7 +44,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_missing_sources_warn_once_and_fall_back_with_the_same_results(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(kernels, "_SOURCES", (tmp_path / "gone" / "sparse_cpu.cpp",))
+    monkeypatch.setattr(build, "_SOURCES", (tmp_path / "gone" / "linear.cpp",))
     with caplog.at_level(logging.WARNING, logger="sparselearn"):
         assert kernels.extension() is None
         assert kernels.extension() is None
@@ -81,7 +82,7 @@ def test_a_failing_compiler_warns_with_its_error_and_falls_back(
 def test_the_accelerate_report_names_the_backend_of_each_layer(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(kernels, "_SOURCES", (tmp_path / "gone.cpp",))
+    monkeypatch.setattr(build, "_SOURCES", (tmp_path / "gone.cpp",))
     model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = sl.sparsify(model, optimizer, method="static", density=0.3)
@@ -95,7 +96,7 @@ def test_the_accelerate_report_names_the_backend_of_each_layer(
 def test_backend_cpp_in_the_environment_turns_the_fallback_into_an_error(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(kernels, "_SOURCES", (tmp_path / "gone.cpp",))
+    monkeypatch.setattr(build, "_SOURCES", (tmp_path / "gone.cpp",))
     monkeypatch.setenv("SPARSELEARN_BACKEND", "cpp")
     with (
         caplog.at_level(logging.WARNING, logger="sparselearn"),

@@ -1,0 +1,158 @@
+"""The compiled CPU kernels: built on first use from the sources shipped in ``csrc/``, cached.
+
+The extension (C++ with OpenMP, through ``torch.utils.cpp_extension``) is cached in
+``$SPARSELEARN_CACHE`` (default ``~/.cache/sparselearn``), keyed by its sources, the torch version
+and the CPU. Where it cannot be had (sources missing, no compiler, a failed build), one warning
+says why and how to get it, and the PyTorch backend computes the same results.
+``SPARSELEARN_BACKEND`` chooses: ``auto`` (the default), ``cpp`` (the compiled kernels or an
+error) or ``torch`` (always the fallback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("sparselearn")
+
+_CSRC = Path(__file__).parent / "csrc"
+# the translation units, one per kernel family, and the headers they share; the longest builds
+# first (bindings.cpp parses torch/extension.h), so that the parallel build ends soonest
+_SOURCES = tuple(_CSRC / f for f in ("bindings.cpp", "linear.cpp", "conv.cpp", "layouts.cpp"))
+_HEADERS = tuple(_CSRC / f for f in ("common.h", "kernels.h"))
+_lock = threading.Lock()
+_extension: Any = None
+_extension_error: str | None = None
+
+BACKENDS = ("auto", "cpp", "torch")
+HOW_TO_BUILD = (
+    "the compiled kernels need the package's C++ sources, a C++ compiler with OpenMP (g++) and "
+    "ninja (e.g. `apt install g++ ninja-build` or `pip install ninja`); see the README's Install "
+    "section"
+)
+
+
+def backend_setting() -> str:
+    """``$SPARSELEARN_BACKEND``: ``auto`` (unset or empty), ``cpp`` or ``torch``."""
+    value = os.environ.get("SPARSELEARN_BACKEND", "").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"SPARSELEARN_BACKEND must be one of {', '.join(BACKENDS)} (or unset), got "
+            f"{os.environ['SPARSELEARN_BACKEND']!r}"
+        )
+    return value
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        flags = platform.processor()
+    sources = b"".join(s.read_bytes() for s in (*_SOURCES, *_HEADERS))
+    text = sources + torch.__version__.encode() + flags.encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def _ninja_on_path() -> dict[str, str]:
+    """The environment for the build: PATH extended by the ``ninja`` package's binary where no
+    ninja is on PATH (torch's builder calls ``ninja`` by name)."""
+    env = dict(os.environ)
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # type: ignore[import-not-found, unused-ignore]
+
+            env["PATH"] = os.pathsep.join([str(ninja.BIN_DIR), env.get("PATH", "")])
+        except ImportError:
+            pass
+    return env
+
+
+def _build() -> Any:
+    missing = [str(s) for s in (*_SOURCES, *_HEADERS) if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            "the kernel sources are not installed with sparselearn (missing "
+            f"{', '.join(missing)}); reinstall it from a wheel or sdist that ships them"
+        )
+    if shutil.which("ninja", path=_ninja_on_path().get("PATH")) is None:
+        raise RuntimeError("ninja is not installed")
+    cache = Path(os.environ.get("SPARSELEARN_CACHE", Path.home() / ".cache" / "sparselearn"))
+    build = cache / f"ext-{_cpu_key()}"
+    build.mkdir(parents=True, exist_ok=True)
+    from torch.utils.cpp_extension import load
+
+    logger.info("building the sparse CPU kernels in %s (once)", build)
+    saved = {k: os.environ.get(k) for k in ("PATH", "MAX_JOBS")}
+    os.environ["PATH"] = _ninja_on_path()["PATH"]
+    # one compile per core (ninja's default runs more, and the builds then slow each other)
+    os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
+    try:
+        return load(
+            name="sparselearn_cpu",
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            verbose=False,
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _summary(err: BaseException) -> str:
+    """One line for a build failure: a compiler's own error where the log holds one (the log
+    of a failed build starts with the compile command, which says little)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    for line in lines:
+        if not line.startswith("Error building extension") and any(
+            k in line for k in ("error:", "Error:", "not found", "No such file")
+        ):
+            return f"the C++ build failed: {line[:300]}"
+    return f"{type(err).__name__}: {(lines[0] if lines else '')[:300]}"
+
+
+def extension() -> Any:
+    """The compiled extension, built on first call; None if it cannot be had here (the reason
+    is in :func:`unavailable_reason`, and logged once as a warning)."""
+    global _extension, _extension_error
+    with _lock:
+        if _extension is not None or _extension_error is not None:
+            return _extension
+        setting = backend_setting()
+        if setting == "torch":
+            _extension_error = "disabled by SPARSELEARN_BACKEND=torch"
+            return None
+        try:
+            _extension = _build()
+        except Exception as err:  # sources missing, no compiler, a failed build: say why
+            _extension_error = _summary(err)
+            logger.debug("building the sparse CPU kernels failed", exc_info=True)
+            if setting == "auto":  # with "cpp", ops_for raises instead
+                logger.warning(
+                    "sparse CPU kernels unavailable (%s); using the PyTorch backend, which gives "
+                    "the same results more slowly. To get them: %s",
+                    _extension_error,
+                    HOW_TO_BUILD,
+                )
+    return _extension
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled kernels are not available (None: they are, or were not tried yet)."""
+    return _extension_error

@@ -1,0 +1,162 @@
+"""The compiled backend: the extension's functions behind the :class:`~.protocol.Ops` protocol,
+with an optional cap on their OpenMP threads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+
+class _ThreadLimited:
+    """The extension's functions, each run with at most ``threads`` OpenMP threads: a limit
+    local to the calling thread, set in the extension for the call and restored after it."""
+
+    def __init__(self, ext: Any, threads: int) -> None:
+        self._ext, self._threads = ext, threads
+
+    def __getattr__(self, name: str) -> Any:
+        fn, set_limit, threads = getattr(self._ext, name), self._ext.set_thread_limit, self._threads
+
+        def run(*args: Any) -> Any:
+            previous = set_limit(threads)
+            try:
+                return fn(*args)
+            finally:
+                set_limit(previous)
+
+        setattr(self, name, run)  # made once per function: later lookups find the attribute
+        return run
+
+
+class CppOps:
+    """The compiled CPU kernels (float32 and float64); ``threads`` caps the OpenMP threads of
+    every kernel (None: all of them)."""
+
+    name = "cpp"
+
+    def __init__(self, ext: Any, threads: int | None = None) -> None:
+        self.threads, self.extension_module = threads, ext
+        self._ext = ext if threads is None else _ThreadLimited(ext, threads)
+
+    def pack(self, x: Tensor) -> Tensor:
+        out: Tensor = self._ext.pack(x)
+        return out
+
+    def pack_sum(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        xp, total = self._ext.pack_sum(x)
+        return xp, total
+
+    def spmm(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        rows: int,
+        batch: int,
+        perm: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        out: Tensor = self._ext.spmm(crow, col, val, xp, rows, batch, perm, bias)
+        return out
+
+    def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor:
+        out: Tensor = self._ext.sampled(crow, col, gp, xp)
+        return out
+
+    def linear_forward(
+        self,
+        x: Tensor,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        rows: int,
+        bias: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        y, xp = self._ext.linear_forward(x, crow, col, val, rows, bias)
+        return y, xp
+
+    def linear_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        perm: Tensor,
+        perm_inv: Tensor,
+        val: Tensor,
+        grad_y: Tensor,
+        xp: Tensor,
+        want_bias: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        out = self._ext.linear_backward(crow_t, col_t, perm, perm_inv, val, grad_y, xp, want_bias)
+        return out[0], out[1], out[2] if want_bias else None
+
+    def conv2d_forward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        out_channels: int,
+        kh: int,
+        kw: int,
+        stride: int,
+        oh: int,
+        ow: int,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        out: Tensor = self._ext.conv2d_forward(
+            crow, col, val, xp, out_channels, kh, kw, stride, oh, ow, bias
+        )
+        return out
+
+    def conv2d_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        val_t: Tensor,
+        g: Tensor,
+        xp: Tensor,
+        kh: int,
+        kw: int,
+        stride: int,
+        want_input: bool,
+        want_weight: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        gxp, dval = self._ext.conv2d_backward(
+            crow, col, crow_t, col_t, val_t, g, xp, kh, kw, stride, want_input, want_weight
+        )
+        return gxp, dval
+
+    def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
+        out: Tensor = self._ext.phase_planes(x, stride, ph, pw, hq, wq)
+        return out
+
+    def phase_planes_grad(self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int) -> Tensor:
+        out: Tensor = self._ext.phase_planes_grad(g, stride, ph, pw, h, w)
+        return out
+
+    def patches(
+        self, x: Tensor, kh: int, kw: int, stride: int, ph: int, pw: int, oh: int, ow: int
+    ) -> Tensor:
+        out: Tensor = self._ext.patches(x, kh, kw, stride, ph, pw, oh, ow)
+        return out
+
+    def patches_grad(
+        self,
+        g: Tensor,
+        shape: tuple[int, int, int, int],
+        kh: int,
+        kw: int,
+        stride: int,
+        ph: int,
+        pw: int,
+        oh: int,
+        ow: int,
+    ) -> Tensor:
+        out: Tensor = self._ext.patches_grad(g, *shape, kh, kw, stride, ph, pw, oh, ow)
+        return out

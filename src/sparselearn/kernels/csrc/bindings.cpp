@@ -1,0 +1,48 @@
+// The extension module: every operation of kernels.h, and the thread cap.
+
+#include <torch/extension.h>
+
+#include "common.h"
+#include "kernels.h"
+
+using namespace slk;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "x (batch, features) -> panels (nb, features, W), zero-padded");
+  m.def("pack_sum", &pack_sum, "(panels of x, the column sums of x)");
+  m.def("panel_width", &panel_width, "the panel width W used for a batch size");
+  m.def("spmm", &spmm, "Y (batch, rows) = X @ CSR(W)^T from panels; values read through perm",
+        py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("XP"), py::arg("rows"),
+        py::arg("batch"), py::arg("perm") = py::none(), py::arg("bias") = py::none());
+  m.def("sampled", &sampled, "dW at the non-zeros from panels of G and X");
+  m.def("linear_forward", &linear_forward, "(y, panels of x): packing and product, one region",
+        py::arg("x"), py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("rows"),
+        py::arg("bias") = py::none());
+  m.def("linear_backward", &linear_backward,
+        "(grad_x, dW at the non-zeros[, grad_bias]): packing the output gradient and one pass "
+        "over the CSR of W^T, one region");
+  m.def("conv2d_forward", &conv2d_forward, "direct sparse convolution (+ bias)", py::arg("crow"),
+        py::arg("col"), py::arg("val"), py::arg("xp"), py::arg("out_channels"), py::arg("kh"),
+        py::arg("kw"), py::arg("stride"), py::arg("OH"), py::arg("OW"),
+        py::arg("bias") = py::none());
+  m.def("conv2d_backward", &conv2d_backward,
+        "(gradient of the padded input or None, gradient at the non-zeros or None)");
+  m.def("phase_planes", &phase_planes, "the s*s phase planes of the padded input (stride s)");
+  m.def("phase_planes_grad", &phase_planes_grad, "the input gradient from the planes' gradient");
+  m.def("patches", &patches, "each output position's input patch as a row (im2col)");
+  m.def("patches_grad", &patches_grad, "the input gradient from the patch rows' gradient");
+  m.def("num_threads", []() { return omp_get_max_threads(); });
+  m.def(
+      "set_thread_limit",
+      [](int64_t n) {
+        TORCH_CHECK(n >= 0, "the thread limit must be 0 (all threads) or positive, got ", n);
+        const int previous = tl_thread_limit;
+        tl_thread_limit = int(std::min<int64_t>(n, 1 << 20));
+        return previous;
+      },
+      "most threads the kernels called from this thread may use (0: all); returns the "
+      "previous limit");
+  m.def("thread_limit", []() { return tl_thread_limit; });
+  m.def("team_size", [](int64_t work) { return team(work); },
+        "threads a parallel region of this much work gets here and now (for tests)");
+}

@@ -1,0 +1,422 @@
+// Direct sparse convolution (NCHW) and its gradients.
+//
+// CSR rows are output channels; a column index encodes (input channel, ky, kx) as
+// c * kh * kw + ky * kw + kx; each non-zero adds a scaled, shifted input plane to an output plane.
+
+#include "common.h"
+#include "kernels.h"
+
+using namespace slk;
+
+namespace {
+
+template <typename T>
+void conv_forward(const int64_t* crow, const int64_t* col, const T* val, const T* xp, T* y,
+                  int64_t B, int64_t C, int64_t Hp, int64_t Wp, int64_t O, int64_t OH,
+                  int64_t OW, int64_t kh, int64_t kw, int64_t stride) {
+  const int64_t khw = kh * kw;
+  const int nt = team();
+#pragma omp parallel for collapse(2) schedule(dynamic, 4) if (nt > 1) num_threads(nt)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t o = 0; o < O; ++o) {
+      T* __restrict__ out = y + (b * O + o) * OH * OW;
+      for (int64_t i = 0; i < OH * OW; ++i) out[i] = T(0);
+      for (int64_t k = crow[o]; k < crow[o + 1]; ++k) {
+        const int64_t c = col[k] / khw, ky = (col[k] % khw) / kw, kx = col[k] % kw;
+        const T v = val[k];
+        const T* plane = xp + (b * C + c) * Hp * Wp;
+        for (int64_t oy = 0; oy < OH; ++oy) {
+          const T* __restrict__ src = plane + (oy * stride + ky) * Wp + kx;
+          T* __restrict__ dst = out + oy * OW;
+          if (stride == 1) {
+#pragma omp simd
+            for (int64_t ox = 0; ox < OW; ++ox) dst[ox] += v * src[ox];
+          } else {
+            for (int64_t ox = 0; ox < OW; ++ox) dst[ox] += v * src[ox * stride];
+          }
+        }
+      }
+    }
+  }
+}
+
+// grad of the padded input: colT lists, per input channel c, the non-zeros (o, ky, kx) that read
+// it (as o * kh * kw + ky * kw + kx), with their values in valT.
+template <typename T>
+void conv_grad_input(const int64_t* crowT, const int64_t* colT, const T* valT, const T* g, T* gxp,
+                     int64_t B, int64_t C, int64_t Hp, int64_t Wp, int64_t O, int64_t OH,
+                     int64_t OW, int64_t kh, int64_t kw, int64_t stride) {
+  const int64_t khw = kh * kw;
+  const int nt = team();
+#pragma omp parallel for collapse(2) schedule(dynamic, 4) if (nt > 1) num_threads(nt)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < C; ++c) {
+      T* plane = gxp + (b * C + c) * Hp * Wp;
+      for (int64_t i = 0; i < Hp * Wp; ++i) plane[i] = T(0);
+      for (int64_t k = crowT[c]; k < crowT[c + 1]; ++k) {
+        const int64_t o = colT[k] / khw, ky = (colT[k] % khw) / kw, kx = colT[k] % kw;
+        const T v = valT[k];
+        const T* gplane = g + (b * O + o) * OH * OW;
+        for (int64_t oy = 0; oy < OH; ++oy) {
+          const T* __restrict__ src = gplane + oy * OW;
+          T* __restrict__ dst = plane + (oy * stride + ky) * Wp + kx;
+          if (stride == 1) {
+#pragma omp simd
+            for (int64_t ox = 0; ox < OW; ++ox) dst[ox] += v * src[ox];
+          } else {
+            for (int64_t ox = 0; ox < OW; ++ox) dst[ox * stride] += v * src[ox];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void conv_grad_weight(const int64_t* crow, const int64_t* col, const T* g, const T* xp, T* dval,
+                      int64_t B, int64_t C, int64_t Hp, int64_t Wp, int64_t O, int64_t OH,
+                      int64_t OW, int64_t kh, int64_t kw, int64_t stride) {
+  const int64_t khw = kh * kw;
+  const int64_t nnz = crow[O];
+  std::vector<int64_t> row_of(nnz);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t k = crow[o]; k < crow[o + 1]; ++k) row_of[k] = o;
+  const int nt = team();
+#pragma omp parallel for schedule(dynamic, 8) if (nt > 1) num_threads(nt)
+  for (int64_t k = 0; k < nnz; ++k) {
+    const int64_t o = row_of[k];
+    const int64_t c = col[k] / khw, ky = (col[k] % khw) / kw, kx = col[k] % kw;
+    T acc = T(0);
+    for (int64_t b = 0; b < B; ++b) {
+      const T* gplane = g + (b * O + o) * OH * OW;
+      const T* plane = xp + (b * C + c) * Hp * Wp;
+      for (int64_t oy = 0; oy < OH; ++oy) {
+        const T* __restrict__ gs = gplane + oy * OW;
+        const T* __restrict__ xs = plane + (oy * stride + ky) * Wp + kx;
+        if (stride == 1) {
+#pragma omp simd reduction(+ : acc)
+          for (int64_t ox = 0; ox < OW; ++ox) acc += gs[ox] * xs[ox];
+        } else {
+          for (int64_t ox = 0; ox < OW; ++ox) acc += gs[ox] * xs[ox * stride];
+        }
+      }
+    }
+    dval[k] = acc;
+  }
+}
+
+// ----------------------------------------------- stride-1 convolution on shifted flat planes
+//
+// With stride 1, output (oy, ox) reads the padded input at (oy + ky, ox + kx). On a grid as wide
+// as the padded input (Wp), flat output index n = oy * Wp + ox reads flat input index
+// n + ky * Wp + kx: each non-zero (c, ky, kx) adds a *contiguous* slice of one input plane to the
+// output plane. The convolution becomes a sparse matrix times shifted slices, vectorised along
+// whole planes with the accumulator in registers; the Wp - OW extra columns of each output row
+// are computed and dropped. Only n < N = (OH - 1) * Wp + OW is computed, so that no read passes
+// the end of a plane.
+
+// out[b] = sum over the non-zeros k in [begin, end) of val[k] * X[off[k] + b], b < W; a
+// separate always-inlined function so that the accumulator stays in registers.
+template <typename T, int W>
+inline __attribute__((always_inline)) void shifted_chunk(int64_t begin, int64_t end,
+                                                         const int64_t* off, const T* val,
+                                                         const T* X, T* __restrict__ out) {
+  constexpr int L = kLanes<T>, NV = W / L;
+  vec_t<T> acc[NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < NV; ++i) acc[i] = vec_t<T>{};
+  for (int64_t k = begin; k < end; ++k) {
+    const T v = val[k];
+    const T* x = X + off[k];
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) acc[i] += v * loadv<T>(x + i * L);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < NV; ++i) storev<T>(out + i * L, acc[i]);
+}
+
+// Where the values of grid positions go. The grid is Wg wide; the output keeps its first OW
+// columns (OW == Wg: every position, stored in place), plus bias[r] when a bias is given.
+// Writing the output directly spares a grid-sized temporary and a compacting copy: two passes
+// over fresh memory, which page-faults on this VM (about 9 ms per 35 MB).
+template <typename T>
+struct GridStore {
+  int64_t Wg, OW;
+  const T* bias;
+
+  // yrow[position n of the grid] = v[i] (+ bias) for the count positions from n0, if kept
+  void put(const T* v, int64_t count, int64_t n0, T* yrow, T b) const {
+    int64_t i = 0;
+    while (i < count) {
+      const int64_t n = n0 + i, oy = n / Wg, ox = n % Wg;
+      const int64_t seg = std::min(count - i, Wg - ox);
+      const int64_t keep = std::max<int64_t>(0, std::min(seg, OW - ox));
+      T* dst = yrow + oy * OW + ox;
+      for (int64_t j = 0; j < keep; ++j) dst[j] = v[i + j] + b;
+      i += seg;
+    }
+  }
+};
+
+// Y[r * Lo + n] = sum_k val[k] * X[off[k] + n], n < N, for the rows r this thread is given.
+template <typename T, int W>
+inline void shifted_rows(const int64_t* crow, const int64_t* off, const T* val, const T* X, T* Y,
+                         int64_t rows, int64_t N, int64_t Lo, const GridStore<T>& st) {
+  // this thread's rows (a static split, as an omp for would make), then chunk by chunk of the
+  // plane: for one chunk, every row reads the same window of the input planes (chunk + halo
+  // per channel), which stays in L1 across the rows; row by row, each row swept the whole
+  // sample's input, from L2
+  const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+  const int64_t r_begin = rows * tid / nt, r_end = rows * (tid + 1) / nt;
+  const bool direct = st.OW == st.Wg && st.bias == nullptr;
+  alignas(64) T tmp[W];
+  int64_t n0 = 0;
+  for (; n0 + W <= N; n0 += W) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      if (direct) {
+        shifted_chunk<T, W>(crow[r], crow[r + 1], off, val, X + n0, Y + r * Lo + n0);
+      } else {
+        shifted_chunk<T, W>(crow[r], crow[r + 1], off, val, X + n0, tmp);
+        st.put(tmp, W, n0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
+      }
+    }
+  }
+  if (n0 < N) {
+    const int64_t nr = N - n0;
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      T* __restrict__ y = direct ? Y + r * Lo + n0 : tmp;
+      for (int64_t b = 0; b < nr; ++b) y[b] = T(0);
+      for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+        const T v = val[k];
+        const T* __restrict__ x = X + off[k] + n0;
+#pragma omp simd
+        for (int64_t b = 0; b < nr; ++b) y[b] += v * x[b];
+      }
+      if (!direct) st.put(tmp, nr, n0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
+    }
+  }
+}
+
+// Y[b] = shifted_rows(X[b]) for every sample b: X planes of Xb floats per sample, Y of Yb.
+template <typename T>
+void shifted_spmm(const int64_t* crow, const int64_t* off, const T* val, const T* X, T* Y,
+                  int64_t B, int64_t rows, int64_t N, int64_t Lo, int64_t Xb, int64_t Yb,
+                  const GridStore<T>& st) {
+  const int nt = team();
+#pragma omp parallel if (nt > 1) num_threads(nt)
+  for (int64_t b = 0; b < B; ++b)
+    shifted_rows<T, 64>(crow, off, val, X + b * Xb, Y + b * Yb, rows, N, Lo, st);
+}
+
+// dval[k] = sum_b sum_{n < N} G[b, r, n] * X[b, off[k] + n] for the non-zeros k of row r.
+// Chunk-outer as in shifted_rows: for one chunk of the plane, the input window of every channel
+// stays in L1 while this thread's rows and their non-zeros go by; each non-zero keeps a vector of
+// lane-wise partial sums (part, nnz x lanes) until the end, then one horizontal sum.
+template <typename T>
+void shifted_sampled(const int64_t* crow, const int64_t* off, const T* G, const T* X, T* dval,
+                     int64_t B, int64_t rows, int64_t N, int64_t Lg, int64_t Gb, int64_t Xb) {
+  constexpr int L = kLanes<T>, NV = 4, CW = NV * L;  // a chunk: four vectors
+  std::vector<vec_t<T>> part(crow[rows]);
+  const int nt = team();
+#pragma omp parallel if (nt > 1) num_threads(nt)
+  {
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t r_begin = rows * tid / nt, r_end = rows * (tid + 1) / nt;
+    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) part[k] = vec_t<T>{};
+    for (int64_t b = 0; b < B; ++b) {
+      const T* Gs = G + b * Gb;
+      const T* Xs = X + b * Xb;
+      int64_t n0 = 0;
+      for (; n0 + CW <= N; n0 += CW) {
+        for (int64_t r = r_begin; r < r_end; ++r) {
+          vec_t<T> g[NV];
+#pragma GCC unroll 4
+          for (int i = 0; i < NV; ++i) g[i] = loadv<T>(Gs + r * Lg + n0 + i * L);
+          for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+            const T* x = Xs + off[k] + n0;
+            vec_t<T> d = g[0] * loadv<T>(x);
+#pragma GCC unroll 4
+            for (int i = 1; i < NV; ++i) d += g[i] * loadv<T>(x + i * L);
+            part[k] += d;
+          }
+        }
+      }
+      if (n0 < N) {  // the last, partial chunk: into lane 0
+        for (int64_t r = r_begin; r < r_end; ++r) {
+          const T* __restrict__ g = Gs + r * Lg;
+          for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+            const T* __restrict__ x = Xs + off[k];
+            T acc = T(0);
+            for (int64_t n = n0; n < N; ++n) acc += g[n] * x[n];
+            part[k][0] += acc;
+          }
+        }
+      }
+    }
+    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) {
+      T total = T(0);
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) total += part[k][l];
+      dval[k] = total;
+    }
+  }
+}
+
+// Offsets of the non-zeros: col encodes (channel, ky, kx); off = channel * plane + sign *
+// (ky * Wp + kx) + base.
+torch::Tensor plane_offsets(const torch::Tensor& col, int64_t kh, int64_t kw, int64_t Wp,
+                            int64_t plane, int64_t sign, int64_t base) {
+  auto off = torch::empty_like(col);
+  const int64_t* c = col.data_ptr<int64_t>();
+  int64_t* o = off.data_ptr<int64_t>();
+  const int64_t khw = kh * kw, n = col.numel();
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t ch = c[k] / khw, ky = (c[k] % khw) / kw, kx = c[k] % kw;
+    o[k] = ch * plane + sign * (ky * Wp + kx) + base;
+  }
+  return off;
+}
+
+// The output gradient on the padded-width grid, zero in the dropped columns, after a margin of
+// M = (kh - 1) * Wp + kw - 1 zeros: Gm[b, o, M + oy * Wp + ox] = g[b, o, oy, ox]; planes of
+// M + Hp * Wp floats, so that the input gradient can read Gm[n + M - ky * Wp - kx] for every n.
+torch::Tensor margin_grid(const torch::Tensor& g, int64_t Hp, int64_t Wp, int64_t kh, int64_t kw) {
+  const int64_t B = g.size(0), O = g.size(1), OH = g.size(2), OW = g.size(3);
+  const int64_t M = (kh - 1) * Wp + kw - 1;
+  auto Gm = torch::zeros({B, O, M + Hp * Wp}, g.options());
+  Gm.narrow(2, M, OH * Wp).view({B, O, OH, Wp}).narrow(3, 0, OW).copy_(g);
+  return Gm;
+}
+
+}  // namespace
+
+torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor val,
+                             torch::Tensor xp, int64_t out_channels, int64_t kh, int64_t kw,
+                             int64_t stride, int64_t OH, int64_t OW,
+                             c10::optional<torch::Tensor> bias_opt) {
+  TORCH_CHECK(xp.dim() == 4 && xp.is_contiguous(), "xp must be a contiguous (B, C, H, W)");
+  c10::optional<torch::Tensor> bias;
+  if (bias_opt.has_value()) {
+    bias = bias_opt->contiguous();
+    TORCH_CHECK(bias->numel() == out_channels && bias->scalar_type() == xp.scalar_type(),
+                "bias must hold one value per output channel, in the input's dtype");
+  }
+  col = col.to(torch::kLong);  // the convolution kernels index with int64
+  if (stride == 1) {
+    const int64_t B = xp.size(0), Hp = xp.size(2), Wp = xp.size(3), plane = Hp * Wp;
+    auto off = plane_offsets(col, kh, kw, Wp, plane, 1, 0);
+    auto y = torch::empty({B, out_channels, OH, OW}, xp.options());
+    const int64_t N = (OH - 1) * Wp + OW;
+    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv2d_forward", [&] {
+      const GridStore<scalar_t> st{Wp, OW, bias ? bias->data_ptr<scalar_t>() : nullptr};
+      shifted_spmm<scalar_t>(crow.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
+                             val.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(),
+                             y.data_ptr<scalar_t>(), B, out_channels, N, OH * OW,
+                             xp.size(1) * plane, out_channels * OH * OW, st);
+    });
+    return y;
+  }
+  auto y = torch::empty({xp.size(0), out_channels, OH, OW}, xp.options());
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv2d_forward", [&] {
+    conv_forward<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+                           val.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(),
+                           y.data_ptr<scalar_t>(), xp.size(0), xp.size(1), xp.size(2),
+                           xp.size(3), out_channels, OH, OW, kh, kw, stride);
+  });
+  if (bias) y.add_(bias->view({1, out_channels, 1, 1}));  // (its own output: in place)
+  return y;
+}
+
+namespace {
+
+// The stride-1 input gradient from the output gradient on its margin grid (margin_grid).
+torch::Tensor grad_input_s1(const torch::Tensor& crowT, const torch::Tensor& colT,
+                            const torch::Tensor& valT, const torch::Tensor& Gm, int64_t B,
+                            int64_t O, int64_t in_channels, int64_t Hp, int64_t Wp, int64_t kh,
+                            int64_t kw) {
+  const int64_t M = (kh - 1) * Wp + kw - 1, Lg = M + Hp * Wp;
+  auto off = plane_offsets(colT, kh, kw, Wp, Lg, -1, M);
+  auto gxp = torch::empty({B, in_channels, Hp, Wp}, Gm.options());
+  AT_DISPATCH_FLOATING_TYPES(Gm.scalar_type(), "conv2d_grad_input", [&] {
+    const GridStore<scalar_t> st{Wp, Wp, nullptr};  // every position, in place
+    shifted_spmm<scalar_t>(crowT.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
+                           valT.data_ptr<scalar_t>(), Gm.data_ptr<scalar_t>(),
+                           gxp.data_ptr<scalar_t>(), B, in_channels, Hp * Wp, Hp * Wp, O * Lg,
+                           in_channels * Hp * Wp, st);
+  });
+  return gxp;
+}
+
+// The stride-1 weight gradient at the non-zeros, from the margin grid and the padded input.
+torch::Tensor grad_weight_s1(const torch::Tensor& crow, const torch::Tensor& col,
+                             const torch::Tensor& Gm, const torch::Tensor& xp, int64_t O,
+                             int64_t OH, int64_t OW, int64_t kh, int64_t kw) {
+  const int64_t B = xp.size(0), Hp = xp.size(2), Wp = xp.size(3), plane = Hp * Wp;
+  const int64_t M = (kh - 1) * Wp + kw - 1, Lg = M + plane, N = (OH - 1) * Wp + OW;
+  auto off = plane_offsets(col, kh, kw, Wp, plane, 1, 0);
+  auto dval = torch::empty({col.numel()}, Gm.options());
+  AT_DISPATCH_FLOATING_TYPES(Gm.scalar_type(), "conv2d_grad_weight", [&] {
+    shifted_sampled<scalar_t>(crow.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
+                              Gm.data_ptr<scalar_t>() + M, xp.data_ptr<scalar_t>(),
+                              dval.data_ptr<scalar_t>(), B, O, N, Lg, O * Lg, xp.size(1) * plane);
+  });
+  return dval;
+}
+
+// The input gradient of a strided convolution, by the direct kernel (colT int64).
+torch::Tensor grad_input_direct(const torch::Tensor& crowT, const torch::Tensor& colT,
+                                const torch::Tensor& valT, const torch::Tensor& g,
+                                int64_t in_channels, int64_t Hp, int64_t Wp, int64_t kh,
+                                int64_t kw, int64_t stride) {
+  auto gxp = torch::empty({g.size(0), in_channels, Hp, Wp}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_input", [&] {
+    conv_grad_input<scalar_t>(crowT.data_ptr<int64_t>(), colT.data_ptr<int64_t>(),
+                              valT.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                              gxp.data_ptr<scalar_t>(), g.size(0), in_channels, Hp, Wp,
+                              g.size(1), g.size(2), g.size(3), kh, kw, stride);
+  });
+  return gxp;
+}
+
+// The weight gradient of a strided convolution at the non-zeros, by the direct kernel.
+torch::Tensor grad_weight_direct(const torch::Tensor& crow, const torch::Tensor& col,
+                                 const torch::Tensor& g, const torch::Tensor& xp, int64_t kh,
+                                 int64_t kw, int64_t stride) {
+  auto dval = torch::empty({col.numel()}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_weight", [&] {
+    conv_grad_weight<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+                               g.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(),
+                               dval.data_ptr<scalar_t>(), g.size(0), xp.size(1), xp.size(2),
+                               xp.size(3), g.size(1), g.size(2), g.size(3), kh, kw, stride);
+  });
+  return dval;
+}
+
+}  // namespace
+
+// Both gradients of a convolution (each only when asked): the padded input's and the weight's at
+// the non-zeros. With stride 1 they share one margin grid of the output gradient (built once:
+// a fresh grid-sized tensor and a copy fewer); other strides take the direct kernels.
+std::vector<c10::optional<torch::Tensor>> conv2d_backward(
+    torch::Tensor crow, torch::Tensor col, torch::Tensor crowT, torch::Tensor colT,
+    torch::Tensor valT, torch::Tensor g, torch::Tensor xp, int64_t kh, int64_t kw, int64_t stride,
+    bool want_input, bool want_weight) {
+  TORCH_CHECK(g.dim() == 4 && g.is_contiguous() && xp.is_contiguous(),
+              "g and xp must be contiguous (B, C, H, W)");
+  c10::optional<torch::Tensor> gxp, dval;
+  if (!want_input && !want_weight) return {gxp, dval};
+  col = col.to(torch::kLong);  // the convolution kernels index with int64
+  colT = colT.to(torch::kLong);
+  const int64_t C = xp.size(1), Hp = xp.size(2), Wp = xp.size(3);
+  if (stride != 1) {
+    if (want_input) gxp = grad_input_direct(crowT, colT, valT, g, C, Hp, Wp, kh, kw, stride);
+    if (want_weight) dval = grad_weight_direct(crow, col, g, xp, kh, kw, stride);
+    return {gxp, dval};
+  }
+  auto Gm = margin_grid(g, Hp, Wp, kh, kw);
+  if (want_input)
+    gxp = grad_input_s1(crowT, colT, valT, Gm, g.size(0), g.size(1), C, Hp, Wp, kh, kw);
+  if (want_weight)
+    dval = grad_weight_s1(crow, col, Gm, xp, g.size(1), g.size(2), g.size(3), kh, kw);
+  return {gxp, dval};
+}

@@ -1,0 +1,45 @@
+// The operations the extension exports (bindings.cpp), each defined in its family's file.
+#pragma once
+
+// the tensor API only: torch/extension.h (pybind11, the C++ frontend) is for bindings.cpp
+#include <torch/types.h>
+
+#include <cstdint>
+#include <vector>
+
+// linear.cpp: a CSR weight times packed activations, the sampled gradient, whole layer steps
+int64_t panel_width(int64_t batch);
+torch::Tensor pack(torch::Tensor x);
+std::vector<torch::Tensor> pack_sum(torch::Tensor x);
+torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, torch::Tensor XP,
+                   int64_t rows, int64_t batch, c10::optional<torch::Tensor> perm,
+                   c10::optional<torch::Tensor> bias);
+torch::Tensor sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor GP, torch::Tensor XP);
+std::vector<torch::Tensor> linear_forward(torch::Tensor x, torch::Tensor crow, torch::Tensor col,
+                                          torch::Tensor val, int64_t rows,
+                                          c10::optional<torch::Tensor> bias);
+std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor colT,
+                                           torch::Tensor perm, torch::Tensor perm_inv,
+                                           torch::Tensor val, torch::Tensor grad_y,
+                                           torch::Tensor XP, bool want_bias);
+
+// conv.cpp: direct sparse convolution on a padded NCHW input
+torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor val,
+                             torch::Tensor xp, int64_t out_channels, int64_t kh, int64_t kw,
+                             int64_t stride, int64_t OH, int64_t OW,
+                             c10::optional<torch::Tensor> bias_opt);
+std::vector<c10::optional<torch::Tensor>> conv2d_backward(
+    torch::Tensor crow, torch::Tensor col, torch::Tensor crowT, torch::Tensor colT,
+    torch::Tensor valT, torch::Tensor g, torch::Tensor xp, int64_t kh, int64_t kw, int64_t stride,
+    bool want_input, bool want_weight);
+
+// layouts.cpp: phase planes of a strided convolution, patches (im2col), and their adjoints
+torch::Tensor phase_planes(torch::Tensor x, int64_t s, int64_t ph, int64_t pw, int64_t hq,
+                           int64_t wq);
+torch::Tensor phase_planes_grad(torch::Tensor gP, int64_t s, int64_t ph, int64_t pw, int64_t H,
+                                int64_t W);
+torch::Tensor patches(torch::Tensor x, int64_t kh, int64_t kw, int64_t s, int64_t ph, int64_t pw,
+                      int64_t OH, int64_t OW);
+torch::Tensor patches_grad(torch::Tensor G, int64_t N, int64_t C, int64_t H, int64_t W,
+                           int64_t kh, int64_t kw, int64_t s, int64_t ph, int64_t pw, int64_t OH,
+                           int64_t OW);

@@ -1,0 +1,692 @@
+// Linear layers: a CSR weight (rows: output units) times dense activations, its transposed
+// product and the sampled weight gradient.
+//
+// Linear layout. Activations are packed into panels: XP (nb, features, W) holds batch rows
+// p*W .. p*W+W-1 of x transposed, zero-padded to a whole panel. Each non-zero weight then scales
+// one contiguous W-float row of a panel (vectorised over the batch, held in registers), and one
+// panel (features * W floats) stays in L2 while every non-zero reads it. A plain (features, batch)
+// transpose is 3.5x slower here: its rows are 1 KiB apart, so a batch block of them maps to a
+// quarter of the cache sets and thrashes L2 (docs/performance.md).
+
+#include "common.h"
+#include "kernels.h"
+
+using namespace slk;
+
+namespace {
+
+#if defined(__AVX512F__)
+// r[i][j] -> r[j][i] for a 16 x 16 block of floats: per 128-bit lane 4 x 4 transposes
+// (unpack 32-bit, then 64-bit), then the lanes regrouped (two rounds of shuffle_f32x4).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // s[4i + c], lane l: column 4l + c of rows 4i .. 4i + 3
+  __m512 s[16];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    s[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    s[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    s[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    s[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  // column 4l + c: lane l of s[c], s[4 + c], s[8 + c], s[12 + c]
+  for (int c = 0; c < 4; ++c) {
+    const __m512 lo01 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0x44);
+    const __m512 hi23 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0xEE);
+    const __m512 lo01b = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0x44);
+    const __m512 hi23b = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(lo01, lo01b, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(lo01, lo01b, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(hi23, hi23b, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(hi23, hi23b, 0xDD);
+  }
+}
+#endif
+
+// XP[p, f, b] = x[p * W + b, f] (0 past the batch), x read through strides (sb, sf) so that an
+// expanded or transposed input needs no copy first. With psum (nb, F) given, also
+// psum[p, f] = sum of x[p * W + b, f] over the panel's rows (the column sums, for a bias).
+// pack_block does one block: panel p, features f0 .. f0 + kPackF - 1.
+constexpr int64_t kPackF = 64;  // features per block: W x kPackF reads, kPackF x W writes
+
+template <typename T>
+inline void pack_block(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, int64_t F,
+                       int64_t W, int64_t p, int64_t f0) {
+  constexpr int64_t kF = kPackF;
+  const int64_t nf = std::min(kF, F - f0);
+  T* out = XP + (p * F + f0) * W;
+  T acc[kF] = {};
+  int64_t done = 0;  // features packed by the vector path
+  if (sf == 0) {
+    // constant along the features (an expanded tensor, e.g. the gradient of a sum): each
+    // panel row is one vector of W batch values, stored contiguously nf times
+    constexpr int L = kLanes<T>, kMaxV = 64 / L;  // W <= 64 (panel_width)
+    alignas(64) T colv[64] = {};
+    T total = T(0);
+    for (int64_t b = 0; b < W; ++b) {
+      const int64_t row = p * W + b;
+      colv[b] = row < B ? x[row * sb] : T(0);
+      total += colv[b];
+    }
+    vec_t<T> cv[kMaxV];
+#pragma GCC unroll 8
+    for (int i = 0; i < kMaxV; ++i) cv[i] = loadv<T>(colv + i * L);
+    // vector stores unrolled over the widest panel (std::copy made a memmove call per row)
+    for (int64_t f = 0; f < nf; ++f) {
+#pragma GCC unroll 8
+      for (int i = 0; i < kMaxV; ++i)
+        if (i * L < W) storev<T>(out + f * W + i * L, cv[i]);
+      acc[f] = total;
+    }
+    done = nf;
+  }
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (sf == 1) {
+      // 16 x 16 blocks transposed in registers: 16 vector loads, 16 vector stores (the
+      // scalar loop below stores one float per cache line touched)
+      done = nf / 16 * 16;
+      __m512 sums[kF / 16];
+      for (int64_t fb = 0; fb < done; fb += 16) sums[fb / 16] = _mm512_setzero_ps();
+      // batch blocks outside, features inside: consecutive blocks read the next cache line
+      // of the same rows (features outside, with rows 4 KiB apart, ran at half the speed)
+      for (int64_t b0 = 0; b0 < W; b0 += 16) {
+        for (int64_t fb = 0; fb < done; fb += 16) {
+          __m512 r[16];
+          for (int i = 0; i < 16; ++i) {
+            const int64_t row = p * W + b0 + i;
+            r[i] = row < B ? _mm512_loadu_ps(x + row * sb + f0 + fb) : _mm512_setzero_ps();
+            sums[fb / 16] = _mm512_add_ps(sums[fb / 16], r[i]);
+          }
+          transpose16(r);
+          for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (fb + i) * W + b0, r[i]);
+        }
+      }
+      for (int64_t fb = 0; fb < done; fb += 16) _mm512_storeu_ps(acc + fb, sums[fb / 16]);
+    }
+  }
+#endif
+  if (done < nf) {
+    for (int64_t b = 0; b < W; ++b) {
+      const int64_t row = p * W + b;
+      if (row < B) {
+        const T* in = x + row * sb + f0 * sf;
+        if (sf == 1) {
+          for (int64_t f = done; f < nf; ++f) out[f * W + b] = in[f];
+          if (psum)
+            for (int64_t f = done; f < nf; ++f) acc[f] += in[f];
+        } else {
+          for (int64_t f = done; f < nf; ++f) out[f * W + b] = in[f * sf];
+          if (psum)
+            for (int64_t f = done; f < nf; ++f) acc[f] += in[f * sf];
+        }
+      } else {
+        for (int64_t f = done; f < nf; ++f) out[f * W + b] = T(0);
+      }
+    }
+  }
+  if (psum)
+    for (int64_t f = 0; f < nf; ++f) psum[p * F + f0 + f] = acc[f];
+}
+
+// Every block. The loops are an orphaned worksharing construct: they split among the threads of
+// the enclosing parallel region (see pack_panels, linear_forward), and end with its barrier.
+template <typename T>
+void pack_body(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, int64_t F,
+               int64_t W) {
+  const int64_t nb = (B + W - 1) / W;
+#pragma omp for collapse(2) schedule(static)
+  for (int64_t p = 0; p < nb; ++p)
+    for (int64_t f0 = 0; f0 < F; f0 += kPackF) pack_block<T>(x, sb, sf, XP, psum, B, F, W, p, f0);
+}
+
+template <typename T>
+void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, int64_t F,
+                 int64_t W) {
+  const int nt = team(B * F);
+#pragma omp parallel if (nt > 1) num_threads(nt)
+  pack_body<T>(x, sb, sf, XP, psum, B, F, W);
+}
+
+// Y[b * ld + j] = tile[j][b] (+ bias[j]) for j < nr, b < nvalid: a tile of nr rows of W
+// batch values each, written back in the (batch, rows) layout. Whole 16 x 16 blocks go through
+// registers into a staging block of 16 batch rows (in L1), which is then stored row after row,
+// each row's nr / 16 cache lines consecutively. With ld a multiple of 1024 floats (4096- and
+// 1024-wide layers) the same column of every row falls in one L1 set: storing 16-float pieces
+// row by row down a column ran 5x slower than for other widths with 16-row tiles, 2.5x with
+// 64-row tiles, and about as fast through the staging rows (docs/performance.md).
+constexpr int64_t kMaxTileRows = 64;  // the tiles' rows (spmm_body, backward_body)
+
+template <typename T, int W>
+inline void store_tile(const T (*tile)[W], int64_t nr, int64_t nvalid, const T* bias, T* Y,
+                       int64_t ld) {
+  int64_t b0 = 0, whole = 0;  // batch rows / tile rows written by the vector path
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && W % 16 == 0) {
+    whole = nr / 16 * 16;
+    if (whole > 0) {
+      alignas(64) float stage[16][kMaxTileRows];
+      for (; b0 + 16 <= nvalid; b0 += 16) {
+        for (int64_t j0 = 0; j0 < whole; j0 += 16) {
+          const __m512 bv = bias ? _mm512_loadu_ps(bias + j0) : _mm512_setzero_ps();
+          __m512 r[16];
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(tile[j0 + i] + b0);
+          transpose16(r);
+          for (int i = 0; i < 16; ++i) _mm512_store_ps(stage[i] + j0, _mm512_add_ps(r[i], bv));
+        }
+        // (unrolled over the most vectors a row can hold: a loop bounded by `whole` alone
+        // became a call to memmove per 256-byte row)
+        for (int i = 0; i < 16; ++i) {
+#pragma GCC unroll 4
+          for (int64_t j0 = 0; j0 < kMaxTileRows; j0 += 16)
+            if (j0 < whole) _mm512_storeu_ps(Y + (b0 + i) * ld + j0, _mm512_load_ps(stage[i] + j0));
+        }
+      }
+    }
+  }
+#endif
+  // what the vector path left: the last batch rows (all tile rows), then the last tile rows
+  for (int64_t b = 0; b < nvalid; ++b) {
+    const int64_t j_begin = b < b0 ? whole : 0;
+    T* y = Y + b * ld;
+    if (bias)
+      for (int64_t j = j_begin; j < nr; ++j) y[j] = tile[j][b] + bias[j];
+    else
+      for (int64_t j = j_begin; j < nr; ++j) y[j] = tile[j][b];
+  }
+}
+
+// out[b] = sum over the non-zeros k in [begin, end) of val[k] * X[col[k], b]. Bound by L2
+// bandwidth here (W / 16 cache lines per non-zero; a second accumulator set does not help).
+// No software prefetch: the out-of-order window already covers the L2 latency, and the
+// prefetch instructions competed with the loads for the load ports (5-10% slower with them).
+template <typename T, int W, typename I>
+inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_t end,
+                                                           const I* col, const T* val,
+                                                           const T* X, T* __restrict__ out) {
+  constexpr int L = kLanes<T>, NV = W / L;
+  vec_t<T> acc[NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < NV; ++i) acc[i] = vec_t<T>{};
+  for (int64_t k = begin; k < end; ++k) {
+    const T v = val[k];
+    const T* x = X + int64_t(col[k]) * W;
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) acc[i] += v * loadv<T>(x + i * L);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < NV; ++i) storev<T>(out + i * L, acc[i]);
+}
+
+// Y[b, r] = sum_k val[k] * XP[p, col[k], b - p W] over the non-zeros k of row r. Y is written in
+// the ordinary (batch, rows) layout through a small tile, so that its stores stay contiguous.
+template <typename T, int W, typename I>
+void spmm_tile(const int64_t* crow, const I* col, const T* val, const T* XP, const T* bias,
+               T* Y, int64_t rows, int64_t F, int64_t B, int64_t p, int64_t t) {
+  constexpr int64_t kRows = kMaxTileRows;  // rows per tile (see store_tile)
+  const T* X = XP + p * F * W;
+  const int64_t nvalid = std::min<int64_t>(W, B - p * W);
+  alignas(64) T tile[kRows][W];
+  const int64_t r0 = t * kRows, nr = std::min(kRows, rows - r0);
+  for (int64_t j = 0; j < nr; ++j) {
+    const int64_t r = r0 + j;
+    row_times_panel<T, W, I>(crow[r], crow[r + 1], col, val, X, tile[j]);
+  }
+  store_tile<T, W>(tile, nr, nvalid, bias ? bias + r0 : nullptr, Y + p * W * rows + r0, rows);
+}
+
+template <typename T, int W, typename I>
+void spmm_body(const int64_t* crow, const I* col, const T* val, const T* XP, const T* bias,
+               T* Y, int64_t rows, int64_t F, int64_t B) {
+  const int64_t nb = (B + W - 1) / W;
+  const int64_t ntiles = (rows + kMaxTileRows - 1) / kMaxTileRows;
+  // (orphaned, in the caller's parallel region) a static tile schedule gives each thread the
+  // same rows in every panel, so threads never wait for each other between panels (nowait)
+  for (int64_t p = 0; p < nb; ++p) {
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < ntiles; ++t)
+      spmm_tile<T, W, I>(crow, col, val, XP, bias, Y, rows, F, B, p, t);
+  }
+}
+
+template <typename T, int W, typename I>
+void spmm_panels(const int64_t* crow, const I* col, const T* val, const T* XP, const T* bias,
+                 T* Y, int64_t rows, int64_t F, int64_t B) {
+  const int nt = team(B * (rows + crow[rows]));
+#pragma omp parallel if (nt > 1) num_threads(nt)
+  spmm_body<T, W, I>(crow, col, val, XP, bias, Y, rows, F, B);
+}
+
+
+// One level of a transposing reduction: lanes of a and b, summed pairwise over blocks of 2h.
+template <int H>
+inline v16f fold(v16f a, v16f b) {
+  v16i lo, hi;
+  for (int i = 0, n = 0; i < 16; i += 2 * H)
+    for (int side = 0; side < 2; ++side)
+      for (int j = 0; j < H; ++j, ++n) {
+        lo[n] = side * 16 + i + j;
+        hi[n] = side * 16 + i + H + j;
+      }
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+// dval[k] = sum_b GP[p, r, b] * XP[p, col[k], b] summed over the panels p, for each non-zero
+// k = (r, col[k]). The same thread owns row r (and its dval entries) in every panel.
+template <typename T, int W, typename I>
+void sampled_panels(const int64_t* crow, const I* col, const T* GP, const T* XP, T* dval,
+                    int64_t rows, int64_t F, int64_t nb) {
+  const int nt = team(nb * W * (rows + crow[rows]));
+#pragma omp parallel if (nt > 1) num_threads(nt)
+  for (int64_t p = 0; p < nb; ++p) {
+    const T* X = XP + p * F * W;
+#pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < rows; ++r) {
+      T g[W];
+      const T* gs = GP + (p * rows + r) * W;
+#pragma GCC unroll 64
+      for (int b = 0; b < W; ++b) g[b] = gs[b];
+      const int64_t end = crow[r + 1];
+      int64_t k = crow[r];
+      if constexpr (std::is_same_v<T, float> && W % 16 == 0) {
+        // sixteen non-zeros at a time: sixteen lane-wise partial dot products, then one
+        // transposing reduction gives their sixteen sums in one register (no horizontal sum
+        // per non-zero). Non-zero j goes to slot bitreverse(j) so that the sums come out in order.
+        constexpr int kRev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+        v16f gv[W / 16];
+#pragma GCC unroll 4
+        for (int c = 0; c < W / 16; ++c) gv[c] = load16(g + 16 * c);
+        for (; k + 16 <= end; k += 16) {
+          v16f s[16];
+#pragma GCC unroll 16
+          for (int j = 0; j < 16; ++j) {
+            if (k + j + kPrefetch < end) {
+              const T* q = X + int64_t(col[k + j + kPrefetch]) * W;
+#pragma GCC unroll 4
+              for (int l = 0; l < W; l += 16) __builtin_prefetch(q + l);
+            }
+            const T* x = X + int64_t(col[k + j]) * W;
+            v16f t = gv[0] * load16(x);
+#pragma GCC unroll 4
+            for (int c = 1; c < W / 16; ++c) t += gv[c] * load16(x + 16 * c);
+            s[kRev[j]] = t;
+          }
+          v16f s8[8], s4[4], s2[2];
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; ++i) s8[i] = fold<8>(s[2 * i], s[2 * i + 1]);
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) s4[i] = fold<4>(s8[2 * i], s8[2 * i + 1]);
+          s2[0] = fold<2>(s4[0], s4[1]);
+          s2[1] = fold<2>(s4[2], s4[3]);
+          v16f sum = fold<1>(s2[0], s2[1]);
+          if (p > 0) sum += load16(dval + k);
+          __builtin_memcpy(dval + k, &sum, sizeof sum);
+        }
+      }
+      for (; k < end; ++k) {
+        if (k + kPrefetch < end) {
+          const T* q = X + int64_t(col[k + kPrefetch]) * W;
+#pragma GCC unroll 8
+          for (int l = 0; l < W; l += 64 / int(sizeof(T))) __builtin_prefetch(q + l);
+        }
+        const T* __restrict__ x = X + int64_t(col[k]) * W;
+        T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+        for (int b = 0; b < W; ++b) acc += g[b] * x[b];
+        dval[k] = (p == 0 ? T(0) : dval[k]) + acc;
+      }
+    }
+  }
+}
+
+
+// Both backward products in one pass over the CSR of W^T (rows c: input features; non-zeros
+// k = (c, r = colT[k]) with values valT in that order):
+//   GX[b, c] = sum_k valT[k] * GP[p, r, b - p W]  (the input gradient, G @ W)
+//   dvalT[k] = sum_b GP[p, r, b] * XP[p, c, b]    (the weight gradient at the non-zeros)
+// Each non-zero reads one random row of the G panel (from L2: the limit, as in spmm); here that
+// one read serves both products, where two separate kernels read a row each. With twice the
+// arithmetic per row read, prefetching the row kPrefetch non-zeros ahead pays here (3-7%),
+// where in spmm it cost more load slots than it saved.
+// In the caller's parallel region (backward_region, which has made valT = val[perm]): the
+// products, then dval = dvalT[perm_inv], W's CSR order (a gather: scattering through perm,
+// random writes, took 2-4x longer).
+template <typename T, int W, typename I>
+void backward_body(const int64_t* crowT, const I* colT, const I* perm_inv, const T* valT,
+                   const T* GP, const T* XP, T* GX, T* dvalT, T* dval, int64_t rows, int64_t F,
+                   int64_t B) {
+  constexpr int L = kLanes<T>, NV = W / L;
+  const int64_t nb = (B + W - 1) / W, nnz = crowT[F];
+  constexpr int64_t kRows = kMaxTileRows;  // rows of W^T per tile (see store_tile)
+  const int64_t ntiles = (F + kRows - 1) / kRows;
+  for (int64_t p = 0; p < nb; ++p) {
+    const T* G = GP + p * rows * W;
+    const T* X = XP + p * F * W;
+    const int64_t nvalid = std::min<int64_t>(W, B - p * W);
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < ntiles; ++t) {
+      alignas(64) T tile[kRows][W];
+      const int64_t c0 = t * kRows, nr = std::min(kRows, F - c0);
+      for (int64_t j = 0; j < nr; ++j) {
+        const int64_t c = c0 + j;
+        vec_t<T> xc[NV], acc[NV];
+#pragma GCC unroll 16
+        for (int i = 0; i < NV; ++i) {
+          xc[i] = loadv<T>(X + c * W + i * L);
+          acc[i] = vec_t<T>{};
+        }
+        const int64_t begin = crowT[c], end = crowT[c + 1];
+        if constexpr (std::is_same_v<T, float>) {
+          // sixteen non-zeros at a time (the last group padded with zeros): their sixteen
+          // lane-wise partial dot products reduce to one register of sums (see sampled_panels)
+          constexpr int kRev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+          for (int64_t k = begin; k < end; k += 16) {
+            const int m = int(std::min<int64_t>(16, end - k));
+            v16f s[16];
+#pragma GCC unroll 16
+            for (int q = 0; q < 16; ++q) {
+              if (q < m) {
+                if (k + q + kPrefetch < end) {
+                  const float* next = G + int64_t(colT[k + q + kPrefetch]) * W;
+#pragma GCC unroll 4
+                  for (int i = 0; i < NV; ++i) __builtin_prefetch(next + 16 * i);
+                }
+                const float* g = G + int64_t(colT[k + q]) * W;
+                const float v = valT[k + q];
+                v16f d = v16f{};
+#pragma GCC unroll 4
+                for (int i = 0; i < NV; ++i) {
+                  const v16f gi = load16(g + 16 * i);
+                  acc[i] += v * gi;
+                  d += gi * xc[i];
+                }
+                s[kRev[q]] = d;
+              } else {
+                s[kRev[q]] = v16f{};
+              }
+            }
+            v16f s8[8], s4[4], s2[2];
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; ++i) s8[i] = fold<8>(s[2 * i], s[2 * i + 1]);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) s4[i] = fold<4>(s8[2 * i], s8[2 * i + 1]);
+            s2[0] = fold<2>(s4[0], s4[1]);
+            s2[1] = fold<2>(s4[2], s4[3]);
+            v16f sum = fold<1>(s2[0], s2[1]);
+            if (m == 16) {
+              if (p > 0) sum += load16(dvalT + k);
+              __builtin_memcpy(dvalT + k, &sum, sizeof sum);
+            } else {
+#if defined(__AVX512F__)
+              // a short group (at 1% density most rows of W^T hold about ten non-zeros): one
+              // masked load and store instead of m scalar read-modify-writes
+              const __mmask16 first = __mmask16((1u << m) - 1);
+              __m512 out = __m512(sum);
+              if (p > 0) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(first, dvalT + k));
+              _mm512_mask_storeu_ps(dvalT + k, first, out);
+#else
+              for (int q = 0; q < m; ++q) dvalT[k + q] = (p > 0 ? dvalT[k + q] : 0.0f) + sum[q];
+#endif
+            }
+          }
+        } else {
+          for (int64_t k = begin; k < end; ++k) {
+            const T* g = G + int64_t(colT[k]) * W;
+            const T v = valT[k];
+            vec_t<T> d = vec_t<T>{};
+#pragma GCC unroll 16
+            for (int i = 0; i < NV; ++i) {
+              const vec_t<T> gi = loadv<T>(g + i * L);
+              acc[i] += v * gi;
+              d += gi * xc[i];
+            }
+            T dot = T(0);
+#pragma GCC unroll 16
+            for (int l = 0; l < L; ++l) dot += d[l];
+            dvalT[k] = (p > 0 ? dvalT[k] : T(0)) + dot;
+          }
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < NV; ++i) storev<T>(tile[j] + i * L, acc[i]);
+      }
+      store_tile<T, W>(tile, nr, nvalid, nullptr, GX + p * W * F + c0, F);
+    }
+  }
+#pragma omp barrier
+#pragma omp for schedule(static)
+  for (int64_t k = 0; k < nnz; ++k) dval[k] = dvalT[perm_inv[k]];
+}
+
+}  // namespace
+
+int64_t panel_width(int64_t batch) { return batch >= 64 ? 64 : batch > 16 ? 32 : 16; }
+
+// Panels of x (any strides) and, with want_sum, the column sums of x (sum over the batch).
+std::vector<torch::Tensor> pack_impl(const torch::Tensor& x, bool want_sum) {
+  TORCH_CHECK(x.dim() == 2, "pack expects a (batch, features) matrix");
+  const int64_t B = x.size(0), F = x.size(1), W = panel_width(B), nb = (B + W - 1) / W;
+  auto XP = torch::empty({nb, F, W}, x.options());
+  auto psum = want_sum ? torch::empty({nb, F}, x.options()) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pack", [&] {
+    pack_panels<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                          XP.data_ptr<scalar_t>(),
+                          want_sum ? psum.data_ptr<scalar_t>() : nullptr, B, F, W);
+  });
+  if (!want_sum) return {XP};
+  return {XP, psum.sum(0)};
+}
+
+torch::Tensor pack(torch::Tensor x) { return pack_impl(x, false)[0]; }
+
+std::vector<torch::Tensor> pack_sum(torch::Tensor x) { return pack_impl(x, true); }
+
+torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, torch::Tensor XP,
+                   int64_t rows, int64_t batch, c10::optional<torch::Tensor> perm,
+                   c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(XP.dim() == 3 && XP.is_contiguous(), "XP must be contiguous panels (nb, F, W)");
+  TORCH_CHECK(crow.numel() == rows + 1, "crow must have rows + 1 entries");
+  const int64_t W = XP.size(2);
+  TORCH_CHECK(W == panel_width(batch) && XP.size(0) == (batch + W - 1) / W, "XP/batch mismatch");
+  auto Y = torch::empty({batch, rows}, XP.options());
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.numel() == rows && b.scalar_type() == XP.scalar_type(),
+                "bias must have one entry per row, of the panels' dtype");
+  }
+  // values in this CSR's order: a gather for the transposed matrix (cheaper than reading
+  // val[perm[k]] at random inside the kernel)
+  auto v = perm.has_value() ? torch::empty_like(val) : val.contiguous();
+  TORCH_CHECK(!perm.has_value() || perm->scalar_type() == col.scalar_type(),
+              "perm and col must have the same index dtype");
+  AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "spmm", [&] {
+    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "spmm", [&] {
+      if (perm.has_value())
+        gather<scalar_t, index_t>(val.data_ptr<scalar_t>(), perm->data_ptr<index_t>(),
+                                  v.data_ptr<scalar_t>(), v.numel());
+      auto run = [&](auto w) {
+        spmm_panels<scalar_t, decltype(w)::value, index_t>(
+            crow.data_ptr<int64_t>(), col.data_ptr<index_t>(), v.data_ptr<scalar_t>(),
+            XP.data_ptr<scalar_t>(), bias.has_value() ? b.data_ptr<scalar_t>() : nullptr,
+            Y.data_ptr<scalar_t>(), rows, XP.size(1), batch);
+      };
+      if (W == 64) run(std::integral_constant<int, 64>{});
+      else if (W == 32) run(std::integral_constant<int, 32>{});
+      else run(std::integral_constant<int, 16>{});
+    });
+  });
+  return Y;
+}
+
+torch::Tensor sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor GP, torch::Tensor XP) {
+  TORCH_CHECK(GP.is_contiguous() && XP.is_contiguous(), "GP and XP must be contiguous panels");
+  TORCH_CHECK(GP.size(0) == XP.size(0) && GP.size(2) == XP.size(2), "GP and XP panels differ");
+  const int64_t rows = crow.numel() - 1, W = XP.size(2);
+  TORCH_CHECK(GP.size(1) == rows, "GP must have one row per CSR row");
+  auto dval = torch::empty({col.numel()}, GP.options());
+  TORCH_CHECK(W == 16 || W == 32 || W == 64, "panel width must be 16, 32 or 64");
+  AT_DISPATCH_FLOATING_TYPES(GP.scalar_type(), "sampled", [&] {
+    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "sampled", [&] {
+      auto run = [&](auto w) {
+        sampled_panels<scalar_t, decltype(w)::value, index_t>(
+            crow.data_ptr<int64_t>(), col.data_ptr<index_t>(), GP.data_ptr<scalar_t>(),
+            XP.data_ptr<scalar_t>(), dval.data_ptr<scalar_t>(), rows, XP.size(1), XP.size(0));
+      };
+      if (W == 64) run(std::integral_constant<int, 64>{});
+      else if (W == 32) run(std::integral_constant<int, 32>{});
+      else run(std::integral_constant<int, 16>{});
+    });
+  });
+  return dval;
+}
+
+namespace {
+
+// y = x @ W.T (+ bias) and the panels of x, in one parallel region (packing, its barrier, the
+// product; no barrier where the panels divide evenly among the threads): one wake-up of the
+// threads instead of two.
+template <typename T, int W, typename I>
+void forward_region(const T* x, int64_t sb, int64_t sf, T* XP, const int64_t* crow, const I* col,
+                    const T* val, const T* bias, T* Y, int64_t rows, int64_t F, int64_t B) {
+  const int nt = team(B * (F + rows + crow[rows]));
+  const int64_t nb = (B + W - 1) / W;
+#pragma omp parallel if (nt > 1) num_threads(nt)
+  {
+    const int64_t threads = omp_get_num_threads();
+    if (threads > 1 && nb % threads == 0) {
+      // as many panels for every thread: each packs the panels it multiplies, so that no
+      // thread waits for another's packing (a barrier: a wake-up of sleeping threads under
+      // OMP_WAIT_POLICY=PASSIVE); each output is computed as in spmm_body, bit for bit
+      const int64_t per = nb / threads, first = omp_get_thread_num() * per;
+      const int64_t ntiles = (rows + kMaxTileRows - 1) / kMaxTileRows;
+      for (int64_t p = first; p < first + per; ++p) {
+        for (int64_t f0 = 0; f0 < F; f0 += kPackF)
+          pack_block<T>(x, sb, sf, XP, nullptr, B, F, W, p, f0);
+        for (int64_t t = 0; t < ntiles; ++t)
+          spmm_tile<T, W, I>(crow, col, val, XP, bias, Y, rows, F, B, p, t);
+      }
+    } else {
+      pack_body<T>(x, sb, sf, XP, nullptr, B, F, W);
+      spmm_body<T, W, I>(crow, col, val, XP, bias, Y, rows, F, B);
+    }
+  }
+}
+
+// The backward in one parallel region: the output gradient packed (with its column sums, the
+// bias gradient, when asked), then both products (backward_body).
+template <typename T, int W, typename I>
+void backward_region(const T* g, int64_t sb, int64_t sf, T* GP, T* psum, T* gbias,
+                     const int64_t* crowT, const I* colT, const I* perm, const I* perm_inv,
+                     const T* val, T* valT, const T* XP, T* GX, T* dvalT, T* dval, int64_t rows,
+                     int64_t F, int64_t B) {
+  const int64_t nb = (B + W - 1) / W;
+  const int nt = team(B * (F + rows + 2 * crowT[F]));
+#pragma omp parallel if (nt > 1) num_threads(nt)
+  {
+    // valT = val[perm] before packing, without a barrier of its own: the packing's barrier
+    // ends both (each barrier wakes the sleeping threads under OMP_WAIT_POLICY=PASSIVE)
+    const int64_t nnz = crowT[F];
+#pragma omp for schedule(static) nowait
+    for (int64_t k = 0; k < nnz; ++k) valT[k] = val[perm[k]];
+    pack_body<T>(g, sb, sf, GP, psum, B, rows, W);
+    if (gbias) {
+#pragma omp for schedule(static) nowait
+      for (int64_t r = 0; r < rows; ++r) {
+        T total = T(0);
+        for (int64_t p = 0; p < nb; ++p) total += psum[p * rows + r];
+        gbias[r] = total;
+      }
+    }
+    backward_body<T, W, I>(crowT, colT, perm_inv, valT, GP, XP, GX, dvalT, dval, rows, F, B);
+  }
+}
+
+template <typename F>
+void with_panel_width(int64_t W, F&& run) {
+  if (W == 64) run(std::integral_constant<int, 64>{});
+  else if (W == 32) run(std::integral_constant<int, 32>{});
+  else run(std::integral_constant<int, 16>{});
+}
+
+}  // namespace
+
+// (y, panels of x) for y = x @ W.T (+ bias); x of any strides.
+std::vector<torch::Tensor> linear_forward(torch::Tensor x, torch::Tensor crow, torch::Tensor col,
+                                          torch::Tensor val, int64_t rows,
+                                          c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2, "x must be (batch, features)");
+  TORCH_CHECK(crow.numel() == rows + 1, "crow must have rows + 1 entries");
+  const int64_t B = x.size(0), F = x.size(1), W = panel_width(B);
+  auto XP = torch::empty({(B + W - 1) / W, F, W}, x.options());
+  auto Y = torch::empty({B, rows}, x.options());
+  auto v = val.contiguous();
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.numel() == rows && b.scalar_type() == x.scalar_type(),
+                "bias must have one entry per row, of x's dtype");
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_forward", [&] {
+    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "linear_forward", [&] {
+      with_panel_width(W, [&](auto w) {
+        forward_region<scalar_t, decltype(w)::value, index_t>(
+            x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), XP.data_ptr<scalar_t>(),
+            crow.data_ptr<int64_t>(), col.data_ptr<index_t>(), v.data_ptr<scalar_t>(),
+            bias.has_value() ? b.data_ptr<scalar_t>() : nullptr, Y.data_ptr<scalar_t>(), rows, F,
+            B);
+      });
+    });
+  });
+  return {Y, XP};
+}
+
+// (grad_x (batch, F), dval (nnz,) in the CSR order of W, and the bias gradient when want_bias)
+// for y = x @ W.T (+ bias), from the output gradient (any strides) and the panels of x; W^T's
+// CSR with perm (valT[k] = val[perm[k]]) and its inverse.
+std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor colT,
+                                           torch::Tensor perm, torch::Tensor perm_inv,
+                                           torch::Tensor val, torch::Tensor grad_y,
+                                           torch::Tensor XP, bool want_bias) {
+  TORCH_CHECK(XP.dim() == 3 && XP.is_contiguous(), "XP must be contiguous panels (nb, F, W)");
+  TORCH_CHECK(grad_y.dim() == 2, "grad_y must be (batch, rows)");
+  const int64_t B = grad_y.size(0), rows = grad_y.size(1);
+  const int64_t F = XP.size(1), W = XP.size(2), nb = XP.size(0), nnz = colT.numel();
+  TORCH_CHECK(W == panel_width(B) && nb == (B + W - 1) / W, "XP/batch mismatch");
+  TORCH_CHECK(crowT.numel() == F + 1, "crowT must have one row per input feature (+1)");
+  TORCH_CHECK(perm.numel() == nnz && perm_inv.numel() == nnz && val.numel() == nnz,
+              "perm, perm_inv and val must have nnz entries");
+  TORCH_CHECK(perm.scalar_type() == colT.scalar_type() &&
+                  perm_inv.scalar_type() == colT.scalar_type(),
+              "perm, perm_inv and colT must have the same index dtype");
+  TORCH_CHECK(grad_y.scalar_type() == XP.scalar_type(), "grad_y and XP dtypes differ");
+  auto opts = XP.options();
+  auto GP = torch::empty({nb, rows, W}, opts);
+  auto psum = want_bias ? torch::empty({nb, rows}, opts) : torch::Tensor();
+  auto gbias = want_bias ? torch::empty({rows}, opts) : torch::Tensor();
+  auto GX = torch::empty({B, F}, opts);
+  auto valT = torch::empty({nnz}, opts);
+  auto dvalT = torch::empty({nnz}, opts);
+  auto dval = torch::empty({nnz}, opts);
+  auto v = val.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "linear_backward", [&] {
+    AT_DISPATCH_INDEX_TYPES(colT.scalar_type(), "linear_backward", [&] {
+      with_panel_width(W, [&](auto w) {
+        backward_region<scalar_t, decltype(w)::value, index_t>(
+            grad_y.data_ptr<scalar_t>(), grad_y.stride(0), grad_y.stride(1),
+            GP.data_ptr<scalar_t>(), want_bias ? psum.data_ptr<scalar_t>() : nullptr,
+            want_bias ? gbias.data_ptr<scalar_t>() : nullptr, crowT.data_ptr<int64_t>(),
+            colT.data_ptr<index_t>(), perm.data_ptr<index_t>(), perm_inv.data_ptr<index_t>(),
+            v.data_ptr<scalar_t>(), valT.data_ptr<scalar_t>(), XP.data_ptr<scalar_t>(),
+            GX.data_ptr<scalar_t>(), dvalT.data_ptr<scalar_t>(), dval.data_ptr<scalar_t>(), rows,
+            F, B);
+      });
+    });
+  });
+  if (want_bias) return {GX, dval, gbias};
+  return {GX, dval};
+}

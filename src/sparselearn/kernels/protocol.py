@@ -1,0 +1,141 @@
+"""The operations every kernel backend implements, on a CSR weight (``crow``, ``col``, ``val``).
+
+- ``pack(x) -> xp``: activations (batch, features) as panels (nb, features, W): batch rows
+  ``p*W .. p*W+W-1`` transposed, zero-padded (``W = panel_width(batch)``), so that each
+  non-zero weight scales one contiguous, cache-resident row of W floats; ``pack_sum(x)`` also
+  returns the column sums of ``x`` (a bias gradient) from the same pass;
+- ``spmm(crow, col, val, xp, rows, batch, perm=None, bias=None) -> Y``: ``Y = X @ W.T (+ bias)``
+  (batch, rows), the values read through ``perm`` when given (the transposed product reuses W's
+  values);
+- ``sampled(crow, col, gp, xp) -> dval``: ``(G.T @ X)`` at the non-zeros of W only;
+- ``linear_forward(x, crow, col, val, rows, bias=None) -> (y, xp)``: ``pack`` and ``spmm`` (in
+  one parallel region of the compiled kernels: each region, and each barrier in one, wakes the
+  sleeping threads under ``OMP_WAIT_POLICY=PASSIVE``);
+- ``linear_backward(crow, col, crow_t, col_t, perm, perm_inv, val, grad_y, xp, want_bias) ->
+  (grad_x, dval, grad_bias or None)``: every gradient of ``y = x @ W.T + bias`` from the output
+  gradient (``dval`` in W's CSR order); the compiled kernel packs ``grad_y``, walks W^T's CSR
+  once, reading each row of the gradient panel once for both products, and puts ``dval`` back in
+  W's order with a gather through ``perm_inv`` (sequential writes, where a scatter through ``perm``
+  would write at random), all in one parallel region;
+- ``conv2d_forward / conv2d_backward``: direct sparse convolution on a padded NCHW input (the
+  forward adds an optional bias as it writes the output; the backward gives the gradients of
+  the padded input and of the non-zeros, each when asked, sharing what they both need);
+- ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
+  the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
+  stride-1 one (``accel.layers``);
+- ``patches(x, kh, kw, stride, ph, pw, oh, ow) -> rows`` (im2col: each output position's input
+  patch as a row of ``C * kh * kw``) and its adjoint ``patches_grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import Tensor
+
+
+def panel_width(batch: int) -> int:
+    """Batch rows per panel: 64, or 32/16 for small batches (less padding)."""
+    return 64 if batch >= 64 else 32 if batch > 16 else 16
+
+
+class Ops(Protocol):
+    name: str
+
+    def pack(self, x: Tensor) -> Tensor: ...
+
+    def pack_sum(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def spmm(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        rows: int,
+        batch: int,
+        perm: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor: ...
+
+    def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor: ...
+
+    def linear_forward(
+        self,
+        x: Tensor,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        rows: int,
+        bias: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def linear_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        perm: Tensor,
+        perm_inv: Tensor,
+        val: Tensor,
+        grad_y: Tensor,
+        xp: Tensor,
+        want_bias: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]: ...
+
+    def conv2d_forward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        out_channels: int,
+        kh: int,
+        kw: int,
+        stride: int,
+        oh: int,
+        ow: int,
+        bias: Tensor | None = None,
+    ) -> Tensor: ...
+
+    def conv2d_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        val_t: Tensor,
+        g: Tensor,
+        xp: Tensor,
+        kh: int,
+        kw: int,
+        stride: int,
+        want_input: bool,
+        want_weight: bool,
+    ) -> tuple[Tensor | None, Tensor | None]: ...
+
+    def phase_planes(
+        self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int
+    ) -> Tensor: ...
+
+    def phase_planes_grad(
+        self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int
+    ) -> Tensor: ...
+
+    def patches(
+        self, x: Tensor, kh: int, kw: int, stride: int, ph: int, pw: int, oh: int, ow: int
+    ) -> Tensor: ...
+
+    def patches_grad(
+        self,
+        g: Tensor,
+        shape: tuple[int, int, int, int],
+        kh: int,
+        kw: int,
+        stride: int,
+        ph: int,
+        pw: int,
+        oh: int,
+        ow: int,
+    ) -> Tensor: ...

@@ -1,0 +1,209 @@
+"""The PyTorch backend: torch's CSR matmul and sampled matmul, dense convolution routines. It
+computes what the compiled kernels compute, wherever they cannot run (CUDA, other dtypes, no
+compiler)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from .protocol import panel_width
+
+
+class TorchOps:
+    """The fallback: torch's CSR matmul and sampled matmul; dense convolution routines."""
+
+    name = "torch"
+
+    @staticmethod
+    def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
+        with warnings.catch_warnings():  # torch's "CSR support is in beta" note, once per user
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            # torch wants the row pointers and column indices of one dtype
+            return torch.sparse_csr_tensor(
+                crow.to(col.dtype), col, val, shape, check_invariants=False
+            )
+
+    def pack(self, x: Tensor) -> Tensor:
+        b, f = x.shape
+        w = panel_width(b)
+        nb = -(-b // w)
+        padded = F.pad(x, (0, 0, 0, nb * w - b))
+        return padded.view(nb, w, f).transpose(1, 2).contiguous()
+
+    def pack_sum(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.pack(x), x.sum(0)
+
+    @staticmethod
+    def _unpanel(xp: Tensor) -> Tensor:
+        """Panels (nb, F, W) -> (F, nb * W): the transposed, padded activations."""
+        return xp.permute(1, 0, 2).reshape(xp.shape[1], -1)
+
+    def spmm(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        rows: int,
+        batch: int,
+        perm: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        values = val if perm is None else val[perm]
+        xt = self._unpanel(xp)
+        y = (self._csr(crow, col, values, (rows, xt.shape[0])) @ xt)[:, :batch].t()
+        return y if bias is None else y + bias
+
+    def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor:
+        gt, xt = self._unpanel(gp), self._unpanel(xp)
+        pattern = self._csr(
+            crow, col, torch.zeros_like(col, dtype=gt.dtype), (gt.shape[0], xt.shape[0])
+        )
+        out: Tensor = torch.sparse.sampled_addmm(pattern, gt, xt.T, beta=0.0)
+        return out.values()
+
+    def linear_forward(
+        self,
+        x: Tensor,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        rows: int,
+        bias: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        xp = self.pack(x)
+        return self.spmm(crow, col, val, xp, rows, x.shape[0], bias=bias), xp
+
+    def linear_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        perm: Tensor,
+        perm_inv: Tensor,
+        val: Tensor,
+        grad_y: Tensor,
+        xp: Tensor,
+        want_bias: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        batch = grad_y.shape[0]
+        gp = self.pack(grad_y)
+        grad_x = self.spmm(crow_t, col_t, val, gp, crow_t.numel() - 1, batch, perm)
+        return grad_x, self.sampled(crow, col, gp, xp), grad_y.sum(0) if want_bias else None
+
+    def _dense(self, crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, ...]) -> Tensor:
+        rows = shape[0]
+        return self._csr(crow, col, val, (rows, math.prod(shape[1:]))).to_dense().view(shape)
+
+    def conv2d_forward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        xp: Tensor,
+        out_channels: int,
+        kh: int,
+        kw: int,
+        stride: int,
+        oh: int,
+        ow: int,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        w = self._dense(crow, col, val, (out_channels, xp.shape[1], kh, kw))
+        return F.conv2d(xp, w, bias, stride=stride)
+
+    def _grad_input(
+        self,
+        crow_t: Tensor,
+        col_t: Tensor,
+        val_t: Tensor,
+        g: Tensor,
+        in_channels: int,
+        hp: int,
+        wp: int,
+        kh: int,
+        kw: int,
+        stride: int,
+    ) -> Tensor:
+        wt = self._dense(crow_t, col_t, val_t, (in_channels, g.shape[1], kh, kw))
+        w = wt.transpose(0, 1)  # back to (out, in, kh, kw)
+        shape = (g.shape[0], in_channels, hp, wp)
+        gx: Tensor = conv2d_input(shape, w, g, stride=stride)  # type: ignore[no-untyped-call]
+        return gx
+
+    def _grad_weight(
+        self, crow: Tensor, col: Tensor, g: Tensor, xp: Tensor, kh: int, kw: int, stride: int
+    ) -> Tensor:
+        shape = (g.shape[1], xp.shape[1], kh, kw)
+        dw: Tensor = conv2d_weight(xp, shape, g, stride=stride)  # type: ignore[no-untyped-call]
+        rows = torch.repeat_interleave(torch.arange(g.shape[1], device=crow.device), crow.diff())
+        return dw.reshape(g.shape[1], -1)[rows, col]
+
+    def conv2d_backward(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        crow_t: Tensor,
+        col_t: Tensor,
+        val_t: Tensor,
+        g: Tensor,
+        xp: Tensor,
+        kh: int,
+        kw: int,
+        stride: int,
+        want_input: bool,
+        want_weight: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        c_in, hp, wp = xp.shape[1:]
+        gxp = (
+            self._grad_input(crow_t, col_t, val_t, g, c_in, hp, wp, kh, kw, stride)
+            if want_input
+            else None
+        )
+        dval = self._grad_weight(crow, col, g, xp, kh, kw, stride) if want_weight else None
+        return gxp, dval
+
+    def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
+        s, (n, c, h, w) = stride, x.shape
+        # pad to s*hq x s*wq; what lies past that is never read: crop it
+        xp = F.pad(x, (pw, max(0, s * wq - w - pw), ph, max(0, s * hq - h - ph)))
+        xp = xp[:, :, : s * hq, : s * wq]
+        planes = xp.reshape(n, c, hq, s, wq, s).permute(0, 3, 5, 1, 2, 4)
+        return planes.reshape(n, s * s * c, hq, wq)
+
+    def phase_planes_grad(self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int) -> Tensor:
+        s, (n, _, hq, wq) = stride, g.shape
+        c = g.shape[1] // (s * s)
+        grid = g.reshape(n, s, s, c, hq, wq).permute(0, 3, 4, 1, 5, 2)
+        grid = grid.reshape(n, c, s * hq, s * wq)
+        # the padded input's gradient: zero past the planes (rows and columns never read)
+        full = F.pad(grid, (0, max(0, w + pw - s * wq), 0, max(0, h + ph - s * hq)))
+        return full[:, :, ph : ph + h, pw : pw + w].contiguous()
+
+    def patches(
+        self, x: Tensor, kh: int, kw: int, stride: int, ph: int, pw: int, oh: int, ow: int
+    ) -> Tensor:
+        cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=stride)  # (N, C*kh*kw, oh*ow)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    def patches_grad(
+        self,
+        g: Tensor,
+        shape: tuple[int, int, int, int],
+        kh: int,
+        kw: int,
+        stride: int,
+        ph: int,
+        pw: int,
+        oh: int,
+        ow: int,
+    ) -> Tensor:
+        cols = g.reshape(shape[0], oh * ow, -1).transpose(1, 2)
+        return F.fold(cols, shape[2:], (kh, kw), padding=(ph, pw), stride=stride)
