@@ -14,46 +14,31 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._registry import Registry
+from .base import Batch, Data, DatasetInfo, hold_out, seed_of
 from .cifar import TEST_FILES, TRAIN_FILES, read_split
 from .download import DownloadError, download_file, extract_tar
 from .idx import read_idx
 
-Batch = tuple[Tensor, Tensor]  # (B, C, H, W) float32 normalised, (B,) int64
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    folders: tuple[str, ...]  # sub-folder names tried under each search root
-    files: tuple[str, ...]  # what must exist in a folder for it to count
-    system_dirs: tuple[str, ...] = ()
-    downloads: tuple[tuple[str, str], ...] = ()  # (url, md5); empty: cannot be downloaded
-    how_to_get: str = ""
-    augment: bool = False  # pad-crop and flip by default when training
-
-
-class Data(Protocol):
-    """A loaded dataset: sizes and batches of its ``train``, ``val`` and ``test`` splits."""
-
-    info: DatasetInfo
-
-    def size(self, split: str) -> int: ...
-
-    def batches(
-        self, split: str, batch_size: int, *, shuffle: bool, seed: int, epoch: int, augment: bool
-    ) -> Iterator[Batch]: ...
-
+__all__ = [
+    "DATASETS",
+    "ArrayData",
+    "Batch",
+    "Data",
+    "DatasetInfo",
+    "fetch",
+    "find_or_fetch",
+    "load_dataset",
+    "locate",
+    "pad_crop_flip",
+    "search_roots",
+    "steps_per_epoch",
+]
 
 _FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -235,14 +220,6 @@ def find_or_fetch(
 # ----------------------------------------------------------------------------- in-memory data
 
 
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and platforms)."""
-    s = 0x5EED
-    for p in parts:
-        s = (s * 1_000_003 + p) % (2**63 - 1)
-    return s
-
-
 @dataclass
 class ArrayData:
     """Images held in memory as uint8 (N, C, H, W), with labels; normalised per batch."""
@@ -259,10 +236,10 @@ class ArrayData:
         x, y = self.splits[split]
         n = len(y)
         if shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(seed, epoch)))
         else:
             order = torch.arange(n)
-        gen = torch.Generator().manual_seed(_seed(seed, epoch, 1))
+        gen = torch.Generator().manual_seed(seed_of(seed, epoch, 1))
         mean = torch.tensor(self.info.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.info.std).view(1, -1, 1, 1)
         for start in range(0, n, batch_size):
@@ -286,15 +263,6 @@ def pad_crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor
     batch = torch.arange(b)[:, None, None, None]
     chans = torch.arange(x.shape[1])[None, :, None, None]
     return padded[batch, chans, rows, cols]
-
-
-def _hold_out(
-    x: Tensor, y: Tensor, fraction: float, split_seed: int
-) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    n_val = round(fraction * len(y))
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(_seed(split_seed)))
-    val, train = order[:n_val], order[n_val:]
-    return (x[train], y[train]), (x[val], y[val])
 
 
 def load_dataset(
@@ -337,7 +305,7 @@ def load_dataset(
             raise ValueError(
                 f"{name} {what} images have shape {tuple(x.shape[1:])}, expected {info.input_shape}"
             )
-    train, val = _hold_out(train_x, train_y, val_fraction, split_seed)
+    train, val = hold_out(train_x, train_y, val_fraction, split_seed)
     return ArrayData(info, {"train": train, "val": val, "test": (test_x, test_y)})
 
 

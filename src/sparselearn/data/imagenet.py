@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import Batch, DatasetInfo, _hold_out, _seed
+from .base import Batch, DatasetInfo, hold_out, seed_of
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 
@@ -67,7 +67,7 @@ class _Images(Dataset[tuple[Tensor, int]]):
         with Image.open(self.paths[i]) as file:
             img: Any = file.convert("RGB")
             if self.train:
-                gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, i))
+                gen = torch.Generator().manual_seed(seed_of(self.seed, self.epoch, i))
                 img = _random_resized_crop(img, self.size, gen)
                 if bool(torch.rand(1, generator=gen) < 0.5):
                     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -122,7 +122,7 @@ class FolderData:
         train_paths, train_y, classes = _scan(folder / "train")
         test_paths, test_y, _ = _scan(folder / "val", classes)
         index = torch.arange(len(train_paths))
-        (train_i, _), (val_i, _) = _hold_out(index, train_y, val_fraction, split_seed)
+        (train_i, _), (val_i, _) = hold_out(index, train_y, val_fraction, split_seed)
         splits = {
             "train": ([train_paths[i] for i in train_i.tolist()], train_y[train_i]),
             "val": ([train_paths[i] for i in val_i.tolist()], train_y[val_i]),
@@ -145,7 +145,7 @@ class FolderData:
         images = _Images(
             paths, labels, self.image_size, augment, seed, epoch, self.info.mean, self.info.std
         )
-        generator = torch.Generator().manual_seed(_seed(seed, epoch))
+        generator = torch.Generator().manual_seed(seed_of(seed, epoch))
         loader = DataLoader(
             images,
             batch_size=batch_size,
