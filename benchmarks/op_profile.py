@@ -34,9 +34,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import sparselearn as sl
 from sparselearn.accel import SparseLinear, SparseWeight
+from sparselearn.experiments.report import replace_section
 from sparselearn.kernels import ops_for
 from sparselearn.models import create_model
-from sparselearn.report import replace_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
 from benchmarks.speed import train_step  # a layer's step, timed as speed.py times it

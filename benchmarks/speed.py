@@ -33,9 +33,9 @@ from torch import nn
 
 import sparselearn as sl
 from sparselearn.accel import SparseConv2d, SparseLinear
+from sparselearn.experiments.report import replace_section
 from sparselearn.kernels import extension
 from sparselearn.models import create_model
-from sparselearn.report import replace_section
 
 START, END = "<!-- speed:start -->", "<!-- speed:end -->"
 LINEAR_TARGET = {0.01: 20.0, 0.05: 8.0, 0.1: 3.5}  # at 20% and above: never slower (>= 1x)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparselearn.analyze import analyze, selectivity, specialisation
-from sparselearn.train import TrainConfig, train
+from sparselearn.experiments.analyze import analyze, selectivity, specialisation
+from sparselearn.experiments.config import TrainConfig
+from sparselearn.experiments.train import train
 from tests.datafiles import write_mnist_like
 
 

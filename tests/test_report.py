@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparselearn.report import END, START, collect, replace_section, report
+from sparselearn.experiments.report import END, START, collect, replace_section, report
 
 ACCURACIES = {
     ("dense", 1.0): [0.90, 0.91, 0.92],

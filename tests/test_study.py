@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sparselearn.study import expand, run_study
+from sparselearn.experiments.study import expand, run_study
 from tests.datafiles import write_mnist_like
 
 

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 import sparselearn.accel
-import sparselearn.cli as cli
+import sparselearn.experiments.cli as cli
+from sparselearn.experiments.config import SPARSITY_OPTIONS, TrainConfig
+from sparselearn.experiments.runs import load_yaml, read_metrics
+from sparselearn.experiments.train import train
 from sparselearn.kernels import extension
-from sparselearn.train import SPARSITY_OPTIONS, TrainConfig, load_yaml, read_metrics, train
 from tests.datafiles import write_mnist_like
 
 
@@ -186,7 +188,7 @@ def test_resume_after_a_kill_gives_the_same_final_numbers(
     ]
     args += ["--density", "0.1", "--update-every", "17", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sparselearn.cli", "train", *args]
+    cmd = [sys.executable, "-m", "sparselearn", "train", *args]
     reference = subprocess.run(
         [*cmd, "--out", str(tmp_path / "straight")],
         env=env,
@@ -405,7 +407,8 @@ def test_demo(
 
 
 def test_a_checkpoint_from_before_an_option_existed_still_resumes(data_dir: Path) -> None:
-    from sparselearn.train import _jsonable, _same_config
+    from sparselearn.experiments.config import jsonable as _jsonable
+    from sparselearn.experiments.config import same_config as _same_config
 
     cfg = small(data_dir)
     saved = _jsonable(cfg.to_dict())

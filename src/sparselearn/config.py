@@ -88,6 +88,10 @@ def _check_selectors(name: str, value: object) -> tuple[Selector, ...]:
     return tuple(value)
 
 
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class SparsityConfig:
     """Everything that defines how a model is trained sparse. Build it with
@@ -96,30 +100,48 @@ class SparsityConfig:
     See the README for the meaning and default of every field.
     """
 
-    method: str = "custom"
-    density: float = 1.0
-    total_steps: int | None = None
-    schedule: ScheduleName = "periodic"
-    init: str = "uniform"
-    prune: str | None = "magnitude"
-    growth: str | None = "momentum"
-    redistribution: str = "none"
-    update_every: int | Literal["epoch"] = 100
-    steps_per_epoch: int | None = None
-    start_at: float = 0.0
-    stop_at: float = 1.0
-    prune_rate: float = 0.5
-    prune_rate_schedule: str = "cosine"
-    prune_rate_min: float = 0.005
-    optimizer_state: str = "keep"
-    ema_decay: float = 0.9
-    momentum_window: int | None = None
-    include: tuple[Selector, ...] = ()
-    exclude: tuple[Selector, ...] = ()
-    layer_density: tuple[tuple[str, float], ...] = field(default=())
-    dense_first: bool = False
-    dense_last: bool = False
-    seed: int | None = None
+    method: str = _option("custom", "the preset these options came from")
+    density: float = _option(1.0, "fraction of weights kept active, in (0, 1]")
+    total_steps: int | None = _option(None, "optimizer steps in the whole run")
+    schedule: str = _option("periodic", "mask schedule: dense, fixed, one_shot, periodic, gradual")
+    init: str = _option("uniform", "initial distribution: uniform, er, erk")
+    prune: str | None = _option("magnitude", "prune criterion")
+    growth: str | None = _option("momentum", "growth criterion")
+    redistribution: str = _option("none", "redistribution")
+    update_every: int | Literal["epoch"] = _option(
+        100, "optimizer steps between mask updates, or 'epoch'; 0: never"
+    )
+    steps_per_epoch: int | None = _option(
+        None, "optimizer steps per epoch (for update_every='epoch')"
+    )
+    start_at: float = _option(0.0, "fraction of training before which masks stay fixed")
+    stop_at: float = _option(1.0, "fraction of training after which masks freeze")
+    prune_rate: float = _option(0.5, "fraction of active weights pruned at each update")
+    prune_rate_schedule: str = _option("cosine", "cosine, linear or constant")
+    prune_rate_min: float = _option(0.005, "where the prune-rate schedule ends")
+    optimizer_state: str = _option("keep", "keep, reset_grown, reset_pruned, reset_both")
+    ema_decay: float = _option(
+        0.9, "decay of the engine's gradient average (optimizers without momentum)"
+    )
+    momentum_window: int | None = _option(
+        None,
+        "growth by momentum: accumulate dense gradients only in this many steps before each "
+        "update (the variant that trains sparse in between)",
+    )
+    include: tuple[Selector, ...] = _option(
+        (), "extra tensors to sparsify: names, 're:' patterns, 'type:Embedding'"
+    )
+    exclude: tuple[Selector, ...] = _option(
+        (), "tensors to keep dense: names, 're:' patterns, 'type:...'"
+    )
+    layer_density: tuple[tuple[str, float], ...] = _option(
+        (), "NAME=DENSITY pairs fixing the density of those layers"
+    )
+    dense_first: bool = _option(False, "keep the first sparsified layer dense")
+    dense_last: bool = _option(False, "keep the last sparsified layer dense")
+    seed: int | None = _option(
+        None, "seed of the engine's generator (initial masks, random growth, tie-breaking)"
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through object.__setattr__

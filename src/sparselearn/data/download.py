@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from .._io import atomic_file
 
 
 class DownloadError(RuntimeError):
@@ -32,21 +32,20 @@ def download_file(url: str, dest: Path, md5: str | None, *, timeout: float = 60.
     dest = Path(dest)
     if dest.exists() and (md5 is None or md5sum(dest) == md5):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+
+    def check(tmp: Path) -> None:
+        got = md5sum(tmp)
+        if got != md5:
+            raise DownloadError(f"{url}: MD5 {got} does not match the published {md5}")
+
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with (
+            atomic_file(dest, verify=None if md5 is None else check) as out,
+            urllib.request.urlopen(url, timeout=timeout) as response,
+        ):
             shutil.copyfileobj(response, out, length=1 << 20)
-        if md5 is not None:
-            got = md5sum(tmp)
-            if got != md5:
-                raise DownloadError(f"{url}: MD5 {got} does not match the published {md5}")
-        os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         raise DownloadError(f"could not download {url}: {err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import gzip
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .._io import write_atomic
 
 # IDX type code -> (torch dtype, bytes per value, numpy-style big-endian code)
 _TYPES: dict[int, tuple[torch.dtype, int]] = {
@@ -83,12 +84,4 @@ def write_idx(
     payload = header + raw.numpy().tobytes()
     if compress:
         payload = gzip.compress(payload, mtime=0)
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, payload)

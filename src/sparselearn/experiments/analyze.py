@@ -1,0 +1,162 @@
+"""``sparselearn analyze``: how class-specialised are the channels and neurons of a model?
+
+For every convolutional channel and hidden neuron (the ReLU of each Conv and Linear layer except
+the output layer), the mean absolute activation is computed per class on the test set. A unit's
+class specialisation is the class selectivity index (Morcos et al. 2018):
+
+    SI = (mu_max - mu_rest) / (mu_max + mu_rest)
+
+where ``mu_max`` is its mean activation on its favourite class and ``mu_rest`` the mean over the
+other classes: 0 when it responds to every class alike, 1 when it responds to one class only.
+Units that never activate on the test set ("dead") are counted apart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..data.datasets import load_dataset
+from ..models import create_model
+from .config import TrainConfig
+from .report import replace_section
+from .runs import iter_runs, load_yaml
+
+START, END = "<!-- analysis:start -->", "<!-- analysis:end -->"
+
+
+@dataclass(frozen=True)
+class LayerSpecialisation:
+    layer: str
+    selectivity: Tensor  # (live units,)
+    dead: int
+
+
+def selectivity(class_means: Tensor) -> Tensor:
+    """Class selectivity index of each row of a (units, classes) matrix of mean activations."""
+    k = class_means.shape[1]
+    top = class_means.max(dim=1).values
+    rest = (class_means.sum(dim=1) - top) / (k - 1)
+    return (top - rest) / (top + rest)
+
+
+@torch.no_grad()
+def specialisation(run: Path, batch_size: int = 1000) -> list[LayerSpecialisation]:
+    """Per-layer class selectivity of the trained model in ``run``."""
+    cfg = TrainConfig.from_dict(load_yaml(run / "config.yaml"))
+    data = load_dataset(
+        cfg.data,
+        cfg.data_dir,
+        val_fraction=cfg.val_fraction,
+        split_seed=cfg.split_seed,
+        download=cfg.download,
+        mirror=cfg.data_mirror,
+    )
+    model = create_model(cfg.model, data.info.input_shape, data.info.num_classes)
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    model.eval()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = layers[:-1]  # the output layer's units are the classes themselves
+    k = data.info.num_classes
+    sums = {n: torch.zeros(0) for n, _ in layers}
+    counts = torch.zeros(k)
+    labels: Tensor = torch.zeros(0, dtype=torch.long)
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(_m: nn.Module, _i: object, out: Tensor) -> None:
+            act = out.relu().abs()  # (B, C, H, W) or (B, units)
+            per_unit = act.flatten(2).mean(2) if act.dim() > 2 else act  # (B, units)
+            onehot = nn.functional.one_hot(labels, k).float()  # (B, classes)
+            total = onehot.T @ per_unit  # (classes, units)
+            sums[name] = total if sums[name].numel() == 0 else sums[name] + total
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
+    try:
+        for x, y in data.batches("test", batch_size, shuffle=False, seed=0, epoch=0, augment=False):
+            labels = y
+            counts += torch.bincount(y, minlength=k).float()
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for name, _ in layers:
+        means = (sums[name] / counts[:, None]).T  # (units, classes)
+        live = means.sum(dim=1) > 0
+        out.append(LayerSpecialisation(name, selectivity(means[live]), int((~live).sum())))
+    return out
+
+
+def analyze(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    out: Path | None = None,
+    markdown: Path | None = None,
+) -> str:
+    """Summary statistics per method and layer (pooled over the runs given), and histograms."""
+    import json
+
+    groups: dict[str, dict[str, list[LayerSpecialisation]]] = defaultdict(lambda: defaultdict(list))
+    model_name = ""
+    for run in iter_runs(list(paths)):
+        s = json.loads((run / "summary.json").read_text())
+        label = s["method"] if s["method"] == "dense" else f"{s['method']} {100 * s['density']:g}%"
+        model_name = s["model"]
+        for layer in specialisation(run):
+            groups[label][layer.layer].append(layer)
+    if not groups:
+        raise FileNotFoundError(f"no finished runs under {', '.join(map(str, paths))}")
+    lines = [
+        f"Class selectivity of {model_name} units on the test set (0: responds to all classes "
+        "alike, 1: to one class only), pooled over seeds.",
+        "",
+        "| model | layer | units (dead) | mean | median | share above 0.5 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for label, by_layer in groups.items():
+        for layer_name, items in by_layer.items():
+            si = torch.cat([i.selectivity for i in items])
+            dead = sum(i.dead for i in items)
+            units = si.numel() + dead
+            share = 100 * float((si > 0.5).float().mean())
+            lines.append(
+                f"| {label} | {layer_name} | {units} ({dead}) | {float(si.mean()):.3f} | "
+                f"{float(si.median()):.3f} | {share:.1f}% |"
+            )
+    text = "\n".join(lines) + "\n"
+    if out is not None:
+        figure = _histograms(groups, out / f"{model_name}-class-selectivity.png")
+        if markdown is not None:
+            text += f"\n![class selectivity]({os.path.relpath(figure, markdown.parent)})\n"
+    if markdown is not None:
+        replace_section(markdown, START, END, text)
+    return text
+
+
+def _histograms(groups: dict[str, dict[str, list[LayerSpecialisation]]], path: Path) -> Path:
+    from .plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    layer_names = list(next(iter(groups.values())))
+    fig, axes = plt.subplots(1, len(layer_names), figsize=(3.6 * len(layer_names), 3.2))
+    axes = [axes] if len(layer_names) == 1 else list(axes)
+    for ax, layer in zip(axes, layer_names, strict=True):
+        for label, by_layer in groups.items():
+            si = torch.cat([i.selectivity for i in by_layer.get(layer, [])])
+            if si.numel():
+                ax.hist(si.numpy(), bins=20, range=(0, 1), density=True, alpha=0.5, label=label)
+        ax.set_title(layer)
+        ax.set_xlabel("class selectivity")
+    axes[0].set_ylabel("density of units")
+    axes[0].legend(fontsize=8)
+    save_figure(fig, path)
+    return path

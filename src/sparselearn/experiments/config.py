@@ -1,0 +1,180 @@
+"""The configuration of one training run: every setting, with its help text beside its field
+(the ``sparselearn train`` flags are made from these fields and the engine's options)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..config import OPTION_NAMES, _check_unit, unknown_option_message
+
+# engine options the training run sets itself
+_DERIVED = ("steps_per_epoch",)
+SPARSITY_OPTIONS: tuple[str, ...] = tuple(o for o in OPTION_NAMES if o not in (*_DERIVED, "seed"))
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run. Defaults follow the sparse momentum paper's MNIST setup."""
+
+    model: str = _setting("lenet300-100", "model name (see `sparselearn list`)")
+    data: str = _setting("fashion-mnist", "dataset: mnist, fashion-mnist, cifar10, imagenet")
+    method: str = _setting("sparse_momentum", "sparse training method (see `sparselearn list`)")
+    label: str | None = _setting(None, "the name of this variant in reports (default: the method)")
+    density: float | None = _setting(
+        0.05, "fraction of weights kept active, e.g. 0.05 (ignored by dense)"
+    )
+    epochs: int = _setting(100, "training epochs")
+    batch_size: int = _setting(100, "training batch size")
+    optimizer: str = _setting("sgd", "sgd (Nesterov momentum) or adam")
+    lr: float = _setting(0.1, "initial learning rate")
+    momentum: float = _setting(0.9, "SGD momentum")
+    nesterov: bool = _setting(True, "Nesterov momentum")
+    weight_decay: float = _setting(5e-4, "L2 weight decay")
+    lr_schedule: str = _setting("step", "step, cosine or constant")
+    lr_milestones: tuple[float, ...] = _setting(
+        (0.5, 0.75), "step schedule: fractions of training where the lr is multiplied by lr-gamma"
+    )
+    lr_gamma: float = _setting(0.1, "step schedule factor")
+    val_fraction: float = _setting(0.1, "fraction of the training set held out for validation")
+    split_seed: int = _setting(0, "seed of the validation split (shared by all runs)")
+    augment: bool | None = _setting(
+        None, "data augmentation (default: on for CIFAR-10 and ImageNet)"
+    )
+    seed: int = _setting(1, "seed of the model, data order and masks")
+    data_dir: str | None = _setting(
+        None, "where the dataset lives (then $SPARSELEARN_DATA, then the system location)"
+    )
+    download: bool = _setting(True, "download missing datasets from their canonical source")
+    data_mirror: str | None = _setting(
+        None, "base URL to download dataset files from instead of the canonical host"
+    )
+    image_size: int | None = _setting(None, "ImageNet crop size")
+    workers: int = _setting(0, "data loader worker processes (ImageNet)")
+    threads: int | None = _setting(None, "torch CPU threads")
+    device: str = _setting("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = _setting(
+        False, "mixed precision (float16 with a grad scaler on CUDA, bfloat16 on CPU)"
+    )
+    grad_clip: float | None = _setting(None, "clip the gradient norm to this value")
+    accelerate: str = _setting(
+        "off",
+        "compute with the sparse weights (sl.accelerate): off; auto (time each layer on a "
+        "training batch, keep the faster); sparse (every supported layer)",
+    )
+    eval_batch_size: int = _setting(1000, "batch size for evaluation")
+    # engine options that were set (the others take the method's defaults)
+    sparsity: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "eval_batch_size")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.lr_schedule not in ("step", "cosine", "constant"):
+            raise ValueError(
+                f"lr_schedule must be 'step', 'cosine' or 'constant', got {self.lr_schedule!r}"
+            )
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ValueError(
+                f"lr_milestones are fractions of training in (0, 1), got {self.lr_milestones}"
+            )
+        if self.accelerate not in ("off", "auto", "sparse"):
+            raise ValueError(
+                f"accelerate must be 'off', 'auto' (time each layer, keep the faster) or "
+                f"'sparse' (every supported layer), got {self.accelerate!r}"
+            )
+        if self.accelerate != "off" and self.amp:
+            raise ValueError(
+                "accelerate and amp cannot be combined: the sparse kernels compute in the "
+                "weights' dtype (float32); drop one of them"
+            )
+        if self.density is not None:  # checked before any data is read
+            _check_unit("density", self.density, low_open=True, high_open=False)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        unknown = [k for k in self.sparsity if k not in SPARSITY_OPTIONS]
+        if unknown:
+            raise ValueError(unknown_option_message(unknown[0], SPARSITY_OPTIONS))
+        object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
+        object.__setattr__(self, "sparsity", dict(self.sparsity))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat keys, as ``--config`` reads them: run settings, then the engine options set."""
+        out = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sparsity"
+        }
+        out["lr_milestones"] = list(self.lr_milestones)
+        out.update(self.sparsity)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        run_keys = {f.name for f in dataclasses.fields(cls)} - {"sparsity"}
+        run, sparse = {}, {}
+        for key, value in values.items():
+            if key in run_keys:
+                run[key] = value
+            elif key in SPARSITY_OPTIONS:
+                sparse[key] = value
+            else:
+                raise ValueError(
+                    unknown_option_message(key, (*sorted(run_keys), *SPARSITY_OPTIONS))
+                )
+        if "lr_milestones" in run:
+            run["lr_milestones"] = tuple(run["lr_milestones"])
+        return cls(**run, sparsity=sparse)
+
+
+def engine_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's engine options in the engine's own types (module types, update_every)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.sparsity.items():
+        if key in ("include", "exclude"):
+            value = [_selector(v) for v in ([value] if isinstance(value, str) else value)]
+        elif key == "update_every" and isinstance(value, str) and value != "epoch":
+            value = int(value)
+        out[key] = value
+    return out
+
+
+def _selector(value: str) -> str | type[nn.Module]:
+    """``type:Embedding`` names a torch.nn module type; anything else is a name or pattern."""
+    if not value.startswith("type:"):
+        return value
+    cls = getattr(nn, value[5:], None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{value!r}: torch.nn has no module type {value[5:]!r}")
+    return cls
+
+
+def jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain JSON/YAML values (tuples become lists), so that saved configs compare equal."""
+    plain: dict[str, Any] = json.loads(json.dumps(dict(values)))
+    return plain
+
+
+def same_config(saved: Any, cfg: TrainConfig) -> bool:
+    """``saved`` (a checkpoint's config) describes ``cfg``; options added to sparselearn after
+    the checkpoint was written count as their defaults."""
+    if not isinstance(saved, dict):
+        return False
+    try:
+        filled = TrainConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        return False
+    return jsonable(filled) == jsonable(cfg.to_dict())

@@ -1,0 +1,177 @@
+"""``sparselearn report``: test accuracy over seeds per model, method and density."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .runs import iter_runs, write_atomic
+
+START, END = "<!-- report:start -->", "<!-- report:end -->"
+
+
+@dataclass(frozen=True)
+class Cell:
+    values: tuple[float, ...]  # one per seed
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def se(self) -> float:
+        """Standard error of the mean (0 for a single seed)."""
+        return statistics.stdev(self.values) / math.sqrt(self.n) if self.n > 1 else 0.0
+
+    def text(self, scale: float = 100.0) -> str:
+        if self.n == 1:
+            return f"{scale * self.mean:.2f} (n=1)"
+        return f"{scale * self.mean:.2f} ± {scale * self.se:.2f} ({self.n})"
+
+
+Key = tuple[str, str]  # (data, model)
+
+
+def collect(paths: Sequence[str | os.PathLike[str]]) -> dict[Key, dict[str, dict[float, Cell]]]:
+    """``{(data, model): {method: {density: Cell}}}`` from every summary.json under ``paths``."""
+    raw: dict[Key, dict[str, dict[float, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for run in iter_runs(list(paths)):
+        s: dict[str, Any] = json.loads((run / "summary.json").read_text())
+        raw[(s["data"], s["model"])][s.get("label") or s["method"]][float(s["density"])].append(
+            s["test_acc"]
+        )
+    if not raw:
+        raise FileNotFoundError(
+            f"no finished runs (summary.json) under {', '.join(map(str, paths))}"
+        )
+    return {
+        key: {m: {d: Cell(tuple(v)) for d, v in by_d.items()} for m, by_d in by_m.items()}
+        for key, by_m in raw.items()
+    }
+
+
+def table(results: dict[Key, dict[str, dict[float, Cell]]]) -> str:
+    """Markdown tables, one per (dataset, model)."""
+    lines = []
+    for (data, model), by_method in sorted(results.items()):
+        densities = sorted({d for m, by_d in by_method.items() if m != "dense" for d in by_d})
+        lines += [
+            f"### {model} on {data}",
+            "",
+            "Test accuracy (%), mean ± standard error over seeds (number of seeds); the best "
+            "sparse method at each density in bold.",
+            "",
+            "| method | " + " | ".join(f"{100 * d:g}%" for d in densities) + " |",
+            "|---|" + "---:|" * len(densities),
+        ]
+        best = {
+            d: max(
+                (
+                    c.mean
+                    for m, by_d in by_method.items()
+                    if m != "dense"
+                    for dd, c in by_d.items()
+                    if dd == d
+                ),
+                default=None,
+            )
+            for d in densities
+        }
+        for method in sorted(by_method, key=lambda m: (m == "dense", m)):
+            by_d = by_method[method]
+            if method == "dense":
+                cell = by_d[1.0]
+                lines.append(f"| dense (100%) | {cell.text()} |" + " |" * (len(densities) - 1))
+                continue
+            cells = []
+            for d in densities:
+                c = by_d.get(d)
+                text = "–" if c is None else c.text()
+                cells.append(f"**{text}**" if c is not None and c.mean == best[d] else text)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict[Key, dict[str, dict[float, Cell]]], folder: Path) -> list[Path]:
+    """One accuracy-versus-density PNG per model."""
+    from .plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    written = []
+    for (data, model), by_method in sorted(results.items()):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for method, by_d in sorted(by_method.items()):
+            if method == "dense":
+                c = by_d[1.0]
+                ax.axhline(100 * c.mean, color="k", ls="--", lw=1, label="dense")
+                ax.axhspan(100 * (c.mean - c.se), 100 * (c.mean + c.se), color="k", alpha=0.08)
+                continue
+            ds = sorted(by_d)
+            ax.errorbar(
+                [100 * d for d in ds],
+                [100 * by_d[d].mean for d in ds],
+                yerr=[100 * by_d[d].se for d in ds],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=method,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("density (% of weights active)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{model} on {data}")
+        ax.legend(fontsize=8)
+        path = folder / f"{data}-{model}-accuracy-vs-density.png"
+        save_figure(fig, path)
+        written.append(path)
+    return written
+
+
+def replace_section(path: Path, start: str, end: str, body: str) -> None:
+    """Put ``body`` between the markers in ``path`` (appended if absent); the rest is kept."""
+    section = f"{start}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + section + "\n"
+    write_atomic(path, text)
+
+
+def report(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    markdown: Path | None = None,
+    plots: Path | None = None,
+    section: str = "report",
+) -> str:
+    """Aggregate runs; optionally write the tables into a markdown file and the plots.
+
+    The tables go between ``<!-- {section}:start -->`` and ``<!-- {section}:end -->``, so that
+    one file can hold several reports; the rest of the file is kept.
+    """
+    results = collect(paths)
+    text = table(results)
+    if plots is not None:
+        figures = plot(results, plots)
+        if markdown is not None:
+            rel = [os.path.relpath(p, markdown.parent) for p in figures]
+            text += "\n" + "\n".join(f"![accuracy versus density]({r})" for r in rel) + "\n"
+    if markdown is not None:
+        replace_section(markdown, f"<!-- {section}:start -->", f"<!-- {section}:end -->", text)
+    return text

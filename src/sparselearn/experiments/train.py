@@ -1,0 +1,369 @@
+"""The training run behind ``sparselearn train``: one configuration, one run directory.
+
+``train()`` reads top to bottom: set up (data, model, optimizer, engine, acceleration, a resumed
+checkpoint), then per epoch the training pass, a metrics row and a checkpoint, then the summary.
+The run directory (``runs.py``) holds ``config.yaml``, ``sparsity.yaml``, ``metrics.jsonl`` (one
+row per epoch), ``checkpoint.pt`` (written atomically after every epoch; ``--resume`` continues
+from it and reaches the same final numbers), ``summary.json`` and ``plots/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.datasets import Data, load_dataset, steps_per_epoch
+from ..engine import MaskUpdate, SparseEngine, sparsify
+from ..flops import count_flops
+from ..methods import METHODS
+from ..models import create_model
+from .config import SPARSITY_OPTIONS, TrainConfig, engine_options, jsonable, same_config
+from .optim import lr_at, make_optimizer
+from .progress import Progress
+from .runs import dump_yaml, read_metrics, save_checkpoint, write_atomic, write_metrics
+
+__all__ = ["CHECKPOINT_FORMAT", "SPARSITY_OPTIONS", "TrainConfig", "evaluate", "train"]
+
+CHECKPOINT_FORMAT = 1
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train as ``cfg`` says, writing the run directory ``out``; returns the summary."""
+    # ------------------------------------------------------------------ set up
+    out = Path(out)
+    checkpoint_path = out / "checkpoint.pt"
+    if resume and not checkpoint_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    if not resume and (checkpoint_path.exists() or (out / "summary.json").exists()):
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    data = load_dataset(
+        cfg.data,
+        cfg.data_dir,
+        val_fraction=cfg.val_fraction,
+        split_seed=cfg.split_seed,
+        download=cfg.download,
+        mirror=cfg.data_mirror,
+        image_size=cfg.image_size,
+    )
+    if hasattr(data, "workers"):
+        data.workers = cfg.workers
+    augment = data.info.augment if cfg.augment is None else cfg.augment
+    model = create_model(cfg.model, data.info.input_shape, data.info.num_classes).to(device)
+    optimizer = make_optimizer(cfg, model)
+    total_steps = cfg.epochs * steps_per_epoch(data, cfg.batch_size)
+    engine = _sparsify(cfg, model, optimizer, data, total_steps)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp and device.type == "cuda" else None
+
+    state: dict[str, Any] | None = None
+    if resume:
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT or not same_config(state.get("config"), cfg):
+            raise ValueError(
+                f"{checkpoint_path} was written by a different configuration; resume with the "
+                f"run's own config ({out / 'config.yaml'})"
+            )
+    accelerated: list[str] = []
+    thread_caps: dict[str, int] = {}
+    if cfg.accelerate != "off":
+        saved = None
+        if state is not None:
+            # checkpoints from before thread caps hold only the names
+            saved = (state["accelerated"], state.get("accelerated_threads", {}))
+        accelerated, thread_caps = _accelerate(cfg, model, engine, data, device, saved, out)
+
+    start_epoch, wall = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        engine.load_state_dict(state["engine"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, wall = int(state["epoch"]), float(state["wall_time"])
+        metrics = read_metrics(out)[: start_epoch + 1]  # the epoch-0 row, then one per epoch
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.yaml", dump_yaml(jsonable(cfg.to_dict())))
+        write_atomic(out / "sparsity.yaml", dump_yaml(engine.config.to_dict()))
+        # epoch 0: where training starts (untrained accuracy, initial layer densities)
+        metrics = [_metrics_row(cfg, model, engine, data, device, total_steps, epoch=0)]
+
+    # ------------------------------------------------------------------ epochs
+    bar = Progress(total_steps, progress)
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        step_before = engine.step
+        batches = data.batches(
+            "train", cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=augment
+        )
+        loss, acc = _train_epoch(cfg, model, optimizer, engine, scaler, batches, device, bar, epoch)
+        wall += time.perf_counter() - t0
+
+        updates = [u for u in engine.history if step_before < u.step <= engine.step]
+        row = _metrics_row(
+            cfg,
+            model,
+            engine,
+            data,
+            device,
+            total_steps,
+            epoch=epoch + 1,
+            train=(loss, acc),
+            updates=updates,
+            started=t0,
+            wall=wall,
+        )
+        metrics.append(row)
+        write_metrics(out, metrics)
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": jsonable(cfg.to_dict()),
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "engine": engine.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "wall_time": wall,
+                "accelerated": accelerated,
+                "accelerated_threads": thread_caps,
+            },
+        )
+        if on_epoch is not None:
+            on_epoch(row)
+    bar.close()
+
+    # ------------------------------------------------------------------ the end
+    summary = summarize(cfg, model, engine, data, metrics)
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    from .plots import plot_run
+
+    plot_run(metrics, out / "plots")
+    engine.remove()
+    return summary
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _sparsify(
+    cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, total: int
+) -> SparseEngine:
+    options = engine_options(cfg)
+    schedule = options.get("schedule", METHODS.get(cfg.method).defaults.get("schedule"))
+    if schedule in ("periodic", "gradual"):
+        options["steps_per_epoch"] = steps_per_epoch(data, cfg.batch_size)  # for "epoch"
+    return sparsify(
+        model,
+        optimizer,
+        method=cfg.method,
+        density=None if schedule == "dense" else cfg.density,
+        total_steps=total,
+        seed=cfg.seed,
+        **options,
+    )
+
+
+def _train_epoch(
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    engine: SparseEngine,
+    scaler: torch.amp.GradScaler | None,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    bar: Progress,
+    epoch: int,
+) -> tuple[float, float]:
+    """Epoch ``epoch`` (0-based): one pass over the training batches; returns the mean loss
+    and the accuracy."""
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    seen = correct = 0
+    loss_sum = 0.0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        lr = lr_at(cfg, engine.step, bar.total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+            logits = model(x)  # (B, classes)
+            loss = nn.functional.cross_entropy(logits, y)
+        if scaler is not None:
+            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()  # type: ignore[no-untyped-call]
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()  # the engine's hooks mask and update here
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.update(
+            epoch + 1, cfg.epochs, engine.step, loss_sum / seen, correct / seen, engine.density()
+        )
+    return loss_sum / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Data, split: str, batch_size: int, device: torch.device
+) -> float:
+    """Top-1 accuracy on ``split``."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in data.batches(split, batch_size, shuffle=False, seed=0, epoch=0, augment=False):
+        logits = model(x.to(device, non_blocking=True))
+        correct += int((logits.argmax(1).cpu() == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / total if total else float("nan")
+
+
+def _metrics_row(
+    cfg: TrainConfig,
+    model: nn.Module,
+    engine: SparseEngine,
+    data: Data,
+    device: torch.device,
+    total_steps: int,
+    *,
+    epoch: int,
+    train: tuple[float, float] | None = None,
+    updates: list[MaskUpdate] | None = None,
+    started: float | None = None,
+    wall: float = 0.0,
+) -> dict[str, Any]:
+    """One row of ``metrics.jsonl``: after ``epoch`` epochs (0: the untrained model)."""
+    updates = updates or []
+    return {
+        "epoch": epoch,
+        "step": engine.step,
+        "train_loss": None if train is None else train[0],
+        "train_acc": None if train is None else train[1],
+        "val_acc": evaluate(model, data, "val", cfg.eval_batch_size, device)
+        if data.size("val")
+        else None,
+        "test_acc": evaluate(model, data, "test", cfg.eval_batch_size, device),
+        "density": engine.density(),
+        "layer_density": engine.layer_densities(),
+        "pruned": sum(u.total_pruned for u in updates),
+        "regrown": sum(u.total_grown for u in updates),
+        "mask_updates": len(updates),
+        "lr": lr_at(cfg, max(engine.step - 1, 0), total_steps),
+        "prune_rate": engine.config.prune_rate_at(engine.step)
+        if engine.config.schedule == "periodic"
+        else None,
+        "epoch_seconds": 0.0 if started is None else time.perf_counter() - started,
+        "wall_time": wall,
+    }
+
+
+def _accelerate(
+    cfg: TrainConfig,
+    model: nn.Module,
+    engine: SparseEngine,
+    data: Any,
+    device: torch.device,
+    saved: tuple[list[str], dict[str, int]] | None,
+    out: Path,
+) -> tuple[list[str], dict[str, int]]:
+    """``sl.accelerate`` for a run: timed on a real training batch (``auto``) or forced
+    (``sparse``); a resumed run re-applies the layers and thread caps its first launch chose.
+    The per-layer report goes to ``acceleration.txt``; returns the names of the accelerated
+    weights and their thread caps (kept in the checkpoint)."""
+    from ..accel import accelerate
+
+    # timing draws random inputs on the layers' device: keep the run's RNG, there too
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if saved is not None:
+            report = accelerate(model, engine, mode="sparse", layers=saved[0], threads=saved[1])
+        else:
+            x = None
+            if cfg.accelerate == "auto":
+                batches = data.batches(
+                    "train", cfg.batch_size, shuffle=False, seed=cfg.seed, epoch=0, augment=False
+                )
+                x = next(iter(batches))[0].to(device)
+            report = accelerate(model, engine, example_input=x, mode=cfg.accelerate)
+    if saved is None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "acceleration.txt", f"{report}\n")
+    return report.accelerated, report.thread_caps
+
+
+def summarize(
+    cfg: TrainConfig,
+    model: nn.Module,
+    engine: SparseEngine,
+    data: Data,
+    metrics: list[dict[str, Any]],
+) -> dict[str, Any]:
+    last = metrics[-1]
+    flops = count_flops(model, data.info.input_shape, engine.masks)
+    trained = [m for m in metrics if m["epoch"] > 0]
+    vals = [m["val_acc"] for m in trained if m["val_acc"] is not None]
+    best = max(range(len(vals)), key=vals.__getitem__) if vals else None
+    active = sum(int(m.sum()) for m in engine.masks.values())
+    return {
+        "model": cfg.model,
+        "data": cfg.data,
+        "method": cfg.method,
+        "label": cfg.label or cfg.method,
+        "density": cfg.density if engine.config.schedule != "dense" else 1.0,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "test_acc": last["test_acc"],
+        "val_acc": last["val_acc"],
+        "best_val_acc": vals[best] if best is not None else None,
+        "best_val_epoch": best + 1 if best is not None else None,
+        "final_density": engine.density(),
+        "active_weights": active,
+        "sparsified_weights": sum(m.numel() for m in engine.masks.values()),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "inference_flops": {"dense": flops.dense, "sparse": flops.sparse, "ratio": flops.ratio},
+        "wall_time": last["wall_time"],
+        "steps": last["step"],
+        "config": jsonable(cfg.to_dict()),
+        "sparsity": engine.config.to_dict(),
+    }
