@@ -1,0 +1,114 @@
+"""The registries of criteria, and the decorators that fill them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from torch import Tensor
+
+from .._registry import Registry
+from .view import SIGNALS, LayerView
+
+Scope = Literal["layer", "global"]
+
+ScoreFn = Callable[[LayerView], Tensor]
+StatFn = Callable[[LayerView], float]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A registered prune or growth criterion."""
+
+    name: str
+    fn: ScoreFn
+    needs: frozenset[str]
+    scope: Scope
+    doc: str
+    elementwise: bool = False  # prune: a position's score depends only on its own values
+
+
+@dataclass(frozen=True)
+class Redistribution:
+    """A registered redistribution. ``fn`` is ``None`` for "each layer regrows what it lost"."""
+
+    name: str
+    fn: StatFn | None
+    needs: frozenset[str]
+    doc: str
+
+
+PRUNE: Registry[Criterion] = Registry("prune criterion")
+GROWTH: Registry[Criterion] = Registry("growth criterion")
+REDISTRIBUTION: Registry[Redistribution] = Registry("redistribution")
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def _check_needs(needs: Iterable[str]) -> frozenset[str]:
+    if isinstance(needs, str):
+        raise TypeError(f"needs must be a sequence of signal names, got the string {needs!r}")
+    out = frozenset(needs)
+    bad = sorted(out - set(SIGNALS))
+    if bad:
+        raise ValueError(f"unknown signal(s) {bad} in needs; choices: {', '.join(SIGNALS)}")
+    return out
+
+
+def _check_scope(scope: str) -> Scope:
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    return "layer" if scope == "layer" else "global"
+
+
+def register_prune(
+    name: str, *, needs: Iterable[str] = (), scope: str = "layer", elementwise: bool = False
+) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a prune criterion: ``fn(layer) -> scores``; the lowest-scoring active weights go.
+
+    ``scope="global"`` compares scores across layers (the engine still never empties a layer).
+    ``elementwise=True`` promises that a position's score depends only on the values at that
+    position (``torch.abs(layer.weight)`` does; a rank within the layer, or ``layer.rand()``,
+    does not): the engine may then call ``fn`` on a view of the active weights only, with 1-D
+    tensors, which saves a pass over the whole layer when few weights are active.
+    """
+    needs_set, scope_v = _check_needs(needs), _check_scope(scope)
+
+    def decorator(fn: ScoreFn) -> ScoreFn:
+        doc = (fn.__doc__ or "").strip()
+        PRUNE.register(name, Criterion(name, fn, needs_set, scope_v, doc, elementwise))
+        return fn
+
+    return decorator
+
+
+def register_growth(
+    name: str, *, needs: Iterable[str] = (), scope: str = "layer"
+) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a growth criterion: ``fn(layer) -> scores``; the highest-scoring inactive grow.
+
+    A criterion that needs ``momentum`` makes the engine leave gradients unmasked, so that the
+    momentum of missing weights keeps accumulating (the growth signal of sparse momentum).
+    ``scope="global"`` grows across all layers at once and needs ``redistribution="none"``.
+    """
+    needs_set, scope_v = _check_needs(needs), _check_scope(scope)
+
+    def decorator(fn: ScoreFn) -> ScoreFn:
+        GROWTH.register(name, Criterion(name, fn, needs_set, scope_v, (fn.__doc__ or "").strip()))
+        return fn
+
+    return decorator
+
+
+def register_redistribution(name: str, *, needs: Iterable[str] = ()) -> Callable[[StatFn], StatFn]:
+    """Register a redistribution: ``fn(layer) -> float >= 0``; regrowth is shared in proportion."""
+    needs_set = _check_needs(needs)
+
+    def decorator(fn: StatFn) -> StatFn:
+        REDISTRIBUTION.register(
+            name, Redistribution(name, fn, needs_set, (fn.__doc__ or "").strip())
+        )
+        return fn
+
+    return decorator

@@ -1,0 +1,108 @@
+"""What a criterion sees of one sparsified weight tensor at a mask update."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+SIGNALS = ("grad", "momentum")
+"""The signals a criterion may declare in ``needs``."""
+
+
+class LayerView:
+    """What a criterion may look at for one sparsified weight tensor during a mask update.
+
+    Attributes:
+        name: fully qualified parameter name, as in ``model.named_parameters()``.
+        weight: the weight values, detached (criteria must not modify them).
+        mask: bool tensor, the active positions before this update.
+        kept: bool tensor, the active positions left after pruning (set for growth and
+            redistribution criteria, ``None`` while pruning).
+        n_grow: how many positions this update grows in this layer (set for per-layer growth).
+
+    Signals, computed on first access and only if the criterion declared them in ``needs``:
+        grad: the dense gradient of the loss at this update (zeros where no gradient flowed).
+        momentum: the optimizer's momentum of the dense gradient (SGD: ``momentum_buffer``;
+            Adam family: ``exp_avg / (sqrt(exp_avg_sq) + eps)``; otherwise an exponential moving
+            average of the gradient that the engine keeps itself).
+    """
+
+    __slots__ = ("_cache", "_generator", "_signals", "kept", "mask", "n_grow", "name", "weight")
+
+    def __init__(
+        self,
+        name: str,
+        weight: Tensor,
+        mask: Tensor,
+        *,
+        signals: Mapping[str, Callable[[], Tensor]] | None = None,
+        generator: torch.Generator | None = None,
+        kept: Tensor | None = None,
+        n_grow: int | None = None,
+    ) -> None:
+        self.name = name
+        self.weight = weight
+        self.mask = mask
+        self.kept = kept
+        self.n_grow = n_grow
+        self._signals = dict(signals or {})
+        self._generator = generator
+        self._cache: dict[str, Tensor] = {}
+
+    def _signal(self, key: str) -> Tensor:
+        if key not in self._cache:
+            if key not in self._signals:
+                raise RuntimeError(
+                    f"this criterion reads layer.{key} but was registered without "
+                    f"needs=({key!r},); declare it so the engine can provide it"
+                )
+            self._cache[key] = self._signals[key]()
+        return self._cache[key]
+
+    @property
+    def grad(self) -> Tensor:
+        return self._signal("grad")
+
+    @property
+    def momentum(self) -> Tensor:
+        return self._signal("momentum")
+
+    def rand(self) -> Tensor:
+        """Uniform [0, 1) noise of the weight's shape, from the engine's seeded generator."""
+        if self._generator is None:
+            raise RuntimeError("no generator attached to this LayerView")
+        return torch.rand(
+            self.weight.shape, generator=self._generator, device=self.weight.device
+        ).to(torch.float32)
+
+    def with_growth(self, kept: Tensor, n_grow: int | None) -> LayerView:
+        """The same view for the growth phase, sharing already computed signals."""
+        view = LayerView(
+            self.name,
+            self.weight,
+            self.mask,
+            signals=self._signals,
+            generator=self._generator,
+            kept=kept,
+            n_grow=n_grow,
+        )
+        view._cache = self._cache
+        return view
+
+    def at(self, idx: Tensor) -> LayerView:
+        """The view restricted to the flat positions ``idx``: 1-D weight, mask and signals (the
+        full signals are computed once and shared). For elementwise prune criteria."""
+        signals = {key: functools.partial(_gather_signal, self, key, idx) for key in self._signals}
+        return LayerView(
+            self.name,
+            self.weight.reshape(-1)[idx],
+            torch.ones(idx.numel(), dtype=torch.bool, device=idx.device),
+            signals=signals,
+        )
+
+
+def _gather_signal(view: LayerView, key: str, idx: Tensor) -> Tensor:
+    return view._signal(key).reshape(-1)[idx]
