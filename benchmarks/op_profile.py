@@ -238,7 +238,7 @@ def model_choices() -> list[str]:
 
 def masking_ms(engine: Any, n: int) -> tuple[float, float]:
     """Zeroing the inactive entries of one n x n gradient, and a dense layer's step."""
-    layer = engine._layers[0]
+    layer = engine.layers[0]
     grad = torch.randn(n, n)
     x = torch.randn(256, n, requires_grad=True)
     lin = nn.Linear(n, n)

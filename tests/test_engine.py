@@ -125,7 +125,7 @@ def test_inactive_entries_become_exact_zeros_even_over_inf_and_nan(dtype: torch.
     model = nn.Linear(64, 48).to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = sl.sparsify(model, opt, method="static", density=0.3)
-    layer = engine._layers[0]
+    layer = engine.layers[0]
     mask = engine.masks["weight"]
     g = torch.Generator().manual_seed(0)
     values = torch.randn(48, 64, generator=g).to(dtype)
@@ -140,7 +140,7 @@ def test_inactive_entries_become_exact_zeros_even_over_inf_and_nan(dtype: torch.
         assert torch.equal(kept.nan_to_num(), expected.nan_to_num())  # active entries untouched
     # after a mask change, the new inactive set is what gets zeroed
     new = torch.rand(48, 64, generator=g) < 0.5
-    layer.set_mask(new)
+    layer.install(new)
     tensor = values.clone()
     layer.zero_inactive_(tensor)
     assert (tensor[~new] == 0).all()

@@ -1,5 +1,8 @@
-"""Invariants every method preset must satisfy (property tests over densities, seeds, models,
-optimizers and update intervals)."""
+"""Invariants every method preset, and every registered mask schedule, must satisfy (property
+tests over densities, seeds, models, optimizers and update intervals).
+
+A subject is a preset name, or ``schedule:<name>`` for a registered schedule run on its own
+(magnitude pruning and random growth where it prunes and grows)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from tests.helpers import (
     train_step,
 )
 
-METHODS = sl.methods()
+SUBJECTS = [*sl.methods(), *(f"schedule:{name}" for name in sl.MASK_SCHEDULE.names())]
 OPTIMIZERS = ("sgd_momentum", "adam", "sgd_plain")
 
 
@@ -36,12 +39,32 @@ def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.05)
 
 
-def schedule_of(method: str) -> str:
-    return str(sl.METHODS.get(method).defaults["schedule"])
+def schedule_of(subject: str) -> sl.MaskSchedule:
+    if subject.startswith("schedule:"):
+        return sl.MASK_SCHEDULE.get(subject.removeprefix("schedule:"))
+    return sl.MASK_SCHEDULE.get(str(sl.METHODS.get(subject).defaults["schedule"]))
+
+
+def method_and_options(subject: str) -> tuple[str, dict[str, Any]]:
+    """The preset to sparsify with, and what a schedule subject adds to it."""
+    if not subject.startswith("schedule:"):
+        return subject, {}
+    schedule = schedule_of(subject)
+    options: dict[str, Any] = {"schedule": schedule.name}
+    if schedule.prunes:
+        options["prune"] = "magnitude"
+    if schedule.grows:
+        options["growth"] = "random"
+    return "static", options
+
+
+def constant_budget(schedule: sl.MaskSchedule) -> bool:
+    """Whether the budget holds at every step (gradual pruning moves towards it instead)."""
+    return not (schedule.starts_dense and schedule.updates)
 
 
 def build(
-    method: str,
+    subject: str,
     kind: str = "mlp",
     *,
     seed: int = 0,
@@ -54,11 +77,12 @@ def build(
     torch.manual_seed(seed if init_seed is None else init_seed)
     model = MODELS[kind]()
     opt = make_optimizer(optimizer, model)
-    options: dict[str, Any] = {"seed": seed, **model_options(kind)}
-    schedule = schedule_of(method)
-    if schedule != "dense":
+    method, options = method_and_options(subject)
+    options.update(seed=seed, **model_options(kind))
+    schedule = schedule_of(subject)
+    if schedule.masks:
         options["density"] = density
-    if schedule in ("periodic", "gradual"):
+    if "update_every" in schedule.options:
         options["update_every"] = update_every
     engine = sl.sparsify(model, opt, method=method, total_steps=total_steps, **options)
     return model, opt, engine
@@ -97,7 +121,7 @@ cases = st.fixed_dictionaries(
 )
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SUBJECTS)
 @settings(max_examples=6)
 @given(case=cases)
 def test_inactive_weights_are_zero_after_every_step(method: str, case: dict[str, Any]) -> None:
@@ -111,7 +135,7 @@ def test_inactive_weights_are_zero_after_every_step(method: str, case: dict[str,
     assert engine.step == 10
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SUBJECTS)
 @settings(max_examples=6)
 @given(case=cases)
 def test_budget_is_exact_and_growth_only_fills_inactive_positions(
@@ -120,7 +144,7 @@ def test_budget_is_exact_and_growth_only_fills_inactive_positions(
     kind, density = case["kind"], case["density"]
     model, opt, engine = build(method, kind, **{k: v for k, v in case.items() if k != "kind"})
     schedule = schedule_of(method)
-    target = budget(engine, density if schedule != "dense" else 1.0)
+    target = budget(engine, density if schedule.masks else 1.0)
     numels = {n: m.numel() for n, m in engine.masks.items()}
     data = list(batches(kind, 12, seed=case["seed"]))
     seen_updates = 0
@@ -130,7 +154,7 @@ def test_budget_is_exact_and_growth_only_fills_inactive_positions(
         after = dict(engine.masks)
         for name, mask in after.items():
             assert int(mask.sum()) <= numels[name]  # never above full density
-        if schedule in ("fixed", "periodic", "dense") or (schedule == "one_shot"):
+        if constant_budget(schedule):
             assert active(engine) == target  # constant budget, every step
         for update in engine.history[seen_updates:]:
             assert update.kind != "skipped"
@@ -139,16 +163,16 @@ def test_budget_is_exact_and_growth_only_fills_inactive_positions(
             # a grown position that was already active (or just pruned) would break these
             assert grown == update.total_grown
             assert pruned == update.total_pruned
-            if schedule == "periodic":
+            if schedule.grows:
                 assert update.total_grown == update.total_pruned
         seen_updates = len(engine.history)
-    if schedule == "gradual":
+    if not constant_budget(schedule):
         assert active(engine) == target  # stop_at 0.75 of 12 steps: the target is reached
-    if schedule == "periodic":
+    if schedule.updates:
         assert seen_updates > 0
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SUBJECTS)
 @settings(max_examples=4)
 @given(case=cases)
 def test_same_seed_same_data_is_bitwise_identical(method: str, case: dict[str, Any]) -> None:
@@ -165,7 +189,7 @@ def test_same_seed_same_data_is_bitwise_identical(method: str, case: dict[str, A
         assert torch.equal(p1, p2), n1
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SUBJECTS)
 @settings(max_examples=4)
 @given(case=cases, split=st.integers(1, 10))
 def test_resume_from_state_dict_is_bitwise_identical(
@@ -197,7 +221,7 @@ def test_resume_from_state_dict_is_bitwise_identical(
     assert [u.step for u in engine.history if u.step > split] == [u.step for u in engine_b.history]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SUBJECTS)
 def test_masks_are_bool_tensors_of_the_weight_shape_and_device(method: str) -> None:
     model, _, engine = build(method, "conv_bn")
     params = dict(model.named_parameters())
@@ -206,11 +230,11 @@ def test_masks_are_bool_tensors_of_the_weight_shape_and_device(method: str) -> N
         assert mask.dtype == torch.bool
         assert mask.shape == params[name].shape
         assert mask.device == params[name].device
-    expected = 1.0 if schedule_of(method) in ("dense", "one_shot", "gradual") else 0.2
+    expected = 1.0 if schedule_of(method).starts_dense else 0.2
     assert math.isclose(engine.density(), expected, abs_tol=1e-3)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SUBJECTS)
 def test_remove_detaches_and_leaves_weights_sparse(method: str) -> None:
     model, opt, engine = build(method, "mlp", total_steps=6)
     run(engine, model, opt, "mlp", range(6))
@@ -221,7 +245,7 @@ def test_remove_detaches_and_leaves_weights_sparse(method: str) -> None:
     run(engine, model, opt, "mlp", range(3))
     assert engine.step == 6  # no longer counting
     params = dict(model.named_parameters())
-    if schedule_of(method) != "dense":
+    if schedule_of(method).masks:
         # the optimizer now moves inactive weights: the engine no longer holds them at zero
         assert any(torch.count_nonzero(params[n].detach()[~m]) > 0 for n, m in masks.items())
     assert any(not torch.equal(before[n], params[n].detach()) for n in before)

@@ -37,13 +37,21 @@ def test_the_readme_has_examples() -> None:
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> None:
-    before = set(sl.GROWTH.names())
+    registries: list[sl.Registry[Any]] = [
+        sl.GROWTH,
+        sl.PRUNE,
+        sl.REDISTRIBUTION,
+        sl.MASK_SCHEDULE,
+        sl.METHODS,
+    ]
+    before = [set(r.names()) for r in registries]
     ns = namespace()
     try:
         exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), ns)
     finally:
-        for name in set(sl.GROWTH.names()) - before:
-            sl.GROWTH.unregister(name)
+        for registry, names in zip(registries, before, strict=True):
+            for name in set(registry.names()) - names:
+                registry.unregister(name)
     engine = ns.get("engine") or getattr(ns.get("mask"), "engine", None)
     assert isinstance(engine, sl.SparseEngine)
     for name, mask in engine.masks.items():

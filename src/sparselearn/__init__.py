@@ -31,7 +31,13 @@ from .criteria import (
 from .engine import MaskUpdate, SparseEngine, sparsify
 from .flops import TrainingFlopReport, flops
 from .methods import METHODS, Method, methods, register_method
-from .schedules import PRUNE_RATE_SCHEDULE, register_prune_rate_schedule
+from .schedules import (
+    MASK_SCHEDULE,
+    PRUNE_RATE_SCHEDULE,
+    MaskSchedule,
+    register_prune_rate_schedule,
+    register_schedule,
+)
 
 __version__ = "0.1.0"
 
@@ -42,13 +48,14 @@ _REGISTRIES: dict[str, Registry[Any]] = {
     "growth": GROWTH,
     "redistribution": REDISTRIBUTION,
     "init": INIT,
+    "schedule": MASK_SCHEDULE,
     "prune_rate_schedule": PRUNE_RATE_SCHEDULE,
 }
 
 
 def choices(kind: str) -> list[str]:
     """Registered names of one kind: ``method``, ``prune``, ``growth``, ``redistribution``,
-    ``init`` or ``prune_rate_schedule``."""
+    ``init``, ``schedule`` or ``prune_rate_schedule``."""
     from ._registry import unknown_name_message
 
     if kind not in _REGISTRIES:
@@ -59,6 +66,7 @@ def choices(kind: str) -> list[str]:
 __all__ = [
     "GROWTH",
     "INIT",
+    "MASK_SCHEDULE",
     "METHODS",
     "PRUNE",
     "PRUNE_RATE_SCHEDULE",
@@ -66,6 +74,7 @@ __all__ = [
     "AccelerationReport",
     "CompactResult",
     "LayerView",
+    "MaskSchedule",
     "MaskUpdate",
     "Method",
     "Registry",
@@ -84,5 +93,6 @@ __all__ = [
     "register_prune",
     "register_prune_rate_schedule",
     "register_redistribution",
+    "register_schedule",
     "sparsify",
 ]

@@ -227,7 +227,7 @@ class Masking:
         self.truncate_weights()
 
     def apply_mask(self) -> None:
-        self.engine._apply_masks()
+        self.engine.apply_masks()
 
     @property
     def masks(self) -> Mapping[str, Tensor]:

@@ -14,47 +14,11 @@ from torch import nn
 from ._registry import unknown_name_message
 from .budget import INIT
 from .criteria import GROWTH, PRUNE, REDISTRIBUTION
-from .schedules import PRUNE_RATE_SCHEDULE
-
-ScheduleName = Literal["dense", "fixed", "one_shot", "periodic", "gradual"]
-SCHEDULES: tuple[str, ...] = ("dense", "fixed", "one_shot", "periodic", "gradual")
-"""How masks evolve:
-
-- ``dense``: every weight active, nothing ever pruned (the reference).
-- ``fixed``: masks drawn from ``init`` at the start and never changed (static sparse).
-- ``one_shot``: dense until the first optimizer step; before that step is applied, the ``prune``
-  criterion cuts the model to the budget using its gradient (SNIP); fixed afterwards.
-- ``periodic``: constant budget; every ``update_every`` steps prune, redistribute and regrow.
-- ``gradual``: dense start; every ``update_every`` steps prune towards the target along a cubic
-  schedule that reaches it at ``stop_at`` (Zhu & Gupta 2017); no regrowth.
-"""
+from .schedules import MASK_SCHEDULE, PRUNE_RATE_SCHEDULE
 
 OPTIMIZER_STATE_POLICIES = ("keep", "reset_grown", "reset_pruned", "reset_both")
 
 Selector = str | type[nn.Module]
-
-# options grouped by the part of the machinery that reads them
-_CALENDAR = frozenset({"update_every", "steps_per_epoch", "start_at", "stop_at"})
-_REGROWTH = frozenset(
-    {
-        "growth",
-        "redistribution",
-        "prune_rate",
-        "prune_rate_schedule",
-        "prune_rate_min",
-        "optimizer_state",
-        "momentum_window",
-    }
-)
-_MASKS = frozenset({"init", "prune", "layer_density", "dense_first", "dense_last"})
-# options that change nothing under a given schedule: passing one explicitly is an error
-_UNUSED: dict[str, frozenset[str]] = {
-    "dense": _CALENDAR | _REGROWTH | _MASKS | {"ema_decay"},
-    "fixed": _CALENDAR | _REGROWTH | {"prune", "ema_decay"},
-    "one_shot": _CALENDAR | _REGROWTH | {"ema_decay"},
-    "gradual": _REGROWTH,
-    "periodic": frozenset(),
-}
 
 
 def _check_unit(name: str, value: object, *, low_open: bool, high_open: bool) -> float:
@@ -152,8 +116,7 @@ class SparsityConfig:
             or self.total_steps < 1
         ):
             raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(unknown_name_message("schedule", self.schedule, list(SCHEDULES)))
+        MASK_SCHEDULE.get(self.schedule)  # an unknown name fails here, with the choices
         INIT.get(self.init)
         REDISTRIBUTION.get(self.redistribution)
         PRUNE_RATE_SCHEDULE.get(self.prune_rate_schedule)
@@ -272,19 +235,17 @@ class SparsityConfig:
         return tuple(out)
 
     def _check_schedule(self) -> None:
+        schedule = MASK_SCHEDULE.get(self.schedule)
         s = self.schedule
-        wants_prune = s in ("one_shot", "periodic", "gradual")
-        wants_growth = s == "periodic"
-        if wants_prune and self.prune is None:
+        if schedule.prunes and self.prune is None:
             raise ValueError(f"schedule {s!r} needs a prune criterion (prune=...)")
-        if not wants_prune and self.prune is not None:
+        if not schedule.prunes and self.prune is not None:
             raise ValueError(f"schedule {s!r} never prunes; set prune=None")
-        if wants_growth and self.growth is None:
+        if schedule.grows and self.growth is None:
             raise ValueError(f"schedule {s!r} needs a growth criterion (growth=...)")
-        if not wants_growth and self.growth is not None:
+        if not schedule.grows and self.growth is not None:
             raise ValueError(f"schedule {s!r} never grows weights; set growth=None")
-        if s == "dense" and self.density != 1.0:
-            raise ValueError(f"method {self.method!r} trains every weight; density must be 1.0")
+        schedule.check(self)
         growth_scope = GROWTH.get(self.growth).scope if self.growth is not None else None
         if growth_scope == "global" and self.redistribution != "none":
             raise ValueError(
@@ -298,13 +259,7 @@ class SparsityConfig:
             )
 
     def needs_total_steps(self) -> bool:
-        if self.schedule == "gradual":
-            return True
-        if self.schedule != "periodic":
-            return False
-        return not (
-            self.prune_rate_schedule == "constant" and self.start_at == 0.0 and self.stop_at == 1.0
-        )
+        return MASK_SCHEDULE.get(self.schedule).needs_total_steps(self)
 
     # ------------------------------------------------------------------ calendar
 
@@ -361,8 +316,3 @@ def unknown_option_message(name: str, valid: tuple[str, ...] = OPTION_NAMES) -> 
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown option {name!r}{hint} (options: {', '.join(sorted(valid))})"
-
-
-def unused_options(schedule: str, passed: set[str]) -> list[str]:
-    """Options the user passed that change nothing under ``schedule``."""
-    return sorted(passed & _UNUSED[schedule])

@@ -189,20 +189,9 @@ class TrainingFlopReport:
 def dense_gradient_share(engine: Any) -> float:
     """Fraction of training steps on which ``engine`` needs the dense weight gradient: every
     step for sparse momentum without a momentum window, update steps (and window steps) for the
-    others, none for fixed masks."""
-    cfg = engine.config
-    needs = engine._needs
-    if "momentum" in needs and cfg.momentum_window is None:
-        return 1.0
-    if cfg.interval == 0 or cfg.schedule in ("dense", "fixed", "one_shot"):
-        return 0.0
-    steps = cfg.total_steps if cfg.total_steps and cfg.total_steps <= 1_000_000 else cfg.interval
-    wanted = sum(
-        1
-        for s in range(1, steps + 1)
-        if engine._in_window(s) or ("grad" in needs and engine._update_due(s))
-    )
-    return float(wanted / steps)
+    others, none for fixed masks (:meth:`sparselearn.engine.Calendar.dense_gradient_share`)."""
+    share: float = engine.calendar.dense_gradient_share()
+    return share
 
 
 def flops(model: nn.Module, engine: Any, input_shape: tuple[int, ...]) -> TrainingFlopReport:

@@ -201,9 +201,9 @@ def accelerate(
             )
         for value in threads.values():
             check_threads(value)
-    engine._check_attached()
+    engine.check_attached()
     cfg = engine.config
-    growth = engine._growth
+    growth = engine.growth
     if growth is not None and "momentum" in growth.needs and cfg.momentum_window is None:
         raise ValueError(
             f"{cfg.method} grows by the momentum of missing weights, which needs the dense "
@@ -239,11 +239,11 @@ def accelerate(
                 h.remove()
 
     report = AccelerationReport(backend=backend)
-    for layer in list(engine._layers):
+    for layer in engine.layers:
         density = layer.active / layer.numel
         found = owners.get(id(layer.param), [])
         kind = "-"
-        if layer.compact:
+        if layer.kind == "csr":
             report.layers.append(
                 LayerChoice(layer.name, kind, density, None, None, "sparse", "already")
             )
@@ -334,5 +334,5 @@ def accelerate(
         storage = sparse.weight_sparse
         assert isinstance(storage, SparseWeight)
         _swap_in_optimizer(engine.optimizer, layer.param, storage.values, mask)
-        engine._use_compact(layer.name, storage)
+        engine.store_as_csr(layer.name, storage)
     return report

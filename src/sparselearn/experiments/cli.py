@@ -110,11 +110,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from ..data.datasets import DATASETS
     from ..models import list_models
 
-    print("models:   " + ", ".join(list_models()))
-    print("datasets: " + ", ".join(DATASETS.names()))
-    print("methods:  " + ", ".join(sl.methods()))
-    for kind in ("prune", "growth", "redistribution", "init", "prune_rate_schedule"):
-        print(f"{kind + ':':10s}" + ", ".join(sl.choices(kind)))
+    rows = {"models": list_models(), "datasets": DATASETS.names(), "methods": sl.methods()}
+    for kind in ("prune", "growth", "redistribution", "init", "schedule", "prune_rate_schedule"):
+        rows[kind] = sl.choices(kind)
+    width = max(map(len, rows)) + 2
+    for kind, names in rows.items():
+        print(f"{kind + ':':{width}s}" + ", ".join(names))
     return 0
 
 

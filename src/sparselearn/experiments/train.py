@@ -24,6 +24,7 @@ from ..engine import MaskUpdate, SparseEngine, sparsify
 from ..flops import count_flops
 from ..methods import METHODS
 from ..models import create_model
+from ..schedules import MASK_SCHEDULE
 from .config import SPARSITY_OPTIONS, TrainConfig, engine_options, jsonable, same_config
 from .optim import lr_at, make_optimizer
 from .progress import Progress
@@ -183,14 +184,16 @@ def _sparsify(
     cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, total: int
 ) -> SparseEngine:
     options = engine_options(cfg)
-    schedule = options.get("schedule", METHODS.get(cfg.method).defaults.get("schedule"))
-    if schedule in ("periodic", "gradual"):
+    schedule = MASK_SCHEDULE.get(
+        options.get("schedule", METHODS.get(cfg.method).defaults.get("schedule", "periodic"))
+    )
+    if "steps_per_epoch" in schedule.options:
         options["steps_per_epoch"] = steps_per_epoch(data, cfg.batch_size)  # for "epoch"
     return sparsify(
         model,
         optimizer,
         method=cfg.method,
-        density=None if schedule == "dense" else cfg.density,
+        density=cfg.density if schedule.masks else None,
         total_steps=total,
         seed=cfg.seed,
         **options,
@@ -290,9 +293,7 @@ def _metrics_row(
         "regrown": sum(u.total_grown for u in updates),
         "mask_updates": len(updates),
         "lr": lr_at(cfg, max(engine.step - 1, 0), total_steps),
-        "prune_rate": engine.config.prune_rate_at(engine.step)
-        if engine.config.schedule == "periodic"
-        else None,
+        "prune_rate": engine.schedule.prune_rate(engine.config, engine.step),
         "epoch_seconds": 0.0 if started is None else time.perf_counter() - started,
         "wall_time": wall,
     }
@@ -350,7 +351,7 @@ def summarize(
         "data": cfg.data,
         "method": cfg.method,
         "label": cfg.label or cfg.method,
-        "density": cfg.density if engine.config.schedule != "dense" else 1.0,
+        "density": cfg.density if engine.schedule.masks else 1.0,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "test_acc": last["test_acc"],

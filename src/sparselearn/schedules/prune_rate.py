@@ -1,4 +1,4 @@
-"""Prune-rate schedules and the mask-update calendar.
+"""Prune-rate schedules: how much of each layer an update prunes, over training.
 
 A prune-rate schedule maps training progress in [0, 1] to the fraction of each layer's active
 weights pruned at a mask update. Progress runs over the period in which masks change
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ._registry import Registry
+from .._registry import Registry
 
 RateFn = Callable[[float, float, float], float]
 """``fn(initial_rate, min_rate, progress) -> rate``."""

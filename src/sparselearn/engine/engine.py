@@ -1,0 +1,528 @@
+"""The sparse training engine: masks kept by optimizer step hooks, updated on the schedule.
+
+:class:`SparseEngine` holds the pieces together: the layers' storage (``storage.py``), the
+calendar (``calendar.py``), the signals it gathers between updates (``signals.py``), the
+mask-update mechanics (``update.py``) and its state (``state.py``). Its public surface is what
+a training loop needs; the attributes documented under "Extension surface" are what other parts
+of sparselearn (``accelerate``, ``flops``, ``compat``) and extensions build on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..budget import layer_counts
+from ..config import OPTION_NAMES, SparsityConfig, unknown_option_message
+from ..criteria import GROWTH, PRUNE, REDISTRIBUTION, Criterion
+from ..methods import METHODS
+from ..schedules import MASK_SCHEDULE, MaskSchedule
+from ..selection import top_k
+from ..targets import Target, find_targets
+from . import distributed
+from .calendar import Calendar
+from .signals import Signals
+from .state import STATE_FORMAT, check_state
+from .storage import CSRStorage, LayerStorage, MaskedDense
+from .update import Criteria, MaskUpdate, MaskUpdater
+
+if TYPE_CHECKING:
+    from ..accel.layers import SparseWeight
+
+logger = logging.getLogger("sparselearn")
+
+# id(model) and id(param) -> the engine managing it (verified by identity on lookup)
+_ACTIVE: dict[int, weakref.ref[SparseEngine]] = {}
+
+
+class SparseEngine:
+    """Keeps a model's weights sparse while the user's own loop calls ``optimizer.step()``.
+
+    Create it with :func:`sparselearn.sparsify`. It hooks into the optimizer: after every step
+    the inactive weights are set to exactly zero and, when the schedule says so, the masks are
+    updated (prune, redistribute, regrow) with the number of active weights kept exact.
+
+    Extension surface (stable, for code that builds on the engine):
+
+    - ``schedule``: the :class:`~sparselearn.MaskSchedule` in use; ``calendar``: when updates
+      happen and which steps need the dense gradient (``update_due(step)``,
+      ``in_window(step)``, ``wants_dense_grad(step)``, ``dense_gradient_share()``);
+    - ``needs``: the signals its criteria read (``"grad"``, ``"momentum"``); ``prune``,
+      ``growth``: the criteria (or None);
+    - ``layers``: each sparsified tensor's storage (:class:`~.storage.LayerStorage`: ``name``,
+      ``kind``, ``mask``, ``param``, ``active``, ...), in module registration order;
+    - ``store_as_csr(name, weight)``: hand a layer to CSR storage (``sl.accelerate`` does);
+    - ``apply_masks()``: zero the inactive weights now; ``attached``, ``check_attached()``.
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SparsityConfig
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        self.config = config
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule: MaskSchedule = MASK_SCHEDULE.get(config.schedule)
+        targets = find_targets(model, config)
+        _check_optimizer_holds(optimizer, targets)
+        _check_not_sparsified(model, targets)
+
+        self._seed = distributed.same_on_all_ranks(
+            config.seed if config.seed is not None else torch.initial_seed() % 2**63
+        )
+        self._generators: dict[str, torch.Generator] = {}
+        self._step = 0
+        self.prune: Criterion | None = PRUNE.get(config.prune) if config.prune else None
+        self.growth: Criterion | None = GROWTH.get(config.growth) if config.growth else None
+        redistribution = REDISTRIBUTION.get(config.redistribution)
+        needs: set[str] = set()
+        for part in (self.prune, self.growth):
+            if part is not None:
+                needs |= part.needs
+        if "redistribution" in self.schedule.options:
+            needs |= redistribution.needs
+        self.needs = frozenset(needs)
+        # growth by momentum needs the momentum of missing weights: leave gradients dense, unless
+        # that momentum is gathered from dense gradients in a window before each update
+        self._mask_grads = self.schedule.masks and not (
+            self.growth is not None
+            and "momentum" in self.growth.needs
+            and config.momentum_window is None
+        )
+        self.calendar = Calendar(config, self.schedule, self.needs)
+        self._closure_step = False
+        self.history: list[MaskUpdate] = []
+
+        self._layers: list[LayerStorage] = list(self._initial_layers(targets))
+        self.signals = Signals(optimizer, config, self.needs, self._layers)
+        self._updater = MaskUpdater(
+            config,
+            optimizer,
+            self._layers,
+            Criteria(self.prune, self.growth, redistribution),
+            self.needs,
+            self.signals,
+            self.calendar,
+            clock=lambda: self._step,
+            generator=self._generator,
+            history=self.history,
+            replaced=self._track,
+        )
+        self.apply_masks()
+
+        self._handles: list[RemovableHandle] = []
+        self._handles.append(optimizer.register_step_post_hook(self._post_step))
+        if self.schedule.masks:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            if self._mask_grads:
+                for layer in self._layers:
+                    self._handles.append(
+                        layer.param.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                            self._grad_hook(layer)
+                        )
+                    )
+        ref = weakref.ref(self)
+        _ACTIVE[id(model)] = ref
+        for layer in self._layers:
+            _ACTIVE[id(layer.param)] = ref
+        self._attached = True
+        logger.info("sparsify: %s", self._headline())
+
+    # ------------------------------------------------------------------ construction
+
+    def _initial_layers(self, targets: list[Target]) -> list[MaskedDense]:
+        """Each target with its initial mask: every weight active for schedules that start
+        dense, else the init's share of the budget drawn at random (the seeded generator)."""
+        cfg = self.config
+        final = [0] * len(targets)
+        if self.schedule.masks:
+            free = [i for i, t in enumerate(targets) if t.density is None]
+            if free:
+                counts = layer_counts(
+                    cfg.init,
+                    [targets[i].param.shape for i in free],
+                    cfg.density,
+                    [targets[i].name for i in free],
+                )
+                for i, c in zip(free, counts, strict=True):
+                    final[i] = c
+            for i, t in enumerate(targets):
+                if t.density is not None:
+                    final[i] = round(t.density * t.param.numel())
+                    if final[i] == 0:
+                        raise ValueError(
+                            f"layer_density {t.density} leaves no active weight in {t.name} "
+                            f"({t.param.numel()} weights); raise it"
+                        )
+        layers = []
+        for t, count in zip(targets, final, strict=True):
+            p = t.param
+            if self.schedule.starts_dense:
+                mask = torch.ones_like(p, dtype=torch.bool)
+            else:
+                gen = self._generator(p.device)
+                noise = torch.rand(p.shape, generator=gen, device=p.device)
+                everywhere = torch.ones_like(p, dtype=torch.bool)
+                mask = top_k(noise, everywhere, count, gen, count=p.numel())
+            layers.append(MaskedDense(t, mask, count if self.schedule.masks else p.numel()))
+        return layers
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+            self._generators[key] = gen
+        return gen
+
+    def _track(self, old: nn.Parameter, new: nn.Parameter) -> None:
+        """A layer's parameter was replaced: find this engine from the new one."""
+        _ACTIVE.pop(id(old), None)
+        _ACTIVE[id(new)] = weakref.ref(self)
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def masks(self) -> Mapping[str, Tensor]:
+        """Parameter name -> bool mask (the weight's shape and device). Read-only: change masks
+        through :meth:`update_masks` or :meth:`load_state_dict`."""
+        return MappingProxyType({layer.name: layer.mask for layer in self._layers})
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken since ``sparsify`` (skipped AMP steps do not count)."""
+        return self._step
+
+    @property
+    def last_update(self) -> MaskUpdate | None:
+        return self.history[-1] if self.history else None
+
+    @property
+    def layers(self) -> Sequence[LayerStorage]:
+        """The storage of each sparsified tensor, in module registration order."""
+        return tuple(self._layers)
+
+    def density(self) -> float:
+        """Global fraction of active weights over the sparsified parameters."""
+        active = sum(layer.active for layer in self._layers)
+        total = sum(layer.numel for layer in self._layers)
+        return active / total
+
+    def layer_densities(self) -> dict[str, float]:
+        return {layer.name: layer.active / layer.numel for layer in self._layers}
+
+    def summary(self) -> str:
+        """A per-layer table: name, shape, density, active count."""
+        rows = [("layer", "shape", "density", "active", "total")]
+        for layer in self._layers:
+            active, total = layer.active, layer.numel
+            rows.append(
+                (
+                    layer.name,
+                    "x".join(map(str, layer.shape)),
+                    f"{100 * active / total:.2f}%",
+                    f"{active:,}",
+                    f"{total:,}",
+                )
+            )
+        active = sum(layer.active for layer in self._layers)
+        total = sum(layer.numel for layer in self._layers)
+        rows.append(("total", "", f"{100 * active / total:.2f}%", f"{active:,}", f"{total:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = [self._headline()]
+        for j, r in enumerate(rows):
+            cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
+            cells += [r[i].rjust(widths[i]) for i in (2, 3, 4)]
+            lines.append("  ".join(cells).rstrip())
+            if j == 0 or j == len(rows) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def _headline(self) -> str:
+        cfg = self.config
+        return (
+            f"{cfg.method}: {len(self._layers)} sparsified tensors, target density "
+            f"{cfg.density:.4g}, step {self._step}"
+        )
+
+    def __repr__(self) -> str:
+        return f"SparseEngine({self._headline()})"
+
+    def update_masks(self, prune_rate: float | None = None) -> MaskUpdate:
+        """Update the masks now, outside the schedule (e.g. at the end of an epoch).
+
+        ``prune_rate`` overrides the scheduled rate for this update (periodic methods only).
+        """
+        self.check_attached()
+        try:
+            return self.schedule.update(
+                _OnDemand(self._updater, self._capture_grads_for_manual_update),
+                self.config,
+                self._step,
+                prune_rate,
+            )
+        finally:
+            self.signals.dense_grads.clear()
+
+    def remove(self) -> None:
+        """Detach from the optimizer and the model. The weights stay sparse; the masks are kept
+        in ``engine.masks`` for inspection; ``sparsify`` may be called on the model again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for key in [id(self.model), *(id(layer.param) for layer in self._layers)]:
+            ref = _ACTIVE.get(key)
+            if ref is not None and ref() is self:
+                del _ACTIVE[key]
+        self._attached = False
+        self._arm_sinks()  # accelerated layers stop producing dense gradients
+
+    @property
+    def attached(self) -> bool:
+        """False after :meth:`remove`."""
+        return self._attached
+
+    def check_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("this engine was removed; call sparselearn.sparsify again")
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Set the inactive weights to exactly zero (the step hook does it after every step)."""
+        for layer in self._layers:
+            layer.sync_device()
+            layer.zero_inactive_(layer.param)
+
+    def store_as_csr(self, name: str, weight: SparseWeight) -> None:
+        """Hand layer ``name`` over to CSR storage in an accelerated module (see
+        :func:`sparselearn.accelerate`): the optimizer must hold ``weight.values`` already."""
+        index = next(i for i, layer in enumerate(self._layers) if layer.name == name)
+        old = self._layers[index]
+        if old.kind == "csr":
+            raise ValueError(f"{name} is already accelerated")
+        new = CSRStorage(old, weight)
+        ema = self.signals.ema.get(name)
+        if ema is not None:
+            self.signals.ema[name] = new.from_weight_shape(ema).clone()
+        self._layers[index] = new
+        self._track(old.param, new.param)
+        self._arm_sinks()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: masks, step, RNG states, engine buffers.
+
+        Plain tensors and Python values only: loads with ``torch.load(..., weights_only=True)``.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "step": self._step,
+            "pending_one_shot": self.calendar.pending_first_step,
+            "finished": self.calendar.finished,
+            "masks": {layer.name: layer.mask.clone() for layer in self._layers},
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+            "ema": {k: v.clone() for k, v in self.signals.ema.items()},
+            "window": {k: v.clone() for k, v in self.signals.window.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved. The engine must have been created with the same
+        configuration on the same model; differences are reported, nothing is half-applied."""
+        self.check_attached()
+        check_state(state, self.config.to_dict(), self._layers, self.signals.ema)
+        masks = state["masks"]
+        for layer in self._layers:
+            layer.load_mask(masks[layer.name])
+            layer.release()
+        for k, v in state.get("ema", {}).items():
+            self.signals.ema[k].copy_(v)
+        self.signals.window = {k: v.clone() for k, v in state.get("window", {}).items()}
+        self._generators.clear()
+        for key, gen_state in state["generators"].items():
+            gen = torch.Generator(device=key)
+            gen.set_state(gen_state)
+            self._generators[key] = gen
+        self._step = int(state["step"])
+        self.calendar.pending_first_step = bool(state["pending_one_shot"])
+        self.calendar.finished = bool(state["finished"])
+        self.apply_masks()
+        self._arm_sinks()
+
+    # ------------------------------------------------------------------ hooks
+
+    def _grad_hook(self, layer: LayerStorage) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            # mask as gradients accumulate, so that clipping sees the sparse gradient; on steps
+            # that need the dense gradient, masking waits for the optimizer pre-step hook
+            if param.grad is not None and not self.calendar.wants_dense_grad(self._step + 1):
+                layer.sync_device()
+                layer.zero_inactive_(param.grad)
+
+        return hook
+
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # hooks receive the step call's own arguments: (optimizer, closure?) and kwargs
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        self._closure_step = closure is not None
+        if self._closure_step:
+            return  # the gradient is computed inside step(): handled in the post-step hook
+        if self.calendar.wants_dense_grad(self._step + 1):
+            self.signals.snapshot_grads(self._layers)
+        if self.calendar.pending_first_step:
+            self._first_step()
+        if self._mask_grads:
+            with torch.no_grad():
+                for layer in self._layers:
+                    if layer.param.grad is not None:
+                        layer.sync_device()
+                        layer.zero_inactive_(layer.param.grad)
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.schedule.masks:
+            self._step += 1  # nothing to mask: only count
+            return
+        if self._closure_step:
+            if self.calendar.wants_dense_grad(self._step + 1):
+                self.signals.snapshot_grads(self._layers)
+            if self.calendar.pending_first_step:
+                self._first_step()
+        self.apply_masks()
+        self.signals.update_ema(self._layers)
+        self._step += 1
+        if self.config.momentum_window is not None and self.calendar.in_window(self._step):
+            self.signals.update_window(self._layers)
+        try:
+            if self.calendar.update_due(self._step):
+                self.schedule.update(self._updater, self.config, self._step)
+        finally:
+            self.signals.dense_grads.clear()
+            self._arm_sinks()
+
+    def _first_step(self) -> None:
+        self.calendar.pending_first_step = False
+        try:
+            self.schedule.first_step(self._updater, self.config)
+        finally:
+            self.signals.dense_grads.clear()
+
+    def _arm_sinks(self) -> None:
+        """Tell accelerated layers whether the coming step must produce the dense gradient."""
+        wanted = self._attached and self.calendar.wants_dense_grad(self._step + 1)
+        for layer in self._layers:
+            layer.set_dense_grad_sink(
+                functools.partial(self.signals.receive_dense_grad, layer.name) if wanted else None
+            )
+
+    def _capture_grads_for_manual_update(self) -> None:
+        if "grad" not in self.needs or self.signals.dense_grads:
+            return
+        if self._mask_grads:
+            raise RuntimeError(
+                f"{self.config.prune}/{self.config.growth} need the dense gradient, which the "
+                "engine captures only at scheduled update steps (gradients are masked "
+                "otherwise); set update_every instead of calling update_masks() yourself"
+            )
+        self.signals.snapshot_grads(self._layers)
+
+
+class _OnDemand:
+    """The updater for an update the user asked for: the gradients are captured first."""
+
+    def __init__(self, updater: MaskUpdater, capture: Callable[[], None]) -> None:
+        self._updater, self._capture = updater, capture
+
+    def regrow(self, rate: float) -> MaskUpdate:
+        self._capture()
+        return self._updater.regrow(rate)
+
+    def prune_to(self, fraction: float) -> MaskUpdate:
+        self._capture()
+        return self._updater.prune_to(fraction)
+
+
+def _check_optimizer_holds(optimizer: torch.optim.Optimizer, targets: list[Target]) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [t.name for t in targets if id(t.param) not in held]
+    if missing:
+        raise ValueError(
+            f"the optimizer does not hold {len(missing)} of the parameters to sparsify "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); create it from "
+            "this model's parameters (e.g. torch.optim.SGD(model.parameters(), ...))"
+        )
+
+
+def _check_not_sparsified(model: nn.Module, targets: list[Target]) -> None:
+    for key, what in [(id(model), "this model"), *((id(t.param), t.name) for t in targets)]:
+        ref = _ACTIVE.get(key)
+        engine = ref() if ref is not None else None
+        if engine is None:
+            continue
+        if engine.model is model or any(
+            layer.param is t.param for layer in engine.layers for t in targets
+        ):
+            raise RuntimeError(
+                f"{what} is already sparsified by {engine!r}; call engine.remove() first"
+            )
+
+
+def sparsify(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: str = "sparse_momentum",
+    density: float | None = None,
+    total_steps: int | None = None,
+    **options: Any,
+) -> SparseEngine:
+    """Train ``model`` sparse with ``method`` from the next ``optimizer.step()`` on.
+
+    Args:
+        model: the model; its Linear and Conv weights are sparsified by default.
+        optimizer: the optimizer over the model's parameters; keep calling its ``step()``.
+        method: a preset name from :func:`sparselearn.methods`.
+        density: fraction of weights kept active (0.05 = 95% sparsity); not for ``dense``.
+        total_steps: optimizer steps in the whole run; needed by methods with a schedule.
+        **options: any preset field to override (see the README), e.g. ``update_every=100``.
+
+    Returns:
+        The :class:`SparseEngine`, with ``masks``, ``density()``, ``summary()``,
+        ``state_dict()``/``load_state_dict()`` and ``remove()``.
+
+    Example::
+
+        engine = sl.sparsify(model, optimizer, method="sparse_momentum", density=0.05,
+                             total_steps=epochs * len(train_loader))
+    """
+    preset = METHODS.get(method)
+    for key in options:
+        if key not in OPTION_NAMES:
+            raise TypeError(unknown_option_message(key))
+    params = {**preset.defaults, **options}
+    schedule = MASK_SCHEDULE.get(params.get("schedule", "periodic"))
+    if density is None:
+        if schedule.masks:
+            raise ValueError(f"method {method!r} needs a density in (0, 1], e.g. density=0.05")
+        density = 1.0
+    unused = schedule.unused_options(set(options), params)
+    if unused:
+        raise ValueError(
+            f"option(s) {', '.join(unused)} have no effect with method {method!r} "
+            f"(schedule {schedule.name!r}); remove them"
+        )
+    config = SparsityConfig(method=method, density=density, total_steps=total_steps, **params)
+    return SparseEngine(model, optimizer, config)

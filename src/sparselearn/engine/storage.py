@@ -1,0 +1,311 @@
+"""How the engine holds one sparsified weight tensor: behind one protocol, as a masked dense
+weight or as CSR values in an accelerated layer. The engine and its mask updates never ask
+which one they hold.
+
+Two layouts meet here. The *weight's shape* is the tensor the model computes with (masks,
+scores, dense gradients are in it). The *parameter's layout* is what the optimizer holds and
+keeps state for: the whole weight for :class:`MaskedDense`, the active values only (in CSR
+order) for :class:`CSRStorage`. ``to_weight_shape``, ``from_weight_shape`` and
+``param_positions`` translate between them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..accel.layers import SparseWeight
+    from ..targets import Target
+
+DenseGradSink = Callable[[Tensor], None]
+
+
+class LayerStorage(Protocol):
+    """One sparsified weight tensor as the engine holds it."""
+
+    name: str  # fully qualified, as in model.named_parameters()
+    fixed: bool  # a layer_density override: its own count, never shared with other layers
+    final_count: int  # active weights at the target density
+    kind: str  # "masked" (dense weight, masked) or "csr" (active values only)
+
+    @property
+    def param(self) -> nn.Parameter:
+        """The parameter the optimizer holds for this weight."""
+        ...
+
+    @property
+    def mask(self) -> Tensor:
+        """Bool, the weight's shape: the active positions (the truth)."""
+        ...
+
+    @property
+    def active(self) -> int: ...
+
+    @property
+    def numel(self) -> int: ...
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def weight(self) -> Tensor:
+        """The weight in its shape, detached (materialised for CSR)."""
+        ...
+
+    def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
+        """Adopt the mask ``new`` (``active``: its count, where the caller knows it); kept
+        weights keep their values, new ones are zero. Returns None where the parameter keeps
+        its layout, else the parameter is a new one and, for each of its entries, the index of
+        its value in the old parameter (-1: a new position)."""
+        ...
+
+    def zero_inactive_(self, tensor: Tensor) -> None:
+        """Exact zeros at the inactive positions of ``tensor`` (the parameter or its gradient,
+        in the parameter's layout)."""
+        ...
+
+    def to_weight_shape(self, values: Tensor) -> Tensor:
+        """A per-weight tensor in the parameter's layout, in the weight's shape (zeros where
+        the layout holds nothing)."""
+        ...
+
+    def from_weight_shape(self, tensor: Tensor) -> Tensor:
+        """A tensor of the weight's shape in the parameter's layout."""
+        ...
+
+    def param_positions(self, positions: Tensor) -> Tensor:
+        """Bool positions of the weight's shape as bool entries of the parameter's layout
+        (positions the layout does not hold are dropped)."""
+        ...
+
+    def snapshot_grad(self, received: Tensor | None) -> Tensor:
+        """This step's dense gradient in the weight's shape (``received``: what the layer's
+        sink delivered during backward, for storage that computes it there)."""
+        ...
+
+    def set_dense_grad_sink(self, sink: DenseGradSink | None) -> None:
+        """Where the dense gradient of the coming step goes (None: it is not needed)."""
+        ...
+
+    def check_loadable(self, mask: Tensor) -> str | None:
+        """Why ``mask`` (of a saved state) cannot be loaded here, or None."""
+        ...
+
+    def load_mask(self, mask: Tensor) -> None:
+        """Adopt a saved mask (checked with :meth:`check_loadable` first)."""
+        ...
+
+    def sync_device(self) -> None:
+        """Follow the parameter if the model was moved or cast after ``sparsify``."""
+        ...
+
+    def release(self) -> None:
+        """Drop what was materialised for a mask update."""
+        ...
+
+
+class MaskedDense:
+    """A weight kept dense, with its mask: the optimizer holds the whole weight."""
+
+    kind = "masked"
+
+    __slots__ = ("_zero", "active", "final_count", "fixed", "mask", "name", "param")
+
+    def __init__(self, target: Target, mask: Tensor, final_count: int) -> None:
+        self.name = target.name
+        self.param = target.param
+        self.fixed = target.density is not None
+        self.final_count = final_count
+        self.mask = mask  # bool, the truth
+        self._zero = _zeroing_mask(mask, self.param.dtype)
+        self.active = count(mask)  # kept in step with the mask
+
+    @property
+    def numel(self) -> int:
+        return self.mask.numel()
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.mask.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    def weight(self) -> Tensor:
+        return self.param.detach()
+
+    def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
+        self.mask.copy_(new)
+        if self._zero.dtype == torch.bool:
+            torch.logical_not(new, out=self._zero)
+        else:
+            self._zero.copy_(new).neg_()
+        self.active = count(new) if active is None else active
+        return None
+
+    def zero_inactive_(self, tensor: Tensor) -> None:
+        # exact zeros even over inf and NaN (a product with a 0/1 mask would keep NaN)
+        z = self._zero
+        if z.dtype == torch.bool:
+            tensor.masked_fill_(z, 0)
+        elif (
+            tensor.dtype.itemsize == z.dtype.itemsize
+            and tensor.shape == z.shape
+            and tensor.device == z.device
+        ):
+            # elementwise by index: any memory format (e.g. channels_last) gives the same result
+            tensor.view(z.dtype).bitwise_and_(z)
+        else:  # e.g. a gradient in another dtype than the weight
+            tensor.masked_fill_(~self.mask, 0)
+
+    def to_weight_shape(self, values: Tensor) -> Tensor:
+        return values
+
+    def from_weight_shape(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def param_positions(self, positions: Tensor) -> Tensor:
+        return positions
+
+    def snapshot_grad(self, received: Tensor | None) -> Tensor:
+        g = self.param.grad
+        return torch.zeros_like(self.param) if g is None else g.detach().clone()
+
+    def set_dense_grad_sink(self, sink: DenseGradSink | None) -> None:
+        pass  # the gradient of a dense weight is dense already
+
+    def check_loadable(self, mask: Tensor) -> str | None:
+        return None
+
+    def load_mask(self, mask: Tensor) -> None:
+        self.sync_device()
+        self.install(mask.to(self.mask.device))
+
+    def sync_device(self) -> None:
+        if self.mask.device != self.param.device:
+            self.mask = self.mask.to(self.param.device)
+        if self._zero.device != self.param.device or (
+            self._zero.dtype != torch.bool
+            and self._zero.dtype.itemsize != self.param.dtype.itemsize
+        ):
+            self._zero = _zeroing_mask(self.mask, self.param.dtype)
+
+    def release(self) -> None:
+        pass  # nothing is materialised
+
+
+class CSRStorage:
+    """A weight stored as CSR in an accelerated module (:class:`~sparselearn.accel.SparseWeight`):
+    the optimizer holds only the active values. Masks, dense weights and gradients are
+    materialised for mask updates only."""
+
+    kind = "csr"
+
+    def __init__(self, old: LayerStorage, storage: SparseWeight) -> None:
+        self.name = old.name
+        self.fixed = old.fixed
+        self.final_count = old.final_count
+        self.storage = storage
+        self._mask: Tensor | None = None
+        self._mask_version = -1
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.storage.values
+
+    @property
+    def mask(self) -> Tensor:
+        if self._mask is None or self._mask_version != self.storage.version:
+            self._mask = self.storage.mask()
+            self._mask_version = self.storage.version
+        return self._mask
+
+    @property
+    def active(self) -> int:
+        return int(self.storage.nnz)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.storage.shape)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.storage.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    def weight(self) -> Tensor:
+        return self.storage.dense()
+
+    def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
+        source = self.storage.restructure(new)  # kept values carried over, new ones zero
+        self._mask, self._mask_version = new.clone(), self.storage.version
+        return source
+
+    def zero_inactive_(self, tensor: Tensor) -> None:
+        pass  # structurally sparse: nothing to zero
+
+    def to_weight_shape(self, values: Tensor) -> Tensor:
+        dense = torch.zeros(self.shape, dtype=values.dtype, device=values.device)
+        dense[self.mask] = values
+        return dense
+
+    def from_weight_shape(self, tensor: Tensor) -> Tensor:
+        return tensor[self.mask]
+
+    def param_positions(self, positions: Tensor) -> Tensor:
+        return positions[self.mask]
+
+    def snapshot_grad(self, received: Tensor | None) -> Tensor:
+        # the module's sink delivers the dense gradient during backward; none: no gradient
+        return torch.zeros(self.shape, device=self.device) if received is None else received
+
+    def set_dense_grad_sink(self, sink: DenseGradSink | None) -> None:
+        self.storage.dense_grad_sink = sink
+
+    def check_loadable(self, mask: Tensor) -> str | None:
+        if torch.equal(mask.to(self.device), self.mask):
+            return None
+        return (
+            f"{self.name} is accelerated and its structure differs from the saved mask: load "
+            "the model's state_dict (which holds the sparse weights) first"
+        )
+
+    def load_mask(self, mask: Tensor) -> None:
+        pass  # the structure came with the model's state_dict (check_loadable made sure)
+
+    def sync_device(self) -> None:
+        pass  # the CSR buffers move with their module
+
+    def release(self) -> None:
+        self._mask = None
+
+
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _zeroing_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """What :meth:`MaskedDense.zero_inactive_` applies. On CPU: an integer word per weight of
+    the weight's width, all one bits where active, zero where not; AND-ing the weight's bits
+    with it zeroes the inactive entries exactly and vectorises (``masked_fill_`` with a bool
+    mask branches per element and mispredicts; docs/performance.md has the timings). It costs
+    the weight's width in memory instead of one byte: elsewhere (GPUs, where ``masked_fill_``
+    runs at memory speed) the bool complement is kept instead."""
+    if mask.device.type != "cpu" or dtype.itemsize not in _BITS:
+        return ~mask
+    return mask.to(_BITS[dtype.itemsize]).neg_()
+
+
+def count(mask: Tensor) -> int:
+    """True entries of a bool tensor (``count_nonzero`` is far faster than a bool ``sum()``)."""
+    return int(torch.count_nonzero(mask))
