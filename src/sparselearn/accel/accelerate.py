@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..engine import SparseEngine
+from ..engine import LayerStorage, SparseEngine
 from ..kernels import check_threads, ops_for
 from .layers import SparseConv2d, SparseLinear, SparseWeight, supports_conv
 
@@ -175,6 +175,34 @@ def accelerate(
     mask update). Methods whose growth needs the momentum of missing weights at every step
     (sparse momentum) must set ``momentum_window`` to be accelerated.
     """
+    layers = _check_arguments(engine, example_input, mode, layers, threads)
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mod_name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.Parameter):
+            owners.setdefault(id(w), []).append((mod_name, module))
+    shapes = {} if example_input is None else _input_shapes(model, example_input)
+
+    report = AccelerationReport(backend=backend)
+    for layer in engine.layers:
+        choice, found, sparse = _choose(
+            layer, owners.get(id(layer.param), []), shapes, mode, backend, repeats, layers, threads
+        )
+        if choice.chosen == "sparse" and sparse is not None and found is not None:
+            choice = dataclasses.replace(choice, backend=ops_for(layer.param, backend).name)
+            _install(model, engine, layer, found, sparse, choice.threads)
+        report.layers.append(choice)
+    return report
+
+
+def _check_arguments(
+    engine: SparseEngine,
+    example_input: object,
+    mode: str,
+    layers: Collection[str] | None,
+    threads: Mapping[str, int] | None,
+) -> set[str] | None:
+    """Refuse what accelerate cannot do, naming it; returns ``layers`` as a set."""
     if mode not in ("auto", "sparse", "dense"):
         raise ValueError(f"mode must be 'auto', 'sparse' or 'dense', got {mode!r}")
     if mode == "auto" and example_input is None:
@@ -210,12 +238,11 @@ def accelerate(
             "gradient at every step; sparsify with momentum_window=N (dense gradients only in "
             "the N steps before each update) to accelerate it"
         )
-    owners: dict[int, list[tuple[str, nn.Module]]] = {}
-    for mod_name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if isinstance(w, nn.Parameter):
-            owners.setdefault(id(w), []).append((mod_name, module))
+    return layers
 
+
+def _input_shapes(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> dict[str, Any]:
+    """The input shape each Linear and Conv2d module receives from ``example_input``."""
     shapes: dict[str, torch.Size] = {}
 
     def record(name: str) -> Any:
@@ -224,115 +251,94 @@ def accelerate(
 
         return hook
 
-    if example_input is not None:
-        hooks = [
-            m.register_forward_hook(record(n))
-            for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d))
-        ]
-        try:
-            with torch.no_grad():
-                args = example_input if isinstance(example_input, tuple) else (example_input,)
-                model(*args)
-        finally:
-            for h in hooks:
-                h.remove()
+    hooks = [
+        m.register_forward_hook(record(n))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
+    try:
+        with torch.no_grad():
+            args = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
 
-    report = AccelerationReport(backend=backend)
-    for layer in engine.layers:
-        density = layer.active / layer.numel
-        found = owners.get(id(layer.param), [])
-        kind = "-"
-        if layer.kind == "csr":
-            report.layers.append(
-                LayerChoice(layer.name, kind, density, None, None, "sparse", "already")
-            )
-            continue
-        if layers is not None and layer.name not in layers:
-            report.layers.append(
-                LayerChoice(layer.name, kind, density, None, None, "dense", "not in layers")
-            )
-            continue
-        if len(found) != 1:
-            reason = "tied to several modules" if found else "not a module's weight"
-            report.layers.append(
-                LayerChoice(layer.name, kind, density, None, None, "dense", reason)
-            )
-            continue
-        mod_name, module = found[0]
-        if type(module) is nn.Linear:
-            kind = "linear"
-        elif type(module) is nn.Conv2d and supports_conv(module):
-            kind = "conv2d"
-        else:
-            report.layers.append(
-                LayerChoice(
-                    layer.name,
-                    kind,
-                    density,
-                    None,
-                    None,
-                    "dense",
-                    f"{type(module).__name__} with these settings has no sparse kernel",
-                )
-            )
-            continue
-        mask = layer.mask
-        sparse: nn.Module = (
-            SparseLinear(module, mask, backend)
-            if kind == "linear"
-            else SparseConv2d(module, mask, backend)
+
+def _choose(
+    layer: LayerStorage,
+    found: list[tuple[str, nn.Module]],
+    shapes: Mapping[str, torch.Size],
+    mode: str,
+    backend: str,
+    repeats: int,
+    layers: set[str] | None,
+    threads: Mapping[str, int] | None,
+) -> tuple[LayerChoice, tuple[str, nn.Module] | None, nn.Module | None]:
+    """What to do with one sparsified tensor: the choice, its module and the sparse layer."""
+    density = layer.active / layer.numel
+
+    def dense(reason: str, kind: str = "-") -> tuple[LayerChoice, None, None]:
+        return LayerChoice(layer.name, kind, density, None, None, "dense", reason), None, None
+
+    if layer.kind == "csr":
+        choice = LayerChoice(layer.name, "-", density, None, None, "sparse", "already")
+        return choice, None, None
+    if layers is not None and layer.name not in layers:
+        return dense("not in layers")
+    if len(found) != 1:
+        return dense("tied to several modules" if found else "not a module's weight")
+    mod_name, module = found[0]
+    sparse: nn.Module
+    # these exact types (a subclass may compute otherwise); isinstance narrows for mypy
+    if isinstance(module, nn.Linear) and type(module) is nn.Linear:
+        kind, sparse = "linear", SparseLinear(module, layer.mask, backend)
+    elif isinstance(module, nn.Conv2d) and type(module) is nn.Conv2d and supports_conv(module):
+        kind, sparse = "conv2d", SparseConv2d(module, layer.mask, backend)
+    else:
+        return dense(f"{type(module).__name__} with these settings has no sparse kernel")
+    if mode != "auto":
+        cap = threads.get(layer.name) if mode == "sparse" and threads is not None else None
+        choice = LayerChoice(layer.name, kind, density, None, None, mode, "forced", cap)
+        return choice, found[0], sparse
+    if mod_name not in shapes:
+        return dense("not reached by the example input", kind)
+    x = torch.randn(shapes[mod_name], device=layer.device, dtype=layer.param.dtype)
+    runs = [_fwd_bwd(module, x), _fwd_bwd(sparse, x)]
+    # a small layer can be faster on one thread than waking the others for each of its
+    # parallel regions (with OMP_WAIT_POLICY=PASSIVE every region wakes the sleeping threads)
+    if torch.get_num_threads() > 1 and ops_for(x, backend).name == "cpp":
+        runs.append(_fwd_bwd(sparse, x, threads=1))
+    dense_ms, *sparse_times = _time_turns(runs, repeats)
+    best = min(range(len(sparse_times)), key=sparse_times.__getitem__)
+    sparse_ms, cap = sparse_times[best], (None, 1)[best]
+    if sparse_ms >= dense_ms:
+        choice = LayerChoice(
+            layer.name, kind, density, dense_ms, sparse_ms, "dense", "dense is faster"
         )
-        dense_ms = sparse_ms = None
-        cap: int | None = None  # the sparse layer's thread cap
-        if mode == "auto":
-            if mod_name not in shapes:
-                report.layers.append(
-                    LayerChoice(
-                        layer.name,
-                        kind,
-                        density,
-                        None,
-                        None,
-                        "dense",
-                        "not reached by the example input",
-                    )
-                )
-                continue
-            x = torch.randn(shapes[mod_name], device=layer.device, dtype=layer.param.dtype)
-            runs = [_fwd_bwd(module, x), _fwd_bwd(sparse, x)]
-            # a small layer can be faster on one thread than waking the others for each of
-            # its parallel regions (0.03 ms each with OMP_WAIT_POLICY=PASSIVE on a 2-core VM)
-            one_thread = torch.get_num_threads() > 1 and ops_for(x, backend).name == "cpp"
-            if one_thread:
-                runs.append(_fwd_bwd(sparse, x, threads=1))
-            dense_ms, *sparse_times = _time_turns(runs, repeats)
-            best = min(range(len(sparse_times)), key=sparse_times.__getitem__)
-            sparse_ms, cap = sparse_times[best], (None, 1)[best]
-            chosen = "sparse" if sparse_ms < dense_ms else "dense"
-            if chosen == "dense":
-                reason, cap = "dense is faster", None
-            else:
-                reason = "faster" if cap is None else "faster on one thread"
-        else:
-            chosen, reason = mode, "forced"
-            if chosen == "sparse" and threads is not None:
-                cap = threads.get(layer.name)
-        report.layers.append(
-            LayerChoice(layer.name, kind, density, dense_ms, sparse_ms, chosen, reason, cap)
-        )
-        if chosen != "sparse":
-            continue
-        report.layers[-1] = dataclasses.replace(
-            report.layers[-1], backend=ops_for(layer.param, backend).name
-        )
-        assert isinstance(sparse, (SparseLinear, SparseConv2d))
-        sparse.threads = cap
-        sparse.train(module.training)
-        parent, child = _parent(model, mod_name)
-        setattr(parent, child, sparse)
-        storage = sparse.weight_sparse
-        assert isinstance(storage, SparseWeight)
-        _swap_in_optimizer(engine.optimizer, layer.param, storage.values, mask)
-        engine.store_as_csr(layer.name, storage)
-    return report
+        return choice, None, None
+    reason = "faster" if cap is None else "faster on one thread"
+    choice = LayerChoice(layer.name, kind, density, dense_ms, sparse_ms, "sparse", reason, cap)
+    return choice, found[0], sparse
+
+
+def _install(
+    model: nn.Module,
+    engine: SparseEngine,
+    layer: LayerStorage,
+    found: tuple[str, nn.Module],
+    sparse: nn.Module,
+    cap: int | None,
+) -> None:
+    """Put the sparse layer in its module's place; the optimizer and the engine follow."""
+    mod_name, module = found
+    assert isinstance(sparse, (SparseLinear, SparseConv2d))
+    sparse.threads = cap
+    sparse.train(module.training)
+    parent, child = _parent(model, mod_name)
+    setattr(parent, child, sparse)
+    storage = sparse.weight_sparse
+    assert isinstance(storage, SparseWeight)
+    _swap_in_optimizer(engine.optimizer, layer.param, storage.values, layer.mask)
+    engine.store_as_csr(layer.name, storage)

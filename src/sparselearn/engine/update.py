@@ -6,13 +6,11 @@ the optimizer state moved along. Schedules call :meth:`MaskUpdater.regrow` and
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +18,10 @@ from torch import Tensor, nn
 from ..budget import allocate
 from ..config import SparsityConfig
 from ..criteria import Criterion, LayerView, Redistribution
-from ..selection import bottom_k, top_k
-from . import distributed
+from ..selection import top_k
+from . import distributed, scoring
 from .calendar import Calendar
-from .signals import Signals, _finite, reset_state
+from .signals import Signals, reset_state
 from .storage import LayerStorage, count
 
 logger = logging.getLogger("sparselearn")
@@ -50,13 +48,6 @@ class MaskUpdate:
     @property
     def total_grown(self) -> int:
         return sum(self.grown.values())
-
-
-class _ActiveScores(NamedTuple):
-    """Prune scores of the active positions only (flat indices ``idx``, ascending)."""
-
-    idx: Tensor
-    scores: Tensor
 
 
 @dataclass(frozen=True)
@@ -100,37 +91,6 @@ class MaskUpdater:
     def step(self) -> int:
         return self.clock()
 
-    # ------------------------------------------------------------------ views and scores
-
-    def _views(self) -> list[LayerView]:
-        views = []
-        for layer in self.layers:
-            layer.sync_device()
-            signals: dict[str, Callable[[], Tensor]] = {}
-            if "momentum" in self.needs:
-                signals["momentum"] = functools.partial(self.signals.momentum, layer)
-            if "grad" in self.needs:
-                signals["grad"] = functools.partial(self.signals.grad, layer)
-            views.append(
-                LayerView(
-                    layer.name,
-                    layer.weight(),
-                    layer.mask,
-                    signals=signals,
-                    generator=self.generator(layer.device),
-                )
-            )
-        return views
-
-    def _non_finite_inputs(self, views: list[LayerView]) -> str | None:
-        """Name the first non-finite weight, gradient or momentum, or None if all are finite."""
-        for view in views:
-            for key in ("weight", *sorted(self.needs)):
-                value = view.weight if key == "weight" else getattr(view, key)
-                if not _finite(value):
-                    return f"{key} of {view.name}"
-        return None
-
     def _skip(self, reason: str, rate: float | None) -> MaskUpdate:
         logger.warning("step %d: mask update skipped: %s; masks unchanged", self.step, reason)
         for name in self.signals.restart():
@@ -144,144 +104,71 @@ class MaskUpdater:
             layer.numel for layer in self.layers
         )
 
-    def _scores(self, criterion: Criterion, views: list[LayerView]) -> list[Tensor] | str:
-        out = []
-        for view in views:
-            s = criterion.fn(view)
-            if not isinstance(s, Tensor) or s.shape != view.weight.shape:
-                raise TypeError(
-                    f"criterion {criterion.name!r} must return a tensor of shape "
-                    f"{tuple(view.weight.shape)} for {view.name}, got "
-                    f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
-                )
-            if not _finite(s):
-                return f"criterion {criterion.name!r} gave non-finite scores for {view.name}"
-            out.append(s)
-        return out
-
-    def _prune_scores(self, views: list[LayerView]) -> list[Tensor | _ActiveScores] | str:
-        """Prune scores per layer. An elementwise layer-scope criterion (magnitude) is evaluated
-        on the active weights only where they are fewer than half: the scores of those
-        positions, with the positions, instead of a pass over the whole layer."""
-        crit = self.criteria.prune
-        assert crit is not None
-        if not (crit.elementwise and crit.scope == "layer"):
-            whole = self._scores(crit, views)
-            return whole if isinstance(whole, str) else list[Tensor | _ActiveScores](whole)
-        out: list[Tensor | _ActiveScores] = []
-        for view, layer in zip(views, self.layers, strict=True):
-            if 2 * layer.active >= layer.numel:
-                full = self._scores(crit, [view])
-                if isinstance(full, str):
-                    return full
-                out.append(full[0])
-                continue
-            idx = view.mask.reshape(-1).nonzero().squeeze(1)
-            s = crit.fn(view.at(idx))
-            if not isinstance(s, Tensor) or s.shape != idx.shape:
-                raise TypeError(
-                    f"elementwise criterion {crit.name!r} must return scores of the shape of "
-                    f"its (1-D) inputs, {tuple(idx.shape)} for {view.name}, got "
-                    f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
-                )
-            if not _finite(s):
-                return f"criterion {crit.name!r} gave non-finite scores for {view.name}"
-            out.append(_ActiveScores(idx, s))
-        return out
-
-    # ------------------------------------------------------------------ selection
-
-    def _select_across(
-        self, scores: list[Tensor], candidates: list[Tensor], k: int, *, largest: bool = True
-    ) -> list[Tensor]:
-        """Exact top-k (or bottom-k) over several layers at once; one bool tensor per layer."""
-        device = scores[0].device
-        flat = torch.cat([s.float().reshape(-1).to(device) for s in scores])
-        cand = torch.cat([c.reshape(-1).to(device) for c in candidates])
-        chosen = top_k(flat, cand, k, self.generator(device), largest=largest)
-        out, offset = [], 0
-        for c in candidates:
-            out.append(chosen[offset : offset + c.numel()].view_as(c).to(c.device))
-            offset += c.numel()
-        return out
-
-    def _prune_sets(
-        self,
-        views: list[LayerView],
-        scores: list[Tensor | _ActiveScores],
-        remove: list[int],
-        total_free: int,
-    ) -> list[Tensor]:
-        """Bool tensors of the positions to prune. Fixed layers and layer-scope criteria remove
-        ``remove[i]`` per layer; a global criterion removes ``total_free`` across the free layers,
-        never the best active weight of a layer (no layer is emptied)."""
-        prune = self.criteria.prune
-        assert prune is not None
-        out: list[Tensor | None] = [None] * len(views)
-        free = [i for i, layer in enumerate(self.layers) if not layer.fixed]
-        glob = prune.scope == "global" and len(free) > 0
-        for i, (view, s) in enumerate(zip(views, scores, strict=True)):
-            if glob and i in free:
-                continue
-            if isinstance(s, _ActiveScores):  # scores of the active positions only
-                m = s.idx.numel()
-                every = torch.ones(m, dtype=torch.bool, device=s.idx.device)
-                chosen = bottom_k(s.scores, every, remove[i], self.generator(s.idx.device), count=m)
-                pruned = torch.zeros(view.mask.numel(), dtype=torch.bool, device=s.idx.device)
-                pruned[s.idx[chosen]] = True
-                out[i] = pruned.view_as(view.mask)
-                continue
-            out[i] = bottom_k(
-                s, view.mask, remove[i], self.generator(s.device), count=self.layers[i].active
-            )
-        if glob:
-            full = [s for s in scores if isinstance(s, Tensor)]
-            assert len(full) == len(scores)  # global criteria are scored over whole layers
-            cands = []
-            for i in free:
-                mask = views[i].mask
-                best = torch.where(mask, full[i].float(), -math.inf).argmax()
-                cand = mask.clone()
-                cand.view(-1)[best] = False  # protected: every layer keeps at least one weight
-                cands.append(cand)
-            across = self._select_across([full[i] for i in free], cands, total_free, largest=False)
-            for i, c in zip(free, across, strict=True):
-                out[i] = c
-        return [o for o in out if o is not None]
-
     # ------------------------------------------------------------------ the two updates
+
+    def _views(self) -> list[LayerView]:
+        return scoring.layer_views(self.layers, self.needs, self.signals, self.generator)
 
     @torch.no_grad()
     def regrow(self, rate: float) -> MaskUpdate:
         """Prune ``rate`` of the active weights, share the regrowth, regrow: budget unchanged."""
         t0 = time.perf_counter()
-        prune, growth, redistribution = (
-            self.criteria.prune,
-            self.criteria.growth,
-            self.criteria.redistribution,
-        )
+        prune, growth = self.criteria.prune, self.criteria.growth
         assert prune is not None
         assert growth is not None
         views = self._views()
-        bad = self._non_finite_inputs(views)
+        bad = scoring.non_finite_inputs(views, self.needs)
         if bad:
             return self._skip(f"non-finite {bad}", rate)
         layers = self.layers
         active = [layer.active for layer in layers]
-        numel = [layer.numel for layer in layers]
-        room = [n - a for n, a in zip(numel, active, strict=True)]  # inactive before the update
+        room = [layer.numel - a for layer, a in zip(layers, active, strict=True)]  # inactive
         free = [i for i, layer in enumerate(layers) if not layer.fixed]
 
-        prune_scores = self._prune_scores(views)
+        prune_scores = scoring.prune_scores(prune, views, layers)
         if isinstance(prune_scores, str):
             return self._skip(prune_scores, rate)
-        # never empty a layer, and never remove more than can be regrown: a layer that regrows
-        # its own loss (fixed layers, redistribution "none") is bounded by its own free room,
-        # layers that share their regrowth only by the free room of all of them together
-        shares_regrowth = redistribution.fn is not None or growth.scope == "global"
+        remove, total_free = self._removals(rate, active, room, free)
+        pruned = scoring.prune_sets(
+            prune, layers, views, prune_scores, remove, total_free, self.generator
+        )
+        kept = [v.mask & p.logical_not() for v, p in zip(views, pruned, strict=True)]
+        # exact counts: top_k selects exactly what it is asked for; only a global criterion
+        # leaves the per-layer split to be counted
+        global_prune = prune.scope == "global"
+        lost = [count(p) if global_prune and i in free else remove[i] for i, p in enumerate(pruned)]
+
+        growth_views = [v.with_growth(k, None) for v, k in zip(views, kept, strict=True)]
+        grow = self._regrowth(lost, room, free, growth_views)
+        grown = self._grow(growth_views, kept, grow, room, free, sum(lost[i] for i in free))
+        if isinstance(grown, str):
+            return self._skip(grown, rate)
+
+        update = MaskUpdate(self.step, "regrow", rate)
+        global_growth = growth.scope == "global"
+        for i, layer in enumerate(layers):
+            n_grown = count(grown[i]) if global_growth and i in free else grow[i]
+            self._commit(
+                layer, kept[i] | grown[i], pruned[i], grown[i], active=active[i] - lost[i] + n_grown
+            )
+            update.pruned[layer.name] = lost[i]
+            update.grown[layer.name] = n_grown
+        return self._finish(update, t0)
+
+    def _removals(
+        self, rate: float, active: list[int], room: list[int], free: list[int]
+    ) -> tuple[list[int], int]:
+        """How many each layer loses (per-layer criteria), and across the free layers (a
+        global criterion): never a layer's last weight, never more than can be regrown. A layer
+        that regrows its own loss (fixed layers, redistribution "none") is bounded by its own
+        free room, layers that share their regrowth only by the free room of all of them."""
+        prune, growth = self.criteria.prune, self.criteria.growth
+        assert prune is not None
+        assert growth is not None
+        shares_regrowth = self.criteria.redistribution.fn is not None or growth.scope == "global"
         remove = [
             min(round(rate * a), a - 1, r if layer.fixed or not shares_regrowth else a)
-            for a, r, layer in zip(active, room, layers, strict=True)
+            for a, r, layer in zip(active, room, self.layers, strict=True)
         ]
         room_free = sum(room[i] for i in free)
         if shares_regrowth and sum(remove[i] for i in free) > room_free:
@@ -295,43 +182,58 @@ class MaskUpdater:
         if prune.scope == "global" and free:
             a_free = sum(active[i] for i in free)
             total_free = min(round(rate * a_free), a_free - len(free), room_free)
-        pruned = self._prune_sets(views, prune_scores, remove, total_free)
-        kept = [v.mask & p.logical_not() for v, p in zip(views, pruned, strict=True)]
-        # exact counts: top_k selects exactly what it is asked for; only a global criterion
-        # leaves the per-layer split to be counted
-        global_prune = prune.scope == "global"
-        lost = [count(p) if global_prune and i in free else remove[i] for i, p in enumerate(pruned)]
+        return remove, total_free
 
-        # how many each layer regrows: fixed layers their own loss, free layers share theirs
+    def _regrowth(
+        self, lost: list[int], room: list[int], free: list[int], views: list[LayerView]
+    ) -> list[int]:
+        """How many each layer regrows: fixed layers their own loss, free layers share theirs
+        in proportion to the redistribution (a global growth criterion shares it itself)."""
+        growth, redistribution = self.criteria.growth, self.criteria.redistribution
+        assert growth is not None
         grow = list(lost)
-        r_free = sum(lost[i] for i in free)
-        growth_views = [v.with_growth(k, None) for v, k in zip(views, kept, strict=True)]
-        global_growth = growth.scope == "global"
-        if free and not global_growth:
-            if redistribution.fn is None:
+        if not free or growth.scope == "global":
+            return grow
+        if redistribution.fn is None:
+            weights = [float(lost[i]) for i in free]
+        else:
+            weights = [redistribution.fn(views[i]) for i in free]
+            if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+                logger.warning(
+                    "step %d: redistribution %r gave %s; each layer regrows what it lost",
+                    self.step,
+                    redistribution.name,
+                    weights,
+                )
                 weights = [float(lost[i]) for i in free]
-            else:
-                weights = [redistribution.fn(growth_views[i]) for i in free]
-                if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-                    logger.warning(
-                        "step %d: redistribution %r gave %s; each layer regrows what it lost",
-                        self.step,
-                        redistribution.name,
-                        weights,
-                    )
-                    weights = [float(lost[i]) for i in free]
-            shares = allocate(r_free, weights, [room[i] for i in free])
-            for i, g in zip(free, shares, strict=True):
-                grow[i] = g
+        shares = allocate(sum(lost[i] for i in free), weights, [room[i] for i in free])
+        for i, g in zip(free, shares, strict=True):
+            grow[i] = g
+        return grow
 
-        # growth: the highest scores among positions that were inactive before this update
-        grown: list[Tensor | None] = [None] * len(layers)
+    def _grow(
+        self,
+        views: list[LayerView],
+        kept: list[Tensor],
+        grow: list[int],
+        room: list[int],
+        free: list[int],
+        total: int,
+    ) -> list[Tensor] | str:
+        """The positions each layer grows: the highest growth scores among positions that were
+        inactive before this update (a global criterion: ``total`` across the free layers).
+        A string (the reason) where the scores were not finite."""
+        growth = self.criteria.growth
+        assert growth is not None
+        layers = self.layers
+        global_growth = growth.scope == "global"
         per_layer = [i for i in range(len(layers)) if not (global_growth and i in free)]
         for i in per_layer:
-            growth_views[i] = growth_views[i].with_growth(kept[i], grow[i])
-        growth_scores = self._scores(growth, growth_views)
+            views[i] = views[i].with_growth(kept[i], grow[i])
+        growth_scores = scoring.scores(growth, views)
         if isinstance(growth_scores, str):
-            return self._skip(growth_scores, rate)
+            return growth_scores
+        grown: list[Tensor | None] = [None] * len(layers)
         for i in per_layer:
             grown[i] = top_k(
                 growth_scores[i],
@@ -341,34 +243,26 @@ class MaskUpdater:
                 count=room[i],
             )
         if global_growth and free:
-            chosen = self._select_across(
-                [growth_scores[i] for i in free], [~layers[i].mask for i in free], r_free
+            chosen = scoring.select_across(
+                [growth_scores[i] for i in free],
+                [~layers[i].mask for i in free],
+                total,
+                self.generator,
             )
             for i, c in zip(free, chosen, strict=True):
                 grown[i] = c
-
-        update = MaskUpdate(self.step, "regrow", rate)
-        for i, layer in enumerate(layers):
-            new_positions = grown[i]
-            assert new_positions is not None
-            n_grown = count(new_positions) if global_growth and i in free else grow[i]
-            self._commit(
-                layer,
-                kept[i] | new_positions,
-                pruned[i],
-                new_positions,
-                active=active[i] - lost[i] + n_grown,
-            )
-            update.pruned[layer.name] = lost[i]
-            update.grown[layer.name] = n_grown
-        return self._finish(update, t0)
+        out = [g for g in grown if g is not None]
+        assert len(out) == len(layers)
+        return out
 
     @torch.no_grad()
     def prune_to(self, fraction: float) -> MaskUpdate:
         """Prune each layer towards its final count: ``fraction`` 0 is dense, 1 is the target."""
         t0 = time.perf_counter()
+        prune = self.criteria.prune
+        assert prune is not None
         views = self._views()
-        bad = self._non_finite_inputs(views)
+        bad = scoring.non_finite_inputs(views, self.needs)
         if bad:
             return self._skip(f"non-finite {bad}", None)
         layers = self.layers
@@ -379,10 +273,12 @@ class MaskUpdater:
         remove = [max(a - t, 0) for a, t in zip(active, target, strict=True)]
         free = [i for i, layer in enumerate(layers) if not layer.fixed]
         total_free = max(sum(active[i] for i in free) - sum(target[i] for i in free), 0)
-        scores = self._prune_scores(views)
+        scores = scoring.prune_scores(prune, views, layers)
         if isinstance(scores, str):
             return self._skip(scores, None)
-        pruned = self._prune_sets(views, scores, remove, total_free)
+        pruned = scoring.prune_sets(
+            prune, layers, views, scores, remove, total_free, self.generator
+        )
         update = MaskUpdate(self.step, "prune", None)
         for layer, view, p in zip(layers, views, pruned, strict=True):
             self._commit(layer, view.mask & ~p, p, None)

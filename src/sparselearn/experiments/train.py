@@ -47,28 +47,12 @@ def train(
     # ------------------------------------------------------------------ set up
     out = Path(out)
     checkpoint_path = out / "checkpoint.pt"
-    if resume and not checkpoint_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-    if not resume and (checkpoint_path.exists() or (out / "summary.json").exists()):
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
+    _check_run_dir(out, resume)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-
-    data = load_dataset(
-        cfg.data,
-        cfg.data_dir,
-        val_fraction=cfg.val_fraction,
-        split_seed=cfg.split_seed,
-        download=cfg.download,
-        mirror=cfg.data_mirror,
-        image_size=cfg.image_size,
-    )
-    if hasattr(data, "workers"):
-        data.workers = cfg.workers
+    data = _load_data(cfg)
     augment = data.info.augment if cfg.augment is None else cfg.augment
     model = create_model(cfg.model, data.info.input_shape, data.info.num_classes).to(device)
     optimizer = make_optimizer(cfg, model)
@@ -169,6 +153,30 @@ def train(
 
 
 # ----------------------------------------------------------------------------- the pieces
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
+    if resume and not (out / "checkpoint.pt").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    if not resume and ((out / "checkpoint.pt").exists() or (out / "summary.json").exists()):
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+
+
+def _load_data(cfg: TrainConfig) -> Data:
+    data = load_dataset(
+        cfg.data,
+        cfg.data_dir,
+        val_fraction=cfg.val_fraction,
+        split_seed=cfg.split_seed,
+        download=cfg.download,
+        mirror=cfg.data_mirror,
+        image_size=cfg.image_size,
+    )
+    if hasattr(data, "workers"):
+        data.workers = cfg.workers
+    return data
 
 
 def resolve_device(name: str) -> torch.device:
