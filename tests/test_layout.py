@@ -9,7 +9,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sparselearn"
 # old import paths of modules that moved into experiments/ (they re-export, nothing more)
-SHIMS = {"sparselearn." + n for n in ("cli", "train", "study", "report", "analyze", "demo", "plots")}
+MOVED = ("cli", "train", "study", "report", "analyze", "demo", "plots")
+SHIMS = {f"sparselearn.{name}" for name in MOVED}
 ENTRY = {"sparselearn.__main__"}  # the command: runs the tooling
 
 
