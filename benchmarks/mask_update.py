@@ -20,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# OpenMP reads its wait policy when it loads: spin-waiting makes small ops up to 50x slower on a
-# 2-core VM. Restart with the policy set before torch is imported.
+# OpenMP reads its wait policy when it loads: on a machine with few cores, threads that spin while
+# waiting take the cores from the ones that work, and small ops slow down many times. Restart
+# with the policy set before torch is imported.
 if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.execv(sys.executable, [sys.executable, *sys.argv])

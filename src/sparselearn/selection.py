@@ -148,8 +148,8 @@ def _sample_without_replacement(
     """``k`` distinct indices in ``range(n)``, uniformly, determined by ``generator``.
 
     Ties can number millions (e.g. every zero gradient of a dead unit) while only a few are
-    needed: NumPy picks k of n without shuffling all n (80x faster than ``randperm`` at 200k of
-    15M); its seed is drawn from the torch generator, so the result follows the engine's seed.
+    needed: NumPy picks k of n without shuffling all n (``randperm`` would permute all of them);
+    its seed is drawn from the torch generator, so the result follows the engine's seed.
     """
     import numpy as np  # only needed here; keeps `import sparselearn` lean
 

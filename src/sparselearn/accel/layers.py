@@ -474,9 +474,10 @@ class SparseLinear(nn.Module):
 
 
 # Output planes of at most this many positions compute as a product over patches (im2col and
-# the Linear kernels): 3x3 convolutions at 3-7% density, batch 64, on 2x2 and 4x4 outputs ran
-# 1.5-7x faster that way than on planes, on 8x8 outputs 1.6x slower (docs/performance.md, table
-# "Convolutions on small outputs").
+# the Linear kernels): on small planes the per-plane kernels spend their time on plane edges and
+# loop overhead, while the patch matrix gives the Linear kernels long rows; on larger planes the
+# patch matrix (kh * kw copies of the input) costs more than it saves (docs/performance.md,
+# table "Convolutions on small outputs", measures where the two meet).
 UNFOLD_MAX_POSITIONS = 16
 
 _ALGORITHMS = ("auto", "planes", "unfold")
@@ -558,9 +559,10 @@ class SparseConv2d(nn.Module):
             return self._forward_unfolded(x, out_hw, ops)
         fused, rest = _split_bias(self.bias, x)
         if self.stride > 1 and w.dense_grad_sink is None:
-            # strided: a stride-1 convolution over the phase planes (the stride-1 kernels are
-            # 3-6x faster than a strided walk); steps that need the dense gradient take the
-            # direct path below, which computes it in the weight's own shape
+            # strided: a stride-1 convolution over the phase planes (the stride-1 kernels read
+            # contiguous slices, where a strided walk reads every s-th element); steps that
+            # need the dense gradient take the direct path below, which computes it in the
+            # weight's own shape
             ph = self.phases()
             y: Tensor = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
                 ph.planes(x, self.padding, out_hw, ops),

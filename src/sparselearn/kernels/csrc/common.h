@@ -56,15 +56,15 @@ inline v16f load16(const float* p) { return loadv<float>(p); }
 
 // Work (multiply-adds plus elements moved) below which a kernel runs on the calling thread alone:
 // with OMP_WAIT_POLICY=PASSIVE each parallel region, and each barrier in one, wakes the pool's
-// sleeping threads (about 27 us each on this VM, see tl_thread_limit), what one thread needs for
-// several hundred thousand multiply-adds.
+// sleeping threads (see tl_thread_limit), which costs what one thread needs for several hundred
+// thousand multiply-adds (docs/performance.md measures it).
 constexpr int64_t kParallelWork = int64_t(1) << 20;
 
 // The most threads that kernels called from this thread may use (0: all of OpenMP's). A layer
 // sets it around its kernels (set_thread_limit, from the Python side): under
 // OMP_WAIT_POLICY=PASSIVE every parallel region and every barrier in it puts the other threads
-// to sleep and wakes them again, about 27 us each on the 2-core VM (an empty region with three
-// barriers took 110 us), and for a small layer that costs more than a second core saves.
+// to sleep and wakes them again, and for a small layer that costs more than a second core saves
+// (docs/performance.md has the cost of a region and of a barrier).
 // sl.accelerate times such a layer on one thread and on all of them, and keeps the faster.
 // Only speed changes: every kernel gives the same result, bit for bit, on any number of threads.
 inline thread_local int tl_thread_limit = 0;

@@ -138,7 +138,7 @@ inline __attribute__((always_inline)) void shifted_chunk(int64_t begin, int64_t 
 // Where the values of grid positions go. The grid is Wg wide; the output keeps its first OW
 // columns (OW == Wg: every position, stored in place), plus bias[r] when a bias is given.
 // Writing the output directly spares a grid-sized temporary and a compacting copy: two passes
-// over fresh memory, which page-faults on this VM (about 9 ms per 35 MB).
+// over fresh memory, and fresh memory page-faults on first touch.
 template <typename T>
 struct GridStore {
   int64_t Wg, OW;

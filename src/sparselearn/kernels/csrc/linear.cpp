@@ -5,8 +5,8 @@
 // p*W .. p*W+W-1 of x transposed, zero-padded to a whole panel. Each non-zero weight then scales
 // one contiguous W-float row of a panel (vectorised over the batch, held in registers), and one
 // panel (features * W floats) stays in L2 while every non-zero reads it. A plain (features, batch)
-// transpose is 3.5x slower here: its rows are 1 KiB apart, so a batch block of them maps to a
-// quarter of the cache sets and thrashes L2 (docs/performance.md).
+// transpose would not: its rows are a whole batch apart (1 KiB for 256 floats), so a batch block
+// of them maps to a fraction of the cache sets and thrashes L2 (docs/performance.md).
 
 #include "common.h"
 #include "kernels.h"
@@ -157,9 +157,10 @@ void pack_panels(const T* x, int64_t sb, int64_t sf, T* XP, T* psum, int64_t B, 
 // batch values each, written back in the (batch, rows) layout. Whole 16 x 16 blocks go through
 // registers into a staging block of 16 batch rows (in L1), which is then stored row after row,
 // each row's nr / 16 cache lines consecutively. With ld a multiple of 1024 floats (4096- and
-// 1024-wide layers) the same column of every row falls in one L1 set: storing 16-float pieces
-// row by row down a column ran 5x slower than for other widths with 16-row tiles, 2.5x with
-// 64-row tiles, and about as fast through the staging rows (docs/performance.md).
+// 1024-wide layers) the same column of every row falls in one L1 set, and storing 16-float
+// pieces row by row down a column evicts the lines it has just written; through the staging
+// rows those widths store as fast as any other (docs/performance.md, "Output and packing by
+// width").
 constexpr int64_t kMaxTileRows = 64;  // the tiles' rows (spmm_body, backward_body)
 
 template <typename T, int W>
@@ -202,9 +203,9 @@ inline void store_tile(const T (*tile)[W], int64_t nr, int64_t nvalid, const T* 
 }
 
 // out[b] = sum over the non-zeros k in [begin, end) of val[k] * X[col[k], b]. Bound by L2
-// bandwidth here (W / 16 cache lines per non-zero; a second accumulator set does not help).
+// bandwidth (W / 16 cache lines per non-zero; a second accumulator set does not help).
 // No software prefetch: the out-of-order window already covers the L2 latency, and the
-// prefetch instructions competed with the loads for the load ports (5-10% slower with them).
+// prefetch instructions compete with the loads for the load ports.
 template <typename T, int W, typename I>
 inline __attribute__((always_inline)) void row_times_panel(int64_t begin, int64_t end,
                                                            const I* col, const T* val,
@@ -351,11 +352,11 @@ void sampled_panels(const int64_t* crow, const I* col, const T* GP, const T* XP,
 //   dvalT[k] = sum_b GP[p, r, b] * XP[p, c, b]    (the weight gradient at the non-zeros)
 // Each non-zero reads one random row of the G panel (from L2: the limit, as in spmm); here that
 // one read serves both products, where two separate kernels read a row each. With twice the
-// arithmetic per row read, prefetching the row kPrefetch non-zeros ahead pays here (3-7%),
-// where in spmm it cost more load slots than it saved.
+// arithmetic per row read, prefetching the row kPrefetch non-zeros ahead pays here, where in
+// spmm it costs more load slots than it saves.
 // In the caller's parallel region (backward_region, which has made valT = val[perm]): the
-// products, then dval = dvalT[perm_inv], W's CSR order (a gather: scattering through perm,
-// random writes, took 2-4x longer).
+// products, then dval = dvalT[perm_inv], W's CSR order (a gather with sequential writes, where
+// scattering through perm would write at random).
 template <typename T, int W, typename I>
 void backward_body(const int64_t* crowT, const I* colT, const I* perm_inv, const T* valT,
                    const T* GP, const T* XP, T* GX, T* dvalT, T* dval, int64_t rows, int64_t F,
