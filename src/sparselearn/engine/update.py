@@ -303,25 +303,30 @@ class MaskUpdater:
         state of the changed positions as the ``optimizer_state`` policy says."""
         policy = self.config.optimizer_state
         window = self.signals.window.get(layer.name)
-        self._install(layer, new, active)
-        param = layer.param
-        layer.zero_inactive_(param)  # pruned weights are zero now; grown ones were zero
-        if policy in ("reset_pruned", "reset_both"):
-            reset_state(self.optimizer, param, layer.param_positions(pruned))
-        if grown is not None and (policy in ("reset_grown", "reset_both") or window is not None):
-            reset_state(self.optimizer, param, layer.param_positions(grown))
+        if not self._install(layer, new, active):
+            # the same layout: pruned weights are zeroed now (grown ones were zero), and their
+            # optimizer state is reset as the policy says (a new layout holds no pruned
+            # position, and its grown positions start with zero state)
+            param = layer.param
+            layer.zero_inactive_(param)
+            if policy in ("reset_pruned", "reset_both"):
+                reset_state(self.optimizer, param, pruned)
+            if grown is not None and (
+                policy in ("reset_grown", "reset_both") or window is not None
+            ):
+                reset_state(self.optimizer, param, grown)
         if grown is not None and window is not None and policy == "keep":
             self._carry_window_momentum(layer, grown, window)
 
-    def _install(self, layer: LayerStorage, new: Tensor, active: int | None = None) -> None:
+    def _install(self, layer: LayerStorage, new: Tensor, active: int | None = None) -> bool:
         """``layer.install``; where that gives the layer a new parameter, the optimizer and the
         engine's gradient average follow it, their per-weight entries moved to the new layout
-        (kept positions carry their values, new ones start at zero)."""
+        (kept positions carry their values, new ones start at zero). Returns whether it did."""
         old = layer.param
         old_numel = old.numel()
         source = layer.install(new, active)
         if source is None:
-            return
+            return False
         kept = source >= 0
 
         def moved(value: Tensor) -> Tensor:
@@ -344,6 +349,7 @@ class MaskUpdater:
         if ema is not None:
             self.signals.ema[layer.name] = moved(ema)
         self.replaced(old, new_param)
+        return True
 
     def _carry_window_momentum(self, layer: LayerStorage, grown: Tensor, window: Tensor) -> None:
         """SGD: a regrown weight starts with the momentum its position gathered in the window
@@ -363,8 +369,7 @@ class MaskUpdater:
             for layer in self.layers:
                 mask = layer.mask.clone()
                 distributed.broadcast_(mask)
-                if not torch.equal(mask, layer.mask):
-                    self._install(layer, mask)
+                if not torch.equal(mask, layer.mask) and not self._install(layer, mask):
                     layer.zero_inactive_(layer.param)
         if update.kind == "regrow":
             self.signals.window.clear()  # a new window starts before the next update
