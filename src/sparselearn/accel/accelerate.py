@@ -64,7 +64,7 @@ class AccelerationReport:
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join(
-            "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows
+            "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
         )
 
 
