@@ -28,7 +28,7 @@ from .criteria import (
     register_prune,
     register_redistribution,
 )
-from .engine import MaskUpdate, SparseEngine, sparsify
+from .engine import MaskUpdate, SparseEngine, SparsityWarning, sparsify
 from .flops import TrainingFlopReport, flops
 from .methods import METHODS, Method, methods, register_method
 from .schedules import (
@@ -80,6 +80,7 @@ __all__ = [
     "Registry",
     "SparseEngine",
     "SparsityConfig",
+    "SparsityWarning",
     "TrainingFlopReport",
     "__version__",
     "accelerate",

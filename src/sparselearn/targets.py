@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import Selector, SparsityConfig
+
+logger = logging.getLogger("sparselearn")
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -64,7 +67,8 @@ def _matches(selector: Selector, name: str, module: nn.Module, aliases: Sequence
 
 
 def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
-    """The parameters ``config`` sparsifies, in module registration order.
+    """The parameters ``config`` sparsifies, in module registration order. Frozen weights
+    (``requires_grad=False``) are left dense.
 
     Raises ``ValueError`` for selectors that match nothing (typos) or name a parameter that can
     never be sparsified, and when nothing is left to sparsify.
@@ -90,11 +94,20 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
                     f"include: {selector!r} cannot be sparsified (biases, 1-D tensors and "
                     "normalisation layers never are)"
                 )
+            if not p.requires_grad:
+                raise ValueError(
+                    f"include: {selector!r} is frozen (requires_grad=False): a frozen weight "
+                    "never changes, so its mask could not either; unfreeze it to sparsify it"
+                )
 
     chosen: list[tuple[str, nn.Parameter, nn.Module]] = []
     used_includes: set[int] = set()
+    frozen: list[str] = []
     for name, p, module, local, names in rows:
         if not _eligible(module, local, p):
+            continue
+        if not p.requires_grad:  # frozen weights stay dense: they never train
+            frozen.append(name)
             continue
         selected = isinstance(module, DEFAULT_TYPES) and local == "weight"
         for i, selector in enumerate(config.include):
@@ -107,7 +120,7 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
         if i not in used_includes:
             raise ValueError(
                 f"include: {_show(selector)} matches no parameter that can be sparsified "
-                "(weights of at least 2 dimensions outside normalisation layers)"
+                "(weights of at least 2 dimensions outside normalisation layers, not frozen)"
             )
 
     for selector in config.exclude:
@@ -119,11 +132,14 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
             )
         chosen = kept
 
+    if frozen:
+        logger.info("frozen weights stay dense: %s", ", ".join(frozen))
     if not chosen:
+        why = f" ({len(frozen)} frozen weights stay dense)" if frozen else ""
         raise ValueError(
             f"nothing to sparsify in {type(model).__name__}: it has no Linear or Conv weights "
-            "left after exclude; select others with include=[...] (names, 're:' patterns or "
-            "module types such as nn.Embedding, nn.LSTM)"
+            f"left after exclude{why}; select others with include=[...] (names, 're:' patterns "
+            "or module types such as nn.Embedding, nn.LSTM)"
         )
 
     densities: dict[str, float] = {}

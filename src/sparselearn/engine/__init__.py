@@ -6,7 +6,7 @@ agreement (``distributed.py``)."""
 from __future__ import annotations
 
 from .calendar import Calendar
-from .engine import SparseEngine, sparsify
+from .engine import SparseEngine, SparsityWarning, sparsify
 from .state import STATE_FORMAT
 from .storage import CSRStorage, LayerStorage, MaskedDense
 from .update import MaskUpdate, MaskUpdater
@@ -20,5 +20,6 @@ __all__ = [
     "MaskUpdater",
     "MaskedDense",
     "SparseEngine",
+    "SparsityWarning",
     "sparsify",
 ]

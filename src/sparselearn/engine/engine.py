@@ -9,8 +9,10 @@ of sparselearn (``accelerate``, ``flops``, ``compat``) and extensions build on.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -38,6 +40,24 @@ if TYPE_CHECKING:
     from ..accel.layers import SparseWeight
 
 logger = logging.getLogger("sparselearn")
+
+
+APEX_FP16_MESSAGE = (
+    "apex's FP16_Optimizer wraps the real optimizer and keeps float32 master weights that the "
+    "masks would not reach; train in mixed precision with torch.amp instead (torch.autocast "
+    "for the forward, torch.amp.GradScaler for the loss) and pass the plain optimizer"
+)
+
+
+def is_apex_fp16(optimizer: object) -> bool:
+    return type(optimizer).__name__ == "FP16_Optimizer" or hasattr(
+        optimizer, "fp32_from_fp16_groups"
+    )
+
+
+class SparsityWarning(UserWarning):
+    """A sparse run configured so that it will not do what its method says."""
+
 
 # id(model) and id(param) -> the engine managing it (verified by identity on lookup)
 _ACTIVE: dict[int, weakref.ref[SparseEngine]] = {}
@@ -68,6 +88,8 @@ class SparseEngine:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if is_apex_fp16(optimizer):
+            raise TypeError(APEX_FP16_MESSAGE)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -77,6 +99,13 @@ class SparseEngine:
         self.optimizer = optimizer
         self.schedule: MaskSchedule = MASK_SCHEDULE.get(config.schedule)
         targets = find_targets(model, config)
+        meta = [t.name for t in targets if t.param.is_meta]
+        if meta:
+            raise ValueError(
+                f"{', '.join(meta[:5])} {'is' if len(meta) == 1 else 'are'} on the meta device "
+                "(shapes without values): masks need real weights; materialise the model "
+                "first (model.to_empty(device=...) and initialise it, or load its state_dict)"
+            )
         _check_optimizer_holds(optimizer, targets)
         _check_not_sparsified(model, targets)
 
@@ -124,15 +153,14 @@ class SparseEngine:
         self.apply_masks()
 
         self._handles: list[RemovableHandle] = []
+        self._grad_hooks: dict[str, RemovableHandle] = {}
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
         if self.schedule.masks:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             if self._mask_grads:
                 for layer in self._layers:
-                    self._handles.append(
-                        layer.param.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
-                            self._grad_hook(layer)
-                        )
+                    self._grad_hooks[layer.name] = layer.param.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                        self._grad_hook(layer)
                     )
         ref = weakref.ref(self)
         _ACTIVE[id(model)] = ref
@@ -140,6 +168,29 @@ class SparseEngine:
             _ACTIVE[id(layer.param)] = ref
         self._attached = True
         logger.info("sparsify: %s", self._headline())
+        self._warn_if_masks_never_change()
+
+    def _warn_if_masks_never_change(self) -> None:
+        """A run shorter than its update interval never updates a mask: say so, and what to
+        pass instead (the method would silently train as static sparse)."""
+        cfg, total = self.config, self.config.total_steps
+        if not (self.schedule.updates and "update_every" in self.schedule.options):
+            return
+        every = cfg.interval
+        if total is None or every == 0:
+            return
+        candidates = [*range(every, total + 1, every), total]
+        if any(self.calendar.update_due(s) for s in candidates):
+            return
+        warnings.warn(
+            f"{cfg.method}: no mask update falls within this run (update_every={every}, "
+            f"total_steps={total}, start_at={cfg.start_at:g}, stop_at={cfg.stop_at:g}): the "
+            f"masks never change and {cfg.method} trains as static sparse. Pass a shorter "
+            f"update_every (below {total}: e.g. the steps of one epoch, or update_every='epoch' "
+            "with steps_per_epoch)",
+            SparsityWarning,
+            stacklevel=4,
+        )
 
     # ------------------------------------------------------------------ construction
 
@@ -198,8 +249,9 @@ class SparseEngine:
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
-        """Parameter name -> bool mask (the weight's shape and device). Read-only: change masks
-        through :meth:`update_masks` or :meth:`load_state_dict`."""
+        """Parameter name -> bool mask (the weight's shape and device). Read-only: masks change
+        through :meth:`update_masks` or :meth:`load_state_dict`; a mask changed in place
+        makes the engine's next use raise, naming it."""
         return MappingProxyType({layer.name: layer.mask for layer in self._layers})
 
     @property
@@ -281,9 +333,10 @@ class SparseEngine:
     def remove(self) -> None:
         """Detach from the optimizer and the model. The weights stay sparse; the masks are kept
         in ``engine.masks`` for inspection; ``sparsify`` may be called on the model again."""
-        for handle in self._handles:
+        for handle in [*self._handles, *self._grad_hooks.values()]:
             handle.remove()
         self._handles.clear()
+        self._grad_hooks.clear()
         for key in [id(self.model), *(id(layer.param) for layer in self._layers)]:
             ref = _ACTIVE.get(key)
             if ref is not None and ref() is self:
@@ -306,6 +359,31 @@ class SparseEngine:
         for layer in self._layers:
             layer.sync_device()
             layer.zero_inactive_(layer.param)
+
+    def release(self, name: str) -> None:
+        """Stop sparsifying ``name``: its weight keeps its current values and trains dense
+        from the next step; the other layers keep their masks and budgets (the 2019 API's
+        ``remove_weight``)."""
+        self.check_attached()
+        index = next((i for i, layer in enumerate(self._layers) if layer.name == name), None)
+        if index is None:
+            raise ValueError(
+                f"{name!r} is not sparsified by this engine; choose from "
+                f"{[layer.name for layer in self._layers]}"
+            )
+        layer = self._layers[index]
+        if layer.kind == "csr":
+            raise ValueError(f"{name} is accelerated (stored sparse); it cannot become dense")
+        if len(self._layers) == 1:
+            raise ValueError(f"{name} is the only sparsified tensor; call engine.remove() instead")
+        del self._layers[index]
+        handle = self._grad_hooks.pop(name, None)
+        if handle is not None:
+            handle.remove()
+        self.signals.ema.pop(name, None)
+        self.signals.window.pop(name, None)
+        if _ACTIVE.get(id(layer.param)) is not None:
+            del _ACTIVE[id(layer.param)]
 
     def store_as_csr(self, name: str, weight: SparseWeight) -> None:
         """Hand layer ``name`` over to CSR storage in an accelerated module (see
@@ -339,13 +417,14 @@ class SparseEngine:
             "generators": {k: g.get_state() for k, g in self._generators.items()},
             "ema": {k: v.clone() for k, v in self.signals.ema.items()},
             "window": {k: v.clone() for k, v in self.signals.window.items()},
+            "history": [dataclasses.asdict(u) for u in self.history],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved. The engine must have been created with the same
         configuration on the same model; differences are reported, nothing is half-applied."""
         self.check_attached()
-        check_state(state, self.config.to_dict(), self._layers, self.signals.ema)
+        check_state(state, self.config, self.schedule, self._layers, self.signals.ema)
         masks = state["masks"]
         for layer in self._layers:
             layer.load_mask(masks[layer.name])
@@ -359,6 +438,7 @@ class SparseEngine:
             gen.set_state(gen_state)
             self._generators[key] = gen
         self._step = int(state["step"])
+        self.history[:] = [MaskUpdate(**u) for u in state.get("history", [])]
         self.calendar.pending_first_step = bool(state["pending_one_shot"])
         self.calendar.finished = bool(state["finished"])
         self.apply_masks()

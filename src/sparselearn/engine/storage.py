@@ -103,7 +103,8 @@ class LayerStorage(Protocol):
         ...
 
     def sync_device(self) -> None:
-        """Follow the parameter if the model was moved or cast after ``sparsify``."""
+        """Follow the parameter if the model was moved or cast after ``sparsify``; raise if
+        the mask was changed in place behind the engine's back."""
         ...
 
     def release(self) -> None:
@@ -116,7 +117,7 @@ class MaskedDense:
 
     kind = "masked"
 
-    __slots__ = ("_zero", "active", "final_count", "fixed", "mask", "name", "param")
+    __slots__ = ("_seen", "_zero", "active", "final_count", "fixed", "mask", "name", "param")
 
     def __init__(self, target: Target, mask: Tensor, final_count: int) -> None:
         self.name = target.name
@@ -126,6 +127,7 @@ class MaskedDense:
         self.mask = mask  # bool, the truth
         self._zero = _zeroing_mask(mask, self.param.dtype)
         self.active = count(mask)  # kept in step with the mask
+        self._seen = mask._version  # in-place changes the engine did not make show up here
 
     @property
     def numel(self) -> int:
@@ -149,6 +151,7 @@ class MaskedDense:
         else:
             self._zero.copy_(new).neg_()
         self.active = count(new) if active is None else active
+        self._seen = self.mask._version
         return None
 
     def zero_inactive_(self, tensor: Tensor) -> None:
@@ -190,8 +193,11 @@ class MaskedDense:
         self.install(mask.to(self.mask.device))
 
     def sync_device(self) -> None:
+        if self.mask._version != self._seen:
+            raise_edited(self.name)
         if self.mask.device != self.param.device:
             self.mask = self.mask.to(self.param.device)
+            self._seen = self.mask._version
         if self._zero.device != self.param.device or (
             self._zero.dtype != torch.bool
             and self._zero.dtype.itemsize != self.param.dtype.itemsize
@@ -216,6 +222,7 @@ class CSRStorage:
         self.storage = storage
         self._mask: Tensor | None = None
         self._mask_version = -1
+        self._mask_seen = 0
 
     @property
     def param(self) -> nn.Parameter:
@@ -226,6 +233,7 @@ class CSRStorage:
         if self._mask is None or self._mask_version != self.storage.version:
             self._mask = self.storage.mask()
             self._mask_version = self.storage.version
+            self._mask_seen = self._mask._version
         return self._mask
 
     @property
@@ -250,6 +258,7 @@ class CSRStorage:
     def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
         source = self.storage.restructure(new)  # kept values carried over, new ones zero
         self._mask, self._mask_version = new.clone(), self.storage.version
+        self._mask_seen = self._mask._version
         return source
 
     def zero_inactive_(self, tensor: Tensor) -> None:
@@ -285,10 +294,20 @@ class CSRStorage:
         pass  # the structure came with the model's state_dict (check_loadable made sure)
 
     def sync_device(self) -> None:
-        pass  # the CSR buffers move with their module
+        # the CSR buffers move with their module; the mask is a view made from them
+        if self._mask is not None and self._mask._version != self._mask_seen:
+            raise_edited(self.name)
 
     def release(self) -> None:
         self._mask = None
+
+
+def raise_edited(name: str) -> None:
+    raise RuntimeError(
+        f"the mask of {name} was changed in place (engine.masks[{name!r}]); the engine keeps "
+        "each mask, its zeroing and the budget together, so masks change only through "
+        "engine.update_masks() or engine.load_state_dict()"
+    )
 
 
 _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
