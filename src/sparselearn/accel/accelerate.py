@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,18 +182,51 @@ def accelerate(
         w = getattr(module, "weight", None)
         if isinstance(w, nn.Parameter):
             owners.setdefault(id(w), []).append((mod_name, module))
-    shapes = {} if example_input is None else _input_shapes(model, example_input)
 
     report = AccelerationReport(backend=backend)
-    for layer in engine.layers:
-        choice, found, sparse = _choose(
-            layer, owners.get(id(layer.param), []), shapes, mode, backend, repeats, layers, threads
-        )
+    with _model_state_kept(model):  # timing runs the model: its buffers, grads and RNG return
+        shapes = {} if example_input is None else _input_shapes(model, example_input)
+        chosen = []
+        for layer in engine.layers:
+            choice, found, sparse = _choose(
+                layer,
+                owners.get(id(layer.param), []),
+                shapes,
+                mode,
+                backend,
+                repeats,
+                layers,
+                threads,
+            )
+            report.layers.append(choice)
+            chosen.append((layer, choice, found, sparse))
+    for layer, choice, found, sparse in chosen:
         if choice.chosen == "sparse" and sparse is not None and found is not None:
-            choice = dataclasses.replace(choice, backend=ops_for(layer.param, backend).name)
+            index = report.layers.index(choice)
+            report.layers[index] = dataclasses.replace(
+                choice, backend=ops_for(layer.param, backend).name
+            )
             _install(model, engine, layer, found, sparse, choice.threads)
-        report.layers.append(choice)
     return report
+
+
+@contextlib.contextmanager
+def _model_state_kept(model: nn.Module) -> Iterator[None]:
+    """Leave ``model`` as it was: its buffers (BatchNorm's running statistics, which a training
+    mode forward updates), its parameters' gradients (the dense layers' timing runs backward)
+    and the random number generators (dropout, timing inputs)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    devices = sorted({str(p.device) for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buf, saved in buffers:
+                    buf.copy_(saved)
+            for p, g in grads:
+                p.grad = g
 
 
 def _check_arguments(
