@@ -38,7 +38,10 @@ def test_expand_a_grid(tmp_path: Path) -> None:
             "unknown study keys",
         ),
         ({"models": ["lenet5"], "methods": {"rigl": {}}, "seeds": [1]}, "needs densities"),
-        ({"models": ["lenet5"], "methods": {"dense": {}}, "seeds": []}, "non-empty 'seeds'"),
+        (
+            {"models": ["lenet5"], "methods": {"dense": {}}, "seeds": []},
+            "seeds must be a non-empty list",
+        ),
         (
             {"models": ["lenet5"], "methods": {"dense": {"epochs": 0}}, "seeds": [1]},
             "epochs must be",

@@ -49,6 +49,7 @@ def test_a_run_directory_holds_everything(tmp_path: Path, data_dir: Path) -> Non
     summary = train(cfg, tmp_path / "run", progress=False)
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == [
+        ".lock",  # held while a run writes here, empty after
         "checkpoint.pt",
         "config.yaml",
         "metrics.jsonl",
@@ -56,6 +57,7 @@ def test_a_run_directory_holds_everything(tmp_path: Path, data_dir: Path) -> Non
         "sparsity.yaml",
         "summary.json",
     ]
+    assert (run / ".lock").read_bytes() == b""
     assert sorted(p.name for p in (run / "plots").iterdir()) == [
         "layer_density.png",
         "learning_curves.png",

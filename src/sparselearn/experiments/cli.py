@@ -8,11 +8,18 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 from ..config import SparsityConfig
 from .config import SPARSITY_OPTIONS, TrainConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one ``sparselearn <command>: error: ...`` line, and where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _flag(name: str) -> str:
@@ -20,7 +27,18 @@ def _flag(name: str) -> str:
 
 
 def _float_or_none(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -28,7 +46,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "sparsity":
             continue
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw: dict[str, Any] = {
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata['help']} (default: {_shown(default)})",
+        }
         if f.type in ("bool", "bool | None"):
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name == "lr_milestones":
@@ -42,7 +64,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     floats = ("start_at", "stop_at", "prune_rate", "prune_rate_min", "ema_decay")
     engine_help = {f.name: f.metadata["help"] for f in dataclasses.fields(SparsityConfig)}
     for name in SPARSITY_OPTIONS:
-        kw = {"default": argparse.SUPPRESS, "help": engine_help[name]}
+        kw = {"default": argparse.SUPPRESS, "help": f"{engine_help[name]} (default: the method's)"}
         if name in floats:
             kw["type"] = float
         elif name in ("include", "exclude", "layer_density"):
@@ -60,9 +82,14 @@ def _options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         pairs = {}
         for item in given["layer_density"]:
             name, sep, value = item.rpartition("=")
-            if not sep:
-                raise SystemExit(f"--layer-density expects NAME=DENSITY pairs, got {item!r}")
-            pairs[name] = float(value)
+            try:
+                if not sep:
+                    raise ValueError
+                pairs[name] = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"--layer-density expects NAME=DENSITY pairs, got {item!r}"
+                ) from None
         given["layer_density"] = pairs
     return given
 
@@ -72,24 +99,43 @@ _CONFIG_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"sparsity"} 
 )
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the --config file, then the flags given on the command line."""
+def _given(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings the command line gave (the --config file, then the flags over it), and
+    where each came from (for messages)."""
     from .runs import load_yaml
 
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}
     if getattr(args, "config", None):
-        values.update(load_yaml(args.config))
-    values.update(_options_from_args(args))
-    return TrainConfig.from_dict(values)
+        for key, value in load_yaml(args.config).items():
+            values[key], where[key] = value, f"{key} in {args.config}"
+    for key, value in _options_from_args(args).items():
+        values[key], where[key] = value, _flag(key)
+    return values, where
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the --config file, then the flags given on the command line."""
+    return TrainConfig.from_dict(_given(args)[0])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .runs import load_yaml
     from .train import train
 
-    cfg = resolve_config(args)
-    out = args.out or default_run_dir(cfg)
+    values, where = _given(args)
+    if args.resume:
+        # a resumed run keeps its own settings: the flags given must agree with them
+        out = args.out or default_run_dir(TrainConfig.from_dict(values))
+        if not (out / "config.yaml").exists():
+            raise FileNotFoundError(f"--resume: no run in {out} (it has no config.yaml)")
+        cfg = resume_config(load_yaml(out / "config.yaml"), values, where, out)
+    else:
+        cfg = TrainConfig.from_dict(values)
+        out = args.out or default_run_dir(cfg)
+    shows_bar = sys.stderr.isatty() if args.progress is None else args.progress
     summary = train(
-        cfg, out, resume=args.resume, progress=None if args.progress is None else args.progress
+        cfg, out, resume=args.resume, progress=shows_bar, on_epoch=None if shows_bar else _epoch
     )
     print(
         f"{cfg.model} {cfg.data} {cfg.method} density {summary['density']}: test accuracy "
@@ -97,6 +143,44 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"({summary['wall_time']:.0f} s); run in {out}"
     )
     return 0
+
+
+def resume_config(
+    saved: dict[str, Any], given: dict[str, Any], where: dict[str, str], out: Path
+) -> TrainConfig:
+    """The run's own configuration, with the machine settings given (threads, workers, where
+    the data is); any other setting given must equal the run's, else an error names it."""
+    from .config import MACHINE_SETTINGS, jsonable
+
+    try:
+        own = TrainConfig.from_dict(saved)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{out / 'config.yaml'} does not describe a run: {err}") from None
+    values = own.to_dict()
+    changed = []
+    for key, value in given.items():
+        if key in MACHINE_SETTINGS:
+            values[key] = value
+        elif jsonable({key: value}) != jsonable({key: values.get(key)}):
+            changed.append(f"{where[key]} {_shown(value)} (the run has {_shown(values.get(key))})")
+    if changed:
+        allowed = ", ".join(_flag(k) for k in MACHINE_SETTINGS)
+        raise ValueError(
+            f"--resume continues {out} with its own settings, and {'; '.join(changed)}; drop "
+            f"{'it' if len(changed) == 1 else 'them'} (only {allowed} may change on resume)"
+        )
+    return TrainConfig.from_dict(values)
+
+
+def _epoch(row: dict[str, Any]) -> None:
+    """One line per epoch, for logs (shown where no progress bar is)."""
+    val = "" if row["val_acc"] is None else f", val {100 * row['val_acc']:.2f}%"
+    print(
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, acc "
+        f"{100 * row['train_acc']:.2f}%{val}, test {100 * row['test_acc']:.2f}%, density "
+        f"{row['density']:.4f}, {row['mask_updates']} mask updates ({row['epoch_seconds']:.1f} s)",
+        flush=True,
+    )
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -152,22 +236,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparselearn", description="Sparse training from scratch: experiments and reports."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log mask updates")
     parser.add_argument("--version", action="version", version=f"sparselearn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one model", description="Train one model sparse.")
     p.add_argument("--config", help="YAML file with the same keys as the flags")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<model>-<data>-...)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with its own settings (flags given must agree with "
+        "them, except --threads, --workers, --data-dir, --download, --data-mirror)",
+    )
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="progress bar (default: when stderr is a terminal)",
+        help="progress bar (default: when stderr is a terminal; without it, a line per epoch)",
     )
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
@@ -214,7 +303,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+    except KeyboardInterrupt:
+        print(f"sparselearn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:  # a full disk, a read-only folder, a missing file
+        text = err.strerror if err.errno is not None and err.strerror else str(err)
+        if err.filename is not None and str(err.filename) not in text:
+            text = f"{err.filename}: {text}"
+        print(f"sparselearn {args.command}: error: {text}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as err:
         print(f"sparselearn {args.command}: error: {err}", file=sys.stderr)
         return 2
 

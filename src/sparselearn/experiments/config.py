@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from ..config import OPTION_NAMES, _check_unit, unknown_option_message
+from ..config import OPTION_NAMES, SparsityConfig, _check_unit, unknown_option_message
+from ..data.datasets import DATASETS
+from ..methods import METHODS
+from ..models import MODELS
+from ..schedules import MASK_SCHEDULE
 
 # engine options the training run sets itself
 _DERIVED = ("steps_per_epoch",)
@@ -76,28 +81,55 @@ class TrainConfig:
     sparsity: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "eval_batch_size")
-        for name in positive:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.lr_schedule not in ("step", "cosine", "constant"):
-            raise ValueError(
-                f"lr_schedule must be 'step', 'cosine' or 'constant', got {self.lr_schedule!r}"
-            )
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if any(not 0 < m < 1 for m in self.lr_milestones):
-            raise ValueError(
-                f"lr_milestones are fractions of training in (0, 1), got {self.lr_milestones}"
-            )
+        """Every setting checked before anything is read or trained; the message names it."""
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            _positive_int(name, getattr(self, name))
+        for name, registry in (("model", MODELS), ("data", DATASETS), ("method", METHODS)):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a name (see `sparselearn list`), got {value!r}")
+            registry.get(value)  # unknown: the choices and a close match
+        if self.label is not None and (not isinstance(self.label, str) or not self.label):
+            raise ValueError(f"label must be a non-empty string or None, got {self.label!r}")
+        _choice("optimizer", self.optimizer, ("sgd", "adam"))
+        _choice("lr_schedule", self.lr_schedule, ("step", "cosine", "constant"))
         if self.accelerate not in ("off", "auto", "sparse"):
             raise ValueError(
                 f"accelerate must be 'off', 'auto' (time each layer, keep the faster) or "
                 f"'sparse' (every supported layer), got {self.accelerate!r}"
             )
+        _number("lr", self.lr, above=0)
+        _number("momentum", self.momentum, at_least=0, below=1)
+        _number("weight_decay", self.weight_decay, at_least=0)
+        _number("lr_gamma", self.lr_gamma, above=0, at_most=1)
+        _number("val_fraction", self.val_fraction, at_least=0, below=1)
+        if self.grad_clip is not None:
+            _number("grad_clip", self.grad_clip, above=0)
+        if not isinstance(self.lr_milestones, (list, tuple)) or any(
+            isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < 1
+            for m in self.lr_milestones
+        ):
+            raise ValueError(
+                f"lr_milestones are fractions of training in (0, 1), got {self.lr_milestones!r}"
+            )
+        for name in ("nesterov", "download", "amp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.augment is not None and not isinstance(self.augment, bool):
+            raise ValueError(f"augment must be true, false or None, got {self.augment!r}")
+        for name in ("seed", "split_seed", "workers"):
+            _int(name, getattr(self, name), at_least=0)
+        for name in ("threads", "image_size"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        for name in ("data_dir", "data_mirror"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+        if not isinstance(self.device, str) or (
+            self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.accelerate != "off" and self.amp:
             raise ValueError(
                 "accelerate and amp cannot be combined: the sparse kernels compute in the "
@@ -105,13 +137,14 @@ class TrainConfig:
             )
         if self.density is not None:  # checked before any data is read
             _check_unit("density", self.density, low_open=True, high_open=False)
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not isinstance(self.sparsity, Mapping):
+            raise ValueError(f"sparsity must map engine options to values, got {self.sparsity!r}")
         unknown = [k for k in self.sparsity if k not in SPARSITY_OPTIONS]
         if unknown:
             raise ValueError(unknown_option_message(unknown[0], SPARSITY_OPTIONS))
         object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
         object.__setattr__(self, "sparsity", dict(self.sparsity))
+        check_engine_options(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat keys, as ``--config`` reads them: run settings, then the engine options set."""
@@ -140,6 +173,69 @@ class TrainConfig:
         return cls(**run, sparsity=sparse)
 
 
+def _positive_int(name: str, value: object) -> None:
+    _int(name, value, at_least=1)
+
+
+def _int(name: str, value: object, *, at_least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
+        what = "a positive integer" if at_least == 1 else f"an integer >= {at_least}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _number(
+    name: str,
+    value: object,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        ok = (
+            (above is None or v > above)
+            and (at_least is None or v >= at_least)
+            and (below is None or v < below)
+            and (at_most is None or v <= at_most)
+        )
+    if not ok:
+        bounds = " and ".join(
+            f"{sign} {bound:g}"
+            for sign, bound in ((">", above), (">=", at_least), ("<", below), ("<=", at_most))
+            if bound is not None
+        )
+        raise ValueError(f"{name} must be a number {bounds}, got {value!r}")
+
+
+def check_engine_options(cfg: TrainConfig) -> None:
+    """The run's engine options, validated as the engine will (with stand-ins for what only
+    the data can tell: the steps of the run and of an epoch)."""
+    options = engine_options(cfg)
+    preset = METHODS.get(cfg.method)
+    params = {**preset.defaults, **options}
+    schedule = MASK_SCHEDULE.get(params.get("schedule", "periodic"))
+    unused = schedule.unused_options(set(options), params)
+    if unused:
+        raise ValueError(
+            f"option(s) {', '.join(unused)} have no effect with method {cfg.method!r} "
+            f"(schedule {schedule.name!r}); remove them"
+        )
+    if "steps_per_epoch" in schedule.options:
+        params["steps_per_epoch"] = 1
+    density = cfg.density if schedule.masks else 1.0
+    if density is None:
+        raise ValueError(f"method {cfg.method!r} needs a density in (0, 1], e.g. density: 0.05")
+    SparsityConfig(method=cfg.method, density=density, total_steps=1_000_000, **params)
+
+
 def engine_options(cfg: TrainConfig) -> dict[str, Any]:
     """The run's engine options in the engine's own types (module types, update_every)."""
     out: dict[str, Any] = {}
@@ -162,6 +258,11 @@ def _selector(value: str) -> str | type[nn.Module]:
     return cls
 
 
+# settings of the machine, not of the run: a resumed run may change them (a study resumed with
+# another --jobs gives its runs another thread count), and nothing trains differently
+MACHINE_SETTINGS = ("threads", "workers", "data_dir", "download", "data_mirror")
+
+
 def jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
     """Plain JSON/YAML values (tuples become lists), so that saved configs compare equal."""
     plain: dict[str, Any] = json.loads(json.dumps(dict(values)))
@@ -169,12 +270,16 @@ def jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def same_config(saved: Any, cfg: TrainConfig) -> bool:
-    """``saved`` (a checkpoint's config) describes ``cfg``; options added to sparselearn after
-    the checkpoint was written count as their defaults."""
+    """``saved`` (a checkpoint's config) describes ``cfg``, machine settings apart; options
+    added to sparselearn after the checkpoint was written count as their defaults."""
     if not isinstance(saved, dict):
         return False
     try:
         filled = TrainConfig.from_dict(saved).to_dict()
     except (TypeError, ValueError):
         return False
-    return jsonable(filled) == jsonable(cfg.to_dict())
+    ours = cfg.to_dict()
+    for key in MACHINE_SETTINGS:
+        filled.pop(key, None)
+        ours.pop(key, None)
+    return jsonable(filled) == jsonable(ours)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .runs import iter_runs, write_atomic
+from .config import MACHINE_SETTINGS, TrainConfig, jsonable
+from .runs import iter_runs, read_json, write_atomic
 
 START, END = "<!-- report:start -->", "<!-- report:end -->"
 
@@ -43,31 +44,78 @@ class Cell:
 Key = tuple[str, str]  # (data, model)
 
 
+# what does not make two runs different experiments: the seed, and settings of the machine
+_NOT_THE_EXPERIMENT = {"seed", "label", "density", *MACHINE_SETTINGS}
+
+
+def _summary(run: Path) -> dict[str, Any]:
+    path = run / "summary.json"
+    s = read_json(path)
+    need = ("data", "model", "method", "density", "test_acc")
+    if not isinstance(s, dict) or any(k not in s for k in need):
+        raise ValueError(f"{path} is damaged: a summary holds {', '.join(need)}")
+    return s
+
+
 def collect(paths: Sequence[str | os.PathLike[str]]) -> dict[Key, dict[str, dict[float, Cell]]]:
-    """``{(data, model): {method: {density: Cell}}}`` from every summary.json under ``paths``."""
-    raw: dict[Key, dict[str, dict[float, list[float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list))
-    )
+    """``{(data, model): {row: {density: Cell}}}`` from every summary.json under ``paths``.
+
+    A row pools the seeds of one experiment: runs of one label whose settings differ in more
+    than the seed (and the machine they ran on) are rows of their own, named by what differs.
+    """
+    found: list[tuple[Key, str, dict[str, Any], float, float]] = []
     for run in iter_runs(list(paths)):
-        s: dict[str, Any] = json.loads((run / "summary.json").read_text())
-        raw[(s["data"], s["model"])][s.get("label") or s["method"]][float(s["density"])].append(
-            s["test_acc"]
-        )
-    if not raw:
+        s = _summary(run)
+        config = _filled(s.get("config", {}))
+        settings = {k: v for k, v in config.items() if k not in _NOT_THE_EXPERIMENT}
+        label = s.get("label") or s["method"]
+        found.append(((s["data"], s["model"]), label, settings, float(s["density"]), s["test_acc"]))
+    if not found:
         raise FileNotFoundError(
             f"no finished runs (summary.json) under {', '.join(map(str, paths))}"
         )
+    variants: dict[tuple[Key, str], list[dict[str, Any]]] = defaultdict(list)
+    for key, label, settings, _, _ in found:
+        if settings not in variants[(key, label)]:
+            variants[(key, label)].append(settings)
+    raw: dict[Key, dict[str, dict[float, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for key, label, settings, density, acc in found:
+        raw[key][_row_name(label, settings, variants[(key, label)])][density].append(acc)
     return {
         key: {m: {d: Cell(tuple(v)) for d, v in by_d.items()} for m, by_d in by_m.items()}
         for key, by_m in raw.items()
     }
 
 
+def _filled(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings with the defaults of options added since it ran (so that an older
+    run and a newer one with the same settings compare equal)."""
+    try:
+        return jsonable(TrainConfig.from_dict(config).to_dict())
+    except (TypeError, ValueError):
+        return dict(config)
+
+
+def _row_name(label: str, settings: dict[str, Any], variants: list[dict[str, Any]]) -> str:
+    if len(variants) == 1:
+        return label
+    keys = sorted({k for v in variants for k in v})
+    differ = [k for k in keys if len({json.dumps(v.get(k), sort_keys=True) for v in variants}) > 1]
+    shown = ", ".join(f"{k}={json.dumps(settings.get(k))}" for k in differ)
+    return f"{label} ({shown})"
+
+
+def _is_dense(row: str) -> bool:
+    return row == "dense" or row.startswith("dense (")
+
+
 def table(results: dict[Key, dict[str, dict[float, Cell]]]) -> str:
     """Markdown tables, one per (dataset, model)."""
     lines = []
     for (data, model), by_method in sorted(results.items()):
-        densities = sorted({d for m, by_d in by_method.items() if m != "dense" for d in by_d})
+        densities = sorted({d for m, by_d in by_method.items() if not _is_dense(m) for d in by_d})
         lines += [
             f"### {model} on {data}",
             "",
@@ -82,7 +130,7 @@ def table(results: dict[Key, dict[str, dict[float, Cell]]]) -> str:
                 (
                     c.mean
                     for m, by_d in by_method.items()
-                    if m != "dense"
+                    if not _is_dense(m)
                     for dd, c in by_d.items()
                     if dd == d
                 ),
@@ -90,11 +138,11 @@ def table(results: dict[Key, dict[str, dict[float, Cell]]]) -> str:
             )
             for d in densities
         }
-        for method in sorted(by_method, key=lambda m: (m == "dense", m)):
+        for method in sorted(by_method, key=lambda m: (_is_dense(m), m)):
             by_d = by_method[method]
-            if method == "dense":
+            if _is_dense(method):
                 cell = by_d[1.0]
-                lines.append(f"| dense (100%) | {cell.text()} |" + " |" * (len(densities) - 1))
+                lines.append(f"| {method} (100%) | {cell.text()} |" + " |" * (len(densities) - 1))
                 continue
             cells = []
             for d in densities:
@@ -115,9 +163,9 @@ def plot(results: dict[Key, dict[str, dict[float, Cell]]], folder: Path) -> list
     for (data, model), by_method in sorted(results.items()):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for method, by_d in sorted(by_method.items()):
-            if method == "dense":
+            if _is_dense(method):
                 c = by_d[1.0]
-                ax.axhline(100 * c.mean, color="k", ls="--", lw=1, label="dense")
+                ax.axhline(100 * c.mean, color="k", ls="--", lw=1, label=method)
                 ax.axhspan(100 * (c.mean - c.se), 100 * (c.mean + c.se), color="k", alpha=0.08)
                 continue
             ds = sorted(by_d)

@@ -8,20 +8,29 @@ engine's resolved options), ``metrics.jsonl`` (one row per epoch), ``checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
+import logging
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import atomic_file, write_atomic
+from .._io import atomic_file, remove_stale_temps, write_atomic
+
+logger = logging.getLogger("sparselearn")
 
 __all__ = [
+    "RunDirectoryBusyError",
     "dump_yaml",
     "iter_runs",
     "load_yaml",
+    "lock_run_dir",
     "read_metrics",
     "save_checkpoint",
     "write_atomic",
@@ -41,13 +50,28 @@ def dump_yaml(values: Mapping[str, Any]) -> str:
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML mapping with ``-`` in its keys read as ``_``; a file that is not one is an error
+    that names it."""
     import yaml
 
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ValueError(f"{path} is not valid YAML{line}: {err}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; a damaged one is an error that names it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged (not valid JSON: {err})") from None
 
 
 def write_metrics(run: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
@@ -57,7 +81,18 @@ def write_metrics(run: str | os.PathLike[str], rows: list[dict[str, Any]]) -> No
 
 def read_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Path(run) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is damaged: line {i} is not valid JSON ({err})") from None
+        if not isinstance(row, dict) or "epoch" not in row:
+            raise ValueError(f"{path} is damaged: line {i} is not a metrics row")
+        rows.append(row)
+    return rows
 
 
 def iter_runs(paths: list[str | os.PathLike[str]]) -> Iterator[Path]:
@@ -67,3 +102,54 @@ def iter_runs(paths: list[str | os.PathLike[str]]) -> Iterator[Path]:
             yield p
         else:
             yield from sorted(s.parent for s in p.rglob("summary.json"))
+
+
+class RunDirectoryBusyError(FileExistsError):
+    """Another process holds a run directory's lock."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock while a run writes there: a second writer is refused, naming the
+    holder. The lock is an OS lock on ``out/.lock``, released when its holder ends, however it
+    ends; a lock file left by a killed process is taken over (and its temporary files cleared).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            raise RunDirectoryBusyError(
+                f"{out} is in use by another run ({holder}); wait for it to end, or choose "
+                "another --out"
+            ) from None
+        previous = _holder(fd)
+        if previous != "no record":
+            logger.info("%s: took over the lock left by %s, which has ended", out, previous)
+        for tmp in remove_stale_temps(out):
+            logger.info("removed %s, left by an interrupted write", tmp)
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            yield
+        finally:
+            # the file stays (removing it would let a waiting opener and a new one both lock)
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"null")
+        return f"pid {record['pid']} on {record['host']}, since {record['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "no record"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
+from ..schedules import MASK_SCHEDULE
 from .config import TrainConfig
 from .runs import dump_yaml, load_yaml, write_atomic
 
@@ -44,39 +45,108 @@ class Run:
     cost: float  # relative, to start the longest runs first
 
 
-def expand(spec: Mapping[str, Any], out: Path) -> list[Run]:
-    """The runs a spec describes (validated: every config must build a TrainConfig)."""
+def _names(source: str, key: str, value: object, registry: Any) -> list[str]:
+    """A list of registered names, each once."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{source}: {key} must be a non-empty list, got {value!r}")
+    for name in value:
+        if not isinstance(name, str):
+            raise ValueError(f"{source}: {key} entries must be names, got {name!r}")
+        try:
+            registry.get(name)
+        except ValueError as err:
+            raise ValueError(f"{source}: {key}: {err}") from None
+    _unique(source, key, value)
+    return list(value)
+
+
+def _unique(source: str, key: str, values: list[Any]) -> None:
+    repeated = sorted({repr(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(
+            f"{source}: {key} lists {', '.join(repeated)} more than once (each would run twice "
+            "into one folder)"
+        )
+
+
+def expand(spec: Mapping[str, Any], out: Path, source: str = "the study spec") -> list[Run]:
+    """The runs a spec describes, every field and every run's configuration checked first (a
+    mistake is reported now, naming ``source`` and the key, not two hours in)."""
+    from ..models import MODELS
+
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{source}: expected a mapping with keys {sorted(_SPEC_KEYS)}")
     unknown = set(spec) - _SPEC_KEYS
     if unknown:
-        raise ValueError(f"unknown study keys {sorted(unknown)}; expected {sorted(_SPEC_KEYS)}")
-    for key in ("models", "methods", "seeds"):
-        if not spec.get(key):
-            raise ValueError(f"the study spec needs a non-empty {key!r}")
-    base = dict(spec.get("base") or {})
-    methods: Mapping[str, Any] = spec["methods"]
-    if not isinstance(methods, Mapping):
-        raise ValueError("methods must map method names to their settings ({} for none)")
+        raise ValueError(
+            f"{source}: unknown study keys {sorted(unknown)}; expected {sorted(_SPEC_KEYS)}"
+        )
+    models = _names(source, "models", spec.get("models"), MODELS)
+    base = spec.get("base") or {}
+    if not isinstance(base, Mapping):
+        raise ValueError(f"{source}: base must map settings to values, got {base!r}")
+    methods = spec.get("methods")
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError(
+            f"{source}: methods must map method names to their settings ({{}} for none)"
+        )
+    seeds = spec.get("seeds")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+    ):
+        raise ValueError(
+            f"{source}: seeds must be a non-empty list of integers >= 0, got {seeds!r}"
+        )
+    _unique(source, "seeds", seeds)
+    densities = spec.get("densities")
+    if densities is not None:
+        if not isinstance(densities, list) or any(
+            isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1
+            for d in densities
+        ):
+            raise ValueError(
+                f"{source}: densities must be a list of numbers in (0, 1], got {densities!r}"
+            )
+        _unique(source, "densities", densities)
     runs = []
-    for model in spec["models"]:
+    for model in models:
         for key, extra in methods.items():
+            if extra is not None and not isinstance(extra, Mapping):
+                raise ValueError(
+                    f"{source}: methods.{key} must map settings to values, got {extra!r}"
+                )
             extra = dict(extra or {})
             method = extra.pop("method", key)
             if key != method:
                 extra.setdefault("label", key)
-            dense = METHODS.get(method).defaults.get("schedule") == "dense"
-            densities = [None] if dense else list(spec.get("densities") or [])
-            if not densities:
-                raise ValueError(f"method {method!r} needs densities in the spec")
-            for density in densities:
-                for seed in spec["seeds"]:
+            try:
+                preset = METHODS.get(method)
+            except ValueError as err:
+                raise ValueError(f"{source}: methods.{key}: {err}") from None
+            dense = MASK_SCHEDULE.get(preset.defaults.get("schedule", "periodic")).masks is False
+            if not dense and not densities:
+                raise ValueError(f"{source}: method {method!r} needs densities in the spec")
+            for density in [None] if dense else list(densities or []):
+                for seed in seeds:
                     cfg = {**base, **extra, "model": model, "method": method, "seed": seed}
                     cfg["density"] = density
-                    TrainConfig.from_dict(cfg)  # fail now, not two hours in
+                    try:
+                        TrainConfig.from_dict(cfg)  # fail now, not two hours in
+                    except (TypeError, ValueError) as err:
+                        raise ValueError(f"{source}: methods.{key} on {model}: {err}") from None
                     sub = Path(model) / key
                     sub = sub / (f"seed-{seed}" if dense else f"density-{density}/seed-{seed}")
                     cost = 10.0 if "lenet5" in model or "wrn" in model or "vgg" in model else 1.0
                     runs.append(Run(out / sub, cfg, cost))
     return sorted(runs, key=lambda r: -r.cost)
+
+
+def _threads(run: Run, default: int) -> int:
+    """The run's own thread count where its settings give one, else the study's share."""
+    threads = run.config.get("threads")
+    return int(threads) if threads is not None else default
 
 
 def _command(run: Run, threads: int, resume: bool) -> list[str]:
@@ -90,7 +160,7 @@ def _command(run: Run, threads: int, resume: bool) -> list[str]:
         "--out",
         str(run.folder),
         "--threads",
-        str(threads),
+        str(_threads(run, threads)),
         "--no-progress",
     ]
     return [*cmd, "--resume"] if resume else cmd
@@ -109,9 +179,14 @@ def run_study(
     ``sparselearn`` logger at INFO level.
     """
     say = echo or logging.getLogger("sparselearn").info
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"--jobs must be a positive integer (runs at a time), got {jobs!r}")
     spec = load_yaml(spec_path)
-    out = Path(out or spec.get("out") or "runs/study")
-    runs = expand(spec, out)
+    where = spec.get("out")
+    if where is not None and (not isinstance(where, str) or not where):
+        raise ValueError(f"{spec_path}: out must be a folder name, got {where!r}")
+    out = Path(out or where or "runs/study")
+    runs = expand(spec, out, str(spec_path))
     todo = [r for r in runs if not (r.folder / "summary.json").exists()]
     jobs = jobs or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -123,7 +198,7 @@ def run_study(
         for r in todo:
             say(f"  {r.folder}")
         return 0
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     running: list[tuple[Run, subprocess.Popen[bytes], Any]] = []
     failed: list[Path] = []
     started, done = time.perf_counter(), 0
@@ -135,7 +210,10 @@ def run_study(
             write_atomic(run.folder / "study-config.yaml", dump_yaml(run.config))
             resume = (run.folder / "checkpoint.pt").exists()
             log = (run.folder / "train.log").open("ab")
-            proc = subprocess.Popen(_command(run, threads, resume), stdout=log, stderr=log, env=env)
+            run_env = {**env, "OMP_NUM_THREADS": str(_threads(run, threads))}
+            proc = subprocess.Popen(
+                _command(run, threads, resume), stdout=log, stderr=log, env=run_env
+            )
             running.append((run, proc, log))
         time.sleep(0.5)
         for item in list(running):

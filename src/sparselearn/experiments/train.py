@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import remove_stale_temps
 from ..data.datasets import Data, load_dataset, steps_per_epoch
 from ..engine import MaskUpdate, SparseEngine, sparsify
 from ..flops import count_flops
@@ -28,7 +30,14 @@ from ..schedules import MASK_SCHEDULE
 from .config import SPARSITY_OPTIONS, TrainConfig, engine_options, jsonable, same_config
 from .optim import lr_at, make_optimizer
 from .progress import Progress
-from .runs import dump_yaml, read_metrics, save_checkpoint, write_atomic, write_metrics
+from .runs import (
+    dump_yaml,
+    lock_run_dir,
+    read_metrics,
+    save_checkpoint,
+    write_atomic,
+    write_metrics,
+)
 
 __all__ = ["CHECKPOINT_FORMAT", "SPARSITY_OPTIONS", "TrainConfig", "evaluate", "train"]
 
@@ -43,11 +52,26 @@ def train(
     progress: bool | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train as ``cfg`` says, writing the run directory ``out``; returns the summary."""
-    # ------------------------------------------------------------------ set up
+    """Train as ``cfg`` says, writing the run directory ``out``; returns the summary.
+
+    The directory is locked while the run writes there (a second run into it is refused).
+    """
     out = Path(out)
-    checkpoint_path = out / "checkpoint.pt"
     _check_run_dir(out, resume)
+    with lock_run_dir(out):
+        remove_stale_temps(out / "plots")
+        return _train(cfg, out, resume, progress, on_epoch)
+
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool,
+    progress: bool | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    # ------------------------------------------------------------------ set up
+    checkpoint_path = out / "checkpoint.pt"
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -62,7 +86,7 @@ def train(
 
     state: dict[str, Any] | None = None
     if resume:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        state = _load_checkpoint(checkpoint_path, device)
         if state.get("format") != CHECKPOINT_FORMAT or not same_config(state.get("config"), cfg):
             raise ValueError(
                 f"{checkpoint_path} was written by a different configuration; resume with the "
@@ -153,6 +177,24 @@ def train(
 
 
 # ----------------------------------------------------------------------------- the pieces
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A run's checkpoint; an empty, truncated or foreign file is an error that names it."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path} is damaged or truncated, and cannot be read ({first[:200]}); the run "
+            "cannot resume from it: start it anew in another --out"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a sparselearn checkpoint (it holds a {type(state)})")
+    missing = [k for k in ("model", "optimizer", "engine", "epoch", "torch_rng") if k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a complete checkpoint: it lacks {', '.join(missing)}")
+    return state
 
 
 def _check_run_dir(out: Path, resume: bool) -> None:

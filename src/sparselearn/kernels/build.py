@@ -1,9 +1,11 @@
 """The compiled CPU kernels: built on first use from the sources shipped in ``csrc/``, cached.
 
 The extension (C++ with OpenMP, through ``torch.utils.cpp_extension``) is cached in
-``$SPARSELEARN_CACHE`` (default ``~/.cache/sparselearn``), keyed by its sources, the torch version
-and the CPU. Where it cannot be had (sources missing, no compiler, a failed build), one warning
-says why and how to get it, and the PyTorch backend computes the same results.
+``$SPARSELEARN_CACHE`` (default ``~/.cache/sparselearn``), keyed by everything that changes the
+binary: its sources, flags and compiler, the CPU, and the Python environment (torch, interpreter,
+location), so that two environments never rebuild each other's build. Where it cannot be had
+(sources missing, no compiler, a failed build), one warning says why and how to get it, and the
+PyTorch backend computes the same results.
 ``SPARSELEARN_BACKEND`` chooses: ``auto`` (the default), ``cpp`` (the compiled kernels or an
 error) or ``torch`` (always the fallback).
 """
@@ -15,6 +17,8 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -51,7 +55,26 @@ def backend_setting() -> str:
     return value
 
 
-def _cpu_key() -> str:
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+
+def _compiler() -> str:
+    """The C++ compiler torch's builder will call (``$CXX``, else ``c++``) and its version."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run(
+            [cxx, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return f"{cxx}: {out.splitlines()[0] if out else 'unknown'}"
+
+
+def _build_key() -> str:
+    """Everything that changes the binary: the sources and headers, the flags, the compiler,
+    the CPU (``-march=native``), and the Python environment the extension is built against
+    (its torch, its interpreter, its location)."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -60,9 +83,21 @@ def _cpu_key() -> str:
                 break
     except OSError:
         flags = platform.processor()
-    sources = b"".join(s.read_bytes() for s in (*_SOURCES, *_HEADERS))
-    text = sources + torch.__version__.encode() + flags.encode()
-    return hashlib.sha256(text).hexdigest()[:16]
+    h = hashlib.sha256()
+    for source in (*_SOURCES, *_HEADERS):
+        h.update(source.read_bytes())
+    for part in (
+        " ".join(_CFLAGS + _LDFLAGS),
+        _compiler(),
+        flags,
+        torch.__version__,
+        str(torch.version.git_version),
+        str(Path(torch.__file__).parent),
+        sys.version,
+        sys.prefix,
+    ):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _ninja_on_path() -> dict[str, str]:
@@ -89,7 +124,7 @@ def _build() -> Any:
     if shutil.which("ninja", path=_ninja_on_path().get("PATH")) is None:
         raise RuntimeError("ninja is not installed")
     cache = Path(os.environ.get("SPARSELEARN_CACHE", Path.home() / ".cache" / "sparselearn"))
-    build = cache / f"ext-{_cpu_key()}"
+    build = cache / f"ext-{_build_key()}"
     build.mkdir(parents=True, exist_ok=True)
     from torch.utils.cpp_extension import load
 
@@ -102,8 +137,8 @@ def _build() -> Any:
         return load(
             name="sparselearn_cpu",
             sources=[str(s) for s in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
             build_directory=str(build),
             verbose=False,
         )
