@@ -17,18 +17,34 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
-def namespace() -> dict[str, Any]:
+# what a block may assume, when its first line says "# with your model, optimizer, ..."
+CONTEXT = re.compile(r"^# with your ([a-z_, ]+)\n")
+
+
+def context() -> dict[str, Any]:
     torch.manual_seed(0)
     model = MLP()
     return {
-        "torch": torch,
-        "nn": nn,
         "model": model,
         "optimizer": torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
         "train_loader": list(batches("mlp", 6)),
         "loss_fn": nn.functional.cross_entropy,
         "epochs": 2,
     }
+
+
+def namespace(block: str) -> dict[str, Any]:
+    """A clean namespace, with only the names the block says it assumes: whatever else it uses
+    (torch included) it must import itself."""
+    ns: dict[str, Any] = {"__name__": "readme"}
+    declared = CONTEXT.match(block)
+    if declared:
+        names = [n.strip() for n in re.split(r",| and ", declared.group(1)) if n.strip()]
+        given = context()
+        unknown = sorted(set(names) - set(given))
+        assert not unknown, f"the README block assumes {unknown}, which the test cannot give"
+        ns.update({n: given[n] for n in names})
+    return ns
 
 
 def test_the_readme_has_examples() -> None:
@@ -45,7 +61,7 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
         sl.METHODS,
     ]
     before = [set(r.names()) for r in registries]
-    ns = namespace()
+    ns = namespace(BLOCKS[index])
     try:
         exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), ns)
     finally:
@@ -55,5 +71,5 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
     engine = ns.get("engine") or getattr(ns.get("mask"), "engine", None)
     assert isinstance(engine, sl.SparseEngine)
     for name, mask in engine.masks.items():
-        weight = dict(ns["model"].named_parameters())[name]
+        weight = dict(engine.model.named_parameters())[name]
         assert torch.count_nonzero(weight.detach()[~mask]) == 0
