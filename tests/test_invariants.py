@@ -218,6 +218,7 @@ def test_resume_from_state_dict_is_bitwise_identical(
         assert torch.equal(engine.masks[name], engine_b.masks[name]), name
     for (n1, p1), (_, p2) in zip(model.named_parameters(), model_b.named_parameters(), strict=True):
         assert torch.equal(p1, p2), n1
+
     # the history is part of the state: the resumed engine knows every update, not only its own
     def what(u: sl.MaskUpdate) -> tuple[Any, ...]:
         return (u.step, u.kind, u.prune_rate, u.pruned, u.grown, u.density, u.reason)
