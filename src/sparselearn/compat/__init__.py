@@ -228,7 +228,8 @@ class Masking:
         if self._removals:
             # removed before add_module: those weights are never masked (as in 2019, where
             # add_module removes, then draws the masks)
-            candidates = [t.name for t in find_targets(module, SparsityConfig(include=("re:.*",)))]
+            every = SparsityConfig(schedule="fixed", prune=None, growth=None, include=("re:.*",))
+            candidates = [t.name for t in find_targets(module, every)]
             exclude += self._names_removed(module, candidates, self._removals)
         self._sparse = sparsify(
             module,

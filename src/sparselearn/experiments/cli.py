@@ -244,13 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one model", description="Train one model sparse.")
-    p.add_argument("--config", help="YAML file with the same keys as the flags")
-    p.add_argument("--out", type=Path, help="run directory (default: runs/<model>-<data>-...)")
+    p.add_argument("--config", help="YAML file with the same keys as the flags (default: none)")
+    p.add_argument(
+        "--out", type=Path, help="run directory (default: runs/<model>-<data>-<method>-...)"
+    )
     p.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out with its own settings (flags given must agree with "
-        "them, except --threads, --workers, --data-dir, --download, --data-mirror)",
+        "them, except --threads, --workers, --data-dir, --download, --data-mirror) "
+        "(default: off, a new run)",
     )
     p.add_argument(
         "--progress",

@@ -19,9 +19,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .._io import atomic_file, remove_stale_temps, write_atomic
+from .. import checkpoint
+from .._io import remove_stale_temps, write_atomic
 
 logger = logging.getLogger("sparselearn")
 
@@ -39,8 +38,8 @@ __all__ = [
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_file(path) as f:
-        torch.save(state, f)
+    """A run's checkpoint, atomically and with a checksum (:mod:`sparselearn.checkpoint`)."""
+    checkpoint.save(path, state)
 
 
 def dump_yaml(values: Mapping[str, Any]) -> str:
@@ -58,9 +57,10 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise ValueError(f"{path} is not valid YAML{line}: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in values.items()}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import checkpoint
 from .._io import remove_stale_temps
 from ..data.datasets import Data, load_dataset, steps_per_epoch
 from ..engine import MaskUpdate, SparseEngine, sparsify
@@ -182,15 +182,9 @@ def _train(
 def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     """A run's checkpoint; an empty, truncated or foreign file is an error that names it."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"{path} is damaged or truncated, and cannot be read ({first[:200]}); the run "
-            "cannot resume from it: start it anew in another --out"
-        ) from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a sparselearn checkpoint (it holds a {type(state)})")
+        state = checkpoint.load(path, map_location=device)
+    except checkpoint.DamagedFileError as err:
+        raise ValueError(f"{err}; the run cannot resume from it: start it anew elsewhere") from None
     missing = [k for k in ("model", "optimizer", "engine", "epoch", "torch_rng") if k not in state]
     if missing:
         raise ValueError(f"{path} is not a complete checkpoint: it lacks {', '.join(missing)}")
