@@ -7,13 +7,14 @@ activations, pooling and biases are not counted (they are a small share and stay
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .targets import is_conv1d
 
 _COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -55,52 +56,96 @@ def count_flops(
     model: nn.Module,
     input_shape: tuple[int, ...],
     masks: Mapping[str, Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> FlopReport:
-    """Inference FLOPs per sample of ``model`` for one input of ``input_shape`` (no batch dim).
+    """Inference FLOPs per sample of ``model`` for one input of ``input_shape`` (no batch dim;
+    ``dtype``: the input's, e.g. ``torch.long`` for token ids; default float32).
 
     ``masks`` (e.g. ``engine.masks``) gives the active weights; without it the model's own
-    non-zero weights count as active.
+    non-zero weights count as active. Linear, Conv and Hugging Face ``Conv1D`` layers are
+    counted at each output position; ``nn.MultiheadAttention`` by its projections (queries at
+    the query positions, keys and values at the key positions, the output projection); the
+    attention products themselves (scores, weighted values) multiply activations, not weights,
+    and are not counted.
     """
     names = {id(m): n for n, m in model.named_modules()}
-    positions: dict[str, int] = {}
+    uses: list[tuple[str, Tensor, int, slice | None]] = []  # (weight name, weight, positions, rows)
 
-    def hook(module: nn.Module, _inputs: object, output: Tensor) -> None:
-        # output positions per sample: spatial size for convolutions, 1 for Linear
-        rows = _weight_shape(module)[0]
-        per_channel = output[0].numel() // rows if output.dim() > 1 else 1
-        positions[names[id(module)]] = per_channel
+    def active(name: str, weight: Tensor, rows: slice | None) -> int:
+        m = masks[name] if masks is not None and name in masks else weight
+        return int(torch.count_nonzero(m if rows is None else m[rows]))
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        prefix = names[id(module)]
+        prefix = f"{prefix}." if prefix else ""
+        if isinstance(module, nn.MultiheadAttention):
+            uses.extend(_attention_uses(module, prefix, inputs))
+            return
+        out = output[0] if isinstance(output, tuple) else output
+        assert isinstance(out, Tensor)
+        per_position = out[0].numel() // _out_features(module) if out.dim() > 1 else 1
+        if hasattr(module, "weight_sparse"):  # an accelerated layer: its stored structure
+            storage: Any = module.weight_sparse
+            uses.append((f"{prefix}weight", storage.mask(), per_position, None))
+        else:
+            uses.append((f"{prefix}weight", _weight(module), per_position, None))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if _counted(m)]
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        model(torch.zeros(1, *input_shape, device=device))
+        model(torch.zeros(1, *input_shape, device=device, dtype=dtype or torch.float32))
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
 
-    layers = []
-    for module_name, module in model.named_modules():
-        if not _counted(module) or module_name not in positions:
-            continue
-        weight_name = f"{module_name}.weight" if module_name else "weight"
-        numel = math.prod(_weight_shape(module))
-        if masks is not None and weight_name in masks:
-            active = int(torch.count_nonzero(masks[weight_name]))
-        elif hasattr(module, "weight_sparse"):  # an accelerated layer: its stored weights
-            active = int(module.weight_sparse.nnz)
-        else:
-            active = int(torch.count_nonzero(_weight(module)))
-        dense = 2 * numel * positions[module_name]  # every weight is used at every position
-        sparse = 2 * active * positions[module_name]
-        layers.append(LayerFlops(weight_name, dense, sparse, active / numel))
-    return FlopReport(layers)
+    totals: dict[str, list[int]] = {}  # name -> [dense, sparse, numel, active]
+    for name, weight, n, rows in uses:
+        part = weight if rows is None else weight[rows]
+        t = totals.setdefault(name, [0, 0, weight.numel(), active(name, weight, None)])
+        t[0] += 2 * part.numel() * n  # every weight is used at every position
+        t[1] += 2 * active(name, weight, rows) * n
+    order = {n: i for i, (n, _) in enumerate(model.named_parameters(remove_duplicate=False))}
+    return FlopReport(
+        [
+            LayerFlops(name, d, sp, act / numel)
+            for name, (d, sp, numel, act) in sorted(
+                totals.items(), key=lambda kv: order.get(kv[0], len(order))
+            )
+        ]
+    )
+
+
+def _attention_uses(
+    module: nn.MultiheadAttention, prefix: str, inputs: tuple[Any, ...]
+) -> list[tuple[str, Tensor, int, slice | None]]:
+    """Queries at the query positions, keys and values at the key positions, the output
+    projection at the query positions."""
+    query, key = inputs[0], inputs[1] if len(inputs) > 1 else inputs[0]
+    seq = 1 if module.batch_first and query.dim() == 3 else 0
+    n_q, n_k = int(query.shape[seq]), int(key.shape[seq])
+    e = module.embed_dim
+    uses: list[tuple[str, Tensor, int, slice | None]] = []
+    packed: Tensor | None = getattr(module, "in_proj_weight", None)  # None: own k/v sizes
+    if packed is not None:
+        for part, n in ((slice(0, e), n_q), (slice(e, 2 * e), n_k), (slice(2 * e, 3 * e), n_k)):
+            uses.append((f"{prefix}in_proj_weight", packed, n, part))
+    else:
+        for name, n in (("q", n_q), ("k", n_k), ("v", n_k)):
+            weight = getattr(module, f"{name}_proj_weight")
+            uses.append((f"{prefix}{name}_proj_weight", weight, n, None))
+    uses.append((f"{prefix}out_proj.weight", module.out_proj.weight, n_q, None))
+    return uses
 
 
 def _counted(module: nn.Module) -> bool:
-    return isinstance(module, _COUNTED) or hasattr(module, "weight_sparse")
+    return (
+        isinstance(module, (*_COUNTED, nn.MultiheadAttention))
+        or is_conv1d(module)
+        or hasattr(module, "weight_sparse")
+    )
 
 
 def _weight(module: nn.Module) -> Tensor:
@@ -109,11 +154,13 @@ def _weight(module: nn.Module) -> Tensor:
     return w
 
 
-def _weight_shape(module: nn.Module) -> tuple[int, ...]:
-    if hasattr(module, "weight_sparse"):  # SparseLinear / SparseConv2d
+def _out_features(module: nn.Module) -> int:
+    """Output units of a layer (rows of its weight; columns of a Conv1D's (in, out) weight)."""
+    if hasattr(module, "weight_sparse"):  # SparseLinear / SparseConv2d, stored (out, in, ...)
         storage: Any = module.weight_sparse
-        return tuple(storage.shape)
-    return tuple(_weight(module).shape)
+        return int(storage.shape[0])
+    w = _weight(module)
+    return int(w.shape[1]) if is_conv1d(module) else int(w.shape[0])
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,16 @@
-"""Which parameters are sparsified: defaults, include/exclude selectors, per-layer densities."""
+"""Which parameters are sparsified: defaults, include/exclude selectors, per-layer densities.
+
+By default: the weights of Linear, Conv and ConvTranspose layers, the projections of
+``nn.MultiheadAttention`` (the packed ``in_proj_weight``, or ``q/k/v_proj_weight`` where key and
+value have their own sizes; its ``out_proj`` is a Linear) and the weights of Hugging Face's
+``Conv1D`` (GPT-2's Linear layers, whose weight is stored as (in, out)). Embeddings, positional
+tables, norms and biases stay dense, and so does a weight shared with one of them (an output
+head tied to the token embedding). ``include`` / ``exclude`` override this.
+"""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Sequence
@@ -41,14 +50,30 @@ class Target:
     density: float | None  # a layer_density override (fixed count), else None
 
 
-def _owners(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
-    """id(param) -> (canonical name, owning module, local name); the first name wins (tying)."""
-    owners: dict[int, tuple[str, nn.Module, str]] = {}
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (a Linear layer whose weight is (in, out)), told by its class
+    so that transformers need not be imported."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _by_default(module: nn.Module, local: str) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return local in ATTENTION_WEIGHTS
+    return local == "weight" and (isinstance(module, DEFAULT_TYPES) or is_conv1d(module))
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(param) -> [(name, owning module, local name), ...] in registration order; the first
+    is the canonical name (a tied weight has several)."""
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
-            if id(p) not in owners:
-                full = f"{mod_name}.{local}" if mod_name else local
-                owners[id(p)] = (full, module, local)
+            full = f"{mod_name}.{local}" if mod_name else local
+            owners.setdefault(id(p), []).append((full, module, local))
     return owners
 
 
@@ -80,14 +105,20 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
 
     params = {id(p): p for p in model.parameters()}
     rows = []  # (canonical name, param, module, aliases), registration order, tied weights once
-    for pid, (name, module, local) in owners.items():
+    # selected by default where every module sharing the weight would be (a head tied to an
+    # embedding stays dense with it)
+    default = {
+        pid: all(_by_default(m, loc) for _, m, loc in found) for pid, found in owners.items()
+    }
+    for pid, found in owners.items():
+        name, module, local = found[0]
         rows.append((name, params[pid], module, local, aliases[pid]))
 
     for selector in config.include:
         if isinstance(selector, str) and not selector.startswith("re:"):
             hit = [r for r in rows if selector in r[4]]
             if not hit:
-                raise ValueError(f"include: no parameter named {selector!r} in the model")
+                raise ValueError(_no_such_parameter(selector, rows))
             _, p, module, local, _ = hit[0]
             if not _eligible(module, local, p):
                 raise ValueError(
@@ -109,7 +140,7 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
         if not p.requires_grad:  # frozen weights stay dense: they never train
             frozen.append(name)
             continue
-        selected = isinstance(module, DEFAULT_TYPES) and local == "weight"
+        selected = default[id(p)]
         for i, selector in enumerate(config.include):
             if _matches(selector, name, module, names):
                 used_includes.add(i)
@@ -178,6 +209,21 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
     if not targets:
         raise ValueError("every selected layer is kept dense (density 1.0): nothing to sparsify")
     return targets
+
+
+def _no_such_parameter(
+    name: str, rows: list[tuple[str, nn.Parameter, nn.Module, str, list[str]]]
+) -> str:
+    """The error for ``include`` naming a parameter the model does not have: close matches,
+    and the weights it could name (attention projections among them)."""
+    close = difflib.get_close_matches(name, [a for row in rows for a in row[4]], n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    candidates = [row[0] for row in rows if _eligible(row[2], row[3], row[1])]
+    shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
+    return (
+        f"include: no parameter named {name!r} in the model{hint} (weights that can be "
+        f"sparsified: {shown or 'none'})"
+    )
 
 
 def _show(selector: Selector) -> str:

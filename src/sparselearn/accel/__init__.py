@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from .accelerate import AccelerationReport, LayerChoice, accelerate
 from .compact import CompactedLayer, CompactResult, compact
-from .layers import SparseConv2d, SparseLinear, SparseWeight
+from .layers import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight
 
 __all__ = [
     "AccelerationReport",
     "CompactResult",
     "CompactedLayer",
     "LayerChoice",
+    "SparseConv1D",
     "SparseConv2d",
     "SparseLinear",
     "SparseWeight",

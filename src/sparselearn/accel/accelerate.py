@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..engine import LayerStorage, SparseEngine
 from ..kernels import check_threads, ops_for
-from .layers import SparseConv2d, SparseLinear, SparseWeight, supports_conv
+from ..targets import is_conv1d
+from .layers import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight, supports_conv
 
 
 @dataclass(frozen=True)
@@ -122,19 +123,26 @@ def _fwd_bwd(module: nn.Module, x: Tensor, threads: int | None = None) -> Any:
 
 
 def _swap_in_optimizer(
-    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, mask: Tensor
+    optimizer: torch.optim.Optimizer,
+    old: nn.Parameter,
+    new: nn.Parameter,
+    mask: Tensor,
+    transposed: bool = False,
 ) -> None:
-    """The optimizer holds ``new`` where it held ``old``; per-weight state follows the mask."""
+    """The optimizer holds ``new`` where it held ``old``; per-weight state follows the mask (in
+    the stored matrix's order: the transpose's, for a ``transposed`` weight)."""
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)
     if state:
+
+        def active(v: Tensor) -> Tensor:
+            if transposed:
+                return v.t()[mask.t()].clone()
+            return v.reshape(-1)[mask.reshape(-1)].clone()
+
         optimizer.state[new] = {
-            k: (
-                v.reshape(-1)[mask.reshape(-1)].clone()
-                if isinstance(v, Tensor) and v.shape == old.shape
-                else v
-            )
+            k: active(v) if isinstance(v, Tensor) and v.shape == old.shape else v
             for k, v in state.items()
         }
 
@@ -288,7 +296,7 @@ def _input_shapes(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> 
     hooks = [
         m.register_forward_hook(record(n))
         for n, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
+        if isinstance(m, (nn.Linear, nn.Conv2d)) or is_conv1d(m)
     ]
     try:
         with torch.no_grad():
@@ -330,6 +338,8 @@ def _choose(
         kind, sparse = "linear", SparseLinear(module, layer.mask, backend)
     elif isinstance(module, nn.Conv2d) and type(module) is nn.Conv2d and supports_conv(module):
         kind, sparse = "conv2d", SparseConv2d(module, layer.mask, backend)
+    elif is_conv1d(module):
+        kind, sparse = "conv1d", SparseConv1D(module, layer.mask, backend)
     else:
         return dense(f"{type(module).__name__} with these settings has no sparse kernel")
     if mode != "auto":
@@ -374,5 +384,6 @@ def _install(
     setattr(parent, child, sparse)
     storage = sparse.weight_sparse
     assert isinstance(storage, SparseWeight)
-    _swap_in_optimizer(engine.optimizer, layer.param, storage.values, layer.mask)
-    engine.store_as_csr(layer.name, storage)
+    transposed = isinstance(sparse, SparseConv1D)  # stores the (in, out) weight's transpose
+    _swap_in_optimizer(engine.optimizer, layer.param, storage.values, layer.mask, transposed)
+    engine.store_as_csr(layer.name, storage, transposed=transposed)

@@ -473,6 +473,25 @@ class SparseLinear(nn.Module):
         )
 
 
+class SparseConv1D(SparseLinear):
+    """Hugging Face's ``Conv1D`` (GPT-2's Linear layer: ``y = x @ W + b``, ``W`` of shape
+    (in, out)) computing with a CSR weight: the transpose of ``W`` is stored, so it is a
+    :class:`SparseLinear` of the same result. ``mask`` is in the Conv1D's (in, out) shape."""
+
+    def __init__(
+        self, conv1d: nn.Module, mask: Tensor, backend: str = "auto", threads: int | None = None
+    ) -> None:
+        nn.Module.__init__(self)
+        weight = conv1d.weight
+        assert isinstance(weight, Tensor)
+        self.in_features, self.out_features = int(weight.shape[0]), int(weight.shape[1])
+        self.weight_sparse = SparseWeight(weight.t(), mask.t())
+        bias = conv1d.bias
+        self.bias = bias if isinstance(bias, nn.Parameter) else None  # type: ignore[assignment]
+        self.backend = backend
+        self.threads = check_threads(threads)
+
+
 # Output planes of at most this many positions compute as a product over patches (im2col and
 # the Linear kernels): on small planes the per-plane kernels spend their time on plane edges and
 # loop overhead, while the patch matrix gives the Linear kernels long rows; on larger planes the

@@ -211,15 +211,23 @@ class MaskedDense:
 class CSRStorage:
     """A weight stored as CSR in an accelerated module (:class:`~sparselearn.accel.SparseWeight`):
     the optimizer holds only the active values. Masks, dense weights and gradients are
-    materialised for mask updates only."""
+    materialised for mask updates only.
+
+    ``transposed``: the module's parameter is the transpose of the stored (out, in) matrix
+    (Hugging Face's ``Conv1D`` keeps its weight as (in, out)); masks, weights and gradients are
+    then given in the parameter's (in, out) shape, and the values stay in the stored CSR order.
+    """
 
     kind = "csr"
 
-    def __init__(self, old: LayerStorage, storage: SparseWeight) -> None:
+    def __init__(
+        self, old: LayerStorage, storage: SparseWeight, *, transposed: bool = False
+    ) -> None:
         self.name = old.name
         self.fixed = old.fixed
         self.final_count = old.final_count
         self.storage = storage
+        self.transposed = transposed
         self._mask: Tensor | None = None
         self._mask_version = -1
         self._mask_seen = 0
@@ -231,10 +239,18 @@ class CSRStorage:
     @property
     def mask(self) -> Tensor:
         if self._mask is None or self._mask_version != self.storage.version:
-            self._mask = self.storage.mask()
+            self._mask = self._shaped(self.storage.mask())
             self._mask_version = self.storage.version
             self._mask_seen = self._mask._version
         return self._mask
+
+    def _shaped(self, stored: Tensor) -> Tensor:
+        """A tensor of the stored (out, in, ...) shape in the parameter's shape."""
+        return stored.t().contiguous() if self.transposed else stored
+
+    def _stored(self, shaped: Tensor) -> Tensor:
+        """The inverse of :meth:`_shaped` (a view where it can be)."""
+        return shaped.t() if self.transposed else shaped
 
     @property
     def active(self) -> int:
@@ -246,17 +262,19 @@ class CSRStorage:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size(self.storage.shape)
+        shape = tuple(self.storage.shape)
+        return torch.Size(shape[::-1] if self.transposed else shape)
 
     @property
     def device(self) -> torch.device:
         return self.param.device
 
     def weight(self) -> Tensor:
-        return self.storage.dense()
+        return self._shaped(self.storage.dense())
 
     def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
-        source = self.storage.restructure(new)  # kept values carried over, new ones zero
+        # kept values carried over, new ones zero
+        source = self.storage.restructure(self._stored(new).contiguous())
         self._mask, self._mask_version = new.clone(), self.storage.version
         self._mask_seen = self._mask._version
         return source
@@ -265,22 +283,27 @@ class CSRStorage:
         pass  # structurally sparse: nothing to zero
 
     def to_weight_shape(self, values: Tensor) -> Tensor:
-        dense = torch.zeros(self.shape, dtype=values.dtype, device=values.device)
-        dense[self.mask] = values
-        return dense
+        stored = self._stored(self.mask)
+        dense = torch.zeros(stored.shape, dtype=values.dtype, device=values.device)
+        dense[stored] = values  # the values are in the stored matrix's row-major order
+        return self._shaped(dense)
 
     def from_weight_shape(self, tensor: Tensor) -> Tensor:
-        return tensor[self.mask]
+        return self._stored(tensor)[self._stored(self.mask)]
 
     def param_positions(self, positions: Tensor) -> Tensor:
-        return positions[self.mask]
+        return self._stored(positions)[self._stored(self.mask)]
 
     def snapshot_grad(self, received: Tensor | None) -> Tensor:
         # the module's sink delivers the dense gradient during backward; none: no gradient
         return torch.zeros(self.shape, device=self.device) if received is None else received
 
     def set_dense_grad_sink(self, sink: DenseGradSink | None) -> None:
-        self.storage.dense_grad_sink = sink
+        if sink is not None and self.transposed:
+            deliver = sink
+            self.storage.dense_grad_sink = lambda grad: deliver(grad.t().contiguous())
+        else:
+            self.storage.dense_grad_sink = sink
 
     def check_loadable(self, mask: Tensor) -> str | None:
         if torch.equal(mask.to(self.device), self.mask):
