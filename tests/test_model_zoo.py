@@ -30,7 +30,7 @@ def test_the_papers_models_are_registered() -> None:
     assert list_models("wrn-*") == ["wrn-16-10", "wrn-16-8", "wrn-22-2", "wrn-22-8", "wrn-28-2"]
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models(inputs="image"))
 def test_builds_and_trains_a_sparse_step(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, (3, 32, 32), 10)
@@ -71,7 +71,9 @@ def test_input_shapes_adapt() -> None:
 def test_registry_errors() -> None:
     with pytest.raises(ValueError, match="unknown model 'lenet-5'; did you mean 'lenet5'"):
         create_model("lenet-5")
-    with pytest.raises(ValueError, match="input_shape must be"):
+    with pytest.raises(ValueError, match=r"input_shape must be \(channels, height, width\)"):
         create_model("lenet5", (28, 28), 10)
+    with pytest.raises(ValueError, match=r"input_shape must be \(block_size,\) for tiny-gpt"):
+        create_model("tiny-gpt", (3, 32, 32), 10)
     with pytest.raises(ValueError, match="already registered"):
         register_model("lenet5")(lambda shape, k: nn.Linear(1, 1))

@@ -9,13 +9,13 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-Batch = tuple[Tensor, Tensor]  # (B, C, H, W) float32 normalised, (B,) int64
+Batch = tuple[Tensor, Tensor]  # images: (B, C, H, W) float32, (B,) int64; text: (B, T) ids twice
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # (C, H, W) images; (block_size,) token sequences
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -25,6 +25,7 @@ class DatasetInfo:
     downloads: tuple[tuple[str, str], ...] = ()  # (url, md5); empty: cannot be downloaded
     how_to_get: str = ""
     augment: bool = False  # pad-crop and flip by default when training
+    task: str = "classify"  # or "language": next-token prediction (num_classes: the vocabulary)
 
 
 class Data(Protocol):

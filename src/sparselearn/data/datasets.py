@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._registry import Registry
+from . import text
 from .base import Batch, Data, DatasetInfo, hold_out, seed_of
 from .cifar import TEST_FILES, TRAIN_FILES, read_split
 from .download import DownloadError, download_file, extract_tar
@@ -139,6 +140,9 @@ DATASETS.register(
         augment=True,
     ),
 )
+
+
+DATASETS.register(text.NAME, text.INFO)
 
 
 def search_roots(data_dir: str | os.PathLike[str] | None, info: DatasetInfo) -> list[Path]:
@@ -283,6 +287,10 @@ def load_dataset(
     info = DATASETS.get(name)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if name == text.NAME:
+        if image_size is not None:
+            raise ValueError(f"image_size applies to imagenet only, not {name}")
+        return text.load_text(data_dir, val_fraction, split_seed)
     folder = find_or_fetch(info, data_dir, download=download, mirror=mirror)
     if name == "imagenet":
         from .imagenet import FolderData

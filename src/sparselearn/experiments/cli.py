@@ -47,10 +47,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         if f.name == "sparsity":
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        kw: dict[str, Any] = {
-            "default": argparse.SUPPRESS,
-            "help": f"{f.metadata['help']} (default: {_shown(default)})",
-        }
+        text = f.metadata["help"]
+        if "(default" not in text:
+            text = f"{text} (default: {_shown(default)})"
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text}
         if f.type in ("bool", "bool | None"):
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name == "lr_milestones":
@@ -137,10 +137,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(
         cfg, out, resume=args.resume, progress=shows_bar, on_epoch=None if shows_bar else _epoch
     )
+    if summary.get("metric") == "test_ppl":
+        score = (
+            f"test perplexity {summary['test_ppl']:.3f} ({summary['test_bpc']:.3f} bits per char)"
+        )
+    else:
+        score = f"test accuracy {100 * summary['test_acc']:.2f}%"
     print(
-        f"{cfg.model} {cfg.data} {cfg.method} density {summary['density']}: test accuracy "
-        f"{100 * summary['test_acc']:.2f}% after {cfg.epochs} epochs "
-        f"({summary['wall_time']:.0f} s); run in {out}"
+        f"{cfg.model} {cfg.data} {cfg.method} density {summary['density']}: {score} after "
+        f"{cfg.epochs} epochs ({summary['wall_time']:.0f} s); run in {out}"
     )
     return 0
 
@@ -174,11 +179,16 @@ def resume_config(
 
 def _epoch(row: dict[str, Any]) -> None:
     """One line per epoch, for logs (shown where no progress bar is)."""
-    val = "" if row["val_acc"] is None else f", val {100 * row['val_acc']:.2f}%"
+    if "test_ppl" in row:
+        val = "" if row["val_ppl"] is None else f", val perplexity {row['val_ppl']:.3f}"
+        scores = f"{val}, test perplexity {row['test_ppl']:.3f}"
+    else:
+        val = "" if row["val_acc"] is None else f", val {100 * row['val_acc']:.2f}%"
+        scores = f"{val}, test {100 * row['test_acc']:.2f}%"
     print(
         f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, acc "
-        f"{100 * row['train_acc']:.2f}%{val}, test {100 * row['test_acc']:.2f}%, density "
-        f"{row['density']:.4f}, {row['mask_updates']} mask updates ({row['epoch_seconds']:.1f} s)",
+        f"{100 * row['train_acc']:.2f}%{scores}, density {row['density']:.4f}, "
+        f"{row['mask_updates']} mask updates ({row['epoch_seconds']:.1f} s)",
         flush=True,
     )
 

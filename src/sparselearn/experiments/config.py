@@ -15,7 +15,7 @@ from torch import nn
 from ..config import OPTION_NAMES, SparsityConfig, _check_unit, unknown_option_message
 from ..data.datasets import DATASETS
 from ..methods import METHODS
-from ..models import MODELS
+from ..models import MODELS, model_inputs
 from ..schedules import MASK_SCHEDULE
 
 # engine options the training run sets itself
@@ -29,23 +29,34 @@ def _setting(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a run. Defaults follow the sparse momentum paper's MNIST setup."""
+    """Every setting of a run. Defaults follow the sparse momentum paper's MNIST setup; on a
+    language corpus (``stdlib-text``) the settings marked so default to a language model's
+    (AdamW, warm-up and cosine decay): the values in :data:`TASK_DEFAULTS`."""
 
     model: str = _setting("lenet300-100", "model name (see `sparselearn list`)")
-    data: str = _setting("fashion-mnist", "dataset: mnist, fashion-mnist, cifar10, imagenet")
+    data: str = _setting(
+        "fashion-mnist", "dataset: mnist, fashion-mnist, cifar10, imagenet, stdlib-text"
+    )
     method: str = _setting("sparse_momentum", "sparse training method (see `sparselearn list`)")
     label: str | None = _setting(None, "the name of this variant in reports (default: the method)")
     density: float | None = _setting(
         0.05, "fraction of weights kept active, e.g. 0.05 (ignored by dense)"
     )
-    epochs: int = _setting(100, "training epochs")
-    batch_size: int = _setting(100, "training batch size")
-    optimizer: str = _setting("sgd", "sgd (Nesterov momentum) or adam")
-    lr: float = _setting(0.1, "initial learning rate")
+    epochs: int = _setting(None, "training epochs (default: 100; 2 for language)")
+    batch_size: int = _setting(None, "training batch size (default: 100; 32 for language)")
+    optimizer: str = _setting(
+        None, "sgd (Nesterov momentum), adam or adamw (default: sgd; adamw for language)"
+    )
+    lr: float = _setting(None, "initial learning rate (default: 0.1; 0.001 for language)")
     momentum: float = _setting(0.9, "SGD momentum")
     nesterov: bool = _setting(True, "Nesterov momentum")
-    weight_decay: float = _setting(5e-4, "L2 weight decay")
-    lr_schedule: str = _setting("step", "step, cosine or constant")
+    weight_decay: float = _setting(
+        None,
+        "weight decay (L2 for sgd and adam, decoupled for adamw) (default: 5e-4; 0.1 for language)",
+    )
+    lr_schedule: str = _setting(
+        None, "step, cosine or constant (default: step; cosine for language)"
+    )
     lr_milestones: tuple[float, ...] = _setting(
         (0.5, 0.75), "step schedule: fractions of training where the lr is multiplied by lr-gamma"
     )
@@ -77,21 +88,37 @@ class TrainConfig:
         "training batch, keep the faster); sparse (every supported layer)",
     )
     eval_batch_size: int = _setting(1000, "batch size for evaluation")
+    warmup: float = _setting(
+        None,
+        "fraction of training over which the lr rises linearly from 0 (default: 0; 0.02 for "
+        "language)",
+    )
     # engine options that were set (the others take the method's defaults)
     sparsity: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Every setting checked before anything is read or trained; the message names it."""
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            _positive_int(name, getattr(self, name))
         for name, registry in (("model", MODELS), ("data", DATASETS), ("method", METHODS)):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be a name (see `sparselearn list`), got {value!r}")
             registry.get(value)  # unknown: the choices and a close match
+        task = DATASETS.get(self.data).task
+        for name, value in TASK_DEFAULTS[task].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        wants = "sequence" if task == "language" else "image"
+        if model_inputs(self.model) != wants:
+            raise ValueError(
+                f"model {self.model!r} reads {model_inputs(self.model)}s and {self.data!r} holds "
+                f"{wants}s; choose a model for it (`sparselearn list`)"
+            )
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            _positive_int(name, getattr(self, name))
+        _number("warmup", self.warmup, at_least=0, below=1)
         if self.label is not None and (not isinstance(self.label, str) or not self.label):
             raise ValueError(f"label must be a non-empty string or None, got {self.label!r}")
-        _choice("optimizer", self.optimizer, ("sgd", "adam"))
+        _choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
         _choice("lr_schedule", self.lr_schedule, ("step", "cosine", "constant"))
         if self.accelerate not in ("off", "auto", "sparse"):
             raise ValueError(
@@ -171,6 +198,29 @@ class TrainConfig:
         if "lr_milestones" in run:
             run["lr_milestones"] = tuple(run["lr_milestones"])
         return cls(**run, sparsity=sparse)
+
+
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classify": {
+        "epochs": 100,
+        "batch_size": 100,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "lr_schedule": "step",
+        "warmup": 0.0,
+    },
+    "language": {
+        "epochs": 2,
+        "batch_size": 32,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.1,
+        "lr_schedule": "cosine",
+        "warmup": 0.02,
+    },
+}
+"""The settings whose default depends on what the data is (``DatasetInfo.task``)."""
 
 
 def _positive_int(name: str, value: object) -> None:

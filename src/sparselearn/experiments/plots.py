@@ -40,12 +40,19 @@ def plot_run(metrics: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()
-    for key, label in (("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test")):
-        points = [(m["epoch"], 100 * m[key]) for m in metrics if m[key] is not None]
+    curves_of: tuple[tuple[str, str], ...]
+    if "test_ppl" in metrics[0]:  # a language model: perplexity, lower is better
+        curves_of = (("val_ppl", "validation"), ("test_ppl", "test"))
+        scale, ylabel = 1.0, "perplexity"
+    else:
+        curves_of = (("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test"))
+        scale, ylabel = 100.0, "accuracy (%)"
+    for key, label in curves_of:
+        points = [(m["epoch"], scale * m[key]) for m in metrics if m.get(key) is not None]
         if points:
             ax_acc.plot(*zip(*points, strict=True), label=label)
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_ylabel(ylabel)
     ax_acc.legend()
     curves = folder / "learning_curves.png"
     save_figure(fig, curves)

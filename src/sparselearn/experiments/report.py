@@ -18,9 +18,17 @@ from .runs import iter_runs, read_json, write_atomic
 START, END = "<!-- report:start -->", "<!-- report:end -->"
 
 
+# what each summary metric is called, how it is shown, and which way is better
+METRICS = {
+    "test_acc": ("Test accuracy (%)", 100.0, 2, True),
+    "test_ppl": ("Test perplexity (lower is better)", 1.0, 3, False),
+}
+
+
 @dataclass(frozen=True)
 class Cell:
     values: tuple[float, ...]  # one per seed
+    metric: str = "test_acc"
 
     @property
     def n(self) -> int:
@@ -35,10 +43,11 @@ class Cell:
         """Standard error of the mean (0 for a single seed)."""
         return statistics.stdev(self.values) / math.sqrt(self.n) if self.n > 1 else 0.0
 
-    def text(self, scale: float = 100.0) -> str:
+    def text(self) -> str:
+        _, scale, digits, _ = METRICS[self.metric]
         if self.n == 1:
-            return f"{scale * self.mean:.2f} (n=1)"
-        return f"{scale * self.mean:.2f} ± {scale * self.se:.2f} ({self.n})"
+            return f"{scale * self.mean:.{digits}f} (n=1)"
+        return f"{scale * self.mean:.{digits}f} ± {scale * self.se:.{digits}f} ({self.n})"
 
 
 Key = tuple[str, str]  # (data, model)
@@ -64,12 +73,21 @@ def collect(paths: Sequence[str | os.PathLike[str]]) -> dict[Key, dict[str, dict
     than the seed (and the machine they ran on) are rows of their own, named by what differs.
     """
     found: list[tuple[Key, str, dict[str, Any], float, float]] = []
+    metric_of: dict[Key, str] = {}
     for run in iter_runs(list(paths)):
         s = _summary(run)
+        metric = s.get("metric", "test_acc")
+        if metric not in METRICS or s.get(metric) is None:
+            raise ValueError(f"{run / 'summary.json'} is damaged: it has no {metric}")
+        key = (s["data"], s["model"])
+        if metric_of.setdefault(key, metric) != metric:
+            raise ValueError(
+                f"{run / 'summary.json'}: {metric} among runs reporting {metric_of[key]}"
+            )
         config = _filled(s.get("config", {}))
         settings = {k: v for k, v in config.items() if k not in _NOT_THE_EXPERIMENT}
         label = s.get("label") or s["method"]
-        found.append(((s["data"], s["model"]), label, settings, float(s["density"]), s["test_acc"]))
+        found.append((key, label, settings, float(s["density"]), s[metric]))
     if not found:
         raise FileNotFoundError(
             f"no finished runs (summary.json) under {', '.join(map(str, paths))}"
@@ -84,7 +102,10 @@ def collect(paths: Sequence[str | os.PathLike[str]]) -> dict[Key, dict[str, dict
     for key, label, settings, density, acc in found:
         raw[key][_row_name(label, settings, variants[(key, label)])][density].append(acc)
     return {
-        key: {m: {d: Cell(tuple(v)) for d, v in by_d.items()} for m, by_d in by_m.items()}
+        key: {
+            m: {d: Cell(tuple(v), metric_of[key]) for d, v in by_d.items()}
+            for m, by_d in by_m.items()
+        }
         for key, by_m in raw.items()
     }
 
@@ -116,17 +137,20 @@ def table(results: dict[Key, dict[str, dict[float, Cell]]]) -> str:
     lines = []
     for (data, model), by_method in sorted(results.items()):
         densities = sorted({d for m, by_d in by_method.items() if not _is_dense(m) for d in by_d})
+        metric = next(iter(next(iter(by_method.values())).values())).metric
+        title, _, _, higher = METRICS[metric]
+        pick = max if higher else min
         lines += [
             f"### {model} on {data}",
             "",
-            "Test accuracy (%), mean ± standard error over seeds (number of seeds); the best "
+            f"{title}, mean ± standard error over seeds (number of seeds); the best "
             "sparse method at each density in bold.",
             "",
             "| method | " + " | ".join(f"{100 * d:g}%" for d in densities) + " |",
             "|---|" + "---:|" * len(densities),
         ]
         best = {
-            d: max(
+            d: pick(
                 (
                     c.mean
                     for m, by_d in by_method.items()
@@ -162,17 +186,19 @@ def plot(results: dict[Key, dict[str, dict[float, Cell]]], folder: Path) -> list
     written = []
     for (data, model), by_method in sorted(results.items()):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        metric = next(iter(next(iter(by_method.values())).values())).metric
+        title, k, _, _ = METRICS[metric]
         for method, by_d in sorted(by_method.items()):
             if _is_dense(method):
                 c = by_d[1.0]
-                ax.axhline(100 * c.mean, color="k", ls="--", lw=1, label=method)
-                ax.axhspan(100 * (c.mean - c.se), 100 * (c.mean + c.se), color="k", alpha=0.08)
+                ax.axhline(k * c.mean, color="k", ls="--", lw=1, label=method)
+                ax.axhspan(k * (c.mean - c.se), k * (c.mean + c.se), color="k", alpha=0.08)
                 continue
             ds = sorted(by_d)
             ax.errorbar(
                 [100 * d for d in ds],
-                [100 * by_d[d].mean for d in ds],
-                yerr=[100 * by_d[d].se for d in ds],
+                [k * by_d[d].mean for d in ds],
+                yerr=[k * by_d[d].se for d in ds],
                 marker="o",
                 ms=3,
                 capsize=2,
@@ -180,10 +206,11 @@ def plot(results: dict[Key, dict[str, dict[float, Cell]]], folder: Path) -> list
             )
         ax.set_xscale("log")
         ax.set_xlabel("density (% of weights active)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(title[0].lower() + title[1:])
         ax.set_title(f"{model} on {data}")
         ax.legend(fontsize=8)
-        path = folder / f"{data}-{model}-accuracy-vs-density.png"
+        what = "accuracy" if metric == "test_acc" else "perplexity"
+        path = folder / f"{data}-{model}-{what}-vs-density.png"
         save_figure(fig, path)
         written.append(path)
     return written
@@ -219,7 +246,7 @@ def report(
         figures = plot(results, plots)
         if markdown is not None:
             rel = [os.path.relpath(p, markdown.parent) for p in figures]
-            text += "\n" + "\n".join(f"![accuracy versus density]({r})" for r in rel) + "\n"
+            text += "\n" + "\n".join(f"![{Path(r).stem}]({r})" for r in rel) + "\n"
     if markdown is not None:
         replace_section(markdown, f"<!-- {section}:start -->", f"<!-- {section}:end -->", text)
     return text

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import checkpoint
 from .._io import remove_stale_temps
-from ..data.datasets import Data, load_dataset, steps_per_epoch
+from ..data.datasets import DATASETS, Data, load_dataset, steps_per_epoch
 from ..engine import MaskUpdate, SparseEngine, sparsify
 from ..flops import count_flops
 from ..methods import METHODS
@@ -38,6 +38,7 @@ from .runs import (
     write_atomic,
     write_metrics,
 )
+from .tasks import task_of
 
 __all__ = ["CHECKPOINT_FORMAT", "SPARSITY_OPTIONS", "TrainConfig", "evaluate", "train"]
 
@@ -256,8 +257,9 @@ def _train_epoch(
     epoch: int,
 ) -> tuple[float, float]:
     """Epoch ``epoch`` (0-based): one pass over the training batches; returns the mean loss
-    and the accuracy."""
+    and the accuracy (of next-token predictions, for text)."""
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    task = task_of(cfg_task(cfg))
     seen = correct = 0
     loss_sum = 0.0
     for x, y in batches:
@@ -267,8 +269,8 @@ def _train_epoch(
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-            logits = model(x)  # (B, classes)
-            loss = nn.functional.cross_entropy(logits, y)
+            logits = model(x)  # (B, classes), or (B, T, vocab) for text
+            loss = task.loss(logits, y)
         if scaler is not None:
             scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             scaler.unscale_(optimizer)
@@ -281,29 +283,43 @@ def _train_epoch(
             scaler.update()
         else:
             optimizer.step()  # the engine's hooks mask and update here
-        loss_sum += float(loss.detach()) * len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
+        n = task.count(y)  # samples, or predicted tokens
+        loss_sum += float(loss.detach()) * n
+        correct += int((logits.argmax(-1) == y).sum())
+        seen += n
         bar.update(
             epoch + 1, cfg.epochs, engine.step, loss_sum / seen, correct / seen, engine.density()
         )
     return loss_sum / seen, correct / seen
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module, data: Data, split: str, batch_size: int, device: torch.device
 ) -> float:
-    """Top-1 accuracy on ``split``."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for x, y in data.batches(split, batch_size, shuffle=False, seed=0, epoch=0, augment=False):
-        logits = model(x.to(device, non_blocking=True))
-        correct += int((logits.argmax(1).cpu() == y).sum())
-        total += len(y)
-    model.train(was_training)
-    return correct / total if total else float("nan")
+    """Top-1 accuracy on ``split`` (classification)."""
+    acc = task_of(data.info.task).evaluate(model, data, split, batch_size, device)["acc"]
+    assert acc is not None
+    return acc
+
+
+def cfg_task(cfg: TrainConfig) -> str:
+    return DATASETS.get(cfg.data).task
+
+
+def _evaluation(
+    cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device
+) -> dict[str, Any]:
+    """The metrics row's evaluation: ``val_acc``, ``test_acc``; for text ``val_loss``,
+    ``val_ppl``, ``val_bpc`` and the same for ``test``."""
+    task = task_of(data.info.task)
+    out: dict[str, Any] = {}
+    for split in ("val", "test"):
+        if split == "val" and not data.size("val"):
+            values: dict[str, Any] = dict.fromkeys(task.evaluate_keys)
+        else:
+            values = task.evaluate(model, data, split, cfg.eval_batch_size, device)
+        out.update({f"{split}_{k}": v for k, v in values.items()})
+    return out
 
 
 def _metrics_row(
@@ -327,10 +343,7 @@ def _metrics_row(
         "step": engine.step,
         "train_loss": None if train is None else train[0],
         "train_acc": None if train is None else train[1],
-        "val_acc": evaluate(model, data, "val", cfg.eval_batch_size, device)
-        if data.size("val")
-        else None,
-        "test_acc": evaluate(model, data, "test", cfg.eval_batch_size, device),
+        **_evaluation(cfg, model, data, device),
         "density": engine.density(),
         "layer_density": engine.layer_densities(),
         "pruned": sum(u.total_pruned for u in updates),
@@ -385,11 +398,22 @@ def summarize(
     metrics: list[dict[str, Any]],
 ) -> dict[str, Any]:
     last = metrics[-1]
-    flops = count_flops(model, data.info.input_shape, engine.masks)
+    task = task_of(data.info.task)
+    dtype = torch.long if task.name == "language" else None
+    flops = count_flops(model, data.info.input_shape, engine.masks, dtype=dtype)
     trained = [m for m in metrics if m["epoch"] > 0]
-    vals = [m["val_acc"] for m in trained if m["val_acc"] is not None]
-    best = max(range(len(vals)), key=vals.__getitem__) if vals else None
+    key = "val_acc" if task.name == "classify" else "val_ppl"
+    vals = [m[key] for m in trained if m[key] is not None]
+    pick = max if task.higher_is_better else min
+    best = pick(range(len(vals)), key=vals.__getitem__) if vals else None
     active = sum(int(m.sum()) for m in engine.masks.values())
+    scores: dict[str, Any] = {}
+    if task.name == "classify":
+        scores = {"test_acc": last["test_acc"], "val_acc": last["val_acc"]}
+    else:
+        scores = {f"{s}_{k}": last[f"{s}_{k}"] for s in ("test", "val") for k in task.evaluate_keys}
+        scores["metric"] = task.score
+        scores["data_provenance"] = getattr(data, "provenance", None)
     return {
         "model": cfg.model,
         "data": cfg.data,
@@ -398,9 +422,8 @@ def summarize(
         "density": cfg.density if engine.schedule.masks else 1.0,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
-        "test_acc": last["test_acc"],
-        "val_acc": last["val_acc"],
-        "best_val_acc": vals[best] if best is not None else None,
+        **scores,
+        f"best_{key}": vals[best] if best is not None else None,
         "best_val_epoch": best + 1 if best is not None else None,
         "final_density": engine.density(),
         "active_weights": active,

@@ -9,7 +9,7 @@ from torch import nn
 
 
 @torch.no_grad()
-def output_features(features: nn.Module, input_shape: tuple[int, int, int]) -> int:
+def output_features(features: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Number of features ``features`` produces for one input of ``input_shape`` (C, H, W)."""
     was_training = features.training
     features.eval()
