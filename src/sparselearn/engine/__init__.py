@@ -6,7 +6,7 @@ agreement (``distributed.py``)."""
 from __future__ import annotations
 
 from .calendar import Calendar
-from .engine import SparseEngine, SparsityWarning, sparsify
+from .engine import SparseEngine, SparsityWarning, make_config, sparsify
 from .state import STATE_FORMAT
 from .storage import CSRStorage, LayerStorage, MaskedDense
 from .update import MaskUpdate, MaskUpdater
@@ -21,5 +21,6 @@ __all__ = [
     "MaskedDense",
     "SparseEngine",
     "SparsityWarning",
+    "make_config",
     "sparsify",
 ]

@@ -84,7 +84,11 @@ class SparseEngine:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SparsityConfig
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: SparsityConfig,
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -150,7 +154,8 @@ class SparseEngine:
             history=self.history,
             replaced=self._track,
         )
-        self.apply_masks()
+        if state is None:
+            self.apply_masks()
 
         self._handles: list[RemovableHandle] = []
         self._grad_hooks: dict[str, RemovableHandle] = {}
@@ -167,6 +172,14 @@ class SparseEngine:
         for layer in self._layers:
             _ACTIVE[id(layer.param)] = ref
         self._attached = True
+        if state is not None:
+            # weights restored before the engine exists (a trainer's resume) keep their values:
+            # the saved masks are adopted without first applying the freshly drawn ones
+            try:
+                self.load_state_dict(state)
+            except BaseException:
+                self.remove()
+                raise
         logger.info("sparsify: %s", self._headline())
         self._warn_if_masks_never_change()
 
@@ -385,14 +398,15 @@ class SparseEngine:
         if _ACTIVE.get(id(layer.param)) is not None:
             del _ACTIVE[id(layer.param)]
 
-    def store_as_csr(self, name: str, weight: SparseWeight) -> None:
+    def store_as_csr(self, name: str, weight: SparseWeight, *, transposed: bool = False) -> None:
         """Hand layer ``name`` over to CSR storage in an accelerated module (see
-        :func:`sparselearn.accelerate`): the optimizer must hold ``weight.values`` already."""
+        :func:`sparselearn.accelerate`): the optimizer must hold ``weight.values`` already.
+        ``transposed``: ``weight`` stores the transpose of the parameter (a ``Conv1D``)."""
         index = next(i for i, layer in enumerate(self._layers) if layer.name == name)
         old = self._layers[index]
         if old.kind == "csr":
             raise ValueError(f"{name} is already accelerated")
-        new = CSRStorage(old, weight)
+        new = CSRStorage(old, weight, transposed=transposed)
         ema = self.signals.ema.get(name)
         if ema is not None:
             self.signals.ema[name] = new.from_weight_shape(ema).clone()
@@ -567,6 +581,8 @@ def sparsify(
     method: str = "sparse_momentum",
     density: float | None = None,
     total_steps: int | None = None,
+    *,
+    state: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> SparseEngine:
     """Train ``model`` sparse with ``method`` from the next ``optimizer.step()`` on.
@@ -577,6 +593,9 @@ def sparsify(
         method: a preset name from :func:`sparselearn.methods`.
         density: fraction of weights kept active (0.05 = 95% sparsity); not for ``dense``.
         total_steps: optimizer steps in the whole run; needed by methods with a schedule.
+        state: an engine's ``state_dict()`` to continue from. Its masks are adopted as they
+            are, without applying the freshly drawn initial masks first, so weights restored
+            before this call (a trainer resuming a checkpoint) keep their values.
         **options: any preset field to override (see the README), e.g. ``update_every=100``.
 
     Returns:
@@ -588,6 +607,20 @@ def sparsify(
         engine = sl.sparsify(model, optimizer, method="sparse_momentum", density=0.05,
                              total_steps=epochs * len(train_loader))
     """
+    config = make_config(method, density, total_steps, **options)
+    return SparseEngine(model, optimizer, config, state=state)
+
+
+def make_config(
+    method: str = "sparse_momentum",
+    density: float | None = None,
+    total_steps: int | None = None,
+    **options: Any,
+) -> SparsityConfig:
+    """The :class:`SparsityConfig` that :func:`sparsify` would use, checked the same way:
+    unknown methods and options, missing densities and options that have no effect are
+    refused here, before any model is touched (the trainer callbacks check their arguments
+    with it when they are created)."""
     preset = METHODS.get(method)
     for key in options:
         if key not in OPTION_NAMES:
@@ -604,5 +637,4 @@ def sparsify(
             f"option(s) {', '.join(unused)} have no effect with method {method!r} "
             f"(schedule {schedule.name!r}); remove them"
         )
-    config = SparsityConfig(method=method, density=density, total_steps=total_steps, **params)
-    return SparseEngine(model, optimizer, config)
+    return SparsityConfig(method=method, density=density, total_steps=total_steps, **params)
