@@ -14,6 +14,7 @@ import functools
 import logging
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -138,6 +139,11 @@ class SparseEngine:
         self.calendar = Calendar(config, self.schedule, self.needs)
         self._closure_step = False
         self.history: list[MaskUpdate] = []
+        # an OrderedDict: RemovableHandle holds it by weak reference, which a dict refuses
+        self._update_hooks: OrderedDict[int, Callable[[SparseEngine, MaskUpdate], None]] = (
+            OrderedDict()
+        )
+        self._notified = 0  # updates handed to the hooks
 
         self._layers: list[LayerStorage] = list(self._initial_layers(targets))
         self.signals = Signals(optimizer, config, self.needs, self._layers)
@@ -334,7 +340,7 @@ class SparseEngine:
         """
         self.check_attached()
         try:
-            return self.schedule.update(
+            update = self.schedule.update(
                 _OnDemand(self._updater, self._capture_grads_for_manual_update),
                 self.config,
                 self._step,
@@ -342,6 +348,25 @@ class SparseEngine:
             )
         finally:
             self.signals.dense_grads.clear()
+        self._notify()
+        return update
+
+    def register_update_hook(
+        self, hook: Callable[[SparseEngine, MaskUpdate], None]
+    ) -> RemovableHandle:
+        """Call ``hook(engine, update)`` after every mask update (scheduled or asked for), with
+        the new masks in place; ``handle.remove()`` stops it. Loggers use it to see every
+        update, not only the latest when they next look."""
+        handle = RemovableHandle(self._update_hooks)
+        self._update_hooks[handle.id] = hook
+        return handle
+
+    def _notify(self) -> None:
+        """Hand the updates not yet seen to the update hooks."""
+        fresh, self._notified = self.history[self._notified :], len(self.history)
+        for update in fresh:
+            for hook in list(self._update_hooks.values()):
+                hook(self, update)
 
     def remove(self) -> None:
         """Detach from the optimizer and the model. The weights stay sparse; the masks are kept
@@ -453,6 +478,7 @@ class SparseEngine:
             self._generators[key] = gen
         self._step = int(state["step"])
         self.history[:] = [MaskUpdate(**u) for u in state.get("history", [])]
+        self._notified = len(self.history)
         self.calendar.pending_first_step = bool(state["pending_one_shot"])
         self.calendar.finished = bool(state["finished"])
         self.apply_masks()
@@ -491,6 +517,10 @@ class SparseEngine:
         if not self.schedule.masks:
             self._step += 1  # nothing to mask: only count
             return
+        self._mask_and_update()
+        self._notify()
+
+    def _mask_and_update(self) -> None:
         if self._closure_step:
             if self.calendar.wants_dense_grad(self._step + 1):
                 self.signals.snapshot_grads(self._layers)

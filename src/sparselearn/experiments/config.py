@@ -93,6 +93,11 @@ class TrainConfig:
         "fraction of training over which the lr rises linearly from 0 (default: 0; 0.02 for "
         "language)",
     )
+    tensorboard: bool = _setting(
+        False,
+        "write TensorBoard event files to RUN/tensorboard: the metrics per epoch, densities and "
+        "pruned/regrown counts per mask update (needs sparselearn[tensorboard])",
+    )
     # engine options that were set (the others take the method's defaults)
     sparsity: Mapping[str, Any] = field(default_factory=dict)
 
@@ -310,7 +315,7 @@ def _selector(value: str) -> str | type[nn.Module]:
 
 # settings of the machine, not of the run: a resumed run may change them (a study resumed with
 # another --jobs gives its runs another thread count), and nothing trains differently
-MACHINE_SETTINGS = ("threads", "workers", "data_dir", "download", "data_mirror")
+MACHINE_SETTINGS = ("threads", "workers", "data_dir", "download", "data_mirror", "tensorboard")
 
 
 def jsonable(values: Mapping[str, Any]) -> dict[str, Any]:

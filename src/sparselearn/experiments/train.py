@@ -118,6 +118,9 @@ def _train(
         write_atomic(out / "sparsity.yaml", dump_yaml(engine.config.to_dict()))
         # epoch 0: where training starts (untrained accuracy, initial layer densities)
         metrics = [_metrics_row(cfg, model, engine, data, device, total_steps, epoch=0)]
+    board = _tensorboard(cfg, out, engine, state)
+    if board is not None and state is None:
+        board.log_metrics(metrics[0], step=0)
 
     # ------------------------------------------------------------------ epochs
     bar = Progress(total_steps, progress)
@@ -147,6 +150,9 @@ def _train(
         )
         metrics.append(row)
         write_metrics(out, metrics)
+        if board is not None:
+            board.log_metrics(row, step=engine.step)
+            board.flush()
         save_checkpoint(
             checkpoint_path,
             {
@@ -161,11 +167,14 @@ def _train(
                 "wall_time": wall,
                 "accelerated": accelerated,
                 "accelerated_threads": thread_caps,
+                "ever_active": board.ever_active() if board is not None else None,
             },
         )
         if on_epoch is not None:
             on_epoch(row)
     bar.close()
+    if board is not None:
+        board.close()
 
     # ------------------------------------------------------------------ the end
     summary = summarize(cfg, model, engine, data, metrics)
@@ -178,6 +187,30 @@ def _train(
 
 
 # ----------------------------------------------------------------------------- the pieces
+
+
+def _tensorboard(
+    cfg: TrainConfig, out: Path, engine: SparseEngine, state: dict[str, Any] | None
+) -> Any:
+    """The run's TensorBoard logger (``--tensorboard``), or None. Metrics are logged at the
+    optimizer step that ends their epoch, mask updates at theirs; a resumed run drops what the
+    interrupted one logged after its last checkpoint and continues the record of weights ever
+    active from the checkpoint."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from ..integrations.tensorboard import TensorBoardLogger
+    except ImportError as err:
+        raise RuntimeError(
+            f"--tensorboard needs TensorBoard ({err}); install it with "
+            "pip install 'sparselearn[tensorboard]', or train without --tensorboard"
+        ) from None
+    # what was logged after the checkpoint's step is dropped (the run repeats it)
+    resumed_at = int(state["engine"]["step"]) + 1 if state is not None else None
+    ever = state.get("ever_active") if state is not None else None
+    board = TensorBoardLogger(out / "tensorboard", purge_step=resumed_at)
+    board.watch(engine, ever_active=ever)
+    return board
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
