@@ -216,7 +216,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
 
-    text = report(args.runs, markdown=args.markdown, plots=args.plots, section=args.section)
+    text = report(
+        args.runs,
+        markdown=args.markdown,
+        plots=args.plots,
+        section=args.section,
+        wall_time=args.wall_time,
+    )
     print(text)
     return 0
 
@@ -280,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", type=Path, help="folder for accuracy-versus-density plots")
     p.add_argument(
         "--section", default="report", help="name of the marked section of --markdown to (re)write"
+    )
+    p.add_argument(
+        "--wall-time",
+        action="store_true",
+        help="add a table of training wall time (default: the metric's table only)",
     )
     p.set_defaults(func=cmd_report)
 

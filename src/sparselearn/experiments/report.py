@@ -22,6 +22,7 @@ START, END = "<!-- report:start -->", "<!-- report:end -->"
 METRICS = {
     "test_acc": ("Test accuracy (%)", 100.0, 2, True),
     "test_ppl": ("Test perplexity (lower is better)", 1.0, 3, False),
+    "wall_time": ("Training wall time (s)", 1.0, 0, False),
 }
 
 
@@ -60,14 +61,18 @@ _NOT_THE_EXPERIMENT = {"seed", "label", "density", *MACHINE_SETTINGS}
 def _summary(run: Path) -> dict[str, Any]:
     path = run / "summary.json"
     s = read_json(path)
-    need = ("data", "model", "method", "density", "test_acc")
+    need = ("data", "model", "method", "density")
     if not isinstance(s, dict) or any(k not in s for k in need):
         raise ValueError(f"{path} is damaged: a summary holds {', '.join(need)}")
     return s
 
 
-def collect(paths: Sequence[str | os.PathLike[str]]) -> dict[Key, dict[str, dict[float, Cell]]]:
-    """``{(data, model): {row: {density: Cell}}}`` from every summary.json under ``paths``.
+def collect(
+    paths: Sequence[str | os.PathLike[str]], quantity: str | None = None
+) -> dict[Key, dict[str, dict[float, Cell]]]:
+    """``{(data, model): {row: {density: Cell}}}`` from every summary.json under ``paths``:
+    each run's own metric (test accuracy, or perplexity for language models), or
+    ``quantity`` (``"wall_time"``) where given.
 
     A row pools the seeds of one experiment: runs of one label whose settings differ in more
     than the seed (and the machine they ran on) are rows of their own, named by what differs.
@@ -76,7 +81,7 @@ def collect(paths: Sequence[str | os.PathLike[str]]) -> dict[Key, dict[str, dict
     metric_of: dict[Key, str] = {}
     for run in iter_runs(list(paths)):
         s = _summary(run)
-        metric = s.get("metric", "test_acc")
+        metric = quantity or s.get("metric", "test_acc")
         if metric not in METRICS or s.get(metric) is None:
             raise ValueError(f"{run / 'summary.json'} is damaged: it has no {metric}")
         key = (s["data"], s["model"])
@@ -234,14 +239,18 @@ def report(
     markdown: Path | None = None,
     plots: Path | None = None,
     section: str = "report",
+    wall_time: bool = False,
 ) -> str:
-    """Aggregate runs; optionally write the tables into a markdown file and the plots.
+    """Aggregate runs; optionally write the tables into a markdown file and the plots, and
+    (``wall_time``) a table of training wall time beside the metric's.
 
     The tables go between ``<!-- {section}:start -->`` and ``<!-- {section}:end -->``, so that
     one file can hold several reports; the rest of the file is kept.
     """
     results = collect(paths)
     text = table(results)
+    if wall_time:
+        text += "\n" + table(collect(paths, "wall_time"))
     if plots is not None:
         figures = plot(results, plots)
         if markdown is not None:

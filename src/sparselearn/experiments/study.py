@@ -140,7 +140,9 @@ def expand(spec: Mapping[str, Any], out: Path, source: str = "the study spec") -
                     sub = sub / (f"seed-{seed}" if dense else f"density-{density}/seed-{seed}")
                     cost = 10.0 if "lenet5" in model or "wrn" in model or "vgg" in model else 1.0
                     runs.append(Run(out / sub, cfg, cost))
-    return sorted(runs, key=lambda r: -r.cost)
+    # the costly runs first (they bound the study's length), and each seed's runs before the
+    # next seed's: a study stopped early holds every cell, with fewer seeds
+    return sorted(runs, key=lambda r: (-r.cost, seeds.index(r.config["seed"])))
 
 
 def _threads(run: Run, default: int) -> int:
