@@ -13,7 +13,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 # Benchmarks: PyTorch's OpenMP spin-wait makes small ops very slow on a 2-core VM.
 BENCH_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)}
 
-.PHONY: all venv data demo test lint format bench study results clean
+.PHONY: all venv data demo test lint format bench study results study-gpt results-gpt clean
 
 all: test
 
@@ -70,6 +70,17 @@ results: $(STAMP) $(FMNIST)
 	$(BIN)/sparselearn analyze runs/fashion-mnist-clip/lenet5/dense \
 	  runs/fashion-mnist-clip/lenet5/sparse_momentum/density-0.05 --out docs/figures \
 	  --markdown docs/results.md
+
+# The transformer study of docs/results.md: tiny-gpt on stdlib-text, dense against four sparse
+# methods at three densities, three seeds (about two hours on 2 cores; finished runs are
+# skipped), then its tables (perplexity, and training wall time).
+study-gpt: $(STAMP)
+	$(BIN)/sparselearn study studies/tiny_gpt.yaml
+	$(MAKE) results-gpt
+
+results-gpt: $(STAMP)
+	$(BIN)/sparselearn report runs/tiny-gpt --markdown docs/results.md --plots docs/figures/gpt \
+	  --section report-gpt --wall-time
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

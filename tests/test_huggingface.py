@@ -191,3 +191,12 @@ def test_a_model_without_sparsifiable_layers_fails_at_train_start(tmp_path: Path
     )
     with pytest.raises(ValueError, match="nothing to sparsify"):
         trainer.train()
+
+
+def test_update_every_epoch_counts_the_trainers_optimizer_steps(tmp_path: Path) -> None:
+    cb = SparseTrainingCallback(method="set", density=0.2, update_every="epoch")
+    train(tmp_path, cb, save_steps=1000)
+    assert cb.engine is not None
+    per_epoch = 64 // 4 // 2  # 64 sequences, batches of 4, accumulation of 2
+    assert cb.engine.config.steps_per_epoch == per_epoch
+    assert [u.step for u in cb.engine.history][:2] == [per_epoch, 2 * per_epoch]

@@ -142,3 +142,12 @@ def test_options_the_callback_sets_itself_are_refused() -> None:
         SparseTraining(method="rigl", density=0.1, total_steps=5)
     with pytest.raises(ValueError, match="needs a density"):
         SparseTraining(method="set")
+
+
+def test_update_every_epoch_counts_the_trainers_optimizer_steps(tmp_path: Path) -> None:
+    cb = SparseTraining(method="set", density=0.2, update_every="epoch")
+    fit(tmp_path, cb)
+    assert cb.engine is not None
+    per_epoch = BATCHES // 2  # accumulation of 2
+    assert cb.engine.config.steps_per_epoch == per_epoch
+    assert [u.step for u in cb.engine.history] == [per_epoch, 2 * per_epoch, 3 * per_epoch]

@@ -28,7 +28,20 @@ def check_arguments(
     for key, why in REFUSED.items():
         if key in options:
             raise TypeError(f"{owner} does not take {key!r}: {why}")
-    make_config(method, density, _CHECK_STEPS, **options)
+    make_config(method, density, _CHECK_STEPS, **with_epoch(options, 1))
+
+
+def with_epoch(options: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """``update_every="epoch"`` takes the trainer's optimizer steps per epoch, unless
+    ``steps_per_epoch`` was given (or the trainer has no epochs to count: 0, and the engine
+    asks for it)."""
+    if (
+        options.get("update_every") == "epoch"
+        and "steps_per_epoch" not in options
+        and steps_per_epoch > 0
+    ):
+        return {**options, "steps_per_epoch": steps_per_epoch}
+    return options
 
 
 def inner_optimizer(optimizer: Any, owner: str) -> torch.optim.Optimizer:

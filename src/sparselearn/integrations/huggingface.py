@@ -34,12 +34,27 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .. import checkpoint
 from ..engine import SparseEngine, sparsify
-from ._common import check_arguments, check_weights_match, inner_optimizer, update_log
+from ._common import (
+    check_arguments,
+    check_weights_match,
+    inner_optimizer,
+    update_log,
+    with_epoch,
+)
 
 __all__ = ["ENGINE_FILE", "SparseTrainingCallback"]
 
 ENGINE_FILE = "sparselearn_engine.pt"
 _OWNER = "SparseTrainingCallback"
+
+
+def _steps_per_epoch(args: TrainingArguments, loader: Any) -> int:
+    """Optimizer steps per epoch, as the Trainer counts them."""
+    try:
+        batches = len(loader)
+    except TypeError:  # an iterable dataset: no epochs to count
+        return 0
+    return batches // max(1, args.gradient_accumulation_steps)
 
 
 class SparseTrainingCallback(TrainerCallback):
@@ -51,7 +66,7 @@ class SparseTrainingCallback(TrainerCallback):
         resume_from: the checkpoint folder to take the engine state from on resume, when it
             is not ``output_dir/checkpoint-<global step>``.
         **options: engine options, as for :func:`sparselearn.sparsify` (``total_steps`` is the
-            Trainer's).
+            Trainer's; ``update_every="epoch"`` counts the Trainer's optimizer steps per epoch).
     """
 
     def __init__(
@@ -77,6 +92,7 @@ class SparseTrainingCallback(TrainerCallback):
         control: TrainerControl,
         model: Any = None,
         optimizer: Any = None,
+        train_dataloader: Any = None,
         **kwargs: Any,
     ) -> None:
         if model is None:
@@ -92,7 +108,7 @@ class SparseTrainingCallback(TrainerCallback):
             self.density,
             total_steps=state.max_steps,
             state=saved,
-            **self.options,
+            **with_epoch(self.options, _steps_per_epoch(args, train_dataloader)),
         )
         self._logged = len(self.engine.history)
 

@@ -23,17 +23,32 @@ Each mask update logs ``sparsity/density``, ``sparsity/pruned`` and ``sparsity/r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 
 from ..engine import SparseEngine, sparsify
-from ._common import check_arguments, check_weights_match, inner_optimizer, update_log
+from ._common import (
+    check_arguments,
+    check_weights_match,
+    inner_optimizer,
+    update_log,
+    with_epoch,
+)
 
 __all__ = ["SparseTraining"]
 
 _OWNER = "SparseTraining"
+
+
+def _steps_per_epoch(trainer: pl.Trainer) -> int:
+    """Optimizer steps per epoch: a last, shorter accumulation steps too."""
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) and not float(batches).is_integer():
+        return 0  # an iterable without a length (inf): no epochs to count
+    return math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))
 
 
 class SparseTraining(pl.Callback):
@@ -43,7 +58,7 @@ class SparseTraining(pl.Callback):
         method: a method from :func:`sparselearn.methods`.
         density: fraction of weights kept active.
         **options: engine options, as for :func:`sparselearn.sparsify` (``total_steps`` is the
-            trainer's).
+            trainer's; ``update_every="epoch"`` counts the trainer's optimizer steps per epoch).
     """
 
     def __init__(
@@ -90,7 +105,7 @@ class SparseTraining(pl.Callback):
             self.density,
             total_steps=int(trainer.estimated_stepping_batches),
             state=saved,
-            **self.options,
+            **with_epoch(self.options, _steps_per_epoch(trainer)),
         )
         self._logged = len(self.engine.history)
 
