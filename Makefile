@@ -20,7 +20,7 @@ all: test
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) "setuptools"
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,huggingface,lightning,tensorboard]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,huggingface,lightning,tensorboard,safetensors]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -29,8 +29,10 @@ from .criteria import (
     register_redistribution,
 )
 from .engine import MaskUpdate, SparseEngine, SparsityWarning, sparsify
+from .export import export, load_exported, sparse_state_dict
 from .flops import TrainingFlopReport, flops
 from .methods import METHODS, Method, methods, register_method
+from .saving import load, save
 from .schedules import (
     MASK_SCHEDULE,
     PRUNE_RATE_SCHEDULE,
@@ -86,7 +88,10 @@ __all__ = [
     "accelerate",
     "choices",
     "compact",
+    "export",
     "flops",
+    "load",
+    "load_exported",
     "methods",
     "register_growth",
     "register_init",
@@ -95,5 +100,7 @@ __all__ = [
     "register_prune_rate_schedule",
     "register_redistribution",
     "register_schedule",
+    "save",
+    "sparse_state_dict",
     "sparsify",
 ]

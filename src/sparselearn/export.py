@@ -1,0 +1,197 @@
+"""Sparse models that export small: ``sl.export`` writes a safetensors file whose size follows
+the active weights, ``sl.load_exported`` reads it back as the dense architecture's
+``state_dict``, and ``sl.sparse_state_dict`` gives torch sparse CSR tensors.
+
+The file: every sparsified tensor ``name`` is stored as CSR of its 2-D view (rows = output
+units; a convolution's kernel flattened into the columns; a Hugging Face ``Conv1D`` as its
+(in, out) weight): ``name.values``, ``name.col_indices`` (int32), ``name.crow_indices`` (int32,
+int64 past 2**31 entries); the other tensors as they are. The metadata (``__metadata__``,
+strings) says how to rebuild it: ``format`` = ``sparselearn-csr/1`` and ``sparse``, a JSON map
+from each CSR tensor's name to its shape, plus ``aliases`` for tied tensors (stored once) and
+``sha256``, a digest of the tensors that :func:`load_exported` checks. A
+model without sparselearn loads it in a few lines of torch and safetensors (see the README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._io import atomic_file
+from .checkpoint import DamagedFileError, digest
+
+__all__ = ["FORMAT", "export", "load_exported", "sparse_state_dict"]
+
+FORMAT = "sparselearn-csr/1"
+_SUFFIXES = (".values", ".col_indices", ".crow_indices")
+
+
+def _dense_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state_dict with accelerated layers as the dense layers they replace."""
+    from .accel.compact import _densified
+
+    return {k: v.detach() for k, v in _densified(model).state_dict().items()}
+
+
+def _masks(engine: Any, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The active weights of each tensor stored as CSR: the engine's masks where given, else
+    the non-zeros of every tensor of two or more dimensions whose CSR is the smaller."""
+    if engine is not None:
+        masks = {k: m.detach().to(torch.bool).cpu() for k, m in engine.masks.items()}
+        unknown = [k for k in masks if k not in state]
+        if unknown:
+            raise ValueError(
+                f"the engine's tensors {', '.join(unknown[:5])} are not in the model: pass the "
+                "engine that sparsifies this model (or engine=None to store its non-zeros)"
+            )
+        return masks
+    out = {}
+    for name, t in state.items():
+        if t.dim() >= 2 and t.is_floating_point():
+            nnz = int(torch.count_nonzero(t))
+            if nnz * (t.element_size() + 4) + (t.shape[0] + 1) * 4 < t.numel() * t.element_size():
+                out[name] = t != 0
+    return out
+
+
+def _csr(t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    rows = t.shape[0]
+    m2 = mask.reshape(rows, -1).cpu()
+    v2 = t.reshape(rows, -1).cpu()
+    counts = m2.sum(dim=1)
+    crow = torch.zeros(rows + 1, dtype=torch.int64)
+    crow[1:] = torch.cumsum(counts, 0)
+    index = torch.int32 if int(crow[-1]) < 2**31 and m2.shape[1] < 2**31 else torch.int64
+    col = m2.nonzero()[:, 1].to(index)  # row-major: rows in order, columns ascending
+    values = v2[m2].contiguous()
+    return values, col.contiguous(), crow.to(index)
+
+
+def _stored(model: nn.Module, engine: Any) -> tuple[dict[str, Tensor], dict[str, str]]:
+    state = _dense_state(model)
+    if engine is not None and engine.model is not model:
+        raise ValueError("engine sparsifies another model than the one given")
+    masks = _masks(engine, state)
+    tensors: dict[str, Tensor] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    aliases: dict[str, str] = {}
+    sparse: dict[str, list[int]] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]  # tied: stored once
+            continue
+        seen[key] = name
+        if name in masks:
+            values, col, crow = _csr(t, masks[name])
+            tensors[name + ".values"] = values
+            tensors[name + ".col_indices"] = col
+            tensors[name + ".crow_indices"] = crow
+            sparse[name] = list(t.shape)
+        else:
+            tensors[name] = t.contiguous().cpu()
+    metadata = {
+        "format": FORMAT,
+        "sparse": json.dumps(sparse),
+        "aliases": json.dumps(aliases),
+        "sha256": digest(tensors),
+    }
+    return tensors, metadata
+
+
+def export(model: nn.Module, engine: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` for inference to ``path`` (safetensors), each sparsified tensor as CSR.
+
+    ``engine`` (or None: the non-zeros of each tensor whose CSR is smaller) decides what is
+    active. Accelerated layers are written as the dense layers they replace; a model from
+    ``sl.compact`` (``result.model``) exports with ``engine=None``. Needs ``safetensors``
+    (``pip install "sparselearn[safetensors]"``). Returns the path.
+    """
+    try:
+        from safetensors.torch import save
+    except ImportError as err:
+        raise RuntimeError(
+            f"export needs safetensors ({err}): pip install 'sparselearn[safetensors]'"
+        ) from None
+    tensors, metadata = _stored(model, engine)
+    path = Path(path)
+    data = save(tensors, metadata=metadata)
+    with atomic_file(path) as f:
+        f.write(data)
+    return path
+
+
+def load_exported(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> dict[str, Tensor]:
+    """The dense ``state_dict`` of a file written by :func:`export`: load it into the model's
+    architecture with ``model.load_state_dict``; nothing of sparselearn is needed there."""
+    try:
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise RuntimeError(
+            f"load_exported needs safetensors ({err}): pip install 'sparselearn[safetensors]'"
+        ) from None
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} was not written by sparselearn.export (format {metadata.get('format')!r})"
+        )
+    recorded = metadata.get("sha256")
+    if recorded is not None and recorded != digest(tensors):
+        raise DamagedFileError(
+            f"{path} is damaged: its tensors do not match the checksum they were written with"
+        )
+    sparse = json.loads(metadata["sparse"])
+    aliases = json.loads(metadata.get("aliases", "{}"))
+    state: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        if not name.endswith(_SUFFIXES) or name.rsplit(".", 1)[0] not in sparse:
+            state[name] = t
+    for name, shape in sparse.items():
+        try:
+            values = tensors[name + ".values"]
+            col = tensors[name + ".col_indices"].long()
+            crow = tensors[name + ".crow_indices"].long()
+        except KeyError as err:
+            raise ValueError(f"{path} is incomplete: it lacks {err.args[0]}") from None
+        rows = shape[0]
+        columns = 1
+        for d in shape[1:]:
+            columns *= d
+        dense = torch.sparse_csr_tensor(crow, col, values, (rows, columns)).to_dense()
+        state[name] = dense.reshape(shape)
+    for name, source in aliases.items():
+        state[name] = state[source]
+    return state
+
+
+def sparse_state_dict(model: nn.Module, engine: Any = None) -> dict[str, Tensor]:
+    """The model's state_dict with each sparsified tensor as a ``torch.sparse_csr_tensor`` of
+    its 2-D view (rows: output units), the other tensors as they are. A Linear weight is its own
+    view; a convolution's is rebuilt with ``t.to_dense().reshape(weight.shape)``.
+    ``torch.save`` writes it, and ``torch.load(..., weights_only=True)`` reads it back."""
+    state = _dense_state(model)
+    masks = _masks(engine, state)
+    out: dict[str, Tensor] = {}
+    for name, t in state.items():
+        if name in masks:
+            values, col, crow = _csr(t, masks[name])
+            out[name] = torch.sparse_csr_tensor(
+                crow.long(), col.long(), values, (t.shape[0], t[0].numel())
+            )
+        else:
+            out[name] = t
+    return out

@@ -1,0 +1,245 @@
+"""sl.save / sl.load (one checked file: model, optimizer, engine, your values) and sl.export /
+sl.load_exported / sl.sparse_state_dict (a file whose size follows the active weights, read back
+as the dense architecture's state_dict, by sparselearn or by torch and safetensors alone)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import sparselearn as sl
+from sparselearn.checkpoint import DamagedFileError
+from sparselearn.models import create_model
+from tests.helpers import MLP, ConvBN, TiedLM, make_batch, train_step
+
+
+def _trained(steps: int = 6) -> tuple[nn.Module, torch.optim.Optimizer, sl.SparseEngine]:
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = sl.sparsify(model, opt, "sparse_momentum", 0.2, total_steps=40, update_every=3)
+    for i in range(steps):
+        train_step(model, opt, *make_batch("mlp", seed=i))
+    return model, opt, engine
+
+
+def _fresh() -> tuple[nn.Module, torch.optim.Optimizer, sl.SparseEngine]:
+    torch.manual_seed(1)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return (
+        model,
+        opt,
+        sl.sparsify(model, opt, "sparse_momentum", 0.2, total_steps=40, update_every=3),
+    )
+
+
+def test_save_and_load_continue_exactly(tmp_path: Path) -> None:
+    model, opt, engine = _trained()
+    path = tmp_path / "run.pt"
+    sl.save(path, model, opt, engine, epoch=3, note="after warm-up", curve=[0.5, 0.25])
+    model2, opt2, engine2 = _fresh()
+    extra = sl.load(path, model2, opt2, engine2)
+    assert extra == {"epoch": 3, "note": "after warm-up", "curve": [0.5, 0.25]}
+    assert engine2.step == engine.step
+    assert engine2.history == engine.history
+    for i in range(6, 12):  # both continue the same way, bit for bit
+        train_step(model, opt, *make_batch("mlp", seed=i))
+        train_step(model2, opt2, *make_batch("mlp", seed=i))
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    content = torch.load(path, weights_only=True)  # plain values only
+    assert content["format"] == "sparselearn.save/1"
+
+
+def test_extra_values_a_weights_only_load_refuses_are_refused(tmp_path: Path) -> None:
+    model, _, _ = _trained(0)
+    with pytest.raises(TypeError, match=r"extra value 'when' holds a object"):
+        sl.save(tmp_path / "x.pt", model, when=object())
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_loading_another_models_file_names_the_tensors_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    model, _, _ = _trained(0)
+    sl.save(tmp_path / "mlp.pt", model)
+    other = MLP(hidden=16)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"fc1\.weight \(32, 20\) \(the model's is \(16, 20\)\)"):
+        sl.load(tmp_path / "mlp.pt", other)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    with pytest.raises(ValueError, match="lacks"):
+        sl.load(tmp_path / "mlp.pt", ConvBN())
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        sl.load(tmp_path / "mlp.pt", MLP(), torch.optim.SGD(MLP().parameters(), lr=0.1))
+
+
+def test_damaged_truncated_and_foreign_files_are_named(tmp_path: Path) -> None:
+    model, opt, engine = _trained(2)
+    path = tmp_path / "run.pt"
+    sl.save(path, model, opt, engine)
+    data = bytearray(path.read_bytes())
+    flipped = tmp_path / "flipped.pt"
+    # a byte in the middle of the tensor data: torch would load it as a wrong number
+    offset = data.find(b"data/0") + 4096 if data.find(b"data/0") > 0 else len(data) // 2
+    data[offset] ^= 0x10
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(DamagedFileError, match=r"flipped\.pt is damaged"):
+        sl.load(flipped, *_fresh())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DamagedFileError, match=r"truncated\.pt is damaged or truncated"):
+        sl.load(truncated, MLP())
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": MLP().state_dict()}, foreign)
+    with pytest.raises(DamagedFileError, match=r"not written by sparselearn\.save"):
+        sl.load(foreign, MLP())
+
+
+def test_a_killed_writer_leaves_the_previous_file(tmp_path: Path) -> None:
+    path = tmp_path / "big.pt"
+    big = nn.Linear(2048, 2048)
+    with torch.no_grad():
+        big.weight.fill_(1.0)
+    sl.save(path, big, version=1)
+    script = textwrap.dedent(
+        f"""
+        import torch, sparselearn as sl
+        from torch import nn
+        big = nn.Linear(2048, 2048)
+        print("ready", flush=True)
+        for v in range(2, 1000):
+            with torch.no_grad():
+                big.weight.fill_(float(v))
+            sl.save({str(path)!r}, big, version=v)
+        """
+    )
+    for delay in (0.05, 0.2, 0.4):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        model = nn.Linear(2048, 2048)
+        version = sl.load(path, model)["version"]
+        assert torch.all(model.weight == float(version))  # a whole file, old or new
+
+
+def test_export_is_small_and_loads_into_a_plain_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("lenet300-100", (1, 28, 28), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = sl.sparsify(model, opt, "static", density=0.05)
+    sl.export(model, engine, tmp_path / "sparse.safetensors")
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "dense.safetensors"
+    )
+    ratio = (tmp_path / "sparse.safetensors").stat().st_size / (
+        tmp_path / "dense.safetensors"
+    ).stat().st_size
+    assert ratio <= 0.12, ratio
+    state = sl.load_exported(tmp_path / "sparse.safetensors")
+    plain = create_model("lenet300-100", (1, 28, 28), 10)  # no engine: an ordinary model
+    plain.load_state_dict(state)
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_block(marker: str) -> str:
+    blocks = re.findall(r"```python notest\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    found = [b for b in blocks if b.startswith(marker)]
+    assert len(found) == 1, f"the README has no block starting {marker!r}"
+    return found[0]
+
+
+def test_the_readmes_plain_torch_loader_rebuilds_the_model(tmp_path: Path) -> None:
+    model = ConvBN()
+    engine = sl.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.3)
+    path = sl.export(model, engine, tmp_path / "model.safetensors")
+    # the README's lines, in a process that never imports sparselearn
+    script = _readme_block("# without sparselearn") + textwrap.dedent(
+        """
+        import sys
+        assert "sparselearn" not in sys.modules
+        torch.save(state, "plain.pt")
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    plain = torch.load(tmp_path / "plain.pt", weights_only=True)
+    assert plain.keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(plain[name], value), name
+    assert path.name == "model.safetensors"
+
+
+def test_tied_accelerated_and_compacted_models_export(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tied = TiedLM()
+    engine = sl.sparsify(tied, torch.optim.SGD(tied.parameters(), lr=0.1), "static", 0.5)
+    state = sl.load_exported(sl.export(tied, engine, tmp_path / "tied.safetensors"))
+    fresh = TiedLM()
+    fresh.load_state_dict(state)
+    tokens = torch.randint(0, 30, (6,))
+    torch.testing.assert_close(fresh(tokens), tied(tokens), rtol=0, atol=0)
+
+    model = create_model("lenet300-100", (1, 28, 28), 10)
+    engine = sl.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.1)
+    x = torch.randn(3, 1, 28, 28)
+    want = model(x).detach()
+    sl.accelerate(model, engine, mode="sparse")
+    state = sl.load_exported(sl.export(model, engine, tmp_path / "fast.safetensors"))
+    plain = create_model("lenet300-100", (1, 28, 28), 10)
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-5)
+
+    conv = ConvBN().eval()
+    engine = sl.sparsify(conv, torch.optim.SGD(conv.parameters(), lr=0.1), "static", 0.2)
+    x = make_batch("conv_bn")[0]
+    small = sl.compact(conv, engine, example_input=x).model
+    state = sl.load_exported(sl.export(small, None, tmp_path / "small.safetensors"))
+    assert state.keys() == small.state_dict().keys()
+    for name, value in small.state_dict().items():
+        assert torch.equal(state[name], value), name
+
+
+def test_sparse_state_dict_holds_csr_tensors(tmp_path: Path) -> None:
+    model, _, engine = _trained(3)
+    state = sl.sparse_state_dict(model, engine)
+    for name, mask in engine.masks.items():
+        assert state[name].layout == torch.sparse_csr
+        assert state[name]._nnz() == int(mask.sum())
+        assert torch.equal(state[name].to_dense(), model.state_dict()[name])
+    torch.save(state, tmp_path / "csr.pt")
+    back = torch.load(tmp_path / "csr.pt", weights_only=True)
+    assert torch.equal(back["fc1.weight"].to_dense(), model.state_dict()["fc1.weight"])
+
+
+def test_a_damaged_export_is_named(tmp_path: Path) -> None:
+    model, _, engine = _trained(1)
+    path = sl.export(model, engine, tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedFileError, match=r"m\.safetensors is damaged"):
+        sl.load_exported(path)
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match=r"not written by sparselearn\.export"):
+        sl.load_exported(other)
