@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -32,3 +34,32 @@ def broadcast_(tensor: torch.Tensor) -> None:
     buf = tensor.to(dev, dtype=torch.uint8 if tensor.dtype == torch.bool else tensor.dtype)
     dist.broadcast(buf, src=0)
     tensor.copy_(buf.to(tensor.device, dtype=tensor.dtype))
+
+
+# odd 64-bit constants (splitmix64): positions are mixed before they are summed, so that two
+# masks with the same count and the same sum of positions still get different checksums
+_MIX = (-7046029254386353131, -4658895280553007687, -7723592293110705685)
+
+
+def checksum(mask: torch.Tensor) -> torch.Tensor:
+    """(count, mixed sum of positions) of a mask, int64: equal masks give equal checksums;
+    a difference is missed only by a 64-bit collision."""
+    idx = mask.reshape(-1).nonzero().squeeze(1).to(torch.int64)
+    h = idx * _MIX[0] + _MIX[1]  # int64 arithmetic wraps around, as a hash wants
+    h = h ^ (h >> 31)
+    h = h * _MIX[2]
+    h = h ^ (h >> 29)
+    return torch.stack([torch.tensor(idx.numel(), dtype=torch.int64, device=idx.device), h.sum()])
+
+
+def disagreeing(masks: Sequence[torch.Tensor]) -> list[int]:
+    """Indices of the masks that are not the same on every rank (the same list on every rank:
+    one all-gather of two numbers per mask)."""
+    if not is_parallel() or not masks:
+        return []
+    mine = torch.stack([checksum(m).cpu() for m in masks]).to(_device())  # (layers, 2)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    every = torch.stack(gathered)  # (ranks, layers, 2)
+    differs = (every != every[:1]).any(dim=2).any(dim=0)
+    return differs.nonzero().squeeze(1).tolist()

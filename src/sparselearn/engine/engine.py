@@ -159,6 +159,7 @@ class SparseEngine:
             generator=self._generator,
             history=self.history,
             replaced=self._track,
+            on_disagreement=self._warn_disagreement,
         )
         if state is None:
             self.apply_masks()
@@ -350,6 +351,24 @@ class SparseEngine:
             self.signals.dense_grads.clear()
         self._notify()
         return update
+
+    def verify_masks(self) -> list[str]:
+        """Under data parallelism, check that every rank holds the same masks (a checksum per
+        layer, all-gathered: cheap) and give the layers that differ rank 0's masks. Returns the
+        names of those layers, the same on every rank (empty: all agree, or one process). Every
+        mask update ends with this check; a disagreement there also warns."""
+        self.check_attached()
+        return self._updater.agree()
+
+    def _warn_disagreement(self, names: list[str]) -> None:
+        warnings.warn(
+            f"masks differed across ranks after the update at step {self._step} in "
+            f"{', '.join(names)}; rank 0's masks were copied to every rank. Ranks diverge when "
+            "they compute the update from different values: check that every rank runs the "
+            "same model, data-parallel wrapper and engine options",
+            SparsityWarning,
+            stacklevel=2,
+        )
 
     def register_update_hook(
         self, hook: Callable[[SparseEngine, MaskUpdate], None]

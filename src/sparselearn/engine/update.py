@@ -81,11 +81,13 @@ class MaskUpdater:
         generator: Callable[[torch.device], torch.Generator],
         history: list[MaskUpdate],
         replaced: Callable[[nn.Parameter, nn.Parameter], None],
+        on_disagreement: Callable[[list[str]], None] = lambda names: None,
     ) -> None:
         self.config, self.optimizer, self.layers = config, optimizer, layers
         self.criteria, self.needs, self.signals, self.calendar = criteria, needs, signals, calendar
         self.clock, self.generator = clock, generator
         self.history, self.replaced = history, replaced
+        self.on_disagreement = on_disagreement
 
     @property
     def step(self) -> int:
@@ -362,15 +364,25 @@ class MaskUpdater:
         is_grown = layer.param_positions(grown)
         buf[is_grown] = layer.from_weight_shape(carried)[is_grown].to(buf.dtype)
 
+    def agree(self) -> list[str]:
+        """Check that every rank holds the same masks (a checksum per layer, all-gathered);
+        layers that differ get rank 0's mask. Returns their names (the same on every rank)."""
+        bad = distributed.disagreeing([layer.mask for layer in self.layers])
+        for i in bad:
+            layer = self.layers[i]
+            mask = layer.mask.clone()
+            distributed.broadcast_(mask)
+            if not torch.equal(mask, layer.mask) and not self._install(layer, mask):
+                layer.zero_inactive_(layer.param)
+        return [self.layers[i].name for i in bad]
+
     def _finish(self, update: MaskUpdate, t0: float) -> MaskUpdate:
         if distributed.is_parallel():
-            # every rank computed the same update from the same (all-reduced) signals; copying
-            # rank 0's masks guarantees identity even where floating point disagreed
-            for layer in self.layers:
-                mask = layer.mask.clone()
-                distributed.broadcast_(mask)
-                if not torch.equal(mask, layer.mask) and not self._install(layer, mask):
-                    layer.zero_inactive_(layer.param)
+            # every rank computed the same update from the same (all-reduced) signals, so the
+            # masks agree; a disagreement (a rank that diverged) is repaired from rank 0
+            repaired = self.agree()
+            if repaired:
+                self.on_disagreement(repaired)
         if update.kind == "regrow":
             self.signals.window.clear()  # a new window starts before the next update
         for layer in self.layers:
