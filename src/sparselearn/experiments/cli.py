@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -137,6 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(
         cfg, out, resume=args.resume, progress=shows_bar, on_epoch=None if shows_bar else _epoch
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
     if summary.get("metric") == "test_ppl":
         score = (
             f"test perplexity {summary['test_ppl']:.3f} ({summary['test_bpc']:.3f} bits per char)"

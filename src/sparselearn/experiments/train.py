@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import checkpoint
 from .._io import remove_stale_temps
@@ -29,6 +30,7 @@ from ..models import create_model
 from ..schedules import MASK_SCHEDULE
 from .config import SPARSITY_OPTIONS, TrainConfig, engine_options, jsonable, same_config
 from .optim import lr_at, make_optimizer
+from .parallel import World, shard, world_from_environment
 from .progress import Progress
 from .runs import (
     dump_yaml,
@@ -58,10 +60,30 @@ def train(
     The directory is locked while the run writes there (a second run into it is refused).
     """
     out = Path(out)
-    _check_run_dir(out, resume)
+    device = resolve_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = _rank_device(device)
+    world = world_from_environment(device)
+    if world.parallel and cfg.accelerate != "off":
+        raise ValueError(
+            "--accelerate is not supported under torchrun yet: train data-parallel with "
+            "dense layers (leave --accelerate off), or accelerate in one process"
+        )
+    _check_run_dir(out, resume)  # on every rank: each refuses what rank 0 would
+    if not world.main:
+        return _train(cfg, out, resume, None if progress is None else False, None, world, device)
     with lock_run_dir(out):
         remove_stale_temps(out / "plots")
-        return _train(cfg, out, resume, progress, on_epoch)
+        return _train(cfg, out, resume, progress, on_epoch, world, device)
+
+
+def _rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, each rank's own GPU (``LOCAL_RANK``); the CPU stays the CPU."""
+    if str(device) != "cuda":  # the CPU, or a GPU chosen by index
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 def _train(
@@ -70,19 +92,23 @@ def _train(
     resume: bool,
     progress: bool | None,
     on_epoch: Callable[[dict[str, Any]], None] | None,
+    world: World,
+    device: torch.device,
 ) -> dict[str, Any]:
     # ------------------------------------------------------------------ set up
     checkpoint_path = out / "checkpoint.pt"
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same model on every rank
     data = _load_data(cfg)
     augment = data.info.augment if cfg.augment is None else cfg.augment
     model = create_model(cfg.model, data.info.input_shape, data.info.num_classes).to(device)
     optimizer = make_optimizer(cfg, model)
     total_steps = cfg.epochs * steps_per_epoch(data, cfg.batch_size)
     engine = _sparsify(cfg, model, optimizer, data, total_steps)
+    # the forward of training goes through DDP (it averages the gradients across ranks); the
+    # engine, evaluation and checkpoints use the model itself, so runs look like one process's
+    net: nn.Module = DistributedDataParallel(model) if world.parallel else model
     scaler = torch.amp.GradScaler(device.type) if cfg.amp and device.type == "cuda" else None
 
     state: dict[str, Any] | None = None
@@ -92,6 +118,17 @@ def _train(
             raise ValueError(
                 f"{checkpoint_path} was written by a different configuration; resume with the "
                 f"run's own config ({out / 'config.yaml'})"
+            )
+        written_by = int(state.get("world_size", 1))
+        if written_by != world.size:
+            how = (
+                "in one process (without torchrun)"
+                if written_by == 1
+                else f"with torchrun --nproc_per_node {written_by}"
+            )
+            raise ValueError(
+                f"{checkpoint_path} was written by {written_by} process(es) and this run has "
+                f"{world.size}: resume it {how}"
             )
     accelerated: list[str] = []
     thread_caps: dict[str, int] = {}
@@ -113,17 +150,18 @@ def _train(
         start_epoch, wall = int(state["epoch"]), float(state["wall_time"])
         metrics = read_metrics(out)[: start_epoch + 1]  # the epoch-0 row, then one per epoch
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "config.yaml", dump_yaml(jsonable(cfg.to_dict())))
-        write_atomic(out / "sparsity.yaml", dump_yaml(engine.config.to_dict()))
+        if world.main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomic(out / "config.yaml", dump_yaml(jsonable(cfg.to_dict())))
+            write_atomic(out / "sparsity.yaml", dump_yaml(engine.config.to_dict()))
         # epoch 0: where training starts (untrained accuracy, initial layer densities)
-        metrics = [_metrics_row(cfg, model, engine, data, device, total_steps, epoch=0)]
-    board = _tensorboard(cfg, out, engine, state)
+        metrics = [_metrics_row(cfg, model, engine, data, device, total_steps, world, epoch=0)]
+    board = _tensorboard(cfg, out, engine, state) if world.main else None
     if board is not None and state is None:
         board.log_metrics(metrics[0], step=0)
 
     # ------------------------------------------------------------------ epochs
-    bar = Progress(total_steps, progress)
+    bar = Progress(total_steps, progress if world.main else False)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -131,7 +169,9 @@ def _train(
         batches = data.batches(
             "train", cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=augment
         )
-        loss, acc = _train_epoch(cfg, model, optimizer, engine, scaler, batches, device, bar, epoch)
+        loss, acc = _train_epoch(
+            cfg, net, optimizer, engine, scaler, batches, device, bar, epoch, world
+        )
         wall += time.perf_counter() - t0
 
         updates = [u for u in engine.history if step_before < u.step <= engine.step]
@@ -142,6 +182,7 @@ def _train(
             data,
             device,
             total_steps,
+            world,
             epoch=epoch + 1,
             train=(loss, acc),
             updates=updates,
@@ -149,10 +190,12 @@ def _train(
             wall=wall,
         )
         metrics.append(row)
-        write_metrics(out, metrics)
         if board is not None:
             board.log_metrics(row, step=engine.step)
             board.flush()
+        if not world.main:
+            continue
+        write_metrics(out, metrics)
         save_checkpoint(
             checkpoint_path,
             {
@@ -168,6 +211,7 @@ def _train(
                 "accelerated": accelerated,
                 "accelerated_threads": thread_caps,
                 "ever_active": board.ever_active() if board is not None else None,
+                "world_size": world.size,
             },
         )
         if on_epoch is not None:
@@ -178,10 +222,12 @@ def _train(
 
     # ------------------------------------------------------------------ the end
     summary = summarize(cfg, model, engine, data, metrics)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    from .plots import plot_run
+    if world.main:
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        from .plots import plot_run
 
-    plot_run(metrics, out / "plots")
+        plot_run(metrics, out / "plots")
+    world.barrier()  # the others wait until the run directory is complete
     engine.remove()
     return summary
 
@@ -288,14 +334,19 @@ def _train_epoch(
     device: torch.device,
     bar: Progress,
     epoch: int,
+    world: World,
 ) -> tuple[float, float]:
     """Epoch ``epoch`` (0-based): one pass over the training batches; returns the mean loss
-    and the accuracy (of next-token predictions, for text)."""
+    and the accuracy (of next-token predictions, for text). Under data parallelism each rank
+    computes on its share of every global batch, with the loss scaled so that the averaged
+    gradient is the whole batch's."""
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     task = task_of(cfg_task(cfg))
     seen = correct = 0
     loss_sum = 0.0
     for x, y in batches:
+        total = task.count(y)
+        x, y = shard(world, x, y)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         lr = lr_at(cfg, engine.step, bar.total)
         for group in optimizer.param_groups:
@@ -303,7 +354,10 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
             logits = model(x)  # (B, classes), or (B, T, vocab) for text
-            loss = task.loss(logits, y)
+            if world.parallel:  # DDP averages over ranks: scaled, the whole batch's mean
+                loss = task.loss(logits, y, reduction="sum") * (world.size / total)
+            else:
+                loss = task.loss(logits, y)
         if scaler is not None:
             scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             scaler.unscale_(optimizer)
@@ -317,13 +371,19 @@ def _train_epoch(
         else:
             optimizer.step()  # the engine's hooks mask and update here
         n = task.count(y)  # samples, or predicted tokens
-        loss_sum += float(loss.detach()) * n
+        loss_sum += float(loss.detach()) * (total / world.size if world.parallel else n)
         correct += int((logits.argmax(-1) == y).sum())
         seen += n
         bar.update(
-            epoch + 1, cfg.epochs, engine.step, loss_sum / seen, correct / seen, engine.density()
+            epoch + 1,
+            cfg.epochs,
+            engine.step,
+            loss_sum / max(seen, 1),
+            correct / max(seen, 1),
+            engine.density(),
         )
-    return loss_sum / seen, correct / seen
+    loss_sum, correct_f, seen_f = world.sum(loss_sum, correct, seen)
+    return loss_sum / seen_f, correct_f / seen_f
 
 
 def evaluate(
@@ -340,7 +400,7 @@ def cfg_task(cfg: TrainConfig) -> str:
 
 
 def _evaluation(
-    cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device
+    cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, world: World
 ) -> dict[str, Any]:
     """The metrics row's evaluation: ``val_acc``, ``test_acc``; for text ``val_loss``,
     ``val_ppl``, ``val_bpc`` and the same for ``test``."""
@@ -350,7 +410,7 @@ def _evaluation(
         if split == "val" and not data.size("val"):
             values: dict[str, Any] = dict.fromkeys(task.evaluate_keys)
         else:
-            values = task.evaluate(model, data, split, cfg.eval_batch_size, device)
+            values = task.evaluate(model, data, split, cfg.eval_batch_size, device, world)
         out.update({f"{split}_{k}": v for k, v in values.items()})
     return out
 
@@ -362,6 +422,7 @@ def _metrics_row(
     data: Data,
     device: torch.device,
     total_steps: int,
+    world: World,
     *,
     epoch: int,
     train: tuple[float, float] | None = None,
@@ -376,7 +437,7 @@ def _metrics_row(
         "step": engine.step,
         "train_loss": None if train is None else train[0],
         "train_acc": None if train is None else train[1],
-        **_evaluation(cfg, model, data, device),
+        **_evaluation(cfg, model, data, device, world),
         "density": engine.density(),
         "layer_density": engine.layer_densities(),
         "pruned": sum(u.total_pruned for u in updates),
