@@ -111,6 +111,7 @@ class SparseEngine:
                 "(shapes without values): masks need real weights; materialise the model "
                 "first (model.to_empty(device=...) and initialise it, or load its state_dict)"
             )
+        _check_not_sharded(targets)
         _check_optimizer_holds(optimizer, targets)
         _check_not_sparsified(model, targets)
 
@@ -597,6 +598,24 @@ class _OnDemand:
     def prune_to(self, fraction: float) -> MaskUpdate:
         self._capture()
         return self._updater.prune_to(fraction)
+
+
+def _check_not_sharded(targets: list[Target]) -> None:
+    """Parameters sharded by FSDP2 (``fully_shard``) or tensor parallelism are DTensors: the
+    engine keeps whole masks and selects over whole tensors, which it cannot do on shards."""
+    sharded = [
+        t.name
+        for t in targets
+        if type(t.param).__name__ == "DTensor"
+        or (hasattr(t.param, "device_mesh") and hasattr(t.param, "placements"))
+    ]
+    if sharded:
+        raise TypeError(
+            f"{', '.join(sharded[:5])}{', ...' if len(sharded) > 5 else ''} are sharded "
+            "DTensors (FSDP2's fully_shard or tensor parallelism), which sparselearn does not "
+            "support yet (its masks and selections need whole tensors); train data-parallel "
+            "with DistributedDataParallel instead, which keeps whole parameters on every rank"
+        )
 
 
 def _check_optimizer_holds(optimizer: torch.optim.Optimizer, targets: list[Target]) -> None:
