@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -55,3 +57,13 @@ def hold_out(
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed_of(split_seed)))
     val, train = order[:n_val], order[n_val:]
     return (x[train], y[train]), (x[val], y[val])
+
+
+def writable_home(data_dir: str | os.PathLike[str] | None) -> Path:
+    """Where datasets are written (downloads, built corpora): ``data_dir``, else
+    ``$SPARSELEARN_DATA``, else ``~/.cache/sparselearn``."""
+    if data_dir is not None:
+        return Path(data_dir)
+    if os.environ.get("SPARSELEARN_DATA"):
+        return Path(os.environ["SPARSELEARN_DATA"])
+    return Path.home() / ".cache" / "sparselearn"

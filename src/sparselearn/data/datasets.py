@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._registry import Registry
 from . import text
-from .base import Batch, Data, DatasetInfo, hold_out, seed_of
+from .base import Batch, Data, DatasetInfo, hold_out, seed_of, writable_home
 from .cifar import TEST_FILES, TRAIN_FILES, read_split
 from .download import DownloadError, download_file, extract_tar
 from .idx import read_idx
@@ -171,13 +171,7 @@ def locate(info: DatasetInfo, data_dir: str | os.PathLike[str] | None) -> Path |
 
 
 def _download_target(info: DatasetInfo, data_dir: str | os.PathLike[str] | None) -> Path:
-    if data_dir is not None:
-        base = Path(data_dir)
-    elif os.environ.get("SPARSELEARN_DATA"):
-        base = Path(os.environ["SPARSELEARN_DATA"])
-    else:
-        base = Path.home() / ".cache" / "sparselearn"
-    return base / info.folders[0]
+    return writable_home(data_dir) / info.folders[0]
 
 
 def fetch(info: DatasetInfo, data_dir: str | os.PathLike[str] | None, mirror: str | None) -> Path:

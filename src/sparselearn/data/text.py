@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .._io import write_atomic
-from .base import Batch, DatasetInfo, seed_of
+from .base import Batch, DatasetInfo, seed_of, writable_home
 
 NAME = "stdlib-text"
 BLOCK_SIZE = 128  # characters of context
@@ -140,13 +140,7 @@ def build(folder: Path, val_fraction: float, split_seed: int) -> dict[str, Any]:
 
 
 def corpus_folder(data_dir: str | os.PathLike[str] | None) -> Path:
-    if data_dir is not None:
-        base = Path(data_dir)
-    elif os.environ.get("SPARSELEARN_DATA"):
-        base = Path(os.environ["SPARSELEARN_DATA"])
-    else:
-        base = Path.home() / ".cache" / "sparselearn"
-    return base / NAME
+    return writable_home(data_dir) / NAME
 
 
 def load_text(
