@@ -45,8 +45,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_mnist_like(tmp_path_factory.mktemp("mnist"), n_train=400, n_test=100)
 
 
-@pytest.mark.parametrize("method", ["static", "rigl"])
-def test_two_ranks_train_as_one_process(data: Path, tmp_path: Path, method: str) -> None:
+def test_two_ranks_train_as_one_process(data: Path, tmp_path: Path) -> None:
+    method = "rigl"  # masks that change: the update must agree with one process's too
     one, two = tmp_path / "one", tmp_path / "two"
     _run(_flags(data, one, method), ranks=1)
     result = _run(_flags(data, two, method), ranks=2)
