@@ -94,3 +94,18 @@ def test_variants_of_one_method_are_labelled(tmp_path: Path) -> None:
     assert runs["sm-window-50"]["label"] == "sm-window-50"
     assert runs["sm-window-50"]["momentum_window"] == 50
     assert "label" not in runs["sparse_momentum"]
+
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("spec", STUDIES, ids=[p.stem for p in STUDIES])
+def test_the_shipped_studies_expand(spec: Path, tmp_path: Path) -> None:
+    from sparselearn.experiments.runs import load_yaml
+
+    runs = expand(load_yaml(spec), tmp_path, str(spec))
+    assert runs
+    assert len({r.folder for r in runs}) == len(runs)
+    if spec.stem == "tiny_gpt":  # the study docs/results.md reports: 1 + 4 methods x 3 x 3
+        assert len(runs) == 39
+        assert {r.config["model"] for r in runs} == {"tiny-gpt"}

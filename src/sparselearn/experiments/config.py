@@ -284,7 +284,9 @@ def check_engine_options(cfg: TrainConfig) -> None:
             f"(schedule {schedule.name!r}); remove them"
         )
     if "steps_per_epoch" in schedule.options:
-        params["steps_per_epoch"] = 1
+        # a stand-in as long as any epoch: checks against the interval (a momentum window
+        # must fit in it) are made again with the real epoch when the run starts
+        params["steps_per_epoch"] = 100_000
     density = cfg.density if schedule.masks else 1.0
     if density is None:
         raise ValueError(f"method {cfg.method!r} needs a density in (0, 1], e.g. density: 0.05")
