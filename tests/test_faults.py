@@ -59,6 +59,29 @@ def wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
         time.sleep(0.02)
 
 
+def lock_holder(out: Path, locked: Path) -> subprocess.Popen[str]:
+    """A process that holds ``out``'s run lock for a minute; returns once it holds it."""
+    proc = python(
+        """
+        import sys, time
+        from pathlib import Path
+        from sparselearn.experiments.runs import lock_run_dir
+        with lock_run_dir(Path(sys.argv[1])):
+            Path(sys.argv[2]).touch()
+            time.sleep(60)
+        """,
+        str(out),
+        str(locked),
+    )
+    try:
+        wait_for(locked, proc)
+    except BaseException:
+        proc.kill()
+        proc.wait(TIMEOUT)
+        raise
+    return proc
+
+
 def epoch_of(checkpoint: Path) -> int:
     return int(torch.load(checkpoint, weights_only=True)["epoch"])
 
@@ -150,19 +173,7 @@ def test_a_killed_runs_lock_is_taken_over(
     data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "run"
-    proc = python(
-        """
-        import sys, time
-        from pathlib import Path
-        from sparselearn.experiments.runs import lock_run_dir
-        with lock_run_dir(Path(sys.argv[1])):
-            Path(sys.argv[2]).touch()
-            time.sleep(60)
-        """,
-        str(out),
-        str(tmp_path / "locked"),
-    )
-    wait_for(tmp_path / "locked", proc)
+    proc = lock_holder(out, tmp_path / "locked")
     proc.send_signal(signal.SIGKILL)
     proc.wait(TIMEOUT)
     assert json.loads((out / ".lock").read_text())["pid"] == proc.pid  # its record stays
@@ -271,20 +282,8 @@ def test_a_second_writer_is_refused_naming_the_holder(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "run"
-    holder = python(
-        """
-        import sys, time
-        from pathlib import Path
-        from sparselearn.experiments.runs import lock_run_dir
-        with lock_run_dir(Path(sys.argv[1])):
-            Path(sys.argv[2]).touch()
-            time.sleep(60)
-        """,
-        str(out),
-        str(tmp_path / "locked"),
-    )
+    holder = lock_holder(out, tmp_path / "locked")
     try:
-        wait_for(tmp_path / "locked", holder)
         assert cli.main(["train", *flags(data_dir, out, epochs=1)]) == 2
         err = capsys.readouterr().err
         assert f"{out} is in use by another run (pid {holder.pid} on " in err
