@@ -48,6 +48,12 @@ ENGINE_FILE = "sparselearn_engine.pt"
 _OWNER = "SparseTrainingCallback"
 
 
+def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> Path:
+    """Where the Trainer writes (and ``resume_from_checkpoint=True`` finds) this step's
+    checkpoint."""
+    return Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+
+
 def _steps_per_epoch(args: TrainingArguments, loader: Any) -> int:
     """Optimizer steps per epoch, as the Trainer counts them."""
     try:
@@ -113,7 +119,7 @@ class SparseTrainingCallback(TrainerCallback):
         self._logged = len(self.engine.history)
 
     def _saved_state(self, args: TrainingArguments, state: TrainerState, model: Any) -> Any:
-        folder = self.resume_from or Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        folder = self.resume_from or _checkpoint_folder(args, state)
         path = folder / ENGINE_FILE
         if not path.is_file():
             raise FileNotFoundError(
@@ -147,7 +153,7 @@ class SparseTrainingCallback(TrainerCallback):
     ) -> None:
         if self.engine is None or not state.is_world_process_zero:
             return
-        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        folder = _checkpoint_folder(args, state)
         if not folder.is_dir():
             raise FileNotFoundError(
                 f"{_OWNER}: the Trainer's checkpoint folder {folder} does not exist, so the "

@@ -46,8 +46,8 @@ _OWNER = "SparseTraining"
 def _steps_per_epoch(trainer: pl.Trainer) -> int:
     """Optimizer steps per epoch: a last, shorter accumulation steps too."""
     batches = trainer.num_training_batches
-    if not isinstance(batches, int) and not float(batches).is_integer():
-        return 0  # an iterable without a length (inf): no epochs to count
+    if math.isinf(batches):
+        return 0  # an iterable without a length: no epochs to count
     return math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))
 
 

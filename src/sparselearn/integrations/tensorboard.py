@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from ..engine import MaskUpdate, SparseEngine
+from ._common import update_log
 
 __all__ = ["TensorBoardLogger"]
 
@@ -68,9 +69,8 @@ class TensorBoardLogger:
         total = sum(m.numel() for m in self._ever.values())
         ever = sum(int(m.sum()) for m in self._ever.values())
         w = self.writer
-        w.add_scalar("sparsity/density", update.density, step)
-        w.add_scalar("sparsity/pruned", update.total_pruned, step)
-        w.add_scalar("sparsity/regrown", update.total_grown, step)
+        for key, value in update_log(update).items():  # the trainers' log entries
+            w.add_scalar(key, value, step)
         w.add_scalar("sparsity/ever_active", ever / total if total else 0.0, step)
         for name, density in engine.layer_densities().items():
             w.add_scalar(f"density/{name}", density, step)
