@@ -15,6 +15,7 @@ model without sparselearn loads it in a few lines of torch and safetensors (see 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,14 @@ _SUFFIXES = (".values", ".col_indices", ".crow_indices")
 
 def _dense_state(model: nn.Module) -> dict[str, Tensor]:
     """The model's state_dict with accelerated layers as the dense layers they replace."""
-    from .accel.compact import _densified
+    from .accel.compact import densified
 
-    return {k: v.detach() for k, v in _densified(model).state_dict().items()}
+    return {k: v.detach() for k, v in densified(model).state_dict().items()}
+
+
+def _check_engine(model: nn.Module, engine: Any) -> None:
+    if engine is not None and engine.model is not model:
+        raise ValueError("engine sparsifies another model than the one given")
 
 
 def _masks(engine: Any, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -73,9 +79,8 @@ def _csr(t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _stored(model: nn.Module, engine: Any) -> tuple[dict[str, Tensor], dict[str, str]]:
+    _check_engine(model, engine)  # before the model is copied
     state = _dense_state(model)
-    if engine is not None and engine.model is not model:
-        raise ValueError("engine sparsifies another model than the one given")
     masks = _masks(engine, state)
     tensors: dict[str, Tensor] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
@@ -133,16 +138,15 @@ def load_exported(
     architecture with ``model.load_state_dict``; nothing of sparselearn is needed there."""
     try:
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
     except ImportError as err:
         raise RuntimeError(
             f"load_exported needs safetensors ({err}): pip install 'sparselearn[safetensors]'"
         ) from None
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path), device=str(device))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
     if metadata.get("format") != FORMAT:
@@ -167,10 +171,7 @@ def load_exported(
             crow = tensors[name + ".crow_indices"].long()
         except KeyError as err:
             raise ValueError(f"{path} is incomplete: it lacks {err.args[0]}") from None
-        rows = shape[0]
-        columns = 1
-        for d in shape[1:]:
-            columns *= d
+        rows, columns = shape[0], math.prod(shape[1:])
         dense = torch.sparse_csr_tensor(crow, col, values, (rows, columns)).to_dense()
         state[name] = dense.reshape(shape)
     for name, source in aliases.items():
@@ -183,6 +184,7 @@ def sparse_state_dict(model: nn.Module, engine: Any = None) -> dict[str, Tensor]
     its 2-D view (rows: output units), the other tensors as they are. A Linear weight is its own
     view; a convolution's is rebuilt with ``t.to_dense().reshape(weight.shape)``.
     ``torch.save`` writes it, and ``torch.load(..., weights_only=True)`` reads it back."""
+    _check_engine(model, engine)
     state = _dense_state(model)
     masks = _masks(engine, state)
     out: dict[str, Tensor] = {}

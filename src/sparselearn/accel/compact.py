@@ -60,7 +60,7 @@ class CompactResult:
         return "\n".join(lines)
 
 
-def _densified(model: nn.Module) -> nn.Module:
+def densified(model: nn.Module) -> nn.Module:
     """A copy in eval mode in which accelerated layers are ordinary dense layers again."""
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
@@ -161,7 +161,7 @@ def compact(
     """
     if example_input is None:
         raise ValueError("compact needs example_input: one batch of real input")
-    original = _densified(model)
+    original = densified(model)
     work = copy.deepcopy(original)
     masks: dict[str, Tensor] = {}  # module name -> active weights, shrunk with the layers
     if engine is not None:
