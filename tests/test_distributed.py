@@ -148,28 +148,3 @@ def test_the_checksum_tells_masks_apart(bits: list[bool], data: st.DataObject) -
     a, b = torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
     a[[0, 3]], b[[1, 2]] = True, True
     assert not torch.equal(checksum(a), checksum(b))
-
-
-def test_a_model_sharded_with_fully_shard_is_refused_clearly(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    script = f"""
-import torch, torch.distributed as dist
-from torch import nn
-dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
-from torch.distributed.fsdp import fully_shard
-import sparselearn as sl
-model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-fully_shard(model)
-try:
-    sl.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.5)
-except TypeError as err:
-    print(err)
-dist.destroy_process_group()
-"""
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert "0.weight, 2.weight are sharded DTensors" in out.stdout
-    assert "DistributedDataParallel" in out.stdout

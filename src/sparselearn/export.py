@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ._io import atomic_file
 from .checkpoint import DamagedFileError, digest
+from .engine.sharding import refuse_sharded
 
 __all__ = ["FORMAT", "export", "load_exported", "sparse_state_dict"]
 
@@ -40,6 +41,14 @@ def _dense_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _check_engine(model: nn.Module, engine: Any) -> None:
+    refuse_sharded(
+        model,
+        "export",
+        "load the full state dict (torch.distributed.checkpoint.state_dict."
+        "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))) into an "
+        "unsharded copy of the model and export that with engine=None (inactive weights are "
+        "exact zeros, so its non-zeros are the masks)",
+    )
     if engine is not None and engine.model is not model:
         raise ValueError("engine sparsifies another model than the one given")
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .engine import SparseEngine
+from .engine.sharding import refuse_sharded
 
 __all__ = ["load", "save"]
 
@@ -47,6 +48,14 @@ def save(
             )
     if engine is not None and engine.model is not model:
         raise ValueError("engine sparsifies another model than the one given")
+    refuse_sharded(
+        model,
+        "sl.save",
+        "save the model and optimizer with torch.distributed.checkpoint (dcp.save of "
+        "torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer)) and each "
+        "rank's engine state with torch.save(engine.state_dict(), f'engine-rank{rank}.pt'); "
+        "see the README's FSDP2 section",
+    )
     checkpoint.save(
         path,
         {

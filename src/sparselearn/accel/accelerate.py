@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import LayerStorage, SparseEngine
+from ..engine.sharding import refuse_sharded
 from ..kernels import check_threads, ops_for
 from ..targets import is_conv1d
 from .layers import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight, supports_conv
@@ -184,6 +185,14 @@ def accelerate(
     mask update). Methods whose growth needs the momentum of missing weights at every step
     (sparse momentum) must set ``momentum_window`` to be accelerated.
     """
+    refuse_sharded(
+        model,
+        "sl.accelerate",
+        "its layers compute with whole CSR weights. Train sharded with masks, then accelerate "
+        "an unsharded copy in one process (load the full state dict into it: "
+        "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+        "options=StateDictOptions(full_state_dict=True)))",
+    )
     layers = _check_arguments(engine, example_input, mode, layers, threads)
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for mod_name, module in model.named_modules():

@@ -9,25 +9,25 @@ from .registry import register_growth
 from .view import LayerView
 
 
-@register_growth("momentum", needs=("momentum",))
+@register_growth("momentum", needs=("momentum",), elementwise=True)
 def momentum(layer: LayerView) -> Tensor:
     """Sparse momentum: grow where the momentum of the missing weights is largest."""
     return layer.momentum.abs()
 
 
-@register_growth("gradient", needs=("grad",))
+@register_growth("gradient", needs=("grad",), elementwise=True)
 def gradient(layer: LayerView) -> Tensor:
     """RigL: grow where the instantaneous dense gradient is largest."""
     return layer.grad.abs()
 
 
-@register_growth("random")
+@register_growth("random", elementwise=True)
 def random(layer: LayerView) -> Tensor:
     """SET, DSR: grow at uniformly random inactive positions."""
     return layer.rand()
 
 
-@register_growth("global_momentum", needs=("momentum",), scope="global")
+@register_growth("global_momentum", needs=("momentum",), scope="global", elementwise=True)
 def global_momentum(layer: LayerView) -> Tensor:
     """Largest momentum across all layers (the 2019 library's ``global_momentum_growth``)."""
     return layer.momentum.abs()

@@ -15,7 +15,7 @@ def magnitude(layer: LayerView) -> Tensor:
     return layer.weight.abs()
 
 
-@register_prune("global_magnitude", scope="global")
+@register_prune("global_magnitude", scope="global", elementwise=True)
 def global_magnitude(layer: LayerView) -> Tensor:
     """Smallest |w| across all layers goes (DSR's global threshold, with an exact count)."""
     return layer.weight.abs()
@@ -43,7 +43,7 @@ def set_rule(layer: LayerView) -> Tensor:
     return score.view_as(layer.weight)
 
 
-@register_prune("saliency", needs=("grad",), scope="global")
+@register_prune("saliency", needs=("grad",), scope="global", elementwise=True)
 def saliency(layer: LayerView) -> Tensor:
     """SNIP (Lee et al. 2019): connection sensitivity |g * w| on one batch, compared globally."""
     return (layer.grad * layer.weight).abs()

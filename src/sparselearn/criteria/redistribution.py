@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch import Tensor
 
 from .registry import REDISTRIBUTION, Redistribution, register_redistribution
 from .view import LayerView
@@ -15,26 +18,55 @@ REDISTRIBUTION.register(
 )
 
 
-@register_redistribution("momentum", needs=("momentum",))
+def _ratio(totals: Sequence[float]) -> float:
+    return totals[0] / totals[1]
+
+
+def _total(totals: Sequence[float]) -> float:
+    return totals[0]
+
+
+def _active_sum(t: Tensor, mask: Tensor) -> list[float]:
+    return [float(t[mask].abs().double().sum()), float(torch.count_nonzero(mask))]
+
+
+@register_redistribution(
+    "momentum",
+    needs=("momentum",),
+    sums=lambda layer: _active_sum(layer.momentum, layer.mask),
+    combine=_ratio,
+)
 def momentum_redistribution(layer: LayerView) -> float:
     """Sparse momentum: mean |momentum| over the layer's active weights."""
     return float(layer.momentum[layer.mask].abs().float().mean())
 
 
-@register_redistribution("magnitude")
+@register_redistribution(
+    "magnitude", sums=lambda layer: _active_sum(layer.weight, layer.mask), combine=_ratio
+)
 def magnitude_redistribution(layer: LayerView) -> float:
     """Mean |w| over the layer's active weights."""
     return float(layer.weight[layer.mask].abs().float().mean())
 
 
-@register_redistribution("nonzero")
+@register_redistribution(
+    "nonzero", sums=lambda layer: [float(torch.count_nonzero(layer.mask))], combine=_total
+)
 def nonzero_redistribution(layer: LayerView) -> float:
     """Number of active weights before the update (the 2019 library's ``nonzero``)."""
     return float(torch.count_nonzero(layer.mask))
 
 
-@register_redistribution("survivors")
+@register_redistribution(
+    "survivors",
+    sums=lambda layer: [float(torch.count_nonzero(_kept(layer)))],
+    combine=_total,
+)
 def survivors_redistribution(layer: LayerView) -> float:
     """DSR: number of weights that survived this update's pruning."""
+    return float(torch.count_nonzero(_kept(layer)))
+
+
+def _kept(layer: LayerView) -> Tensor:
     assert layer.kept is not None
-    return float(torch.count_nonzero(layer.kept))
+    return layer.kept

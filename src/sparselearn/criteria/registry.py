@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -26,17 +26,29 @@ class Criterion:
     needs: frozenset[str]
     scope: Scope
     doc: str
-    elementwise: bool = False  # prune: a position's score depends only on its own values
+    elementwise: bool = False  # a position's score depends only on the values at it
+
+
+SumsFn = Callable[[LayerView], Sequence[float]]
+CombineFn = Callable[[Sequence[float]], float]
 
 
 @dataclass(frozen=True)
 class Redistribution:
-    """A registered redistribution. ``fn`` is ``None`` for "each layer regrows what it lost"."""
+    """A registered redistribution. ``fn`` is ``None`` for "each layer regrows what it lost".
+
+    ``sums`` and ``combine`` (optional) compute the same number from a block of the weight
+    (FSDP2): ``sums(view)`` gives sums over the block's positions, which are added over the
+    ranks, and ``combine(totals)`` the statistic (a mean: ``(sum, count)`` and their ratio).
+    Without them, a sharded weight is gathered whole for ``fn``.
+    """
 
     name: str
     fn: StatFn | None
     needs: frozenset[str]
     doc: str
+    sums: SumsFn | None = None
+    combine: CombineFn | None = None
 
 
 PRUNE: Registry[Criterion] = Registry("prune criterion")
@@ -71,7 +83,9 @@ def register_prune(
     ``elementwise=True`` promises that a position's score depends only on the values at that
     position (``torch.abs(layer.weight)`` does; a rank within the layer, or ``layer.rand()``,
     does not): the engine may then call ``fn`` on a view of the active weights only, with 1-D
-    tensors, which saves a pass over the whole layer when few weights are active.
+    tensors, which saves a pass over the whole layer when few weights are active, and on the
+    block of a weight that FSDP2 shards (a criterion that is not elementwise sees the whole
+    weight, gathered from the ranks).
     """
     needs_set, scope_v = _check_needs(needs), _check_scope(scope)
 
@@ -84,31 +98,43 @@ def register_prune(
 
 
 def register_growth(
-    name: str, *, needs: Iterable[str] = (), scope: str = "layer"
+    name: str, *, needs: Iterable[str] = (), scope: str = "layer", elementwise: bool = False
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Register a growth criterion: ``fn(layer) -> scores``; the highest-scoring inactive grow.
 
     A criterion that needs ``momentum`` makes the engine leave gradients unmasked, so that the
     momentum of missing weights keeps accumulating (the growth signal of sparse momentum).
     ``scope="global"`` grows across all layers at once and needs ``redistribution="none"``.
+    ``elementwise=True`` promises that a position's score depends only on the values at that
+    position (``layer.rand()`` counts as such: it is drawn per position of the whole weight).
     """
     needs_set, scope_v = _check_needs(needs), _check_scope(scope)
 
     def decorator(fn: ScoreFn) -> ScoreFn:
-        GROWTH.register(name, Criterion(name, fn, needs_set, scope_v, (fn.__doc__ or "").strip()))
+        doc = (fn.__doc__ or "").strip()
+        GROWTH.register(name, Criterion(name, fn, needs_set, scope_v, doc, elementwise))
         return fn
 
     return decorator
 
 
-def register_redistribution(name: str, *, needs: Iterable[str] = ()) -> Callable[[StatFn], StatFn]:
-    """Register a redistribution: ``fn(layer) -> float >= 0``; regrowth is shared in proportion."""
+def register_redistribution(
+    name: str,
+    *,
+    needs: Iterable[str] = (),
+    sums: SumsFn | None = None,
+    combine: CombineFn | None = None,
+) -> Callable[[StatFn], StatFn]:
+    """Register a redistribution: ``fn(layer) -> float >= 0``; regrowth is shared in proportion.
+    ``sums`` and ``combine`` (both or neither) compute it on weights sharded by FSDP2 without
+    gathering them: see :class:`Redistribution`."""
     needs_set = _check_needs(needs)
+    if (sums is None) != (combine is None):
+        raise TypeError("give both sums and combine, or neither")
 
     def decorator(fn: StatFn) -> StatFn:
-        REDISTRIBUTION.register(
-            name, Redistribution(name, fn, needs_set, (fn.__doc__ or "").strip())
-        )
+        doc = (fn.__doc__ or "").strip()
+        REDISTRIBUTION.register(name, Redistribution(name, fn, needs_set, doc, sums, combine))
         return fn
 
     return decorator

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..engine.sharding import Shard
 
 SIGNALS = ("grad", "momentum")
 """The signals a criterion may declare in ``needs``."""
@@ -30,7 +34,17 @@ class LayerView:
             average of the gradient that the engine keeps itself).
     """
 
-    __slots__ = ("_cache", "_generator", "_signals", "kept", "mask", "n_grow", "name", "weight")
+    __slots__ = (
+        "_cache",
+        "_generator",
+        "_shard",
+        "_signals",
+        "kept",
+        "mask",
+        "n_grow",
+        "name",
+        "weight",
+    )
 
     def __init__(
         self,
@@ -42,6 +56,7 @@ class LayerView:
         generator: torch.Generator | None = None,
         kept: Tensor | None = None,
         n_grow: int | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.name = name
         self.weight = weight
@@ -50,6 +65,7 @@ class LayerView:
         self.n_grow = n_grow
         self._signals = dict(signals or {})
         self._generator = generator
+        self._shard = shard
         self._cache: dict[str, Tensor] = {}
 
     def _signal(self, key: str) -> Tensor:
@@ -74,9 +90,12 @@ class LayerView:
         """Uniform [0, 1) noise of the weight's shape, from the engine's seeded generator."""
         if self._generator is None:
             raise RuntimeError("no generator attached to this LayerView")
-        return torch.rand(
-            self.weight.shape, generator=self._generator, device=self.weight.device
-        ).to(torch.float32)
+        shard = self._shard
+        # a sharded weight's block: the block of the whole weight's noise, so that the draw is
+        # the one a single process makes
+        shape = self.weight.shape if shard is None else shard.shape
+        noise = torch.rand(shape, generator=self._generator, device=self.weight.device)
+        return (noise if shard is None else shard.block(noise)).to(torch.float32)
 
     def with_growth(self, kept: Tensor, n_grow: int | None) -> LayerView:
         """The same view for the growth phase, sharing already computed signals."""
@@ -88,6 +107,7 @@ class LayerView:
             generator=self._generator,
             kept=kept,
             n_grow=n_grow,
+            shard=self._shard,
         )
         view._cache = self._cache
         return view

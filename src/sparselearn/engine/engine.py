@@ -32,9 +32,10 @@ from ..selection import top_k
 from ..targets import Target, find_targets
 from . import distributed
 from .calendar import Calendar
+from .sharding import Shard, local_tensor, shard_of
 from .signals import Signals
 from .state import STATE_FORMAT, check_state
-from .storage import CSRStorage, LayerStorage, MaskedDense
+from .storage import CSRStorage, LayerStorage, MaskedDense, ShardedDense
 from .update import Criteria, MaskUpdate, MaskUpdater
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ class SparseEngine:
                 "(shapes without values): masks need real weights; materialise the model "
                 "first (model.to_empty(device=...) and initialise it, or load its state_dict)"
             )
-        _check_not_sharded(targets)
+        shards = _shards(targets)
         _check_optimizer_holds(optimizer, targets)
         _check_not_sparsified(model, targets)
 
@@ -146,7 +147,7 @@ class SparseEngine:
         )
         self._notified = 0  # updates handed to the hooks
 
-        self._layers: list[LayerStorage] = list(self._initial_layers(targets))
+        self._layers: list[LayerStorage] = list(self._initial_layers(targets, shards))
         self.signals = Signals(optimizer, config, self.needs, self._layers)
         self._updater = MaskUpdater(
             config,
@@ -215,9 +216,13 @@ class SparseEngine:
 
     # ------------------------------------------------------------------ construction
 
-    def _initial_layers(self, targets: list[Target]) -> list[MaskedDense]:
+    def _initial_layers(
+        self, targets: list[Target], shards: list[Shard | None]
+    ) -> list[MaskedDense]:
         """Each target with its initial mask: every weight active for schedules that start
-        dense, else the init's share of the budget drawn at random (the seeded generator)."""
+        dense, else the init's share of the budget drawn at random (the seeded generator).
+        A sharded weight keeps its block of the mask drawn for the whole weight (the draw of
+        one process; the whole mask exists for that moment only, one layer at a time)."""
         cfg = self.config
         final = [0] * len(targets)
         if self.schedule.masks:
@@ -239,17 +244,23 @@ class SparseEngine:
                             f"layer_density {t.density} leaves no active weight in {t.name} "
                             f"({t.param.numel()} weights); raise it"
                         )
-        layers = []
-        for t, count in zip(targets, final, strict=True):
+        layers: list[MaskedDense] = []
+        for t, count, shard in zip(targets, final, shards, strict=True):
             p = t.param
             if self.schedule.starts_dense:
-                mask = torch.ones_like(p, dtype=torch.bool)
+                mask = torch.ones(local_tensor(p).shape, dtype=torch.bool, device=p.device)
             else:
                 gen = self._generator(p.device)
                 noise = torch.rand(p.shape, generator=gen, device=p.device)
-                everywhere = torch.ones_like(p, dtype=torch.bool)
+                everywhere = torch.ones(p.shape, dtype=torch.bool, device=p.device)
                 mask = top_k(noise, everywhere, count, gen, count=p.numel())
-            layers.append(MaskedDense(t, mask, count if self.schedule.masks else p.numel()))
+                if shard is not None:
+                    mask = shard.block(mask).clone()
+            final_count = count if self.schedule.masks else p.numel()
+            if shard is None:
+                layers.append(MaskedDense(t, mask, final_count))
+            else:
+                layers.append(ShardedDense(t, mask, final_count, shard))
         return layers
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -270,10 +281,11 @@ class SparseEngine:
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
-        """Parameter name -> bool mask (the weight's shape and device). Read-only: masks change
-        through :meth:`update_masks` or :meth:`load_state_dict`; a mask changed in place
-        makes the engine's next use raise, naming it."""
-        return MappingProxyType({layer.name: layer.mask for layer in self._layers})
+        """Parameter name -> bool mask (the weight's shape and device; for a model sharded by
+        FSDP2, a DTensor sharded like the parameter: ``full_tensor()`` gives the whole mask).
+        Read-only: masks change through :meth:`update_masks` or :meth:`load_state_dict`; a
+        mask changed in place makes the engine's next use raise, naming it."""
+        return MappingProxyType({layer.name: layer.public_mask() for layer in self._layers})
 
     @property
     def step(self) -> int:
@@ -465,8 +477,17 @@ class SparseEngine:
         """Everything needed to continue exactly: masks, step, RNG states, engine buffers.
 
         Plain tensors and Python values only: loads with ``torch.load(..., weights_only=True)``.
+        For a model sharded by FSDP2 the masks (and gradient averages) are this rank's blocks,
+        and ``"shards"`` records which rows of each weight they are: each rank saves its own
+        state and loads it into an engine sharded the same way.
         """
+        shards = {
+            layer.name: [shard.start, shard.stop, shard.mesh.size()]
+            for layer in self._layers
+            if (shard := getattr(layer, "shard", None)) is not None
+        }
         return {
+            **({"shards": shards} if shards else {}),
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
             "step": self._step,
@@ -483,6 +504,7 @@ class SparseEngine:
         """Restore what :meth:`state_dict` saved. The engine must have been created with the same
         configuration on the same model; differences are reported, nothing is half-applied."""
         self.check_attached()
+        _check_shards(state, self._layers)
         check_state(state, self.config, self.schedule, self._layers, self.signals.ema)
         masks = state["masks"]
         for layer in self._layers:
@@ -600,22 +622,53 @@ class _OnDemand:
         return self._updater.prune_to(fraction)
 
 
-def _check_not_sharded(targets: list[Target]) -> None:
-    """Parameters sharded by FSDP2 (``fully_shard``) or tensor parallelism are DTensors: the
-    engine keeps whole masks and selects over whole tensors, which it cannot do on shards."""
-    # told by what a DTensor carries, so that torch.distributed.tensor need not be imported
-    sharded = [
-        t.name
-        for t in targets
-        if hasattr(t.param, "device_mesh") and hasattr(t.param, "placements")
-    ]
-    if sharded:
+def _shards(targets: list[Target]) -> list[Shard | None]:
+    """Each target's block under FSDP2 (None: a whole weight). The engine handles a model whose
+    sparsified weights are all sharded on one 1-D mesh, or none."""
+    shards = [shard_of(t.name, t.param) for t in targets]
+    sharded = [t.name for t, s in zip(targets, shards, strict=True) if s is not None]
+    whole = [t.name for t, s in zip(targets, shards, strict=True) if s is None]
+    if sharded and whole:
         raise TypeError(
-            f"{', '.join(sharded[:5])}{', ...' if len(sharded) > 5 else ''} are sharded "
-            "DTensors (FSDP2's fully_shard or tensor parallelism), which sparselearn does not "
-            "support yet (its masks and selections need whole tensors); train data-parallel "
-            "with DistributedDataParallel instead, which keeps whole parameters on every rank"
+            f"{', '.join(sharded[:3])} are sharded by fully_shard but {', '.join(whole[:3])} "
+            "are not: apply fully_shard to the root module as well (fully_shard(model) after "
+            "its blocks), so that every sparsified weight is sharded"
         )
+    meshes = [s.mesh for s in shards if s is not None]
+    if any(m != meshes[0] for m in meshes[1:]):
+        raise TypeError(
+            "the sparsified weights are sharded on different device meshes; shard the whole "
+            "model on one mesh (fully_shard(..., mesh=mesh) with the same mesh everywhere)"
+        )
+    return shards
+
+
+def _check_shards(state: Mapping[str, Any], layers: Sequence[LayerStorage]) -> None:
+    """A sharded engine's state fits only an engine sharded the same way (its masks are one
+    rank's blocks)."""
+    saved = state.get("shards", {})
+    mine = {
+        layer.name: [shard.start, shard.stop, shard.mesh.size()]
+        for layer in layers
+        if (shard := getattr(layer, "shard", None)) is not None
+    }
+    if not isinstance(saved, Mapping) or {k: list(v) for k, v in saved.items()} == mine:
+        return
+    if not mine:
+        raise ValueError(
+            "this engine state was saved by one rank of a model sharded by fully_shard (its "
+            "masks are blocks of the weights); load it into the same model sharded the same "
+            "way, on the same number of ranks"
+        )
+    name = next(iter(mine))
+    was = saved.get(name) if saved else None
+    described = f"rows {was[0]}:{was[1]} of {name} over {was[2]} ranks" if was else "whole weights"
+    now = mine[name]
+    raise ValueError(
+        f"this engine state holds {described}, but this rank holds rows {now[0]}:{now[1]} over "
+        f"{now[2]} ranks: load each rank's own state on the same number of ranks it was saved "
+        "with (per-rank files: engine-rank<r>.pt)"
+    )
 
 
 def _check_optimizer_holds(optimizer: torch.optim.Optimizer, targets: list[Target]) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SparsityConfig
+from .sharding import local_tensor
 from .storage import LayerStorage
 
 
@@ -54,10 +55,12 @@ def optimizer_momentum(optimizer: torch.optim.Optimizer, param: nn.Parameter) ->
 
 @torch.no_grad()
 def reset_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, positions: Tensor) -> None:
-    """Zero every per-weight optimizer state tensor of ``param`` at the ``positions`` (bool)."""
+    """Zero every per-weight optimizer state tensor of ``param`` at the ``positions`` (bool;
+    for a sharded parameter, of its block)."""
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, Tensor) and value.shape == param.shape:
-            value.masked_fill_(positions.to(value.device), 0)
+            local = local_tensor(value)
+            local.masked_fill_(positions.to(local.device), 0)
 
 
 def _finite(t: Tensor) -> bool:
@@ -91,7 +94,9 @@ class Signals:
         if "momentum" in needs:
             for layer in layers:
                 if not keeps_momentum(optimizer, layer.param):
-                    self.ema[layer.name] = torch.zeros_like(layer.param, dtype=torch.float32)
+                    self.ema[layer.name] = torch.zeros_like(
+                        local_tensor(layer.param), dtype=torch.float32
+                    )
 
     def momentum(self, layer: LayerStorage) -> Tensor:
         """The momentum of ``layer``'s dense gradient, in the weight's shape."""
@@ -99,7 +104,7 @@ class Signals:
         if m is None:
             m = self.ema.get(layer.name)
         if m is None:
-            m = torch.zeros_like(layer.param)
+            m = torch.zeros_like(local_tensor(layer.param))
         m = layer.to_weight_shape(m.detach())
         window = self.window.get(layer.name)
         if window is not None:  # missing weights: the momentum gathered in the window
@@ -133,7 +138,7 @@ class Signals:
                 ema = self.ema[layer.name] = ema.to(layer.param.device)
             ema.mul_(decay)
             if layer.param.grad is not None:
-                ema.add_(layer.param.grad, alpha=1.0 - decay)
+                ema.add_(local_tensor(layer.param.grad), alpha=1.0 - decay)
 
     def momentum_coefficient(self, layer: LayerStorage) -> float:
         group = group_of(self.optimizer, layer.param)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..config import SparsityConfig
 from ..schedules import MaskSchedule
-from .storage import LayerStorage, count
+from .storage import LayerStorage
 
 STATE_FORMAT = 1
 
@@ -63,7 +63,7 @@ def check_state(
         not isinstance(v, Tensor) or v.shape != ema[k].shape for k, v in saved_ema.items()
     ):
         raise ValueError("engine state EMA buffers do not match this engine")
-    shapes = {layer.name: layer.shape for layer in layers}
+    shapes = {layer.name: layer.mask.shape for layer in layers}  # a sharded weight's block
     for name, value in state.get("window", {}).items():
         if name not in shapes or not isinstance(value, Tensor) or value.shape != shapes[name]:
             raise ValueError(
@@ -93,7 +93,7 @@ def _check_budget(
     """Saved masks keep the budget the way the engine keeps it: every layer active somewhere,
     dense runs dense, and the budget exact wherever the schedule holds it (sparse from the
     start, or once a dense start has been cut to the target)."""
-    active = {layer.name: count(masks[layer.name]) for layer in layers}
+    active = {layer.name: layer.count(masks[layer.name]) for layer in layers}
     if not schedule.masks:
         for layer in layers:
             if active[layer.name] != layer.numel:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
+from .sharding import Shard, all_counts, local_tensor
+
 if TYPE_CHECKING:
     from ..accel.layers import SparseWeight
     from ..targets import Target
@@ -109,6 +111,15 @@ class LayerStorage(Protocol):
 
     def release(self) -> None:
         """Drop what was materialised for a mask update."""
+        ...
+
+    def count(self, positions: Tensor) -> int:
+        """True entries of a bool tensor of this layer's mask layout, over the whole weight
+        (summed over the ranks where each holds a block of it)."""
+        ...
+
+    def public_mask(self) -> Tensor:
+        """The mask as ``engine.masks`` shows it (a DTensor for a sharded weight)."""
         ...
 
 
@@ -206,6 +217,64 @@ class MaskedDense:
 
     def release(self) -> None:
         pass  # nothing is materialised
+
+    def count(self, positions: Tensor) -> int:
+        return count(positions)
+
+    def public_mask(self) -> Tensor:
+        return self.mask
+
+
+class ShardedDense(MaskedDense):
+    """A weight sharded by FSDP2: this rank's block of rows of the weight, masked. ``mask``,
+    ``weight()``, gradients and every per-weight tensor the engine handles are the block's
+    (plain tensors); ``active``, ``numel`` and ``shape`` are the whole weight's.
+    ``public_mask()`` is the mask as a DTensor sharded like the parameter."""
+
+    __slots__ = ("shard",)
+
+    def __init__(self, target: Target, mask: Tensor, final_count: int, shard: Shard) -> None:
+        self.shard = shard
+        super().__init__(target, mask, final_count)
+        self.active = self.count(mask)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shard.shape)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.shard.shape
+
+    def weight(self) -> Tensor:
+        return local_tensor(self.param).detach()
+
+    def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
+        return super().install(new, self.count(new) if active is None else active)
+
+    def zero_inactive_(self, tensor: Tensor) -> None:
+        super().zero_inactive_(local_tensor(tensor))
+
+    def to_weight_shape(self, values: Tensor) -> Tensor:
+        return local_tensor(values)
+
+    def from_weight_shape(self, tensor: Tensor) -> Tensor:
+        return local_tensor(tensor)
+
+    def snapshot_grad(self, received: Tensor | None) -> Tensor:
+        g = self.param.grad
+        if g is None:
+            return torch.zeros_like(self.mask, dtype=self.param.dtype)
+        return local_tensor(g).detach().clone()
+
+    def check_loadable(self, mask: Tensor) -> str | None:
+        return None  # the block's shape is checked with the other masks
+
+    def count(self, positions: Tensor) -> int:
+        return all_counts([count(positions)], self.shard.group)[0]
+
+    def public_mask(self) -> Tensor:
+        return self.shard.dtensor(self.mask)
 
 
 class CSRStorage:
@@ -323,6 +392,12 @@ class CSRStorage:
 
     def release(self) -> None:
         self._mask = None
+
+    def count(self, positions: Tensor) -> int:
+        return count(positions)
+
+    def public_mask(self) -> Tensor:
+        return self.mask
 
 
 def raise_edited(name: str) -> None:

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from ..budget import allocate
 from ..config import SparsityConfig
 from ..criteria import Criterion, LayerView, Redistribution
-from ..selection import top_k
 from . import distributed, scoring
 from .calendar import Calendar
+from .sharding import all_counts, local_tensor
 from .signals import Signals, reset_state
 from .storage import LayerStorage, count
 
@@ -119,7 +119,7 @@ class MaskUpdater:
         assert prune is not None
         assert growth is not None
         views = self._views()
-        bad = scoring.non_finite_inputs(views, self.needs)
+        bad = scoring.non_finite_inputs(views, self.needs, self.layers)
         if bad:
             return self._skip(f"non-finite {bad}", rate)
         layers = self.layers
@@ -138,7 +138,10 @@ class MaskUpdater:
         # exact counts: top_k selects exactly what it is asked for; only a global criterion
         # leaves the per-layer split to be counted
         global_prune = prune.scope == "global"
-        lost = [count(p) if global_prune and i in free else remove[i] for i, p in enumerate(pruned)]
+        lost = [
+            layers[i].count(p) if global_prune and i in free else remove[i]
+            for i, p in enumerate(pruned)
+        ]
 
         growth_views = [v.with_growth(k, None) for v, k in zip(views, kept, strict=True)]
         grow = self._regrowth(lost, room, free, growth_views)
@@ -149,7 +152,7 @@ class MaskUpdater:
         update = MaskUpdate(self.step, "regrow", rate)
         global_growth = growth.scope == "global"
         for i, layer in enumerate(layers):
-            n_grown = count(grown[i]) if global_growth and i in free else grow[i]
+            n_grown = layer.count(grown[i]) if global_growth and i in free else grow[i]
             self._commit(
                 layer, kept[i] | grown[i], pruned[i], grown[i], active=active[i] - lost[i] + n_grown
             )
@@ -199,7 +202,7 @@ class MaskUpdater:
         if redistribution.fn is None:
             weights = [float(lost[i]) for i in free]
         else:
-            weights = [redistribution.fn(views[i]) for i in free]
+            weights = [scoring.statistic(redistribution, views[i], self.layers[i]) for i in free]
             if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
                 logger.warning(
                     "step %d: redistribution %r gave %s; each layer regrows what it lost",
@@ -232,12 +235,13 @@ class MaskUpdater:
         per_layer = [i for i in range(len(layers)) if not (global_growth and i in free)]
         for i in per_layer:
             views[i] = views[i].with_growth(kept[i], grow[i])
-        growth_scores = scoring.scores(growth, views)
+        growth_scores = scoring.scores(growth, views, layers)
         if isinstance(growth_scores, str):
             return growth_scores
         grown: list[Tensor | None] = [None] * len(layers)
         for i in per_layer:
-            grown[i] = top_k(
+            grown[i] = scoring.select(
+                layers[i],
                 growth_scores[i],
                 ~layers[i].mask,
                 grow[i],
@@ -250,6 +254,7 @@ class MaskUpdater:
                 [~layers[i].mask for i in free],
                 total,
                 self.generator,
+                shards=[scoring.shard_of(layers[i]) for i in free],
             )
             for i, c in zip(free, chosen, strict=True):
                 grown[i] = c
@@ -264,7 +269,7 @@ class MaskUpdater:
         prune = self.criteria.prune
         assert prune is not None
         views = self._views()
-        bad = scoring.non_finite_inputs(views, self.needs)
+        bad = scoring.non_finite_inputs(views, self.needs, self.layers)
         if bad:
             return self._skip(f"non-finite {bad}", None)
         layers = self.layers
@@ -284,7 +289,7 @@ class MaskUpdater:
         update = MaskUpdate(self.step, "prune", None)
         for layer, view, p in zip(layers, views, pruned, strict=True):
             self._commit(layer, view.mask & ~p, p, None)
-            update.pruned[layer.name] = count(p)
+            update.pruned[layer.name] = layer.count(p)
             update.grown[layer.name] = 0
         if fraction >= 1.0:
             self.calendar.finished = True
@@ -360,13 +365,26 @@ class MaskUpdater:
         buf = state.get("momentum_buffer")
         if not isinstance(buf, Tensor):
             return
+        buf = local_tensor(buf)
         carried = window / (1.0 - self.signals.momentum_coefficient(layer))
         is_grown = layer.param_positions(grown)
         buf[is_grown] = layer.from_weight_shape(carried)[is_grown].to(buf.dtype)
 
     def agree(self) -> list[str]:
         """Check that every rank holds the same masks (a checksum per layer, all-gathered);
-        layers that differ get rank 0's mask. Returns their names (the same on every rank)."""
+        layers that differ get rank 0's mask. Returns their names (the same on every rank).
+
+        Sharded weights (FSDP2): each rank holds its own block of the mask, so the check is
+        that the blocks add up to each layer's count; nothing can be copied from rank 0 (a
+        layer that fails names a broken invariant, not a rank that drifted)."""
+        shard = scoring.shard_of(self.layers[0]) if self.layers else None
+        if shard is not None:
+            totals = all_counts([count(layer.mask) for layer in self.layers], shard.group)
+            return [
+                layer.name
+                for layer, total in zip(self.layers, totals, strict=True)
+                if total != layer.active
+            ]
         bad = distributed.disagreeing([layer.mask for layer in self.layers])
         for i in bad:
             layer = self.layers[i]
