@@ -48,6 +48,7 @@ format: $(STAMP)
 
 bench: $(STAMP) $(FMNIST)
 	$(BENCH_ENV) $(BIN)/python benchmarks/mask_update.py --out docs/performance.md
+	$(BENCH_ENV) $(BIN)/python benchmarks/fsdp_update.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/speed.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/op_profile.py --out docs/performance.md
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..selection import _kth_value, _sample_without_replacement
+from ..selection import _kth_value, _sample_without_replacement, _split, _split_at_sampled_pivot
 
 
 def is_dtensor(t: object) -> bool:
@@ -161,9 +161,8 @@ def _all_gather_varying(tensor: Tensor, group: Any) -> Tensor:
 class Part:
     """One rank's share of a selection over one weight: the block's scores with a bool tensor of
     its candidates (``candidates``), or the scores of listed positions only (``positions``,
-    flat within the block, ascending); ``start`` is the block's first position in the
-    selection's global numbering (the layer's offset among several layers plus the block's
-    flat start)."""
+    flat within the block); ``start`` is the block's first position in the selection's global
+    numbering (the layer's offset among several layers plus the block's flat start)."""
 
     scores: Tensor
     start: int
@@ -171,16 +170,36 @@ class Part:
     candidates: Tensor | None = None
     positions: Tensor | None = None
 
-    def values(self) -> tuple[Tensor, Tensor]:
-        """The candidates' scores (float) and their flat positions in the block."""
+    def best(self, k: int, largest: bool) -> tuple[Tensor, Tensor, int]:
+        """The scores and block positions of the candidates at or past this part's k-th best
+        (all of them where there are no more than ``k``), and the number of candidates.
+        Without ranking every candidate where most positions are candidates (growth): the
+        sampled pivot of :func:`~sparselearn.selection.top_k`."""
         flat = self.scores.reshape(-1)
         if flat.dtype in (torch.float16, torch.bfloat16) or not flat.is_floating_point():
             flat = flat.float()
         if self.positions is not None:
-            return flat, self.positions
+            n = self.positions.numel()
+            if n <= k:
+                return flat, self.positions, n
+            reach = _reaching(flat, _kth_value(flat, k, largest), largest)
+            return flat[reach], self.positions[reach], n
         assert self.candidates is not None
-        idx = self.candidates.reshape(-1).nonzero().squeeze(1)
-        return flat[idx], idx
+        cand = self.candidates.reshape(-1)
+        n = int(torch.count_nonzero(cand))
+        if n <= k:
+            idx = cand.nonzero().squeeze(1)
+            return flat[idx], idx, n
+        found = _split_at_sampled_pivot(flat, cand, k, n, largest)
+        picked, ties = (
+            found if found is not None else _split(flat, cand.nonzero()[:, 0], k, largest)
+        )
+        idx = torch.cat([picked, ties])
+        return flat[idx], idx, n
+
+
+def _reaching(values: Tensor, threshold: Tensor | float, largest: bool) -> Tensor:
+    return values >= threshold if largest else values <= threshold
 
 
 def sharded_top_k(
@@ -199,41 +218,38 @@ def sharded_top_k(
     Why it is exact: a rank whose candidates number more than ``k`` has ``k`` of them at or past
     its own k-th best value ``t``, so the global k-th best lies at or past ``t``; the largest
     such ``t`` over the ranks (``T``) is a threshold every selected or tied candidate reaches.
-    The candidates at or past ``T`` (at least ``k``) are all-gathered and selected from.
+    The candidates at or past ``T`` (at least ``k``, at most about ``k`` per rank) are
+    all-gathered and selected from; the ties at the k-th best are drawn in the order of their
+    global positions, as one process draws them.
     """
-    found = [p.values() for p in parts]
-    vals = torch.cat([v for v, _ in found]) if found else torch.zeros(0)
-    n_local = vals.numel()
+    out = [torch.zeros(p.numel, dtype=torch.bool, device=p.scores.device) for p in parts]
+    found = [p.best(max(k, 1), largest) for p in parts]
+    n_local = sum(n for _, _, n in found)
     n_cand = all_counts([n_local], group)[0] if count is None else count
     if k < 0 or k > n_cand:
         raise ValueError(f"cannot select {k} of {n_cand} candidates")
-    out = [torch.zeros(p.numel, dtype=torch.bool, device=p.scores.device) for p in parts]
     if k == 0:
         return out
     if k == n_cand:
-        for o, (_, idx) in zip(out, found, strict=True):
+        for o, (_, idx, _) in zip(out, found, strict=True):
             o[idx] = True
         return out
+    vals = torch.cat([v for v, _, _ in found])
     sign = 1.0 if largest else -1.0
-    own = _kth_value(vals, k, largest).item() * sign if n_local > k else -math.inf
+    own = float(_kth_value(vals, k, largest)) * sign if n_local > k else -math.inf
     t = torch.tensor([own], dtype=torch.float64, device=_comm_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     threshold = float(t) * sign
-    # this rank's proposals: candidates at or past the threshold, with global positions
-    mine_v, mine_p = [], []
-    for p, (v, idx) in zip(parts, found, strict=True):
-        reach = v >= threshold if largest else v <= threshold
-        mine_v.append(v[reach].double())
-        mine_p.append(idx[reach].to(torch.int64) + p.start)
-    every_v = _all_gather_varying(torch.cat(mine_v) if mine_v else torch.zeros(0), group)
-    every_p = _all_gather_varying(
-        torch.cat(mine_p) if mine_p else torch.zeros(0, dtype=torch.int64), group
+    reach = _reaching(vals, threshold, largest)
+    positions = torch.cat(
+        [idx.to(torch.int64) + p.start for p, (_, idx, _) in zip(parts, found, strict=True)]
     )
-    order = torch.argsort(every_p)  # positions are distinct: ascending global position
-    every_v, every_p = every_v[order], every_p[order]
+    every_v = _all_gather_varying(vals[reach], group)
+    every_p = _all_gather_varying(positions[reach], group)
     kth = _kth_value(every_v, k, largest)
     beyond = every_v > kth if largest else every_v < kth
-    picked, ties = every_p[beyond], every_p[every_v == kth]
+    picked = every_p[beyond]
+    ties = every_p[every_v == kth].sort().values  # in global position order
     need = k - picked.numel()
     if need == ties.numel():
         chosen = torch.cat([picked, ties])
