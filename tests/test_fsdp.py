@@ -323,7 +323,8 @@ def test_the_fsdp_example_trains_and_resumes_under_torchrun(tmp_path: Path) -> N
 
     def run(*flags: str) -> list[str]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(script), "--epochs", "2", "--density", "0.1", *flags]  # fmt: skip
+               "--nproc_per_node=2", str(script), "--epochs", "2", "--density", "0.1",
+               *flags]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
         assert out.returncode == 0, out.stderr[-3000:]
         return [line for line in out.stdout.splitlines() if line.startswith("epoch ")]
