@@ -53,7 +53,15 @@ VARIANTS: list[tuple[str, str, dict[str, Any], str]] = [
     # scores with ties everywhere: the draw among them follows the global positions
     ("ties", "sparse_momentum", {"prune": "test-coarse", "growth": "test-constant"}, "sgd"),
     ("ties-global", "dsr", {"prune": "test-coarse-global"}, "sgd"),
+    # a redistribution without sums over blocks: computed on the gathered weight
+    ("whole-redistribution", "sparse_momentum", {"redistribution": "test-spread"}, "sgd"),
 ]
+
+
+@sl.register_redistribution("test-spread")
+def _spread(layer: sl.LayerView) -> float:
+    """The standard deviation of the active weights (not a sum over positions)."""
+    return float(layer.weight[layer.mask].std())
 
 
 @sl.register_growth("test-constant", elementwise=True)
@@ -340,3 +348,8 @@ def test_the_fsdp_example_trains_and_resumes_under_torchrun(tmp_path: Path) -> N
     resumed = run("--out", str(tmp_path / "b"), "--resume")
     assert first == whole[:1]
     assert resumed == whole[1:]  # the same accuracy and counts as the uninterrupted run
+
+
+def test_a_redistribution_gives_both_sums_and_combine_or_neither() -> None:
+    with pytest.raises(TypeError, match="give both sums and combine, or neither"):
+        sl.register_redistribution("test-half", sums=lambda layer: [1.0])

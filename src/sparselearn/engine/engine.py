@@ -369,7 +369,9 @@ class SparseEngine:
         """Under data parallelism, check that every rank holds the same masks (a checksum per
         layer, all-gathered: cheap) and give the layers that differ rank 0's masks. Returns the
         names of those layers, the same on every rank (empty: all agree, or one process). Every
-        mask update ends with this check; a disagreement there also warns."""
+        mask update ends with this check; a disagreement there also warns. Under FSDP2, where
+        each rank holds its own block of each mask, it checks that the blocks add up to each
+        layer's count and returns the layers that do not (nothing to copy from rank 0)."""
         self.check_attached()
         return self._updater.agree()
 
