@@ -13,7 +13,8 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 # Benchmarks: PyTorch's OpenMP spin-wait makes small ops very slow on a 2-core VM.
 BENCH_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)}
 
-.PHONY: all venv data demo test lint format bench study results study-gpt results-gpt clean
+.PHONY: all venv data demo test lint format bench study results study-gpt results-gpt \
+	study-paper results-paper clean
 
 all: test
 
@@ -82,6 +83,26 @@ study-gpt: $(STAMP)
 results-gpt: $(STAMP)
 	$(BIN)/sparselearn report runs/tiny-gpt --markdown docs/results.md --plots docs/figures/gpt \
 	  --section report-gpt --wall-time
+
+# The paper's budget (docs/results.md, "The paper's budget"): LeNet-300-100 for 100 epochs (75
+# runs) and LeNet-5 for 30 epochs with clipping (27 runs), hours on 2 cores (finished runs are
+# skipped, interrupted ones resumed), then their tables, the verdict on each of the paper's
+# claims, learning curves and the class-selectivity analysis.
+study-paper: $(STAMP) $(FMNIST)
+	$(BIN)/sparselearn study studies/paper_lenet300.yaml
+	$(BIN)/sparselearn study studies/paper_lenet5.yaml
+	$(MAKE) results-paper
+
+CURVES := --curves dense sparse_momentum@0.05 sparse_momentum@0.2
+
+results-paper: $(STAMP) $(FMNIST)
+	$(BIN)/sparselearn report runs/paper-lenet300 --markdown docs/results.md \
+	  --plots docs/figures/paper --section report-paper-lenet300 --claims $(CURVES)
+	$(BIN)/sparselearn report runs/paper-lenet5 --markdown docs/results.md \
+	  --plots docs/figures/paper --section report-paper-lenet5 --claims $(CURVES)
+	$(BIN)/sparselearn analyze runs/paper-lenet5/lenet5/dense \
+	  runs/paper-lenet5/lenet5/sparse_momentum/density-0.05 --out docs/figures/paper \
+	  --markdown docs/results.md --section analysis-paper
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -116,3 +116,55 @@ def test_labelled_variants_get_their_own_rows(tmp_path: Path) -> None:
     cells = collect([tmp_path])[("mnist", "lenet5")]
     assert cells["sparse_momentum"][0.05].mean == pytest.approx(0.8)
     assert cells["sm-window-50"][0.05].mean == pytest.approx(0.7)
+
+
+def test_claims_get_verdicts_from_their_numbers(tmp_path: Path) -> None:
+    from sparselearn.experiments.claims import check
+
+    verdicts = {
+        v.claim: v for v in check(collect([fake_runs(tmp_path)]))[("fashion-mnist", "lenet5")]
+    }
+    # 5%: sparse momentum 87.67 ± 0.88, dense 91.00 ± 0.58: 3.33 below, more than 2 x 1.05
+    reach = verdicts["at 5%, sparse momentum reaches dense accuracy"]
+    assert reach.difference == pytest.approx(statistics.fmean([0.88, 0.89, 0.86]) - 0.91)
+    assert reach.error == pytest.approx(
+        math.hypot(
+            statistics.stdev([0.88, 0.89, 0.86]) / 3**0.5,
+            statistics.stdev([0.90, 0.91, 0.92]) / 3**0.5,
+        )
+    )
+    assert reach.verdict == "fails"
+    # 10%: 89.75 ± 0.25 (2 seeds) against 91.00 ± 0.58: 1.25 below, within 2 x 0.63
+    assert (
+        verdicts["at 10%, sparse momentum reaches dense accuracy"].verdict == "holds within error"
+    )
+    # 5%: 87.67 against SET's 86.00: above
+    assert verdicts["at 5%, sparse momentum ranks above set"].verdict == "holds"
+    # 10%: 89.75 ± 0.25 against SET's single seed 91.0 (se 0): 1.25 below, beyond 2 x 0.25
+    assert verdicts["at 10%, sparse momentum ranks above set"].verdict == "fails"
+    # no DSR or static runs, and no claim at 20% without runs there
+    assert not any("dsr" in c or "static" in c or "20%" in c for c in verdicts)
+
+
+def test_report_writes_the_claims_and_learning_curves(tmp_path: Path) -> None:
+    runs = fake_runs(tmp_path / "runs")
+    for summary in runs.rglob("summary.json"):
+        s = json.loads(summary.read_text())
+        rows = [{"epoch": e, "test_acc": s["test_acc"] - 0.1 / e} for e in (1, 2, 3)]
+        (summary.parent / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    figures = tmp_path / "figures"
+    text = report([runs], plots=figures, claims=True,
+                  learning_curves=["dense", "sparse_momentum@0.05"])  # fmt: skip
+    assert "### The paper's claims: lenet5 on fashion-mnist" in text
+    row = next(line for line in text.splitlines() if line.startswith("| at 5%, sparse momentum r"))
+    assert row.split(" | ")[1:] == [
+        "87.67 ± 0.88 (3)",
+        "dense: 91.00 ± 0.58 (3)",
+        "-3.33 ± 1.05",
+        "**fails** |",
+    ]
+    assert (figures / "fashion-mnist-lenet5-learning-curves.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="ROW@DENSITY"):
+        report([runs], plots=figures, learning_curves=["sparse_momentum"])
+    with pytest.raises(ValueError, match="--plots"):
+        report([runs], learning_curves=["dense"])

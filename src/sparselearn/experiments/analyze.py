@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .report import replace_section
 from .runs import iter_runs, load_yaml
 
-START, END = "<!-- analysis:start -->", "<!-- analysis:end -->"
+START, END = "<!-- analysis:start -->", "<!-- analysis:end -->"  # the default section
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ def analyze(
     *,
     out: Path | None = None,
     markdown: Path | None = None,
+    section: str = "analysis",
 ) -> str:
     """Summary statistics per method and layer (pooled over the runs given), and histograms."""
     import json
@@ -138,7 +139,7 @@ def analyze(
         if markdown is not None:
             text += f"\n![class selectivity]({os.path.relpath(figure, markdown.parent)})\n"
     if markdown is not None:
-        replace_section(markdown, START, END, text)
+        replace_section(markdown, f"<!-- {section}:start -->", f"<!-- {section}:end -->", text)
     return text
 
 

@@ -225,6 +225,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         plots=args.plots,
         section=args.section,
         wall_time=args.wall_time,
+        claims=args.claims,
+        learning_curves=args.curves,
     )
     print(text)
     return 0
@@ -233,7 +235,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analyze import analyze
 
-    print(analyze(args.runs, out=args.out, markdown=args.markdown))
+    print(analyze(args.runs, out=args.out, markdown=args.markdown, section=args.section))
     return 0
 
 
@@ -295,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add a table of training wall time (default: the metric's table only)",
     )
+    p.add_argument(
+        "--claims",
+        action="store_true",
+        help="add the verdict on each of the paper's claims the runs can speak to",
+    )
+    p.add_argument(
+        "--curves",
+        nargs="+",
+        default=[],
+        metavar="ROW@DENSITY",
+        help="learning-curve figure of these rows, e.g. dense sparse_momentum@0.05 (with --plots)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="registered models, datasets and methods")
@@ -304,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories or folders holding them")
     p.add_argument("--out", type=Path, default=Path("runs/analysis"), help="histogram folder")
     p.add_argument("--markdown", type=Path, help="write the summary into this markdown file")
+    p.add_argument(
+        "--section",
+        default="analysis",
+        help="name of the marked section of --markdown to (re)write",
+    )
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("study", help="run a grid of trainings in parallel, skipping finished runs")

@@ -221,6 +221,79 @@ def plot(results: dict[Key, dict[str, dict[float, Cell]]], folder: Path) -> list
     return written
 
 
+def parse_curve(text: str) -> tuple[str, float]:
+    """``"dense"`` or ``"ROW@DENSITY"`` (``sparse_momentum@0.05``) -> (row, density)."""
+    row, _, density = text.partition("@")
+    if _is_dense(row) and not density:
+        return row, 1.0
+    try:
+        value = float(density)
+    except ValueError:
+        value = math.nan
+    if not row or not 0 < value <= 1:
+        raise ValueError(
+            f"learning curve {text!r}: give ROW@DENSITY (e.g. sparse_momentum@0.05) or dense"
+        )
+    return row, value
+
+
+def curves(
+    paths: Sequence[str | os.PathLike[str]], wanted: Sequence[str], folder: Path
+) -> list[Path]:
+    """Test accuracy against epoch for the rows and densities ``wanted`` (see
+    :func:`parse_curve`), the mean over seeds with a band of one standard error; one PNG per
+    (dataset, model)."""
+    from .plots import _pyplot, save_figure
+
+    picked = [parse_curve(w) for w in wanted]
+    found: dict[Key, dict[tuple[str, float], list[dict[int, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for run in iter_runs(list(paths)):
+        s = _summary(run)
+        label = s.get("label") or s["method"]
+        density = 1.0 if _is_dense(label) else float(s["density"])
+        if (label, density) not in picked:
+            continue
+        by_epoch = {}
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row.get("test_acc") is not None and row.get("epoch", 0) > 0:
+                by_epoch[int(row["epoch"])] = float(row["test_acc"])
+        found[(s["data"], s["model"])][(label, density)].append(by_epoch)
+    if not found:
+        raise FileNotFoundError(
+            f"no runs of {', '.join(wanted)} under {', '.join(map(str, paths))}"
+        )
+    plt = _pyplot()
+    written = []
+    for (data, model), by_row in sorted(found.items()):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for (label, density), runs in sorted(by_row.items(), key=lambda kv: picked.index(kv[0])):
+            epochs = sorted(set.intersection(*(set(r) for r in runs)))
+            cells = [Cell(tuple(r[e] for r in runs)) for e in epochs]
+            mean = [100 * c.mean for c in cells]
+            se = [100 * c.se for c in cells]
+            name = label if _is_dense(label) else f"{label} {100 * density:g}%"
+            seeds = f"{len(runs)} seed{'' if len(runs) == 1 else 's'}"
+            (line,) = ax.plot(epochs, mean, lw=1.2, label=f"{name} ({seeds})")
+            ax.fill_between(
+                epochs,
+                [m - e for m, e in zip(mean, se, strict=True)],
+                [m + e for m, e in zip(mean, se, strict=True)],
+                color=line.get_color(),
+                alpha=0.2,
+            )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{model} on {data}: learning curves (mean ± standard error)")
+        ax.legend(fontsize=8)
+        path = folder / f"{data}-{model}-learning-curves.png"
+        save_figure(fig, path)
+        written.append(path)
+    return written
+
+
 def replace_section(path: Path, start: str, end: str, body: str) -> None:
     """Put ``body`` between the markers in ``path`` (appended if absent); the rest is kept."""
     section = f"{start}\n{body.rstrip()}\n{end}"
@@ -240,9 +313,13 @@ def report(
     plots: Path | None = None,
     section: str = "report",
     wall_time: bool = False,
+    claims: bool = False,
+    learning_curves: Sequence[str] = (),
 ) -> str:
-    """Aggregate runs; optionally write the tables into a markdown file and the plots, and
-    (``wall_time``) a table of training wall time beside the metric's.
+    """Aggregate runs; optionally write the tables into a markdown file and the plots,
+    (``wall_time``) a table of training wall time beside the metric's, (``claims``) the
+    verdict on each of the paper's claims (:mod:`.claims`) and (``learning_curves``, with
+    ``plots``) test accuracy against epoch for the rows given as ``ROW@DENSITY``.
 
     The tables go between ``<!-- {section}:start -->`` and ``<!-- {section}:end -->``, so that
     one file can hold several reports; the rest of the file is kept.
@@ -251,8 +328,16 @@ def report(
     text = table(results)
     if wall_time:
         text += "\n" + table(collect(paths, "wall_time"))
+    if claims:
+        from .claims import table as claims_table
+
+        text += "\n" + claims_table(results)
+    if learning_curves and plots is None:
+        raise ValueError("learning curves are figures: give a folder for them (--plots)")
     if plots is not None:
         figures = plot(results, plots)
+        if learning_curves:
+            figures += curves(paths, learning_curves, plots)
         if markdown is not None:
             rel = [os.path.relpath(p, markdown.parent) for p in figures]
             text += "\n" + "\n".join(f"![{Path(r).stem}]({r})" for r in rel) + "\n"
