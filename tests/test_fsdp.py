@@ -303,6 +303,7 @@ engine = sl.sparsify(model, sgd(model), "static", 0.5)
 attempt("accelerate", lambda: sl.accelerate(model, engine))
 attempt("export", lambda: sl.export(model, engine, "x.safetensors"))
 attempt("save", lambda: sl.save("x.pt", model, engine=engine))
+attempt("compact", lambda: sl.compact(model, engine, torch.randn(2, 8)))
 state = engine.state_dict()
 engine.remove()
 plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -314,7 +315,7 @@ attempt("whole", lambda: sl.sparsify(plain, sgd(plain), "static", 0.5, state=sta
     assert "apply fully_shard to the root module" in said["mixed"]
     assert "on a 2-D mesh with placements ['Replicate()', 'Shard(dim=0)']" in said["hsdp"]
     assert "1-D device mesh" in said["hsdp"]
-    for label in ("accelerate", "export", "save"):
+    for label in ("accelerate", "export", "save", "compact"):
         assert "this model is sharded by fully_shard" in said[label], label
     assert "get_model_state_dict" in said["accelerate"]
     assert "engine=None" in said["export"]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ..engine.sharding import refuse_sharded
 from .layers import SparseConv2d, SparseLinear
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid,
@@ -159,6 +160,13 @@ def compact(
     Returns:
         a :class:`CompactResult` with the model, the layers changed and the channels removed.
     """
+    refuse_sharded(
+        model,
+        "sl.compact",
+        "compact an unsharded copy loaded from the full state dict "
+        "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+        "options=StateDictOptions(full_state_dict=True)))",
+    )
     if example_input is None:
         raise ValueError("compact needs example_input: one batch of real input")
     original = densified(model)
