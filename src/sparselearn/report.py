@@ -3,7 +3,8 @@ keeps working."""
 
 from __future__ import annotations
 
-from .experiments.report import END, START, Cell, collect, plot, replace_section, report, table
+from .experiments.cells import Cell
+from .experiments.report import END, START, collect, plot, replace_section, report, table
 
 __all__ = [
     "END",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .report import METRICS, Cell, Key, _is_dense
+from .cells import METRICS, Cell, Key, is_dense
 
 SM = "sparse_momentum"
 REACHES_DENSE = (0.05, 0.1)  # "reaches dense accuracy"
@@ -56,7 +56,7 @@ def check(results: dict[Key, dict[str, dict[float, Cell]]]) -> dict[Key, list[Ve
         if not METRICS[metric][3]:
             continue  # the claims are about accuracy (higher is better)
         sm, found = rows.get(SM, {}), []
-        dense = next((by_d[1.0] for m, by_d in rows.items() if _is_dense(m)), None)
+        dense = next((by_d[1.0] for m, by_d in rows.items() if is_dense(m)), None)
         for d in sorted(sm):
             pct = f"{100 * d:g}%"
             if dense is not None and d in REACHES_DENSE + MATCHES_DENSE:

@@ -5,53 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cells import METRICS, Cell, Key, is_dense
 from .config import MACHINE_SETTINGS, TrainConfig, jsonable
 from .runs import iter_runs, read_json, write_atomic
 
 START, END = "<!-- report:start -->", "<!-- report:end -->"
-
-
-# what each summary metric is called, how it is shown, and which way is better
-METRICS = {
-    "test_acc": ("Test accuracy (%)", 100.0, 2, True),
-    "test_ppl": ("Test perplexity (lower is better)", 1.0, 3, False),
-    "wall_time": ("Training wall time (s)", 1.0, 0, False),
-}
-
-
-@dataclass(frozen=True)
-class Cell:
-    values: tuple[float, ...]  # one per seed
-    metric: str = "test_acc"
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values)
-
-    @property
-    def se(self) -> float:
-        """Standard error of the mean (0 for a single seed)."""
-        return statistics.stdev(self.values) / math.sqrt(self.n) if self.n > 1 else 0.0
-
-    def text(self) -> str:
-        _, scale, digits, _ = METRICS[self.metric]
-        if self.n == 1:
-            return f"{scale * self.mean:.{digits}f} (n=1)"
-        return f"{scale * self.mean:.{digits}f} ± {scale * self.se:.{digits}f} ({self.n})"
-
-
-Key = tuple[str, str]  # (data, model)
 
 
 # what does not make two runs different experiments: the seed, and settings of the machine
@@ -133,15 +96,11 @@ def _row_name(label: str, settings: dict[str, Any], variants: list[dict[str, Any
     return f"{label} ({shown})"
 
 
-def _is_dense(row: str) -> bool:
-    return row == "dense" or row.startswith("dense (")
-
-
 def table(results: dict[Key, dict[str, dict[float, Cell]]]) -> str:
     """Markdown tables, one per (dataset, model)."""
     lines = []
     for (data, model), by_method in sorted(results.items()):
-        densities = sorted({d for m, by_d in by_method.items() if not _is_dense(m) for d in by_d})
+        densities = sorted({d for m, by_d in by_method.items() if not is_dense(m) for d in by_d})
         metric = next(iter(next(iter(by_method.values())).values())).metric
         title, _, _, higher = METRICS[metric]
         pick = max if higher else min
@@ -159,7 +118,7 @@ def table(results: dict[Key, dict[str, dict[float, Cell]]]) -> str:
                 (
                     c.mean
                     for m, by_d in by_method.items()
-                    if not _is_dense(m)
+                    if not is_dense(m)
                     for dd, c in by_d.items()
                     if dd == d
                 ),
@@ -167,9 +126,9 @@ def table(results: dict[Key, dict[str, dict[float, Cell]]]) -> str:
             )
             for d in densities
         }
-        for method in sorted(by_method, key=lambda m: (_is_dense(m), m)):
+        for method in sorted(by_method, key=lambda m: (is_dense(m), m)):
             by_d = by_method[method]
-            if _is_dense(method):
+            if is_dense(method):
                 cell = by_d[1.0]
                 lines.append(f"| {method} (100%) | {cell.text()} |" + " |" * (len(densities) - 1))
                 continue
@@ -194,7 +153,7 @@ def plot(results: dict[Key, dict[str, dict[float, Cell]]], folder: Path) -> list
         metric = next(iter(next(iter(by_method.values())).values())).metric
         title, k, _, _ = METRICS[metric]
         for method, by_d in sorted(by_method.items()):
-            if _is_dense(method):
+            if is_dense(method):
                 c = by_d[1.0]
                 ax.axhline(k * c.mean, color="k", ls="--", lw=1, label=method)
                 ax.axhspan(k * (c.mean - c.se), k * (c.mean + c.se), color="k", alpha=0.08)
@@ -224,7 +183,7 @@ def plot(results: dict[Key, dict[str, dict[float, Cell]]], folder: Path) -> list
 def parse_curve(text: str) -> tuple[str, float]:
     """``"dense"`` or ``"ROW@DENSITY"`` (``sparse_momentum@0.05``) -> (row, density)."""
     row, _, density = text.partition("@")
-    if _is_dense(row) and not density:
+    if is_dense(row) and not density:
         return row, 1.0
     try:
         value = float(density)
@@ -252,7 +211,7 @@ def curves(
     for run in iter_runs(list(paths)):
         s = _summary(run)
         label = s.get("label") or s["method"]
-        density = 1.0 if _is_dense(label) else float(s["density"])
+        density = 1.0 if is_dense(label) else float(s["density"])
         if (label, density) not in picked:
             continue
         by_epoch = {}
@@ -274,7 +233,7 @@ def curves(
             cells = [Cell(tuple(r[e] for r in runs)) for e in epochs]
             mean = [100 * c.mean for c in cells]
             se = [100 * c.se for c in cells]
-            name = label if _is_dense(label) else f"{label} {100 * density:g}%"
+            name = label if is_dense(label) else f"{label} {100 * density:g}%"
             seeds = f"{len(runs)} seed{'' if len(runs) == 1 else 's'}"
             (line,) = ax.plot(epochs, mean, lw=1.2, label=f"{name} ({seeds})")
             ax.fill_between(
