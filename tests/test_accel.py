@@ -862,3 +862,29 @@ def test_forced_mode_reapplies_thread_caps() -> None:
     assert (model[0].threads, model[2].threads) == (None, 1)
     assert report.thread_caps == {"2.weight": 1}
     assert [c.threads for c in report.layers] == [None, 1]
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the compiled kernels are not available")
+def test_wide_stride_one_conv_split_into_channel_blocks() -> None:
+    # 160 input and 144 output channels on 9x9 planes: the stride-1 kernels take the channels
+    # in blocks (about 69 per block for this plane width), carrying each row's partial sums from
+    # block to block; the forward and the input gradient must still equal the dense layer's,
+    # and on any thread count give the same bits
+    torch.manual_seed(3)
+    conv, mask = masked_conv(160, 144, 3, 1, 1, 0.05, torch.float32)
+    x = torch.randn(4, 160, 9, 9)
+    g = torch.randn(4, 144, 9, 9)
+    x_ref = x.clone().requires_grad_()
+    conv(x_ref).backward(g)
+    results = []
+    for threads in (None, 1):
+        sparse = SparseConv2d(copy.deepcopy(conv), mask, "cpp", "planes", threads=threads)
+        xi = x.clone().requires_grad_()
+        y = sparse(xi)
+        y.backward(g)
+        assert torch.allclose(y, conv(x), rtol=1e-5, atol=1e-5)
+        assert xi.grad is not None
+        assert torch.allclose(xi.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+        results.append((y, xi.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -115,16 +115,23 @@ void conv_grad_weight(const int64_t* crow, const int64_t* col, const T* g, const
 // are computed and dropped. Only n < N = (OH - 1) * Wp + OW is computed, so that no read passes
 // the end of a plane.
 
-// out[b] = sum over the non-zeros k in [begin, end) of val[k] * X[off[k] + b], b < W; a
-// separate always-inlined function so that the accumulator stays in registers.
+// out[b] (+)= sum over the non-zeros k in [begin, end) of val[k] * X[off[k] + b], b < W (``first``:
+// out is written, else added to); a separate always-inlined function so that the accumulator
+// stays in registers.
 template <typename T, int W>
 inline __attribute__((always_inline)) void shifted_chunk(int64_t begin, int64_t end,
                                                          const int64_t* off, const T* val,
-                                                         const T* X, T* __restrict__ out) {
+                                                         const T* X, T* __restrict__ out,
+                                                         bool first = true) {
   constexpr int L = kLanes<T>, NV = W / L;
   vec_t<T> acc[NV];
+  if (first) {
 #pragma GCC unroll 16
-  for (int i = 0; i < NV; ++i) acc[i] = vec_t<T>{};
+    for (int i = 0; i < NV; ++i) acc[i] = vec_t<T>{};
+  } else {
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) acc[i] = loadv<T>(out + i * L);
+  }
   for (int64_t k = begin; k < end; ++k) {
     const T v = val[k];
     const T* x = X + off[k];
@@ -159,27 +166,35 @@ struct GridStore {
 };
 
 // Y[r * Lo + n] = sum_k val[k] * X[off[k] + n], n < N, for the rows r this thread is given.
+// ``blk`` (rows x (NB + 1)) splits each row's non-zeros by block of input channels.
 template <typename T, int W>
-inline void shifted_rows(const int64_t* crow, const int64_t* off, const T* val, const T* X, T* Y,
-                         int64_t rows, int64_t N, int64_t Lo, const GridStore<T>& st) {
+inline void shifted_rows(const int64_t* crow, const int64_t* blk, int64_t NB, const int64_t* off,
+                         const T* val, const T* X, T* Y, int64_t rows, int64_t N, int64_t Lo,
+                         const GridStore<T>& st) {
   // this thread's rows (a static split, as an omp for would make), then chunk by chunk of the
-  // plane: for one chunk, every row reads the same window of the input planes (chunk + halo
-  // per channel), which stays in L1 across the rows; row by row, each row swept the whole
-  // sample's input, from L2
+  // plane, and within a chunk block by block of input channels: for one chunk and one block,
+  // every row reads the same window of those channels' planes (chunk + halo per channel),
+  // which is sized to stay in L1 across the rows (the whole window of every channel would
+  // not: read from L2, it capped the kernel at one vector load per cycle). Each row's partial
+  // sums wait in ``acc`` (or in the output itself) between blocks.
   const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
   const int64_t r_begin = rows * tid / nt, r_end = rows * (tid + 1) / nt;
   const bool direct = st.OW == st.Wg && st.bias == nullptr;
+  std::vector<T> acc(direct ? 0 : (r_end - r_begin) * W);
   alignas(64) T tmp[W];
   int64_t n0 = 0;
   for (; n0 + W <= N; n0 += W) {
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      if (direct) {
-        shifted_chunk<T, W>(crow[r], crow[r + 1], off, val, X + n0, Y + r * Lo + n0);
-      } else {
-        shifted_chunk<T, W>(crow[r], crow[r + 1], off, val, X + n0, tmp);
-        st.put(tmp, W, n0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
+    for (int64_t b = 0; b < NB; ++b) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const int64_t* kb = blk + r * (NB + 1) + b;
+        if (b > 0 && kb[0] == kb[1]) continue;  // nothing to add
+        T* out = direct ? Y + r * Lo + n0 : acc.data() + (r - r_begin) * W;
+        shifted_chunk<T, W>(kb[0], kb[1], off, val, X + n0, out, b == 0);
       }
     }
+    if (!direct)
+      for (int64_t r = r_begin; r < r_end; ++r)
+        st.put(acc.data() + (r - r_begin) * W, W, n0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
   }
   if (n0 < N) {
     const int64_t nr = N - n0;
@@ -197,15 +212,58 @@ inline void shifted_rows(const int64_t* crow, const int64_t* off, const T* val, 
   }
 }
 
+constexpr int kChunk = 64;  // grid positions per chunk of shifted_rows
+
 // Y[b] = shifted_rows(X[b]) for every sample b: X planes of Xb floats per sample, Y of Yb.
 template <typename T>
-void shifted_spmm(const int64_t* crow, const int64_t* off, const T* val, const T* X, T* Y,
-                  int64_t B, int64_t rows, int64_t N, int64_t Lo, int64_t Xb, int64_t Yb,
-                  const GridStore<T>& st) {
+void shifted_spmm(const int64_t* crow, const int64_t* blk, int64_t NB, const int64_t* off,
+                  const T* val, const T* X, T* Y, int64_t B, int64_t rows, int64_t N, int64_t Lo,
+                  int64_t Xb, int64_t Yb, const GridStore<T>& st) {
   const int nt = team();
 #pragma omp parallel if (nt > 1) num_threads(nt)
   for (int64_t b = 0; b < B; ++b)
-    shifted_rows<T, 64>(crow, off, val, X + b * Xb, Y + b * Yb, rows, N, Lo, st);
+    shifted_rows<T, kChunk>(crow, blk, NB, off, val, X + b * Xb, Y + b * Yb, rows, N, Lo, st);
+}
+
+// Where each row's non-zeros of each block of ``per`` input channels begin: (rows, NB + 1)
+// indices into the non-zeros (col encodes (channel, ky, kx) as channel * khw + ...; ascending
+// within a row, as CSR built from a mask keeps them). A row out of order gets one block.
+torch::Tensor channel_blocks(const torch::Tensor& crow, const torch::Tensor& col, int64_t khw,
+                             int64_t channels, int64_t per, int64_t* NB) {
+  const int64_t rows = crow.numel() - 1;
+  const int64_t nb = std::max<int64_t>(1, (channels + per - 1) / per);
+  auto blk = torch::empty({rows, nb + 1}, crow.options());
+  const int64_t* cr = crow.data_ptr<int64_t>();
+  const int64_t* c = col.data_ptr<int64_t>();
+  int64_t* o = blk.data_ptr<int64_t>();
+  bool sorted = true;
+  for (int64_t r = 0; r < rows && sorted; ++r)
+    for (int64_t k = cr[r] + 1; k < cr[r + 1]; ++k)
+      if (c[k] < c[k - 1]) {
+        sorted = false;
+        break;
+      }
+  const int64_t used = sorted ? nb : 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t* row = o + r * (used + 1);
+    int64_t k = cr[r];
+    row[0] = k;
+    for (int64_t b = 1; b < used; ++b) {
+      while (k < cr[r + 1] && c[k] / khw < b * per) ++k;
+      row[b] = k;
+    }
+    row[used] = cr[r + 1];
+  }
+  *NB = used;
+  return blk;
+}
+
+// Input channels per block: their windows (a chunk plus the halo of the kernel's reach) fill
+// about half of a 48 KiB L1 data cache.
+template <typename T>
+int64_t channels_per_block(int64_t kh, int64_t kw, int64_t Wp) {
+  const int64_t window = (kChunk + (kh - 1) * Wp + kw - 1) * int64_t(sizeof(T));
+  return std::max<int64_t>(1, (24 * 1024) / window);
 }
 
 // dval[k] = sum_b sum_{n < N} G[b, r, n] * X[b, off[k] + n] for the non-zeros k of row r.
@@ -309,10 +367,13 @@ torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tenso
     const int64_t N = (OH - 1) * Wp + OW;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv2d_forward", [&] {
       const GridStore<scalar_t> st{Wp, OW, bias ? bias->data_ptr<scalar_t>() : nullptr};
-      shifted_spmm<scalar_t>(crow.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
-                             val.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(),
-                             y.data_ptr<scalar_t>(), B, out_channels, N, OH * OW,
-                             xp.size(1) * plane, out_channels * OH * OW, st);
+      int64_t NB = 1;
+      auto blk = channel_blocks(crow, col, kh * kw, xp.size(1),
+                                channels_per_block<scalar_t>(kh, kw, Wp), &NB);
+      shifted_spmm<scalar_t>(crow.data_ptr<int64_t>(), blk.data_ptr<int64_t>(), NB,
+                             off.data_ptr<int64_t>(), val.data_ptr<scalar_t>(),
+                             xp.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), B, out_channels, N,
+                             OH * OW, xp.size(1) * plane, out_channels * OH * OW, st);
     });
     return y;
   }
@@ -339,10 +400,13 @@ torch::Tensor grad_input_s1(const torch::Tensor& crowT, const torch::Tensor& col
   auto gxp = torch::empty({B, in_channels, Hp, Wp}, Gm.options());
   AT_DISPATCH_FLOATING_TYPES(Gm.scalar_type(), "conv2d_grad_input", [&] {
     const GridStore<scalar_t> st{Wp, Wp, nullptr};  // every position, in place
-    shifted_spmm<scalar_t>(crowT.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
-                           valT.data_ptr<scalar_t>(), Gm.data_ptr<scalar_t>(),
-                           gxp.data_ptr<scalar_t>(), B, in_channels, Hp * Wp, Hp * Wp, O * Lg,
-                           in_channels * Hp * Wp, st);
+    int64_t NB = 1;  // blocks of output channels, whose gradient planes are read here
+    auto blk = channel_blocks(crowT, colT, kh * kw, O, channels_per_block<scalar_t>(kh, kw, Wp),
+                              &NB);
+    shifted_spmm<scalar_t>(crowT.data_ptr<int64_t>(), blk.data_ptr<int64_t>(), NB,
+                           off.data_ptr<int64_t>(), valT.data_ptr<scalar_t>(),
+                           Gm.data_ptr<scalar_t>(), gxp.data_ptr<scalar_t>(), B, in_channels,
+                           Hp * Wp, Hp * Wp, O * Lg, in_channels * Hp * Wp, st);
   });
   return gxp;
 }
