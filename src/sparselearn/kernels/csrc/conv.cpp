@@ -338,11 +338,23 @@ torch::Tensor plane_offsets(const torch::Tensor& col, int64_t kh, int64_t kw, in
 // The output gradient on the padded-width grid, zero in the dropped columns, after a margin of
 // M = (kh - 1) * Wp + kw - 1 zeros: Gm[b, o, M + oy * Wp + ox] = g[b, o, oy, ox]; planes of
 // M + Hp * Wp floats, so that the input gradient can read Gm[n + M - ky * Wp - kx] for every n.
+//
+// The grid lives only inside one backward call, so its memory is kept for the next call on the
+// same thread (``thread_local``): a grid of tens of MiB allocated fresh every step page-faults
+// on first touch, which cost as much as the copy itself (the largest grid so far stays allocated,
+// one per thread that runs backward passes). Every entry is written each time.
 torch::Tensor margin_grid(const torch::Tensor& g, int64_t Hp, int64_t Wp, int64_t kh, int64_t kw) {
   const int64_t B = g.size(0), O = g.size(1), OH = g.size(2), OW = g.size(3);
-  const int64_t M = (kh - 1) * Wp + kw - 1;
-  auto Gm = torch::zeros({B, O, M + Hp * Wp}, g.options());
-  Gm.narrow(2, M, OH * Wp).view({B, O, OH, Wp}).narrow(3, 0, OW).copy_(g);
+  const int64_t M = (kh - 1) * Wp + kw - 1, Lg = M + Hp * Wp;
+  thread_local torch::Tensor kept;
+  if (!kept.defined() || kept.numel() < B * O * Lg || kept.scalar_type() != g.scalar_type())
+    kept = torch::empty({B * O * Lg}, g.options());
+  auto Gm = kept.narrow(0, 0, B * O * Lg).view({B, O, Lg});
+  Gm.narrow(2, 0, M).zero_();
+  auto rows = Gm.narrow(2, M, OH * Wp).view({B, O, OH, Wp});
+  rows.narrow(3, 0, OW).copy_(g);
+  if (Wp > OW) rows.narrow(3, OW, Wp - OW).zero_();
+  if (Hp > OH) Gm.narrow(2, M + OH * Wp, (Hp - OH) * Wp).zero_();
   return Gm;
 }
 
