@@ -63,10 +63,6 @@ class Shard:
         """The flat (row-major) position of the block's first entry in the whole weight."""
         return self.start * self.row
 
-    @property
-    def local_numel(self) -> int:
-        return (self.stop - self.start) * self.row
-
     def dtensor(self, local: Tensor) -> Tensor:
         """``local`` (this rank's block) as a DTensor sharded like the weight."""
         from torch.distributed.tensor import DTensor
