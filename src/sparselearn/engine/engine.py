@@ -483,11 +483,7 @@ class SparseEngine:
         and ``"shards"`` records which rows of each weight they are: each rank saves its own
         state and loads it into an engine sharded the same way.
         """
-        shards = {
-            layer.name: [shard.start, shard.stop, shard.mesh.size()]
-            for layer in self._layers
-            if (shard := getattr(layer, "shard", None)) is not None
-        }
+        shards = _shard_record(self._layers)
         return {
             **({"shards": shards} if shards else {}),
             "format": STATE_FORMAT,
@@ -645,15 +641,21 @@ def _shards(targets: list[Target]) -> list[Shard | None]:
     return shards
 
 
-def _check_shards(state: Mapping[str, Any], layers: Sequence[LayerStorage]) -> None:
-    """A sharded engine's state fits only an engine sharded the same way (its masks are one
-    rank's blocks)."""
-    saved = state.get("shards", {})
-    mine = {
+def _shard_record(layers: Sequence[LayerStorage]) -> dict[str, list[int]]:
+    """Which rows of each sharded weight this rank holds, and over how many ranks (what a
+    sharded engine's state records)."""
+    return {
         layer.name: [shard.start, shard.stop, shard.mesh.size()]
         for layer in layers
         if (shard := getattr(layer, "shard", None)) is not None
     }
+
+
+def _check_shards(state: Mapping[str, Any], layers: Sequence[LayerStorage]) -> None:
+    """A sharded engine's state fits only an engine sharded the same way (its masks are one
+    rank's blocks)."""
+    saved = state.get("shards", {})
+    mine = _shard_record(layers)
     if not isinstance(saved, Mapping) or {k: list(v) for k, v in saved.items()} == mine:
         return
     if not mine:
