@@ -142,6 +142,43 @@ def test_pack_property(batch: int, features: int, dtype: torch.dtype, seed: int)
         assert torch.allclose(total, x.sum(0), rtol=1e-5, atol=1e-4)
 
 
+@given(
+    hw=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    k=st.sampled_from([1, 3]),
+    pad=st.integers(0, 1),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=30, deadline=None)
+@pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
+def test_stride_one_conv_on_any_plane_size(
+    hw: tuple[int, int], k: int, pad: int, dtype: torch.dtype, seed: int
+) -> None:
+    # stride 1 runs over each plane in chunks of 64, 32 and 16 positions, the last ending at the
+    # plane's end and overlapping the one before (or position by position, for a plane under 16):
+    # every plane size gives the dense masked layer's output and gradients
+    if k > min(hw) + 2 * pad:
+        return
+    torch.manual_seed(seed)
+    conv, mask = masked_conv(5, 7, k, 1, pad, 0.3, dtype)
+    sparse = SparseConv2d(copy.deepcopy(conv), mask, "cpp", "planes")
+    x = torch.randn(3, 5, *hw, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = sparse(x), conv(x_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(y, y_ref, rtol=tol, atol=tol)
+    assert x.grad is not None
+    assert x_ref.grad is not None
+    assert torch.allclose(x.grad, x_ref.grad, rtol=tol, atol=tol)
+    assert conv.weight.grad is not None
+    assert torch.allclose(
+        sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=10 * tol, atol=10 * tol
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("k", "stride", "pad"), [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 2, 0), (5, 1, 2)]

@@ -165,6 +165,33 @@ struct GridStore {
   }
 };
 
+// Rows whose partial sums wait between channel blocks (kRowGroup chunks, on the stack). Fewer
+// rows per group would keep them in L1 beside the window, but each group reads the window
+// again, and that cost more than it saved (32 and 64 rows were both slower than 128).
+constexpr int64_t kRowGroup = 128;
+
+// One chunk of W grid positions from n0, for the rows [r_begin, r_end): group by group of rows,
+// block by block of input channels (see shifted_rows). ``acc`` holds kRowGroup * W values.
+template <typename T, int W>
+inline void shifted_pass(const int64_t* blk, int64_t NB, const int64_t* off, const T* val,
+                         const T* X, T* Y, int64_t r_begin, int64_t r_end, int64_t n0, int64_t Lo,
+                         const GridStore<T>& st, bool direct, T* acc) {
+  for (int64_t g0 = r_begin; g0 < r_end; g0 += kRowGroup) {
+    const int64_t g1 = std::min(g0 + kRowGroup, r_end);
+    for (int64_t b = 0; b < NB; ++b) {
+      for (int64_t r = g0; r < g1; ++r) {
+        const int64_t* kb = blk + r * (NB + 1) + b;
+        if (b > 0 && kb[0] == kb[1]) continue;  // nothing to add
+        T* out = direct ? Y + r * Lo + n0 : acc + (r - g0) * W;
+        shifted_chunk<T, W>(kb[0], kb[1], off, val, X + n0, out, b == 0);
+      }
+    }
+    if (!direct)
+      for (int64_t r = g0; r < g1; ++r)
+        st.put(acc + (r - g0) * W, W, n0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
+  }
+}
+
 // Y[r * Lo + n] = sum_k val[k] * X[off[k] + n], n < N, for the rows r this thread is given.
 // ``blk`` (rows x (NB + 1)) splits each row's non-zeros by block of input channels.
 template <typename T, int W>
@@ -173,41 +200,56 @@ inline void shifted_rows(const int64_t* crow, const int64_t* blk, int64_t NB, co
                          const GridStore<T>& st) {
   // this thread's rows (a static split, as an omp for would make), then chunk by chunk of the
   // plane, and within a chunk block by block of input channels: for one chunk and one block,
-  // every row reads the same window of those channels' planes (chunk + halo per channel),
-  // which is sized to stay in L1 across the rows (the whole window of every channel would
-  // not: read from L2, it capped the kernel at one vector load per cycle). Each row's partial
-  // sums wait in ``acc`` (or in the output itself) between blocks.
+  // every row of a group reads the same window of those channels' planes (chunk + halo per
+  // channel), which is sized to stay in L1 across the rows (the whole window of every channel
+  // would not: read from L2, it capped the kernel at one vector load per cycle). Each row's
+  // partial sums wait in ``acc`` (or in the output itself) between blocks.
+  static_assert(W % 4 == 0 && (W / 4) % kLanes<T> == 0, "W must be four whole vectors or more");
   const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
   const int64_t r_begin = rows * tid / nt, r_end = rows * (tid + 1) / nt;
   const bool direct = st.OW == st.Wg && st.bias == nullptr;
-  std::vector<T> acc(direct ? 0 : (r_end - r_begin) * W);
-  alignas(64) T tmp[W];
+  alignas(64) T acc[kRowGroup * W];
   int64_t n0 = 0;
-  for (; n0 + W <= N; n0 += W) {
-    for (int64_t b = 0; b < NB; ++b) {
-      for (int64_t r = r_begin; r < r_end; ++r) {
-        const int64_t* kb = blk + r * (NB + 1) + b;
-        if (b > 0 && kb[0] == kb[1]) continue;  // nothing to add
-        T* out = direct ? Y + r * Lo + n0 : acc.data() + (r - r_begin) * W;
-        shifted_chunk<T, W>(kb[0], kb[1], off, val, X + n0, out, b == 0);
-      }
-    }
-    if (!direct)
-      for (int64_t r = r_begin; r < r_end; ++r)
-        st.put(acc.data() + (r - r_begin) * W, W, n0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
-  }
-  if (n0 < N) {
-    const int64_t nr = N - n0;
+  for (; n0 + W <= N; n0 += W)
+    shifted_pass<T, W>(blk, NB, off, val, X, Y, r_begin, r_end, n0, Lo, st, direct, acc);
+  // the rest: one more chunk that ends at N, overlapping the chunk before it, whose positions
+  // there it computes again, in the same order, so that they come out the same (a scalar loop
+  // over the rest cost several times its share of the work). A narrow chunk keeps fewer
+  // partial sums in flight, so it runs at a fraction of a whole chunk's speed: a whole chunk
+  // unless the rest fits in a quarter one; a plane under one chunk takes narrower ones.
+  auto pass_w = [&](int64_t at) {
+    shifted_pass<T, W>(blk, NB, off, val, X, Y, r_begin, r_end, at, Lo, st, direct, acc);
+  };
+  auto pass_half = [&](int64_t at) {
+    shifted_pass<T, W / 2>(blk, NB, off, val, X, Y, r_begin, r_end, at, Lo, st, direct, acc);
+  };
+  auto pass_quarter = [&](int64_t at) {
+    shifted_pass<T, W / 4>(blk, NB, off, val, X, Y, r_begin, r_end, at, Lo, st, direct, acc);
+  };
+  if (n0 > 0 && N - n0 > W / 4) {
+    pass_w(N - W);
+  } else if (n0 > 0 && N > n0) {
+    pass_quarter(N - W / 4);
+  } else if (n0 == 0 && N >= W / 2) {
+    pass_half(0);
+    if (N - W / 2 > W / 4)
+      pass_half(N - W / 2);
+    else if (N > W / 2)
+      pass_quarter(N - W / 4);
+  } else if (n0 == 0 && N >= W / 4) {
+    pass_quarter(0);
+    if (N > W / 4) pass_quarter(N - W / 4);
+  } else if (n0 == 0) {  // a plane smaller than the narrowest chunk
     for (int64_t r = r_begin; r < r_end; ++r) {
-      T* __restrict__ y = direct ? Y + r * Lo + n0 : tmp;
-      for (int64_t b = 0; b < nr; ++b) y[b] = T(0);
+      T* __restrict__ y = direct ? Y + r * Lo : acc;
+      for (int64_t n = 0; n < N; ++n) y[n] = T(0);
       for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
         const T v = val[k];
-        const T* __restrict__ x = X + off[k] + n0;
+        const T* __restrict__ x = X + off[k];
 #pragma omp simd
-        for (int64_t b = 0; b < nr; ++b) y[b] += v * x[b];
+        for (int64_t n = 0; n < N; ++n) y[n] += v * x[n];
       }
-      if (!direct) st.put(tmp, nr, n0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
+      if (!direct) st.put(acc, N, 0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
     }
   }
 }
@@ -299,7 +341,27 @@ void shifted_sampled(const int64_t* crow, const int64_t* off, const T* G, const 
           }
         }
       }
-      if (n0 < N) {  // the last, partial chunk: into lane 0
+      if (n0 < N && N >= CW) {
+        // the last, partial chunk: one more whole chunk that ends at N, with the output
+        // gradient zeroed at the positions already counted (a scalar loop over the remainder
+        // cost several times its share)
+        const int64_t c0 = N - CW, seen = n0 - c0;
+        alignas(64) T gt[CW];
+        for (int64_t r = r_begin; r < r_end; ++r) {
+          const T* gr = Gs + r * Lg + c0;
+          for (int64_t i = 0; i < CW; ++i) gt[i] = i < seen ? T(0) : gr[i];
+          vec_t<T> g[NV];
+#pragma GCC unroll 4
+          for (int i = 0; i < NV; ++i) g[i] = loadv<T>(gt + i * L);
+          for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+            const T* x = Xs + off[k] + c0;
+            vec_t<T> d = g[0] * loadv<T>(x);
+#pragma GCC unroll 4
+            for (int i = 1; i < NV; ++i) d += g[i] * loadv<T>(x + i * L);
+            part[k] += d;
+          }
+        }
+      } else if (n0 < N) {  // a plane smaller than one chunk: into lane 0
         for (int64_t r = r_begin; r < r_end; ++r) {
           const T* __restrict__ g = Gs + r * Lg;
           for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
