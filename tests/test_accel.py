@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -144,25 +144,31 @@ def test_pack_property(batch: int, features: int, dtype: torch.dtype, seed: int)
 
 @given(
     hw=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    batch=st.integers(1, 6),
     k=st.sampled_from([1, 3]),
     pad=st.integers(0, 1),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=30, deadline=None)
+# planes of 22, 33 and 61 positions (four samples at once, two at once, one at a time)
+@example(hw=(4, 4), batch=5, k=3, pad=1, dtype=torch.float32, seed=1)
+@example(hw=(5, 5), batch=3, k=3, pad=1, dtype=torch.float64, seed=2)
+@example(hw=(7, 7), batch=2, k=3, pad=1, dtype=torch.float32, seed=3)
+@settings(max_examples=40, deadline=None)
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
 def test_stride_one_conv_on_any_plane_size(
-    hw: tuple[int, int], k: int, pad: int, dtype: torch.dtype, seed: int
+    hw: tuple[int, int], batch: int, k: int, pad: int, dtype: torch.dtype, seed: int
 ) -> None:
-    # stride 1 runs over each plane in chunks of 64, 32 and 16 positions, the last ending at the
-    # plane's end and overlapping the one before (or position by position, for a plane under 16):
-    # every plane size gives the dense masked layer's output and gradients
+    # stride 1 runs over each plane in chunks of 64 positions, the last ending at the plane's end
+    # and overlapping the one before; a plane under 64 in chunks of 32 or 16 positions of two or
+    # four samples at once (the samples left over one by one), a plane under 16 position by
+    # position: every plane size and batch gives the dense masked layer's output and gradients
     if k > min(hw) + 2 * pad:
         return
     torch.manual_seed(seed)
     conv, mask = masked_conv(5, 7, k, 1, pad, 0.3, dtype)
     sparse = SparseConv2d(copy.deepcopy(conv), mask, "cpp", "planes")
-    x = torch.randn(3, 5, *hw, dtype=dtype, requires_grad=True)
+    x = torch.randn(batch, 5, *hw, dtype=dtype, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     y, y_ref = sparse(x), conv(x_ref)
     g = torch.randn_like(y_ref)

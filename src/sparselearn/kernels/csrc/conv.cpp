@@ -115,31 +115,33 @@ void conv_grad_weight(const int64_t* crow, const int64_t* col, const T* g, const
 // are computed and dropped. Only n < N = (OH - 1) * Wp + OW is computed, so that no read passes
 // the end of a plane.
 
-// out[b] (+)= sum over the non-zeros k in [begin, end) of val[k] * X[off[k] + b], b < W (``first``:
-// out is written, else added to); a separate always-inlined function so that the accumulator
-// stays in registers.
-template <typename T, int W>
+// out_s[b] (+)= sum over the non-zeros k in [begin, end) of val[k] * X_s[off[k] + b], b < W,
+// for S samples s at once (X_s = X + s * Xs, out_s = out + s * Os; ``first``: out is written,
+// else added to); a separate always-inlined function so that the accumulators stay in registers.
+template <typename T, int W, int S = 1>
 inline __attribute__((always_inline)) void shifted_chunk(int64_t begin, int64_t end,
                                                          const int64_t* off, const T* val,
-                                                         const T* X, T* __restrict__ out,
-                                                         bool first = true) {
+                                                         const T* X, int64_t Xs,
+                                                         T* __restrict__ out, int64_t Os,
+                                                         bool first) {
   constexpr int L = kLanes<T>, NV = W / L;
-  vec_t<T> acc[NV];
-  if (first) {
+  vec_t<T> acc[S][NV];
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
-    for (int i = 0; i < NV; ++i) acc[i] = vec_t<T>{};
-  } else {
-#pragma GCC unroll 16
-    for (int i = 0; i < NV; ++i) acc[i] = loadv<T>(out + i * L);
-  }
+    for (int i = 0; i < NV; ++i) acc[s][i] = first ? vec_t<T>{} : loadv<T>(out + s * Os + i * L);
   for (int64_t k = begin; k < end; ++k) {
     const T v = val[k];
     const T* x = X + off[k];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
-    for (int i = 0; i < NV; ++i) acc[i] += v * loadv<T>(x + i * L);
+      for (int i = 0; i < NV; ++i) acc[s][i] += v * loadv<T>(x + s * Xs + i * L);
   }
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
-  for (int i = 0; i < NV; ++i) storev<T>(out + i * L, acc[i]);
+    for (int i = 0; i < NV; ++i) storev<T>(out + s * Os + i * L, acc[s][i]);
 }
 
 // Where the values of grid positions go. The grid is Wg wide; the output keeps its first OW
@@ -170,34 +172,56 @@ struct GridStore {
 // again, and that cost more than it saved (32 and 64 rows were both slower than 128).
 constexpr int64_t kRowGroup = 128;
 
-// One chunk of W grid positions from n0, for the rows [r_begin, r_end): group by group of rows,
-// block by block of input channels (see shifted_rows). ``acc`` holds kRowGroup * W values.
-template <typename T, int W>
-inline void shifted_pass(const int64_t* blk, int64_t NB, const int64_t* off, const T* val,
-                         const T* X, T* Y, int64_t r_begin, int64_t r_end, int64_t n0, int64_t Lo,
-                         const GridStore<T>& st, bool direct, T* acc) {
-  for (int64_t g0 = r_begin; g0 < r_end; g0 += kRowGroup) {
-    const int64_t g1 = std::min(g0 + kRowGroup, r_end);
-    for (int64_t b = 0; b < NB; ++b) {
+// What the passes of one thread over one convolution share: the rows [r_begin, r_end), the
+// non-zeros (blk: where each row's non-zeros of each block of input channels begin), sample
+// planes Xb floats apart in X and Yb in Y, and ``acc``, kRowGroup * kChunk values.
+template <typename T>
+struct Shifted {
+  const int64_t *blk, NB, *off;
+  const T *val, *X;
+  int64_t Xb;
+  T* Y;
+  int64_t Yb, r_begin, r_end, Lo;
+  const GridStore<T>& st;
+  bool direct;  // the grid is the output: partial sums wait in it, not in acc
+  T* acc;
+};
+
+// One chunk of W grid positions from n0, for S samples from sample b at once: group by group of
+// rows, block by block of input channels (see shifted_rows). Uses kRowGroup * S * W of acc.
+template <typename T, int W, int S>
+inline void shifted_pass(const Shifted<T>& a, int64_t b, int64_t n0) {
+  const T* X = a.X + b * a.Xb + n0;
+  T* Y = a.Y + b * a.Yb;
+  for (int64_t g0 = a.r_begin; g0 < a.r_end; g0 += kRowGroup) {
+    const int64_t g1 = std::min(g0 + kRowGroup, a.r_end);
+    for (int64_t bl = 0; bl < a.NB; ++bl) {
       for (int64_t r = g0; r < g1; ++r) {
-        const int64_t* kb = blk + r * (NB + 1) + b;
-        if (b > 0 && kb[0] == kb[1]) continue;  // nothing to add
-        T* out = direct ? Y + r * Lo + n0 : acc + (r - g0) * W;
-        shifted_chunk<T, W>(kb[0], kb[1], off, val, X + n0, out, b == 0);
+        const int64_t* kb = a.blk + r * (a.NB + 1) + bl;
+        if (bl > 0 && kb[0] == kb[1]) continue;  // nothing to add
+        if (a.direct)
+          shifted_chunk<T, W, S>(kb[0], kb[1], a.off, a.val, X, a.Xb, Y + r * a.Lo + n0, a.Yb,
+                                 bl == 0);
+        else
+          shifted_chunk<T, W, S>(kb[0], kb[1], a.off, a.val, X, a.Xb, a.acc + (r - g0) * S * W,
+                                 W, bl == 0);
       }
     }
-    if (!direct)
+    if (!a.direct)
       for (int64_t r = g0; r < g1; ++r)
-        st.put(acc + (r - g0) * W, W, n0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
+        for (int s = 0; s < S; ++s)
+          a.st.put(a.acc + ((r - g0) * S + s) * W, W, n0, Y + s * a.Yb + r * a.Lo,
+                   a.st.bias ? a.st.bias[r] : T(0));
   }
 }
 
-// Y[r * Lo + n] = sum_k val[k] * X[off[k] + n], n < N, for the rows r this thread is given.
-// ``blk`` (rows x (NB + 1)) splits each row's non-zeros by block of input channels.
+// Y_b[r * Lo + n] = sum_k val[k] * X_b[off[k] + n], n < N, for every sample b (X_b = X + b * Xb,
+// Y_b = Y + b * Yb) and the rows r this thread is given. ``blk`` (rows x (NB + 1)) splits each
+// row's non-zeros by block of input channels.
 template <typename T, int W>
 inline void shifted_rows(const int64_t* crow, const int64_t* blk, int64_t NB, const int64_t* off,
-                         const T* val, const T* X, T* Y, int64_t rows, int64_t N, int64_t Lo,
-                         const GridStore<T>& st) {
+                         const T* val, const T* X, T* Y, int64_t B, int64_t rows, int64_t N,
+                         int64_t Lo, int64_t Xb, int64_t Yb, const GridStore<T>& st) {
   // this thread's rows (a static split, as an omp for would make), then chunk by chunk of the
   // plane, and within a chunk block by block of input channels: for one chunk and one block,
   // every row of a group reads the same window of those channels' planes (chunk + halo per
@@ -209,62 +233,66 @@ inline void shifted_rows(const int64_t* crow, const int64_t* blk, int64_t NB, co
   const int64_t r_begin = rows * tid / nt, r_end = rows * (tid + 1) / nt;
   const bool direct = st.OW == st.Wg && st.bias == nullptr;
   alignas(64) T acc[kRowGroup * W];
-  int64_t n0 = 0;
-  for (; n0 + W <= N; n0 += W)
-    shifted_pass<T, W>(blk, NB, off, val, X, Y, r_begin, r_end, n0, Lo, st, direct, acc);
-  // the rest: one more chunk that ends at N, overlapping the chunk before it, whose positions
-  // there it computes again, in the same order, so that they come out the same (a scalar loop
-  // over the rest cost several times its share of the work). A narrow chunk keeps fewer
-  // partial sums in flight, so it runs at a fraction of a whole chunk's speed: a whole chunk
-  // unless the rest fits in a quarter one; a plane under one chunk takes narrower ones.
-  auto pass_w = [&](int64_t at) {
-    shifted_pass<T, W>(blk, NB, off, val, X, Y, r_begin, r_end, at, Lo, st, direct, acc);
-  };
-  auto pass_half = [&](int64_t at) {
-    shifted_pass<T, W / 2>(blk, NB, off, val, X, Y, r_begin, r_end, at, Lo, st, direct, acc);
-  };
-  auto pass_quarter = [&](int64_t at) {
-    shifted_pass<T, W / 4>(blk, NB, off, val, X, Y, r_begin, r_end, at, Lo, st, direct, acc);
-  };
-  if (n0 > 0 && N - n0 > W / 4) {
-    pass_w(N - W);
-  } else if (n0 > 0 && N > n0) {
-    pass_quarter(N - W / 4);
-  } else if (n0 == 0 && N >= W / 2) {
-    pass_half(0);
-    if (N - W / 2 > W / 4)
-      pass_half(N - W / 2);
-    else if (N > W / 2)
-      pass_quarter(N - W / 4);
-  } else if (n0 == 0 && N >= W / 4) {
-    pass_quarter(0);
-    if (N > W / 4) pass_quarter(N - W / 4);
-  } else if (n0 == 0) {  // a plane smaller than the narrowest chunk
+  const Shifted<T> a{blk, NB, off, val, X, Xb, Y, Yb, r_begin, r_end, Lo, st, direct, acc};
+  int64_t b = 0;
+  if (N >= W) {
+    // Whole chunks, then one more that ends at N and overlaps the chunk before it: it computes
+    // the positions there again, in the same order, so that they come out the same (a scalar
+    // loop over the rest cost several times its share of the work). A rest that fits in a
+    // quarter chunk takes a quarter one (fewer sums in flight, but a quarter of the work).
+    for (; b < B; ++b) {
+      int64_t n0 = 0;
+      for (; n0 + W <= N; n0 += W) shifted_pass<T, W, 1>(a, b, n0);
+      if (N - n0 > W / 4)
+        shifted_pass<T, W, 1>(a, b, N - W);
+      else if (N > n0)
+        shifted_pass<T, W / 4, 1>(a, b, N - W / 4);
+    }
+  } else if (N >= W / 2) {
+    // a plane under one chunk: half chunks of two samples at once (as many sums in flight as a
+    // whole chunk), the second ending at N
+    for (; b + 2 <= B; b += 2) {
+      shifted_pass<T, W / 2, 2>(a, b, 0);
+      if (N > W / 2) shifted_pass<T, W / 2, 2>(a, b, N - W / 2);
+    }
+  } else if (N >= W / 4) {
+    for (; b + 4 <= B; b += 4) {  // quarter chunks of four samples at once
+      shifted_pass<T, W / 4, 4>(a, b, 0);
+      if (N > W / 4) shifted_pass<T, W / 4, 4>(a, b, N - W / 4);
+    }
+  }
+  // samples left over from the groups above, one at a time; planes under a quarter chunk
+  // position by position
+  for (; b < B; ++b) {
+    if (N >= W / 4) {
+      for (int64_t n0 = 0; n0 < N; n0 += W / 4)
+        shifted_pass<T, W / 4, 1>(a, b, std::min(n0, N - W / 4));
+      continue;
+    }
     for (int64_t r = r_begin; r < r_end; ++r) {
-      T* __restrict__ y = direct ? Y + r * Lo : acc;
+      T* __restrict__ y = direct ? Y + b * Yb + r * Lo : acc;
       for (int64_t n = 0; n < N; ++n) y[n] = T(0);
       for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
         const T v = val[k];
-        const T* __restrict__ x = X + off[k];
+        const T* __restrict__ x = X + b * Xb + off[k];
 #pragma omp simd
         for (int64_t n = 0; n < N; ++n) y[n] += v * x[n];
       }
-      if (!direct) st.put(acc, N, 0, Y + r * Lo, st.bias ? st.bias[r] : T(0));
+      if (!direct) st.put(acc, N, 0, Y + b * Yb + r * Lo, st.bias ? st.bias[r] : T(0));
     }
   }
 }
 
 constexpr int kChunk = 64;  // grid positions per chunk of shifted_rows
 
-// Y[b] = shifted_rows(X[b]) for every sample b: X planes of Xb floats per sample, Y of Yb.
+// shifted_rows for every sample: X planes of Xb floats per sample, Y of Yb.
 template <typename T>
 void shifted_spmm(const int64_t* crow, const int64_t* blk, int64_t NB, const int64_t* off,
                   const T* val, const T* X, T* Y, int64_t B, int64_t rows, int64_t N, int64_t Lo,
                   int64_t Xb, int64_t Yb, const GridStore<T>& st) {
   const int nt = team();
 #pragma omp parallel if (nt > 1) num_threads(nt)
-  for (int64_t b = 0; b < B; ++b)
-    shifted_rows<T, kChunk>(crow, blk, NB, off, val, X + b * Xb, Y + b * Yb, rows, N, Lo, st);
+  shifted_rows<T, kChunk>(crow, blk, NB, off, val, X, Y, B, rows, N, Lo, Xb, Yb, st);
 }
 
 // Where each row's non-zeros of each block of ``per`` input channels begin: (rows, NB + 1)
@@ -308,67 +336,75 @@ int64_t channels_per_block(int64_t kh, int64_t kw, int64_t Wp) {
   return std::max<int64_t>(1, (24 * 1024) / window);
 }
 
+// part[k] += lane-wise sum of G[r, n] * X[off[k] + n] over the NV vectors of positions from n0,
+// for the non-zeros k of the rows [r_begin, r_end), with G taken as zero at the first ``seen``
+// positions (counted by the chunk before: a chunk that ends at the plane's end overlaps it).
+template <typename T, int NV>
+inline void sampled_chunk(const int64_t* crow, const int64_t* off, const T* G, const T* X,
+                          vec_t<T>* part, int64_t r_begin, int64_t r_end, int64_t Lg, int64_t n0,
+                          int64_t seen) {
+  constexpr int L = kLanes<T>;
+  alignas(64) T gt[NV * L];
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T* gr = G + r * Lg + n0;
+    if (seen > 0) {
+      for (int64_t i = 0; i < NV * L; ++i) gt[i] = i < seen ? T(0) : gr[i];
+      gr = gt;
+    }
+    vec_t<T> g[NV];
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) g[i] = loadv<T>(gr + i * L);
+    for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+      const T* x = X + off[k] + n0;
+      vec_t<T> d = g[0] * loadv<T>(x);
+#pragma GCC unroll 4
+      for (int i = 1; i < NV; ++i) d += g[i] * loadv<T>(x + i * L);
+      part[k] += d;
+    }
+  }
+}
+
 // dval[k] = sum_b sum_{n < N} G[b, r, n] * X[b, off[k] + n] for the non-zeros k of row r.
 // Chunk-outer as in shifted_rows: for one chunk of the plane, the input window of every channel
 // stays in L1 while this thread's rows and their non-zeros go by; each non-zero keeps a vector of
-// lane-wise partial sums (part, nnz x lanes) until the end, then one horizontal sum.
+// lane-wise partial sums (part, nnz x lanes) until the end, then one horizontal sum. Chunks of
+// four vectors, the last ending at N (its overlap with the chunk before weighted by zero: a
+// scalar loop over the rest cost several times its share); a plane under four vectors in
+// one-vector chunks, one under one vector position by position.
 template <typename T>
 void shifted_sampled(const int64_t* crow, const int64_t* off, const T* G, const T* X, T* dval,
                      int64_t B, int64_t rows, int64_t N, int64_t Lg, int64_t Gb, int64_t Xb) {
-  constexpr int L = kLanes<T>, NV = 4, CW = NV * L;  // a chunk: four vectors
+  constexpr int L = kLanes<T>, CW = 4 * L;
   std::vector<vec_t<T>> part(crow[rows]);
   const int nt = team();
 #pragma omp parallel if (nt > 1) num_threads(nt)
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t r_begin = rows * tid / nt, r_end = rows * (tid + 1) / nt;
-    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) part[k] = vec_t<T>{};
+    vec_t<T>* pt = part.data();
+    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) pt[k] = vec_t<T>{};
     for (int64_t b = 0; b < B; ++b) {
       const T* Gs = G + b * Gb;
       const T* Xs = X + b * Xb;
       int64_t n0 = 0;
-      for (; n0 + CW <= N; n0 += CW) {
-        for (int64_t r = r_begin; r < r_end; ++r) {
-          vec_t<T> g[NV];
-#pragma GCC unroll 4
-          for (int i = 0; i < NV; ++i) g[i] = loadv<T>(Gs + r * Lg + n0 + i * L);
-          for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
-            const T* x = Xs + off[k] + n0;
-            vec_t<T> d = g[0] * loadv<T>(x);
-#pragma GCC unroll 4
-            for (int i = 1; i < NV; ++i) d += g[i] * loadv<T>(x + i * L);
-            part[k] += d;
-          }
-        }
-      }
-      if (n0 < N && N >= CW) {
-        // the last, partial chunk: one more whole chunk that ends at N, with the output
-        // gradient zeroed at the positions already counted (a scalar loop over the remainder
-        // cost several times its share)
-        const int64_t c0 = N - CW, seen = n0 - c0;
-        alignas(64) T gt[CW];
-        for (int64_t r = r_begin; r < r_end; ++r) {
-          const T* gr = Gs + r * Lg + c0;
-          for (int64_t i = 0; i < CW; ++i) gt[i] = i < seen ? T(0) : gr[i];
-          vec_t<T> g[NV];
-#pragma GCC unroll 4
-          for (int i = 0; i < NV; ++i) g[i] = loadv<T>(gt + i * L);
-          for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
-            const T* x = Xs + off[k] + c0;
-            vec_t<T> d = g[0] * loadv<T>(x);
-#pragma GCC unroll 4
-            for (int i = 1; i < NV; ++i) d += g[i] * loadv<T>(x + i * L);
-            part[k] += d;
-          }
-        }
-      } else if (n0 < N) {  // a plane smaller than one chunk: into lane 0
+      if (N >= CW) {
+        for (; n0 + CW <= N; n0 += CW)
+          sampled_chunk<T, 4>(crow, off, Gs, Xs, pt, r_begin, r_end, Lg, n0, 0);
+        if (n0 < N)
+          sampled_chunk<T, 4>(crow, off, Gs, Xs, pt, r_begin, r_end, Lg, N - CW, n0 - (N - CW));
+      } else if (N >= L) {
+        for (; n0 + L <= N; n0 += L)
+          sampled_chunk<T, 1>(crow, off, Gs, Xs, pt, r_begin, r_end, Lg, n0, 0);
+        if (n0 < N)
+          sampled_chunk<T, 1>(crow, off, Gs, Xs, pt, r_begin, r_end, Lg, N - L, n0 - (N - L));
+      } else {
         for (int64_t r = r_begin; r < r_end; ++r) {
           const T* __restrict__ g = Gs + r * Lg;
           for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
             const T* __restrict__ x = Xs + off[k];
             T acc = T(0);
-            for (int64_t n = n0; n < N; ++n) acc += g[n] * x[n];
-            part[k][0] += acc;
+            for (int64_t n = 0; n < N; ++n) acc += g[n] * x[n];
+            pt[k][0] += acc;
           }
         }
       }
@@ -376,7 +412,7 @@ void shifted_sampled(const int64_t* crow, const int64_t* off, const T* G, const 
     for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) {
       T total = T(0);
 #pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) total += part[k][l];
+      for (int l = 0; l < L; ++l) total += pt[k][l];
       dval[k] = total;
     }
   }
