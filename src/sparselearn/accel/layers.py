@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
@@ -366,7 +365,10 @@ class _SparseConv2dFn(torch.autograd.Function):
         if padding == (0, 0):
             xp = x.contiguous()
         else:
-            xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0])).contiguous()
+            # the padded input: the one phase plane of stride 1 (the compiled kernel writes it
+            # in parallel, into memory backed by huge pages; F.pad in the fallback)
+            h, w = x.shape[2:]
+            xp = ops.phase_planes(x, 1, *padding, h + 2 * padding[0], w + 2 * padding[1])
         oh = (xp.shape[2] - kh) // stride + 1
         ow = (xp.shape[3] - kw) // stride + 1
         y = ops.conv2d_forward(

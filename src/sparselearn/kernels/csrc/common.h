@@ -6,6 +6,9 @@
 #include <torch/types.h>
 
 #include <omp.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -75,6 +78,31 @@ inline int team(int64_t work = kParallelWork) {
   if (work < kParallelWork) return 1;
   const int all = omp_get_max_threads();
   return tl_thread_limit > 0 ? std::min(tl_thread_limit, all) : all;
+}
+
+// Large tensors the kernels write from scratch are backed by transparent huge pages where Linux
+// offers them (THP "always" or "madvise"): an allocation of tens of MiB comes fresh from mmap and
+// page-faults on first touch, one 4 KiB page at a time, which cost about as much as the kernel's
+// own work on it; 2 MiB pages fault 512 times less often. (PyTorch does the same for every
+// allocation under THP_MEM_ALLOC_ENABLE=1.) Only advice: where there is no THP nothing changes.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t begin = (uintptr_t(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (uintptr_t(p) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// torch::empty for a large output (see advise_huge_pages).
+inline torch::Tensor empty_output(at::IntArrayRef sizes, const torch::TensorOptions& options) {
+  auto t = torch::empty(sizes, options);
+  if (t.device().is_cpu()) advise_huge_pages(t.data_ptr(), t.nbytes());
+  return t;
 }
 
 constexpr int64_t kPrefetch = 8;  // non-zeros ahead whose panel rows are prefetched

@@ -446,7 +446,7 @@ torch::Tensor margin_grid(const torch::Tensor& g, int64_t Hp, int64_t Wp, int64_
   const int64_t M = (kh - 1) * Wp + kw - 1, Lg = M + Hp * Wp;
   thread_local torch::Tensor kept;
   if (!kept.defined() || kept.numel() < B * O * Lg || kept.scalar_type() != g.scalar_type())
-    kept = torch::empty({B * O * Lg}, g.options());
+    kept = empty_output({B * O * Lg}, g.options());
   auto Gm = kept.narrow(0, 0, B * O * Lg).view({B, O, Lg});
   Gm.narrow(2, 0, M).zero_();
   auto rows = Gm.narrow(2, M, OH * Wp).view({B, O, OH, Wp});
@@ -473,7 +473,7 @@ torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tenso
   if (stride == 1) {
     const int64_t B = xp.size(0), Hp = xp.size(2), Wp = xp.size(3), plane = Hp * Wp;
     auto off = plane_offsets(col, kh, kw, Wp, plane, 1, 0);
-    auto y = torch::empty({B, out_channels, OH, OW}, xp.options());
+    auto y = empty_output({B, out_channels, OH, OW}, xp.options());
     const int64_t N = (OH - 1) * Wp + OW;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv2d_forward", [&] {
       const GridStore<scalar_t> st{Wp, OW, bias ? bias->data_ptr<scalar_t>() : nullptr};
@@ -487,7 +487,7 @@ torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tenso
     });
     return y;
   }
-  auto y = torch::empty({xp.size(0), out_channels, OH, OW}, xp.options());
+  auto y = empty_output({xp.size(0), out_channels, OH, OW}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv2d_forward", [&] {
     conv_forward<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
                            val.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(),
@@ -507,7 +507,7 @@ torch::Tensor grad_input_s1(const torch::Tensor& crowT, const torch::Tensor& col
                             int64_t kw) {
   const int64_t M = (kh - 1) * Wp + kw - 1, Lg = M + Hp * Wp;
   auto off = plane_offsets(colT, kh, kw, Wp, Lg, -1, M);
-  auto gxp = torch::empty({B, in_channels, Hp, Wp}, Gm.options());
+  auto gxp = empty_output({B, in_channels, Hp, Wp}, Gm.options());
   AT_DISPATCH_FLOATING_TYPES(Gm.scalar_type(), "conv2d_grad_input", [&] {
     const GridStore<scalar_t> st{Wp, Wp, nullptr};  // every position, in place
     int64_t NB = 1;  // blocks of output channels, whose gradient planes are read here
@@ -542,7 +542,7 @@ torch::Tensor grad_input_direct(const torch::Tensor& crowT, const torch::Tensor&
                                 const torch::Tensor& valT, const torch::Tensor& g,
                                 int64_t in_channels, int64_t Hp, int64_t Wp, int64_t kh,
                                 int64_t kw, int64_t stride) {
-  auto gxp = torch::empty({g.size(0), in_channels, Hp, Wp}, g.options());
+  auto gxp = empty_output({g.size(0), in_channels, Hp, Wp}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_input", [&] {
     conv_grad_input<scalar_t>(crowT.data_ptr<int64_t>(), colT.data_ptr<int64_t>(),
                               valT.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),

@@ -97,7 +97,7 @@ torch::Tensor phase_planes(torch::Tensor x, int64_t s, int64_t ph, int64_t pw, i
               "x must be (N, C, H, W), the stride >= 1 and the padding >= 0");
   x = x.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  auto P = torch::empty({N, s * s * C, hq, wq}, x.options());
+  auto P = empty_output({N, s * s * C, hq, wq}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "phase_planes", [&] {
     with_stride(s, [&](auto S) {
       phase_planes_kernel<scalar_t, S>(x.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(), N, C, H,
@@ -113,7 +113,7 @@ torch::Tensor phase_planes_grad(torch::Tensor gP, int64_t s, int64_t ph, int64_t
               "gP must be (N, s*s*C, hq, wq)");
   gP = gP.contiguous();
   const int64_t N = gP.size(0), C = gP.size(1) / (s * s), hq = gP.size(2), wq = gP.size(3);
-  auto gx = torch::empty({N, C, H, W}, gP.options());
+  auto gx = empty_output({N, C, H, W}, gP.options());
   AT_DISPATCH_FLOATING_TYPES(gP.scalar_type(), "phase_planes_grad", [&] {
     with_stride(s, [&](auto S) {
       phase_planes_grad_kernel<scalar_t, S>(gP.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), N,
