@@ -433,6 +433,27 @@ torch::Tensor plane_offsets(const torch::Tensor& col, int64_t kh, int64_t kw, in
   return off;
 }
 
+// Gm[p, M + oy * Wp + ox] = g[p, oy, ox] for every plane p, zero elsewhere in the Lg = M + Hp * Wp
+// values of each plane (see margin_grid); plane by plane, in parallel.
+template <typename T>
+void margin_fill(const T* g, T* Gm, int64_t planes, int64_t OH, int64_t OW, int64_t Hp,
+                 int64_t Wp, int64_t M) {
+  const int64_t Lg = M + Hp * Wp;
+  const int nt = team(planes * Lg);
+#pragma omp parallel for schedule(static) if (nt > 1) num_threads(nt)
+  for (int64_t p = 0; p < planes; ++p) {
+    const T* in = g + p * OH * OW;
+    T* out = Gm + p * Lg;
+    std::fill(out, out + M, T(0));
+    for (int64_t oy = 0; oy < OH; ++oy) {
+      T* row = out + M + oy * Wp;
+      std::copy(in + oy * OW, in + (oy + 1) * OW, row);
+      std::fill(row + OW, row + Wp, T(0));
+    }
+    std::fill(out + M + OH * Wp, out + Lg, T(0));
+  }
+}
+
 // The output gradient on the padded-width grid, zero in the dropped columns, after a margin of
 // M = (kh - 1) * Wp + kw - 1 zeros: Gm[b, o, M + oy * Wp + ox] = g[b, o, oy, ox]; planes of
 // M + Hp * Wp floats, so that the input gradient can read Gm[n + M - ky * Wp - kx] for every n.
@@ -448,11 +469,10 @@ torch::Tensor margin_grid(const torch::Tensor& g, int64_t Hp, int64_t Wp, int64_
   if (!kept.defined() || kept.numel() < B * O * Lg || kept.scalar_type() != g.scalar_type())
     kept = empty_output({B * O * Lg}, g.options());
   auto Gm = kept.narrow(0, 0, B * O * Lg).view({B, O, Lg});
-  Gm.narrow(2, 0, M).zero_();
-  auto rows = Gm.narrow(2, M, OH * Wp).view({B, O, OH, Wp});
-  rows.narrow(3, 0, OW).copy_(g);
-  if (Wp > OW) rows.narrow(3, OW, Wp - OW).zero_();
-  if (Hp > OH) Gm.narrow(2, M + OH * Wp, (Hp - OH) * Wp).zero_();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "margin_grid", [&] {
+    margin_fill<scalar_t>(g.data_ptr<scalar_t>(), Gm.data_ptr<scalar_t>(), B * O, OH, OW, Hp, Wp,
+                          M);
+  });
   return Gm;
 }
 
