@@ -260,11 +260,11 @@ def bench_models(repeats: int) -> list[str]:
     rows = [
         "| model (CIFAR-10 shape, batch 64, 5%) | train dense / accelerated ms | train speedup "
         "| FLOP speedup (as computed / paper) | inference dense / accelerated ms "
-        "| inference speedup | FLOP speedup | layers sparse |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| inference speedup | FLOP speedup | layers sparse | target (train / inference) | |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     reps = max(3, repeats // 2)
-    for name in ("vgg-d", "wrn-16-8"):
+    for name, target in (("vgg-d", 2.5), ("wrn-16-8", 2.5), ("resnet18", 2.0)):
         x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
         built = []
         extra = ("", "", "")
@@ -291,7 +291,8 @@ def bench_models(repeats: int) -> list[str]:
         fl_train, fl_inf, n_sparse = extra
         rows.append(
             f"| {name} | {dt:.0f} / {st:.0f} | {dt / st:.2f}x | {fl_train} | {di:.0f} / {si:.0f} "
-            f"| {di / si:.2f}x | {fl_inf} | {n_sparse} |"
+            f"| {di / si:.2f}x | {fl_inf} | {n_sparse} | {target:g}x / 3x "
+            f"| {'met' if dt / st >= target and di / si >= 3 else '**missed**'} |"
         )
         del built
     return rows

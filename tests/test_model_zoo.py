@@ -59,6 +59,8 @@ def test_parameter_counts_match_the_architectures() -> None:
     assert 1.4e6 < count(create_model("wrn-28-2", (3, 32, 32), 10)) < 1.5e6
     assert 10.9e6 < count(create_model("wrn-16-8", (3, 32, 32), 10)) < 11.0e6
     assert 15.2e6 < count(create_model("vgg-d", (3, 32, 32), 10)) < 15.3e6
+    # ResNet-18 for CIFAR-10 (3x3 stem, 1x1 projection shortcuts): 11,173,962
+    assert count(create_model("resnet18", (3, 32, 32), 10)) == 11_173_962
 
 
 def test_input_shapes_adapt() -> None:

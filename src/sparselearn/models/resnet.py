@@ -1,4 +1,5 @@
-"""ResNet-50 (He et al. 2016, bottleneck v1.5: the stride sits in the 3x3 convolution).
+"""ResNet-18 and ResNet-50 (He et al. 2016; ResNet-50's bottleneck is v1.5: the stride sits in
+the 3x3 convolution).
 
 For inputs of 64 pixels or less, the stem is a 3x3 stride-1 convolution without max-pooling
 (the usual CIFAR adaptation); ImageNet-sized inputs get the standard 7x7 stride-2 stem.
@@ -11,6 +12,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import InputShape, register_model
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        nn.init.zeros_(self.bn2.weight)  # each block starts as the identity
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(c_in, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+            if stride != 1 or c_in != width
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class Bottleneck(nn.Module):
@@ -39,8 +62,14 @@ class Bottleneck(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
-class ResNet50(nn.Module):
-    def __init__(self, input_shape: InputShape, num_classes: int) -> None:
+class ResNet(nn.Module):
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        blocks: tuple[int, int, int, int],
+        input_shape: InputShape,
+        num_classes: int,
+    ) -> None:
         super().__init__()
         small = max(input_shape[1:]) <= 64
         if small:
@@ -56,10 +85,10 @@ class ResNet50(nn.Module):
             )
         layers: list[nn.Module] = []
         c_in = 64
-        for width, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
-            for i in range(blocks):
-                layers.append(Bottleneck(c_in, width, stride if i == 0 else 1))
-                c_in = width * Bottleneck.expansion
+        for width, n, stride in zip((64, 128, 256, 512), blocks, (1, 2, 2, 2), strict=True):
+            for i in range(n):
+                layers.append(block(c_in, width, stride if i == 0 else 1))
+                c_in = width * block.expansion
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, num_classes)
         for m in self.modules():
@@ -71,6 +100,11 @@ class ResNet50(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+@register_model("resnet18")
+def resnet18(input_shape: InputShape, num_classes: int) -> nn.Module:
+    return ResNet(BasicBlock, (2, 2, 2, 2), input_shape, num_classes)
+
+
 @register_model("resnet50")
 def resnet50(input_shape: InputShape, num_classes: int) -> nn.Module:
-    return ResNet50(input_shape, num_classes)
+    return ResNet(Bottleneck, (3, 4, 6, 3), input_shape, num_classes)
