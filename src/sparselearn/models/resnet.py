@@ -14,6 +14,13 @@ from torch import nn
 from ._registry import InputShape, register_model
 
 
+def _projection(c_in: int, c_out: int, stride: int) -> nn.Module | None:
+    """The shortcut's 1x1 convolution and batch norm, where the block changes shape."""
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -24,11 +31,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         nn.init.zeros_(self.bn2.weight)  # each block starts as the identity
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(c_in, width, 1, stride, bias=False), nn.BatchNorm2d(width))
-            if stride != 1 or c_in != width
-            else None
-        )
+        self.downsample = _projection(c_in, width, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -49,11 +52,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c_out)
         nn.init.zeros_(self.bn3.weight)  # each block starts as the identity
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-            if stride != 1 or c_in != c_out
-            else None
-        )
+        self.downsample = _projection(c_in, c_out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
