@@ -228,9 +228,8 @@ CONV_CASES = [
 
 
 def conv_verdict(train: float, inference: float, target: float) -> str:
-    if train < target:
-        return "**missed**"
-    return "met" if inference >= train else "**missed** (inference)"
+    result = verdict(train, target)
+    return result if result != "met" or inference >= train else "**missed** (inference)"
 
 
 def bench_conv(repeats: int) -> list[str]:
@@ -292,7 +291,7 @@ def bench_models(repeats: int) -> list[str]:
         rows.append(
             f"| {name} | {dt:.0f} / {st:.0f} | {dt / st:.2f}x | {fl_train} | {di:.0f} / {si:.0f} "
             f"| {di / si:.2f}x | {fl_inf} | {n_sparse} | {target:g}x / 3x "
-            f"| {'met' if dt / st >= target and di / si >= 3 else '**missed**'} |"
+            f"| {verdict(dt / st, target) if di / si >= 3 else '**missed**'} |"
         )
         del built
     return rows
