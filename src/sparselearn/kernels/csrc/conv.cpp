@@ -364,6 +364,19 @@ inline void sampled_chunk(const int64_t* crow, const int64_t* off, const T* G, c
   }
 }
 
+// sampled_chunk over a whole plane of N >= NV * lanes positions: chunk by chunk, the last ending
+// at N (its overlap with the chunk before weighted by zero).
+template <typename T, int NV>
+inline void sampled_plane(const int64_t* crow, const int64_t* off, const T* G, const T* X,
+                          vec_t<T>* part, int64_t r_begin, int64_t r_end, int64_t Lg, int64_t N) {
+  constexpr int64_t CW = NV * kLanes<T>;
+  int64_t n0 = 0;
+  for (; n0 + CW <= N; n0 += CW)
+    sampled_chunk<T, NV>(crow, off, G, X, part, r_begin, r_end, Lg, n0, 0);
+  if (n0 < N)
+    sampled_chunk<T, NV>(crow, off, G, X, part, r_begin, r_end, Lg, N - CW, n0 - (N - CW));
+}
+
 // dval[k] = sum_b sum_{n < N} G[b, r, n] * X[b, off[k] + n] for the non-zeros k of row r.
 // Chunk-outer as in shifted_rows: for one chunk of the plane, the input window of every channel
 // stays in L1 while this thread's rows and their non-zeros go by; each non-zero keeps a vector of
@@ -386,17 +399,10 @@ void shifted_sampled(const int64_t* crow, const int64_t* off, const T* G, const 
     for (int64_t b = 0; b < B; ++b) {
       const T* Gs = G + b * Gb;
       const T* Xs = X + b * Xb;
-      int64_t n0 = 0;
       if (N >= CW) {
-        for (; n0 + CW <= N; n0 += CW)
-          sampled_chunk<T, 4>(crow, off, Gs, Xs, pt, r_begin, r_end, Lg, n0, 0);
-        if (n0 < N)
-          sampled_chunk<T, 4>(crow, off, Gs, Xs, pt, r_begin, r_end, Lg, N - CW, n0 - (N - CW));
+        sampled_plane<T, 4>(crow, off, Gs, Xs, pt, r_begin, r_end, Lg, N);
       } else if (N >= L) {
-        for (; n0 + L <= N; n0 += L)
-          sampled_chunk<T, 1>(crow, off, Gs, Xs, pt, r_begin, r_end, Lg, n0, 0);
-        if (n0 < N)
-          sampled_chunk<T, 1>(crow, off, Gs, Xs, pt, r_begin, r_end, Lg, N - L, n0 - (N - L));
+        sampled_plane<T, 1>(crow, off, Gs, Xs, pt, r_begin, r_end, Lg, N);
       } else {
         for (int64_t r = r_begin; r < r_end; ++r) {
           const T* __restrict__ g = Gs + r * Lg;
