@@ -87,7 +87,10 @@ results-gpt: $(STAMP)
 # The paper's budget (docs/results.md, "The paper's budget"): LeNet-300-100 for 100 epochs (75
 # runs) and LeNet-5 for 30 epochs with clipping (27 runs), hours on 2 cores (finished runs are
 # skipped, interrupted ones resumed), then their tables, the verdict on each of the paper's
-# claims, learning curves and the class-selectivity analysis.
+# claims, learning curves and the class-selectivity analysis. Their run records (summaries,
+# metrics, configs, logs, the analysis; no checkpoints) are kept in results/, so that
+# results-paper regenerates docs/results.md on a clean clone, and a study resumes where the
+# records end.
 study-paper: $(STAMP) $(FMNIST)
 	$(BIN)/sparselearn study studies/paper_lenet300.yaml
 	$(BIN)/sparselearn study studies/paper_lenet5.yaml
@@ -96,12 +99,12 @@ study-paper: $(STAMP) $(FMNIST)
 CURVES := --curves dense sparse_momentum@0.05 sparse_momentum@0.2
 
 results-paper: $(STAMP) $(FMNIST)
-	$(BIN)/sparselearn report runs/paper-lenet300 --markdown docs/results.md \
+	$(BIN)/sparselearn report results/paper-lenet300 --markdown docs/results.md \
 	  --plots docs/figures/paper --section report-paper-lenet300 --claims $(CURVES)
-	$(BIN)/sparselearn report runs/paper-lenet5 --markdown docs/results.md \
+	$(BIN)/sparselearn report results/paper-lenet5 --markdown docs/results.md \
 	  --plots docs/figures/paper --section report-paper-lenet5 --claims $(CURVES)
-	$(BIN)/sparselearn analyze runs/paper-lenet5/lenet5/dense \
-	  runs/paper-lenet5/lenet5/sparse_momentum/density-0.05 --out docs/figures/paper \
+	$(BIN)/sparselearn analyze results/paper-lenet5/lenet5/dense \
+	  results/paper-lenet5/lenet5/sparse_momentum/density-0.05 --out docs/figures/paper \
 	  --markdown docs/results.md --section analysis-paper
 
 clean:

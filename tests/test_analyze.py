@@ -53,3 +53,30 @@ def test_analyze_runs(tmp_path: Path) -> None:
     assert "<!-- analysis:start -->" in doc.read_text()
     with pytest.raises(FileNotFoundError):
         analyze([tmp_path / "nothing"])
+
+
+def test_analysis_from_records_without_checkpoints(tmp_path: Path) -> None:
+    """A run whose checkpoint is gone is analyzed from the selectivity.json recorded when its
+    checkpoint was: the same table; without either, or with a damaged record, a clear error."""
+    data = write_mnist_like(tmp_path / "mnist", n_train=300, n_test=100)
+    cfg = TrainConfig(
+        model="lenet5", data="mnist", data_dir=str(data), download=False, epochs=1,
+        batch_size=50, method="static", density=0.3,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    measured = specialisation(run)
+    text = analyze([run])
+    (run / "checkpoint.pt").unlink()
+    recorded = specialisation(run)
+    assert [x.layer for x in recorded] == [x.layer for x in measured]
+    assert [x.dead for x in recorded] == [x.dead for x in measured]
+    for a, b in zip(recorded, measured, strict=True):
+        torch.testing.assert_close(a.selectivity, b.selectivity, atol=1e-6, rtol=0)
+    assert analyze([run]) == text
+    (run / "selectivity.json").write_text('{"layers": [{"layer": "conv1"}]}')
+    with pytest.raises(ValueError, match="selectivity.json is damaged"):
+        specialisation(run)
+    (run / "selectivity.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt to analyze"):
+        specialisation(run)

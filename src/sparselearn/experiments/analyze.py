@@ -9,10 +9,15 @@ class specialisation is the class selectivity index (Morcos et al. 2018):
 where ``mu_max`` is its mean activation on its favourite class and ``mu_rest`` the mean over the
 other classes: 0 when it responds to every class alike, 1 when it responds to one class only.
 Units that never activate on the test set ("dead") are counted apart.
+
+Each run's result is recorded beside its checkpoint, in ``selectivity.json``; where a run keeps
+no checkpoint (the records of docs/results.md's studies keep none), the analysis reads that
+record instead, so that its table and figure can be regenerated without the trained model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -26,9 +31,10 @@ from ..data.datasets import load_dataset
 from ..models import create_model
 from .config import TrainConfig
 from .report import replace_section
-from .runs import iter_runs, load_yaml
+from .runs import iter_runs, load_yaml, read_json, write_atomic
 
 START, END = "<!-- analysis:start -->", "<!-- analysis:end -->"  # the default section
+RECORD = "selectivity.json"
 
 
 @dataclass(frozen=True)
@@ -46,9 +52,47 @@ def selectivity(class_means: Tensor) -> Tensor:
     return (top - rest) / (top + rest)
 
 
-@torch.no_grad()
 def specialisation(run: Path, batch_size: int = 1000) -> list[LayerSpecialisation]:
-    """Per-layer class selectivity of the trained model in ``run``."""
+    """Per-layer class selectivity of the trained model in ``run``: measured on its checkpoint
+    and recorded in ``selectivity.json``, or read from that record where the run keeps no
+    checkpoint."""
+    run = Path(run)
+    if not (run / "checkpoint.pt").exists():
+        return _read_record(run)
+    layers = _measure(run, batch_size)
+    record = [
+        # six decimals: the tables print three
+        {
+            "layer": x.layer,
+            "dead": x.dead,
+            "selectivity": [round(v, 6) for v in x.selectivity.tolist()],
+        }
+        for x in layers
+    ]
+    write_atomic(run / RECORD, json.dumps({"layers": record}) + "\n")
+    return layers
+
+
+def _read_record(run: Path) -> list[LayerSpecialisation]:
+    path = run / RECORD
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{run} has no checkpoint.pt to analyze, and no {RECORD} measured on one: "
+            "analyze needs the trained model"
+        )
+    try:
+        return [
+            LayerSpecialisation(x["layer"], torch.tensor(x["selectivity"]), int(x["dead"]))
+            for x in read_json(path)["layers"]
+        ]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{path} is damaged ({err!r}); restore it, or the run's checkpoint.pt to measure again"
+        ) from None
+
+
+@torch.no_grad()
+def _measure(run: Path, batch_size: int) -> list[LayerSpecialisation]:
     cfg = TrainConfig.from_dict(load_yaml(run / "config.yaml"))
     data = load_dataset(
         cfg.data,
@@ -104,12 +148,10 @@ def analyze(
     section: str = "analysis",
 ) -> str:
     """Summary statistics per method and layer (pooled over the runs given), and histograms."""
-    import json
-
     groups: dict[str, dict[str, list[LayerSpecialisation]]] = defaultdict(lambda: defaultdict(list))
     model_name = ""
     for run in iter_runs(list(paths)):
-        s = json.loads((run / "summary.json").read_text())
+        s = read_json(run / "summary.json")
         label = s["method"] if s["method"] == "dense" else f"{s['method']} {100 * s['density']:g}%"
         model_name = s["model"]
         for layer in specialisation(run):
