@@ -10,6 +10,9 @@ Usage: ``make bench`` (or ``python benchmarks/op_profile.py --out docs/performan
   planes and as a product over patches;
 - the MLP's inference, op by op (torch profiler), dense and sparse;
 - the per-layer choices of ``sl.accelerate`` on VGG-D and WRN-16-8;
+- a training step of VGG-D, WRN-16-8 and ResNet-18 at 5%, dense and accelerated, split into
+  the layers (sparse kernels, layers left dense), BatchNorm, activations, additions, the
+  optimizer and the rest;
 - the cost of keeping the gradient masked on a layer that stays dense.
 """
 
@@ -39,7 +42,7 @@ from sparselearn.kernels import ops_for
 from sparselearn.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
-from benchmarks.speed import train_step  # a layer's step, timed as speed.py times it
+from benchmarks.speed import full_step, train_step  # steps timed as speed.py times them
 
 START, END = "<!-- profile:start -->", "<!-- profile:end -->"
 
@@ -236,6 +239,65 @@ def model_choices() -> list[str]:
     return out
 
 
+# What each op of a training step is, for the split of a model's step: an op inside the
+# optimizer's step or zero_grad is the optimizer's; otherwise the outermost op around it (or the
+# op itself) whose name holds a category's fragment (lower case) names it. Sparse layers are
+# sparselearn's kernels (the convolutions that run as a product over patches show their backward
+# as the sparse Linear function's); dense layers are those sl.accelerate left to PyTorch.
+STEP_PARTS = (
+    ("sparse layers", ("_sparseconv2dfn", "_phaseplanesfn", "_patchesfn", "_sparselinearfn")),
+    ("dense layers", ("conv", "addmm", "aten::mm", "linear")),
+    ("BatchNorm", ("batch_norm",)),
+    ("activations", ("relu", "threshold")),
+    ("additions", ("aten::add",)),
+)  # fmt: skip
+OPTIMIZER_SCOPES = ("optimizer.step", "optimizer.zero_grad")
+
+
+def step_part(event: Any) -> str:
+    part = "other"
+    while event is not None:
+        name = event.name.lower()
+        if name.startswith(OPTIMIZER_SCOPES):
+            return "optimizer"
+        part = next((p for p, keys in STEP_PARTS if any(k in name for k in keys)), part)
+        event = event.cpu_parent
+    return part
+
+
+def model_step_split() -> list[str]:
+    """A full training step (forward, loss, backward, optimizer) of each CIFAR model at 5%
+    ERK, dense and accelerated, split by op: where the accelerated step's time goes."""
+    parts = [p for p, _ in STEP_PARTS] + ["optimizer", "other"]
+    rows = [
+        "| model (batch 64) | | " + " | ".join(parts) + " | total ms per step |",
+        "|---|---|" + "---:|" * (len(parts) + 1),
+    ]
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    for name in ("vgg-d", "wrn-16-8", "resnet18"):
+        for kind in ("dense", "sparse 5%"):
+            torch.manual_seed(0)
+            model = create_model(name, (3, 32, 32), 10)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            if kind != "dense":
+                engine = sl.sparsify(model, opt, method="static", density=0.05)
+                sl.accelerate(model, engine, x, repeats=3)
+            step = full_step(model, opt, x, y)
+            for _ in range(3):
+                step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    step()
+            ms = dict.fromkeys(parts, 0.0)
+            for e in prof.events():
+                ms[step_part(e)] += e.self_cpu_time_total / 1e3 / 5
+            cells = " | ".join(
+                f"{ms[p]:.1f} ({100 * ms[p] / sum(ms.values()):.0f}%)" for p in parts
+            )
+            rows.append(f"| {name} | {kind} | {cells} | {sum(ms.values()):.0f} |")
+    return rows
+
+
 def masking_ms(engine: Any, n: int) -> tuple[float, float]:
     """Zeroing the inactive entries of one n x n gradient, and a dense layer's step."""
     layer = engine.layers[0]
@@ -323,6 +385,10 @@ def main() -> None:
         ("Convolutions on small outputs: planes or patches (median of 9)", conv_algorithms),
         ("MLP 784-4096x3-10 inference, self CPU time per op (torch profiler)", mlp_inference),
         ("Per-layer choices of `sl.accelerate`", model_choices),
+        (
+            "A training step of each CIFAR model, split by op (self CPU time, torch profiler)",
+            model_step_split,
+        ),
         ("Keeping the gradient masked on a dense layer", gradient_masking),
         ("One RigL mask update on the MLP at 5% (torch profiler)", rigl_update),
     ]:
