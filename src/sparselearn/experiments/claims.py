@@ -6,7 +6,8 @@ accuracy (at 20% it matches or exceeds it), and that it ranks above SET, DSR and
 networks. Each claim is "A is at least B": it **holds** when A's mean is at least B's, **holds
 within error** when A's mean is below B's by no more than two standard errors of the difference
 (sqrt(se_A² + se_B²); with three seeds a rough test, not a significance level), and **fails**
-otherwise.
+otherwise. A side with a single seed has no standard error to judge the difference by: such a
+claim gets its numbers and no verdict.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Verdict:
 
     @property
     def verdict(self) -> str:
+        if min(self.a.n, self.b.n) < 2:
+            return "no verdict (one seed)"
         if self.difference >= 0:
             return "holds"
         if -self.difference <= 2 * self.error:
