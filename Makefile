@@ -99,13 +99,13 @@ study-paper: $(STAMP) $(FMNIST)
 CURVES := --curves dense sparse_momentum@0.05 sparse_momentum@0.2
 
 results-paper: $(STAMP) $(FMNIST)
-	$(BIN)/sparselearn report results/paper-lenet300 --markdown docs/results.md \
-	  --plots docs/figures/paper --section report-paper-lenet300 --claims $(CURVES)
 	$(BIN)/sparselearn report results/paper-lenet5 --markdown docs/results.md \
 	  --plots docs/figures/paper --section report-paper-lenet5 --claims $(CURVES)
 	$(BIN)/sparselearn analyze results/paper-lenet5/lenet5/dense \
 	  results/paper-lenet5/lenet5/sparse_momentum/density-0.05 --out docs/figures/paper \
 	  --markdown docs/results.md --section analysis-paper
+	$(BIN)/sparselearn report results/paper-lenet300 --markdown docs/results.md \
+	  --plots docs/figures/paper --section report-paper-lenet300 --claims $(CURVES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
