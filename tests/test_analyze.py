@@ -75,8 +75,8 @@ def test_analysis_from_records_without_checkpoints(tmp_path: Path) -> None:
         torch.testing.assert_close(a.selectivity, b.selectivity, atol=1e-6, rtol=0)
     assert analyze([run]) == text
     (run / "selectivity.json").write_text('{"layers": [{"layer": "conv1"}]}')
-    with pytest.raises(ValueError, match="selectivity.json is damaged"):
+    with pytest.raises(ValueError, match=r"selectivity\.json is damaged"):
         specialisation(run)
     (run / "selectivity.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no checkpoint.pt to analyze"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint\.pt to analyze"):
         specialisation(run)
