@@ -291,10 +291,9 @@ def model_step_split() -> list[str]:
             ms = dict.fromkeys(parts, 0.0)
             for e in prof.events():
                 ms[step_part(e)] += e.self_cpu_time_total / 1e3 / 5
-            cells = " | ".join(
-                f"{ms[p]:.1f} ({100 * ms[p] / sum(ms.values()):.0f}%)" for p in parts
-            )
-            rows.append(f"| {name} | {kind} | {cells} | {sum(ms.values()):.0f} |")
+            total = sum(ms.values())
+            cells = " | ".join(f"{ms[p]:.1f} ({100 * ms[p] / total:.0f}%)" for p in parts)
+            rows.append(f"| {name} | {kind} | {cells} | {total:.0f} |")
     return rows
 
 

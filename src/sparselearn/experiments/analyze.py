@@ -80,10 +80,11 @@ def _read_record(run: Path) -> list[LayerSpecialisation]:
             f"{run} has no checkpoint.pt to analyze, and no {RECORD} measured on one: "
             "analyze needs the trained model"
         )
+    record = read_json(path)  # not valid JSON: an error that names the file
     try:
         return [
             LayerSpecialisation(x["layer"], torch.tensor(x["selectivity"]), int(x["dead"]))
-            for x in read_json(path)["layers"]
+            for x in record["layers"]
         ]
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(
