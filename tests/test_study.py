@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +82,51 @@ def test_run_in_parallel_and_skip_finished(
     with caplog.at_level("INFO", logger="sparselearn"):
         assert run_study(spec, out=tmp_path / "study", jobs=2) == 0
     assert "2 runs, 2 finished, 0 to run" in caplog.text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_terminated_study_stops_its_trainings(tmp_path: Path) -> None:
+    """SIGTERM to the study stops the training it runs (it would otherwise go on alone, holding
+    its folder, and a restarted study would find the folder in use); the run then resumes."""
+    data = write_mnist_like(tmp_path / "mnist", n_train=200, n_test=50)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"base: {{data: mnist, data_dir: {data}, download: false, epochs: 1000, batch_size: 50}}"
+        "\nmodels: [lenet300-100]\nmethods: {static: {}}\ndensities: [0.2]\nseeds: [1]\n"
+    )
+    run = tmp_path / "study/lenet300-100/static/density-0.2/seed-1"
+    study = subprocess.Popen(
+        [sys.executable, "-m", "sparselearn", "study", str(spec), "--out", str(tmp_path / "study")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint.pt").exists():
+            assert study.poll() is None, study.communicate()[0]
+            assert time.monotonic() < deadline, "the training wrote no checkpoint in 120 s"
+            time.sleep(0.2)
+        training = json.loads((run / ".lock").read_text())["pid"]
+        assert _alive(training)
+        study.send_signal(signal.SIGTERM)
+        output, _ = study.communicate(timeout=60)
+    finally:
+        if study.poll() is None:
+            study.kill()
+    assert study.returncode == 130, output
+    assert "study stopped: 1 running training(s) stopped" in output
+    assert "run the same command to resume" in output
+    assert not _alive(training)
+    assert (run / "checkpoint.pt").exists()
+    assert not (run / "summary.json").exists()
 
 
 def test_variants_of_one_method_are_labelled(tmp_path: Path) -> None:

@@ -15,17 +15,22 @@ Spec (YAML)::
 
 Each run lives in ``<out>/<model>/<method>/density-<d>/seed-<s>`` (dense: ``.../dense/seed-<s>``)
 and is one ``sparselearn train`` process with one thread per job. A run with a summary.json is
-finished and skipped; one with only a checkpoint is resumed.
+finished and skipped; one with only a checkpoint is resumed. A study stopped by Ctrl-C or
+SIGTERM stops its running trainings too (each keeps its checkpoint of the last finished epoch),
+so that the same command resumes them instead of finding their folders still in use.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +173,45 @@ def _command(run: Run, threads: int, resume: bool) -> list[str]:
     return [*cmd, "--resume"] if resume else cmd
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is."""
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises ``_Terminated`` (so that the study can stop its runs);
+    a signal handler can only be set from the main thread, elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(running: list[tuple[Run, subprocess.Popen[bytes], Any]], grace: float = 10.0) -> None:
+    """Terminate the running trainings, then kill those still there after ``grace`` seconds.
+    A training killed mid-epoch loses that epoch only: its checkpoint is written atomically at
+    the end of each one."""
+    for _, proc, _ in running:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    for _, proc, log in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 def run_study(
     spec_path: Path,
     out: Path | None = None,
@@ -205,33 +249,42 @@ def run_study(
     failed: list[Path] = []
     started, done = time.perf_counter(), 0
     queue = list(todo)
-    while queue or running:
-        while queue and len(running) < jobs:
-            run = queue.pop(0)
-            run.folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(run.folder / "study-config.yaml", dump_yaml(run.config))
-            resume = (run.folder / "checkpoint.pt").exists()
-            log = (run.folder / "train.log").open("ab")
-            run_env = {**env, "OMP_NUM_THREADS": str(_threads(run, threads))}
-            proc = subprocess.Popen(
-                _command(run, threads, resume), stdout=log, stderr=log, env=run_env
-            )
-            running.append((run, proc, log))
-        time.sleep(0.5)
-        for item in list(running):
-            run, proc, log = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            log.close()
-            done += 1
-            if proc.returncode != 0:
-                failed.append(run.folder)
-            elapsed = time.perf_counter() - started
+    with _sigterm_as_interrupt():
+        try:
+            while queue or running:
+                while queue and len(running) < jobs:
+                    run = queue.pop(0)
+                    run.folder.mkdir(parents=True, exist_ok=True)
+                    write_atomic(run.folder / "study-config.yaml", dump_yaml(run.config))
+                    resume = (run.folder / "checkpoint.pt").exists()
+                    log = (run.folder / "train.log").open("ab")
+                    run_env = {**env, "OMP_NUM_THREADS": str(_threads(run, threads))}
+                    proc = subprocess.Popen(
+                        _command(run, threads, resume), stdout=log, stderr=log, env=run_env
+                    )
+                    running.append((run, proc, log))
+                time.sleep(0.5)
+                for item in list(running):
+                    run, proc, log = item
+                    if proc.poll() is None:
+                        continue
+                    running.remove(item)
+                    log.close()
+                    done += 1
+                    if proc.returncode != 0:
+                        failed.append(run.folder)
+                    elapsed = time.perf_counter() - started
+                    say(
+                        f"[{done}/{len(todo)}] {'FAILED ' if proc.returncode else ''}"
+                        f"{run.folder} ({elapsed / 60:.1f} min)"
+                    )
+        except KeyboardInterrupt:
+            _stop(running)
             say(
-                f"[{done}/{len(todo)}] {'FAILED ' if proc.returncode else ''}{run.folder} "
-                f"({elapsed / 60:.1f} min)"
+                f"study stopped: {len(running)} running training(s) stopped at their last "
+                f"finished epoch, {len(queue)} not started; run the same command to resume"
             )
+            raise
     say(
         f"study done in {(time.perf_counter() - started) / 60:.1f} min; "
         f"{len(failed)} failed" + "".join(f"\n  see {f / 'train.log'}" for f in failed)
