@@ -392,7 +392,8 @@ def test_demo(
     from sparselearn.data import datasets as ds
 
     fashion = tmp_path / "fashion"
-    write_mnist_like(fashion, n_train=300, n_test=100)
+    # 54 steps an epoch: room for the kernels run's momentum window of 50 before its update
+    write_mnist_like(fashion, n_train=6000, n_test=100)
     info = ds.DATASETS.get("fashion-mnist")
     monkeypatch.setitem(ds.DATASETS._items, "fashion-mnist", replace(info, system_dirs=()))
     assert (
@@ -402,10 +403,27 @@ def test_demo(
         == 0
     )
     out = capsys.readouterr().out
-    assert "dense" in out
-    assert "sparse_momentum (5%)" in out
-    assert "13,310 / 266,200" in out  # 5% of LeNet-300-100's weights
-    assert "5.0%" in out  # inference FLOPs relative to dense
+    table = {
+        line.split("  ")[0]: line
+        for line in out.splitlines()
+        if line.startswith(("dense ", "sparse momentum"))
+    }
+    assert set(table) == {
+        "dense",
+        "sparse momentum, masks (5%)",
+        "sparse momentum, sparse kernels (5%)",
+    }, out
+    for name in ("sparse momentum, masks (5%)", "sparse momentum, sparse kernels (5%)"):
+        assert "13,310 / 266,200" in table[name]  # 5% of LeNet-300-100's weights
+        assert "5.0%" in table[name]  # inference FLOPs relative to dense
+    assert table["dense"].rstrip().endswith("1.00x")
+    # the third run computed with the sparse weights: its layer report is in its folder
+    (run,) = (tmp_path / "demo").iterdir()
+    report = (run / "sparse_momentum-kernels" / "acceleration.txt").read_text()
+    assert "fc1.weight" in report
+    summary = json.loads((run / "sparse_momentum-kernels" / "summary.json").read_text())
+    assert summary["config"]["accelerate"] == "auto"
+    assert summary["config"]["momentum_window"] == 50
 
 
 def test_a_checkpoint_from_before_an_option_existed_still_resumes(data_dir: Path) -> None:

@@ -332,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("demo", help="dense vs sparse momentum on Fashion-MNIST, side by side")
+    p = sub.add_parser(
+        "demo",
+        help="dense vs sparse momentum (masks, and sparse kernels) on Fashion-MNIST, side by side",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--data-dir", help="where Fashion-MNIST lives")
