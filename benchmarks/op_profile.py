@@ -13,7 +13,10 @@ Usage: ``make bench`` (or ``python benchmarks/op_profile.py --out docs/performan
 - a training step of VGG-D, WRN-16-8 and ResNet-18 at 5%, dense and accelerated, split into
   the layers (sparse kernels, layers left dense), BatchNorm, activations, additions, the
   optimizer and the rest;
-- the cost of keeping the gradient masked on a layer that stays dense.
+- the cost of keeping the gradient masked on a layer that stays dense;
+- (``--density-bound``, no timing, its own section) how much of each CIFAR model's training
+  FLOPs ERK at 5% leaves in layers of 10% density and more, and the FLOP speedup left if those
+  stay dense: the bound that the densest layers put on a whole model.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling 
 from benchmarks.speed import full_step, train_step  # steps timed as speed.py times them
 
 START, END = "<!-- profile:start -->", "<!-- profile:end -->"
+BOUND_START, BOUND_END = "<!-- density-bound:start -->", "<!-- density-bound:end -->"
+BOUND_MODELS = ("vgg-d", "wrn-16-8", "resnet18")
+BOUND_THRESHOLDS = (0.1, 0.15, 0.2)
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 9) -> float:
@@ -297,6 +303,34 @@ def model_step_split() -> list[str]:
     return rows
 
 
+def density_bound() -> list[str]:
+    """Per CIFAR model at 5% ERK: the share of its dense training FLOPs (forward and both
+    gradients of every sparsified layer, ``sl.flops``) in layers at or above each density of
+    BOUND_THRESHOLDS, and the FLOP speedup of the whole model if exactly those layers stay
+    dense and the rest cost their sparse FLOPs. Counts, not timings: the same on every machine."""
+    heads = [f"layers ≥ {t:.0%}: FLOP share, speedup left" for t in BOUND_THRESHOLDS]
+    rows = [
+        "| model (5% ERK) | FLOP speedup, every layer sparse | " + " | ".join(heads) + " |",
+        "|---|---:|" + "---:|" * len(heads),
+    ]
+    for name in BOUND_MODELS:
+        torch.manual_seed(0)
+        model = create_model(name, (3, 32, 32), 10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        engine = sl.sparsify(model, opt, method="static", density=0.05)
+        report = sl.flops(model, engine, (3, 32, 32))
+        engine.remove()
+        total = sum(layer.train_dense for layer in report.layers)
+        cells = []
+        for t in BOUND_THRESHOLDS:
+            dense = [layer for layer in report.layers if layer.density >= t]
+            left = sum(layer.train_sparse for layer in report.layers if layer.density < t)
+            share = sum(layer.train_dense for layer in dense) / total
+            cells.append(f"{share:.1%}, {total / (left + share * total):.2f}x")
+        rows.append(f"| {name} | {report.train_speedup:.2f}x | " + " | ".join(cells) + " |")
+    return rows
+
+
 def masking_ms(engine: Any, n: int) -> tuple[float, float]:
     """Zeroing the inactive entries of one n x n gradient, and a dense layer's step."""
     layer = engine.layers[0]
@@ -370,7 +404,23 @@ def rigl_update() -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--density-bound",
+        action="store_true",
+        help="only the FLOP bound of ERK's densest layers (counts, no timing, seconds)",
+    )
     args = p.parse_args()
+    bound = [
+        "Command: `python benchmarks/op_profile.py --density-bound --out docs/performance.md` "
+        "(also run by `make bench`); FLOP counts of `sl.flops`, no timing.",
+        "",
+        *density_bound(),
+    ]
+    print("\n".join(bound), flush=True)
+    if args.out:
+        replace_section(args.out, BOUND_START, BOUND_END, "\n".join(bound))
+    if args.density_bound:
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     head = (
         f"Command: `make bench` (`python benchmarks/op_profile.py --out docs/performance.md`); "
