@@ -65,6 +65,8 @@ def demo(
             f"training {name}{'' if density is None else f' at {density:.0%} density'} "
             f"for {epochs} epochs ..."
         )
+        if settings.get("accelerate", "off") != "off":
+            say("  (the sparse kernels are compiled on first use on a machine: about a minute)")
         rows.append((name, train(cfg, folder / sub)))
 
     dense = rows[0][1]
