@@ -323,10 +323,9 @@ def density_bound() -> list[str]:
         total = sum(layer.train_dense for layer in report.layers)
         cells = []
         for t in BOUND_THRESHOLDS:
-            dense = [layer for layer in report.layers if layer.density >= t]
+            kept = sum(layer.train_dense for layer in report.layers if layer.density >= t)
             left = sum(layer.train_sparse for layer in report.layers if layer.density < t)
-            share = sum(layer.train_dense for layer in dense) / total
-            cells.append(f"{share:.1%}, {total / (left + share * total):.2f}x")
+            cells.append(f"{kept / total:.1%}, {total / (kept + left):.2f}x")
         rows.append(f"| {name} | {report.train_speedup:.2f}x | " + " | ".join(cells) + " |")
     return rows
 

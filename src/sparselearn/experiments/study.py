@@ -173,20 +173,17 @@ def _command(run: Run, threads: int, resume: bool) -> list[str]:
     return [*cmd, "--resume"] if resume else cmd
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C is."""
-
-
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM raises ``_Terminated`` (so that the study can stop its runs);
-    a signal handler can only be set from the main thread, elsewhere this does nothing."""
+    """While inside, SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so that the study can
+    stop its runs; a signal handler can only be set from the main thread, elsewhere this does
+    nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise _Terminated(f"signal {signum}")
+        raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
