@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import io
 import math
@@ -19,7 +20,7 @@ import sparselearn as sl
 from sparselearn.accel import SparseConv2d, SparseLinear, SparseWeight, accelerate
 from sparselearn.accel.layers import UNFOLD_MAX_POSITIONS
 from sparselearn.engine import CSRStorage
-from sparselearn.kernels import TorchOps, extension, ops_for
+from sparselearn.kernels import TorchOps, extension, ops_for, release_cached_blocks
 
 BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
 
@@ -35,7 +36,13 @@ def masked_linear(
 
 
 def masked_conv(
-    c_in: int, c_out: int, k: int, stride: int, pad: int, density: float, dtype: torch.dtype
+    c_in: int,
+    c_out: int,
+    k: int,
+    stride: int,
+    pad: int | tuple[int, int],
+    density: float,
+    dtype: torch.dtype,
 ) -> tuple[nn.Conv2d, torch.Tensor]:
     conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad).to(dtype)
     mask = torch.rand(conv.weight.shape) < density
@@ -356,8 +363,10 @@ def test_conv_backward_gives_what_is_asked(stride: int) -> None:
     xp = F.pad(torch.randn(2, 5, 9, 9, dtype=torch.float64), (1, 1, 1, 1))
     oh = (xp.shape[2] - 3) // stride + 1
     g = torch.randn(2, 6, oh, oh, dtype=torch.float64)
-    args = (w.crow, w.col, w.crow_t, w.col_t, w.values.detach()[w.perm], g, xp, 3, 3, stride)
+    args = (w.crow, w.col, w.crow_t, w.col_t, w.values.detach()[w.perm], g, xp, 3, 3, stride, 1, 1)
     want = TorchOps().conv2d_backward(*args, True, True)
+    assert want[0] is not None
+    assert want[0].shape == (2, 5, 9, 9)  # the input's gradient, inside the padding
     for flags in [(True, True), (True, False), (False, True), (False, False)]:
         got = ops_for(xp, "cpp").conv2d_backward(*args, *flags)
         for asked, a, b in zip(flags, got, want, strict=True):
@@ -755,22 +764,31 @@ def test_linear_kernels_property(
 @given(
     c_in=st.integers(1, 5),
     c_out=st.integers(1, 5),
-    size=st.integers(3, 12),
+    hw=st.tuples(st.integers(3, 12), st.integers(3, 12)),
     k=st.sampled_from([1, 3, 5]),
     stride=st.sampled_from([1, 2]),
-    pad=st.integers(0, 2),
+    pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
     density=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
 )
 @settings(max_examples=40, deadline=None)
 def test_conv_kernels_property(
-    c_in: int, c_out: int, size: int, k: int, stride: int, pad: int, density: float, seed: int
+    c_in: int,
+    c_out: int,
+    hw: tuple[int, int],
+    k: int,
+    stride: int,
+    pad: tuple[int, int],
+    density: float,
+    seed: int,
 ) -> None:
-    if size + 2 * pad < k:
+    # rectangular inputs and unequal padding: the input gradient is written from a grid as wide
+    # as the padded input, offset by the padding
+    if min(hw[0] + 2 * pad[0], hw[1] + 2 * pad[1]) < k:
         return  # no output position
     torch.manual_seed(seed)
     conv, mask = masked_conv(c_in, c_out, k, stride, pad, density, torch.float64)
-    x = torch.randn(2, c_in, size, size, dtype=torch.float64)
+    x = torch.randn(2, c_in, *hw, dtype=torch.float64)
     x_ref = x.clone().requires_grad_()
     y_ref = conv(x_ref)
     g = torch.randn_like(y_ref)
@@ -931,3 +949,31 @@ def test_wide_stride_one_conv_split_into_channel_blocks() -> None:
         results.append((y, xi.grad))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
+def test_large_outputs_reuse_their_memory_until_released() -> None:
+    # a freed large output's memory goes to the next output of its size (no fresh pages to
+    # fault and zero each step), holds its values like any tensor, and is freed on request
+    ext = extension()
+    gc.collect()  # outputs of earlier tests still in reference cycles
+    release_cached_blocks()
+    x = torch.randn(4, 16, 128, 128)  # padded: 4 * 16 * 130 * 130 floats, over 2 MiB
+    ops = ops_for(x, "cpp")
+    first = ops.phase_planes(x, 1, 1, 1, 130, 130)
+    address = first.data_ptr()
+    assert ext.cached_bytes() == 0
+    del first
+    held = ext.cached_bytes()
+    assert held >= 4 * 16 * 130 * 130 * 4
+    second = ops.phase_planes(x, 1, 1, 1, 130, 130)
+    assert second.data_ptr() == address  # the same block again
+    assert ext.cached_bytes() == 0
+    assert torch.equal(second, F.pad(x, (1, 1, 1, 1)))
+    small = ops.phase_planes(x[:, :1, :8, :8], 1, 1, 1, 10, 10)  # under 2 MiB: PyTorch's
+    del small
+    assert ext.cached_bytes() == 0
+    del second
+    assert release_cached_blocks() == held
+    assert ext.cached_bytes() == 0
+    assert release_cached_blocks() == 0

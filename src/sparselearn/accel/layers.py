@@ -375,13 +375,7 @@ class _SparseConv2dFn(torch.autograd.Function):
             weight.crow, weight.col, values, xp, weight.rows, kh, kw, stride, oh, ow, bias
         )
         ctx.save_for_backward(xp, values)
-        ctx.weight, ctx.ops, ctx.stride, ctx.padding, ctx.in_hw = (
-            weight,
-            ops,
-            stride,
-            padding,
-            x.shape[2:],
-        )
+        ctx.weight, ctx.ops, ctx.stride, ctx.padding = weight, ops, stride, padding
         return y
 
     @staticmethod
@@ -396,7 +390,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         sink = w.dense_grad_sink
         # both gradients in one call (stride 1: they share the output gradient's margin grid);
         # on steps that ask for the dense weight gradient, that comes from PyTorch instead
-        gxp, grad_values = ctx.ops.conv2d_backward(
+        grad_x, grad_values = ctx.ops.conv2d_backward(
             w.crow,
             w.col,
             w.crow_t,
@@ -407,13 +401,10 @@ class _SparseConv2dFn(torch.autograd.Function):
             kh,
             kw,
             ctx.stride,
+            *ctx.padding,
             want_x,
             want_w and sink is None,
         )
-        grad_x = None
-        if gxp is not None:
-            (ph, pw), (h, wd) = ctx.padding, ctx.in_hw
-            grad_x = gxp[:, :, ph : ph + h, pw : pw + wd]
         if want_w and sink is not None:
             dense = conv2d_weight(xp, w.shape, g, stride=ctx.stride)  # type: ignore[no-untyped-call]
             sink(dense)

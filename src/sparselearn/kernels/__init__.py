@@ -30,6 +30,7 @@ __all__ = [
     "extension",
     "ops_for",
     "panel_width",
+    "release_cached_blocks",
     "unavailable_reason",
 ]
 
@@ -47,6 +48,22 @@ def check_threads(threads: int | None) -> int | None:
             f"got {threads!r}"
         )
     return threads
+
+
+def release_cached_blocks() -> int:
+    """Frees the memory that the compiled kernels keep for their next large outputs; returns
+    its size in bytes (0 where the kernels are not loaded).
+
+    Outputs of 2 MiB and more (padded inputs, convolution outputs, input gradients) live in
+    blocks that are kept, up to 1 GiB in all, when PyTorch frees them, and given to the next
+    output of the same size: a training step makes the same outputs every step, and reused
+    memory spares the page faults and page zeroing of fresh memory (docs/performance.md). Call
+    this after training to give that memory back to the system.
+    """
+    from . import build
+
+    ext = build._extension
+    return int(ext.release_cached_blocks()) if ext is not None else 0
 
 
 def ops_for(t: Tensor, backend: str = "auto", threads: int | None = None) -> Ops:

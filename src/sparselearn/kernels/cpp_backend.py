@@ -124,11 +124,13 @@ class CppOps:
         kh: int,
         kw: int,
         stride: int,
+        ph: int,
+        pw: int,
         want_input: bool,
         want_weight: bool,
     ) -> tuple[Tensor | None, Tensor | None]:
         gxp, dval = self._ext.conv2d_backward(
-            crow, col, crow_t, col_t, val_t, g, xp, kh, kw, stride, want_input, want_weight
+            crow, col, crow_t, col_t, val_t, g, xp, kh, kw, stride, ph, pw, want_input, want_weight
         )
         return gxp, dval
 

@@ -19,7 +19,8 @@
   would write at random), all in one parallel region;
 - ``conv2d_forward / conv2d_backward``: direct sparse convolution on a padded NCHW input (the
   forward adds an optional bias as it writes the output; the backward gives the gradients of
-  the padded input and of the non-zeros, each when asked, sharing what they both need);
+  the input inside the padding ``(ph, pw)`` and of the non-zeros, each when asked, sharing what
+  they both need);
 - ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
   the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
   stride-1 one (``accel.layers``);
@@ -111,6 +112,8 @@ class Ops(Protocol):
         kh: int,
         kw: int,
         stride: int,
+        ph: int,
+        pw: int,
         want_input: bool,
         want_weight: bool,
     ) -> tuple[Tensor | None, Tensor | None]: ...

@@ -158,17 +158,18 @@ class TorchOps:
         kh: int,
         kw: int,
         stride: int,
+        ph: int,
+        pw: int,
         want_input: bool,
         want_weight: bool,
     ) -> tuple[Tensor | None, Tensor | None]:
         c_in, hp, wp = xp.shape[1:]
-        gxp = (
-            self._grad_input(crow_t, col_t, val_t, g, c_in, hp, wp, kh, kw, stride)
-            if want_input
-            else None
-        )
+        gx = None
+        if want_input:
+            gxp = self._grad_input(crow_t, col_t, val_t, g, c_in, hp, wp, kh, kw, stride)
+            gx = gxp[:, :, ph : hp - ph, pw : wp - pw]
         dval = self._grad_weight(crow, col, g, xp, kh, kw, stride) if want_weight else None
-        return gxp, dval
+        return gx, dval
 
     def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
         s, (n, c, h, w) = stride, x.shape

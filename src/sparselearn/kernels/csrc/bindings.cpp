@@ -26,12 +26,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kw"), py::arg("stride"), py::arg("OH"), py::arg("OW"),
         py::arg("bias") = py::none());
   m.def("conv2d_backward", &conv2d_backward,
-        "(gradient of the padded input or None, gradient at the non-zeros or None)");
+        "(gradient of the input inside the padding or None, gradient at the non-zeros or None)");
   m.def("phase_planes", &phase_planes, "the s*s phase planes of the padded input (stride s)");
   m.def("phase_planes_grad", &phase_planes_grad, "the input gradient from the planes' gradient");
   m.def("patches", &patches, "each output position's input patch as a row (im2col)");
   m.def("patches_grad", &patches_grad, "the input gradient from the patch rows' gradient");
   m.def("num_threads", []() { return omp_get_max_threads(); });
+  m.def("release_cached_blocks", []() { return BlockCache::get().release(); },
+        "frees the kept memory of freed large outputs; returns its size in bytes");
+  m.def("cached_bytes", []() { return BlockCache::get().held(); },
+        "bytes of freed large outputs kept for reuse");
   m.def(
       "set_thread_limit",
       [](int64_t n) {

@@ -13,8 +13,14 @@
 #include <immintrin.h>
 #endif
 
+#include <ATen/EmptyTensor.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -98,11 +104,108 @@ inline void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
-// torch::empty for a large output (see advise_huge_pages).
+// The memory of the kernels' large outputs, kept when PyTorch frees it and given again to the
+// next output of the same size. A training step allocates the same outputs every step (padded
+// inputs, outputs, input gradients of tens of MiB); fresh from the system, each one faults on
+// first touch and the kernel zeroes every page of it (huge pages included: their zeroing showed
+// in profiles as a tenth of a sparse convolution's step), and glibc serves allocations of 32 MiB
+// and more from mmap every time, so nothing is reused by default. Reused memory is already
+// mapped. Blocks are kept up to kCacheBytes in all, in sizes rounded up to 2 MiB (the huge page
+// size, which the blocks are aligned to and advised as); release_cached_blocks() frees them.
+class BlockCache final : public c10::Allocator {
+ public:
+  static constexpr size_t kMinBytes = size_t(2) << 20;  // smaller: PyTorch's allocator
+  static constexpr size_t kCacheBytes = size_t(1) << 30;
+
+  static BlockCache& get() {
+    static BlockCache* cache = new BlockCache();  // never destroyed: blocks outlive exit order
+    return *cache;
+  }
+
+  c10::DataPtr allocate(size_t bytes) override {
+    const size_t size = round_up(std::max<size_t>(bytes, 1));
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(size);
+      if (it != free_.end()) {
+        p = it->second;
+        free_.erase(it);
+        held_ -= size;
+      }
+    }
+    if (p == nullptr) {
+      p = std::aligned_alloc(kMinBytes, size);
+      TORCH_CHECK(p != nullptr, "out of memory: could not allocate ", size, " bytes");
+      advise_huge_pages(p, size);
+    }
+    return {p, new Block{p, size}, &BlockCache::give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, size_t count) const override {
+    std::memcpy(dest, src, count);
+  }
+
+  // frees every kept block; returns the bytes freed
+  size_t release() {
+    std::multimap<size_t, void*> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      blocks.swap(free_);
+      held_ = 0;
+    }
+    size_t bytes = 0;
+    for (auto& [size, p] : blocks) {
+      bytes += size;
+      std::free(p);
+    }
+    return bytes;
+  }
+
+  size_t held() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return held_;
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t size;
+  };
+
+  static size_t round_up(size_t bytes) { return (bytes + kMinBytes - 1) / kMinBytes * kMinBytes; }
+
+  static void give_back(void* ctx) {
+    auto* block = static_cast<Block*>(ctx);
+    get().keep(block->p, block->size);
+    delete block;
+  }
+
+  void keep(void* p, size_t size) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (held_ + size <= kCacheBytes) {
+        free_.emplace(size, p);
+        held_ += size;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t held_ = 0;
+};
+
+// torch::empty for a large output: on the CPU, in memory of the BlockCache (see there).
 inline torch::Tensor empty_output(at::IntArrayRef sizes, const torch::TensorOptions& options) {
-  auto t = torch::empty(sizes, options);
-  if (t.device().is_cpu()) advise_huge_pages(t.data_ptr(), t.nbytes());
-  return t;
+  if (!options.device().is_cpu()) return torch::empty(sizes, options);
+  const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes < BlockCache::kMinBytes) return torch::empty(sizes, options);
+  return at::detail::empty_generic(sizes, &BlockCache::get(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
 
 constexpr int64_t kPrefetch = 8;  // non-zeros ahead whose panel rows are prefetched

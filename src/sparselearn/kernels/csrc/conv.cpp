@@ -463,18 +463,10 @@ void margin_fill(const T* g, T* Gm, int64_t planes, int64_t OH, int64_t OW, int6
 // The output gradient on the padded-width grid, zero in the dropped columns, after a margin of
 // M = (kh - 1) * Wp + kw - 1 zeros: Gm[b, o, M + oy * Wp + ox] = g[b, o, oy, ox]; planes of
 // M + Hp * Wp floats, so that the input gradient can read Gm[n + M - ky * Wp - kx] for every n.
-//
-// The grid lives only inside one backward call, so its memory is kept for the next call on the
-// same thread (``thread_local``): a grid of tens of MiB allocated fresh every step page-faults
-// on first touch, which cost as much as the copy itself (the largest grid so far stays allocated,
-// one per thread that runs backward passes). Every entry is written each time.
 torch::Tensor margin_grid(const torch::Tensor& g, int64_t Hp, int64_t Wp, int64_t kh, int64_t kw) {
   const int64_t B = g.size(0), O = g.size(1), OH = g.size(2), OW = g.size(3);
   const int64_t M = (kh - 1) * Wp + kw - 1, Lg = M + Hp * Wp;
-  thread_local torch::Tensor kept;
-  if (!kept.defined() || kept.numel() < B * O * Lg || kept.scalar_type() != g.scalar_type())
-    kept = empty_output({B * O * Lg}, g.options());
-  auto Gm = kept.narrow(0, 0, B * O * Lg).view({B, O, Lg});
+  auto Gm = empty_output({B, O, Lg}, g.options());  // every entry is written
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "margin_grid", [&] {
     margin_fill<scalar_t>(g.data_ptr<scalar_t>(), Gm.data_ptr<scalar_t>(), B * O, OH, OW, Hp, Wp,
                           M);
@@ -526,25 +518,31 @@ torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tenso
 
 namespace {
 
-// The stride-1 input gradient from the output gradient on its margin grid (margin_grid).
+// The stride-1 input gradient from the output gradient on its margin grid (margin_grid), for the
+// input inside its padding of (ph, pw): the padded input's gradient at the positions the input
+// came from. Those are grid positions n = (iy + ph) * Wp + ix + pw; counted from the first,
+// n' = n - ph * Wp - pw = iy * Wp + ix on a Wp-wide grid that keeps its first W columns, so the
+// kernel writes the (B, C, H, W) gradient directly: the padding ring's gradient is never
+// computed, and the caller gets a contiguous tensor instead of a view to copy.
 torch::Tensor grad_input_s1(const torch::Tensor& crowT, const torch::Tensor& colT,
                             const torch::Tensor& valT, const torch::Tensor& Gm, int64_t B,
                             int64_t O, int64_t in_channels, int64_t Hp, int64_t Wp, int64_t kh,
-                            int64_t kw) {
+                            int64_t kw, int64_t ph, int64_t pw) {
   const int64_t M = (kh - 1) * Wp + kw - 1, Lg = M + Hp * Wp;
-  auto off = plane_offsets(colT, kh, kw, Wp, Lg, -1, M);
-  auto gxp = empty_output({B, in_channels, Hp, Wp}, Gm.options());
+  const int64_t H = Hp - 2 * ph, W = Wp - 2 * pw, N = (H - 1) * Wp + W;
+  auto off = plane_offsets(colT, kh, kw, Wp, Lg, -1, M + ph * Wp + pw);
+  auto gx = empty_output({B, in_channels, H, W}, Gm.options());
   AT_DISPATCH_FLOATING_TYPES(Gm.scalar_type(), "conv2d_grad_input", [&] {
-    const GridStore<scalar_t> st{Wp, Wp, nullptr};  // every position, in place
+    const GridStore<scalar_t> st{Wp, W, nullptr};
     int64_t NB = 1;  // blocks of output channels, whose gradient planes are read here
     auto blk = channel_blocks(crowT, colT, kh * kw, O, channels_per_block<scalar_t>(kh, kw, Wp),
                               &NB);
     shifted_spmm<scalar_t>(crowT.data_ptr<int64_t>(), blk.data_ptr<int64_t>(), NB,
                            off.data_ptr<int64_t>(), valT.data_ptr<scalar_t>(),
-                           Gm.data_ptr<scalar_t>(), gxp.data_ptr<scalar_t>(), B, in_channels,
-                           Hp * Wp, Hp * Wp, O * Lg, in_channels * Hp * Wp, st);
+                           Gm.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), B, in_channels, N,
+                           H * W, O * Lg, in_channels * H * W, st);
   });
-  return gxp;
+  return gx;
 }
 
 // The stride-1 weight gradient at the non-zeros, from the margin grid and the padded input.
@@ -594,28 +592,34 @@ torch::Tensor grad_weight_direct(const torch::Tensor& crow, const torch::Tensor&
 
 }  // namespace
 
-// Both gradients of a convolution (each only when asked): the padded input's and the weight's at
-// the non-zeros. With stride 1 they share one margin grid of the output gradient (built once:
-// a fresh grid-sized tensor and a copy fewer); other strides take the direct kernels.
+// Both gradients of a convolution (each only when asked): the input's (xp is the input padded by
+// (ph, pw) on each side) and the weight's at the non-zeros. With stride 1 they share one margin
+// grid of the output gradient (built once: a fresh grid-sized tensor and a copy fewer); other
+// strides take the direct kernels.
 std::vector<c10::optional<torch::Tensor>> conv2d_backward(
     torch::Tensor crow, torch::Tensor col, torch::Tensor crowT, torch::Tensor colT,
     torch::Tensor valT, torch::Tensor g, torch::Tensor xp, int64_t kh, int64_t kw, int64_t stride,
-    bool want_input, bool want_weight) {
+    int64_t ph, int64_t pw, bool want_input, bool want_weight) {
   TORCH_CHECK(g.dim() == 4 && g.is_contiguous() && xp.is_contiguous(),
               "g and xp must be contiguous (B, C, H, W)");
+  TORCH_CHECK(ph >= 0 && pw >= 0 && 2 * ph < xp.size(2) && 2 * pw < xp.size(3),
+              "the padding must leave a non-empty input inside the padded one");
   c10::optional<torch::Tensor> gxp, dval;
   if (!want_input && !want_weight) return {gxp, dval};
   col = col.to(torch::kLong);  // the convolution kernels index with int64
   colT = colT.to(torch::kLong);
   const int64_t C = xp.size(1), Hp = xp.size(2), Wp = xp.size(3);
   if (stride != 1) {
-    if (want_input) gxp = grad_input_direct(crowT, colT, valT, g, C, Hp, Wp, kh, kw, stride);
+    if (want_input)
+      gxp = grad_input_direct(crowT, colT, valT, g, C, Hp, Wp, kh, kw, stride)
+                .narrow(2, ph, Hp - 2 * ph)
+                .narrow(3, pw, Wp - 2 * pw);
     if (want_weight) dval = grad_weight_direct(crow, col, g, xp, kh, kw, stride);
     return {gxp, dval};
   }
   auto Gm = margin_grid(g, Hp, Wp, kh, kw);
   if (want_input)
-    gxp = grad_input_s1(crowT, colT, valT, Gm, g.size(0), g.size(1), C, Hp, Wp, kh, kw);
+    gxp = grad_input_s1(crowT, colT, valT, Gm, g.size(0), g.size(1), C, Hp, Wp, kh, kw, ph, pw);
   if (want_weight)
     dval = grad_weight_s1(crow, col, Gm, xp, g.size(1), g.size(2), g.size(3), kh, kw);
   return {gxp, dval};

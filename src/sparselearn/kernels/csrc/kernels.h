@@ -31,7 +31,7 @@ torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tenso
 std::vector<c10::optional<torch::Tensor>> conv2d_backward(
     torch::Tensor crow, torch::Tensor col, torch::Tensor crowT, torch::Tensor colT,
     torch::Tensor valT, torch::Tensor g, torch::Tensor xp, int64_t kh, int64_t kw, int64_t stride,
-    bool want_input, bool want_weight);
+    int64_t ph, int64_t pw, bool want_input, bool want_weight);
 
 // layouts.cpp: phase planes of a strided convolution, patches (im2col), and their adjoints
 torch::Tensor phase_planes(torch::Tensor x, int64_t s, int64_t ph, int64_t pw, int64_t hq,
