@@ -129,10 +129,10 @@ class CppOps:
         want_input: bool,
         want_weight: bool,
     ) -> tuple[Tensor | None, Tensor | None]:
-        gxp, dval = self._ext.conv2d_backward(
+        gx, dval = self._ext.conv2d_backward(
             crow, col, crow_t, col_t, val_t, g, xp, kh, kw, stride, ph, pw, want_input, want_weight
         )
-        return gxp, dval
+        return gx, dval
 
     def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
         out: Tensor = self._ext.phase_planes(x, stride, ph, pw, hq, wq)

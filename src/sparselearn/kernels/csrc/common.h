@@ -107,9 +107,9 @@ inline void advise_huge_pages(void* p, size_t bytes) {
 // The memory of the kernels' large outputs, kept when PyTorch frees it and given again to the
 // next output of the same size. A training step allocates the same outputs every step (padded
 // inputs, outputs, input gradients of tens of MiB); fresh from the system, each one faults on
-// first touch and the kernel zeroes every page of it (huge pages included: their zeroing showed
-// in profiles as a tenth of a sparse convolution's step), and glibc serves allocations of 32 MiB
-// and more from mmap every time, so nothing is reused by default. Reused memory is already
+// first touch and the kernel zeroes every page of it (huge pages included: their zeroing shows
+// in profiles of a sparse convolution's step), and glibc serves allocations of 32 MiB and more
+// from mmap every time, so nothing is reused by default. Reused memory is already
 // mapped. Blocks are kept up to kCacheBytes in all, in sizes rounded up to 2 MiB (the huge page
 // size, which the blocks are aligned to and advised as); release_cached_blocks() frees them.
 class BlockCache final : public c10::Allocator {

@@ -604,23 +604,23 @@ std::vector<c10::optional<torch::Tensor>> conv2d_backward(
               "g and xp must be contiguous (B, C, H, W)");
   TORCH_CHECK(ph >= 0 && pw >= 0 && 2 * ph < xp.size(2) && 2 * pw < xp.size(3),
               "the padding must leave a non-empty input inside the padded one");
-  c10::optional<torch::Tensor> gxp, dval;
-  if (!want_input && !want_weight) return {gxp, dval};
+  c10::optional<torch::Tensor> gx, dval;
+  if (!want_input && !want_weight) return {gx, dval};
   col = col.to(torch::kLong);  // the convolution kernels index with int64
   colT = colT.to(torch::kLong);
   const int64_t C = xp.size(1), Hp = xp.size(2), Wp = xp.size(3);
   if (stride != 1) {
     if (want_input)
-      gxp = grad_input_direct(crowT, colT, valT, g, C, Hp, Wp, kh, kw, stride)
+      gx = grad_input_direct(crowT, colT, valT, g, C, Hp, Wp, kh, kw, stride)
                 .narrow(2, ph, Hp - 2 * ph)
                 .narrow(3, pw, Wp - 2 * pw);
     if (want_weight) dval = grad_weight_direct(crow, col, g, xp, kh, kw, stride);
-    return {gxp, dval};
+    return {gx, dval};
   }
   auto Gm = margin_grid(g, Hp, Wp, kh, kw);
   if (want_input)
-    gxp = grad_input_s1(crowT, colT, valT, Gm, g.size(0), g.size(1), C, Hp, Wp, kh, kw, ph, pw);
+    gx = grad_input_s1(crowT, colT, valT, Gm, g.size(0), g.size(1), C, Hp, Wp, kh, kw, ph, pw);
   if (want_weight)
     dval = grad_weight_s1(crow, col, Gm, xp, g.size(1), g.size(2), g.size(3), kh, kw);
-  return {gxp, dval};
+  return {gx, dval};
 }
