@@ -94,6 +94,29 @@ def test_a_run_directory_holds_everything(tmp_path: Path, data_dir: Path) -> Non
     assert state["epoch"] == 3
 
 
+def test_steps_per_epoch_trains_the_first_batches_of_each_epoch(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    # 900 training samples after the validation split: 18 batches of 50
+    train(small(data_dir, steps_per_epoch=4), tmp_path / "four", progress=False)
+    rows = read_metrics(tmp_path / "four")
+    assert [r["step"] for r in rows] == [0, 4, 8, 12]
+    assert [r["mask_updates"] for r in rows[1:]] == [1, 1, 0]  # "epoch" is 4 steps now
+    assert load_yaml(tmp_path / "four" / "sparsity.yaml")["steps_per_epoch"] == 4
+    assert rows[-1]["lr"] < rows[1]["lr"]  # the drops come at fractions of the 12 steps
+    # all 18 batches asked for: the same run, to the bit, as the whole split
+    train(small(data_dir, epochs=2), tmp_path / "whole", progress=False)
+    train(small(data_dir, epochs=2, steps_per_epoch=18), tmp_path / "18", progress=False)
+    for key in ("step", "train_loss", "test_acc", "pruned"):
+        assert [r[key] for r in read_metrics(tmp_path / "18")] == [
+            r[key] for r in read_metrics(tmp_path / "whole")
+        ]
+    with pytest.raises(ValueError, match="steps_per_epoch 19 is more than the 18 batches"):
+        train(small(data_dir, steps_per_epoch=19), tmp_path / "19", progress=False)
+    with pytest.raises(ValueError, match="steps_per_epoch must be a positive integer"):
+        small(data_dir, steps_per_epoch=0)
+
+
 def test_accelerate_auto_times_the_layers_on_a_training_batch(
     tmp_path: Path, data_dir: Path
 ) -> None:

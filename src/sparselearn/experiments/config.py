@@ -44,6 +44,11 @@ class TrainConfig:
     )
     epochs: int = _setting(None, "training epochs (default: 100; 2 for language)")
     batch_size: int = _setting(None, "training batch size (default: 100; 32 for language)")
+    steps_per_epoch: int | None = _setting(
+        None,
+        "training steps per epoch: the first N batches of each epoch's shuffled training split, "
+        "for quick runs and timings (default: the whole split)",
+    )
     optimizer: str = _setting(
         None, "sgd (Nesterov momentum), adam or adamw (default: sgd; adamw for language)"
     )
@@ -151,7 +156,7 @@ class TrainConfig:
             raise ValueError(f"augment must be true, false or None, got {self.augment!r}")
         for name in ("seed", "split_seed", "workers"):
             _int(name, getattr(self, name), at_least=0)
-        for name in ("threads", "image_size"):
+        for name in ("threads", "image_size", "steps_per_epoch"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         for name in ("data_dir", "data_mirror"):

@@ -9,6 +9,7 @@ from it and reaches the same final numbers), ``summary.json`` and ``plots/``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -104,8 +105,9 @@ def _train(
     augment = data.info.augment if cfg.augment is None else cfg.augment
     model = create_model(cfg.model, data.info.input_shape, data.info.num_classes).to(device)
     optimizer = make_optimizer(cfg, model)
-    total_steps = cfg.epochs * steps_per_epoch(data, cfg.batch_size)
-    engine = _sparsify(cfg, model, optimizer, data, total_steps)
+    epoch_steps = _epoch_steps(cfg, data)
+    total_steps = cfg.epochs * epoch_steps
+    engine = _sparsify(cfg, model, optimizer, epoch_steps, total_steps)
     # the forward of training goes through DDP (it averages the gradients across ranks); the
     # engine, evaluation and checkpoints use the model itself, so runs look like one process's
     net: nn.Module = DistributedDataParallel(model) if world.parallel else model
@@ -166,8 +168,11 @@ def _train(
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         step_before = engine.step
-        batches = data.batches(
-            "train", cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=augment
+        batches = itertools.islice(
+            data.batches(
+                "train", cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=augment
+            ),
+            epoch_steps,
         )
         loss, acc = _train_epoch(
             cfg, net, optimizer, engine, scaler, batches, device, bar, epoch, world
@@ -304,15 +309,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _epoch_steps(cfg: TrainConfig, data: Data) -> int:
+    """Optimizer steps per epoch: the batches of the training split, or ``cfg.steps_per_epoch``
+    of them; asking for more batches than the split has is an error."""
+    whole = steps_per_epoch(data, cfg.batch_size)
+    if cfg.steps_per_epoch is None:
+        return whole
+    if cfg.steps_per_epoch > whole:
+        raise ValueError(
+            f"steps_per_epoch {cfg.steps_per_epoch} is more than the {whole} batches of "
+            f"{cfg.batch_size} that the training split of {cfg.data} holds "
+            f"({data.size('train')} samples); ask for at most {whole}, or leave it unset"
+        )
+    return cfg.steps_per_epoch
+
+
 def _sparsify(
-    cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, total: int
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch_steps: int,
+    total: int,
 ) -> SparseEngine:
     options = engine_options(cfg)
     schedule = MASK_SCHEDULE.get(
         options.get("schedule", METHODS.get(cfg.method).defaults.get("schedule", "periodic"))
     )
     if "steps_per_epoch" in schedule.options:
-        options["steps_per_epoch"] = steps_per_epoch(data, cfg.batch_size)  # for "epoch"
+        options["steps_per_epoch"] = epoch_steps  # for "epoch"
     return sparsify(
         model,
         optimizer,
