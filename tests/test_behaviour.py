@@ -29,7 +29,7 @@ def records(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], d
 
 # Run settings added after the records were made, with the value that keeps 0.1.0's behaviour
 # (a run's summary lists its whole configuration): they are new keys, not differences.
-ADDED_SETTINGS = {"warmup": (0.0).hex(), "tensorboard": False}
+ADDED_SETTINGS = {"warmup": (0.0).hex(), "tensorboard": False, "steps_per_epoch": None}
 
 
 def _differences(want: Any, got: Any, path: str = "") -> list[str]:
