@@ -256,6 +256,7 @@ STEP_PARTS = (
     ("BatchNorm", ("batch_norm",)),
     ("activations", ("relu", "threshold")),
     ("additions", ("aten::add",)),
+    ("dropout", ("dropout", "bernoulli")),
 )  # fmt: skip
 OPTIMIZER_SCOPES = ("optimizer.step", "optimizer.zero_grad")
 

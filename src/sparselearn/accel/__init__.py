@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from .accelerate import AccelerationReport, LayerChoice, accelerate
 from .compact import CompactedLayer, CompactResult, compact
+from .dropout import Dropout, dropout
 from .layers import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight
 
 __all__ = [
     "AccelerationReport",
     "CompactResult",
     "CompactedLayer",
+    "Dropout",
     "LayerChoice",
     "SparseConv1D",
     "SparseConv2d",
@@ -17,4 +19,5 @@ __all__ = [
     "SparseWeight",
     "accelerate",
     "compact",
+    "dropout",
 ]

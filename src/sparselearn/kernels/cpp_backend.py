@@ -162,3 +162,7 @@ class CppOps:
     ) -> Tensor:
         out: Tensor = self._ext.patches_grad(g, *shape, kh, kw, stride, ph, pw, oh, ow)
         return out
+
+    def dropout(self, x: Tensor, keep: float, seed: int) -> Tensor:
+        out: Tensor = self._ext.dropout(x, keep, seed)
+        return out

@@ -25,7 +25,10 @@
   the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
   stride-1 one (``accel.layers``);
 - ``patches(x, kh, kw, stride, ph, pw, oh, ow) -> rows`` (im2col: each output position's input
-  patch as a row of ``C * kh * kw``) and its adjoint ``patches_grad``.
+  patch as a row of ``C * kh * kw``) and its adjoint ``patches_grad``;
+- ``dropout(x, keep, seed) -> y``: ``x * (1 / keep)`` where the hash of (``seed``, the element's
+  index in ``x`` made contiguous) falls below ``keep * 2**32``, else 0 (:mod:`..accel.dropout`);
+  its own adjoint.
 """
 
 from __future__ import annotations
@@ -142,3 +145,5 @@ class Ops(Protocol):
         oh: int,
         ow: int,
     ) -> Tensor: ...
+
+    def dropout(self, x: Tensor, keep: float, seed: int) -> Tensor: ...

@@ -208,3 +208,55 @@ class TorchOps:
     ) -> Tensor:
         cols = g.reshape(shape[0], oh * ow, -1).transpose(1, 2)
         return F.fold(cols, shape[2:], (kh, kw), padding=(ph, pw), stride=stride)
+
+    def dropout(self, x: Tensor, keep: float, seed: int) -> Tensor:
+        if not 0.0 < keep < 1.0:
+            raise ValueError(f"dropout: the keep probability must be in (0, 1), got {keep}")
+        x = x.contiguous()
+        flat = x.view(-1)
+        threshold = min(max(round(keep * 2**32), 1), 2**32 - 1)
+        keep_mask = torch.empty(flat.shape, dtype=torch.bool, device=x.device)
+        block = 2**32  # the indices that share one pair of keys
+        for start in range(0, flat.numel(), block):
+            k1, k2 = _block_keys(seed, start // block)
+            index = torch.arange(
+                start, min(start + block, flat.numel()), dtype=torch.int64, device=x.device
+            )
+            h = _mix32(_mix32((index & _M32) ^ k1) ^ k2)
+            keep_mask[start : start + index.numel()] = h < threshold
+        scale = torch.tensor(1.0 / keep, dtype=x.dtype, device=x.device)
+        return torch.where(keep_mask, flat * scale, flat.new_zeros(())).view(x.shape)
+
+
+# The hash of csrc/dropout.cpp on int64 tensors holding 32-bit words: every product is split so
+# that it stays below 2**63 (no signed overflow), and every result is reduced modulo 2**32.
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c`` modulo 2**32 for words ``x`` and a constant word ``c``."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _block_keys(seed: int, block: int) -> tuple[int, int]:
+    """The two keys of the indices ``block * 2**32 ..``, as dropout.cpp's ``block_keys``."""
+    k1 = _mix32_int((seed & _M32) ^ _mix32_int((block + 0x9E3779B9) & _M32))
+    k2 = _mix32_int(((seed >> 32) & _M32) ^ k1)
+    return k1, k2

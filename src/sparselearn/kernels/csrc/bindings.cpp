@@ -31,6 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("phase_planes_grad", &phase_planes_grad, "the input gradient from the planes' gradient");
   m.def("patches", &patches, "each output position's input patch as a row (im2col)");
   m.def("patches_grad", &patches_grad, "the input gradient from the patch rows' gradient");
+  m.def("dropout", &dropout,
+        "x * scale where hash(seed, index) < keep * 2^32, else 0 (scale = 1 / keep)");
   m.def("num_threads", []() { return omp_get_max_threads(); });
   m.def("release_cached_blocks", []() { return BlockCache::get().release(); },
         "frees the kept memory of freed large outputs; returns its size in bytes");

@@ -43,3 +43,6 @@ torch::Tensor patches(torch::Tensor x, int64_t kh, int64_t kw, int64_t s, int64_
 torch::Tensor patches_grad(torch::Tensor G, int64_t N, int64_t C, int64_t H, int64_t W,
                            int64_t kh, int64_t kw, int64_t s, int64_t ph, int64_t pw, int64_t OH,
                            int64_t OW);
+
+// dropout.cpp: dropout with a mask hashed from (seed, element index)
+torch::Tensor dropout(torch::Tensor x, double keep, int64_t seed);
