@@ -355,20 +355,26 @@ def test_strided_conv_dense_gradient_steps(algorithm: str) -> None:
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled kernels unavailable")
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv_backward_gives_what_is_asked(stride: int) -> None:
-    # the combined backward: each gradient only when asked, equal to the fallback's
+@pytest.mark.parametrize("batch", [2, 35])  # per sample; five panels of 8, the last part empty
+def test_conv_backward_gives_what_is_asked(stride: int, batch: int) -> None:
+    # the combined backward: each gradient only when asked, equal to the fallback's, from what
+    # the compiled forward saved (batch panels for stride 1 and 16 samples or more)
     torch.manual_seed(6)
     conv, mask = masked_conv(5, 6, 3, stride, 1, 0.3, torch.float64)
     w = SparseWeight(conv.weight, mask)
-    xp = F.pad(torch.randn(2, 5, 9, 9, dtype=torch.float64), (1, 1, 1, 1))
-    oh = (xp.shape[2] - 3) // stride + 1
-    g = torch.randn(2, 6, oh, oh, dtype=torch.float64)
-    args = (w.crow, w.col, w.crow_t, w.col_t, w.values.detach()[w.perm], g, xp, 3, 3, stride, 1, 1)
-    want = TorchOps().conv2d_backward(*args, True, True)
+    x = torch.randn(batch, 5, 9, 9, dtype=torch.float64)
+    vals = w.values.detach()
+    y, saved = ops_for(x, "cpp").conv2d_forward(w.crow, w.col, vals, x, 6, 3, 3, stride, 1, 1)
+    y_ref, saved_ref = TorchOps().conv2d_forward(w.crow, w.col, vals, x, 6, 3, 3, stride, 1, 1)
+    assert torch.allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+    assert saved.dim() == (3 if stride == 1 and batch >= 16 else 4)
+    g = torch.randn_like(y)
+    args = (w.crow, w.col, w.crow_t, w.col_t, vals[w.perm], g)
+    want = TorchOps().conv2d_backward(*args, saved_ref, 3, 3, stride, 1, 1, True, True)
     assert want[0] is not None
-    assert want[0].shape == (2, 5, 9, 9)  # the input's gradient, inside the padding
+    assert want[0].shape == (batch, 5, 9, 9)  # the input's gradient, inside the padding
     for flags in [(True, True), (True, False), (False, True), (False, False)]:
-        got = ops_for(xp, "cpp").conv2d_backward(*args, *flags)
+        got = ops_for(x, "cpp").conv2d_backward(*args, saved, 3, 3, stride, 1, 1, *flags)
         for asked, a, b in zip(flags, got, want, strict=True):
             if asked:
                 assert a is not None
@@ -803,6 +809,63 @@ def test_conv_kernels_property(
         assert torch.allclose(
             sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-10, atol=1e-10
         )
+
+
+@given(
+    c_in=st.integers(1, 40),  # several blocks of input channels
+    c_out=st.integers(1, 40),  # several groups of rows
+    hw=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+    k=st.sampled_from([(3, 3), (5, 5), (2, 2), (1, 3), (3, 1)]),  # larger than 1 x 1
+    pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    batch=st.sampled_from([16, 30, 32, 40, 61]),  # whole panels, a last one partly empty
+    density=st.floats(0.0, 1.0),
+    bias=st.booleans(),
+    double=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+@pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
+def test_batch_panels_property(
+    c_in: int,
+    c_out: int,
+    hw: tuple[int, int],
+    k: tuple[int, int],
+    pad: tuple[int, int],
+    batch: int,
+    density: float,
+    bias: bool,
+    double: bool,
+    seed: int,
+) -> None:
+    # a stride-1 batch of 16 or more with a kernel larger than 1 x 1 runs on batch panels:
+    # chunks of positions that run past the plane's end, blocks of input channels, groups of
+    # rows, lanes past the batch; the outputs and gradients are the dense masked layer's
+    if hw[0] + 2 * pad[0] < k[0] or hw[1] + 2 * pad[1] < k[1]:
+        return  # no output position
+    dtype = torch.float64 if double else torch.float32
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, k, padding=pad, bias=bias).to(dtype)
+    mask = torch.rand(conv.weight.shape) < density
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    x = torch.randn(batch, c_in, *hw, dtype=dtype)
+    w = SparseWeight(conv.weight, mask)
+    _, saved = ops_for(x, "cpp").conv2d_forward(w.crow, w.col, w.values, x, c_out, *k, 1, *pad)
+    assert saved.dim() == 3  # the panels
+    x_ref = x.clone().requires_grad_()
+    y_ref = conv(x_ref)
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    sparse = SparseConv2d(copy.deepcopy(conv), mask, "cpp", "planes")
+    xs = x.clone().requires_grad_()
+    y = sparse(xs)
+    y.backward(g)
+    tol = 1e-10 if double else 1e-4
+    assert torch.allclose(y, y_ref, rtol=tol, atol=tol)
+    assert torch.allclose(xs.grad, x_ref.grad, rtol=tol, atol=tol)
+    assert torch.allclose(
+        sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=tol, atol=10 * tol
+    )
 
 
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")

@@ -362,19 +362,12 @@ class _SparseConv2dFn(torch.autograd.Function):
         ops: Ops,
     ) -> Tensor:
         _, kh, kw = weight.shape[1:]
-        if padding == (0, 0):
-            xp = x.contiguous()
-        else:
-            # the padded input: the one phase plane of stride 1 (the compiled kernel writes it
-            # in parallel, into memory backed by huge pages; F.pad in the fallback)
-            h, w = x.shape[2:]
-            xp = ops.phase_planes(x, 1, *padding, h + 2 * padding[0], w + 2 * padding[1])
-        oh = (xp.shape[2] - kh) // stride + 1
-        ow = (xp.shape[3] - kw) // stride + 1
-        y = ops.conv2d_forward(
-            weight.crow, weight.col, values, xp, weight.rows, kh, kw, stride, oh, ow, bias
+        # ``saved``: what the backward reads, in the backend's layout (batch panels of the
+        # input, or the padded input)
+        y, saved = ops.conv2d_forward(
+            weight.crow, weight.col, values, x, weight.rows, kh, kw, stride, *padding, bias
         )
-        ctx.save_for_backward(xp, values)
+        ctx.save_for_backward(x, values, saved)
         ctx.weight, ctx.ops, ctx.stride, ctx.padding = weight, ops, stride, padding
         return y
 
@@ -382,13 +375,13 @@ class _SparseConv2dFn(torch.autograd.Function):
     def backward(
         ctx: Any, grad_y: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
-        xp, values = ctx.saved_tensors
+        x, values, saved = ctx.saved_tensors
         w: SparseWeight | _Phases = ctx.weight
         kh, kw = w.shape[2:]
         g = grad_y.contiguous()
         want_x, want_w = ctx.needs_input_grad[:2]
         sink = w.dense_grad_sink
-        # both gradients in one call (stride 1: they share the output gradient's margin grid);
+        # both gradients in one call (stride 1: they share one copy of the output gradient);
         # on steps that ask for the dense weight gradient, that comes from PyTorch instead
         grad_x, grad_values = ctx.ops.conv2d_backward(
             w.crow,
@@ -397,7 +390,7 @@ class _SparseConv2dFn(torch.autograd.Function):
             w.col_t,
             values[w.perm],
             g,
-            xp,
+            saved,
             kh,
             kw,
             ctx.stride,
@@ -406,7 +399,9 @@ class _SparseConv2dFn(torch.autograd.Function):
             want_w and sink is None,
         )
         if want_w and sink is not None:
-            dense = conv2d_weight(xp, w.shape, g, stride=ctx.stride)  # type: ignore[no-untyped-call]
+            dense = conv2d_weight(  # type: ignore[no-untyped-call]
+                x, w.shape, g, stride=ctx.stride, padding=ctx.padding
+            )
             sink(dense)
             grad_values = dense.reshape(w.rows, -1)[w.mask().view(w.rows, -1)]
         grad_bias = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None

@@ -98,19 +98,19 @@ class CppOps:
         crow: Tensor,
         col: Tensor,
         val: Tensor,
-        xp: Tensor,
+        x: Tensor,
         out_channels: int,
         kh: int,
         kw: int,
         stride: int,
-        oh: int,
-        ow: int,
+        ph: int,
+        pw: int,
         bias: Tensor | None = None,
-    ) -> Tensor:
-        out: Tensor = self._ext.conv2d_forward(
-            crow, col, val, xp, out_channels, kh, kw, stride, oh, ow, bias
+    ) -> tuple[Tensor, Tensor]:
+        y, saved = self._ext.conv2d_forward(
+            crow, col, val, x, out_channels, kh, kw, stride, ph, pw, bias
         )
-        return out
+        return y, saved
 
     def conv2d_backward(
         self,
@@ -120,7 +120,7 @@ class CppOps:
         col_t: Tensor,
         val_t: Tensor,
         g: Tensor,
-        xp: Tensor,
+        saved: Tensor,
         kh: int,
         kw: int,
         stride: int,
@@ -130,7 +130,20 @@ class CppOps:
         want_weight: bool,
     ) -> tuple[Tensor | None, Tensor | None]:
         gx, dval = self._ext.conv2d_backward(
-            crow, col, crow_t, col_t, val_t, g, xp, kh, kw, stride, ph, pw, want_input, want_weight
+            crow,
+            col,
+            crow_t,
+            col_t,
+            val_t,
+            g,
+            saved,
+            kh,
+            kw,
+            stride,
+            ph,
+            pw,
+            want_input,
+            want_weight,
         )
         return gx, dval
 

@@ -17,10 +17,12 @@
   once, reading each row of the gradient panel once for both products, and puts ``dval`` back in
   W's order with a gather through ``perm_inv`` (sequential writes, where a scatter through ``perm``
   would write at random), all in one parallel region;
-- ``conv2d_forward / conv2d_backward``: direct sparse convolution on a padded NCHW input (the
-  forward adds an optional bias as it writes the output; the backward gives the gradients of
-  the input inside the padding ``(ph, pw)`` and of the non-zeros, each when asked, sharing what
-  they both need);
+- ``conv2d_forward(crow, col, val, x, out_channels, kh, kw, stride, ph, pw, bias=None) -> (y,
+  saved)``: direct sparse convolution of an NCHW input padded by ``(ph, pw)`` (an optional bias
+  added as the output is written), and what the backward reads, in a layout of the backend's
+  (the compiled kernels keep a stride-1 batch of 16 or more as batch panels; the padded input
+  otherwise); ``conv2d_backward(..., g, saved, ...)`` gives the gradients of the input inside
+  the padding and of the non-zeros, each when asked, sharing what they both need;
 - ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
   the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
   stride-1 one (``accel.layers``);
@@ -93,15 +95,15 @@ class Ops(Protocol):
         crow: Tensor,
         col: Tensor,
         val: Tensor,
-        xp: Tensor,
+        x: Tensor,
         out_channels: int,
         kh: int,
         kw: int,
         stride: int,
-        oh: int,
-        ow: int,
+        ph: int,
+        pw: int,
         bias: Tensor | None = None,
-    ) -> Tensor: ...
+    ) -> tuple[Tensor, Tensor]: ...
 
     def conv2d_backward(
         self,
@@ -111,7 +113,7 @@ class Ops(Protocol):
         col_t: Tensor,
         val_t: Tensor,
         g: Tensor,
-        xp: Tensor,
+        saved: Tensor,
         kh: int,
         kw: int,
         stride: int,

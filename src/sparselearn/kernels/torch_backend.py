@@ -107,17 +107,18 @@ class TorchOps:
         crow: Tensor,
         col: Tensor,
         val: Tensor,
-        xp: Tensor,
+        x: Tensor,
         out_channels: int,
         kh: int,
         kw: int,
         stride: int,
-        oh: int,
-        ow: int,
+        ph: int,
+        pw: int,
         bias: Tensor | None = None,
-    ) -> Tensor:
-        w = self._dense(crow, col, val, (out_channels, xp.shape[1], kh, kw))
-        return F.conv2d(xp, w, bias, stride=stride)
+    ) -> tuple[Tensor, Tensor]:
+        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x  # what the backward reads
+        w = self._dense(crow, col, val, (out_channels, x.shape[1], kh, kw))
+        return F.conv2d(xp, w, bias, stride=stride), xp
 
     def _grad_input(
         self,
@@ -154,7 +155,7 @@ class TorchOps:
         col_t: Tensor,
         val_t: Tensor,
         g: Tensor,
-        xp: Tensor,
+        saved: Tensor,
         kh: int,
         kw: int,
         stride: int,
@@ -163,6 +164,7 @@ class TorchOps:
         want_input: bool,
         want_weight: bool,
     ) -> tuple[Tensor | None, Tensor | None]:
+        xp = saved  # the padded input
         c_in, hp, wp = xp.shape[1:]
         gx = None
         if want_input:

@@ -21,12 +21,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_backward", &linear_backward,
         "(grad_x, dW at the non-zeros[, grad_bias]): packing the output gradient and one pass "
         "over the CSR of W^T, one region");
-  m.def("conv2d_forward", &conv2d_forward, "direct sparse convolution (+ bias)", py::arg("crow"),
-        py::arg("col"), py::arg("val"), py::arg("xp"), py::arg("out_channels"), py::arg("kh"),
-        py::arg("kw"), py::arg("stride"), py::arg("OH"), py::arg("OW"),
+  m.def("conv2d_forward", &conv2d_forward,
+        "(direct sparse convolution of the padded input (+ bias), what the backward reads)",
+        py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("x"), py::arg("out_channels"),
+        py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("ph"), py::arg("pw"),
         py::arg("bias") = py::none());
   m.def("conv2d_backward", &conv2d_backward,
-        "(gradient of the input inside the padding or None, gradient at the non-zeros or None)");
+        "(gradient of the input inside the padding or None, gradient at the non-zeros or None), "
+        "from what the forward saved");
   m.def("phase_planes", &phase_planes, "the s*s phase planes of the padded input (stride s)");
   m.def("phase_planes_grad", &phase_planes_grad, "the input gradient from the planes' gradient");
   m.def("patches", &patches, "each output position's input patch as a row (im2col)");

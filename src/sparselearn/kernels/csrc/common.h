@@ -208,6 +208,39 @@ inline torch::Tensor empty_output(at::IntArrayRef sizes, const torch::TensorOpti
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
 
+#if defined(__AVX512F__)
+// r[i][j] -> r[j][i] for a 16 x 16 block of floats: per 128-bit lane 4 x 4 transposes
+// (unpack 32-bit, then 64-bit), then the lanes regrouped (two rounds of shuffle_f32x4).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // s[4i + c], lane l: column 4l + c of rows 4i .. 4i + 3
+  __m512 s[16];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    s[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    s[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    s[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    s[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  // column 4l + c: lane l of s[c], s[4 + c], s[8 + c], s[12 + c]
+  for (int c = 0; c < 4; ++c) {
+    const __m512 lo01 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0x44);
+    const __m512 hi23 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0xEE);
+    const __m512 lo01b = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0x44);
+    const __m512 hi23b = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(lo01, lo01b, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(lo01, lo01b, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(hi23, hi23b, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(hi23, hi23b, 0xDD);
+  }
+}
+#endif
+
 constexpr int64_t kPrefetch = 8;  // non-zeros ahead whose panel rows are prefetched
 
 // dst[k] = src[idx[k]]

@@ -2,6 +2,11 @@
 //
 // CSR rows are output channels; a column index encodes (input channel, ky, kx) as
 // c * kh * kw + ky * kw + kx; each non-zero adds a scaled, shifted input plane to an output plane.
+// Three forms: a stride-1 convolution of a batch of 16 samples or more runs on batch panels (one
+// vector of samples per position; section "stride 1 on batch panels"), a smaller stride-1 batch
+// on shifted flat planes of each sample, other strides by the direct kernels just below (the
+// layers run a strided convolution as a stride-1 one over its phase planes, except on steps that
+// need the dense weight gradient).
 
 #include "common.h"
 #include "kernels.h"
@@ -474,22 +479,323 @@ torch::Tensor margin_grid(const torch::Tensor& g, int64_t Hp, int64_t Wp, int64_
   return Gm;
 }
 
+
+// ----------------------------------------------- stride 1 on batch panels
+//
+// A batch of at least kPanelMin samples runs on *batch panels*: the planes (B, C, H, W) are
+// packed as Pn[p][c][q], one vector of kLanes samples (p * L .. p * L + L - 1) of plane c at
+// position q of a flat grid Wg wide, zero wherever nothing is placed (padding, the samples past
+// the batch). On the padded input's grid (Wg = Wp) a non-zero (c, ky, kx) adds v * Pn[p][c][n +
+// ky * Wp + kx] to output position n, as in the shifted planes above, but each position is one
+// aligned vector: loads never straddle two cache lines, no plane is too small to fill a vector,
+// and a chunk of positions has no edges to special-case. The price is a wider window per channel
+// (L samples of every position), so the kernel blocks the input channels and keeps the partial
+// sums of a group of rows in a small buffer between blocks.
+
+constexpr int64_t kPanelMin = 16;  // fewer samples: the per-sample planes above
+constexpr int kPanelChunk = 12;    // positions per chunk: accumulators in registers
+constexpr int64_t kPanelRows = 16;  // rows whose partial sums wait between channel blocks
+constexpr int64_t kPanelTail = kPanelChunk;  // zeros after each packed plane: a chunk may
+                                             // run past the grid's last position
+
+// Whether a stride-1 convolution of B samples with a kh x kw kernel runs on panels: at least
+// kPanelMin samples, at most a fifth of the panels' lanes left empty, and a kernel larger than
+// 1 x 1 (a pointwise convolution without padding reads its input where it lies, where panels
+// would copy it first).
+template <typename T>
+bool use_panels(int64_t B, int64_t kh, int64_t kw) {
+  constexpr int64_t L = kLanes<T>;
+  return B >= kPanelMin && ((B + L - 1) / L) * L * 4 <= 5 * B && kh * kw > 1;
+}
+
+// dst[p][c][base + y * Wg + x] = src[p * L + l][c][y][x] (lane l), zero at every other of the Pl
+// positions of a plane and in the lanes past the batch. src is contiguous (B, C, H, W).
+template <typename T>
+void pack_panels(const T* src, int64_t B, int64_t C, int64_t H, int64_t W, T* dst, int64_t Pl,
+                 int64_t base, int64_t Wg) {
+  constexpr int64_t L = kLanes<T>;
+  const int64_t NP = (B + L - 1) / L, plane = H * W;
+  const int nt = team(NP * C * Pl * L);
+#pragma omp parallel for collapse(2) schedule(static) if (nt > 1) num_threads(nt)
+  for (int64_t p = 0; p < NP; ++p) {
+    for (int64_t c = 0; c < C; ++c) {
+      T* out = dst + (p * C + c) * Pl * L;
+      const int64_t lanes = std::min(L, B - p * L);
+      const T* in = src + (p * L * C + c) * plane;  // lane l: in + l * C * plane
+      auto zero = [&](int64_t q0, int64_t q1) {
+        if (q1 > q0) std::memset(out + q0 * L, 0, size_t(q1 - q0) * L * sizeof(T));
+      };
+      zero(0, base);
+      for (int64_t y = 0; y < H; ++y) {
+        T* row = out + (base + y * Wg) * L;
+        int64_t x = 0;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<T, float>) {
+          for (; x + 16 <= W; x += 16) {
+            __m512 r[16];
+            for (int l = 0; l < 16; ++l)
+              r[l] = l < lanes ? _mm512_loadu_ps(in + l * C * plane + y * W + x)
+                               : _mm512_setzero_ps();
+            transpose16(r);
+            for (int j = 0; j < 16; ++j) _mm512_storeu_ps(row + (x + j) * L, r[j]);
+          }
+        }
+#endif
+        for (; x < W; ++x) {
+          for (int64_t l = 0; l < L; ++l)
+            row[x * L + l] = l < lanes ? in[l * C * plane + y * W + x] : T(0);
+        }
+        if (y + 1 < H) zero(base + y * Wg + W, base + (y + 1) * Wg);
+      }
+      zero(base + (H - 1) * Wg + W, Pl);
+    }
+  }
+}
+
+// Planes (B, C, H, W) as panels of Pl positions per plane, each placed at ``base`` on a grid Wg
+// wide: (NP, C, Pl * L), in memory of the BlockCache.
+torch::Tensor panels(const torch::Tensor& x, int64_t Pl, int64_t base, int64_t Wg) {
+  TORCH_CHECK(x.dim() == 4, "panels: expected (B, C, H, W)");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(base >= 0 && W <= Wg && base + (H - 1) * Wg + W <= Pl,
+              "panels: the planes do not fit the grid");
+  auto src = x.contiguous();
+  int64_t L = 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "panels", [&] { L = kLanes<scalar_t>; });
+  auto out = empty_output({(B + L - 1) / L, C, Pl * L}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "panels", [&] {
+    pack_panels<scalar_t>(src.data_ptr<scalar_t>(), B, C, H, W, out.data_ptr<scalar_t>(), Pl,
+                          base, Wg);
+  });
+  return out;
+}
+
+// Where the R positions of a chunk from n0 go: segments of consecutive kept positions (a grid
+// Wg wide keeps its first OW columns and OH rows), as (first position in the chunk, count,
+// index in an output plane of OH x OW).
+struct Segments {
+  int64_t first[kPanelChunk], count[kPanelChunk], dest[kPanelChunk];
+  int n = 0;
+  Segments(int64_t n0, int64_t R, int64_t Wg, int64_t OH, int64_t OW) {
+    for (int64_t i = 0; i < R;) {
+      const int64_t pos = n0 + i, oy = pos / Wg, ox = pos % Wg;
+      const int64_t len = std::min(R - i, Wg - ox);
+      const int64_t keep = oy < OH ? std::max<int64_t>(0, std::min(len, OW - ox)) : 0;
+      if (keep > 0) {
+        first[n] = i;
+        count[n] = keep;
+        dest[n] = oy * OW + ox;
+        ++n;
+      }
+      i += len;
+    }
+  }
+};
+
+// y_{p*L + l}[r][segment positions] = lane l of acc[first .. first + count) (+ bias), for the
+// lanes of the batch: the R vectors of a chunk (positions x samples) turned into rows of the
+// (B, rows, OH, OW) output.
+template <typename T, int R>
+inline void store_chunk(const vec_t<T>* acc, const Segments& seg, T* y, int64_t lanes,
+                        int64_t sample_stride, T bias) {
+  constexpr int L = kLanes<T>;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 t[16];
+    for (int i = 0; i < 16; ++i)
+      t[i] = i < R ? _mm512_add_ps(reinterpret_cast<const __m512&>(acc[i]), _mm512_set1_ps(bias))
+                   : _mm512_setzero_ps();
+    transpose16(t);  // t[l]: the R positions of sample l
+    for (int64_t l = 0; l < lanes; ++l) {
+      T* yl = y + l * sample_stride;
+      for (int s = 0; s < seg.n; ++s) {
+        const __mmask16 take = __mmask16(((1u << seg.count[s]) - 1) << seg.first[s]);
+        _mm512_mask_storeu_ps(yl + seg.dest[s], __mmask16((1u << seg.count[s]) - 1),
+                              _mm512_maskz_compress_ps(take, t[l]));
+      }
+    }
+    return;
+  }
+#endif
+  alignas(64) T tile[R * L];
+  for (int i = 0; i < R; ++i) storev<T>(tile + i * L, acc[i]);
+  for (int64_t l = 0; l < lanes; ++l) {
+    T* yl = y + l * sample_stride;
+    for (int s = 0; s < seg.n; ++s)
+      for (int64_t j = 0; j < seg.count[s]; ++j)
+        yl[seg.dest[s] + j] = tile[(seg.first[s] + j) * L + l] + bias;
+  }
+}
+
+// Y_b[r][kept grid positions] = sum over the non-zeros k of row r of val[k] * X_p[off[k] + n]
+// (+ bias[r]), n < N on a grid Wg wide that keeps OH x OW, for every sample b = p * L + l of a
+// batch of B: X panels (NP, planes, Pl * L) Xps values apart, Y (B, rows, OH, OW). blk (rows x
+// (NB + 1)): where each row's non-zeros of each block of input channels begin.
+// Each thread takes a contiguous share of the (panel, chunk) pairs and for each, group by group
+// of rows, block by block of channels, adds the block's non-zeros to the rows' partial sums.
+template <typename T>
+void panel_spmm(const int64_t* blk, int64_t NB, const int64_t* off, const T* val, const T* X,
+                int64_t Xps, int64_t B, T* Y, int64_t rows, int64_t OH, int64_t OW, int64_t Wg,
+                int64_t N, const T* bias) {
+  constexpr int L = kLanes<T>, R = kPanelChunk;
+  const int64_t NP = (B + L - 1) / L, chunks = (N + R - 1) / R, items = NP * chunks;
+  const int64_t Yb = rows * OH * OW;
+  const int nt = team();
+#pragma omp parallel if (nt > 1) num_threads(nt)
+  {
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    alignas(64) vec_t<T> part[kPanelRows * R];
+    for (int64_t it = items * tid / nth; it < items * (tid + 1) / nth; ++it) {
+      const int64_t p = it / chunks;
+      // the last chunk ends at N where the grid allows, else it runs into the planes' tails
+      const int64_t n0 = N >= R ? std::min((it % chunks) * R, N - R) : 0;
+      const T* Xn = X + p * Xps + n0 * L;
+      const Segments seg(n0, R, Wg, OH, OW);
+      const int64_t lanes = std::min<int64_t>(L, B - p * L);
+      T* Yp = Y + p * L * Yb;
+      for (int64_t g0 = 0; g0 < rows; g0 += kPanelRows) {
+        const int64_t g1 = std::min(rows, g0 + kPanelRows);
+        for (int64_t bl = 0; bl < NB; ++bl) {
+          for (int64_t r = g0; r < g1; ++r) {
+            const int64_t* kb = blk + r * (NB + 1) + bl;
+            if (bl > 0 && kb[0] == kb[1]) continue;  // nothing to add
+            vec_t<T>* pr = part + (r - g0) * R;
+            vec_t<T> acc[R];
+#pragma GCC unroll 16
+            for (int i = 0; i < R; ++i) acc[i] = bl == 0 ? vec_t<T>{} : pr[i];
+            for (int64_t k = kb[0]; k < kb[1]; ++k) {
+              const T v = val[k];
+              const T* x = Xn + off[k] * L;
+#pragma GCC unroll 16
+              for (int i = 0; i < R; ++i) acc[i] += v * loadv<T>(x + i * L);
+            }
+#pragma GCC unroll 16
+            for (int i = 0; i < R; ++i) pr[i] = acc[i];
+          }
+        }
+        for (int64_t r = g0; r < g1; ++r)
+          store_chunk<T, R>(part + (r - g0) * R, seg, Yp + r * OH * OW, lanes, Yb,
+                            bias ? bias[r] : T(0));
+      }
+    }
+  }
+}
+
+// dval[k] = sum over panels p, positions n < N and lanes of G_p[r][n] * X_p[off[k] + n], for
+// the non-zeros k of each row r: G panels (NP, rows, Lg * L) Gps apart, X panels Xps apart.
+// Each thread takes a share of the rows (so every sum has one order on any number of threads);
+// for each panel and chunk of kPanelDot positions a row's gradient stays in L1 while its
+// non-zeros read their input windows, each non-zero keeping a vector of lane-wise partial sums.
+constexpr int64_t kPanelDot = 128;
+
+template <typename T>
+void panel_sampled(const int64_t* crow, const int64_t* off, const T* G, int64_t Gps, int64_t Lg,
+                   const T* X, int64_t Xps, T* dval, int64_t NP, int64_t rows, int64_t N) {
+  constexpr int L = kLanes<T>;
+  std::vector<vec_t<T>> part(crow[rows]);
+  const int nt = team();
+#pragma omp parallel if (nt > 1) num_threads(nt)
+  {
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t r_begin = rows * tid / nth, r_end = rows * (tid + 1) / nth;
+    vec_t<T>* pt = part.data();
+    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) pt[k] = vec_t<T>{};
+    for (int64_t p = 0; p < NP; ++p) {
+      for (int64_t n0 = 0; n0 < N; n0 += kPanelDot) {
+        const int64_t q = std::min(kPanelDot, N - n0);
+        const T* Xn = X + p * Xps + n0 * L;
+        for (int64_t r = r_begin; r < r_end; ++r) {
+          const T* g = G + p * Gps + (r * Lg + n0) * L;
+          for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+            const T* x = Xn + off[k] * L;
+            vec_t<T> a0{}, a1{}, a2{}, a3{};
+            int64_t i = 0;
+            for (; i + 4 <= q; i += 4) {
+              a0 += loadv<T>(g + i * L) * loadv<T>(x + i * L);
+              a1 += loadv<T>(g + (i + 1) * L) * loadv<T>(x + (i + 1) * L);
+              a2 += loadv<T>(g + (i + 2) * L) * loadv<T>(x + (i + 2) * L);
+              a3 += loadv<T>(g + (i + 3) * L) * loadv<T>(x + (i + 3) * L);
+            }
+            for (; i < q; ++i) a0 += loadv<T>(g + i * L) * loadv<T>(x + i * L);
+            pt[k] += (a0 + a1) + (a2 + a3);
+          }
+        }
+      }
+    }
+    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) {
+      T total = T(0);
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) total += pt[k][l];
+      dval[k] = total;
+    }
+  }
+}
+
+// The product of panel_spmm for a CSR (crow, col) whose columns encode (channel, ky, kx), on
+// panels X of planes Pl long: off[k] = channel * Pl + sign * (ky * Wg + kx) + base.
+torch::Tensor panel_product(const torch::Tensor& crow, const torch::Tensor& col,
+                            const torch::Tensor& val, const torch::Tensor& X, int64_t B,
+                            int64_t rows, int64_t kh, int64_t kw, int64_t Pl, int64_t sign,
+                            int64_t base, int64_t OH, int64_t OW, int64_t Wg,
+                            const c10::optional<torch::Tensor>& bias) {
+  const int64_t planes = X.size(1), N = (OH - 1) * Wg + OW;
+  auto off = plane_offsets(col, kh, kw, Wg, Pl, sign, base);
+  auto y = empty_output({B, rows, OH, OW}, X.options());
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "panel_product", [&] {
+    // channels per block: enough that a row has about kBlockNonZeros non-zeros in a block
+    // (each visit of a row and block costs a round trip of its partial sums and a mispredicted
+    // loop exit), and at least as many as fill two thirds of a 48 KiB L1 data cache with their
+    // windows (kh rows of a chunk plus the kernel's reach, one vector of lanes per position)
+    constexpr int64_t kBlockNonZeros = 16;
+    const int64_t window = kh * (kPanelChunk + kw - 1) * int64_t(sizeof(vec_t<scalar_t>));
+    const int64_t nnz = std::max<int64_t>(1, col.numel());
+    const int64_t per = std::max<int64_t>(
+        {int64_t(1), (32 * 1024) / window, (kBlockNonZeros * rows * planes + nnz - 1) / nnz});
+    int64_t NB = 1;
+    auto blk = channel_blocks(crow, col, kh * kw, planes, per, &NB);
+    panel_spmm<scalar_t>(blk.data_ptr<int64_t>(), NB, off.data_ptr<int64_t>(),
+                         val.data_ptr<scalar_t>(), X.data_ptr<scalar_t>(), planes * X.size(2), B,
+                         y.data_ptr<scalar_t>(), rows, OH, OW, Wg, N,
+                         bias ? bias->data_ptr<scalar_t>() : nullptr);
+  });
+  return y;
+}
+
 }  // namespace
 
-torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor val,
-                             torch::Tensor xp, int64_t out_channels, int64_t kh, int64_t kw,
-                             int64_t stride, int64_t OH, int64_t OW,
-                             c10::optional<torch::Tensor> bias_opt) {
-  TORCH_CHECK(xp.dim() == 4 && xp.is_contiguous(), "xp must be a contiguous (B, C, H, W)");
+// The convolution of x (B, C, H, W) padded by (ph, pw) (+ bias), and what its backward reads:
+// with stride 1 and a batch that fills panels (use_panels), the input as panels (NP, C, Pl * L);
+// else the padded input (B, C, Hp, Wp).
+std::vector<torch::Tensor> conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor val,
+                                          torch::Tensor x, int64_t out_channels, int64_t kh,
+                                          int64_t kw, int64_t stride, int64_t ph, int64_t pw,
+                                          c10::optional<torch::Tensor> bias_opt) {
+  TORCH_CHECK(x.dim() == 4, "x must be a (B, C, H, W) tensor");
+  TORCH_CHECK(ph >= 0 && pw >= 0 && stride >= 1, "the padding and stride must be valid");
   c10::optional<torch::Tensor> bias;
   if (bias_opt.has_value()) {
     bias = bias_opt->contiguous();
-    TORCH_CHECK(bias->numel() == out_channels && bias->scalar_type() == xp.scalar_type(),
+    TORCH_CHECK(bias->numel() == out_channels && bias->scalar_type() == x.scalar_type(),
                 "bias must hold one value per output channel, in the input's dtype");
   }
   col = col.to(torch::kLong);  // the convolution kernels index with int64
+  const int64_t B = x.size(0), Hp = x.size(2) + 2 * ph, Wp = x.size(3) + 2 * pw;
+  const int64_t OH = (Hp - kh) / stride + 1, OW = (Wp - kw) / stride + 1;
+  TORCH_CHECK(Hp >= kh && Wp >= kw, "the kernel is larger than the padded input");
+  bool on_panels = false;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward",
+                             [&] { on_panels = stride == 1 && use_panels<scalar_t>(B, kh, kw); });
+  if (on_panels) {
+    const int64_t Pl = Hp * Wp + kPanelTail;
+    auto xs = panels(x, Pl, ph * Wp + pw, Wp);
+    auto y = panel_product(crow, col, val, xs, B, out_channels, kh, kw, Pl, 1, 0, OH, OW, Wp,
+                           bias);
+    return {y, xs};
+  }
+  // the padded input: the one phase plane of stride 1, written in parallel
+  auto xp = ph == 0 && pw == 0 ? x.contiguous() : phase_planes(x.contiguous(), 1, ph, pw, Hp, Wp);
   if (stride == 1) {
-    const int64_t B = xp.size(0), Hp = xp.size(2), Wp = xp.size(3), plane = Hp * Wp;
+    const int64_t plane = Hp * Wp;
     auto off = plane_offsets(col, kh, kw, Wp, plane, 1, 0);
     auto y = empty_output({B, out_channels, OH, OW}, xp.options());
     const int64_t N = (OH - 1) * Wp + OW;
@@ -503,17 +809,17 @@ torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tenso
                              xp.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), B, out_channels, N,
                              OH * OW, xp.size(1) * plane, out_channels * OH * OW, st);
     });
-    return y;
+    return {y, xp};
   }
-  auto y = empty_output({xp.size(0), out_channels, OH, OW}, xp.options());
+  auto y = empty_output({B, out_channels, OH, OW}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv2d_forward", [&] {
     conv_forward<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
                            val.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(),
-                           y.data_ptr<scalar_t>(), xp.size(0), xp.size(1), xp.size(2),
-                           xp.size(3), out_channels, OH, OW, kh, kw, stride);
+                           y.data_ptr<scalar_t>(), B, xp.size(1), Hp, Wp, out_channels, OH, OW,
+                           kh, kw, stride);
   });
   if (bias) y.add_(bias->view({1, out_channels, 1, 1}));  // (its own output: in place)
-  return y;
+  return {y, xp};
 }
 
 namespace {
@@ -592,22 +898,48 @@ torch::Tensor grad_weight_direct(const torch::Tensor& crow, const torch::Tensor&
 
 }  // namespace
 
-// Both gradients of a convolution (each only when asked): the input's (xp is the input padded by
-// (ph, pw) on each side) and the weight's at the non-zeros. With stride 1 they share one margin
-// grid of the output gradient (built once: a fresh grid-sized tensor and a copy fewer); other
-// strides take the direct kernels.
+// Both gradients of a convolution (each only when asked): the input's, inside the padding
+// (ph, pw), and the weight's at the non-zeros, from what the forward saved (conv2d_forward).
+// With stride 1 they share one copy of the output gradient on its margin grid (as panels, or per
+// sample); other strides take the direct kernels.
 std::vector<c10::optional<torch::Tensor>> conv2d_backward(
     torch::Tensor crow, torch::Tensor col, torch::Tensor crowT, torch::Tensor colT,
-    torch::Tensor valT, torch::Tensor g, torch::Tensor xp, int64_t kh, int64_t kw, int64_t stride,
-    int64_t ph, int64_t pw, bool want_input, bool want_weight) {
-  TORCH_CHECK(g.dim() == 4 && g.is_contiguous() && xp.is_contiguous(),
-              "g and xp must be contiguous (B, C, H, W)");
-  TORCH_CHECK(ph >= 0 && pw >= 0 && 2 * ph < xp.size(2) && 2 * pw < xp.size(3),
-              "the padding must leave a non-empty input inside the padded one");
+    torch::Tensor valT, torch::Tensor g, torch::Tensor saved, int64_t kh, int64_t kw,
+    int64_t stride, int64_t ph, int64_t pw, bool want_input, bool want_weight) {
+  TORCH_CHECK(g.dim() == 4 && g.is_contiguous() && saved.is_contiguous(),
+              "g and what the forward saved must be contiguous");
   c10::optional<torch::Tensor> gx, dval;
   if (!want_input && !want_weight) return {gx, dval};
   col = col.to(torch::kLong);  // the convolution kernels index with int64
   colT = colT.to(torch::kLong);
+  if (saved.dim() == 3) {
+    // panels (NP, C, Pl * L) of the input padded on a grid Wp wide
+    TORCH_CHECK(stride == 1, "panels are saved by stride-1 convolutions only");
+    const int64_t B = g.size(0), O = g.size(1), OH = g.size(2), OW = g.size(3);
+    const int64_t Hp = OH + kh - 1, Wp = OW + kw - 1, H = Hp - 2 * ph, W = Wp - 2 * pw;
+    TORCH_CHECK(H > 0 && W > 0, "the padding must leave a non-empty input");
+    const int64_t C = saved.size(1), M = (kh - 1) * Wp + kw - 1, Lg = M + Hp * Wp + kPanelTail;
+    auto Gs = panels(g, Lg, M, Wp);  // the output gradient after a margin of M zeros
+    if (want_input)
+      gx = panel_product(crowT, colT, valT, Gs, B, C, kh, kw, Lg, -1, M + ph * Wp + pw, H, W, Wp,
+                         c10::nullopt);
+    if (want_weight) {
+      dval = torch::empty({col.numel()}, g.options());
+      AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_grad_weight", [&] {
+        constexpr int64_t L = kLanes<scalar_t>;
+        const int64_t Pl = saved.size(2) / L;
+        auto off = plane_offsets(col, kh, kw, Wp, Pl, 1, 0);
+        panel_sampled<scalar_t>(crow.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
+                                Gs.data_ptr<scalar_t>() + M * L, O * Lg * L, Lg,
+                                saved.data_ptr<scalar_t>(), C * Pl * L, dval->data_ptr<scalar_t>(),
+                                saved.size(0), O, (OH - 1) * Wp + OW);
+      });
+    }
+    return {gx, dval};
+  }
+  const torch::Tensor& xp = saved;  // the padded input
+  TORCH_CHECK(xp.dim() == 4 && 2 * ph < xp.size(2) && 2 * pw < xp.size(3),
+              "the padding must leave a non-empty input inside the padded one");
   const int64_t C = xp.size(1), Hp = xp.size(2), Wp = xp.size(3);
   if (stride != 1) {
     if (want_input)

@@ -23,15 +23,15 @@ std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor co
                                            torch::Tensor val, torch::Tensor grad_y,
                                            torch::Tensor XP, bool want_bias);
 
-// conv.cpp: direct sparse convolution on a padded NCHW input
-torch::Tensor conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor val,
-                             torch::Tensor xp, int64_t out_channels, int64_t kh, int64_t kw,
-                             int64_t stride, int64_t OH, int64_t OW,
-                             c10::optional<torch::Tensor> bias_opt);
+// conv.cpp: direct sparse convolution of an NCHW input, on batch panels or per sample
+std::vector<torch::Tensor> conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor val,
+                                          torch::Tensor x, int64_t out_channels, int64_t kh,
+                                          int64_t kw, int64_t stride, int64_t ph, int64_t pw,
+                                          c10::optional<torch::Tensor> bias_opt);
 std::vector<c10::optional<torch::Tensor>> conv2d_backward(
     torch::Tensor crow, torch::Tensor col, torch::Tensor crowT, torch::Tensor colT,
-    torch::Tensor valT, torch::Tensor g, torch::Tensor xp, int64_t kh, int64_t kw, int64_t stride,
-    int64_t ph, int64_t pw, bool want_input, bool want_weight);
+    torch::Tensor valT, torch::Tensor g, torch::Tensor saved, int64_t kh, int64_t kw,
+    int64_t stride, int64_t ph, int64_t pw, bool want_input, bool want_weight);
 
 // layouts.cpp: phase planes of a strided convolution, patches (im2col), and their adjoints
 torch::Tensor phase_planes(torch::Tensor x, int64_t s, int64_t ph, int64_t pw, int64_t hq,
