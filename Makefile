@@ -52,6 +52,7 @@ bench: $(STAMP) $(FMNIST)
 	$(BENCH_ENV) $(BIN)/python benchmarks/fsdp_update.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/speed.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/op_profile.py --out docs/performance.md
+	$(BENCH_ENV) $(BIN)/python benchmarks/end_to_end.py --out docs/performance.md
 
 # The reproduction study of docs/results.md: the paper's protocol, then the same with the
 # gradient norm clipped at 5 (about two hours each on 2 cores; finished runs are skipped,
