@@ -45,7 +45,7 @@ from sparselearn.kernels import ops_for
 from sparselearn.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
-from benchmarks.speed import full_step, train_step  # steps timed as speed.py times them
+from benchmarks.speed import full_step, inference, train_step  # timed as speed.py times them
 
 START, END = "<!-- profile:start -->", "<!-- profile:end -->"
 BOUND_START, BOUND_END = "<!-- density-bound:start -->", "<!-- density-bound:end -->"
@@ -168,20 +168,24 @@ def layout_rows() -> list[str]:
 
 
 def conv_algorithms() -> list[str]:
-    """A 3x3 convolution's training step (forward and both gradients), batch 64, computed on
-    planes and as a product over patches, by output size: where UNFOLD_MAX_POSITIONS comes from."""
+    """A 3x3 convolution's training step (forward and both gradients) and inference, batch 64
+    (batch panels), computed on planes and as a product over patches, by output size: where
+    PANEL_UNFOLD_MAX_POSITIONS comes from."""
     from sparselearn.accel import SparseConv2d
-    from sparselearn.accel.layers import UNFOLD_MAX_POSITIONS
+    from sparselearn.accel.layers import PANEL_UNFOLD_MAX_POSITIONS, UNFOLD_MAX_POSITIONS
 
     rows = [
-        f'`SparseConv2d(algorithm="auto")` takes patches up to {UNFOLD_MAX_POSITIONS} output '
-        "positions.",
+        f'`SparseConv2d(algorithm="auto")` takes patches up to {PANEL_UNFOLD_MAX_POSITIONS} '
+        f"output positions on batch panels (batches of 16 and more), up to "
+        f"{UNFOLD_MAX_POSITIONS} otherwise.",
         "",
-        "| 3x3 convolution, batch 64 | density | dense ms | planes ms | patches ms |",
-        "|---|---:|---:|---:|---:|",
+        "| 3x3 convolution, batch 64 | density | dense ms | planes ms | patches ms "
+        "| inference: dense / planes / patches ms |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for c_in, c_out, hw, density in [(512, 512, 2, 0.033), (512, 512, 4, 0.033),
-                                     (256, 512, 4, 0.05), (256, 256, 8, 0.066)]:  # fmt: skip
+    for c_in, c_out, hw, density in [(512, 512, 2, 0.033), (512, 512, 3, 0.033),
+                                     (512, 512, 4, 0.033), (256, 512, 4, 0.05),
+                                     (256, 256, 8, 0.066)]:  # fmt: skip
         torch.manual_seed(0)
         conv = nn.Conv2d(c_in, c_out, 3, padding=1)
         mask = torch.rand(conv.weight.shape) < density
@@ -189,9 +193,11 @@ def conv_algorithms() -> list[str]:
         layers = [conv] + [SparseConv2d(conv, mask, algorithm=a) for a in ("planes", "unfold")]
 
         d, p, u = (median_ms(train_step(m, x)) for m in layers)
+        with torch.no_grad():
+            di, pi, ui = (median_ms(inference(m, x)) for m in layers)
         rows.append(
             f"| {c_in} -> {c_out} ch, {hw}x{hw} output | {100 * density:g}% | {d:.1f} | {p:.1f} "
-            f"| {u:.1f} |"
+            f"| {u:.1f} | {di:.1f} / {pi:.1f} / {ui:.1f} |"
         )
     return rows
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import sparselearn as sl
 from sparselearn.accel import SparseConv2d, SparseLinear, SparseWeight, accelerate
-from sparselearn.accel.layers import UNFOLD_MAX_POSITIONS
+from sparselearn.accel.layers import PANEL_UNFOLD_MAX_POSITIONS, UNFOLD_MAX_POSITIONS
 from sparselearn.engine import CSRStorage
 from sparselearn.kernels import TorchOps, extension, ops_for, release_cached_blocks
 
@@ -404,6 +404,28 @@ def test_conv_algorithm_follows_the_output_size() -> None:
         SparseConv2d(conv, mask, algorithm="im2col")
     with pytest.raises(ValueError, match=r"batched \(N, C, H, W\) input"):
         sparse(torch.randn(8, 5, 5))
+
+
+@pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
+def test_batch_panels_keep_smaller_planes() -> None:
+    # a batch that the compiled kernels run on batch panels walks planes down to
+    # PANEL_UNFOLD_MAX_POSITIONS positions; one per sample, or the PyTorch backend, unfolds up
+    # to UNFOLD_MAX_POSITIONS
+    torch.manual_seed(5)
+    conv, mask = masked_conv(8, 8, 3, 1, 1, 0.3, torch.float32)
+    compiled = SparseConv2d(copy.deepcopy(conv), mask, "cpp")
+    fallback = SparseConv2d(copy.deepcopy(conv), mask, "torch")
+    side = math.isqrt(PANEL_UNFOLD_MAX_POSITIONS)
+    assert compiled.algorithm_for((side, side), batch=64) == "unfold"
+    assert compiled.algorithm_for((side + 1, side + 1), batch=64) == "planes"
+    assert compiled.algorithm_for((side + 1, side + 1), batch=2) == "unfold"
+    assert fallback.algorithm_for((side + 1, side + 1), batch=64) == "unfold"
+    # a 1x1 convolution reads its input where it lies: no panels, and patches up to 16
+    pointwise = SparseConv2d(*masked_conv(8, 8, 1, 1, 0, 0.3, torch.float32), "cpp")
+    assert pointwise.algorithm_for((side + 1, side + 1), batch=64) == "unfold"
+    x = torch.randn(64, 8, side + 1, side + 1)
+    assert torch.allclose(compiled(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert compiled._unfolded is None  # planes, on panels
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

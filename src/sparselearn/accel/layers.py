@@ -481,11 +481,14 @@ class SparseConv1D(SparseLinear):
 
 
 # Output planes of at most this many positions compute as a product over patches (im2col and
-# the Linear kernels): on small planes the per-plane kernels spend their time on plane edges and
-# loop overhead, while the patch matrix gives the Linear kernels long rows; on larger planes the
-# patch matrix (kh * kw copies of the input) costs more than it saves (docs/performance.md,
-# table "Convolutions on small outputs", measures where the two meet).
+# the Linear kernels): on small planes the per-sample plane kernels spend their time on plane
+# edges and loop overhead, while the patch matrix gives the Linear kernels long rows; on larger
+# planes the patch matrix (kh * kw copies of the input) costs more than it saves. A batch that
+# the compiled kernels run on batch panels (one vector of samples per position: no plane edges)
+# keeps planes down to PANEL_UNFOLD_MAX_POSITIONS (docs/performance.md, table "Convolutions on
+# small outputs", measures where they meet).
 UNFOLD_MAX_POSITIONS = 16
+PANEL_UNFOLD_MAX_POSITIONS = 4
 
 _ALGORITHMS = ("auto", "planes", "unfold")
 
@@ -498,8 +501,10 @@ class SparseConv2d(nn.Module):
     dense weight gradient to the engine, which take a direct strided kernel); ``"unfold"``
     multiplies the input's patches (im2col) by the weight with the Linear kernels;
     ``"auto"`` (default) unfolds output planes of at most :data:`UNFOLD_MAX_POSITIONS`
-    positions, where planes leave the kernels too little to vectorise over. The choice depends
-    on the input's shape only, so a run computes the same way every time it is resumed.
+    positions (:data:`PANEL_UNFOLD_MAX_POSITIONS` for a batch that the compiled kernels run on
+    batch panels), where planes leave the kernels too little to vectorise over. The choice
+    depends on the input's shape and dtype and on the backend only, so a run computes the same
+    way every time it is resumed.
     ``backend`` and ``threads`` as for :class:`SparseLinear`.
     """
 
@@ -547,12 +552,32 @@ class SparseConv2d(nn.Module):
         (h, wd), (pad_h, pad_w), (kh, kw) = input_hw, self.padding, self.kernel_size
         return (h + 2 * pad_h - kh) // self.stride + 1, (wd + 2 * pad_w - kw) // self.stride + 1
 
-    def algorithm_for(self, input_hw: tuple[int, int]) -> str:
-        """``"planes"`` or ``"unfold"``: how an input of this height and width is computed."""
+    def algorithm_for(
+        self,
+        input_hw: tuple[int, int],
+        batch: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> str:
+        """``"planes"`` or ``"unfold"``: how an input of this height and width is computed on
+        the CPU (with ``batch``: a batch of that many samples, of ``dtype``)."""
+        if batch is None:
+            return self._algorithm(input_hw, False)
+        ops = ops_for(torch.empty(0, dtype=dtype), self.backend, self.threads)
+        return self._algorithm(input_hw, self._on_panels(batch, dtype, ops))
+
+    def _on_panels(self, batch: int, dtype: torch.dtype, ops: Ops) -> bool:
+        """Whether the stride-1 kernels (of a strided convolution: over its phase planes) run a
+        batch on batch panels."""
+        s = self.stride
+        kh, kw = -(-self.kernel_size[0] // s), -(-self.kernel_size[1] // s)
+        return ops.uses_panels(batch, kh, kw, dtype)
+
+    def _algorithm(self, input_hw: tuple[int, int], on_panels: bool) -> str:
         if self.algorithm != "auto":
             return self.algorithm
         oh, ow = self.output_size(input_hw)
-        return "unfold" if oh * ow <= UNFOLD_MAX_POSITIONS else "planes"
+        limit = PANEL_UNFOLD_MAX_POSITIONS if on_panels else UNFOLD_MAX_POSITIONS
+        return "unfold" if oh * ow <= limit else "planes"
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
@@ -562,7 +587,8 @@ class SparseConv2d(nn.Module):
         w = self.weight_sparse
         out_hw = self.output_size((x.shape[2], x.shape[3]))
         ops = ops_for(x, self.backend, self.threads)
-        if self.algorithm_for((x.shape[2], x.shape[3])) == "unfold":
+        on_panels = self._on_panels(x.shape[0], x.dtype, ops)
+        if self._algorithm((x.shape[2], x.shape[3]), on_panels) == "unfold":
             return self._forward_unfolded(x, out_hw, ops)
         fused, rest = _split_bias(self.bias, x)
         if self.stride > 1 and w.dense_grad_sink is None:

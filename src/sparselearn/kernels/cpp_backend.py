@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -179,3 +180,6 @@ class CppOps:
     def dropout(self, x: Tensor, keep: float, seed: int) -> Tensor:
         out: Tensor = self._ext.dropout(x, keep, seed)
         return out
+
+    def uses_panels(self, batch: int, kh: int, kw: int, dtype: torch.dtype) -> bool:
+        return bool(self._ext.uses_panels(batch, kh, kw, dtype == torch.float64))

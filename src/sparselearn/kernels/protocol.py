@@ -21,8 +21,9 @@
   saved)``: direct sparse convolution of an NCHW input padded by ``(ph, pw)`` (an optional bias
   added as the output is written), and what the backward reads, in a layout of the backend's
   (the compiled kernels keep a stride-1 batch of 16 or more as batch panels; the padded input
-  otherwise); ``conv2d_backward(..., g, saved, ...)`` gives the gradients of the input inside
-  the padding and of the non-zeros, each when asked, sharing what they both need;
+  otherwise; ``uses_panels(batch, kh, kw, dtype)`` says which); ``conv2d_backward(..., g,
+  saved, ...)`` gives the gradients of the input inside the padding and of the non-zeros, each
+  when asked, sharing what they both need;
 - ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
   the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
   stride-1 one (``accel.layers``);
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 
@@ -149,3 +151,5 @@ class Ops(Protocol):
     ) -> Tensor: ...
 
     def dropout(self, x: Tensor, keep: float, seed: int) -> Tensor: ...
+
+    def uses_panels(self, batch: int, kh: int, kw: int, dtype: torch.dtype) -> bool: ...

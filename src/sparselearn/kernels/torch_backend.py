@@ -229,6 +229,9 @@ class TorchOps:
         scale = torch.tensor(1.0 / keep, dtype=x.dtype, device=x.device)
         return torch.where(keep_mask, flat * scale, flat.new_zeros(())).view(x.shape)
 
+    def uses_panels(self, batch: int, kh: int, kw: int, dtype: torch.dtype) -> bool:
+        return False  # PyTorch's convolutions take any layout
+
 
 # The hash of csrc/dropout.cpp on int64 tensors holding 32-bit words: every product is split so
 # that it stays below 2**63 (no signed overflow), and every result is reduced modulo 2**32.

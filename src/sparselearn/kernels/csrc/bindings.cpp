@@ -29,6 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_backward", &conv2d_backward,
         "(gradient of the input inside the padding or None, gradient at the non-zeros or None), "
         "from what the forward saved");
+  m.def("uses_panels", &uses_panels,
+        "whether a stride-1 convolution of this batch and kernel runs on batch panels");
   m.def("phase_planes", &phase_planes, "the s*s phase planes of the padded input (stride s)");
   m.def("phase_planes_grad", &phase_planes_grad, "the input gradient from the planes' gradient");
   m.def("patches", &patches, "each output position's input patch as a row (im2col)");

@@ -956,3 +956,7 @@ std::vector<c10::optional<torch::Tensor>> conv2d_backward(
     dval = grad_weight_s1(crow, col, Gm, xp, g.size(1), g.size(2), g.size(3), kh, kw);
   return {gx, dval};
 }
+
+bool uses_panels(int64_t batch, int64_t kh, int64_t kw, bool is_double) {
+  return is_double ? use_panels<double>(batch, kh, kw) : use_panels<float>(batch, kh, kw);
+}
