@@ -6,6 +6,7 @@ from .accelerate import AccelerationReport, LayerChoice, accelerate
 from .compact import CompactedLayer, CompactResult, compact
 from .dropout import Dropout, dropout
 from .layers import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight
+from .pooling import MaxPool2d, max_pool2d
 
 __all__ = [
     "AccelerationReport",
@@ -13,6 +14,7 @@ __all__ = [
     "CompactedLayer",
     "Dropout",
     "LayerChoice",
+    "MaxPool2d",
     "SparseConv1D",
     "SparseConv2d",
     "SparseLinear",
@@ -20,4 +22,5 @@ __all__ = [
     "accelerate",
     "compact",
     "dropout",
+    "max_pool2d",
 ]

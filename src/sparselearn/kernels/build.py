@@ -31,7 +31,8 @@ _CSRC = Path(__file__).parent / "csrc"
 # the translation units, one per kernel family, and the headers they share; the longest builds
 # first (bindings.cpp parses torch/extension.h), so that the parallel build ends soonest
 _SOURCES = tuple(
-    _CSRC / f for f in ("bindings.cpp", "linear.cpp", "conv.cpp", "layouts.cpp", "dropout.cpp")
+    _CSRC / f
+    for f in ("bindings.cpp", "linear.cpp", "conv.cpp", "layouts.cpp", "dropout.cpp", "pool.cpp")
 )
 _HEADERS = tuple(_CSRC / f for f in ("common.h", "kernels.h"))
 _lock = threading.Lock()

@@ -183,3 +183,11 @@ class CppOps:
 
     def uses_panels(self, batch: int, kh: int, kw: int, dtype: torch.dtype) -> bool:
         return bool(self._ext.uses_panels(batch, kh, kw, dtype == torch.float64))
+
+    def max_pool2d(self, x: Tensor, k: int, want_index: bool) -> tuple[Tensor, Tensor]:
+        y, index = self._ext.max_pool2d(x, k, want_index)
+        return y, index
+
+    def max_pool2d_backward(self, g: Tensor, index: Tensor, h: int, w: int, k: int) -> Tensor:
+        out: Tensor = self._ext.max_pool2d_backward(g, index, h, w, k)
+        return out

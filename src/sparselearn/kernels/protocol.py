@@ -31,7 +31,11 @@
   patch as a row of ``C * kh * kw``) and its adjoint ``patches_grad``;
 - ``dropout(x, keep, seed) -> y``: ``x * (1 / keep)`` where the hash of (``seed``, the element's
   index in ``x`` made contiguous) falls below ``keep * 2**32``, else 0 (:mod:`..accel.dropout`);
-  its own adjoint.
+  its own adjoint;
+- ``max_pool2d(x, k, want_index) -> (y, index)``: the maximum of every non-overlapping k x k
+  window (stride k, no padding), and where it lies (in the backend's own form, for
+  ``max_pool2d_backward(g, index, h, w, k)``), with PyTorch's choice among equal maxima
+  (:mod:`..accel.pooling`).
 """
 
 from __future__ import annotations
@@ -153,3 +157,7 @@ class Ops(Protocol):
     def dropout(self, x: Tensor, keep: float, seed: int) -> Tensor: ...
 
     def uses_panels(self, batch: int, kh: int, kw: int, dtype: torch.dtype) -> bool: ...
+
+    def max_pool2d(self, x: Tensor, k: int, want_index: bool) -> tuple[Tensor, Tensor]: ...
+
+    def max_pool2d_backward(self, g: Tensor, index: Tensor, h: int, w: int, k: int) -> Tensor: ...

@@ -232,6 +232,13 @@ class TorchOps:
     def uses_panels(self, batch: int, kh: int, kw: int, dtype: torch.dtype) -> bool:
         return False  # PyTorch's convolutions take any layout
 
+    def max_pool2d(self, x: Tensor, k: int, want_index: bool) -> tuple[Tensor, Tensor]:
+        y, index = F.max_pool2d(x, k, return_indices=True)  # index: the place in the plane
+        return y, index
+
+    def max_pool2d_backward(self, g: Tensor, index: Tensor, h: int, w: int, k: int) -> Tensor:
+        return F.max_unpool2d(g, index, (k, k), output_size=(h, w))
+
 
 # The hash of csrc/dropout.cpp on int64 tensors holding 32-bit words: every product is split so
 # that it stays below 2**63 (no signed overflow), and every result is reduced modulo 2**32.

@@ -15,7 +15,7 @@ def output_features(features: nn.Module, input_shape: tuple[int, ...]) -> int:
     features.eval()
     try:
         out = features(torch.zeros(1, *input_shape))
-    except RuntimeError as err:  # a pooling or convolution ran out of pixels
+    except (RuntimeError, ValueError) as err:  # a pooling or convolution ran out of pixels
         raise ValueError(
             f"inputs of shape {tuple(input_shape)} are too small for this model ({err})"
         ) from None

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..accel.pooling import max_pool2d
 from ._registry import InputShape, register_model
 from ._shapes import output_features
 
@@ -39,8 +40,8 @@ class LeNet5Caffe(nn.Module):
         self.fc4 = nn.Linear(500, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 20, 12, 12) for 28x28
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 50, 4, 4)
+        x = max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 20, 12, 12) for 28x28
+        x = max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 50, 4, 4)
         x = F.relu(self.fc3(x.flatten(1)))  # (B, 500)
         return self.fc4(x)
 

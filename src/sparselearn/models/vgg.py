@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..accel.pooling import MaxPool2d
 from ._registry import InputShape, register_model
 from ._shapes import output_features
 
@@ -46,7 +47,7 @@ class VGG16(nn.Module):
         c_in = input_shape[0]
         for v in _CONFIGS[config]:
             if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(MaxPool2d(2))
                 continue
             k, c_out = v if isinstance(v, tuple) else (3, int(v))
             layers += [nn.Conv2d(c_in, c_out, k, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(True)]

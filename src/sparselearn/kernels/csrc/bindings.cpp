@@ -37,6 +37,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("patches_grad", &patches_grad, "the input gradient from the patch rows' gradient");
   m.def("dropout", &dropout,
         "x * scale where hash(seed, index) < keep * 2^32, else 0 (scale = 1 / keep)");
+  m.def("max_pool2d", &max_pool2d,
+        "(max over non-overlapping k x k windows, each maximum's place in its window or empty)");
+  m.def("max_pool2d_backward", &max_pool2d_backward,
+        "the input gradient: each window's output gradient at its maximum's place");
   m.def("num_threads", []() { return omp_get_max_threads(); });
   m.def("release_cached_blocks", []() { return BlockCache::get().release(); },
         "frees the kept memory of freed large outputs; returns its size in bytes");

@@ -47,3 +47,8 @@ torch::Tensor patches_grad(torch::Tensor G, int64_t N, int64_t C, int64_t H, int
 
 // dropout.cpp: dropout with a mask hashed from (seed, element index)
 torch::Tensor dropout(torch::Tensor x, double keep, int64_t seed);
+
+// pool.cpp: max pooling over non-overlapping windows, with PyTorch's choice of maximum
+std::vector<torch::Tensor> max_pool2d(torch::Tensor x, int64_t k, bool want_index);
+torch::Tensor max_pool2d_backward(torch::Tensor g, torch::Tensor idx, int64_t H, int64_t W,
+                                  int64_t k);

@@ -1,0 +1,216 @@
+// Max pooling over non-overlapping k x k windows (stride k, no padding), with PyTorch's rule
+// for which input a window's gradient goes to: the first maximum in row-major order, a NaN
+// counting as a maximum (the last NaN wins). The same outputs and gradients as F.max_pool2d.
+
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+#include "kernels.h"
+
+using namespace slk;
+
+namespace {
+
+// One plane: the maximum of each window and its place (row-major in the window). Branch-free
+// selections (a branch per comparison mispredicts on most data), so that the loop over a row's
+// windows vectorises; K > 0 fixes the window size at compile time, K == 0 takes k.
+template <typename T, int K>
+inline void pool_plane(const T* in, T* out, uint8_t* at, int64_t OH, int64_t OW, int64_t W,
+                       int64_t k_) {
+  const int64_t k = K > 0 ? K : k_;
+  for (int64_t oy = 0; oy < OH; ++oy) {
+    const T* top = in + oy * k * W;
+    T* o = out + oy * OW;
+    uint8_t* a = at ? at + oy * OW : nullptr;
+#pragma omp simd
+    for (int64_t ox = 0; ox < OW; ++ox) {
+      T best = -std::numeric_limits<T>::infinity();
+      int where = 0;
+      for (int64_t ky = 0; ky < k; ++ky)
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const T v = top[ky * W + ox * k + kx];
+          const bool take = v > best || v != v;  // v != v: a NaN, which PyTorch takes
+          best = take ? v : best;
+          where = take ? int(ky * k + kx) : where;
+        }
+      o[ox] = best;
+      if (a) a[ox] = uint8_t(where);
+    }
+  }
+}
+
+// One plane's input gradient: each window's output gradient at its maximum's place, 0 elsewhere
+// (and in the rows and columns past the last whole window).
+template <typename T, int K>
+inline void unpool_plane(const T* g, const uint8_t* at, T* out, int64_t H, int64_t W, int64_t OH,
+                         int64_t OW, int64_t k_) {
+  const int64_t k = K > 0 ? K : k_;
+  for (int64_t oy = 0; oy < OH; ++oy)
+    for (int64_t ky = 0; ky < k; ++ky) {
+      T* row = out + (oy * k + ky) * W;
+      const T* gr = g + oy * OW;
+      const uint8_t* ar = at + oy * OW;
+#pragma omp simd
+      for (int64_t ox = 0; ox < OW; ++ox)
+        for (int64_t kx = 0; kx < k; ++kx)
+          row[ox * k + kx] = ar[ox] == ky * k + kx ? gr[ox] : T(0);
+      std::fill(row + OW * k, row + W, T(0));
+    }
+  std::fill(out + OH * k * W, out + H * W, T(0));
+}
+
+// 2 x 2 windows of float, 16 at a time: the two input rows of 32 floats each split into even
+// and odd columns, then the four candidates taken in PyTorch's order.
+typedef int v16i_t __attribute__((vector_size(64)));
+typedef uint8_t v16u8 __attribute__((vector_size(16)));
+
+inline void pool_rows2(const float* r0, const float* r1, float* out, uint8_t* at, int64_t OW) {
+  const v16i_t even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const v16i_t odd = even + 1;
+  int64_t ox = 0;
+  for (; ox + 16 <= OW; ox += 16) {
+    const v16f t0 = load16(r0 + 2 * ox), t1 = load16(r0 + 2 * ox + 16);
+    const v16f b0 = load16(r1 + 2 * ox), b1 = load16(r1 + 2 * ox + 16);
+    const v16f cand[4] = {__builtin_shuffle(t0, t1, even), __builtin_shuffle(t0, t1, odd),
+                          __builtin_shuffle(b0, b1, even), __builtin_shuffle(b0, b1, odd)};
+    v16f best = v16f{} - std::numeric_limits<float>::infinity();
+    v16i_t where = v16i_t{};
+    for (int i = 0; i < 4; ++i) {
+      const v16i_t take = (cand[i] > best) | (cand[i] != cand[i]);
+      best = take ? cand[i] : best;
+      where = take ? v16i_t{} + i : where;
+    }
+    storev<float>(out + ox, best);
+    if (at) {
+      const v16u8 w = __builtin_convertvector(where, v16u8);
+      __builtin_memcpy(at + ox, &w, sizeof w);
+    }
+  }
+  for (; ox < OW; ++ox) {  // the rest, one window at a time
+    const float cand[4] = {r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]};
+    float best = -std::numeric_limits<float>::infinity();
+    int where = 0;
+    for (int i = 0; i < 4; ++i) {
+      const bool take = cand[i] > best || cand[i] != cand[i];
+      best = take ? cand[i] : best;
+      where = take ? i : where;
+    }
+    out[ox] = best;
+    if (at) at[ox] = uint8_t(where);
+  }
+}
+
+// The gradient of 2 x 2 windows of float, 16 at a time: each window's gradient at its place,
+// interleaved back into the two input rows.
+inline void unpool_rows2(const float* g, const uint8_t* at, float* r0, float* r1, int64_t OW) {
+  const v16i_t lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  const v16i_t hi = lo + 8;
+  int64_t ox = 0;
+  for (; ox + 16 <= OW; ox += 16) {
+    const v16f gv = load16(g + ox);
+    v16u8 w8;
+    __builtin_memcpy(&w8, at + ox, sizeof w8);
+    const v16i_t w = __builtin_convertvector(w8, v16i_t);
+    const v16f z = v16f{};
+    const v16f c0 = w == 0 ? gv : z, c1 = w == 1 ? gv : z;
+    const v16f c2 = w == 2 ? gv : z, c3 = w == 3 ? gv : z;
+    storev<float>(r0 + 2 * ox, __builtin_shuffle(c0, c1, lo));
+    storev<float>(r0 + 2 * ox + 16, __builtin_shuffle(c0, c1, hi));
+    storev<float>(r1 + 2 * ox, __builtin_shuffle(c2, c3, lo));
+    storev<float>(r1 + 2 * ox + 16, __builtin_shuffle(c2, c3, hi));
+  }
+  for (; ox < OW; ++ox) {
+    r0[2 * ox] = at[ox] == 0 ? g[ox] : 0.0f;
+    r0[2 * ox + 1] = at[ox] == 1 ? g[ox] : 0.0f;
+    r1[2 * ox] = at[ox] == 2 ? g[ox] : 0.0f;
+    r1[2 * ox + 1] = at[ox] == 3 ? g[ox] : 0.0f;
+  }
+}
+
+template <typename T>
+void pool_forward(const T* x, T* y, uint8_t* idx, int64_t planes, int64_t H, int64_t W,
+                  int64_t k) {
+  const int64_t OH = H / k, OW = W / k;
+  const int nt = team(planes * H * W);
+#pragma omp parallel for schedule(static) if (nt > 1) num_threads(nt)
+  for (int64_t p = 0; p < planes; ++p) {
+    const T* in = x + p * H * W;
+    T* out = y + p * OH * OW;
+    uint8_t* at = idx ? idx + p * OH * OW : nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      if (k == 2) {
+        for (int64_t oy = 0; oy < OH; ++oy)
+          pool_rows2(in + 2 * oy * W, in + (2 * oy + 1) * W, out + oy * OW,
+                     at ? at + oy * OW : nullptr, OW);
+        continue;
+      }
+    }
+    if (k == 2)
+      pool_plane<T, 2>(in, out, at, OH, OW, W, k);
+    else
+      pool_plane<T, 0>(in, out, at, OH, OW, W, k);
+  }
+}
+
+template <typename T>
+void pool_backward(const T* g, const uint8_t* idx, T* gx, int64_t planes, int64_t H, int64_t W,
+                   int64_t k) {
+  const int64_t OH = H / k, OW = W / k;
+  const int nt = team(planes * H * W);
+#pragma omp parallel for schedule(static) if (nt > 1) num_threads(nt)
+  for (int64_t p = 0; p < planes; ++p) {
+    const T* gp = g + p * OH * OW;
+    const uint8_t* at = idx + p * OH * OW;
+    T* out = gx + p * H * W;
+    if constexpr (std::is_same_v<T, float>) {
+      if (k == 2) {
+        for (int64_t oy = 0; oy < OH; ++oy) {
+          float* r0 = out + 2 * oy * W;
+          float* r1 = r0 + W;
+          unpool_rows2(gp + oy * OW, at + oy * OW, r0, r1, OW);
+          std::fill(r0 + 2 * OW, r0 + W, 0.0f);  // the column past the last window
+          std::fill(r1 + 2 * OW, r1 + W, 0.0f);
+        }
+        std::fill(out + 2 * OH * W, out + H * W, 0.0f);  // the row past the last window
+        continue;
+      }
+    }
+    if (k == 2)
+      unpool_plane<T, 2>(gp, at, out, H, W, OH, OW, k);
+    else
+      unpool_plane<T, 0>(gp, at, out, H, W, OH, OW, k);
+  }
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> max_pool2d(torch::Tensor x, int64_t k, bool want_index) {
+  TORCH_CHECK(x.dim() == 4, "max_pool2d: expected (B, C, H, W)");
+  TORCH_CHECK(k >= 1 && k * k <= 256 && x.size(2) >= k && x.size(3) >= k,
+              "max_pool2d: the window must fit the plane and hold at most 256 positions");
+  x = x.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  auto y = empty_output({B, C, H / k, W / k}, x.options());
+  torch::Tensor idx = want_index ? torch::empty({B, C, H / k, W / k}, x.options().dtype(torch::kUInt8))
+                                 : torch::empty({0}, x.options().dtype(torch::kUInt8));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool2d", [&] {
+    pool_forward<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                           want_index ? idx.data_ptr<uint8_t>() : nullptr, B * C, H, W, k);
+  });
+  return {y, idx};
+}
+
+torch::Tensor max_pool2d_backward(torch::Tensor g, torch::Tensor idx, int64_t H, int64_t W,
+                                  int64_t k) {
+  TORCH_CHECK(g.dim() == 4 && idx.sizes() == g.sizes() && g.size(2) == H / k &&
+                  g.size(3) == W / k,
+              "max_pool2d_backward: the gradient and the window indices must match the output");
+  g = g.contiguous();
+  auto gx = empty_output({g.size(0), g.size(1), H, W}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "max_pool2d_backward", [&] {
+    pool_backward<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(),
+                            gx.data_ptr<scalar_t>(), g.size(0) * g.size(1), H, W, k);
+  });
+  return gx;
+}
