@@ -427,26 +427,32 @@ def test_demo(
     )
     out = capsys.readouterr().out
     table = {
-        line.split("  ")[0]: line
+        tuple(cell.strip() for cell in line.split("  ") if cell.strip())[:2]: line
         for line in out.splitlines()
-        if line.startswith(("dense ", "sparse momentum"))
+        if line.startswith(("lenet300-100 ", "lenet5 "))
     }
     assert set(table) == {
-        "dense",
-        "sparse momentum, masks (5%)",
-        "sparse momentum, sparse kernels (5%)",
+        ("lenet300-100", "dense"),
+        ("lenet300-100", "sparse momentum, masks (5%)"),
+        ("lenet300-100", "sparse momentum, sparse kernels (5%)"),
+        ("lenet5", "dense"),
+        ("lenet5", "sparse momentum, sparse kernels (5%)"),
     }, out
     for name in ("sparse momentum, masks (5%)", "sparse momentum, sparse kernels (5%)"):
-        assert "13,310 / 266,200" in table[name]  # 5% of LeNet-300-100's weights
-        assert "5.0%" in table[name]  # inference FLOPs relative to dense
-    assert table["dense"].rstrip().endswith("1.00x")
-    # the third run computed with the sparse weights: its layer report is in its folder
+        assert "13,310 / 266,200" in table["lenet300-100", name]  # 5% of LeNet-300-100's weights
+        assert "5.0%" in table["lenet300-100", name]  # inference FLOPs relative to dense
+    for model in ("lenet300-100", "lenet5"):
+        assert table[model, "dense"].rstrip().endswith("1.00x")  # each against its own dense run
+    # the runs that computed with the sparse weights: their layer reports are in their folders
     (run,) = (tmp_path / "demo").iterdir()
-    report = (run / "sparse_momentum-kernels" / "acceleration.txt").read_text()
-    assert "fc1.weight" in report
-    summary = json.loads((run / "sparse_momentum-kernels" / "summary.json").read_text())
-    assert summary["config"]["accelerate"] == "auto"
-    assert summary["config"]["momentum_window"] == 50
+    for sub, layer in (("sparse_momentum-kernels", "fc1.weight"),
+                       ("lenet5-sparse_momentum-kernels", "conv2.weight")):  # fmt: skip
+        assert layer in (run / sub / "acceleration.txt").read_text()
+        summary = json.loads((run / sub / "summary.json").read_text())
+        assert summary["config"]["accelerate"] == "auto"
+        assert summary["config"]["momentum_window"] == 50
+    lenet5 = json.loads((run / "lenet5-dense" / "summary.json").read_text())
+    assert lenet5["config"]["grad_clip"] == 5.0
 
 
 def test_a_checkpoint_from_before_an_option_existed_still_resumes(data_dir: Path) -> None:
