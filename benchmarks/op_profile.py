@@ -263,6 +263,7 @@ STEP_PARTS = (
     ("activations", ("relu", "threshold")),
     ("additions", ("aten::add",)),
     ("dropout", ("dropout", "bernoulli")),
+    ("pooling", ("pool",)),
 )  # fmt: skip
 OPTIMIZER_SCOPES = ("optimizer.step", "optimizer.zero_grad")
 
