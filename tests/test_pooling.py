@@ -77,6 +77,20 @@ def test_nans_and_infinities_are_chosen_as_torch_chooses(backend: str) -> None:
     assert torch.equal(ga, gb)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_under_deterministic_algorithms(backend: str) -> None:
+    """A user who asks PyTorch for deterministic algorithms can still pool (PyTorch refuses
+    some scatter-like kernels in that mode)."""
+    x = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(0))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, _, ga, gb = _both(x, 2, backend)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(ga, gb)
+
+
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
 def test_one_thread_gives_the_same_bits_as_all() -> None:
     previous = torch.get_num_threads()

@@ -237,7 +237,12 @@ class TorchOps:
         return y, index
 
     def max_pool2d_backward(self, g: Tensor, index: Tensor, h: int, w: int, k: int) -> Tensor:
-        return F.max_unpool2d(g, index, (k, k), output_size=(h, w))
+        # Each window's gradient goes to its own place in the plane (windows do not overlap), so a
+        # scatter gives F.max_pool2d's gradient; unlike F.max_unpool2d it is allowed under
+        # torch.use_deterministic_algorithms(True).
+        n, c = g.shape[:2]
+        out = g.new_zeros(n, c, h * w)
+        return out.scatter_(2, index.reshape(n, c, -1), g.reshape(n, c, -1)).view(n, c, h, w)
 
 
 # The hash of csrc/dropout.cpp on int64 tensors holding 32-bit words: every product is split so
