@@ -382,25 +382,42 @@ inline void sampled_plane(const int64_t* crow, const int64_t* off, const T* G, c
     sampled_chunk<T, NV>(crow, off, G, X, part, r_begin, r_end, Lg, N - CW, n0 - (N - CW));
 }
 
-// dval[k] = sum_b sum_{n < N} G[b, r, n] * X[b, off[k] + n] for the non-zeros k of row r.
-// Chunk-outer as in shifted_rows: for one chunk of the plane, the input window of every channel
-// stays in L1 while this thread's rows and their non-zeros go by; each non-zero keeps a vector of
-// lane-wise partial sums (part, nnz x lanes) until the end, then one horizontal sum. Chunks of
-// four vectors, the last ending at N (its overlap with the chunk before weighted by zero: a
-// scalar loop over the rest cost several times its share); a plane under four vectors in
-// one-vector chunks, one under one vector position by position.
-template <typename T>
-void shifted_sampled(const int64_t* crow, const int64_t* off, const T* G, const T* X, T* dval,
-                     int64_t B, int64_t rows, int64_t N, int64_t Lg, int64_t Gb, int64_t Xb) {
-  constexpr int L = kLanes<T>, CW = 4 * L;
+// The frame of a product sampled at the non-zeros (a weight gradient): each thread takes a share
+// of the rows, so that every sum has one order on any number of threads; each non-zero keeps a
+// vector of lane-wise partial sums (part, nnz x lanes) while accumulate(part, r_begin, r_end)
+// adds to those of the thread's rows, then one horizontal sum gives dval.
+template <typename T, typename Accumulate>
+void sampled_rows(const int64_t* crow, int64_t rows, T* dval, Accumulate&& accumulate) {
+  constexpr int L = kLanes<T>;
   std::vector<vec_t<T>> part(crow[rows]);
   const int nt = team();
 #pragma omp parallel if (nt > 1) num_threads(nt)
   {
-    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t r_begin = rows * tid / nt, r_end = rows * (tid + 1) / nt;
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t r_begin = rows * tid / nth, r_end = rows * (tid + 1) / nth;
     vec_t<T>* pt = part.data();
     for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) pt[k] = vec_t<T>{};
+    accumulate(pt, r_begin, r_end);
+    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) {
+      T total = T(0);
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) total += pt[k][l];
+      dval[k] = total;
+    }
+  }
+}
+
+// dval[k] = sum_b sum_{n < N} G[b, r, n] * X[b, off[k] + n] for the non-zeros k of row r.
+// Chunk-outer as in shifted_rows: for one chunk of the plane, the input window of every channel
+// stays in L1 while this thread's rows and their non-zeros go by. Chunks of four vectors, the
+// last ending at N (its overlap with the chunk before weighted by zero: a scalar loop over the
+// rest cost several times its share); a plane under four vectors in one-vector chunks, one under
+// one vector position by position.
+template <typename T>
+void shifted_sampled(const int64_t* crow, const int64_t* off, const T* G, const T* X, T* dval,
+                     int64_t B, int64_t rows, int64_t N, int64_t Lg, int64_t Gb, int64_t Xb) {
+  constexpr int L = kLanes<T>, CW = 4 * L;
+  sampled_rows<T>(crow, rows, dval, [&](vec_t<T>* pt, int64_t r_begin, int64_t r_end) {
     for (int64_t b = 0; b < B; ++b) {
       const T* Gs = G + b * Gb;
       const T* Xs = X + b * Xb;
@@ -420,13 +437,7 @@ void shifted_sampled(const int64_t* crow, const int64_t* off, const T* G, const 
         }
       }
     }
-    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) {
-      T total = T(0);
-#pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) total += pt[k][l];
-      dval[k] = total;
-    }
-  }
+  });
 }
 
 // Offsets of the non-zeros: col encodes (channel, ky, kx); off = channel * plane + sign *
@@ -682,24 +693,16 @@ void panel_spmm(const int64_t* blk, int64_t NB, const int64_t* off, const T* val
 }
 
 // dval[k] = sum over panels p, positions n < N and lanes of G_p[r][n] * X_p[off[k] + n], for
-// the non-zeros k of each row r: G panels (NP, rows, Lg * L) Gps apart, X panels Xps apart.
-// Each thread takes a share of the rows (so every sum has one order on any number of threads);
-// for each panel and chunk of kPanelDot positions a row's gradient stays in L1 while its
-// non-zeros read their input windows, each non-zero keeping a vector of lane-wise partial sums.
+// the non-zeros k of each row r: G panels (NP, rows, Lg * L) Gps apart, X panels Xps apart. For
+// each panel and chunk of kPanelDot positions, a row's gradient stays in L1 while its non-zeros
+// read their input windows.
 constexpr int64_t kPanelDot = 128;
 
 template <typename T>
 void panel_sampled(const int64_t* crow, const int64_t* off, const T* G, int64_t Gps, int64_t Lg,
                    const T* X, int64_t Xps, T* dval, int64_t NP, int64_t rows, int64_t N) {
   constexpr int L = kLanes<T>;
-  std::vector<vec_t<T>> part(crow[rows]);
-  const int nt = team();
-#pragma omp parallel if (nt > 1) num_threads(nt)
-  {
-    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t r_begin = rows * tid / nth, r_end = rows * (tid + 1) / nth;
-    vec_t<T>* pt = part.data();
-    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) pt[k] = vec_t<T>{};
+  sampled_rows<T>(crow, rows, dval, [&](vec_t<T>* pt, int64_t r_begin, int64_t r_end) {
     for (int64_t p = 0; p < NP; ++p) {
       for (int64_t n0 = 0; n0 < N; n0 += kPanelDot) {
         const int64_t q = std::min(kPanelDot, N - n0);
@@ -722,13 +725,7 @@ void panel_sampled(const int64_t* crow, const int64_t* off, const T* G, int64_t 
         }
       }
     }
-    for (int64_t k = crow[r_begin]; k < crow[r_end]; ++k) {
-      T total = T(0);
-#pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) total += pt[k][l];
-      dval[k] = total;
-    }
-  }
+  });
 }
 
 // The product of panel_spmm for a CSR (crow, col) whose columns encode (channel, ky, kx), on
