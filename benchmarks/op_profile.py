@@ -202,6 +202,47 @@ def conv_algorithms() -> list[str]:
     return rows
 
 
+def step_rest() -> list[str]:
+    """PyTorch's dropout and max pooling against sparselearn's compiled ones, forward and
+    backward, on the shapes where the paper's models call them (batch 64, CIFAR shape)."""
+    import torch.nn.functional as F
+
+    from sparselearn.accel import dropout, max_pool2d
+
+    def step(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+        x = x.detach().requires_grad_()
+        grad = torch.randn(fn(x).shape, generator=torch.Generator().manual_seed(1))
+
+        def run() -> None:
+            x.grad = None
+            fn(x).backward(grad)
+
+        return run
+
+    rows = [
+        "| op, input (batch 64) | PyTorch ms | sparselearn ms | faster |",
+        "|---|---:|---:|---:|",
+    ]
+    cases: list[
+        tuple[str, tuple[int, ...], Callable[..., torch.Tensor], Callable[..., torch.Tensor]]
+    ]
+    cases = [
+        ("dropout 0.3, WRN-16-8's first stage", (64, 128, 32, 32),
+         lambda t: F.dropout(t, 0.3), lambda t: dropout(t, 0.3)),
+        ("max pool 2x2, VGG-D's first", (64, 64, 32, 32),
+         lambda t: F.max_pool2d(t, 2), lambda t: max_pool2d(t, 2)),
+        ("max pool 2x2, LeNet-5's first (batch 100)", (100, 20, 24, 24),
+         lambda t: F.max_pool2d(t, 2), lambda t: max_pool2d(t, 2)),
+    ]  # fmt: skip
+    for name, shape, theirs, ours in cases:
+        x = torch.randn(*shape)
+        t, o = median_ms(step(theirs, x)), median_ms(step(ours, x))
+        rows.append(
+            f"| {name}, {tuple(shape)}, forward + backward | {t:.2f} | {o:.2f} | {t / o:.1f}x |"
+        )
+    return rows
+
+
 def mlp_inference() -> list[str]:
     x = torch.randn(256, 784)
     rows = ["| op | dense: ms per forward | sparse 5%: ms per forward |", "|---|---:|---:|"]
@@ -445,6 +486,7 @@ def main() -> None:
             "A training step of each CIFAR model, split by op (self CPU time, torch profiler)",
             model_step_split,
         ),
+        ("The rest of a step: PyTorch's dropout and max pooling, and sparselearn's", step_rest),
         ("Keeping the gradient masked on a dense layer", gradient_masking),
         ("One RigL mask update on the MLP at 5% (torch profiler)", rigl_update),
     ]:
