@@ -18,12 +18,15 @@ settings.load_profile("sparselearn")
 
 
 @pytest.fixture(autouse=True)
-def _restore_deterministic_algorithms() -> Iterator[None]:
-    """Lightning's Trainer(deterministic=True) turns on PyTorch's global deterministic mode and
-    leaves it on: each test starts with the mode the session started with."""
-    was = (
+def _restore_torch_globals() -> Iterator[None]:
+    """Each test starts with the session's thread count and deterministic mode, whatever the
+    test before it set (Lightning's Trainer(deterministic=True) turns the mode on and leaves it
+    on; the thread-count tests set 1 and 2 threads)."""
+    threads = torch.get_num_threads()
+    deterministic = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     yield
-    torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])

@@ -82,28 +82,20 @@ def test_gradients_under_deterministic_algorithms(backend: str) -> None:
     """A user who asks PyTorch for deterministic algorithms can still pool (PyTorch refuses
     some scatter-like kernels in that mode)."""
     x = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(0))
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        _, _, ga, gb = _both(x, 2, backend)
-    finally:
-        torch.use_deterministic_algorithms(was)
+    torch.use_deterministic_algorithms(True)  # restored after the test (conftest)
+    _, _, ga, gb = _both(x, 2, backend)
     assert torch.equal(ga, gb)
 
 
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
 def test_one_thread_gives_the_same_bits_as_all() -> None:
-    previous = torch.get_num_threads()
-    try:
-        x = torch.randn(32, 64, 32, 32)
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(ops_for(x, "cpp").max_pool2d(x, 2, True))
-        assert torch.equal(results[0][0], results[1][0])
-        assert torch.equal(results[0][1], results[1][1])
-    finally:
-        torch.set_num_threads(previous)
+    x = torch.randn(32, 64, 32, 32)
+    results = []
+    for threads in (1, 2):  # the thread count is restored after each test (conftest)
+        torch.set_num_threads(threads)
+        results.append(ops_for(x, "cpp").max_pool2d(x, 2, True))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
