@@ -22,6 +22,11 @@ from ..kernels import Ops, ops_for
 _MIN_OUTPUT_WIDTH = 8
 
 
+def _check_kernel_size(kernel_size: object) -> None:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+
+
 class _MaxPoolFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, k: int, ops: Ops) -> Tensor:
@@ -39,8 +44,7 @@ class _MaxPoolFn(torch.autograd.Function):
 def max_pool2d(x: Tensor, kernel_size: int, backend: str = "auto") -> Tensor:
     """``F.max_pool2d(x, kernel_size)`` (stride ``kernel_size``, no padding) on an (N, C, H, W)
     input; ``backend`` as for the sparse layers (the compiled kernels on CPU float32/float64)."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+    _check_kernel_size(kernel_size)
     if x.dim() != 4:
         raise ValueError(f"max_pool2d takes an (N, C, H, W) input, got shape {tuple(x.shape)}")
     if min(x.shape[2:]) < kernel_size:
@@ -60,8 +64,7 @@ class MaxPool2d(nn.Module):
 
     def __init__(self, kernel_size: int, backend: str = "auto") -> None:
         super().__init__()
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-            raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+        _check_kernel_size(kernel_size)
         self.kernel_size, self.backend = kernel_size, backend
 
     def forward(self, x: Tensor) -> Tensor:
