@@ -581,99 +581,80 @@ torch::Tensor panels(const torch::Tensor& x, int64_t Pl, int64_t base, int64_t W
   return out;
 }
 
-// Where the R positions of a chunk from n0 go: segments of consecutive kept positions (a grid
-// Wg wide keeps its first OW columns and OH rows), as (first position in the chunk, count,
-// index in an output plane of OH x OW).
-struct Segments {
-  int64_t first[kPanelChunk], count[kPanelChunk], dest[kPanelChunk];
-  int n = 0;
-  Segments(int64_t n0, int64_t R, int64_t Wg, int64_t OH, int64_t OW) {
-    for (int64_t i = 0; i < R;) {
-      const int64_t pos = n0 + i, oy = pos / Wg, ox = pos % Wg;
-      const int64_t len = std::min(R - i, Wg - ox);
-      const int64_t keep = oy < OH ? std::max<int64_t>(0, std::min(len, OW - ox)) : 0;
-      if (keep > 0) {
-        first[n] = i;
-        count[n] = keep;
-        dest[n] = oy * OW + ox;
-        ++n;
-      }
-      i += len;
-    }
-  }
-};
-
-// y_{p*L + l}[r][segment positions] = lane l of acc[first .. first + count) (+ bias), for the
-// lanes of the batch: the R vectors of a chunk (positions x samples) turned into rows of the
-// (B, rows, OH, OW) output.
-template <typename T, int R>
-inline void store_chunk(const vec_t<T>* acc, const Segments& seg, T* y, int64_t lanes,
-                        int64_t sample_stride, T bias) {
-  constexpr int L = kLanes<T>;
+// y_{p*L + l}[q] = lane l of Zr[grid position of q] (+ bias) for the positions q < OH * OW of an
+// output plane (grid position (q / OW) * Wg + q % OW), for the lanes of the batch: one plane of
+// the panel product's rows, (grid positions x samples), turned into a row of the (B, rows, OH,
+// OW) output, 16 consecutive positions at a time through a transpose in registers, so that each
+// sample's plane is written in whole cache lines, one after the other.
+template <typename T>
+inline void unpanel_plane(const T* Zr, int64_t Wg, int64_t OH, int64_t OW, T* y, int64_t lanes,
+                          int64_t sample_stride, T bias) {
+  constexpr int64_t L = kLanes<T>;
+  const int64_t Q = OH * OW;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    __m512 t[16];
-    for (int i = 0; i < 16; ++i)
-      t[i] = i < R ? _mm512_add_ps(reinterpret_cast<const __m512&>(acc[i]), _mm512_set1_ps(bias))
-                   : _mm512_setzero_ps();
-    transpose16(t);  // t[l]: the R positions of sample l
-    for (int64_t l = 0; l < lanes; ++l) {
-      T* yl = y + l * sample_stride;
-      for (int s = 0; s < seg.n; ++s) {
-        const __mmask16 take = __mmask16(((1u << seg.count[s]) - 1) << seg.first[s]);
-        _mm512_mask_storeu_ps(yl + seg.dest[s], __mmask16((1u << seg.count[s]) - 1),
-                              _mm512_maskz_compress_ps(take, t[l]));
+    const __m512 b = _mm512_set1_ps(bias);
+    int64_t oy = 0, ox = 0;  // of position q0
+    for (int64_t q0 = 0; q0 < Q; q0 += 16) {
+      const int cnt = int(std::min<int64_t>(16, Q - q0));
+      __m512 t[16];
+      for (int j = 0; j < 16; ++j) {
+        if (j < cnt) {
+          t[j] = _mm512_add_ps(_mm512_loadu_ps(Zr + (oy * Wg + ox) * L), b);
+          if (++ox == OW) ox = 0, ++oy;
+        } else {
+          t[j] = _mm512_setzero_ps();
+        }
       }
+      transpose16(t);  // t[l]: the cnt positions of sample l
+      const __mmask16 keep = __mmask16((1u << cnt) - 1);
+      for (int64_t l = 0; l < lanes; ++l) _mm512_mask_storeu_ps(y + l * sample_stride + q0, keep, t[l]);
     }
     return;
   }
 #endif
-  alignas(64) T tile[R * L];
-  for (int i = 0; i < R; ++i) storev<T>(tile + i * L, acc[i]);
-  for (int64_t l = 0; l < lanes; ++l) {
-    T* yl = y + l * sample_stride;
-    for (int s = 0; s < seg.n; ++s)
-      for (int64_t j = 0; j < seg.count[s]; ++j)
-        yl[seg.dest[s] + j] = tile[(seg.first[s] + j) * L + l] + bias;
-  }
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t q = 0; q < Q; ++q)
+      y[l * sample_stride + q] = Zr[((q / OW) * Wg + q % OW) * L + l] + bias;
 }
 
 // Y_b[r][kept grid positions] = sum over the non-zeros k of row r of val[k] * X_p[off[k] + n]
 // (+ bias[r]), n < N on a grid Wg wide that keeps OH x OW, for every sample b = p * L + l of a
 // batch of B: X panels (NP, planes, Pl * L) Xps values apart, Y (B, rows, OH, OW). blk (rows x
-// (NB + 1)): where each row's non-zeros of each block of input channels begin.
+// (NB + 1)): where each row's non-zeros of each block of input channels begin. Z (NP, rows,
+// max(N, kPanelChunk) * L) holds the product on panels before it is written to Y.
 // Each thread takes a contiguous share of the (panel, chunk) pairs and for each, group by group
-// of rows, block by block of channels, adds the block's non-zeros to the rows' partial sums.
+// of rows, block by block of channels, adds the block's non-zeros to the rows' partial sums and
+// stores them in Z; then each thread writes a share of Z's planes to Y. Writing each chunk's
+// lanes straight into Y instead wrote parts of cache lines of 16 samples, whose planes lie a
+// power of two apart in the same cache sets, and the lines left the caches between the chunks
+// that complete them: it cost more than the product itself on a sparse enough layer.
 template <typename T>
 void panel_spmm(const int64_t* blk, int64_t NB, const int64_t* off, const T* val, const T* X,
-                int64_t Xps, int64_t B, T* Y, int64_t rows, int64_t OH, int64_t OW, int64_t Wg,
-                int64_t N, const T* bias) {
+                int64_t Xps, int64_t B, T* Z, T* Y, int64_t rows, int64_t OH, int64_t OW,
+                int64_t Wg, int64_t N, const T* bias) {
   constexpr int L = kLanes<T>, R = kPanelChunk;
   const int64_t NP = (B + L - 1) / L, chunks = (N + R - 1) / R, items = NP * chunks;
-  const int64_t Yb = rows * OH * OW;
+  const int64_t Yb = rows * OH * OW, Nz = std::max<int64_t>(N, R);
   const int nt = team();
 #pragma omp parallel if (nt > 1) num_threads(nt)
   {
     const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    alignas(64) vec_t<T> part[kPanelRows * R];
     for (int64_t it = items * tid / nth; it < items * (tid + 1) / nth; ++it) {
       const int64_t p = it / chunks;
       // the last chunk ends at N where the grid allows, else it runs into the planes' tails
       const int64_t n0 = N >= R ? std::min((it % chunks) * R, N - R) : 0;
       const T* Xn = X + p * Xps + n0 * L;
-      const Segments seg(n0, R, Wg, OH, OW);
-      const int64_t lanes = std::min<int64_t>(L, B - p * L);
-      T* Yp = Y + p * L * Yb;
       for (int64_t g0 = 0; g0 < rows; g0 += kPanelRows) {
         const int64_t g1 = std::min(rows, g0 + kPanelRows);
         for (int64_t bl = 0; bl < NB; ++bl) {
           for (int64_t r = g0; r < g1; ++r) {
             const int64_t* kb = blk + r * (NB + 1) + bl;
             if (bl > 0 && kb[0] == kb[1]) continue;  // nothing to add
-            vec_t<T>* pr = part + (r - g0) * R;
+            T* pr = Z + ((p * rows + r) * Nz + n0) * L;
             vec_t<T> acc[R];
 #pragma GCC unroll 16
-            for (int i = 0; i < R; ++i) acc[i] = bl == 0 ? vec_t<T>{} : pr[i];
+            for (int i = 0; i < R; ++i) acc[i] = bl == 0 ? vec_t<T>{} : loadv<T>(pr + i * L);
             for (int64_t k = kb[0]; k < kb[1]; ++k) {
               const T v = val[k];
               const T* x = Xn + off[k] * L;
@@ -681,13 +662,17 @@ void panel_spmm(const int64_t* blk, int64_t NB, const int64_t* off, const T* val
               for (int i = 0; i < R; ++i) acc[i] += v * loadv<T>(x + i * L);
             }
 #pragma GCC unroll 16
-            for (int i = 0; i < R; ++i) pr[i] = acc[i];
+            for (int i = 0; i < R; ++i) storev<T>(pr + i * L, acc[i]);
           }
         }
-        for (int64_t r = g0; r < g1; ++r)
-          store_chunk<T, R>(part + (r - g0) * R, seg, Yp + r * OH * OW, lanes, Yb,
-                            bias ? bias[r] : T(0));
       }
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t pr = 0; pr < NP * rows; ++pr) {
+      const int64_t p = pr / rows, r = pr % rows;
+      unpanel_plane<T>(Z + pr * Nz * L, Wg, OH, OW, Y + p * L * Yb + r * OH * OW,
+                       std::min<int64_t>(L, B - p * L), Yb, bias ? bias[r] : T(0));
     }
   }
 }
@@ -750,9 +735,12 @@ torch::Tensor panel_product(const torch::Tensor& crow, const torch::Tensor& col,
         {int64_t(1), (32 * 1024) / window, (kBlockNonZeros * rows * planes + nnz - 1) / nnz});
     int64_t NB = 1;
     auto blk = channel_blocks(crow, col, kh * kw, planes, per, &NB);
+    constexpr int64_t L = kLanes<scalar_t>;
+    auto z = empty_output({(B + L - 1) / L, rows, std::max<int64_t>(N, kPanelChunk) * L},
+                          X.options());
     panel_spmm<scalar_t>(blk.data_ptr<int64_t>(), NB, off.data_ptr<int64_t>(),
                          val.data_ptr<scalar_t>(), X.data_ptr<scalar_t>(), planes * X.size(2), B,
-                         y.data_ptr<scalar_t>(), rows, OH, OW, Wg, N,
+                         z.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, OH, OW, Wg, N,
                          bias ? bias->data_ptr<scalar_t>() : nullptr);
   });
   return y;
