@@ -678,39 +678,59 @@ void panel_spmm(const int64_t* blk, int64_t NB, const int64_t* off, const T* val
 }
 
 // dval[k] = sum over panels p, positions n < N and lanes of G_p[r][n] * X_p[off[k] + n], for
-// the non-zeros k of each row r: G panels (NP, rows, Lg * L) Gps apart, X panels Xps apart. For
-// each panel and chunk of kPanelDot positions, a row's gradient stays in L1 while its non-zeros
-// read their input windows.
-constexpr int64_t kPanelDot = 128;
-
+// the non-zeros k of each row r: G panels (NP, rows, Lg * L) Gps apart, zero from position N
+// on, X panels Xps apart; blk as in panel_spmm. The loops are panel_spmm's: chunk by chunk of
+// kPanelChunk positions, block by block of input channels (their windows stay in L1 while the
+// rows go by), row by row with the row's gradient for the chunk held in registers, so that
+// each multiply-add loads one vector, as in the product. (A row's gradient held in L1 while
+// its non-zeros went by loaded two vectors per multiply-add, one of them from L2.)
 template <typename T>
-void panel_sampled(const int64_t* crow, const int64_t* off, const T* G, int64_t Gps, int64_t Lg,
-                   const T* X, int64_t Xps, T* dval, int64_t NP, int64_t rows, int64_t N) {
-  constexpr int L = kLanes<T>;
+void panel_sampled(const int64_t* crow, const int64_t* blk, int64_t NB, const int64_t* off,
+                   const T* G, int64_t Gps, int64_t Lg, const T* X, int64_t Xps, T* dval,
+                   int64_t NP, int64_t rows, int64_t N) {
+  constexpr int L = kLanes<T>, R = kPanelChunk;
+  static_assert(R % 2 == 0, "two chains of sums per non-zero");
   sampled_rows<T>(crow, rows, dval, [&](vec_t<T>* pt, int64_t r_begin, int64_t r_end) {
     for (int64_t p = 0; p < NP; ++p) {
-      for (int64_t n0 = 0; n0 < N; n0 += kPanelDot) {
-        const int64_t q = std::min(kPanelDot, N - n0);
+      for (int64_t n0 = 0; n0 < N; n0 += R) {  // the last chunk reads G's zeros past N
         const T* Xn = X + p * Xps + n0 * L;
-        for (int64_t r = r_begin; r < r_end; ++r) {
-          const T* g = G + p * Gps + (r * Lg + n0) * L;
-          for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
-            const T* x = Xn + off[k] * L;
-            vec_t<T> a0{}, a1{}, a2{}, a3{};
-            int64_t i = 0;
-            for (; i + 4 <= q; i += 4) {
-              a0 += loadv<T>(g + i * L) * loadv<T>(x + i * L);
-              a1 += loadv<T>(g + (i + 1) * L) * loadv<T>(x + (i + 1) * L);
-              a2 += loadv<T>(g + (i + 2) * L) * loadv<T>(x + (i + 2) * L);
-              a3 += loadv<T>(g + (i + 3) * L) * loadv<T>(x + (i + 3) * L);
+        for (int64_t bl = 0; bl < NB; ++bl) {
+          for (int64_t r = r_begin; r < r_end; ++r) {
+            const int64_t* kb = blk + r * (NB + 1) + bl;
+            if (kb[0] == kb[1]) continue;
+            const T* g = G + p * Gps + (r * Lg + n0) * L;
+            vec_t<T> gv[R];
+#pragma GCC unroll 16
+            for (int i = 0; i < R; ++i) gv[i] = loadv<T>(g + i * L);
+            for (int64_t k = kb[0]; k < kb[1]; ++k) {
+              const T* x = Xn + off[k] * L;
+              vec_t<T> a0 = gv[0] * loadv<T>(x), a1 = gv[1] * loadv<T>(x + L);
+#pragma GCC unroll 16
+              for (int i = 2; i < R; i += 2) {
+                a0 += gv[i] * loadv<T>(x + i * L);
+                a1 += gv[i + 1] * loadv<T>(x + (i + 1) * L);
+              }
+              pt[k] += a0 + a1;
             }
-            for (; i < q; ++i) a0 += loadv<T>(g + i * L) * loadv<T>(x + i * L);
-            pt[k] += (a0 + a1) + (a2 + a3);
           }
         }
       }
     }
   });
+}
+
+// Input channels per block of the panel kernels: enough that a row has about kBlockNonZeros
+// non-zeros in a block (each visit of a row and block costs a round trip of its partial sums or
+// a load of its gradient, and a mispredicted loop exit), and at least as many as fill two
+// thirds of a 48 KiB L1 data cache with their windows (kh rows of a chunk plus the kernel's
+// reach, one vector of lanes per position).
+template <typename T>
+int64_t panel_block_channels(int64_t kh, int64_t kw, int64_t rows, int64_t planes, int64_t nnz) {
+  constexpr int64_t kBlockNonZeros = 16;
+  const int64_t window = kh * (kPanelChunk + kw - 1) * int64_t(sizeof(vec_t<T>));
+  return std::max<int64_t>({int64_t(1), (32 * 1024) / window,
+                            (kBlockNonZeros * rows * planes + std::max<int64_t>(1, nnz) - 1) /
+                                std::max<int64_t>(1, nnz)});
 }
 
 // The product of panel_spmm for a CSR (crow, col) whose columns encode (channel, ky, kx), on
@@ -724,15 +744,7 @@ torch::Tensor panel_product(const torch::Tensor& crow, const torch::Tensor& col,
   auto off = plane_offsets(col, kh, kw, Wg, Pl, sign, base);
   auto y = empty_output({B, rows, OH, OW}, X.options());
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "panel_product", [&] {
-    // channels per block: enough that a row has about kBlockNonZeros non-zeros in a block
-    // (each visit of a row and block costs a round trip of its partial sums and a mispredicted
-    // loop exit), and at least as many as fill two thirds of a 48 KiB L1 data cache with their
-    // windows (kh rows of a chunk plus the kernel's reach, one vector of lanes per position)
-    constexpr int64_t kBlockNonZeros = 16;
-    const int64_t window = kh * (kPanelChunk + kw - 1) * int64_t(sizeof(vec_t<scalar_t>));
-    const int64_t nnz = std::max<int64_t>(1, col.numel());
-    const int64_t per = std::max<int64_t>(
-        {int64_t(1), (32 * 1024) / window, (kBlockNonZeros * rows * planes + nnz - 1) / nnz});
+    const int64_t per = panel_block_channels<scalar_t>(kh, kw, rows, planes, col.numel());
     int64_t NB = 1;
     auto blk = channel_blocks(crow, col, kh * kw, planes, per, &NB);
     constexpr int64_t L = kLanes<scalar_t>;
@@ -914,7 +926,11 @@ std::vector<c10::optional<torch::Tensor>> conv2d_backward(
         constexpr int64_t L = kLanes<scalar_t>;
         const int64_t Pl = saved.size(2) / L;
         auto off = plane_offsets(col, kh, kw, Wp, Pl, 1, 0);
-        panel_sampled<scalar_t>(crow.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
+        int64_t NB = 1;
+        auto blk = channel_blocks(crow, col, kh * kw, C,
+                                  panel_block_channels<scalar_t>(kh, kw, O, C, col.numel()), &NB);
+        panel_sampled<scalar_t>(crow.data_ptr<int64_t>(), blk.data_ptr<int64_t>(), NB,
+                                off.data_ptr<int64_t>(),
                                 Gs.data_ptr<scalar_t>() + M * L, O * Lg * L, Lg,
                                 saved.data_ptr<scalar_t>(), C * Pl * L, dval->data_ptr<scalar_t>(),
                                 saved.size(0), O, (OH - 1) * Wp + OW);
