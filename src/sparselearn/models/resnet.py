@@ -34,9 +34,11 @@ class BasicBlock(nn.Module):
         self.downsample = _projection(c_in, width, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        # in place where autograd allows (BatchNorm's backward reads its input, not its output;
+        # an addition's, neither), as torchvision's blocks do: no fresh activation-sized tensor
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return F.relu(out.add_(x if self.downsample is None else self.downsample(x)), inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -55,10 +57,10 @@ class Bottleneck(nn.Module):
         self.downsample = _projection(c_in, c_out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # in place as in BasicBlock
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return F.relu(out.add_(x if self.downsample is None else self.downsample(x)), inplace=True)
 
 
 class ResNet(nn.Module):
@@ -73,13 +75,15 @@ class ResNet(nn.Module):
         small = max(input_shape[1:]) <= 64
         if small:
             self.stem = nn.Sequential(
-                nn.Conv2d(input_shape[0], 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+                nn.Conv2d(input_shape[0], 64, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True),
             )
         else:
             self.stem = nn.Sequential(
                 nn.Conv2d(input_shape[0], 64, 7, 2, 3, bias=False),
                 nn.BatchNorm2d(64),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, 2, 1),
             )
         layers: list[nn.Module] = []

@@ -32,12 +32,14 @@ class BasicBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = F.relu(self.bn1(x))
-        out = F.relu(self.bn2(self.conv1(pre)))
+        # in place where autograd allows (BatchNorm's backward reads its input, a convolution's
+        # and an addition's not their output): no fresh activation-sized tensor
+        pre = F.relu(self.bn1(x), inplace=True)
+        out = F.relu(self.bn2(self.conv1(pre)), inplace=True)
         out = dropout(out, p=self.drop, training=self.training)
         out = self.conv2(out)
         # the shortcut of a widening block sees the pre-activated input, as in the original
-        return out + (x if self.shortcut is None else self.shortcut(pre))
+        return out.add_(x if self.shortcut is None else self.shortcut(pre))
 
 
 class WideResNet(nn.Module):
@@ -66,7 +68,7 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn(self.blocks(self.conv1(x))))  # (B, 64*width, H/4, W/4)
+        out = F.relu(self.bn(self.blocks(self.conv1(x))), inplace=True)  # (B, 64*width, H/4, W/4)
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # the original's 8x8 pool on 32x32
         return self.fc(out)
 
