@@ -500,12 +500,12 @@ torch::Tensor margin_grid(const torch::Tensor& g, int64_t Hp, int64_t Wp, int64_
 // ky * Wp + kx] to output position n, as in the shifted planes above, but each position is one
 // aligned vector: loads never straddle two cache lines, no plane is too small to fill a vector,
 // and a chunk of positions has no edges to special-case. The price is a wider window per channel
-// (L samples of every position), so the kernel blocks the input channels and keeps the partial
-// sums of a group of rows in a small buffer between blocks.
+// (L samples of every position), so the kernel blocks the input channels; the partial sums wait
+// between blocks in an output on panels, which goes to the NCHW output at the end.
 
 constexpr int64_t kPanelMin = 16;  // fewer samples: the per-sample planes above
 constexpr int kPanelChunk = 12;    // positions per chunk: accumulators in registers
-constexpr int64_t kPanelRows = 16;  // rows whose partial sums wait between channel blocks
+constexpr int64_t kPanelRows = 16;  // rows taken together through the channel blocks
 constexpr int64_t kPanelTail = kPanelChunk;  // zeros after each packed plane: a chunk may
                                              // run past the grid's last position
 
@@ -608,7 +608,8 @@ inline void unpanel_plane(const T* Zr, int64_t Wg, int64_t OH, int64_t OW, T* y,
       }
       transpose16(t);  // t[l]: the cnt positions of sample l
       const __mmask16 keep = __mmask16((1u << cnt) - 1);
-      for (int64_t l = 0; l < lanes; ++l) _mm512_mask_storeu_ps(y + l * sample_stride + q0, keep, t[l]);
+      for (int64_t l = 0; l < lanes; ++l)
+        _mm512_mask_storeu_ps(y + l * sample_stride + q0, keep, t[l]);
     }
     return;
   }
@@ -625,10 +626,10 @@ inline void unpanel_plane(const T* Zr, int64_t Wg, int64_t OH, int64_t OW, T* y,
 // max(N, kPanelChunk) * L) holds the product on panels before it is written to Y.
 // Each thread takes a contiguous share of the (panel, chunk) pairs and for each, group by group
 // of rows, block by block of channels, adds the block's non-zeros to the rows' partial sums and
-// stores them in Z; then each thread writes a share of Z's planes to Y. Writing each chunk's
-// lanes straight into Y instead wrote parts of cache lines of 16 samples, whose planes lie a
-// power of two apart in the same cache sets, and the lines left the caches between the chunks
-// that complete them: it cost more than the product itself on a sparse enough layer.
+// stores them in Z; then each thread writes a share of Z's planes to Y (unpanel_plane). Why not
+// each chunk straight into Y: its lanes would write parts of cache lines in 16 planes that lie
+// a power of two apart, in the same cache sets, and the lines would leave the caches before the
+// chunks that complete them came; that costs more than the product itself at 5% density.
 template <typename T>
 void panel_spmm(const int64_t* blk, int64_t NB, const int64_t* off, const T* val, const T* X,
                 int64_t Xps, int64_t B, T* Z, T* Y, int64_t rows, int64_t OH, int64_t OW,
@@ -682,8 +683,8 @@ void panel_spmm(const int64_t* blk, int64_t NB, const int64_t* off, const T* val
 // on, X panels Xps apart; blk as in panel_spmm. The loops are panel_spmm's: chunk by chunk of
 // kPanelChunk positions, block by block of input channels (their windows stay in L1 while the
 // rows go by), row by row with the row's gradient for the chunk held in registers, so that
-// each multiply-add loads one vector, as in the product. (A row's gradient held in L1 while
-// its non-zeros went by loaded two vectors per multiply-add, one of them from L2.)
+// each multiply-add loads one vector, as in the product. (A row's gradient held in L1 while its
+// non-zeros go by would cost two loads per multiply-add, one of them from L2.)
 template <typename T>
 void panel_sampled(const int64_t* crow, const int64_t* blk, int64_t NB, const int64_t* off,
                    const T* G, int64_t Gps, int64_t Lg, const T* X, int64_t Xps, T* dval,
