@@ -293,23 +293,30 @@ def test_patches_property(
     [((3, 3), 2, (1, 1), (16, 16)), ((3, 3), 2, (1, 1), (9, 7)), ((1, 1), 2, (0, 0), (9, 8)),
      ((3, 1), 2, (1, 0), (10, 5)), ((5, 5), 3, (2, 2), (13, 11)), ((2, 2), 2, (0, 0), (7, 7))],
 )  # fmt: skip
+# batches of 16 and 31 run on batch panels packed from the input (31: a panel with empty lanes)
+@pytest.mark.parametrize(
+    ("batch", "dtype"),
+    [(3, torch.float32), (16, torch.float32), (31, torch.float32), (16, torch.float64)],
+)
 def test_strided_conv_on_phase_planes(
     backend: str,
     k: tuple[int, int],
     stride: int,
     pad: tuple[int, int],
     hw: tuple[int, int],
+    batch: int,
+    dtype: torch.dtype,
 ) -> None:
     # a strided layer computes as a stride-1 one on the phase planes: outputs and gradients
     # equal the dense masked layer's, and a mask change rebuilds the planes' structure
     torch.manual_seed(sum(k) + stride + hw[0])
-    conv = nn.Conv2d(5, 7, k, stride=stride, padding=pad)
+    conv = nn.Conv2d(5, 7, k, stride=stride, padding=pad).to(dtype)
     mask = torch.rand(conv.weight.shape) < 0.4
     with torch.no_grad():
         conv.weight.mul_(mask)
     sparse = SparseConv2d(copy.deepcopy(conv), mask, backend, algorithm="planes")
     for step in range(2):
-        x = torch.randn(3, 5, *hw, requires_grad=True)
+        x = torch.randn(batch, 5, *hw, dtype=dtype, requires_grad=True)
         x_ref = x.detach().clone().requires_grad_()
         y, y_ref = sparse(x), conv(x_ref)
         assert sparse.phases().shape[1] == 5 * stride * stride

@@ -202,35 +202,10 @@ class _Phases:
     def mask(self) -> Tensor:
         return self._mask
 
-    def planes(
-        self, x: Tensor, padding: tuple[int, int], out_hw: tuple[int, int], ops: Ops
-    ) -> Tensor:
-        """(N, C, H, W) -> (N, s*s*C, OH + kh' - 1, OW + kw' - 1): the padded input's phase
-        planes, as large as the stride-1 convolution reads (zeros past the padded input)."""
-        hq, wq = out_hw[0] + self.shape[2] - 1, out_hw[1] + self.shape[3] - 1
-        planes: Tensor = _PhasePlanesFn.apply(  # type: ignore[no-untyped-call]
-            x, self.stride, padding, (hq, wq), ops
-        )
-        return planes
-
-
-class _PhasePlanesFn(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        stride: int,
-        padding: tuple[int, int],
-        size: tuple[int, int],
-        ops: Ops,
-    ) -> Tensor:
-        ctx.ops, ctx.stride, ctx.padding, ctx.in_hw = ops, stride, padding, x.shape[2:]
-        return ops.phase_planes(x, stride, *padding, *size)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        gx = ctx.ops.phase_planes_grad(grad, ctx.stride, *ctx.padding, *ctx.in_hw)
-        return gx, None, None, None, None
+    def planes_size(self, out_hw: tuple[int, int]) -> tuple[int, int]:
+        """(OH + kh' - 1, OW + kw' - 1): the phase planes' height and width, as large as the
+        stride-1 convolution reads (zeros past the padded input)."""
+        return out_hw[0] + self.shape[2] - 1, out_hw[1] + self.shape[3] - 1
 
 
 class _Unfolded:
@@ -348,7 +323,10 @@ class _SparseLinearFn(torch.autograd.Function):
 
 class _SparseConv2dFn(torch.autograd.Function):
     """The convolution with a CSR weight; the bias (if any) is added as the output is written,
-    its gradient is the output gradient summed over all but the channels."""
+    its gradient is the output gradient summed over all but the channels. With ``phases`` (hq,
+    wq), ``weight`` is a :class:`_Phases`: the kernels convolve the phase planes of ``x``
+    (stride and padding the layer's) at stride 1, and the backward turns the planes' gradient
+    into x's."""
 
     @staticmethod
     def forward(
@@ -360,27 +338,46 @@ class _SparseConv2dFn(torch.autograd.Function):
         stride: int,
         padding: tuple[int, int],
         ops: Ops,
+        phases: tuple[int, int] | None = None,
     ) -> Tensor:
         _, kh, kw = weight.shape[1:]
         # ``saved``: what the backward reads, in the backend's layout (batch panels of the
-        # input, or the padded input)
-        y, saved = ops.conv2d_forward(
-            weight.crow, weight.col, values, x, weight.rows, kh, kw, stride, *padding, bias
-        )
+        # input or of its phase planes, or the padded input or its phase planes)
+        if phases is None:
+            y, saved = ops.conv2d_forward(
+                weight.crow, weight.col, values, x, weight.rows, kh, kw, stride, *padding, bias
+            )
+        else:  # ``weight``: the stride-1 convolution over the (hq, wq) phase planes
+            y, saved = ops.conv2d_forward_phases(
+                weight.crow,
+                weight.col,
+                values,
+                x,
+                weight.rows,
+                kh,
+                kw,
+                stride,
+                *padding,
+                *phases,
+                bias,
+            )
         ctx.save_for_backward(x, values, saved)
         ctx.weight, ctx.ops, ctx.stride, ctx.padding = weight, ops, stride, padding
+        ctx.phases = phases
         return y
 
     @staticmethod
     def backward(
         ctx: Any, grad_y: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
         x, values, saved = ctx.saved_tensors
         w: SparseWeight | _Phases = ctx.weight
         kh, kw = w.shape[2:]
         g = grad_y.contiguous()
         want_x, want_w = ctx.needs_input_grad[:2]
         sink = w.dense_grad_sink
+        # the convolution the kernels ran: of the phase planes at stride 1, unpadded, or of x
+        stride, padding = (1, (0, 0)) if ctx.phases else (ctx.stride, ctx.padding)
         # both gradients in one call (stride 1: they share one copy of the output gradient);
         # on steps that ask for the dense weight gradient, that comes from PyTorch instead
         grad_x, grad_values = ctx.ops.conv2d_backward(
@@ -393,11 +390,13 @@ class _SparseConv2dFn(torch.autograd.Function):
             saved,
             kh,
             kw,
-            ctx.stride,
-            *ctx.padding,
+            stride,
+            *padding,
             want_x,
             want_w and sink is None,
         )
+        if grad_x is not None and ctx.phases:  # the phase planes' gradient, then x's
+            grad_x = ctx.ops.phase_planes_grad(grad_x, ctx.stride, *ctx.padding, *x.shape[2:])
         if want_w and sink is not None:
             dense = conv2d_weight(  # type: ignore[no-untyped-call]
                 x, w.shape, g, stride=ctx.stride, padding=ctx.padding
@@ -405,7 +404,7 @@ class _SparseConv2dFn(torch.autograd.Function):
             sink(dense)
             grad_values = dense.reshape(w.rows, -1)[w.mask().view(w.rows, -1)]
         grad_bias = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_values, grad_bias, None, None, None, None
+        return grad_x, grad_values, grad_bias, None, None, None, None, None
 
 
 def _split_bias(bias: Tensor | None, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -598,13 +597,14 @@ class SparseConv2d(nn.Module):
             # weight's own shape
             ph = self.phases()
             y: Tensor = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
-                ph.planes(x, self.padding, out_hw, ops),
+                x,
                 w.values[ph.index],
                 fused,
                 ph,
-                1,
-                (0, 0),
+                self.stride,
+                self.padding,
                 ops,
+                ph.planes_size(out_hw),
             )
         else:
             y = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]

@@ -156,6 +156,27 @@ class CppOps:
         out: Tensor = self._ext.phase_planes_grad(g, stride, ph, pw, h, w)
         return out
 
+    def conv2d_forward_phases(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        x: Tensor,
+        out_channels: int,
+        kh: int,
+        kw: int,
+        stride: int,
+        ph: int,
+        pw: int,
+        hq: int,
+        wq: int,
+        bias: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        y, saved = self._ext.conv2d_forward_phases(
+            crow, col, val, x, out_channels, kh, kw, stride, ph, pw, hq, wq, bias
+        )
+        return y, saved
+
     def patches(
         self, x: Tensor, kh: int, kw: int, stride: int, ph: int, pw: int, oh: int, ow: int
     ) -> Tensor:

@@ -26,7 +26,10 @@
   when asked, sharing what they both need;
 - ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
   the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
-  stride-1 one (``accel.layers``);
+  stride-1 one (``accel.layers``); ``conv2d_forward_phases(crow, col, val, x, out_channels, kh,
+  kw, stride, ph, pw, hq, wq, bias=None) -> (y, saved)`` is ``conv2d_forward`` of those planes
+  at stride 1 without padding (the compiled kernels pack the planes into batch panels straight
+  from ``x``), its backward ``conv2d_backward`` of the planes then ``phase_planes_grad``;
 - ``patches(x, kh, kw, stride, ph, pw, oh, ow) -> rows`` (im2col: each output position's input
   patch as a row of ``C * kh * kw``) and its adjoint ``patches_grad``;
 - ``dropout(x, keep, seed) -> y``: ``x * (1 / keep)`` where the hash of (``seed``, the element's
@@ -132,6 +135,23 @@ class Ops(Protocol):
     def phase_planes(
         self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int
     ) -> Tensor: ...
+
+    def conv2d_forward_phases(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        x: Tensor,
+        out_channels: int,
+        kh: int,
+        kw: int,
+        stride: int,
+        ph: int,
+        pw: int,
+        hq: int,
+        wq: int,
+        bias: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
 
     def phase_planes_grad(
         self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int

@@ -190,6 +190,25 @@ class TorchOps:
         full = F.pad(grid, (0, max(0, w + pw - s * wq), 0, max(0, h + ph - s * hq)))
         return full[:, :, ph : ph + h, pw : pw + w].contiguous()
 
+    def conv2d_forward_phases(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        x: Tensor,
+        out_channels: int,
+        kh: int,
+        kw: int,
+        stride: int,
+        ph: int,
+        pw: int,
+        hq: int,
+        wq: int,
+        bias: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        planes = self.phase_planes(x, stride, ph, pw, hq, wq)
+        return self.conv2d_forward(crow, col, val, planes, out_channels, kh, kw, 1, 0, 0, bias)
+
     def patches(
         self, x: Tensor, kh: int, kw: int, stride: int, ph: int, pw: int, oh: int, ow: int
     ) -> Tensor:

@@ -26,6 +26,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("x"), py::arg("out_channels"),
         py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("ph"), py::arg("pw"),
         py::arg("bias") = py::none());
+  m.def("conv2d_forward_phases", &conv2d_forward_phases,
+        "(the stride-1 convolution of the phase planes of the padded input (+ bias), what the "
+        "backward reads)",
+        py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("x"), py::arg("out_channels"),
+        py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("ph"), py::arg("pw"),
+        py::arg("hq"), py::arg("wq"), py::arg("bias") = py::none());
   m.def("conv2d_backward", &conv2d_backward,
         "(gradient of the input inside the padding or None, gradient at the non-zeros or None), "
         "from what the forward saved");

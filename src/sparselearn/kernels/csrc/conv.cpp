@@ -563,6 +563,60 @@ void pack_panels(const T* src, int64_t B, int64_t C, int64_t H, int64_t W, T* ds
   }
 }
 
+// The phase planes of a stride-s convolution's padded input (layouts.cpp, phase_planes) packed
+// straight into panels: dst[p][(py * s + px) * C + c][i * wq + j] = lane l of x[p * L + l][c]
+// [s * i + py - ph][s * j + px - pw], zero where that lies in the padding, at the positions from
+// hq * wq to Pl and in the lanes past the batch. One pass where building the phase planes and
+// then packing them took two. The positions of a phase plane are read through a table of their
+// offsets in an input plane (-1 in the padding), 16 at a time for each of 16 samples by a masked
+// gather from planes that stay in L1, then turned into 16 panel vectors by a transpose.
+template <typename T>
+void pack_phase_panels(const T* src, int64_t B, int64_t C, int64_t H, int64_t W, int64_t s,
+                       int64_t ph, int64_t pw, int64_t hq, int64_t wq, T* dst, int64_t Pl) {
+  constexpr int64_t L = kLanes<T>;
+  const int64_t NP = (B + L - 1) / L, plane = H * W, Q = hq * wq, S2 = s * s;
+  std::vector<int32_t> where(S2 * Q);
+  for (int64_t f = 0; f < S2; ++f) {
+    for (int64_t i = 0; i < hq; ++i) {
+      for (int64_t j = 0; j < wq; ++j) {
+        const int64_t y = s * i + f / s - ph, x = s * j + f % s - pw;
+        where[f * Q + i * wq + j] = y >= 0 && y < H && x >= 0 && x < W ? int32_t(y * W + x) : -1;
+      }
+    }
+  }
+  const int nt = team(NP * S2 * C * Pl * L);
+#pragma omp parallel for collapse(2) schedule(static) if (nt > 1) num_threads(nt)
+  for (int64_t p = 0; p < NP; ++p) {
+    for (int64_t cc = 0; cc < S2 * C; ++cc) {
+      const int32_t* wh = where.data() + (cc / C) * Q;
+      T* out = dst + (p * S2 * C + cc) * Pl * L;
+      const int64_t lanes = std::min(L, B - p * L);
+      const T* in = src + (p * L * C + cc % C) * plane;  // lane l: in + l * C * plane
+      int64_t q = 0;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        for (; q + 16 <= Q; q += 16) {
+          const __m512i idx = _mm512_loadu_si512(wh + q);
+          const __mmask16 inside = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
+          __m512 r[16];
+          for (int l = 0; l < 16; ++l)
+            r[l] = l < lanes ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, idx,
+                                                        in + l * C * plane, sizeof(float))
+                             : _mm512_setzero_ps();
+          transpose16(r);
+          for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + (q + j) * L, r[j]);
+        }
+      }
+#endif
+      for (; q < Q; ++q) {
+        for (int64_t l = 0; l < L; ++l)
+          out[q * L + l] = l < lanes && wh[q] >= 0 ? in[l * C * plane + wh[q]] : T(0);
+      }
+      std::memset(out + Q * L, 0, size_t(Pl - Q) * L * sizeof(T));
+    }
+  }
+}
+
 // Planes (B, C, H, W) as panels of Pl positions per plane, each placed at ``base`` on a grid Wg
 // wide: (NP, C, Pl * L), in memory of the BlockCache.
 torch::Tensor panels(const torch::Tensor& x, int64_t Pl, int64_t base, int64_t Wg) {
@@ -818,6 +872,48 @@ std::vector<torch::Tensor> conv2d_forward(torch::Tensor crow, torch::Tensor col,
   });
   if (bias) y.add_(bias->view({1, out_channels, 1, 1}));  // (its own output: in place)
   return {y, xp};
+}
+
+// A stride-s convolution as the stride-1 one of a kh x kw kernel over the s*s phase planes
+// (hq x wq) of x padded by (ph, pw): the CSR (crow, col) is that convolution's, over s*s*C
+// channels. On panels, the phase planes are packed from x in one pass (pack_phase_panels); else
+// they are built (phase_planes) and convolved as any input. Returns what conv2d_forward returns
+// for the phase planes: the output, and what the backward reads, whose input gradient is the
+// phase planes' (phase_planes_grad turns it into x's).
+std::vector<torch::Tensor> conv2d_forward_phases(torch::Tensor crow, torch::Tensor col,
+                                                 torch::Tensor val, torch::Tensor x,
+                                                 int64_t out_channels, int64_t kh, int64_t kw,
+                                                 int64_t s, int64_t ph, int64_t pw, int64_t hq,
+                                                 int64_t wq, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 4, "x must be a (B, C, H, W) tensor");
+  TORCH_CHECK(s >= 1 && ph >= 0 && pw >= 0 && hq >= kh && wq >= kw,
+              "the stride, padding and phase planes must be valid");
+  const int64_t B = x.size(0);
+  bool on_panels = false;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_phases",
+                             [&] { on_panels = use_panels<scalar_t>(B, kh, kw); });
+  if (!on_panels)
+    return conv2d_forward(crow, col, val, phase_planes(x, s, ph, pw, hq, wq), out_channels, kh,
+                          kw, 1, 0, 0, bias);
+  TORCH_CHECK(!bias.has_value() ||
+                  (bias->numel() == out_channels && bias->scalar_type() == x.scalar_type()),
+              "bias must hold one value per output channel, in the input's dtype");
+  auto src = x.contiguous();
+  const int64_t C = src.size(1), H = src.size(2), W = src.size(3), Pl = hq * wq + kPanelTail;
+  col = col.to(torch::kLong);
+  int64_t L = 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_phases",
+                             [&] { L = kLanes<scalar_t>; });
+  auto xs = empty_output({(B + L - 1) / L, s * s * C, Pl * L}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_phases", [&] {
+    pack_phase_panels<scalar_t>(src.data_ptr<scalar_t>(), B, C, H, W, s, ph, pw, hq, wq,
+                                xs.data_ptr<scalar_t>(), Pl);
+  });
+  c10::optional<torch::Tensor> b;
+  if (bias.has_value()) b = bias->contiguous();
+  auto y = panel_product(crow, col, val, xs, B, out_channels, kh, kw, Pl, 1, 0, hq - kh + 1,
+                         wq - kw + 1, wq, b);
+  return {y, xs};
 }
 
 namespace {

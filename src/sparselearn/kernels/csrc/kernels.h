@@ -32,6 +32,11 @@ std::vector<c10::optional<torch::Tensor>> conv2d_backward(
     torch::Tensor crow, torch::Tensor col, torch::Tensor crowT, torch::Tensor colT,
     torch::Tensor valT, torch::Tensor g, torch::Tensor saved, int64_t kh, int64_t kw,
     int64_t stride, int64_t ph, int64_t pw, bool want_input, bool want_weight);
+std::vector<torch::Tensor> conv2d_forward_phases(torch::Tensor crow, torch::Tensor col,
+                                                 torch::Tensor val, torch::Tensor x,
+                                                 int64_t out_channels, int64_t kh, int64_t kw,
+                                                 int64_t s, int64_t ph, int64_t pw, int64_t hq,
+                                                 int64_t wq, c10::optional<torch::Tensor> bias);
 bool uses_panels(int64_t batch, int64_t kh, int64_t kw, bool is_double);
 
 // layouts.cpp: phase planes of a strided convolution, patches (im2col), and their adjoints
