@@ -6,10 +6,12 @@ from .accelerate import AccelerationReport, LayerChoice, accelerate
 from .compact import CompactedLayer, CompactResult, compact
 from .dropout import Dropout, dropout
 from .layers import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight
+from .norm import BatchNorm2d
 from .pooling import MaxPool2d, max_pool2d
 
 __all__ = [
     "AccelerationReport",
+    "BatchNorm2d",
     "CompactResult",
     "CompactedLayer",
     "Dropout",

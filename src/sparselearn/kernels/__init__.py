@@ -3,8 +3,8 @@ protocol (:class:`Ops`, in ``protocol.py``).
 
 - ``protocol.py``: the operations on a CSR weight, and the panel layout of activations;
 - ``build.py``: the extension, built on first use from ``csrc/`` (C++ with OpenMP: ``linear.cpp``,
-  ``conv.cpp``, ``layouts.cpp``, ``dropout.cpp``, ``pool.cpp``, ``bindings.cpp``, sharing
-  ``common.h``) and cached;
+  ``conv.cpp``, ``layouts.cpp``, ``dropout.cpp``, ``pool.cpp``, ``norm.cpp``, ``bindings.cpp``,
+  sharing ``common.h``) and cached;
 - ``torch_backend.py``: the same operations with PyTorch ops (CUDA, other dtypes, no compiler);
 - ``cpp_backend.py``: the compiled functions, with an optional cap on their threads.
 

@@ -32,7 +32,15 @@ _CSRC = Path(__file__).parent / "csrc"
 # first (bindings.cpp parses torch/extension.h), so that the parallel build ends soonest
 _SOURCES = tuple(
     _CSRC / f
-    for f in ("bindings.cpp", "linear.cpp", "conv.cpp", "layouts.cpp", "dropout.cpp", "pool.cpp")
+    for f in (
+        "bindings.cpp",
+        "linear.cpp",
+        "conv.cpp",
+        "layouts.cpp",
+        "dropout.cpp",
+        "pool.cpp",
+        "norm.cpp",
+    )
 )
 _HEADERS = tuple(_CSRC / f for f in ("common.h", "kernels.h"))
 _lock = threading.Lock()

@@ -212,3 +212,31 @@ class CppOps:
     def max_pool2d_backward(self, g: Tensor, index: Tensor, h: int, w: int, k: int) -> Tensor:
         out: Tensor = self._ext.max_pool2d_backward(g, index, h, w, k)
         return out
+
+    # batch normalisation (accel.norm): not part of the Ops protocol, whose other backend is
+    # PyTorch's own BatchNorm there
+    def batch_norm_forward(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        y, mean, var, invstd = self._ext.batch_norm_forward(x, weight, bias, eps, relu)
+        return y, mean, var, invstd
+
+    def batch_norm_apply(self, x: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+        out: Tensor = self._ext.batch_norm_apply(x, scale, shift, relu)
+        return out
+
+    def batch_norm_backward(
+        self,
+        g: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        relu: bool,
+        want_input: bool,
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        gx, gw, gb = self._ext.batch_norm_backward(
+            g, x, mean, invstd, weight, bias, relu, want_input
+        )
+        return gx, gw, gb

@@ -6,12 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..accel.norm import BatchNorm2d
 from ._registry import InputShape, register_model
 from ._shapes import output_features
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int, pad: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, k, stride, pad), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    # BatchNorm with its ReLU in one pass; the Identity keeps the indices of Conv, BN, ReLU
+    return [nn.Conv2d(c_in, c_out, k, stride, pad), BatchNorm2d(c_out, relu=True), nn.Identity()]
 
 
 class AlexNet(nn.Module):

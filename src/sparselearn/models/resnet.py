@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..accel.norm import BatchNorm2d
 from ._registry import InputShape, register_model
 
 
@@ -18,7 +19,7 @@ def _projection(c_in: int, c_out: int, stride: int) -> nn.Module | None:
     """The shortcut's 1x1 convolution and batch norm, where the block changes shape."""
     if stride == 1 and c_in == c_out:
         return None
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), BatchNorm2d(c_out))
 
 
 class BasicBlock(nn.Module):
@@ -27,16 +28,16 @@ class BasicBlock(nn.Module):
     def __init__(self, c_in: int, width: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width, relu=True)
         self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = BatchNorm2d(width)
         nn.init.zeros_(self.bn2.weight)  # each block starts as the identity
         self.downsample = _projection(c_in, width, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in place where autograd allows (BatchNorm's backward reads its input, not its output;
-        # an addition's, neither), as torchvision's blocks do: no fresh activation-sized tensor
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        # BatchNorm with its ReLU in one module, the rest in place (BatchNorm's backward reads
+        # its input, not its output; an addition's, neither): no fresh activation-sized tensor
+        out = self.bn1(self.conv1(x))
         out = self.bn2(self.conv2(out))
         return F.relu(out.add_(x if self.downsample is None else self.downsample(x)), inplace=True)
 
@@ -48,17 +49,17 @@ class Bottleneck(nn.Module):
         super().__init__()
         c_out = width * self.expansion
         self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width, relu=True)
         self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = BatchNorm2d(width, relu=True)
         self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c_out)
+        self.bn3 = BatchNorm2d(c_out)
         nn.init.zeros_(self.bn3.weight)  # each block starts as the identity
         self.downsample = _projection(c_in, c_out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # in place as in BasicBlock
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn1(self.conv1(x))  # BatchNorm with its ReLU, as in BasicBlock
+        out = self.bn2(self.conv2(out))
         out = self.bn3(self.conv3(out))
         return F.relu(out.add_(x if self.downsample is None else self.downsample(x)), inplace=True)
 
@@ -76,14 +77,14 @@ class ResNet(nn.Module):
         if small:
             self.stem = nn.Sequential(
                 nn.Conv2d(input_shape[0], 64, 3, 1, 1, bias=False),
-                nn.BatchNorm2d(64),
-                nn.ReLU(inplace=True),
+                BatchNorm2d(64, relu=True),
+                nn.Identity(),  # (the ReLU's place: the stem's names stay conv, norm, ReLU)
             )
         else:
             self.stem = nn.Sequential(
                 nn.Conv2d(input_shape[0], 64, 7, 2, 3, bias=False),
-                nn.BatchNorm2d(64),
-                nn.ReLU(inplace=True),
+                BatchNorm2d(64, relu=True),
+                nn.Identity(),
                 nn.MaxPool2d(3, 2, 1),
             )
         layers: list[nn.Module] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..accel.norm import BatchNorm2d
 from ..accel.pooling import MaxPool2d
 from ._registry import InputShape, register_model
 from ._shapes import output_features
@@ -50,7 +51,13 @@ class VGG16(nn.Module):
                 layers.append(MaxPool2d(2))
                 continue
             k, c_out = v if isinstance(v, tuple) else (3, int(v))
-            layers += [nn.Conv2d(c_in, c_out, k, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+            # the ReLU runs inside the BatchNorm (one pass); the Identity keeps the layers'
+            # indices, and so their names in state dicts, those of Conv, BatchNorm, ReLU
+            layers += [
+                nn.Conv2d(c_in, c_out, k, padding=1),
+                BatchNorm2d(c_out, relu=True),
+                nn.Identity(),
+            ]
             c_in = c_out
         self.features = nn.Sequential(*layers)
         n = output_features(self.features, input_shape)  # D: 512, C: 2048 for 32x32

@@ -14,15 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..accel.dropout import dropout
+from ..accel.norm import BatchNorm2d
 from ._registry import InputShape, register_model
 
 
 class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, drop: float) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in)
+        self.bn1 = BatchNorm2d(c_in, relu=True)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2 = BatchNorm2d(c_out, relu=True)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.drop = drop
         self.shortcut = (
@@ -32,10 +33,10 @@ class BasicBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in place where autograd allows (BatchNorm's backward reads its input, a convolution's
-        # and an addition's not their output): no fresh activation-sized tensor
-        pre = F.relu(self.bn1(x), inplace=True)
-        out = F.relu(self.bn2(self.conv1(pre)), inplace=True)
+        # BatchNorm with its ReLU in one module; the addition in place (a convolution's and an
+        # addition's backward do not read their output): no fresh activation-sized tensor
+        pre = self.bn1(x)
+        out = self.bn2(self.conv1(pre))
         out = dropout(out, p=self.drop, training=self.training)
         out = self.conv2(out)
         # the shortcut of a widening block sees the pre-activated input, as in the original
@@ -58,7 +59,7 @@ class WideResNet(nn.Module):
                 c_in = channels[stage] if i == 0 else channels[stage + 1]
                 blocks.append(BasicBlock(c_in, channels[stage + 1], stride if i == 0 else 1, drop))
         self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(channels[3])
+        self.bn = BatchNorm2d(channels[3], relu=True)
         self.fc = nn.Linear(channels[3], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -68,7 +69,7 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn(self.blocks(self.conv1(x))), inplace=True)  # (B, 64*width, H/4, W/4)
+        out = self.bn(self.blocks(self.conv1(x)))  # (B, 64*width, H/4, W/4)
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # the original's 8x8 pool on 32x32
         return self.fc(out)
 

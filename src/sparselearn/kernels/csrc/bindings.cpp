@@ -41,6 +41,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("phase_planes_grad", &phase_planes_grad, "the input gradient from the planes' gradient");
   m.def("patches", &patches, "each output position's input patch as a row (im2col)");
   m.def("patches_grad", &patches_grad, "the input gradient from the patch rows' gradient");
+  m.def("batch_norm_forward", &batch_norm_forward,
+        "(y, mean, biased variance, inverse deviation): batch normalisation over all but the "
+        "channels with the batch's statistics, then an optional ReLU");
+  m.def("batch_norm_apply", &batch_norm_apply, "x * scale + shift per channel, then an optional ReLU");
+  m.def("batch_norm_backward", &batch_norm_backward,
+        "(grad_x or None, grad_weight, grad_bias) of batch_norm_forward");
   m.def("dropout", &dropout,
         "x * scale where hash(seed, index) < keep * 2^32, else 0 (scale = 1 / keep)");
   m.def("max_pool2d", &max_pool2d,

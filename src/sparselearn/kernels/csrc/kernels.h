@@ -50,6 +50,16 @@ torch::Tensor patches_grad(torch::Tensor G, int64_t N, int64_t C, int64_t H, int
                            int64_t kh, int64_t kw, int64_t s, int64_t ph, int64_t pw, int64_t OH,
                            int64_t OW);
 
+// norm.cpp: batch normalisation over all but the channels, optionally followed by a ReLU
+std::vector<torch::Tensor> batch_norm_forward(torch::Tensor x, c10::optional<torch::Tensor> w,
+                                              c10::optional<torch::Tensor> b, double eps,
+                                              bool relu);
+torch::Tensor batch_norm_apply(torch::Tensor x, torch::Tensor scale, torch::Tensor shift,
+                               bool relu);
+std::vector<c10::optional<torch::Tensor>> batch_norm_backward(
+    torch::Tensor g, torch::Tensor x, torch::Tensor mean, torch::Tensor invstd,
+    c10::optional<torch::Tensor> w, c10::optional<torch::Tensor> b, bool relu, bool want_input);
+
 // dropout.cpp: dropout with a mask hashed from (seed, element index)
 torch::Tensor dropout(torch::Tensor x, double keep, int64_t seed);
 
