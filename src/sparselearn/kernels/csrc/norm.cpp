@@ -15,16 +15,24 @@
 #include "kernels.h"
 
 #include <cmath>
+#include <tuple>
 
 using namespace slk;
 
 namespace {
 
-// A channel's planes are summed position by position into arrays of at most kSumBlock partial
-// sums (vectorised along the plane, with no horizontal sum per plane, which would cost more
-// than a small plane), a plane larger than that block by block; every kSumCount pieces the
-// partial sums go into a double, few enough values for a float sum to keep its precision.
-constexpr int64_t kSumBlock = 512, kSumCount = 64;
+// Each task takes a block of channels; a sample's values of a block (its slab, block * HW values)
+// are contiguous, and the N slabs are summed value by value into an array of partial sums,
+// vectorised along the slab with no horizontal sum per plane (which would cost more than a small
+// plane). Blocks hold about kBlockValues values of a slab (one plane where a plane is larger)
+// and there are at least kMinTasks of them where there are channels enough. Every kSumCount
+// samples the partial sums go into one double per channel: few enough values for a float sum
+// to keep its precision. A channel's sums do not depend on its block or on the threads.
+constexpr int64_t kBlockValues = 512, kSumCount = 64, kMinTasks = 8;
+
+inline int64_t block_channels(int64_t C, int64_t HW) {
+  return std::max<int64_t>(1, std::min(kBlockValues / std::max<int64_t>(1, HW), C / kMinTasks));
+}
 
 // The affine map of channel c from its (stored) mean and inverse deviation: y = x * scale + shift,
 // computed the same way in the forward and the backward.
@@ -34,97 +42,100 @@ inline std::pair<T, T> channel_affine(T mean, T invstd, const T* w, const T* b, 
   return {T(scale), T((b ? double(b[c]) : 0.0) - double(mean) * scale)};
 }
 
-// Calls add(plane n, first position, count, partial sums) for every plane n < N of a channel
-// in pieces of at most kSumBlock positions, and flush(partial sums, width) after every
-// kSumCount pieces and the last. acc: P arrays of partial sums, kSumBlock apart, each zero at
-// the start and after each flush.
-template <typename T, int P, typename Add, typename Flush>
-inline void channel_pieces(int64_t N, int64_t HW, T* acc, Add&& add, Flush&& flush) {
-  const int64_t width = std::min(HW, kSumBlock);
-  auto zero = [&] {
-    for (int j = 0; j < P; ++j) std::fill(acc + j * kSumBlock, acc + j * kSumBlock + width, T(0));
-  };
-  zero();
+// sums[p * nc + k] = the sum over the N samples of what add(n, acc) adds to the partial sums
+// acc[p * width + k * HW + i] (P arrays, width = nc * HW) for channel k of the block, in double.
+template <typename T, int P, typename Add>
+void block_sums(int64_t N, int64_t nc, int64_t HW, T* acc, double* sums, Add&& add) {
+  const int64_t width = nc * HW;
+  std::fill(acc, acc + P * width, T(0));
+  std::fill(sums, sums + P * nc, 0.0);
   int64_t pending = 0;
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t i0 = 0; i0 < HW; i0 += kSumBlock) {
-      add(n, i0, std::min(kSumBlock, HW - i0), acc);
-      if (++pending == kSumCount) {
-        flush(acc, width);
-        zero();
-        pending = 0;
+    add(n, acc);
+    if (++pending < kSumCount && n + 1 < N) continue;
+    for (int64_t p = 0; p < P; ++p) {
+      for (int64_t k = 0; k < nc; ++k) {
+        const T* a = acc + p * width + k * HW;
+        double s = 0;
+        for (int64_t i = 0; i < HW; ++i) s += double(a[i]);
+        sums[p * nc + k] += s;
       }
     }
+    std::fill(acc, acc + P * width, T(0));
+    pending = 0;
   }
-  if (pending > 0) flush(acc, width);
 }
 
+// out[k * HW + i] = v[k] for the nc channels of a block: per-channel values along a slab
 template <typename T>
-inline double total(const T* acc, int64_t width) {
-  double s = 0;
-  for (int64_t i = 0; i < width; ++i) s += double(acc[i]);
-  return s;
+inline void spread(const T* v, int64_t nc, int64_t HW, T* out) {
+  for (int64_t k = 0; k < nc; ++k) std::fill(out + k * HW, out + (k + 1) * HW, v[k]);
 }
 
 // y = x * scale + shift (one rounding), then the ReLU if RELU (NaN stays NaN, as in torch.relu)
 template <typename T, bool RELU>
-void normalise_plane(const T* __restrict__ x, T* __restrict__ y, int64_t HW, T scale, T shift) {
+inline void normalise_slab(const T* __restrict__ x, T* __restrict__ y, int64_t width,
+                           const T* __restrict__ scale, const T* __restrict__ shift) {
 #pragma omp simd
-  for (int64_t i = 0; i < HW; ++i) {
-    const T v = std::fma(x[i], scale, shift);
-    y[i] = RELU && v < T(0) ? T(0) : v;
+  for (int64_t j = 0; j < width; ++j) {
+    const T v = std::fma(x[j], scale[j], shift[j]);
+    y[j] = RELU && v < T(0) ? T(0) : v;
   }
 }
 
 template <typename T, bool RELU>
 void bn_forward_kernel(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const T* w, const T* b,
                        double eps, T* mean, T* var, T* invstd) {
+  const int64_t cb = block_channels(C, HW), blocks = (C + cb - 1) / cb, slab = C * HW;
+  const double count = double(N * HW);
   const int nt = team(N * C * HW);
 #pragma omp parallel for schedule(dynamic, 1) if (nt > 1) num_threads(nt)
-  for (int64_t c = 0; c < C; ++c) {
-    const double count = double(N * HW);
-    T acc[kSumBlock];
-    double sx = 0, sxx = 0;
-    const T* xc = x + c * HW;  // plane n: xc + n * C * HW
-    channel_pieces<T, 1>(
-        N, HW, acc,
-        [&](int64_t n, int64_t i0, int64_t cnt, T* __restrict__ a) {
-          const T* __restrict__ p = xc + n * C * HW + i0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t c0 = blk * cb, nc = std::min(cb, C - c0), width = nc * HW;
+    std::vector<T> acc(width), per(2 * width), sc(nc), sh(nc);
+    std::vector<double> sums(nc);
+    const T* xb = x + c0 * HW;  // sample n's slab: xb + n * slab
+    block_sums<T, 1>(N, nc, HW, acc.data(), sums.data(), [&](int64_t n, T* __restrict__ a) {
+      const T* __restrict__ p = xb + n * slab;
 #pragma omp simd
-          for (int64_t i = 0; i < cnt; ++i) a[i] += p[i];
-        },
-        [&](const T* a, int64_t width) { sx += total(a, width); });
-    const T m = T(sx / count);
-    channel_pieces<T, 1>(
-        N, HW, acc,
-        [&](int64_t n, int64_t i0, int64_t cnt, T* __restrict__ a) {
-          const T* __restrict__ p = xc + n * C * HW + i0;
+      for (int64_t j = 0; j < width; ++j) a[j] += p[j];
+    });
+    for (int64_t k = 0; k < nc; ++k) mean[c0 + k] = T(sums[k] / count);
+    T* m = per.data();
+    spread(mean + c0, nc, HW, m);
+    block_sums<T, 1>(N, nc, HW, acc.data(), sums.data(), [&](int64_t n, T* __restrict__ a) {
+      const T* __restrict__ p = xb + n * slab;
 #pragma omp simd
-          for (int64_t i = 0; i < cnt; ++i) a[i] += (p[i] - m) * (p[i] - m);
-        },
-        [&](const T* a, int64_t width) { sxx += total(a, width); });
-    const double v = sxx / count;
-    mean[c] = m;
-    var[c] = T(v);
-    invstd[c] = T(1.0 / std::sqrt(v + eps));
-    const auto [scale, shift] = channel_affine<T>(m, invstd[c], w, b, c);
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t base = (n * C + c) * HW;
-      normalise_plane<T, RELU>(x + base, y + base, HW, scale, shift);
+      for (int64_t j = 0; j < width; ++j) a[j] += (p[j] - m[j]) * (p[j] - m[j]);
+    });
+    for (int64_t k = 0; k < nc; ++k) {
+      const double v = sums[k] / count;
+      var[c0 + k] = T(v);
+      invstd[c0 + k] = T(1.0 / std::sqrt(v + eps));
+      std::tie(sc[k], sh[k]) = channel_affine<T>(mean[c0 + k], invstd[c0 + k], w, b, c0 + k);
     }
+    spread(sc.data(), nc, HW, per.data());
+    spread(sh.data(), nc, HW, per.data() + width);
+    for (int64_t n = 0; n < N; ++n)
+      normalise_slab<T, RELU>(xb + n * slab, y + c0 * HW + n * slab, width, per.data(),
+                              per.data() + width);
   }
 }
 
 template <typename T, bool RELU>
 void bn_apply_kernel(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const T* scale,
                      const T* shift) {
+  const int64_t cb = block_channels(C, HW), blocks = (C + cb - 1) / cb, slab = C * HW;
   const int nt = team(N * C * HW);
-#pragma omp parallel for collapse(2) schedule(static) if (nt > 1) num_threads(nt)
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t base = (n * C + c) * HW;
-      normalise_plane<T, RELU>(x + base, y + base, HW, scale[c], shift[c]);
-    }
+#pragma omp parallel for schedule(dynamic, 1) if (nt > 1) num_threads(nt)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t c0 = blk * cb, nc = std::min(cb, C - c0), width = nc * HW;
+    std::vector<T> per(2 * width);
+    spread(scale + c0, nc, HW, per.data());
+    spread(shift + c0, nc, HW, per.data() + width);
+    for (int64_t n = 0; n < N; ++n)
+      normalise_slab<T, RELU>(x + c0 * HW + n * slab, y + c0 * HW + n * slab, width, per.data(),
+                              per.data() + width);
   }
 }
 
@@ -134,46 +145,54 @@ void bn_apply_kernel(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const T
 template <typename T, bool RELU>
 void bn_backward_kernel(const T* g, const T* x, T* gx, int64_t N, int64_t C, int64_t HW,
                         const T* mean, const T* invstd, const T* w, const T* b, T* gw, T* gb) {
+  const int64_t cb = block_channels(C, HW), blocks = (C + cb - 1) / cb, slab = C * HW;
+  const double count = double(N * HW);
   const int nt = team(N * C * HW);
 #pragma omp parallel for schedule(dynamic, 1) if (nt > 1) num_threads(nt)
-  for (int64_t c = 0; c < C; ++c) {
-    const T m = mean[c], is = invstd[c];
-    const auto [scale, shift] = channel_affine<T>(m, is, w, b, c);
-    double sg = 0, sgx = 0;
-    T acc[2 * kSumBlock];
-    channel_pieces<T, 2>(
-        N, HW, acc,
-        [&](int64_t n, int64_t i0, int64_t cnt, T* __restrict__ a) {
-          const int64_t base = (n * C + c) * HW + i0;
-          const T* __restrict__ gp = g + base;
-          const T* __restrict__ xp = x + base;
-          T* __restrict__ ax = a + kSumBlock;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t c0 = blk * cb, nc = std::min(cb, C - c0), width = nc * HW;
+    // per value of a slab: scale, shift, mean, then the input gradient's k, mg, mgx
+    std::vector<T> acc(2 * width), per(6 * width), v(nc);
+    std::vector<double> sums(2 * nc);
+    T *sc = per.data(), *sh = sc + width, *m = sh + width;
+    for (int64_t k = 0; k < nc; ++k) std::tie(v[k], std::ignore) = channel_affine<T>(
+        mean[c0 + k], invstd[c0 + k], w, b, c0 + k);
+    spread(v.data(), nc, HW, sc);
+    for (int64_t k = 0; k < nc; ++k) std::tie(std::ignore, v[k]) = channel_affine<T>(
+        mean[c0 + k], invstd[c0 + k], w, b, c0 + k);
+    spread(v.data(), nc, HW, sh);
+    spread(mean + c0, nc, HW, m);
+    const int64_t off = c0 * HW;  // sample n's slab: off + n * slab
+    block_sums<T, 2>(N, nc, HW, acc.data(), sums.data(), [&](int64_t n, T* __restrict__ a) {
+      const T* __restrict__ gp = g + off + n * slab;
+      const T* __restrict__ xp = x + off + n * slab;
+      T* __restrict__ ax = a + width;
 #pragma omp simd
-          for (int64_t i = 0; i < cnt; ++i) {
-            const T gi = RELU && !(std::fma(xp[i], scale, shift) > T(0)) ? T(0) : gp[i];
-            a[i] += gi;
-            ax[i] += gi * (xp[i] - m);
-          }
-        },
-        [&](const T* a, int64_t width) {
-          sg += total(a, width);
-          sgx += total(a + kSumBlock, width);
-        });
-    gb[c] = T(sg);
-    gw[c] = T(sgx * double(is));
+      for (int64_t j = 0; j < width; ++j) {
+        const T gi = RELU && !(std::fma(xp[j], sc[j], sh[j]) > T(0)) ? T(0) : gp[j];
+        a[j] += gi;
+        ax[j] += gi * (xp[j] - m[j]);
+      }
+    });
+    T *kk = m + width, *mg = kk + width, *mgx = mg + width;
+    for (int64_t k = 0; k < nc; ++k) {
+      const int64_t c = c0 + k;
+      const double sg = sums[k], sgx = sums[nc + k], is = double(invstd[c]);
+      gb[c] = T(sg);
+      gw[c] = T(sgx * is);
+      std::fill(kk + k * HW, kk + (k + 1) * HW, T(is * (w ? double(w[c]) : 1.0)));
+      std::fill(mg + k * HW, mg + (k + 1) * HW, T(sg / count));
+      std::fill(mgx + k * HW, mgx + (k + 1) * HW, T(sgx / count * is * is));
+    }
     if (gx == nullptr) continue;
-    const double count = double(N * HW);
-    const T k = T(double(is) * (w ? double(w[c]) : 1.0)), mg = T(sg / count);
-    const T mgx = T(sgx / count * double(is) * double(is));
     for (int64_t n = 0; n < N; ++n) {
-      const int64_t base = (n * C + c) * HW;
-      const T* __restrict__ gp = g + base;
-      const T* __restrict__ xp = x + base;
-      T* __restrict__ out = gx + base;
+      const T* __restrict__ gp = g + off + n * slab;
+      const T* __restrict__ xp = x + off + n * slab;
+      T* __restrict__ out = gx + off + n * slab;
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) {
-        const T gi = RELU && !(std::fma(xp[i], scale, shift) > T(0)) ? T(0) : gp[i];
-        out[i] = (gi - mg - (xp[i] - m) * mgx) * k;
+      for (int64_t j = 0; j < width; ++j) {
+        const T gi = RELU && !(std::fma(xp[j], sc[j], sh[j]) > T(0)) ? T(0) : gp[j];
+        out[j] = (gi - mg[j] - (xp[j] - m[j]) * mgx[j]) * kk[j];
       }
     }
   }
