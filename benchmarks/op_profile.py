@@ -203,11 +203,17 @@ def conv_algorithms() -> list[str]:
 
 
 def step_rest() -> list[str]:
-    """PyTorch's dropout and max pooling against sparselearn's compiled ones, forward and
-    backward, on the shapes where the paper's models call them (batch 64, CIFAR shape)."""
+    """PyTorch's dropout, max pooling and BatchNorm + ReLU against sparselearn's compiled ones,
+    forward and backward, on the shapes where the paper's models call them (batch 64, CIFAR
+    shape)."""
     import torch.nn.functional as F
+    from torch import nn
 
-    from sparselearn.accel import dropout, max_pool2d
+    from sparselearn.accel import BatchNorm2d, dropout, max_pool2d
+
+    def norms(channels: int) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+        theirs, ours = nn.BatchNorm2d(channels), BatchNorm2d(channels, relu=True)
+        return (lambda t: F.relu(theirs(t), inplace=True)), ours
 
     def step(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
         x = x.detach().requires_grad_()
@@ -233,6 +239,9 @@ def step_rest() -> list[str]:
          lambda t: F.max_pool2d(t, 2), lambda t: max_pool2d(t, 2)),
         ("max pool 2x2, LeNet-5's first (batch 100)", (100, 20, 24, 24),
          lambda t: F.max_pool2d(t, 2), lambda t: max_pool2d(t, 2)),
+        ("BatchNorm + ReLU, VGG-D's first", (64, 64, 32, 32), *norms(64)),
+        ("BatchNorm + ReLU, WRN-16-8's first stage", (64, 128, 32, 32), *norms(128)),
+        ("BatchNorm + ReLU, VGG-D's 4x4 planes", (64, 512, 4, 4), *norms(512)),
     ]  # fmt: skip
     for name, shape, theirs, ours in cases:
         x = torch.randn(*shape)
@@ -300,7 +309,7 @@ def model_choices() -> list[str]:
 STEP_PARTS = (
     ("sparse layers", ("_sparseconv2dfn", "_phaseplanesfn", "_patchesfn", "_sparselinearfn")),
     ("dense layers", ("conv", "addmm", "aten::mm", "linear")),
-    ("BatchNorm", ("batch_norm",)),
+    ("BatchNorm", ("batch_norm", "_batchnormfn")),
     ("activations", ("relu", "threshold")),
     ("additions", ("aten::add",)),
     ("dropout", ("dropout", "bernoulli")),
@@ -486,7 +495,10 @@ def main() -> None:
             "A training step of each CIFAR model, split by op (self CPU time, torch profiler)",
             model_step_split,
         ),
-        ("The rest of a step: PyTorch's dropout and max pooling, and sparselearn's", step_rest),
+        (
+            "The rest of a step: PyTorch's dropout, max pooling and BatchNorm, and sparselearn's",
+            step_rest,
+        ),
         ("Keeping the gradient masked on a dense layer", gradient_masking),
         ("One RigL mask update on the MLP at 5% (torch profiler)", rigl_update),
     ]:
