@@ -307,7 +307,7 @@ def model_choices() -> list[str]:
 # sparselearn's kernels (the convolutions that run as a product over patches show their backward
 # as the sparse Linear function's); dense layers are those sl.accelerate left to PyTorch.
 STEP_PARTS = (
-    ("sparse layers", ("_sparseconv2dfn", "_phaseplanesfn", "_patchesfn", "_sparselinearfn")),
+    ("sparse layers", ("_sparseconv2dfn", "_patchesfn", "_sparselinearfn")),
     ("dense layers", ("conv", "addmm", "aten::mm", "linear")),
     ("BatchNorm", ("batch_norm", "_batchnormfn")),
     ("activations", ("relu", "threshold")),
