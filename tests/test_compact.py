@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparselearn as sl
-from sparselearn.accel import SparseLinear
+from sparselearn.accel import BatchNorm2d, MaxPool2d, SparseLinear
 
 
 class MLP(nn.Module):
@@ -23,19 +23,25 @@ class MLP(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """conv -> BN -> ReLU -> pool -> conv (padded) -> BN -> ReLU -> flatten -> linear."""
+    """conv -> BN -> ReLU -> pool -> conv (padded) -> BN -> ReLU -> flatten -> linear; with
+    ``own``: sparselearn's BatchNorm2d (with its ReLU) and MaxPool2d, as its models have."""
 
-    def __init__(self) -> None:
+    def __init__(self, own: bool = False) -> None:
         super().__init__()
+        self.own = own
         self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(12)
+        self.bn1 = BatchNorm2d(12, relu=True) if own else nn.BatchNorm2d(12)
+        self.pool = MaxPool2d(2)
         self.conv2 = nn.Conv2d(12, 10, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(10)
+        self.bn2 = BatchNorm2d(10, relu=True) if own else nn.BatchNorm2d(10)
         self.fc = nn.Linear(10 * 4 * 4, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.relu(self.bn2(self.conv2(x)))
+        if self.own:
+            x = self.bn2(self.conv2(self.pool(self.bn1(self.conv1(x)))))
+        else:
+            x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+            x = F.relu(self.bn2(self.conv2(x)))
         return self.fc(x.flatten(1))
 
 
@@ -95,9 +101,10 @@ def test_engine_masks_decide_what_is_active() -> None:
     assert torch.allclose(result.model(x), model.eval()(x), atol=1e-5)
 
 
-def test_convolutions_with_batch_norm_and_flatten() -> None:
+@pytest.mark.parametrize("own", [False, True])
+def test_convolutions_with_batch_norm_and_flatten(own: bool) -> None:
     torch.manual_seed(2)
-    model = ConvNet()
+    model = ConvNet(own)
     randomise_norms(model)
     with torch.no_grad():
         model.conv1.weight[[0, 4]] = 0  # empty: constant relu(bn(bias)) everywhere
@@ -146,3 +153,28 @@ def test_accelerated_layers_are_compacted_too() -> None:
 def test_compact_needs_an_example_input() -> None:
     with pytest.raises(ValueError, match="example_input"):
         sl.compact(MLP())
+
+
+@pytest.mark.parametrize(("name", "layer"), [("vgg-d", "features.7"), ("resnet18", "stem.0")])
+def test_the_projects_cnns_trace_and_compact(name: str, layer: str) -> None:
+    # their BatchNorm (with its ReLU), max pooling and dropout are sparselearn's modules, which
+    # compact traces as single operations, as torch.fx traces torch.nn's
+    from sparselearn.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, (3, 32, 32), 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = sl.sparsify(model, optimizer, method="static", density=0.05)
+    with torch.no_grad():  # as if the engine had pruned two whole output channels
+        engine.masks[f"{layer}.weight"][[3, 5]] = False
+        conv = model.get_submodule(layer)
+        conv.weight[[3, 5]] = 0
+        if conv.bias is not None:  # a constant that BatchNorm and ReLU make 0: removable
+            conv.bias[[3, 5]] = -1.0
+    x = torch.randn(2, 3, 32, 32)
+    result = sl.compact(model, engine, example_input=x)
+    changed = {c.name: (c.channels_before, c.channels_after) for c in result.layers}
+    before = model.get_submodule(layer).out_channels
+    # the stem feeds a residual addition: it stays whole; VGG-D's layer loses both channels
+    assert changed == ({} if name == "resnet18" else {layer: (before, before - 2)})
+    assert torch.allclose(result.model(x), model.eval()(x), atol=1e-4)

@@ -24,12 +24,23 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..engine.sharding import refuse_sharded
+from .dropout import Dropout
 from .layers import SparseConv2d, SparseLinear
+from .norm import BatchNorm2d
+from .pooling import MaxPool2d
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid,
                         nn.Tanh, nn.Dropout, nn.Identity)  # fmt: skip
 _ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu,
                           torch.sigmoid, torch.tanh, F.dropout}  # fmt: skip
+# sparselearn's own modules, traced as single operations as torch.fx traces torch.nn's (their
+# forwards check their input's shape, which a traced tensor cannot answer)
+_LEAF_MODULES = (BatchNorm2d, MaxPool2d, Dropout)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _LEAF_MODULES) or super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass(frozen=True)
@@ -88,8 +99,11 @@ def densified(model: nn.Module) -> nn.Module:
 def _is_channelwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = modules[str(node.target)]
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, *_ELEMENTWISE_MODULES)):
-            return True
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, Dropout,
+                          *_ELEMENTWISE_MODULES)):  # fmt: skip
+            return True  # (sparselearn's BatchNorm2d is one, with or without its ReLU)
+        if isinstance(m, MaxPool2d):
+            return True  # (no padding)
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             return m.padding in (0, (0, 0))
         return isinstance(m, nn.AdaptiveAvgPool2d)
@@ -179,7 +193,7 @@ def compact(
             if k.endswith(".weight")
         }
     try:
-        gm = fx.symbolic_trace(work)
+        gm = fx.GraphModule(work, _Tracer().trace(work))
     except Exception as err:  # data-dependent control flow, untraceable modules
         raise ValueError(f"compact could not trace the model with torch.fx: {err}") from err
     modules = dict(gm.named_modules())
