@@ -9,7 +9,8 @@ change.
 
 The model is traced with ``torch.fx``; a layer is compacted when its output reaches the next
 Linear/Conv2d only through channel-wise operations (batch norm, element-wise activations,
-dropout, pooling without padding, flatten). Anything else (a residual addition, a
+dropout, pooling without padding, flatten; sparselearn's BatchNorm2d, MaxPool2d and Dropout
+among them). Anything else (a residual addition, a
 concatenation, the model's output) keeps the layer whole.
 """
 
