@@ -152,15 +152,13 @@ void bn_backward_kernel(const T* g, const T* x, T* gx, int64_t N, int64_t C, int
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t c0 = blk * cb, nc = std::min(cb, C - c0), width = nc * HW;
     // per value of a slab: scale, shift, mean, then the input gradient's k, mg, mgx
-    std::vector<T> acc(2 * width), per(6 * width), v(nc);
+    std::vector<T> acc(2 * width), per(6 * width), sck(nc), shk(nc);
     std::vector<double> sums(2 * nc);
     T *sc = per.data(), *sh = sc + width, *m = sh + width;
-    for (int64_t k = 0; k < nc; ++k) std::tie(v[k], std::ignore) = channel_affine<T>(
-        mean[c0 + k], invstd[c0 + k], w, b, c0 + k);
-    spread(v.data(), nc, HW, sc);
-    for (int64_t k = 0; k < nc; ++k) std::tie(std::ignore, v[k]) = channel_affine<T>(
-        mean[c0 + k], invstd[c0 + k], w, b, c0 + k);
-    spread(v.data(), nc, HW, sh);
+    for (int64_t k = 0; k < nc; ++k)
+      std::tie(sck[k], shk[k]) = channel_affine<T>(mean[c0 + k], invstd[c0 + k], w, b, c0 + k);
+    spread(sck.data(), nc, HW, sc);
+    spread(shk.data(), nc, HW, sh);
     spread(mean + c0, nc, HW, m);
     const int64_t off = c0 * HW;  // sample n's slab: off + n * slab
     block_sums<T, 2>(N, nc, HW, acc.data(), sums.data(), [&](int64_t n, T* __restrict__ a) {
