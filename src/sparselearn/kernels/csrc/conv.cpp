@@ -635,6 +635,24 @@ torch::Tensor panels(const torch::Tensor& x, int64_t Pl, int64_t base, int64_t W
   return out;
 }
 
+// The s*s phase planes (hq x wq) of x (B, C, H, W) padded by (ph, pw), as panels of Pl positions
+// per plane (pack_phase_panels): (NP, s * s * C, Pl * L), in memory of the BlockCache.
+torch::Tensor phase_panels(const torch::Tensor& x, int64_t s, int64_t ph, int64_t pw, int64_t hq,
+                           int64_t wq, int64_t Pl) {
+  TORCH_CHECK(x.dim() == 4, "phase_panels: expected (B, C, H, W)");
+  TORCH_CHECK(hq * wq <= Pl, "phase_panels: the planes do not fit the panels");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  auto src = x.contiguous();
+  int64_t L = 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "phase_panels", [&] { L = kLanes<scalar_t>; });
+  auto out = empty_output({(B + L - 1) / L, s * s * C, Pl * L}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "phase_panels", [&] {
+    pack_phase_panels<scalar_t>(src.data_ptr<scalar_t>(), B, C, H, W, s, ph, pw, hq, wq,
+                                out.data_ptr<scalar_t>(), Pl);
+  });
+  return out;
+}
+
 // y_{p*L + l}[q] = lane l of Zr[grid position of q] (+ bias) for the positions q < OH * OW of an
 // output plane (grid position (q / OW) * Wg + q % OW), for the lanes of the batch: one plane of
 // the panel product's rows, (grid positions x samples), turned into a row of the (B, rows, OH,
@@ -813,6 +831,16 @@ torch::Tensor panel_product(const torch::Tensor& crow, const torch::Tensor& col,
   return y;
 }
 
+// The bias the kernels add as they write the output: contiguous, one value per output channel,
+// in x's dtype.
+c10::optional<torch::Tensor> checked_bias(const c10::optional<torch::Tensor>& bias,
+                                          int64_t out_channels, const torch::Tensor& x) {
+  if (!bias.has_value()) return bias;
+  TORCH_CHECK(bias->numel() == out_channels && bias->scalar_type() == x.scalar_type(),
+              "bias must hold one value per output channel, in the input's dtype");
+  return bias->contiguous();
+}
+
 }  // namespace
 
 // The convolution of x (B, C, H, W) padded by (ph, pw) (+ bias), and what its backward reads:
@@ -824,12 +852,7 @@ std::vector<torch::Tensor> conv2d_forward(torch::Tensor crow, torch::Tensor col,
                                           c10::optional<torch::Tensor> bias_opt) {
   TORCH_CHECK(x.dim() == 4, "x must be a (B, C, H, W) tensor");
   TORCH_CHECK(ph >= 0 && pw >= 0 && stride >= 1, "the padding and stride must be valid");
-  c10::optional<torch::Tensor> bias;
-  if (bias_opt.has_value()) {
-    bias = bias_opt->contiguous();
-    TORCH_CHECK(bias->numel() == out_channels && bias->scalar_type() == x.scalar_type(),
-                "bias must hold one value per output channel, in the input's dtype");
-  }
+  const auto bias = checked_bias(bias_opt, out_channels, x);
   col = col.to(torch::kLong);  // the convolution kernels index with int64
   const int64_t B = x.size(0), Hp = x.size(2) + 2 * ph, Wp = x.size(3) + 2 * pw;
   const int64_t OH = (Hp - kh) / stride + 1, OW = (Wp - kw) / stride + 1;
@@ -895,24 +918,10 @@ std::vector<torch::Tensor> conv2d_forward_phases(torch::Tensor crow, torch::Tens
   if (!on_panels)
     return conv2d_forward(crow, col, val, phase_planes(x, s, ph, pw, hq, wq), out_channels, kh,
                           kw, 1, 0, 0, bias);
-  TORCH_CHECK(!bias.has_value() ||
-                  (bias->numel() == out_channels && bias->scalar_type() == x.scalar_type()),
-              "bias must hold one value per output channel, in the input's dtype");
-  auto src = x.contiguous();
-  const int64_t C = src.size(1), H = src.size(2), W = src.size(3), Pl = hq * wq + kPanelTail;
-  col = col.to(torch::kLong);
-  int64_t L = 0;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_phases",
-                             [&] { L = kLanes<scalar_t>; });
-  auto xs = empty_output({(B + L - 1) / L, s * s * C, Pl * L}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_phases", [&] {
-    pack_phase_panels<scalar_t>(src.data_ptr<scalar_t>(), B, C, H, W, s, ph, pw, hq, wq,
-                                xs.data_ptr<scalar_t>(), Pl);
-  });
-  c10::optional<torch::Tensor> b;
-  if (bias.has_value()) b = bias->contiguous();
-  auto y = panel_product(crow, col, val, xs, B, out_channels, kh, kw, Pl, 1, 0, hq - kh + 1,
-                         wq - kw + 1, wq, b);
+  const int64_t Pl = hq * wq + kPanelTail;
+  auto xs = phase_panels(x, s, ph, pw, hq, wq, Pl);
+  auto y = panel_product(crow, col.to(torch::kLong), val, xs, B, out_channels, kh, kw, Pl, 1, 0,
+                         hq - kh + 1, wq - kw + 1, wq, checked_bias(bias, out_channels, x));
   return {y, xs};
 }
 
