@@ -103,7 +103,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # a cumulative average
                 factor = 1.0 / float(self.num_batches_tracked)
-        if self.training or self.running_mean is None or self.running_var is None:
+        if self._batch_statistics():
             y, mean, var = _BatchNormFn.apply(  # type: ignore[no-untyped-call]
                 x, self.weight, self.bias, self.eps, self.relu, ops
             )
@@ -123,6 +123,11 @@ class BatchNorm2d(nn.BatchNorm2d):
                 shift = shift + self.bias
         return ops.batch_norm_apply(x, scale, shift, self.relu)
 
+    def _batch_statistics(self) -> bool:
+        """Whether this call normalises with the batch's statistics (as nn.BatchNorm2d: in
+        training, and without running statistics), else with the running ones."""
+        return self.training or self.running_mean is None or self.running_var is None
+
     def _kernels_take(self, x: Tensor) -> bool:
         """Whether the compiled kernels compute this call (else PyTorch's BatchNorm does)."""
         if not x.is_contiguous() or x.numel() == 0:
@@ -130,7 +135,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         tensors = [self.weight, self.bias, self.running_mean, self.running_var]
         if any(t is not None and t.dtype != x.dtype for t in tensors):
             return False
-        if self.training or self.running_mean is None or self.running_var is None:
+        if self._batch_statistics():
             # one value per channel: PyTorch's error for it
             return x.numel() // x.shape[1] > 1
         # eval: the kernel has no backward through running statistics

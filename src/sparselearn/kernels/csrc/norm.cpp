@@ -3,10 +3,10 @@
 //
 // PyTorch's CPU BatchNorm and the ReLU after it make about ten passes over an activation for a
 // training step, most of them over memory that just came fresh from the allocator. Here each
-// channel is one task: its N planes are summed (one pass over memory), then summed again around
-// the mean and normalised from the caches (a channel of a CIFAR-sized activation is a few
-// hundred KiB, and stays in L2); the backward likewise sums the output gradient and its product
-// with the centred input, then writes the input gradient. The ReLU's mask is recomputed from the
+// task takes a block of channels: their N sample slabs are summed (one pass over memory), then
+// summed again around the mean and normalised from the caches (a block's values of a CIFAR-sized
+// activation are a few hundred KiB at most, and stay in L2); the backward likewise sums the
+// output gradient and its product with the centred input, then writes the input gradient. The ReLU's mask is recomputed from the
 // input (y = fma(x, scale, shift) > 0, the forward's own rounding), so nothing but the input is
 // kept for the backward. Every channel's sums run in one order on one thread: the same bits on
 // any number of threads.
@@ -139,6 +139,13 @@ void bn_apply_kernel(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const T
   }
 }
 
+// The output gradient where the ReLU (if RELU) passed it: where fma(x, scale, shift) > 0, the
+// forward's output, rounded as the forward rounds it.
+template <typename T, bool RELU>
+inline T relu_passed(T g, T x, T scale, T shift) {
+  return RELU && !(std::fma(x, scale, shift) > T(0)) ? T(0) : g;
+}
+
 // gw, gb: the weight's and bias's gradients (the sums of g' * xhat and of g', g' the output
 // gradient where the ReLU passed it: where fma(x, scale, shift) > 0, the forward's output);
 // gx (if given): the input's, through the batch statistics.
@@ -167,7 +174,7 @@ void bn_backward_kernel(const T* g, const T* x, T* gx, int64_t N, int64_t C, int
       T* __restrict__ ax = a + width;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const T gi = RELU && !(std::fma(xp[j], sc[j], sh[j]) > T(0)) ? T(0) : gp[j];
+        const T gi = relu_passed<T, RELU>(gp[j], xp[j], sc[j], sh[j]);
         a[j] += gi;
         ax[j] += gi * (xp[j] - m[j]);
       }
@@ -189,7 +196,7 @@ void bn_backward_kernel(const T* g, const T* x, T* gx, int64_t N, int64_t C, int
       T* __restrict__ out = gx + off + n * slab;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const T gi = RELU && !(std::fma(xp[j], sc[j], sh[j]) > T(0)) ? T(0) : gp[j];
+        const T gi = relu_passed<T, RELU>(gp[j], xp[j], sc[j], sh[j]);
         out[j] = (gi - mg[j] - (xp[j] - m[j]) * mgx[j]) * kk[j];
       }
     }
