@@ -114,7 +114,10 @@ class BatchNorm2d(nn.BatchNorm2d):
                     self.running_var.mul_(1.0 - factor).add_(var, alpha=factor * n / (n - 1))
             out: Tensor = y
             return out
-        with torch.no_grad():  # eval: the running statistics as one affine map per channel
+        # eval: the running statistics (present: _batch_statistics() is False) as one affine map
+        assert self.running_mean is not None
+        assert self.running_var is not None
+        with torch.no_grad():
             scale = torch.rsqrt(self.running_var + self.eps)
             if self.weight is not None:
                 scale = scale * self.weight
