@@ -239,6 +239,8 @@ def step_rest() -> list[str]:
          lambda t: F.max_pool2d(t, 2), lambda t: max_pool2d(t, 2)),
         ("max pool 2x2, LeNet-5's first (batch 100)", (100, 20, 24, 24),
          lambda t: F.max_pool2d(t, 2), lambda t: max_pool2d(t, 2)),
+        ("max pool 2x2, VGG-D's third: outputs 4 wide", (64, 256, 8, 8),
+         lambda t: F.max_pool2d(t, 2), lambda t: max_pool2d(t, 2)),
         ("BatchNorm + ReLU, VGG-D's first", (64, 64, 32, 32), *norms(64)),
         ("BatchNorm + ReLU, WRN-16-8's first stage", (64, 128, 32, 32), *norms(128)),
         ("BatchNorm + ReLU, VGG-D's 4x4 planes", (64, 512, 4, 4), *norms(512)),

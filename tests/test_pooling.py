@@ -107,15 +107,33 @@ def test_inference_keeps_no_index() -> None:
         assert torch.equal(max_pool2d(x, 2), F.max_pool2d(x, 2))
 
 
-def test_narrow_outputs_pool_with_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_narrow_float64_outputs_pool_with_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     from sparselearn.accel import pooling
 
     def refuse(*args: Any) -> None:
         raise AssertionError("the compiled pooling ran")
 
     monkeypatch.setattr(pooling._MaxPoolFn, "apply", refuse)
-    x = torch.randn(2, 3, 8, 14, requires_grad=True)  # outputs 7 wide
+    x = torch.randn(2, 3, 8, 14, dtype=torch.float64, requires_grad=True)  # outputs 7 wide
     assert torch.equal(max_pool2d(x, 2), F.max_pool2d(x, 2))
+    with pytest.raises(AssertionError, match="compiled pooling ran"):
+        max_pool2d(x.detach().float(), 2)  # float32 narrow planes have a kernel
+
+
+@pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
+@pytest.mark.parametrize("shape", [(64, 256, 8, 8), (64, 512, 4, 4), (64, 512, 2, 2), (7, 9, 6, 5)])
+def test_narrow_planes_on_many_threads(shape: tuple[int, ...]) -> None:
+    """Planes whose outputs are narrower than a vector, in groups of planes on every thread:
+    PyTorch's outputs and gradients, and the same bits on one thread as on all."""
+    x = torch.randint(0, 4, shape, generator=torch.Generator().manual_seed(0)).float()
+    results = []
+    for threads in (1, 2):  # the thread count is restored after each test (conftest)
+        torch.set_num_threads(threads)
+        results.append(_both(x, 2, "cpp"))
+    for ya, yb, ga, gb in results:
+        assert torch.equal(ya, yb)
+        assert torch.equal(ga, gb)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True, None])
@@ -141,8 +159,8 @@ def test_large_windows_fall_back_to_torch() -> None:
 def test_the_models_pool_with_it_and_compute_what_they_did(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # LeNet-5 and VGG-D pool with sparselearn's max_pool2d (its kernel on their wide planes),
-    # and give what PyTorch's pooling gave
+    # LeNet-5 and VGG-D pool with sparselearn's max_pool2d (its kernel on every plane), and give
+    # what PyTorch's pooling gave
     from sparselearn.accel import pooling
 
     real = F.max_pool2d
@@ -170,6 +188,6 @@ def test_the_models_pool_with_it_and_compute_what_they_did(
     monkeypatch.setattr(pooling._MaxPoolFn, "apply", counted)
     with torch.no_grad():
         assert torch.equal(lenet(x_lenet), want_lenet)
-        assert len(kernel_calls) == 1  # the first pool: outputs 12 wide; the second 4 wide
+        assert len(kernel_calls) == 2  # outputs 12 and 4 wide
         assert torch.equal(vgg.eval()(x_vgg), want_vgg)
-        assert len(kernel_calls) == 3  # outputs 16 and 8 wide; then 4, 2 and 1
+        assert len(kernel_calls) == 7  # outputs 16, 8, 4, 2 and 1 wide

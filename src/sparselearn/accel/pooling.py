@@ -4,8 +4,9 @@ bit (the same maximum, and the gradient at the same input where a window holds e
 
 PyTorch's CPU max pooling records a 64-bit index per output and runs at a few GB/s, which in
 a small convolutional network costs more than its sparse convolutions (docs/performance.md);
-the compiled kernel compares 16 windows at once along an output row and keeps a one-byte place
-in the window, only when a gradient will need it. Outputs narrower than 8 go to PyTorch's.
+the compiled kernel compares 16 windows at once (along an output row, or on planes whose rows
+are narrower, through a gather over several rows and planes) and keeps a one-byte place in the
+window, only when a gradient will need it. Float64 outputs narrower than 8 go to PyTorch's.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from torch import Tensor, nn
 
 from ..kernels import Ops, ops_for
 
-# Outputs narrower than this pool with PyTorch's kernel: the compiled one vectorises along
-# output rows, and on narrow ones its per-row work costs more than PyTorch's (docs/performance.md)
+# Float64 outputs narrower than this pool with PyTorch's kernel: the compiled one vectorises
+# float64 along output rows only, and on narrow ones its per-row work costs more than PyTorch's
+# (float32 narrow planes have a kernel of their own: docs/performance.md)
 _MIN_OUTPUT_WIDTH = 8
 
 
@@ -51,8 +53,9 @@ def max_pool2d(x: Tensor, kernel_size: int, backend: str = "auto") -> Tensor:
         raise ValueError(
             f"the {kernel_size}x{kernel_size} window does not fit the {tuple(x.shape[2:])} input"
         )
-    if kernel_size > 16 or x.shape[3] // kernel_size < _MIN_OUTPUT_WIDTH:
-        # a window's place is kept in one byte; on narrow planes PyTorch's kernel is faster
+    narrow = x.shape[3] // kernel_size < _MIN_OUTPUT_WIDTH and x.dtype != torch.float32
+    if kernel_size > 16 or narrow:
+        # a window's place is kept in one byte; on narrow float64 planes PyTorch's is faster
         return nn.functional.max_pool2d(x, kernel_size)
     y: Tensor = _MaxPoolFn.apply(x, kernel_size, ops_for(x, backend))  # type: ignore[no-untyped-call]
     return y

@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <limits>
+#include <numeric>
+#include <vector>
 
 #include "common.h"
 #include "kernels.h"
@@ -128,10 +130,99 @@ inline void unpool_rows2(const float* g, const uint8_t* at, float* r0, float* r1
   }
 }
 
+#if defined(__AVX512F__)
+// Planes of float whose output rows are narrower than a vector (OW < 16), where a vector along
+// a row would hold a few windows: the outputs of G planes at a time (G * OH * OW a multiple of
+// 16), 16 at a time, each window position's 16 candidates gathered through a table of where
+// each output's window begins (from the group's first plane). start[] is int32: the planes of a
+// group must span fewer than 2^31 values (narrow_fits).
+struct NarrowGroups {
+  int64_t G, Q;                // planes per group, outputs per plane
+  std::vector<int32_t> start;  // G * Q window origins, padded to a multiple of 16
+};
+
+bool narrow_fits(int64_t H, int64_t W, int64_t k) {
+  return W / k < 16 && H * W * 16 < (int64_t(1) << 31);
+}
+
+NarrowGroups narrow_groups(int64_t H, int64_t W, int64_t k) {
+  const int64_t OW = W / k, Q = (H / k) * OW, G = 16 / std::gcd(Q, int64_t(16));
+  NarrowGroups n{G, Q, std::vector<int32_t>((G * Q + 15) / 16 * 16, 0)};
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < Q; ++j)
+      n.start[g * Q + j] = int32_t(g * H * W + (j / OW) * k * W + (j % OW) * k);
+  return n;
+}
+
+void pool_narrow(const float* x, float* y, uint8_t* idx, int64_t planes, int64_t H, int64_t W,
+                 int64_t k) {
+  const NarrowGroups n = narrow_groups(H, W, k);
+  const int64_t groups = (planes + n.G - 1) / n.G;
+  const int nt = team(planes * H * W);
+#pragma omp parallel for schedule(static) if (nt > 1) num_threads(nt)
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    const float* in = x + grp * n.G * H * W;
+    const int64_t first = grp * n.G * n.Q, count = std::min(n.G, planes - grp * n.G) * n.Q;
+    for (int64_t v = 0; v < count; v += 16) {
+      const __mmask16 m = count - v >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - v)) - 1);
+      const __m512i origin = _mm512_loadu_si512(n.start.data() + v);
+      __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512i where = _mm512_setzero_si512();
+      for (int64_t ky = 0; ky < k; ++ky)
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const __m512i at = _mm512_add_epi32(origin, _mm512_set1_epi32(int32_t(ky * W + kx)));
+          const __m512 c = _mm512_mask_i32gather_ps(best, m, at, in, sizeof(float));
+          // PyTorch's rule: a larger value, or a NaN, takes the window
+          const __mmask16 take =
+              _mm512_cmp_ps_mask(c, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q);
+          best = _mm512_mask_mov_ps(best, take, c);
+          where = _mm512_mask_mov_epi32(where, take, _mm512_set1_epi32(int32_t(ky * k + kx)));
+        }
+      _mm512_mask_storeu_ps(y + first + v, m, best);
+      if (idx) _mm512_mask_cvtepi32_storeu_epi8(idx + first + v, m, where);
+    }
+  }
+}
+
+// The gradient of pool_narrow: the group's input planes zeroed, then each output's gradient
+// scattered to its window's place.
+void unpool_narrow(const float* g, const uint8_t* idx, float* gx, int64_t planes, int64_t H,
+                   int64_t W, int64_t k) {
+  const NarrowGroups n = narrow_groups(H, W, k);
+  const int64_t groups = (planes + n.G - 1) / n.G;
+  const int nt = team(planes * H * W);
+#pragma omp parallel for schedule(static) if (nt > 1) num_threads(nt)
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    float* out = gx + grp * n.G * H * W;
+    const int64_t first = grp * n.G * n.Q, count = std::min(n.G, planes - grp * n.G) * n.Q;
+    std::memset(out, 0, size_t(count / n.Q * H * W) * sizeof(float));
+    for (int64_t v = 0; v < count; v += 16) {
+      const __mmask16 m = count - v >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - v)) - 1);
+      const __m512i origin = _mm512_loadu_si512(n.start.data() + v);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + first + v);
+      const __m512i place = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, idx + first + v));
+      for (int64_t ky = 0; ky < k; ++ky)
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const __mmask16 here =
+              _mm512_mask_cmpeq_epi32_mask(m, place, _mm512_set1_epi32(int32_t(ky * k + kx)));
+          if (!here) continue;
+          const __m512i at = _mm512_add_epi32(origin, _mm512_set1_epi32(int32_t(ky * W + kx)));
+          _mm512_mask_i32scatter_ps(out, here, at, gv, sizeof(float));
+        }
+    }
+  }
+}
+#endif
+
 template <typename T>
 void pool_forward(const T* x, T* y, uint8_t* idx, int64_t planes, int64_t H, int64_t W,
                   int64_t k) {
   const int64_t OH = H / k, OW = W / k;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (narrow_fits(H, W, k)) return pool_narrow(x, y, idx, planes, H, W, k);
+  }
+#endif
   const int nt = team(planes * H * W);
 #pragma omp parallel for schedule(static) if (nt > 1) num_threads(nt)
   for (int64_t p = 0; p < planes; ++p) {
@@ -157,6 +248,11 @@ template <typename T>
 void pool_backward(const T* g, const uint8_t* idx, T* gx, int64_t planes, int64_t H, int64_t W,
                    int64_t k) {
   const int64_t OH = H / k, OW = W / k;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (narrow_fits(H, W, k)) return unpool_narrow(g, idx, gx, planes, H, W, k);
+  }
+#endif
   const int nt = team(planes * H * W);
 #pragma omp parallel for schedule(static) if (nt > 1) num_threads(nt)
   for (int64_t p = 0; p < planes; ++p) {
