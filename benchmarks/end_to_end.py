@@ -8,6 +8,10 @@ validation and test splits after every epoch. The per-epoch time is the run's ow
 ``epoch_seconds`` (from the epoch's first batch to the end of its evaluation); the process's
 wall time adds the start-up, ``sl.accelerate``'s timing of each layer, the evaluation of the
 untrained model and the checkpoints. Writes its section of the output file between markers.
+
+``--seeds 2 3 --only dense sparse_momentum`` runs those rows once per seed and writes a table of
+their accuracies over the seeds instead (its own section): whether a sparse run's accuracy is
+within the noise of dense's, which one seed cannot say.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling 
 from benchmarks.speed import cpu_name
 
 START, END = "<!-- end-to-end:start -->", "<!-- end-to-end:end -->"
+SEEDS_START, SEEDS_END = "<!-- end-to-end-seeds:start -->", "<!-- end-to-end-seeds:end -->"
 TARGET = 2.0  # per-epoch wall time, dense over sparse
 
 # (row name, the run's flags beyond the shared ones)
@@ -95,6 +100,30 @@ def table(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return rows
 
 
+def seeds_table(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Each run's test accuracy for every seed, their mean and sample standard deviation, and
+    each seed's epoch speedup over dense's run of the same seed (``results``: run name -> seed
+    -> what :func:`run` measured; dense first)."""
+    seeds = sorted(results["dense"])
+    dense = results["dense"]
+    rows = [
+        "| run | "
+        + " | ".join(f"seed {s}: test accuracy, epoch speedup" for s in seeds)
+        + " | test accuracy, mean ± sd |",
+        "|---|" + "---:|" * (len(seeds) + 1),
+    ]
+    for name, by_seed in results.items():
+        cells = []
+        for s in seeds:
+            r = by_seed[s]
+            cells.append(f"{100 * r['test']:.2f}%, {dense[s]['epoch'] / r['epoch']:.2f}x")
+        acc = [100 * by_seed[s]["test"] for s in seeds]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        mean = f"{statistics.mean(acc):.2f} ± {sd:.2f}%"
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="markdown file to write the section into")
@@ -103,12 +132,26 @@ def main() -> None:
     p.add_argument("--steps-per-epoch", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--runs", type=Path, help="where the runs go (default: a temporary folder)")
+    methods = [flags[1] for _, flags in RUNS]
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="one run of each row per seed; with several, a table of accuracies over the seeds",
+    )
+    p.add_argument("--only", nargs="+", choices=methods, help="only these rows (their --method)")
     args = p.parse_args()
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds repeats a seed: {args.seeds}")
+    if args.only and "dense" not in args.only:
+        p.error("--only must keep dense: every speedup is over it")
+    runs = [(name, flags) for name, flags in RUNS if not args.only or flags[1] in args.only]
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     shared = [
         "--model", args.model, "--data", "fashion-mnist", "--epochs", str(args.epochs),
         "--steps-per-epoch", str(args.steps_per_epoch), "--batch-size", str(args.batch_size),
-        "--threads", str(threads), "--seed", "1", "--no-progress",
+        "--threads", str(threads), "--no-progress",
     ]  # fmt: skip
     env = (
         f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {threads} threads, "
@@ -117,7 +160,31 @@ def main() -> None:
     print(env, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.runs or Path(tmp)
-        results = [(name, run(name, flags, shared, folder)) for name, flags in RUNS]
+        by_seed = {
+            name: {
+                s: run(name, flags, [*shared, "--seed", str(s)], folder / f"seed{s}")
+                for s in args.seeds
+            }
+            for name, flags in runs
+        }
+    if len(args.seeds) > 1:
+        rows = seeds_table(by_seed)
+        print("\n".join(rows))
+        if args.out:
+            command = " ".join(["python benchmarks/end_to_end.py", *sys.argv[1:]])
+            body = [
+                f"Command: `{command}` (not part of `make bench`: one run per seed).",
+                "",
+                f"Machine: {env}. The runs of the table above (their flags in `RUNS` of "
+                "`benchmarks/end_to_end.py`), one per seed, each alone.",
+                "",
+                *rows,
+            ]
+            replace_section(args.out, SEEDS_START, SEEDS_END, "\n".join(body))
+            print(f"\nwrote {args.out}")
+        return
+    (seed,) = args.seeds
+    results = [(name, by_seed[name][seed]) for name, _ in runs]  # dense first
     rows = table(results)
     print("\n".join(rows))
     if args.out:
@@ -126,7 +193,7 @@ def main() -> None:
             "",
             f"Machine: {env}. `sparselearn train --model {args.model} --data fashion-mnist "
             f"--epochs {args.epochs} --steps-per-epoch {args.steps_per_epoch} --batch-size "
-            f"{args.batch_size}`, seed 1, each run alone; the flags of each row are in "
+            f"{args.batch_size}`, seed {seed}, each run alone; the flags of each row are in "
             "`RUNS` of `benchmarks/end_to_end.py`. Evaluation: the 6,000 validation and 10,000 "
             "test images after every epoch.",
             "",
