@@ -154,63 +154,70 @@ NarrowGroups narrow_groups(int64_t H, int64_t W, int64_t k) {
   return n;
 }
 
-void pool_narrow(const float* x, float* y, uint8_t* idx, int64_t planes, int64_t H, int64_t W,
-                 int64_t k) {
+// f(in, o, m, origin) for every vector of 16 outputs, in parallel over groups of planes: ``in``
+// where the group's first input plane begins (values from the input's start), o the index of
+// the vector's first output, m the mask of its outputs (the last of a group may hold fewer),
+// origin their windows' origins from ``in``. before(in, planes) runs on each group first.
+template <typename Before, typename F>
+void narrow_vectors(int64_t planes, int64_t H, int64_t W, int64_t k, Before&& before, F&& f) {
   const NarrowGroups n = narrow_groups(H, W, k);
   const int64_t groups = (planes + n.G - 1) / n.G;
   const int nt = team(planes * H * W);
 #pragma omp parallel for schedule(static) if (nt > 1) num_threads(nt)
   for (int64_t grp = 0; grp < groups; ++grp) {
-    const float* in = x + grp * n.G * H * W;
-    const int64_t first = grp * n.G * n.Q, count = std::min(n.G, planes - grp * n.G) * n.Q;
+    const int64_t in = grp * n.G * H * W, first = grp * n.G * n.Q;
+    const int64_t count = std::min(n.G, planes - grp * n.G) * n.Q;
+    before(in, count / n.Q);
     for (int64_t v = 0; v < count; v += 16) {
       const __mmask16 m = count - v >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - v)) - 1);
-      const __m512i origin = _mm512_loadu_si512(n.start.data() + v);
-      __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      __m512i where = _mm512_setzero_si512();
-      for (int64_t ky = 0; ky < k; ++ky)
-        for (int64_t kx = 0; kx < k; ++kx) {
-          const __m512i at = _mm512_add_epi32(origin, _mm512_set1_epi32(int32_t(ky * W + kx)));
-          const __m512 c = _mm512_mask_i32gather_ps(best, m, at, in, sizeof(float));
-          // PyTorch's rule: a larger value, or a NaN, takes the window
-          const __mmask16 take =
-              _mm512_cmp_ps_mask(c, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q);
-          best = _mm512_mask_mov_ps(best, take, c);
-          where = _mm512_mask_mov_epi32(where, take, _mm512_set1_epi32(int32_t(ky * k + kx)));
-        }
-      _mm512_mask_storeu_ps(y + first + v, m, best);
-      if (idx) _mm512_mask_cvtepi32_storeu_epi8(idx + first + v, m, where);
+      f(in, first + v, m, _mm512_loadu_si512(n.start.data() + v));
     }
   }
 }
 
-// The gradient of pool_narrow: the group's input planes zeroed, then each output's gradient
+void pool_narrow(const float* x, float* y, uint8_t* idx, int64_t planes, int64_t H, int64_t W,
+                 int64_t k) {
+  narrow_vectors(
+      planes, H, W, k, [](int64_t, int64_t) {},
+      [&](int64_t in, int64_t o, __mmask16 m, __m512i origin) {
+        __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        __m512i where = _mm512_setzero_si512();
+        for (int64_t ky = 0; ky < k; ++ky)
+          for (int64_t kx = 0; kx < k; ++kx) {
+            const __m512i at = _mm512_add_epi32(origin, _mm512_set1_epi32(int32_t(ky * W + kx)));
+            const __m512 c = _mm512_mask_i32gather_ps(best, m, at, x + in, sizeof(float));
+            // PyTorch's rule: a larger value, or a NaN, takes the window
+            const __mmask16 take =
+                _mm512_cmp_ps_mask(c, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q);
+            best = _mm512_mask_mov_ps(best, take, c);
+            where = _mm512_mask_mov_epi32(where, take, _mm512_set1_epi32(int32_t(ky * k + kx)));
+          }
+        _mm512_mask_storeu_ps(y + o, m, best);
+        if (idx) _mm512_mask_cvtepi32_storeu_epi8(idx + o, m, where);
+      });
+}
+
+// The gradient of pool_narrow: each group's input planes zeroed, then each output's gradient
 // scattered to its window's place.
 void unpool_narrow(const float* g, const uint8_t* idx, float* gx, int64_t planes, int64_t H,
                    int64_t W, int64_t k) {
-  const NarrowGroups n = narrow_groups(H, W, k);
-  const int64_t groups = (planes + n.G - 1) / n.G;
-  const int nt = team(planes * H * W);
-#pragma omp parallel for schedule(static) if (nt > 1) num_threads(nt)
-  for (int64_t grp = 0; grp < groups; ++grp) {
-    float* out = gx + grp * n.G * H * W;
-    const int64_t first = grp * n.G * n.Q, count = std::min(n.G, planes - grp * n.G) * n.Q;
-    std::memset(out, 0, size_t(count / n.Q * H * W) * sizeof(float));
-    for (int64_t v = 0; v < count; v += 16) {
-      const __mmask16 m = count - v >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - v)) - 1);
-      const __m512i origin = _mm512_loadu_si512(n.start.data() + v);
-      const __m512 gv = _mm512_maskz_loadu_ps(m, g + first + v);
-      const __m512i place = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, idx + first + v));
-      for (int64_t ky = 0; ky < k; ++ky)
-        for (int64_t kx = 0; kx < k; ++kx) {
-          const __mmask16 here =
-              _mm512_mask_cmpeq_epi32_mask(m, place, _mm512_set1_epi32(int32_t(ky * k + kx)));
-          if (!here) continue;
-          const __m512i at = _mm512_add_epi32(origin, _mm512_set1_epi32(int32_t(ky * W + kx)));
-          _mm512_mask_i32scatter_ps(out, here, at, gv, sizeof(float));
-        }
-    }
-  }
+  narrow_vectors(
+      planes, H, W, k,
+      [&](int64_t in, int64_t count) {
+        std::memset(gx + in, 0, size_t(count * H * W) * sizeof(float));
+      },
+      [&](int64_t in, int64_t o, __mmask16 m, __m512i origin) {
+        const __m512 gv = _mm512_maskz_loadu_ps(m, g + o);
+        const __m512i place = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, idx + o));
+        for (int64_t ky = 0; ky < k; ++ky)
+          for (int64_t kx = 0; kx < k; ++kx) {
+            const __mmask16 here =
+                _mm512_mask_cmpeq_epi32_mask(m, place, _mm512_set1_epi32(int32_t(ky * k + kx)));
+            if (!here) continue;
+            const __m512i at = _mm512_add_epi32(origin, _mm512_set1_epi32(int32_t(ky * W + kx)));
+            _mm512_mask_i32scatter_ps(gx + in, here, at, gv, sizeof(float));
+          }
+      });
 }
 #endif
 
