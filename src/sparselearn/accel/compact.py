@@ -31,7 +31,7 @@ from .norm import BatchNorm2d
 from .pooling import MaxPool2d
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid,
-                        nn.Tanh, nn.Dropout, nn.Identity)  # fmt: skip
+                        nn.Tanh, nn.Dropout, Dropout, nn.Identity)  # fmt: skip
 _ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu,
                           torch.sigmoid, torch.tanh, F.dropout}  # fmt: skip
 # sparselearn's own modules, traced as single operations as torch.fx traces torch.nn's (their
@@ -100,8 +100,7 @@ def densified(model: nn.Module) -> nn.Module:
 def _is_channelwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = modules[str(node.target)]
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, Dropout,
-                          *_ELEMENTWISE_MODULES)):  # fmt: skip
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, *_ELEMENTWISE_MODULES)):
             return True  # (sparselearn's BatchNorm2d is one, with or without its ReLU)
         if isinstance(m, MaxPool2d):
             return True  # (no padding)

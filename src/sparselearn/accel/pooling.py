@@ -53,8 +53,8 @@ def max_pool2d(x: Tensor, kernel_size: int, backend: str = "auto") -> Tensor:
         raise ValueError(
             f"the {kernel_size}x{kernel_size} window does not fit the {tuple(x.shape[2:])} input"
         )
-    narrow = x.shape[3] // kernel_size < _MIN_OUTPUT_WIDTH and x.dtype != torch.float32
-    if kernel_size > 16 or narrow:
+    narrow = x.shape[3] // kernel_size < _MIN_OUTPUT_WIDTH
+    if kernel_size > 16 or (narrow and x.dtype != torch.float32):
         # a window's place is kept in one byte; on narrow float64 planes PyTorch's is faster
         return nn.functional.max_pool2d(x, kernel_size)
     y: Tensor = _MaxPoolFn.apply(x, kernel_size, ops_for(x, backend))  # type: ignore[no-untyped-call]

@@ -6,10 +6,10 @@
 // task takes a block of channels: their N sample slabs are summed (one pass over memory), then
 // summed again around the mean and normalised from the caches (a block's values of a CIFAR-sized
 // activation are a few hundred KiB at most, and stay in L2); the backward likewise sums the
-// output gradient and its product with the centred input, then writes the input gradient. The ReLU's mask is recomputed from the
-// input (y = fma(x, scale, shift) > 0, the forward's own rounding), so nothing but the input is
-// kept for the backward. Every channel's sums run in one order on one thread: the same bits on
-// any number of threads.
+// output gradient and its product with the centred input, then writes the input gradient. The
+// ReLU's mask is recomputed from the input (y = fma(x, scale, shift) > 0, the forward's own
+// rounding), so nothing but the input is kept for the backward. Every channel's sums run in one
+// order on one thread: the same bits on any number of threads.
 
 #include "common.h"
 #include "kernels.h"
