@@ -224,6 +224,7 @@ def test_conv_matches_the_dense_masked_layer(
     hw=st.tuples(st.integers(1, 11), st.integers(1, 11)),
     extra=st.tuples(st.integers(-2, 2), st.integers(-2, 2)),
     seed=st.integers(0, 2**16),
+    data=st.data(),
 )
 @settings(max_examples=40, deadline=None)
 def test_phase_planes_property(
@@ -232,26 +233,30 @@ def test_phase_planes_property(
     hw: tuple[int, int],
     extra: tuple[int, int],
     seed: int,
+    data: st.DataObject,
 ) -> None:
     # plane (py, px) of channel c holds the padded input's rows py, py + s, ... and columns
     # px, px + s, ... (zeros past it; planes smaller than the padded input crop it), and the
-    # gradient is the adjoint: <planes(x), g> = <x, planes_grad(g)>
+    # gradient is the adjoint: <planes(x), g> = <x, planes_grad(g)>; with ``count``, the first
+    # ``count`` planes alone, and the adjoint of those
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, *hw, dtype=torch.float64, generator=gen)
     s, (ph, pw) = stride, pad
+    count = data.draw(st.sampled_from([None, *range(1, s * s + 1)]), label="count")
+    built = s * s if count is None else count
     padded_hw = [size + 2 * p for size, p in zip(hw, pad, strict=True)]
     hq, wq = (max(1, -(-size // s) + e) for size, e in zip(padded_hw, extra, strict=True))
     big = F.pad(x, (pw, pw + s * wq, ph, ph + s * hq))  # the padded input, then more zeros
-    g = torch.randn(2, s * s * 3, hq, wq, dtype=torch.float64, generator=gen)
+    g = torch.randn(2, built * 3, hq, wq, dtype=torch.float64, generator=gen)
     for backend in BACKENDS:
         ops = ops_for(x, backend)
-        planes = ops.phase_planes(x, s, ph, pw, hq, wq)
-        for py in range(s):
-            for px in range(s):
-                want = big[:, :, py::s, px::s][:, :, :hq, :wq]
-                got = planes[:, (py * s + px) * 3 : (py * s + px + 1) * 3]
-                assert torch.equal(got, want), (backend, py, px)
-        gx = ops.phase_planes_grad(g, s, ph, pw, *hw)
+        planes = ops.phase_planes(x, s, ph, pw, hq, wq, count=count)
+        assert planes.shape == (2, built * 3, hq, wq)
+        for f in range(built):
+            py, px = divmod(f, s)
+            want = big[:, :, py::s, px::s][:, :, :hq, :wq]
+            assert torch.equal(planes[:, f * 3 : (f + 1) * 3], want), (backend, py, px)
+        gx = ops.phase_planes_grad(g, s, ph, pw, *hw, count=count)
         assert gx.shape == x.shape
         assert torch.allclose((planes * g).sum(), (x * gx).sum(), rtol=1e-12, atol=1e-12)
 
@@ -336,6 +341,43 @@ def test_strided_conv_on_phase_planes(
                 conv.weight.copy_(sparse.weight_sparse.dense())
             conv.zero_grad()
             sparse.zero_grad()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("stride", "hw"), [(2, (9, 8)), (2, (16, 16)), (3, (10, 7))])
+@pytest.mark.parametrize("batch", [3, 16])
+def test_pointwise_strided_conv_reads_one_phase(
+    backend: str, stride: int, hw: tuple[int, int], batch: int
+) -> None:
+    # a 1x1 convolution at stride s reads rows and columns 0, s, 2s, ... only: it runs as a
+    # stride-1 one over that one phase plane (the s * s planes are never built), with the
+    # dense masked layer's outputs and gradients, also on steps that hand over the dense
+    # weight gradient
+    torch.manual_seed(stride + hw[1] + batch)
+    conv, mask = masked_conv(6, 5, 1, stride, 0, 0.5, torch.float32)
+    sparse = SparseConv2d(copy.deepcopy(conv), mask, backend, algorithm="planes")
+    received: list[torch.Tensor] = []
+    for step in range(2):
+        if step == 1:
+            sparse.weight_sparse.dense_grad_sink = received.append
+        x = torch.randn(batch, 6, *hw, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = sparse(x), conv(x_ref)
+        g = torch.randn_like(y_ref)
+        y.backward(g)
+        y_ref.backward(g)
+        assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(
+            sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
+        )
+        assert torch.allclose(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
+        if step == 1:
+            assert len(received) == 1
+            assert torch.allclose(received[0], conv.weight.grad, rtol=1e-4, atol=1e-4)
+        conv.zero_grad()
+        sparse.zero_grad()
+    assert sparse._phases is None
 
 
 @pytest.mark.parametrize("algorithm", ["planes", "unfold"])

@@ -239,6 +239,21 @@ class _Unfolded:
         return lambda grad: sink(grad.reshape(shape))
 
 
+class _FirstPhaseFn(torch.autograd.Function):
+    """(N, C, H, W) -> (N, C, OH, OW): rows and columns 0, s, 2s, ... (phase plane (0, 0) of
+    stride s, unpadded), and back, in one pass each of the backend's kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, stride: int, out_hw: tuple[int, int], ops: Ops) -> Tensor:
+        ctx.ops, ctx.stride, ctx.hw = ops, stride, (x.shape[2], x.shape[3])
+        return ops.phase_planes(x, stride, 0, 0, *out_hw, count=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        gx = ctx.ops.phase_planes_grad(grad.contiguous(), ctx.stride, 0, 0, *ctx.hw, count=1)
+        return gx, None, None, None
+
+
 class _PatchesFn(torch.autograd.Function):
     """(N, C, H, W) -> (N * OH * OW, C * kh * kw): each output position's input patch as a
     row (im2col), in one pass of the compiled kernels."""
@@ -590,7 +605,12 @@ class SparseConv2d(nn.Module):
         if self._algorithm((x.shape[2], x.shape[3]), on_panels) == "unfold":
             return self._forward_unfolded(x, out_hw, ops)
         fused, rest = _split_bias(self.bias, x)
-        if self.stride > 1 and w.dense_grad_sink is None:
+        stride = self.stride
+        if stride > 1 and self.kernel_size == (1, 1) and self.padding == (0, 0):
+            # a pointwise convolution reads every s-th row and column only: phase plane (0, 0),
+            # the input of a stride-1 one (all s * s planes would be built, one of them read)
+            x, stride = _FirstPhaseFn.apply(x, stride, out_hw, ops), 1  # type: ignore[no-untyped-call]
+        if stride > 1 and w.dense_grad_sink is None:
             # strided: a stride-1 convolution over the phase planes (the stride-1 kernels read
             # contiguous slices, where a strided walk reads every s-th element); steps that
             # need the dense gradient take the direct path below, which computes it in the
@@ -608,7 +628,7 @@ class SparseConv2d(nn.Module):
             )
         else:
             y = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
-                x, w.values, fused, w, self.stride, self.padding, ops
+                x, w.values, fused, w, stride, self.padding, ops
             )
         return y if rest is None else y + rest.view(1, -1, 1, 1)
 

@@ -148,12 +148,18 @@ class CppOps:
         )
         return gx, dval
 
-    def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
-        out: Tensor = self._ext.phase_planes(x, stride, ph, pw, hq, wq)
+    def phase_planes(
+        self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int, count: int | None = None
+    ) -> Tensor:
+        count = stride * stride if count is None else count
+        out: Tensor = self._ext.phase_planes(x, stride, ph, pw, hq, wq, count)
         return out
 
-    def phase_planes_grad(self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int) -> Tensor:
-        out: Tensor = self._ext.phase_planes_grad(g, stride, ph, pw, h, w)
+    def phase_planes_grad(
+        self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int, count: int | None = None
+    ) -> Tensor:
+        count = stride * stride if count is None else count
+        out: Tensor = self._ext.phase_planes_grad(g, stride, ph, pw, h, w, count)
         return out
 
     def conv2d_forward_phases(

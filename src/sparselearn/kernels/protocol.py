@@ -24,12 +24,14 @@
   otherwise; ``uses_panels(batch, kh, kw, dtype)`` says which); ``conv2d_backward(..., g,
   saved, ...)`` gives the gradients of the input inside the padding and of the non-zeros, each
   when asked, sharing what they both need;
-- ``phase_planes(x, stride, ph, pw, hq, wq) -> planes`` and its adjoint ``phase_planes_grad``:
-  the ``stride**2`` phase planes of the padded input, over which a strided convolution is a
-  stride-1 one (``accel.layers``); ``conv2d_forward_phases(crow, col, val, x, out_channels, kh,
-  kw, stride, ph, pw, hq, wq, bias=None) -> (y, saved)`` is ``conv2d_forward`` of those planes
-  at stride 1 without padding (the compiled kernels pack the planes into batch panels straight
-  from ``x``), its backward ``conv2d_backward`` of the planes then ``phase_planes_grad``;
+- ``phase_planes(x, stride, ph, pw, hq, wq, count=None) -> planes`` and its adjoint
+  ``phase_planes_grad``: the ``stride**2`` phase planes of the padded input, over which a
+  strided convolution is a stride-1 one (``accel.layers``), or only the first ``count`` of them
+  (the adjoint takes the others' gradient as zero); ``conv2d_forward_phases(crow, col, val, x,
+  out_channels, kh, kw, stride, ph, pw, hq, wq, bias=None) -> (y, saved)`` is
+  ``conv2d_forward`` of all the planes at stride 1 without padding (the compiled kernels pack
+  the planes into batch panels straight from ``x``), its backward ``conv2d_backward`` of the
+  planes then ``phase_planes_grad``;
 - ``patches(x, kh, kw, stride, ph, pw, oh, ow) -> rows`` (im2col: each output position's input
   patch as a row of ``C * kh * kw``) and its adjoint ``patches_grad``;
 - ``dropout(x, keep, seed) -> y``: ``x * (1 / keep)`` where the hash of (``seed``, the element's
@@ -133,7 +135,7 @@ class Ops(Protocol):
     ) -> tuple[Tensor | None, Tensor | None]: ...
 
     def phase_planes(
-        self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int
+        self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int, count: int | None = None
     ) -> Tensor: ...
 
     def conv2d_forward_phases(
@@ -154,7 +156,7 @@ class Ops(Protocol):
     ) -> tuple[Tensor, Tensor]: ...
 
     def phase_planes_grad(
-        self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int
+        self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int, count: int | None = None
     ) -> Tensor: ...
 
     def patches(

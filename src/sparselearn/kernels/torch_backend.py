@@ -173,17 +173,26 @@ class TorchOps:
         dval = self._grad_weight(crow, col, g, xp, kh, kw, stride) if want_weight else None
         return gx, dval
 
-    def phase_planes(self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int) -> Tensor:
+    def phase_planes(
+        self, x: Tensor, stride: int, ph: int, pw: int, hq: int, wq: int, count: int | None = None
+    ) -> Tensor:
         s, (n, c, h, w) = stride, x.shape
+        count = _phase_count(s, count)
         # pad to s*hq x s*wq; what lies past that is never read: crop it
         xp = F.pad(x, (pw, max(0, s * wq - w - pw), ph, max(0, s * hq - h - ph)))
         xp = xp[:, :, : s * hq, : s * wq]
         planes = xp.reshape(n, c, hq, s, wq, s).permute(0, 3, 5, 1, 2, 4)
-        return planes.reshape(n, s * s * c, hq, wq)
+        return planes.reshape(n, s * s * c, hq, wq)[:, : count * c].contiguous()
 
-    def phase_planes_grad(self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int) -> Tensor:
+    def phase_planes_grad(
+        self, g: Tensor, stride: int, ph: int, pw: int, h: int, w: int, count: int | None = None
+    ) -> Tensor:
         s, (n, _, hq, wq) = stride, g.shape
-        c = g.shape[1] // (s * s)
+        count = _phase_count(s, count)
+        if g.shape[1] % count:
+            raise ValueError(f"the gradient's {g.shape[1]} channels are not {count} planes' worth")
+        c = g.shape[1] // count
+        g = F.pad(g, (0, 0, 0, 0, 0, (s * s - count) * c))  # the planes not built: zero
         grid = g.reshape(n, s, s, c, hq, wq).permute(0, 3, 4, 1, 5, 2)
         grid = grid.reshape(n, c, s * hq, s * wq)
         # the padded input's gradient: zero past the planes (rows and columns never read)
@@ -296,3 +305,12 @@ def _block_keys(seed: int, block: int) -> tuple[int, int]:
     k1 = _mix32_int((seed & _M32) ^ _mix32_int((block + 0x9E3779B9) & _M32))
     k2 = _mix32_int(((seed >> 32) & _M32) ^ k1)
     return k1, k2
+
+
+def _phase_count(stride: int, count: int | None) -> int:
+    """How many of the ``stride**2`` phase planes to build (``None``: all)."""
+    if count is None:
+        return stride * stride
+    if not 1 <= count <= stride * stride:
+        raise ValueError(f"count must be between 1 and stride**2 = {stride * stride}, got {count}")
+    return count

@@ -37,8 +37,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "from what the forward saved");
   m.def("uses_panels", &uses_panels,
         "whether a stride-1 convolution of this batch and kernel runs on batch panels");
-  m.def("phase_planes", &phase_planes, "the s*s phase planes of the padded input (stride s)");
-  m.def("phase_planes_grad", &phase_planes_grad, "the input gradient from the planes' gradient");
+  m.def("phase_planes", &phase_planes,
+        "the first count of the s*s phase planes of the padded input (stride s)");
+  m.def("phase_planes_grad", &phase_planes_grad,
+        "the input gradient from the gradient of the first count phase planes");
   m.def("patches", &patches, "each output position's input patch as a row (im2col)");
   m.def("patches_grad", &patches_grad, "the input gradient from the patch rows' gradient");
   m.def("batch_norm_forward", &batch_norm_forward,

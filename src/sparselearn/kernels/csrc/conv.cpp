@@ -868,7 +868,7 @@ std::vector<torch::Tensor> conv2d_forward(torch::Tensor crow, torch::Tensor col,
     return {y, xs};
   }
   // the padded input: the one phase plane of stride 1, written in parallel
-  auto xp = ph == 0 && pw == 0 ? x.contiguous() : phase_planes(x.contiguous(), 1, ph, pw, Hp, Wp);
+  auto xp = ph == 0 && pw == 0 ? x.contiguous() : phase_planes(x.contiguous(), 1, ph, pw, Hp, Wp, 1);
   if (stride == 1) {
     const int64_t plane = Hp * Wp;
     auto off = plane_offsets(col, kh, kw, Wp, plane, 1, 0);
@@ -916,8 +916,8 @@ std::vector<torch::Tensor> conv2d_forward_phases(torch::Tensor crow, torch::Tens
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_phases",
                              [&] { on_panels = use_panels<scalar_t>(B, kh, kw); });
   if (!on_panels)
-    return conv2d_forward(crow, col, val, phase_planes(x, s, ph, pw, hq, wq), out_channels, kh,
-                          kw, 1, 0, 0, bias);
+    return conv2d_forward(crow, col, val, phase_planes(x, s, ph, pw, hq, wq, s * s),
+                          out_channels, kh, kw, 1, 0, 0, bias);
   const int64_t Pl = hq * wq + kPanelTail;
   auto xs = phase_panels(x, s, ph, pw, hq, wq, Pl);
   auto y = panel_product(crow, col.to(torch::kLong), val, xs, B, out_channels, kh, kw, Pl, 1, 0,

@@ -41,9 +41,9 @@ bool uses_panels(int64_t batch, int64_t kh, int64_t kw, bool is_double);
 
 // layouts.cpp: phase planes of a strided convolution, patches (im2col), and their adjoints
 torch::Tensor phase_planes(torch::Tensor x, int64_t s, int64_t ph, int64_t pw, int64_t hq,
-                           int64_t wq);
+                           int64_t wq, int64_t count);
 torch::Tensor phase_planes_grad(torch::Tensor gP, int64_t s, int64_t ph, int64_t pw, int64_t H,
-                                int64_t W);
+                                int64_t W, int64_t count);
 torch::Tensor patches(torch::Tensor x, int64_t kh, int64_t kw, int64_t s, int64_t ph, int64_t pw,
                       int64_t OH, int64_t OW);
 torch::Tensor patches_grad(torch::Tensor G, int64_t N, int64_t C, int64_t H, int64_t W,

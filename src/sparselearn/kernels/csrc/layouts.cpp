@@ -11,6 +11,8 @@ using namespace slk;
 // one pass (padding, cropping and the reordering of a pad + reshape, which took three passes
 // over fresh memory), and its adjoint: every input position lies on exactly one phase plane, so
 // the input gradient is a gather (0 where a position is never read: rows and columns cropped).
+// ``count`` < s*s builds only the first ``count`` planes (a pointwise convolution reads plane
+// (0, 0) alone); the adjoint then takes the others' gradient as zero.
 
 namespace {
 
@@ -32,29 +34,29 @@ inline std::pair<int64_t, int64_t> phase_columns(int64_t s, int64_t px, int64_t 
 
 template <typename T, int S>
 void phase_planes_kernel(const T* X, T* out, int64_t N, int64_t C, int64_t H, int64_t W,
-                         int64_t s_, int64_t ph, int64_t pw, int64_t hq, int64_t wq) {
+                         int64_t s_, int64_t ph, int64_t pw, int64_t hq, int64_t wq,
+                         int64_t count) {
   const int64_t s = S ? S : s_;
-  const int nt = team(N * C * s * s * hq * wq);
+  const int nt = team(N * C * count * hq * wq);
 #pragma omp parallel for collapse(2) schedule(static) if (nt > 1) num_threads(nt)
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c = 0; c < C; ++c) {
       const T* src = X + (n * C + c) * H * W;
-      for (int64_t py = 0; py < s; ++py) {
-        for (int64_t px = 0; px < s; ++px) {
-          T* dst = out + ((n * s * s + py * s + px) * C + c) * hq * wq;
-          const auto [j0, j1] = phase_columns(s, px, pw, W, wq);
-          for (int64_t i = 0; i < hq; ++i) {
-            T* __restrict__ row = dst + i * wq;
-            const int64_t y = s * i + py - ph;
-            if (y < 0 || y >= H) {
-              std::fill(row, row + wq, T(0));
-              continue;
-            }
-            const T* __restrict__ in = src + y * W + px - pw;
-            std::fill(row, row + j0, T(0));
-            for (int64_t j = j0; j < j1; ++j) row[j] = in[s * j];
-            std::fill(row + j1, row + wq, T(0));
+      for (int64_t f = 0; f < count; ++f) {
+        const int64_t py = f / s, px = f % s;
+        T* dst = out + ((n * count + f) * C + c) * hq * wq;
+        const auto [j0, j1] = phase_columns(s, px, pw, W, wq);
+        for (int64_t i = 0; i < hq; ++i) {
+          T* __restrict__ row = dst + i * wq;
+          const int64_t y = s * i + py - ph;
+          if (y < 0 || y >= H) {
+            std::fill(row, row + wq, T(0));
+            continue;
           }
+          const T* __restrict__ in = src + y * W + px - pw;
+          std::fill(row, row + j0, T(0));
+          for (int64_t j = j0; j < j1; ++j) row[j] = in[s * j];
+          std::fill(row + j1, row + wq, T(0));
         }
       }
     }
@@ -63,7 +65,8 @@ void phase_planes_kernel(const T* X, T* out, int64_t N, int64_t C, int64_t H, in
 
 template <typename T, int S>
 void phase_planes_grad_kernel(const T* G, T* out, int64_t N, int64_t C, int64_t H, int64_t W,
-                              int64_t s_, int64_t ph, int64_t pw, int64_t hq, int64_t wq) {
+                              int64_t s_, int64_t ph, int64_t pw, int64_t hq, int64_t wq,
+                              int64_t count) {
   const int64_t s = S ? S : s_;
   const int nt = team(N * C * H * W);
 #pragma omp parallel for collapse(2) schedule(static) if (nt > 1) num_threads(nt)
@@ -72,17 +75,16 @@ void phase_planes_grad_kernel(const T* G, T* out, int64_t N, int64_t C, int64_t 
       // the input plane (in L1) zeroed, then each phase plane's rows scattered into it
       T* dst = out + (n * C + c) * H * W;
       std::fill(dst, dst + H * W, T(0));
-      for (int64_t py = 0; py < s; ++py) {
-        for (int64_t px = 0; px < s; ++px) {
-          const T* src = G + ((n * s * s + py * s + px) * C + c) * hq * wq;
-          const auto [j0, j1] = phase_columns(s, px, pw, W, wq);
-          for (int64_t i = 0; i < hq; ++i) {
-            const int64_t y = s * i + py - ph;
-            if (y < 0 || y >= H) continue;
-            const T* __restrict__ row = src + i * wq;
-            T* __restrict__ o = dst + y * W + px - pw;
-            for (int64_t j = j0; j < j1; ++j) o[s * j] = row[j];
-          }
+      for (int64_t f = 0; f < count; ++f) {
+        const int64_t py = f / s, px = f % s;
+        const T* src = G + ((n * count + f) * C + c) * hq * wq;
+        const auto [j0, j1] = phase_columns(s, px, pw, W, wq);
+        for (int64_t i = 0; i < hq; ++i) {
+          const int64_t y = s * i + py - ph;
+          if (y < 0 || y >= H) continue;
+          const T* __restrict__ row = src + i * wq;
+          T* __restrict__ o = dst + y * W + px - pw;
+          for (int64_t j = j0; j < j1; ++j) o[s * j] = row[j];
         }
       }
     }
@@ -92,32 +94,34 @@ void phase_planes_grad_kernel(const T* G, T* out, int64_t N, int64_t C, int64_t 
 }  // namespace
 
 torch::Tensor phase_planes(torch::Tensor x, int64_t s, int64_t ph, int64_t pw, int64_t hq,
-                           int64_t wq) {
+                           int64_t wq, int64_t count) {
   TORCH_CHECK(x.dim() == 4 && s >= 1 && ph >= 0 && pw >= 0,
               "x must be (N, C, H, W), the stride >= 1 and the padding >= 0");
+  TORCH_CHECK(count >= 1 && count <= s * s, "count must be between 1 and stride**2");
   x = x.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  auto P = empty_output({N, s * s * C, hq, wq}, x.options());
+  auto P = empty_output({N, count * C, hq, wq}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "phase_planes", [&] {
     with_stride(s, [&](auto S) {
       phase_planes_kernel<scalar_t, S>(x.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(), N, C, H,
-                                       W, s, ph, pw, hq, wq);
+                                       W, s, ph, pw, hq, wq, count);
     });
   });
   return P;
 }
 
 torch::Tensor phase_planes_grad(torch::Tensor gP, int64_t s, int64_t ph, int64_t pw, int64_t H,
-                                int64_t W) {
-  TORCH_CHECK(gP.dim() == 4 && s >= 1 && gP.size(1) % (s * s) == 0,
-              "gP must be (N, s*s*C, hq, wq)");
+                                int64_t W, int64_t count) {
+  TORCH_CHECK(count >= 1 && count <= s * s, "count must be between 1 and stride**2");
+  TORCH_CHECK(gP.dim() == 4 && s >= 1 && gP.size(1) % count == 0,
+              "gP must be (N, count*C, hq, wq)");
   gP = gP.contiguous();
-  const int64_t N = gP.size(0), C = gP.size(1) / (s * s), hq = gP.size(2), wq = gP.size(3);
+  const int64_t N = gP.size(0), C = gP.size(1) / count, hq = gP.size(2), wq = gP.size(3);
   auto gx = empty_output({N, C, H, W}, gP.options());
   AT_DISPATCH_FLOATING_TYPES(gP.scalar_type(), "phase_planes_grad", [&] {
     with_stride(s, [&](auto S) {
       phase_planes_grad_kernel<scalar_t, S>(gP.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), N,
-                                            C, H, W, s, ph, pw, hq, wq);
+                                            C, H, W, s, ph, pw, hq, wq, count);
     });
   });
   return gx;
