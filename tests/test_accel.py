@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparselearn as sl
-from sparselearn.accel import SparseConv2d, SparseLinear, SparseWeight, accelerate
+from sparselearn.accel import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight, accelerate
 from sparselearn.accel.layers import PANEL_UNFOLD_MAX_POSITIONS, UNFOLD_MAX_POSITIONS
 from sparselearn.engine import CSRStorage
 from sparselearn.kernels import TorchOps, extension, ops_for, release_cached_blocks
@@ -1057,6 +1057,117 @@ def test_forced_mode_reapplies_thread_caps() -> None:
     assert (model[0].threads, model[2].threads) == (None, 1)
     assert report.thread_caps == {"2.weight": 1}
     assert [c.threads for c in report.layers] == [None, 1]
+
+
+def _inference_of(module: nn.Module) -> str:
+    assert isinstance(module, (SparseLinear, SparseConv2d))
+    return module.inference
+
+
+def test_forced_mode_reapplies_dense_inference() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = sl.sparsify(model, opt, method="static", density=0.2)
+    with pytest.raises(ValueError, match=r"inference_dense names \['1.weight'\]"):
+        accelerate(model, engine, mode="sparse", inference_dense=["1.weight"])
+    with pytest.raises(ValueError, match="mode='auto' times them itself"):
+        accelerate(model, engine, torch.randn(4, 64), inference_dense=["0.weight"])
+    report = accelerate(model, engine, mode="sparse", inference_dense=["2.weight"])
+    assert [_inference_of(model[0]), _inference_of(model[2])] == ["sparse", "dense"]
+    assert report.inference_dense == ["2.weight"]
+    assert "inference=dense" in repr(model[2])
+    assert "inference=" not in repr(model[0])
+
+
+def test_accelerate_chooses_dense_inference_where_it_times_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a layer that trains faster sparse but infers faster dense keeps its sparse kernels for
+    # training and computes densely where no gradient is recorded
+    acc = importlib.import_module("sparselearn.accel.accelerate")
+
+    calls: list[int] = []
+
+    def timings(fns: list[Any], repeats: int) -> list[float]:
+        for fn in fns:  # each runs (the layers' forwards work in both modes)
+            fn()
+        calls.append(len(fns))
+        # per layer, the training step (dense, sparse[, sparse on one thread]), then inference
+        return [1.0, 2.0] if len(calls) % 2 == 0 else [5.0, 2.0, 3.0][: len(fns)]
+
+    monkeypatch.setattr(acc, "_time_turns", timings)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 36, 10))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = sl.sparsify(model, opt, method="static", density=0.3)
+    x = torch.randn(4, 3, 6, 6)
+    report = accelerate(model, engine, x)
+    assert report.accelerated == ["0.weight", "3.weight"]
+    assert report.inference_dense == ["0.weight", "3.weight"]
+    assert all(c.dense_inference_ms == 1.0 and c.sparse_inference_ms == 2.0 for c in report.layers)
+    assert "1.00 / 2.00" in str(report)
+    assert [_inference_of(model[0]), _inference_of(model[3])] == ["dense", "dense"]
+
+
+class _Conv1D(nn.Module):
+    """The layout of Hugging Face's Conv1D (``x @ W + b``, W of shape (in, out))."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = nn.Parameter(torch.randn(n_out))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1d"])
+def test_dense_inference_agrees_and_keeps_training_sparse(kind: str) -> None:
+    # inference="dense": where no gradient is recorded, the dense product with a cached dense
+    # weight, equal to the sparse kernels' to rounding; the cache is rebuilt when the values
+    # (an optimizer step) or the structure change; with gradients, the sparse kernels as before
+    torch.manual_seed(1)
+    layer: nn.Module
+    if kind == "linear":
+        dense_layer = nn.Linear(12, 7)
+        mask = torch.rand(dense_layer.weight.shape) < 0.4
+        layer, x = SparseLinear(dense_layer, mask), torch.randn(5, 12)
+    elif kind == "conv":
+        conv, mask = masked_conv(4, 6, 3, 2, 1, 0.4, torch.float32)
+        layer, x = SparseConv2d(conv, mask), torch.randn(3, 4, 9, 9)
+    else:
+        conv1d = _Conv1D(12, 7)
+        mask = torch.rand(conv1d.weight.shape) < 0.4
+        layer, x = SparseConv1D(conv1d, mask), torch.randn(2, 5, 12)
+    w = layer.weight_sparse
+    with torch.no_grad():
+        want = layer(x)
+    layer.inference = "dense"
+    with torch.no_grad():
+        got = layer(x)
+        assert w._dense is not None  # the layer read the cached dense weight
+        first = w.cached_dense()
+        assert layer(x).shape == want.shape
+        assert w.cached_dense() is first  # kept
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(first, w.dense())
+    # with gradients: the sparse kernels (the same bits as before), and the values' gradient
+    y = layer(x)
+    assert torch.equal(y, want)
+    y.sum().backward()
+    assert w.values.grad is not None
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()  # the values change in place
+    with torch.no_grad():
+        stepped = layer(x)
+        assert w.cached_dense() is not first
+        assert torch.equal(w.cached_dense(), w.dense())
+        layer.inference = "sparse"
+        assert torch.allclose(stepped, layer(x), rtol=1e-5, atol=1e-5)
+    w.restructure(torch.rand(w.shape) < 0.4)
+    layer.inference = "dense"
+    with torch.no_grad():
+        assert torch.equal(w.cached_dense(), w.dense())
+    with pytest.raises(ValueError, match="inference must be 'sparse' or 'dense', got 'fast'"):
+        layer.inference = "fast"
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the compiled kernels are not available")

@@ -139,10 +139,15 @@ def test_accelerate_auto_times_the_layers_on_a_training_batch(
 def test_resume_reapplies_the_thread_caps(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # timings that make one thread the fastest for every layer; the resumed run must cap the
-    # same layers without timing again
+    # timings that make one thread the fastest for every layer's training step, and the dense
+    # layer the fastest in inference; the resumed run must cap the same layers, and infer
+    # densely with the same ones, without timing again
     acc = importlib.import_module("sparselearn.accel.accelerate")
-    monkeypatch.setattr(acc, "_time_turns", lambda fns, repeats: [5.0, 2.0, 1.0][: len(fns)])
+
+    def timings(fns: list[object], repeats: int) -> list[float]:
+        return [5.0, 2.0, 1.0] if len(fns) == 3 else [1.0, 2.0]  # (inference: dense, sparse)
+
+    monkeypatch.setattr(acc, "_time_turns", timings)
     previous = torch.get_num_threads()
     try:
         cfg = small(data_dir, method="rigl", accelerate="auto", epochs=1, threads=2)
@@ -150,6 +155,7 @@ def test_resume_reapplies_the_thread_caps(
         state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
         assert state["accelerated"]
         assert state["accelerated_threads"] == dict.fromkeys(state["accelerated"], 1)
+        assert state["accelerated_inference_dense"] == state["accelerated"]
         calls: list[dict[str, object]] = []
         real = sparselearn.accel.accelerate
 
@@ -162,6 +168,7 @@ def test_resume_reapplies_the_thread_caps(
         assert len(calls) == 1
         assert calls[0]["mode"] == "sparse"
         assert calls[0]["threads"] == state["accelerated_threads"]
+        assert calls[0]["inference_dense"] == state["accelerated_inference_dense"]
     finally:
         torch.set_num_threads(previous)
 

@@ -31,6 +31,11 @@ class LayerChoice:
     reason: str
     threads: int | None = None  # the sparse layer's thread cap (None: all threads)
     backend: str | None = None  # the kernels of a sparse layer: "cpp" (compiled) or "torch"
+    # a sparse layer's forward where no gradient is recorded: its kernels ("sparse") or the
+    # dense product ("dense", where that timed faster), with the median forward times
+    inference: str | None = None
+    dense_inference_ms: float | None = None
+    sparse_inference_ms: float | None = None
 
 
 @dataclass
@@ -43,6 +48,12 @@ class AccelerationReport:
         return [c.name for c in self.layers if c.chosen == "sparse"]
 
     @property
+    def inference_dense(self) -> list[str]:
+        """The accelerated layers that infer densely (pass them back as ``inference_dense=``
+        with ``layers=accelerated`` to re-apply these choices)."""
+        return [c.name for c in self.layers if c.chosen == "sparse" and c.inference == "dense"]
+
+    @property
     def thread_caps(self) -> dict[str, int]:
         """The accelerated layers that run on fewer than all threads, with their caps (pass
         them back as ``threads=`` with ``layers=accelerated`` to re-apply these choices)."""
@@ -51,18 +62,29 @@ class AccelerationReport:
         }
 
     def __str__(self) -> str:
-        rows = [("layer", "kind", "density", "dense ms", "sparse ms", "chosen", "backend", "why")]
+        rows = [
+            ("layer", "kind", "density", "dense ms", "sparse ms", "chosen", "backend", "why",
+             "inference dense/sparse ms", "inference")
+        ]  # fmt: skip
+
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
         for c in self.layers:
             rows.append(
                 (
                     c.name,
                     c.kind,
                     f"{c.density:.4f}",
-                    "-" if c.dense_ms is None else f"{c.dense_ms:.2f}",
-                    "-" if c.sparse_ms is None else f"{c.sparse_ms:.2f}",
+                    ms(c.dense_ms),
+                    ms(c.sparse_ms),
                     c.chosen if c.threads is None else f"{c.chosen} ({c.threads} thread)",
                     c.backend or "-",
                     c.reason,
+                    "-"
+                    if c.dense_inference_ms is None
+                    else f"{ms(c.dense_inference_ms)} / {ms(c.sparse_inference_ms)}",
+                    c.inference or "-",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -123,6 +145,20 @@ def _fwd_bwd(module: nn.Module, x: Tensor, threads: int | None = None) -> Any:
     return run
 
 
+def _forward(module: nn.Module, x: Tensor, threads: int | None = None) -> Any:
+    """Inference with ``module`` alone: a forward that records no gradient (a sparse layer on
+    its kernels, with ``threads``)."""
+
+    def run() -> None:
+        if isinstance(module, (SparseLinear, SparseConv2d)):
+            module.threads = threads
+        with torch.no_grad():
+            module(x)
+        _wait_for(x.device)
+
+    return run
+
+
 def _swap_in_optimizer(
     optimizer: torch.optim.Optimizer,
     old: nn.Parameter,
@@ -158,6 +194,7 @@ def accelerate(
     repeats: int = 5,
     layers: Collection[str] | None = None,
     threads: Mapping[str, int] | None = None,
+    inference_dense: Collection[str] | None = None,
 ) -> AccelerationReport:
     """Replace the engine's sparsified Linear and Conv2d layers with layers that compute with
     the sparse weights, wherever that is faster.
@@ -179,6 +216,12 @@ def accelerate(
             layer on one thread and on all, and keeps the faster (under
             ``OMP_WAIT_POLICY=PASSIVE`` a small layer can lose more to waking the threads
             than it gains from them); results are the same bit for bit either way.
+        inference_dense: with ``mode="sparse"``, the layers that infer densely
+            (``report.inference_dense`` of an earlier call). ``mode="auto"`` also times each
+            accelerated layer's forward without gradients against the dense layer's, and
+            where the dense one is faster the layer computes densely there (its
+            ``inference``: a layer can train faster sparse and infer faster dense, as a dense
+            backward is slower than a dense forward by more than a sparse one is).
 
     The weights and their optimizer state of accelerated layers then take memory proportional
     to their active weights; masks change as before (the sparse structure is rebuilt at each
@@ -193,7 +236,7 @@ def accelerate(
         "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
         "options=StateDictOptions(full_state_dict=True)))",
     )
-    layers = _check_arguments(engine, example_input, mode, layers, threads)
+    layers = _check_arguments(engine, example_input, mode, layers, threads, inference_dense)
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for mod_name, module in model.named_modules():
         w = getattr(module, "weight", None)
@@ -214,6 +257,7 @@ def accelerate(
                 repeats,
                 layers,
                 threads,
+                set(inference_dense or ()),
             )
             report.layers.append(choice)
             chosen.append((layer, choice, found, sparse))
@@ -223,7 +267,7 @@ def accelerate(
             report.layers[index] = dataclasses.replace(
                 choice, backend=ops_for(layer.param, backend).name
             )
-            _install(model, engine, layer, found, sparse, choice.threads)
+            _install(model, engine, layer, found, sparse, choice.threads, choice.inference)
     return report
 
 
@@ -252,6 +296,7 @@ def _check_arguments(
     mode: str,
     layers: Collection[str] | None,
     threads: Mapping[str, int] | None,
+    inference_dense: Collection[str] | None = None,
 ) -> set[str] | None:
     """Refuse what accelerate cannot do, naming it; returns ``layers`` as a set."""
     if mode not in ("auto", "sparse", "dense"):
@@ -280,6 +325,18 @@ def _check_arguments(
             )
         for value in threads.values():
             check_threads(value)
+    if inference_dense is not None:
+        if mode != "sparse":
+            raise ValueError(
+                "inference_dense= re-applies the inference choices of an earlier call with "
+                "mode='sparse'; mode='auto' times them itself"
+            )
+        unknown = sorted(set(inference_dense) - set(engine.masks))
+        if unknown:
+            raise ValueError(
+                f"inference_dense names {unknown}, which are not sparsified weights of this "
+                f"engine; choose from {sorted(engine.masks)}"
+            )
     engine.check_attached()
     cfg = engine.config
     growth = engine.growth
@@ -326,6 +383,7 @@ def _choose(
     repeats: int,
     layers: set[str] | None,
     threads: Mapping[str, int] | None,
+    inference_dense: set[str],
 ) -> tuple[LayerChoice, tuple[str, nn.Module] | None, nn.Module | None]:
     """What to do with one sparsified tensor: the choice, its module and the sparse layer."""
     density = layer.active / layer.numel
@@ -353,7 +411,10 @@ def _choose(
         return dense(f"{type(module).__name__} with these settings has no sparse kernel")
     if mode != "auto":
         cap = threads.get(layer.name) if mode == "sparse" and threads is not None else None
-        choice = LayerChoice(layer.name, kind, density, None, None, mode, "forced", cap)
+        how = "dense" if layer.name in inference_dense else "sparse"
+        choice = LayerChoice(
+            layer.name, kind, density, None, None, mode, "forced", cap, inference=how
+        )
         return choice, found[0], sparse
     if mod_name not in shapes:
         return dense("not reached by the example input", kind)
@@ -372,7 +433,22 @@ def _choose(
         )
         return choice, None, None
     reason = "faster" if cap is None else "faster on one thread"
-    choice = LayerChoice(layer.name, kind, density, dense_ms, sparse_ms, "sparse", reason, cap)
+    dense_inference_ms, sparse_inference_ms = _time_turns(
+        [_forward(module, x), _forward(sparse, x, threads=cap)], repeats
+    )
+    choice = LayerChoice(
+        layer.name,
+        kind,
+        density,
+        dense_ms,
+        sparse_ms,
+        "sparse",
+        reason,
+        cap,
+        inference="dense" if dense_inference_ms < sparse_inference_ms else "sparse",
+        dense_inference_ms=dense_inference_ms,
+        sparse_inference_ms=sparse_inference_ms,
+    )
     return choice, found[0], sparse
 
 
@@ -383,11 +459,13 @@ def _install(
     found: tuple[str, nn.Module],
     sparse: nn.Module,
     cap: int | None,
+    inference: str | None,
 ) -> None:
     """Put the sparse layer in its module's place; the optimizer and the engine follow."""
     mod_name, module = found
     assert isinstance(sparse, (SparseLinear, SparseConv2d))
     sparse.threads = cap
+    sparse.inference = inference or "sparse"
     sparse.train(module.training)
     parent, child = _parent(model, mod_name)
     setattr(parent, child, sparse)

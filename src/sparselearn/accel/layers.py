@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
@@ -100,6 +101,7 @@ class SparseWeight(nn.Module):
         # set by the engine on steps that need the dense gradient (RigL, windows): receives it
         self.dense_grad_sink: DenseGradSink | None = None
         self.version = 0  # bumped whenever the structure changes (for cached masks)
+        self._dense: tuple[tuple[object, ...], Tensor] | None = None  # (key, cached_dense())
 
     @property
     def rows(self) -> int:
@@ -127,6 +129,17 @@ class SparseWeight(nn.Module):
         w = torch.zeros(self.rows, self.fan_in, dtype=self.values.dtype, device=self.values.device)
         w[self.mask().view(self.rows, -1)] = self.values.detach()
         return w.view(self.shape)
+
+    def cached_dense(self) -> Tensor:
+        """:meth:`dense`, kept until the structure or the values change (an optimizer step, a
+        load): what a layer that infers densely reads, so that it materialises the weight
+        once, not at every call."""
+        v = self.values
+        key = (self.version, v._version, v.data_ptr(), v.dtype, v.device)
+        if self._dense is None or self._dense[0] != key:
+            self._dense = None  # (the old copy goes before the new one is made)
+            self._dense = (key, self.dense())
+        return self._dense[1]
 
     @torch.no_grad()
     def restructure(self, new_mask: Tensor) -> Tensor:
@@ -457,11 +470,26 @@ class SparseLinear(nn.Module):
         self.bias = linear.bias
         self.backend = backend
         self.threads = check_threads(threads)
+        self.inference = "sparse"
+
+    @property
+    def inference(self) -> str:
+        """How the layer computes where no gradient is recorded (``torch.no_grad``,
+        ``torch.inference_mode``): ``"sparse"`` (its kernels) or ``"dense"`` (the dense layer's
+        product with :meth:`SparseWeight.cached_dense`, where that is faster; ``sl.accelerate``
+        times both). The results agree to rounding."""
+        return self._inference
+
+    @inference.setter
+    def inference(self, how: str) -> None:
+        self._inference = _check_inference(how)
 
     def forward(self, x: Tensor) -> Tensor:
+        w = self.weight_sparse
+        if self._inference == "dense" and not torch.is_grad_enabled():
+            return F.linear(x, w.cached_dense(), self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B, in)
-        w = self.weight_sparse
         ops = ops_for(x2, self.backend, self.threads)
         y = _sparse_linear(x2, w.values, self.bias, w, ops)
         return y.reshape(*lead, self.out_features)
@@ -472,6 +500,7 @@ class SparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}"
             + ("" if self.threads is None else f", threads={self.threads}")
+            + ("" if self._inference == "sparse" else f", inference={self._inference}")
         )
 
 
@@ -492,6 +521,7 @@ class SparseConv1D(SparseLinear):
         self.bias = bias if isinstance(bias, nn.Parameter) else None  # type: ignore[assignment]
         self.backend = backend
         self.threads = check_threads(threads)
+        self.inference = "sparse"
 
 
 # Output planes of at most this many positions compute as a product over patches (im2col and
@@ -544,9 +574,20 @@ class SparseConv2d(nn.Module):
         self.backend = backend
         self.algorithm = algorithm
         self.threads = check_threads(threads)
+        self.inference = "sparse"
         # derived from weight_sparse, rebuilt when it changes
         self._phases: _Phases | None = None
         self._unfolded: _Unfolded | None = None
+
+    @property
+    def inference(self) -> str:
+        """As :attr:`SparseLinear.inference`: ``"sparse"`` or ``"dense"`` (``F.conv2d`` with
+        the cached dense weight) where no gradient is recorded."""
+        return self._inference
+
+    @inference.setter
+    def inference(self, how: str) -> None:
+        self._inference = _check_inference(how)
 
     def phases(self) -> _Phases:
         """The stride-1 form of this strided convolution (rebuilt when the mask changes)."""
@@ -599,6 +640,8 @@ class SparseConv2d(nn.Module):
                 f"SparseConv2d takes a batched (N, C, H, W) input, got shape {tuple(x.shape)}"
             )
         w = self.weight_sparse
+        if self._inference == "dense" and not torch.is_grad_enabled():
+            return F.conv2d(x, w.cached_dense(), self.bias, self.stride, self.padding)
         out_hw = self.output_size((x.shape[2], x.shape[3]))
         ops = ops_for(x, self.backend, self.threads)
         on_panels = self._on_panels(x.shape[0], x.dtype, ops)
@@ -649,7 +692,14 @@ class SparseConv2d(nn.Module):
             f"density={w.nnz / (w.rows * w.fan_in):.4f}, algorithm={self.algorithm}, "
             f"backend={self.backend}"
             + ("" if self.threads is None else f", threads={self.threads}")
+            + ("" if self._inference == "sparse" else f", inference={self._inference}")
         )
+
+
+def _check_inference(how: str) -> str:
+    if how not in ("sparse", "dense"):
+        raise ValueError(f"inference must be 'sparse' or 'dense', got {how!r}")
+    return how
 
 
 def supports_conv(conv: nn.Conv2d) -> bool:

@@ -134,12 +134,19 @@ def _train(
             )
     accelerated: list[str] = []
     thread_caps: dict[str, int] = {}
+    inference_dense: list[str] = []
     if cfg.accelerate != "off":
         saved = None
         if state is not None:
-            # checkpoints from before thread caps hold only the names
-            saved = (state["accelerated"], state.get("accelerated_threads", {}))
-        accelerated, thread_caps = _accelerate(cfg, model, engine, data, device, saved, out)
+            # checkpoints from before thread caps (and inference choices) hold only the names
+            saved = (
+                state["accelerated"],
+                state.get("accelerated_threads", {}),
+                state.get("accelerated_inference_dense", []),
+            )
+        accelerated, thread_caps, inference_dense = _accelerate(
+            cfg, model, engine, data, device, saved, out
+        )
 
     start_epoch, wall = 0, 0.0
     if state is not None:
@@ -215,6 +222,7 @@ def _train(
                 "wall_time": wall,
                 "accelerated": accelerated,
                 "accelerated_threads": thread_caps,
+                "accelerated_inference_dense": inference_dense,
                 "ever_active": board.ever_active() if board is not None else None,
                 "world_size": world.size,
             },
@@ -480,20 +488,28 @@ def _accelerate(
     engine: SparseEngine,
     data: Any,
     device: torch.device,
-    saved: tuple[list[str], dict[str, int]] | None,
+    saved: tuple[list[str], dict[str, int], list[str]] | None,
     out: Path,
-) -> tuple[list[str], dict[str, int]]:
+) -> tuple[list[str], dict[str, int], list[str]]:
     """``sl.accelerate`` for a run: timed on a real training batch (``auto``) or forced
-    (``sparse``); a resumed run re-applies the layers and thread caps its first launch chose.
-    The per-layer report goes to ``acceleration.txt``; returns the names of the accelerated
-    weights and their thread caps (kept in the checkpoint)."""
+    (``sparse``); a resumed run re-applies the layers, thread caps and inference choices its
+    first launch made. The per-layer report goes to ``acceleration.txt``; returns the names of
+    the accelerated weights, their thread caps and those that infer densely (kept in the
+    checkpoint)."""
     from ..accel import accelerate
 
     # timing draws random inputs on the layers' device: keep the run's RNG, there too
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         if saved is not None:
-            report = accelerate(model, engine, mode="sparse", layers=saved[0], threads=saved[1])
+            report = accelerate(
+                model,
+                engine,
+                mode="sparse",
+                layers=saved[0],
+                threads=saved[1],
+                inference_dense=saved[2],
+            )
         else:
             x = None
             if cfg.accelerate == "auto":
@@ -505,7 +521,7 @@ def _accelerate(
     if saved is None:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "acceleration.txt", f"{report}\n")
-    return report.accelerated, report.thread_caps
+    return report.accelerated, report.thread_caps, report.inference_dense
 
 
 def summarize(
