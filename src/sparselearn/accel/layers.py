@@ -452,13 +452,35 @@ def _sparse_linear(
     return y if rest is None else y + rest
 
 
-class SparseLinear(nn.Module):
+class _InferenceChoice:
+    """What a sparse layer does where no gradient is recorded (``torch.no_grad``,
+    ``torch.inference_mode``): :attr:`inference`."""
+
+    _inference: str
+
+    @property
+    def inference(self) -> str:
+        """``"sparse"``: the layer's kernels, as in training; ``"dense"``: the dense layer's
+        product with :meth:`SparseWeight.cached_dense` (``sl.accelerate`` chooses it where that
+        times faster). The results agree to rounding."""
+        return self._inference
+
+    @inference.setter
+    def inference(self, how: str) -> None:
+        if how not in ("sparse", "dense"):
+            raise ValueError(f"inference must be 'sparse' or 'dense', got {how!r}")
+        self._inference = how
+
+
+class SparseLinear(_InferenceChoice, nn.Module):
     """``nn.Linear`` computing with a CSR weight (see :class:`SparseWeight`).
 
     ``backend``: ``"auto"``, ``"cpp"`` or ``"torch"`` (:func:`sparselearn.kernels.ops_for`).
     ``threads``: the most threads its compiled kernels use (None: all of
     ``torch.get_num_threads()``); a small layer can run faster on one thread than pay for
     waking the others (``sl.accelerate`` times both). The results do not depend on it.
+    :attr:`inference` (set after construction): ``"sparse"`` (default) or ``"dense"`` where no
+    gradient is recorded.
     """
 
     def __init__(
@@ -471,18 +493,6 @@ class SparseLinear(nn.Module):
         self.backend = backend
         self.threads = check_threads(threads)
         self.inference = "sparse"
-
-    @property
-    def inference(self) -> str:
-        """How the layer computes where no gradient is recorded (``torch.no_grad``,
-        ``torch.inference_mode``): ``"sparse"`` (its kernels) or ``"dense"`` (the dense layer's
-        product with :meth:`SparseWeight.cached_dense`, where that is faster; ``sl.accelerate``
-        times both). The results agree to rounding."""
-        return self._inference
-
-    @inference.setter
-    def inference(self, how: str) -> None:
-        self._inference = _check_inference(how)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight_sparse
@@ -537,7 +547,7 @@ PANEL_UNFOLD_MAX_POSITIONS = 4
 _ALGORITHMS = ("auto", "planes", "unfold")
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(_InferenceChoice, nn.Module):
     """``nn.Conv2d`` (groups 1, dilation 1, zero padding) computing directly with a CSR weight.
 
     ``algorithm``: ``"planes"`` walks shifted input planes (a stride above 1 runs as a stride-1
@@ -578,16 +588,6 @@ class SparseConv2d(nn.Module):
         # derived from weight_sparse, rebuilt when it changes
         self._phases: _Phases | None = None
         self._unfolded: _Unfolded | None = None
-
-    @property
-    def inference(self) -> str:
-        """As :attr:`SparseLinear.inference`: ``"sparse"`` or ``"dense"`` (``F.conv2d`` with
-        the cached dense weight) where no gradient is recorded."""
-        return self._inference
-
-    @inference.setter
-    def inference(self, how: str) -> None:
-        self._inference = _check_inference(how)
 
     def phases(self) -> _Phases:
         """The stride-1 form of this strided convolution (rebuilt when the mask changes)."""
@@ -694,12 +694,6 @@ class SparseConv2d(nn.Module):
             + ("" if self.threads is None else f", threads={self.threads}")
             + ("" if self._inference == "sparse" else f", inference={self._inference}")
         )
-
-
-def _check_inference(how: str) -> str:
-    if how not in ("sparse", "dense"):
-        raise ValueError(f"inference must be 'sparse' or 'dense', got {how!r}")
-    return how
 
 
 def supports_conv(conv: nn.Conv2d) -> bool:
