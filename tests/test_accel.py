@@ -685,6 +685,34 @@ def test_checkpoint_round_trip_with_accelerated_layers() -> None:
     assert torch.equal(model(x), model2(x))
 
 
+def test_dense_inference_follows_training_and_mask_updates() -> None:
+    # layers that infer densely read a cached dense weight: after every optimizer step and
+    # mask update (sparse momentum regrows weights), inference must still agree with the
+    # sparse kernels, never a stale copy
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = sl.sparsify(model, opt, density=0.2, total_steps=40, update_every=4, momentum_window=2)
+    accelerate(model, engine, mode="sparse", inference_dense=list(engine.masks))
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert layers
+    assert all(m.inference == "dense" for m in layers)
+    probe = torch.randn(8, 20)
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(8, 20)), torch.randint(0, 5, (8,))).backward()
+        opt.step()
+        with torch.no_grad():
+            dense = model(probe)
+            for m in layers:
+                m.inference = "sparse"
+            sparse = model(probe)
+            for m in layers:
+                m.inference = "dense"
+        assert torch.allclose(dense, sparse, rtol=1e-5, atol=1e-5)
+    assert len(engine.history) == 2  # mask updates at steps 4 and 8
+
+
 def test_window_computes_dense_gradients_only_before_updates() -> None:
     torch.manual_seed(0)
     model = mlp()
