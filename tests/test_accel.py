@@ -192,6 +192,25 @@ def test_stride_one_conv_on_any_plane_size(
     )
 
 
+def check_conv_against_dense(
+    sparse: SparseConv2d, conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor
+) -> None:
+    """A forward of the sparse layer and of the dense masked ``conv`` from ``x``, and a backward
+    from one random output gradient: the outputs and every gradient agree."""
+    x = x.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = sparse(x), conv(x_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(
+        sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
+    )
+    assert torch.allclose(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("k", "stride", "pad"), [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 2, 0), (5, 1, 2)]
@@ -204,18 +223,7 @@ def test_conv_matches_the_dense_masked_layer(
     torch.manual_seed(k * 10 + stride)
     conv, mask = masked_conv(6, 8, k, stride, pad, 0.2, torch.float32)
     sparse = SparseConv2d(copy.deepcopy(conv), mask, backend, algorithm)  # a bias of its own
-    x = torch.randn(3, 6, size, size, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = sparse(x), conv(x_ref)
-    g = torch.randn_like(y_ref)
-    y.backward(g)
-    y_ref.backward(g)
-    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(
-        sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
-    )
-    assert torch.allclose(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
+    check_conv_against_dense(sparse, conv, mask, torch.randn(3, 6, size, size))
 
 
 @given(
@@ -321,19 +329,8 @@ def test_strided_conv_on_phase_planes(
         conv.weight.mul_(mask)
     sparse = SparseConv2d(copy.deepcopy(conv), mask, backend, algorithm="planes")
     for step in range(2):
-        x = torch.randn(batch, 5, *hw, dtype=dtype, requires_grad=True)
-        x_ref = x.detach().clone().requires_grad_()
-        y, y_ref = sparse(x), conv(x_ref)
+        check_conv_against_dense(sparse, conv, mask, torch.randn(batch, 5, *hw, dtype=dtype))
         assert sparse.phases().shape[1] == 5 * stride * stride
-        g = torch.randn_like(y_ref)
-        y.backward(g)
-        y_ref.backward(g)
-        assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-        assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-        assert torch.allclose(
-            sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
-        )
-        assert torch.allclose(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
         if step == 0:  # a new mask: the layer and the reference change the same way
             mask = torch.rand(conv.weight.shape) < 0.4
             sparse.weight_sparse.restructure(mask)
@@ -360,18 +357,7 @@ def test_pointwise_strided_conv_reads_one_phase(
     for step in range(2):
         if step == 1:
             sparse.weight_sparse.dense_grad_sink = received.append
-        x = torch.randn(batch, 6, *hw, requires_grad=True)
-        x_ref = x.detach().clone().requires_grad_()
-        y, y_ref = sparse(x), conv(x_ref)
-        g = torch.randn_like(y_ref)
-        y.backward(g)
-        y_ref.backward(g)
-        assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-        assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-        assert torch.allclose(
-            sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
-        )
-        assert torch.allclose(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
+        check_conv_against_dense(sparse, conv, mask, torch.randn(batch, 6, *hw))
         if step == 1:
             assert len(received) == 1
             assert torch.allclose(received[0], conv.weight.grad, rtol=1e-4, atol=1e-4)

@@ -312,31 +312,11 @@ def _check_arguments(
                 f"choose from {sorted(engine.masks)}"
             )
     if threads is not None:
-        if mode != "sparse":
-            raise ValueError(
-                "threads= re-applies the thread caps of an earlier call with mode='sparse'; "
-                "mode='auto' times them itself"
-            )
-        unknown = sorted(set(threads) - set(engine.masks))
-        if unknown:
-            raise ValueError(
-                f"threads names {unknown}, which are not sparsified weights of this engine; "
-                f"choose from {sorted(engine.masks)}"
-            )
+        _check_reapplied("threads", threads, "the thread caps", mode, engine)
         for value in threads.values():
             check_threads(value)
     if inference_dense is not None:
-        if mode != "sparse":
-            raise ValueError(
-                "inference_dense= re-applies the inference choices of an earlier call with "
-                "mode='sparse'; mode='auto' times them itself"
-            )
-        unknown = sorted(set(inference_dense) - set(engine.masks))
-        if unknown:
-            raise ValueError(
-                f"inference_dense names {unknown}, which are not sparsified weights of this "
-                f"engine; choose from {sorted(engine.masks)}"
-            )
+        _check_reapplied("inference_dense", inference_dense, "the inference choices", mode, engine)
     engine.check_attached()
     cfg = engine.config
     growth = engine.growth
@@ -347,6 +327,24 @@ def _check_arguments(
             "the N steps before each update) to accelerate it"
         )
     return layers
+
+
+def _check_reapplied(
+    argument: str, names: Collection[str], what: str, mode: str, engine: SparseEngine
+) -> None:
+    """An argument that re-applies ``what`` an earlier call chose, per weight: only with
+    mode="sparse", and only for the engine's sparsified weights."""
+    if mode != "sparse":
+        raise ValueError(
+            f"{argument}= re-applies {what} of an earlier call with mode='sparse'; "
+            "mode='auto' times them itself"
+        )
+    unknown = sorted(set(names) - set(engine.masks))
+    if unknown:
+        raise ValueError(
+            f"{argument} names {unknown}, which are not sparsified weights of this engine; "
+            f"choose from {sorted(engine.masks)}"
+        )
 
 
 def _input_shapes(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> dict[str, Any]:
