@@ -1054,11 +1054,16 @@ def test_accelerate_keeps_one_thread_where_that_is_fastest(monkeypatch: pytest.M
         torch.set_num_threads(previous)
 
 
-def test_forced_mode_reapplies_thread_caps() -> None:
+def _sparsified_mlp() -> tuple[nn.Sequential, Any]:
+    """Two Linear layers at 20% (static), for re-applying accelerate's choices."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    engine = sl.sparsify(model, opt, method="static", density=0.2)
+    return model, sl.sparsify(model, opt, method="static", density=0.2)
+
+
+def test_forced_mode_reapplies_thread_caps() -> None:
+    model, engine = _sparsified_mlp()
     with pytest.raises(ValueError, match=r"threads names \['1.weight'\]"):
         accelerate(model, engine, mode="sparse", threads={"1.weight": 1})
     with pytest.raises(ValueError, match="threads must be None"):
@@ -1079,10 +1084,7 @@ def _inference_of(module: nn.Module) -> str:
 
 
 def test_forced_mode_reapplies_dense_inference() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    engine = sl.sparsify(model, opt, method="static", density=0.2)
+    model, engine = _sparsified_mlp()
     with pytest.raises(ValueError, match=r"inference_dense names \['1.weight'\]"):
         accelerate(model, engine, mode="sparse", inference_dense=["1.weight"])
     with pytest.raises(ValueError, match="mode='auto' times them itself"):
