@@ -456,7 +456,7 @@ class _InferenceChoice:
     """What a sparse layer does where no gradient is recorded (``torch.no_grad``,
     ``torch.inference_mode``): :attr:`inference`."""
 
-    _inference: str
+    _inference = "sparse"
 
     @property
     def inference(self) -> str:
@@ -471,6 +471,14 @@ class _InferenceChoice:
             raise ValueError(f"inference must be 'sparse' or 'dense', got {how!r}")
         self._inference = how
 
+    def _infers_densely(self) -> bool:
+        """Whether this call computes densely: ``inference="dense"``, no gradient recorded."""
+        return self._inference == "dense" and not torch.is_grad_enabled()
+
+    def _inference_repr(self) -> str:
+        """The ``extra_repr`` part of a layer that infers densely (none for the default)."""
+        return "" if self._inference == "sparse" else f", inference={self._inference}"
+
 
 class SparseLinear(_InferenceChoice, nn.Module):
     """``nn.Linear`` computing with a CSR weight (see :class:`SparseWeight`).
@@ -479,7 +487,7 @@ class SparseLinear(_InferenceChoice, nn.Module):
     ``threads``: the most threads its compiled kernels use (None: all of
     ``torch.get_num_threads()``); a small layer can run faster on one thread than pay for
     waking the others (``sl.accelerate`` times both). The results do not depend on it.
-    :attr:`inference` (set after construction): ``"sparse"`` (default) or ``"dense"`` where no
+    :attr:`inference` (set after construction): ``"sparse"`` (the default) or ``"dense"`` where no
     gradient is recorded.
     """
 
@@ -492,11 +500,10 @@ class SparseLinear(_InferenceChoice, nn.Module):
         self.bias = linear.bias
         self.backend = backend
         self.threads = check_threads(threads)
-        self.inference = "sparse"
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight_sparse
-        if self._inference == "dense" and not torch.is_grad_enabled():
+        if self._infers_densely():
             return F.linear(x, w.cached_dense(), self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B, in)
@@ -510,7 +517,7 @@ class SparseLinear(_InferenceChoice, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}"
             + ("" if self.threads is None else f", threads={self.threads}")
-            + ("" if self._inference == "sparse" else f", inference={self._inference}")
+            + self._inference_repr()
         )
 
 
@@ -531,7 +538,6 @@ class SparseConv1D(SparseLinear):
         self.bias = bias if isinstance(bias, nn.Parameter) else None  # type: ignore[assignment]
         self.backend = backend
         self.threads = check_threads(threads)
-        self.inference = "sparse"
 
 
 # Output planes of at most this many positions compute as a product over patches (im2col and
@@ -584,7 +590,6 @@ class SparseConv2d(_InferenceChoice, nn.Module):
         self.backend = backend
         self.algorithm = algorithm
         self.threads = check_threads(threads)
-        self.inference = "sparse"
         # derived from weight_sparse, rebuilt when it changes
         self._phases: _Phases | None = None
         self._unfolded: _Unfolded | None = None
@@ -640,7 +645,7 @@ class SparseConv2d(_InferenceChoice, nn.Module):
                 f"SparseConv2d takes a batched (N, C, H, W) input, got shape {tuple(x.shape)}"
             )
         w = self.weight_sparse
-        if self._inference == "dense" and not torch.is_grad_enabled():
+        if self._infers_densely():
             return F.conv2d(x, w.cached_dense(), self.bias, self.stride, self.padding)
         out_hw = self.output_size((x.shape[2], x.shape[3]))
         ops = ops_for(x, self.backend, self.threads)
@@ -692,7 +697,7 @@ class SparseConv2d(_InferenceChoice, nn.Module):
             f"density={w.nnz / (w.rows * w.fan_in):.4f}, algorithm={self.algorithm}, "
             f"backend={self.backend}"
             + ("" if self.threads is None else f", threads={self.threads}")
-            + ("" if self._inference == "sparse" else f", inference={self._inference}")
+            + self._inference_repr()
         )
 
 

@@ -868,7 +868,8 @@ std::vector<torch::Tensor> conv2d_forward(torch::Tensor crow, torch::Tensor col,
     return {y, xs};
   }
   // the padded input: the one phase plane of stride 1, written in parallel
-  auto xp = ph == 0 && pw == 0 ? x.contiguous() : phase_planes(x.contiguous(), 1, ph, pw, Hp, Wp, 1);
+  auto xp = ph == 0 && pw == 0 ? x.contiguous()
+                                : phase_planes(x.contiguous(), 1, ph, pw, Hp, Wp, 1);
   if (stride == 1) {
     const int64_t plane = Hp * Wp;
     auto off = plane_offsets(col, kh, kw, Wp, plane, 1, 0);
