@@ -14,6 +14,9 @@ Usage: ``make bench`` (or ``python benchmarks/op_profile.py --out docs/performan
   the layers (sparse kernels, layers left dense), BatchNorm, activations, additions, the
   optimizer and the rest;
 - the cost of keeping the gradient masked on a layer that stays dense;
+- (``--inference-bound``, its own section) what bounds inference: each convolution of
+  speed.py's table dense, sparse and with no non-zeros at all (the floor under every density),
+  and the inference of VGG-D, WRN-16-8 and ResNet-18, dense and accelerated, split by module;
 - (``--density-bound``, no timing, its own section) how much of each CIFAR model's training
   FLOPs ERK at 5% leaves in layers of 10% density and more, and the FLOP speedup left if those
   stay dense: the bound that the densest layers put on a whole model.
@@ -45,10 +48,19 @@ from sparselearn.kernels import ops_for
 from sparselearn.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
-from benchmarks.speed import full_step, inference, train_step  # timed as speed.py times them
+from benchmarks.speed import (  # timed as speed.py times them
+    CONV_CASES,
+    cpu_name,
+    full_step,
+    inference,
+    masked,
+    paired_ms,
+    train_step,
+)
 
 START, END = "<!-- profile:start -->", "<!-- profile:end -->"
 BOUND_START, BOUND_END = "<!-- density-bound:start -->", "<!-- density-bound:end -->"
+INFERENCE_START, INFERENCE_END = "<!-- inference-bound:start -->", "<!-- inference-bound:end -->"
 BOUND_MODELS = ("vgg-d", "wrn-16-8", "resnet18")
 BOUND_THRESHOLDS = (0.1, 0.15, 0.2)
 
@@ -391,6 +403,127 @@ def density_bound() -> list[str]:
     return rows
 
 
+def conv_floors(repeats: int = 9) -> list[str]:
+    """Each convolution shape of speed.py's table, training step and inference: dense, sparse
+    at its target density and sparse with no non-zeros at all, in turns. The layer at 0% costs
+    only what does not shrink with the density (packing the input into panels or phase planes,
+    writing the output, in the backward packing the output gradient and writing the input
+    gradient, autograd): the floor under every density, and the best speedup left."""
+    from sparselearn.accel import SparseConv2d
+
+    rows = [
+        "| convolution (batch 64) | density | training step ms: dense / sparse / sparse at 0% "
+        "| floor's share of the sparse step | best possible | inference ms: dense / sparse "
+        "/ sparse at 0% | floor's share of the sparse forward | best possible |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, hw, k, stride, density, _ in CONV_CASES:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(c, c, k, stride=stride, padding=k // 2)
+        sparse = SparseConv2d(conv, masked(conv, density))
+        empty = SparseConv2d(conv, torch.zeros(conv.weight.shape, dtype=torch.bool))
+        x = torch.randn(64, c, hw, hw)
+        layers = (conv, sparse, empty)
+        d, s, z = paired_ms([train_step(m, x) for m in layers], repeats)
+        with torch.no_grad():
+            di, si, zi = paired_ms([inference(m, x) for m in layers], repeats)
+        rows.append(
+            f"| {k}x{k} stride {stride}, {c} ch, {hw}x{hw} | {density:.0%} "
+            f"| {d:.1f} / {s:.1f} / {z:.1f} | {z / s:.0%} | {d / z:.1f}x "
+            f"| {di:.1f} / {si:.1f} / {zi:.1f} | {zi / si:.0%} | {di / zi:.1f}x |"
+        )
+    return rows
+
+
+# The parts of a model's forward for inference_split, by module class: the sparse layers
+# (sparselearn's kernels, including layers that infer with a dense copy of their weight), the
+# layers left dense, BatchNorm (with the ReLU it applies), pooling, and every other leaf module;
+# what no leaf module runs (ResNet's residual additions, reshapes, Python) is "outside modules".
+INFERENCE_PARTS = (
+    ("sparse layers", ("SparseConv2d", "SparseLinear", "SparseConv1D")),
+    ("dense layers", ("Conv2d", "Linear", "Conv1D")),
+    ("BatchNorm", ("BatchNorm2d", "BatchNorm1d")),
+    ("pooling", ("MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d")),
+)
+
+
+def inference_part(module: nn.Module) -> str:
+    name = type(module).__name__
+    return next((p for p, names in INFERENCE_PARTS if name in names), "other modules")
+
+
+class LeafTimes:
+    """Forward hooks that add each leaf module's wall time (a sparse layer counts as a leaf) to
+    its part of INFERENCE_PARTS while ``on``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.on = False
+        self.ms: dict[str, float] = {}
+        for module in self._leaves(model):
+            self._hook(module, inference_part(module))
+
+    def _hook(self, module: nn.Module, part: str) -> None:
+        start: list[float] = []
+        module.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
+        module.register_forward_hook(lambda *_: self._add(part, start.pop()))
+
+    def _leaves(self, m: nn.Module) -> list[nn.Module]:
+        if inference_part(m).endswith("layers") or not list(m.children()):
+            return [m]
+        return [leaf for child in m.children() for leaf in self._leaves(child)]
+
+    def _add(self, part: str, start: float) -> None:
+        if self.on:
+            self.ms[part] = self.ms.get(part, 0.0) + 1e3 * (time.perf_counter() - start)
+
+
+def inference_split(repeats: int = 9) -> list[str]:
+    """The forward without gradients (eval mode, after a few training steps) of each CIFAR
+    model at 5% ERK, dense and accelerated, split by module (forward hooks, wall time, means
+    over the timed forwards; the two models in turns): where the accelerated model's inference
+    time goes."""
+    names = [p for p, _ in INFERENCE_PARTS] + ["other modules", "outside modules"]
+    rows = [
+        "| model (batch 64) | | " + " | ".join(names) + " | total ms per forward |",
+        "|---|---|" + "---:|" * (len(names) + 1),
+    ]
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    rounds = 3
+    for name in ("vgg-d", "wrn-16-8", "resnet18"):
+        built = []
+        for kind in ("dense", "sparse 5%"):
+            torch.manual_seed(0)
+            model = create_model(name, (3, 32, 32), 10)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            if kind != "dense":
+                engine = sl.sparsify(model, opt, method="static", density=0.05)
+                sl.accelerate(model, engine, x, repeats=3)
+            step = full_step(model, opt, x, y)
+            for _ in range(4):  # as speed.py's models infer: after training steps
+                step()
+            model.eval()
+            built.append((kind, model, LeafTimes(model), [0.0]))
+        with torch.no_grad():
+            for _ in range(rounds):
+                for _, model, times, total in built:
+                    for _ in range(2):  # untimed
+                        model(x)
+                    times.on = True
+                    for _ in range(repeats // rounds):
+                        t = time.perf_counter()
+                        model(x)
+                        total[0] += 1e3 * (time.perf_counter() - t)
+                    times.on = False
+        n = rounds * (repeats // rounds)
+        for kind, _, times, total in built:
+            ms = {p: times.ms.get(p, 0.0) / n for p in names}
+            whole = total[0] / n
+            ms["outside modules"] = max(0.0, whole - sum(ms.values()))
+            cells = " | ".join(f"{ms[p]:.1f} ({100 * ms[p] / whole:.0f}%)" for p in names)
+            rows.append(f"| {name} | {kind} | {cells} | {whole:.0f} |")
+    return rows
+
+
 def masking_ms(engine: Any, n: int) -> tuple[float, float]:
     """Zeroing the inactive entries of one n x n gradient, and a dense layer's step."""
     layer = engine.layers[0]
@@ -469,7 +602,14 @@ def main() -> None:
         action="store_true",
         help="only the FLOP bound of ERK's densest layers (counts, no timing, seconds)",
     )
+    p.add_argument(
+        "--inference-bound",
+        action="store_true",
+        help="only what bounds inference: the convolutions' floors, the models' forward split "
+        "by module (minutes)",
+    )
     args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     bound = [
         "Command: `python benchmarks/op_profile.py --density-bound --out docs/performance.md` "
         "(also run by `make bench`); FLOP counts of `sl.flops`, no timing.",
@@ -481,11 +621,32 @@ def main() -> None:
         replace_section(args.out, BOUND_START, BOUND_END, "\n".join(bound))
     if args.density_bound:
         return
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    setting = (
+        f"{cpu_name()}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, float32"
+    )
+    inference_parts = [
+        "Command: `python benchmarks/op_profile.py --inference-bound --out docs/performance.md` "
+        f"(also run by `make bench`); {setting}.",
+        "",
+        "**A convolution with no non-zeros: the floor under every density (median of 9, dense "
+        "and sparse in turns).**",
+        "",
+        *conv_floors(),
+        "",
+        "**Inference of each CIFAR model, split by module (forward hooks, wall time, mean of 9 "
+        "forwards).**",
+        "",
+        *inference_split(),
+    ]
+    print("\n".join(inference_parts), flush=True)
+    if args.out:
+        replace_section(args.out, INFERENCE_START, INFERENCE_END, "\n".join(inference_parts))
+    if args.inference_bound:
+        return
     head = (
         f"Command: `make bench` (`python benchmarks/op_profile.py --out docs/performance.md`); "
-        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
-        "float32, batch 256 for the Linear rows."
+        f"{setting}, batch 256 for the Linear rows."
     )
     parts = [head, ""]
     for title, fn in [
