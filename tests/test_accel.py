@@ -1009,6 +1009,28 @@ def test_one_thread_gives_the_same_bits_as_all(kind: str) -> None:
         torch.set_num_threads(previous)
 
 
+@pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
+def test_panel_chunks_split_across_threads_give_the_same_bits() -> None:
+    # a 5x5 plane on batch panels has a last chunk of grid positions shorter than the others,
+    # and 256 input channels at 5% several blocks of channels, whose partial sums wait in memory
+    # between blocks; with more threads than panels x chunks / 2, neighbouring chunks run on
+    # different threads at the same time, and must not share positions (oversubscribed here,
+    # so that the threads interleave as on a busy machine)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(6)
+    try:
+        torch.manual_seed(0)
+        conv, mask = masked_conv(256, 256, 3, 1, 1, 0.05, torch.float32)
+        one, every = (SparseConv2d(conv, mask, "cpp", "planes", threads=t) for t in (1, None))
+        x = torch.randn(16, 256, 5, 5)
+        with torch.no_grad():
+            expected = one(x)
+            for _ in range(60):
+                assert torch.equal(every(x), expected)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "1"])
 def test_threads_must_be_none_or_positive(bad: Any) -> None:
     lin, mask = masked_linear(8, 4, 0.5, torch.float32)

@@ -509,6 +509,9 @@ constexpr int64_t kPanelRows = 16;  // rows taken together through the channel b
 constexpr int64_t kPanelTail = kPanelChunk;  // zeros after each packed plane: a chunk may
                                              // run past the grid's last position
 
+// Positions per row of panel_spmm's product on panels for N grid positions: whole chunks.
+inline int64_t panel_rows_z(int64_t N) { return (N + kPanelChunk - 1) / kPanelChunk * kPanelChunk; }
+
 // Whether a stride-1 convolution of B samples with a kh x kw kernel runs on panels: at least
 // kPanelMin samples, at most a fifth of the panels' lanes left empty, and a kernel larger than
 // 1 x 1 (a pointwise convolution without padding reads its input where it lies, where panels
@@ -695,7 +698,7 @@ inline void unpanel_plane(const T* Zr, int64_t Wg, int64_t OH, int64_t OW, T* y,
 // (+ bias[r]), n < N on a grid Wg wide that keeps OH x OW, for every sample b = p * L + l of a
 // batch of B: X panels (NP, planes, Pl * L) Xps values apart, Y (B, rows, OH, OW). blk (rows x
 // (NB + 1)): where each row's non-zeros of each block of input channels begin. Z (NP, rows,
-// max(N, kPanelChunk) * L) holds the product on panels before it is written to Y.
+// panel_rows_z(N) * L) holds the product on panels before it is written to Y.
 // Each thread takes a contiguous share of the (panel, chunk) pairs and for each, group by group
 // of rows, block by block of channels, adds the block's non-zeros to the rows' partial sums and
 // stores them in Z; then each thread writes a share of Z's planes to Y (unpanel_plane). Why not
@@ -708,15 +711,17 @@ void panel_spmm(const int64_t* blk, int64_t NB, const int64_t* off, const T* val
                 int64_t Wg, int64_t N, const T* bias) {
   constexpr int L = kLanes<T>, R = kPanelChunk;
   const int64_t NP = (B + L - 1) / L, chunks = (N + R - 1) / R, items = NP * chunks;
-  const int64_t Yb = rows * OH * OW, Nz = std::max<int64_t>(N, R);
+  const int64_t Yb = rows * OH * OW, Nz = panel_rows_z(N);
   const int nt = team();
 #pragma omp parallel if (nt > 1) num_threads(nt)
   {
     const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
     for (int64_t it = items * tid / nth; it < items * (tid + 1) / nth; ++it) {
       const int64_t p = it / chunks;
-      // the last chunk ends at N where the grid allows, else it runs into the planes' tails
-      const int64_t n0 = N >= R ? std::min((it % chunks) * R, N - R) : 0;
+      // The last chunk runs past N, into the planes' tails (kPanelTail) and Z's own. A last
+      // chunk that ended at N would overlap the chunk before it, which another thread may hold:
+      // between blocks of channels each would read back partial sums the other stored there.
+      const int64_t n0 = (it % chunks) * R;
       const T* Xn = X + p * Xps + n0 * L;
       for (int64_t g0 = 0; g0 < rows; g0 += kPanelRows) {
         const int64_t g1 = std::min(rows, g0 + kPanelRows);
@@ -821,8 +826,7 @@ torch::Tensor panel_product(const torch::Tensor& crow, const torch::Tensor& col,
     int64_t NB = 1;
     auto blk = channel_blocks(crow, col, kh * kw, planes, per, &NB);
     constexpr int64_t L = kLanes<scalar_t>;
-    auto z = empty_output({(B + L - 1) / L, rows, std::max<int64_t>(N, kPanelChunk) * L},
-                          X.options());
+    auto z = empty_output({(B + L - 1) / L, rows, panel_rows_z(N) * L}, X.options());
     panel_spmm<scalar_t>(blk.data_ptr<int64_t>(), NB, off.data_ptr<int64_t>(),
                          val.data_ptr<scalar_t>(), X.data_ptr<scalar_t>(), planes * X.size(2), B,
                          z.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, OH, OW, Wg, N,
