@@ -16,7 +16,9 @@ Usage: ``make bench`` (or ``python benchmarks/op_profile.py --out docs/performan
 - the cost of keeping the gradient masked on a layer that stays dense;
 - (``--inference-bound``, its own section) what bounds inference: each convolution of
   speed.py's table dense, sparse and with no non-zeros at all (the floor under every density),
-  and the inference of VGG-D, WRN-16-8 and ResNet-18, dense and accelerated, split by module;
+  and the inference of VGG-D, WRN-16-8 and ResNet-18, dense, accelerated and accelerated with
+  no non-zeros left, split by module, with the speedup left if the sparse layers' passes around
+  their products cost nothing;
 - (``--density-bound``, no timing, its own section) how much of each CIFAR model's training
   FLOPs ERK at 5% leaves in layers of 10% density and more, and the FLOP speedup left if those
   stay dense: the bound that the densest layers put on a whole model.
@@ -25,6 +27,7 @@ Usage: ``make bench`` (or ``python benchmarks/op_profile.py --out docs/performan
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -448,6 +451,8 @@ INFERENCE_PARTS = (
 
 
 def inference_part(module: nn.Module) -> str:
+    if getattr(module, "inference", None) == "dense":
+        return "dense layers"  # a sparse layer that infers with a dense copy of its weight
     name = type(module).__name__
     return next((p for p, names in INFERENCE_PARTS if name in names), "other modules")
 
@@ -477,20 +482,38 @@ class LeafTimes:
             self.ms[part] = self.ms.get(part, 0.0) + 1e3 * (time.perf_counter() - start)
 
 
+def without_nonzeros(model: nn.Module) -> nn.Module:
+    """A copy of an accelerated model whose sparse layers (those that infer sparse) have no
+    non-zeros left: its sparse layers cost only their passes around the products."""
+    empty = copy.deepcopy(model)
+    for module in empty.modules():
+        if inference_part(module) == "sparse layers":
+            weight = module.weight_sparse
+            assert isinstance(weight, SparseWeight)
+            weight.restructure(torch.zeros(weight.shape, dtype=torch.bool))
+    return empty
+
+
 def inference_split(repeats: int = 9) -> list[str]:
     """The forward without gradients (eval mode, after a few training steps) of each CIFAR
-    model at 5% ERK, dense and accelerated, split by module (forward hooks, wall time, means
-    over the timed forwards; the two models in turns): where the accelerated model's inference
-    time goes."""
+    model at 5% ERK, dense, accelerated, and accelerated with no non-zeros left in its sparse
+    layers, split by module (forward hooks, wall time, means over the timed forwards; the
+    models in turns): where the accelerated model's inference time goes, and how fast it would
+    infer if its sparse layers' passes around the products cost nothing."""
     names = [p for p, _ in INFERENCE_PARTS] + ["other modules", "outside modules"]
     rows = [
         "| model (batch 64) | | " + " | ".join(names) + " | total ms per forward |",
         "|---|---|" + "---:|" * (len(names) + 1),
     ]
+    bounds = [
+        "| model | inference speedup | if the sparse layers' passes around the products cost "
+        "nothing |",
+        "|---|---:|---:|",
+    ]
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
     rounds = 3
     for name in ("vgg-d", "wrn-16-8", "resnet18"):
-        built = []
+        models = []
         for kind in ("dense", "sparse 5%"):
             torch.manual_seed(0)
             model = create_model(name, (3, 32, 32), 10)
@@ -501,11 +524,13 @@ def inference_split(repeats: int = 9) -> list[str]:
             step = full_step(model, opt, x, y)
             for _ in range(4):  # as speed.py's models infer: after training steps
                 step()
-            model.eval()
-            built.append((kind, model, LeafTimes(model), [0.0]))
+            models.append(model.eval())
+        models.append(without_nonzeros(models[1]))
+        kinds = ("dense", "sparse 5%", "sparse, no non-zeros")
+        built = [(model, LeafTimes(model), [0.0]) for model in models]
         with torch.no_grad():
             for _ in range(rounds):
-                for _, model, times, total in built:
+                for model, times, total in built:
                     for _ in range(2):  # untimed
                         model(x)
                     times.on = True
@@ -515,13 +540,20 @@ def inference_split(repeats: int = 9) -> list[str]:
                         total[0] += 1e3 * (time.perf_counter() - t)
                     times.on = False
         n = rounds * (repeats // rounds)
-        for kind, _, times, total in built:
+        wholes, sparse_ms = [], []
+        for kind, (_, times, total) in zip(kinds, built, strict=True):
             ms = {p: times.ms.get(p, 0.0) / n for p in names}
             whole = total[0] / n
             ms["outside modules"] = max(0.0, whole - sum(ms.values()))
             cells = " | ".join(f"{ms[p]:.1f} ({100 * ms[p] / whole:.0f}%)" for p in names)
             rows.append(f"| {name} | {kind} | {cells} | {whole:.0f} |")
-    return rows
+            wholes.append(whole)
+            sparse_ms.append(ms["sparse layers"])
+        dense, accelerated, _ = wholes
+        bounds.append(
+            f"| {name} | {dense / accelerated:.2f}x | {dense / (accelerated - sparse_ms[2]):.2f}x |"
+        )
+    return [*rows, "", *bounds]
 
 
 def masking_ms(engine: Any, n: int) -> tuple[float, float]:
@@ -634,8 +666,8 @@ def main() -> None:
         "",
         *conv_floors(),
         "",
-        "**Inference of each CIFAR model, split by module (forward hooks, wall time, mean of 9 "
-        "forwards).**",
+        "**Inference of each CIFAR model, dense, accelerated and accelerated with no non-zeros "
+        "left, split by module (forward hooks, wall time, mean of 9 forwards).**",
         "",
         *inference_split(),
     ]
