@@ -956,20 +956,16 @@ def test_batch_panels_property(
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
 def test_thread_cap_reaches_the_kernels_and_is_restored() -> None:
     ext = extension()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        big = 1 << 30
-        assert ext.team_size(big) == 2  # no cap: every thread
-        assert ext.team_size(1) == 1  # too little work for a second thread
-        capped = ops_for(torch.zeros(1), "cpp", threads=1)
-        assert capped._ext.team_size(big) == 1  # type: ignore[attr-defined]
-        assert ops_for(torch.zeros(1), "cpp", threads=5)._ext.team_size(big) == 2  # type: ignore[attr-defined]
-        assert ext.thread_limit() == 0  # restored after each call
-        with pytest.raises(RuntimeError, match="thread limit must be 0"):
-            ext.set_thread_limit(-1)
-    finally:
-        torch.set_num_threads(previous)
+    torch.set_num_threads(2)  # restored after each test (conftest)
+    big = 1 << 30
+    assert ext.team_size(big) == 2  # no cap: every thread
+    assert ext.team_size(1) == 1  # too little work for a second thread
+    capped = ops_for(torch.zeros(1), "cpp", threads=1)
+    assert capped._ext.team_size(big) == 1  # type: ignore[attr-defined]
+    assert ops_for(torch.zeros(1), "cpp", threads=5)._ext.team_size(big) == 2  # type: ignore[attr-defined]
+    assert ext.thread_limit() == 0  # restored after each call
+    with pytest.raises(RuntimeError, match="thread limit must be 0"):
+        ext.set_thread_limit(-1)
 
 
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
@@ -978,35 +974,30 @@ def test_one_thread_gives_the_same_bits_as_all(kind: str) -> None:
     # shapes with enough work for the parallel regions; the sparse layers' results must not
     # depend on the thread count (each output and each weight gradient is summed by one thread
     # in a fixed order), so sl.accelerate may pick either without changing a run
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        torch.manual_seed(0)
-        layers: list[SparseLinear] | list[SparseConv2d]
-        if kind == "linear":
-            lin, mask = masked_linear(512, 384, 0.1, torch.float32)
-            layers = [SparseLinear(copy.deepcopy(lin), mask, "cpp", threads=t) for t in (None, 1)]
-            x = torch.randn(200, 512)
-        else:
-            stride = 2 if kind == "conv-stride-2" else 1
-            conv, mask = masked_conv(32, 48, 3, stride, 1, 0.2, torch.float32)
-            algorithm = "unfold" if kind == "conv-unfold" else "planes"
-            layers = [
-                SparseConv2d(copy.deepcopy(conv), mask, "cpp", algorithm, threads=t)
-                for t in (None, 1)
-            ]
-            x = torch.randn(16, 32, 20, 20)
-        results = []
-        for layer in layers:
-            xi = x.clone().requires_grad_()
-            y = layer(xi)
-            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
-            w = layer.weight_sparse.values
-            results.append((y, xi.grad, w.grad, layer.bias.grad))
-        for a, b in zip(*results, strict=True):
-            assert torch.equal(a, b)
-    finally:
-        torch.set_num_threads(previous)
+    torch.set_num_threads(2)  # restored after each test (conftest)
+    torch.manual_seed(0)
+    layers: list[SparseLinear] | list[SparseConv2d]
+    if kind == "linear":
+        lin, mask = masked_linear(512, 384, 0.1, torch.float32)
+        layers = [SparseLinear(copy.deepcopy(lin), mask, "cpp", threads=t) for t in (None, 1)]
+        x = torch.randn(200, 512)
+    else:
+        stride = 2 if kind == "conv-stride-2" else 1
+        conv, mask = masked_conv(32, 48, 3, stride, 1, 0.2, torch.float32)
+        algorithm = "unfold" if kind == "conv-unfold" else "planes"
+        layers = [
+            SparseConv2d(copy.deepcopy(conv), mask, "cpp", algorithm, threads=t) for t in (None, 1)
+        ]
+        x = torch.randn(16, 32, 20, 20)
+    results = []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        w = layer.weight_sparse.values
+        results.append((y, xi.grad, w.grad, layer.bias.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
@@ -1016,19 +1007,15 @@ def test_panel_chunks_split_across_threads_give_the_same_bits() -> None:
     # between blocks; with more threads than panels x chunks / 2, neighbouring chunks run on
     # different threads at the same time, and must not share positions (oversubscribed here,
     # so that the threads interleave as on a busy machine)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(6)
-    try:
-        torch.manual_seed(0)
-        conv, mask = masked_conv(256, 256, 3, 1, 1, 0.05, torch.float32)
-        one, every = (SparseConv2d(conv, mask, "cpp", "planes", threads=t) for t in (1, None))
-        x = torch.randn(16, 256, 5, 5)
-        with torch.no_grad():
-            expected = one(x)
-            for _ in range(60):
-                assert torch.equal(every(x), expected)
-    finally:
-        torch.set_num_threads(previous)
+    torch.set_num_threads(6)  # restored after each test (conftest)
+    torch.manual_seed(0)
+    conv, mask = masked_conv(256, 256, 3, 1, 1, 0.05, torch.float32)
+    one, every = (SparseConv2d(conv, mask, "cpp", "planes", threads=t) for t in (1, None))
+    x = torch.randn(16, 256, 5, 5)
+    with torch.no_grad():
+        expected = one(x)
+        for _ in range(60):
+            assert torch.equal(every(x), expected)
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "1"])
@@ -1048,32 +1035,28 @@ def test_accelerate_keeps_one_thread_where_that_is_fastest(monkeypatch: pytest.M
     # the timings decide: dense, sparse on every thread, sparse on one (when the compiled
     # kernels run with more than one thread)
     acc = importlib.import_module("sparselearn.accel.accelerate")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for times, chosen, threads in (
-            ([5.0, 2.0, 1.0], "sparse", 1),
-            ([5.0, 1.0, 2.0], "sparse", None),
-            ([1.0, 2.0, 3.0], "dense", None),
-        ):
-            monkeypatch.setattr(acc, "_time_turns", lambda fns, repeats, t=times: t[: len(fns)])
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(64, 32))
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            engine = sl.sparsify(model, opt, method="static", density=0.1)
-            report = accelerate(model, engine, torch.randn(8, 64), backend="cpp")
-            (c,) = report.layers
-            assert (c.chosen, c.threads) == (chosen, threads)
-            if chosen == "sparse":
-                assert c.sparse_ms == min(times[1:])
-                assert isinstance(model[0], SparseLinear)
-                assert model[0].threads == threads
-            else:
-                assert type(model[0]) is nn.Linear
-            assert ("(1 thread)" in str(report)) == (threads == 1)
-            engine.remove()
-    finally:
-        torch.set_num_threads(previous)
+    torch.set_num_threads(2)  # restored after each test (conftest)
+    for times, chosen, threads in (
+        ([5.0, 2.0, 1.0], "sparse", 1),
+        ([5.0, 1.0, 2.0], "sparse", None),
+        ([1.0, 2.0, 3.0], "dense", None),
+    ):
+        monkeypatch.setattr(acc, "_time_turns", lambda fns, repeats, t=times: t[: len(fns)])
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = sl.sparsify(model, opt, method="static", density=0.1)
+        report = accelerate(model, engine, torch.randn(8, 64), backend="cpp")
+        (c,) = report.layers
+        assert (c.chosen, c.threads) == (chosen, threads)
+        if chosen == "sparse":
+            assert c.sparse_ms == min(times[1:])
+            assert isinstance(model[0], SparseLinear)
+            assert model[0].threads == threads
+        else:
+            assert type(model[0]) is nn.Linear
+        assert ("(1 thread)" in str(report)) == (threads == 1)
+        engine.remove()
 
 
 def _sparsified_mlp() -> tuple[nn.Sequential, Any]:

@@ -510,7 +510,9 @@ constexpr int64_t kPanelTail = kPanelChunk;  // zeros after each packed plane: a
                                              // run past the grid's last position
 
 // Positions per row of panel_spmm's product on panels for N grid positions: whole chunks.
-inline int64_t panel_rows_z(int64_t N) { return (N + kPanelChunk - 1) / kPanelChunk * kPanelChunk; }
+inline int64_t panel_rows_z(int64_t N) {
+  return (N + kPanelChunk - 1) / kPanelChunk * kPanelChunk;
+}
 
 // Whether a stride-1 convolution of B samples with a kh x kw kernel runs on panels: at least
 // kPanelMin samples, at most a fifth of the panels' lanes left empty, and a kernel larger than
