@@ -53,10 +53,10 @@ from sparselearn.models import create_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
 from benchmarks.speed import (  # timed as speed.py times them
     CONV_CASES,
+    conv_case,
     cpu_name,
     full_step,
     inference,
-    masked,
     paired_ms,
     train_step,
 )
@@ -421,11 +421,8 @@ def conv_floors(repeats: int = 9) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c, hw, k, stride, density, _ in CONV_CASES:
-        torch.manual_seed(0)
-        conv = nn.Conv2d(c, c, k, stride=stride, padding=k // 2)
-        sparse = SparseConv2d(conv, masked(conv, density))
+        conv, sparse, x = conv_case(c, hw, k, stride, density)
         empty = SparseConv2d(conv, torch.zeros(conv.weight.shape, dtype=torch.bool))
-        x = torch.randn(64, c, hw, hw)
         layers = (conv, sparse, empty)
         d, s, z = paired_ms([train_step(m, x) for m in layers], repeats)
         with torch.no_grad():
@@ -626,6 +623,13 @@ def rigl_update() -> list[str]:
     return rows
 
 
+def write_section(lines: list[str], out: Path | None, start: str, end: str) -> None:
+    """Print a section, and write it between its markers in ``out`` where given."""
+    print("\n".join(lines), flush=True)
+    if out:
+        replace_section(out, start, end, "\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path)
@@ -648,9 +652,7 @@ def main() -> None:
         "",
         *density_bound(),
     ]
-    print("\n".join(bound), flush=True)
-    if args.out:
-        replace_section(args.out, BOUND_START, BOUND_END, "\n".join(bound))
+    write_section(bound, args.out, BOUND_START, BOUND_END)
     if args.density_bound:
         return
     setting = (
@@ -671,9 +673,7 @@ def main() -> None:
         "",
         *inference_split(),
     ]
-    print("\n".join(inference_parts), flush=True)
-    if args.out:
-        replace_section(args.out, INFERENCE_START, INFERENCE_END, "\n".join(inference_parts))
+    write_section(inference_parts, args.out, INFERENCE_START, INFERENCE_END)
     if args.inference_bound:
         return
     head = (

@@ -232,6 +232,16 @@ def conv_verdict(train: float, inference: float, target: float) -> str:
     return result if result != "met" or inference >= train else "**missed** (inference)"
 
 
+def conv_case(
+    c: int, hw: int, k: int, stride: int, density: float
+) -> tuple[nn.Conv2d, SparseConv2d, torch.Tensor]:
+    """A row of CONV_CASES: the dense convolution (masked), its sparse twin, a batch of 64."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c, c, k, stride=stride, padding=k // 2)
+    sparse = SparseConv2d(conv, masked(conv, density))
+    return conv, sparse, torch.randn(64, c, hw, hw)
+
+
 def bench_conv(repeats: int) -> list[str]:
     rows = [
         "| convolution (batch 64) | density | dense ms | sparse ms | speedup "
@@ -239,10 +249,7 @@ def bench_conv(repeats: int) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c, hw, k, stride, density, target in CONV_CASES:
-        torch.manual_seed(0)
-        conv = nn.Conv2d(c, c, k, stride=stride, padding=k // 2)
-        sparse = SparseConv2d(conv, masked(conv, density))
-        x = torch.randn(64, c, hw, hw)
+        conv, sparse, x = conv_case(c, hw, k, stride, density)
         reps = max(3, repeats // 2) if hw == 32 and c == 256 else repeats
         d_ms, s_ms = paired_ms([train_step(conv, x), train_step(sparse, x)], reps)
         with torch.no_grad():
