@@ -347,6 +347,20 @@ def step_part(event: Any) -> str:
     return part
 
 
+def cifar_model(
+    name: str, sparse: bool, x: torch.Tensor
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A CIFAR model (seed 0) and its SGD optimizer; with ``sparse``, at 5% ERK (static masks:
+    the training step of every method between mask updates), accelerated on ``x``."""
+    torch.manual_seed(0)
+    model = create_model(name, (3, 32, 32), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if sparse:
+        engine = sl.sparsify(model, opt, method="static", density=0.05)
+        sl.accelerate(model, engine, x, repeats=3)
+    return model, opt
+
+
 def model_step_split() -> list[str]:
     """A full training step (forward, loss, backward, optimizer) of each CIFAR model at 5%
     ERK, dense and accelerated, split by op: where the accelerated step's time goes."""
@@ -358,12 +372,7 @@ def model_step_split() -> list[str]:
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
     for name in ("vgg-d", "wrn-16-8", "resnet18"):
         for kind in ("dense", "sparse 5%"):
-            torch.manual_seed(0)
-            model = create_model(name, (3, 32, 32), 10)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            if kind != "dense":
-                engine = sl.sparsify(model, opt, method="static", density=0.05)
-                sl.accelerate(model, engine, x, repeats=3)
+            model, opt = cifar_model(name, kind != "dense", x)
             step = full_step(model, opt, x, y)
             for _ in range(3):
                 step()
@@ -511,13 +520,8 @@ def inference_split(repeats: int = 9) -> list[str]:
     rounds = 3
     for name in ("vgg-d", "wrn-16-8", "resnet18"):
         models = []
-        for kind in ("dense", "sparse 5%"):
-            torch.manual_seed(0)
-            model = create_model(name, (3, 32, 32), 10)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            if kind != "dense":
-                engine = sl.sparsify(model, opt, method="static", density=0.05)
-                sl.accelerate(model, engine, x, repeats=3)
+        for sparse in (False, True):
+            model, opt = cifar_model(name, sparse, x)
             step = full_step(model, opt, x, y)
             for _ in range(4):  # as speed.py's models infer: after training steps
                 step()
