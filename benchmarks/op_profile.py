@@ -415,7 +415,7 @@ def density_bound() -> list[str]:
     return rows
 
 
-def conv_floors(repeats: int = 9) -> list[str]:
+def conv_floors(repeats: int = 15) -> list[str]:
     """Each convolution shape of speed.py's table, training step and inference: dense, sparse
     at its target density and sparse with no non-zeros at all, in turns. The layer at 0% costs
     only what does not shrink with the density (packing the input into panels or phase planes,
@@ -500,7 +500,7 @@ def without_nonzeros(model: nn.Module) -> nn.Module:
     return empty
 
 
-def inference_split(repeats: int = 9) -> list[str]:
+def inference_split(repeats: int = 15) -> list[str]:
     """The forward without gradients (eval mode, after a few training steps) of each CIFAR
     model at 5% ERK, dense, accelerated, and accelerated with no non-zeros left in its sparse
     layers, split by module (forward hooks, wall time, means over the timed forwards; the
@@ -667,13 +667,13 @@ def main() -> None:
         "Command: `python benchmarks/op_profile.py --inference-bound --out docs/performance.md` "
         f"(also run by `make bench`); {setting}.",
         "",
-        "**A convolution with no non-zeros: the floor under every density (median of 9, dense "
+        "**A convolution with no non-zeros: the floor under every density (median of 15, dense "
         "and sparse in turns).**",
         "",
         *conv_floors(),
         "",
         "**Inference of each CIFAR model, dense, accelerated and accelerated with no non-zeros "
-        "left, split by module (forward hooks, wall time, mean of 9 forwards).**",
+        "left, split by module (forward hooks, wall time, mean of 15 forwards).**",
         "",
         *inference_split(),
     ]
