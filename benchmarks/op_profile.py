@@ -45,7 +45,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import sparselearn as sl
-from sparselearn.accel import SparseLinear, SparseWeight
+from sparselearn.accel import SparseConv2d, SparseLinear, SparseWeight
 from sparselearn.experiments.report import replace_section
 from sparselearn.kernels import ops_for
 from sparselearn.models import create_model
@@ -186,7 +186,6 @@ def conv_algorithms() -> list[str]:
     """A 3x3 convolution's training step (forward and both gradients) and inference, batch 64
     (batch panels), computed on planes and as a product over patches, by output size: where
     PANEL_UNFOLD_MAX_POSITIONS comes from."""
-    from sparselearn.accel import SparseConv2d
     from sparselearn.accel.layers import PANEL_UNFOLD_MAX_POSITIONS, UNFOLD_MAX_POSITIONS
 
     rows = [
@@ -421,7 +420,6 @@ def conv_floors(repeats: int = 15) -> list[str]:
     only what does not shrink with the density (packing the input into panels or phase planes,
     writing the output, in the backward packing the output gradient and writing the input
     gradient, autograd): the floor under every density, and the best speedup left."""
-    from sparselearn.accel import SparseConv2d
 
     rows = [
         "| convolution (batch 64) | density | training step ms: dense / sparse / sparse at 0% "
