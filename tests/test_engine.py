@@ -34,6 +34,47 @@ def test_summary_is_a_per_layer_table() -> None:
     assert repr(engine).startswith("SparseEngine(sparse_momentum")
 
 
+def test_summary_says_which_weights_stay_dense_and_why() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "embed": nn.Embedding(30, 8),  # 240
+            "rnn": nn.LSTM(8, 8),  # 2 * 256 weights, 2 * 32 biases
+            "frozen": nn.Linear(8, 8, bias=False),  # 64
+            "skipped": nn.Linear(8, 8, bias=False),  # 64, excluded
+            "full": nn.Linear(8, 8, bias=False),  # 64, at density 1.0
+            "released": nn.Linear(8, 8, bias=False),  # 64
+            "kept": nn.Linear(8, 16, bias=False),  # 128, sparsified
+            "norm": nn.LayerNorm(8),  # 16
+        }
+    )
+    model["frozen"].weight.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine = sl.sparsify(
+        model, opt, "static", 0.5, exclude=["skipped.weight"], layer_density={"full.weight": 1.0}
+    )
+    engine.release("released.weight")
+    text = engine.summary()
+    tail = text[text.index("dense: ") :].splitlines()
+    assert tail[0] == "dense: 1,088 of the model's 1,216 weights (89.47%) are not sparsified:"
+    rows = {" ".join(line.split()[:-4]): line.split()[-4:] for line in tail[1:]}
+    assert rows == {
+        "embeddings and positional tables": ["240", "in", "1", "tensor"],
+        "norms": ["16", "in", "2", "tensors"],
+        "biases": ["64", "in", "2", "tensors"],
+        "other tensors of no layer type sparsified by default (include= adds them)": [
+            "512",
+            "in",
+            "2",
+            "tensors",
+        ],
+        "frozen (requires_grad=False)": ["64", "in", "1", "tensor"],
+        "exclude=": ["64", "in", "1", "tensor"],
+        "density 1.0 (layer_density, dense_first, dense_last)": ["64", "in", "1", "tensor"],
+        "released (engine.release)": ["64", "in", "1", "tensor"],
+    }
+
+
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "adagrad": lambda m: torch.optim.Adagrad(m.parameters(), lr=0.05),
     "rmsprop": lambda m: torch.optim.RMSprop(m.parameters(), lr=1e-3),

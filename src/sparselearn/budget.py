@@ -33,14 +33,16 @@ def uniform(shape: torch.Size) -> float:
 
 @register_init("er")
 def erdos_renyi(shape: torch.Size) -> float:
-    """Erdős–Rényi (SET): density ∝ (fan_out + fan_in) / (fan_out * fan_in), kernel ignored."""
+    """Erdős–Rényi (SET): density ∝ (fan_out + fan_in) / (fan_out * fan_in), kernel ignored.
+    (A stack of expert matrices is sized by one expert's (out, in) shape.)"""
     fan_out, fan_in = shape[0], shape[1]
     return (fan_out + fan_in) / (fan_out * fan_in)
 
 
 @register_init("erk")
 def erdos_renyi_kernel(shape: torch.Size) -> float:
-    """Erdős–Rényi-Kernel (RigL): density ∝ sum of all dimensions / product of all dimensions."""
+    """Erdős–Rényi-Kernel (RigL): density ∝ sum of all dimensions / product of all dimensions.
+    (A stack of expert matrices is sized by one expert's (out, in) shape.)"""
     return sum(shape) / math.prod(shape)
 
 
@@ -105,14 +107,20 @@ def allocate(total: int, weights: Sequence[float], caps: Sequence[int]) -> list[
 
 
 def layer_counts(
-    init: str, shapes: Sequence[torch.Size], density: float, names: Sequence[str]
+    init: str,
+    shapes: Sequence[torch.Size],
+    density: float,
+    names: Sequence[str],
+    numels: Sequence[int] | None = None,
 ) -> list[int]:
     """Active weights per layer for ``density`` under the ``init`` distribution (exact total).
 
+    ``shapes``: what the distribution sizes (for a stack of expert matrices, one matrix);
+    ``numels``: each layer's weights, where they are not the product of its shape (a stack).
     Raises ``ValueError`` naming the layers that would get no weight at all.
     """
     fn = INIT.get(init)
-    numels = [math.prod(s) for s in shapes]
+    numels = [math.prod(s) for s in shapes] if numels is None else list(numels)
     relative = []
     for name, shape in zip(names, shapes, strict=True):
         rho = float(fn(shape))

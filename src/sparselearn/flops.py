@@ -1,4 +1,4 @@
-"""FLOP accounting for Linear and Conv layers, dense and sparse.
+"""FLOP accounting for Linear and Conv layers and expert stacks, dense and sparse.
 
 One multiply-add counts as 2 FLOPs. A sparse layer is charged only for its active weights:
 ``2 * active weights * output positions`` (Linear: one position per sample). Normalisation,
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .targets import is_conv1d
+from .targets import expert_count, is_conv1d
 
 _COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -66,7 +66,9 @@ def count_flops(
     counted at each output position; ``nn.MultiheadAttention`` by its projections (queries at
     the query positions, keys and values at the key positions, the output projection); the
     attention products themselves (scores, weighted values) multiply activations, not weights,
-    and are not counted.
+    and are not counted. A stack of expert matrices (a mixture of experts) counts each expert's
+    matrix for the tokens routed to it (the integer tensor of expert indices its module is
+    called with; without one, every token for every expert).
     """
     names = {id(m): n for n, m in model.named_modules()}
     uses: list[tuple[str, Tensor, int, slice | None]] = []  # (weight name, weight, positions, rows)
@@ -90,7 +92,32 @@ def count_flops(
         else:
             uses.append((f"{prefix}weight", _weight(module), per_position, None))
 
+    def experts_hook(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        prefix = names[id(module)]
+        prefix = f"{prefix}." if prefix else ""
+        inputs = [*args, *kwargs.values()]
+        # the routing: the tensor of expert indices the experts are called with
+        routing = next(
+            (t for t in inputs if isinstance(t, Tensor) and _is_index(t)), None
+        )  # (tokens, top_k)
+        for local, weight, experts in _expert_stacks(module):
+            if routing is not None:
+                counts = torch.bincount(routing.flatten().long(), minlength=experts)
+                tokens = counts[:experts].tolist()  # (an index past the experts: no expert)
+            else:  # no routing among the inputs: every token counts once for every expert
+                x = next(t for t in inputs if isinstance(t, Tensor))
+                tokens = [x.numel() // x.shape[-1]] * experts
+            for e, n in enumerate(tokens):
+                uses.append((f"{prefix}{local}", weight, n, slice(e, e + 1)))
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if _counted(m)]
+    handles += [
+        m.register_forward_hook(experts_hook, with_kwargs=True)
+        for m in model.modules()
+        if _expert_stacks(m)
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -138,6 +165,20 @@ def _attention_uses(
             uses.append((f"{prefix}{name}_proj_weight", weight, n, None))
     uses.append((f"{prefix}out_proj.weight", module.out_proj.weight, n_q, None))
     return uses
+
+
+def _is_index(t: Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def _expert_stacks(module: nn.Module) -> list[tuple[str, Tensor, int]]:
+    """(local name, weight, experts) of each stack of expert matrices ``module`` holds."""
+    stacks: list[tuple[str, Tensor, int]] = []
+    for local, p in module.named_parameters(recurse=False):
+        experts = expert_count(module, local, p)
+        if experts is not None:
+            stacks.append((local, p, experts))
+    return stacks
 
 
 def _counted(module: nn.Module) -> bool:

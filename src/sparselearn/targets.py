@@ -2,10 +2,13 @@
 
 By default: the weights of Linear, Conv and ConvTranspose layers, the projections of
 ``nn.MultiheadAttention`` (the packed ``in_proj_weight``, or ``q/k/v_proj_weight`` where key and
-value have their own sizes; its ``out_proj`` is a Linear) and the weights of Hugging Face's
-``Conv1D`` (GPT-2's Linear layers, whose weight is stored as (in, out)). Embeddings, positional
-tables, norms and biases stay dense, and so does a weight shared with one of them (an output
-head tied to the token embedding). ``include`` / ``exclude`` override this.
+value have their own sizes; its ``out_proj`` is a Linear), the weights of Hugging Face's
+``Conv1D`` (GPT-2's Linear layers, whose weight is stored as (in, out)) and the expert stacks of
+mixtures of experts (3-D parameters holding one matrix per expert, as transformers keeps
+Mixtral's and Qwen-MoE's experts). Embeddings, positional tables, norms, biases and the routers
+of mixtures of experts stay dense, and so does a weight shared with one of them (an output head
+tied to the token embedding). ``include`` / ``exclude`` override this. :func:`select` also says
+why each weight left dense is dense (:class:`Selection`), for ``engine.summary()``.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .config import Selector, SparsityConfig
 
@@ -48,6 +52,50 @@ class Target:
     param: nn.Parameter
     module_type: str
     density: float | None  # a layer_density override (fixed count), else None
+    experts: int | None = None  # a stack of this many expert matrices (E, out, in)
+
+    @property
+    def matrix_shape(self) -> torch.Size:
+        """The shape an initial distribution sizes: one expert's matrix for a stack, else the
+        weight's."""
+        shape = self.param.shape
+        return shape[-2:] if self.experts is not None else shape
+
+
+# why weights stay dense, in the order engine.summary() lists them
+DENSE_REASONS = {
+    "embedding": "embeddings and positional tables",
+    "tied": "tied to an embedding",
+    "norm": "norms",
+    "bias": "biases",
+    "router": "routers of mixtures of experts",
+    "other": "other tensors of no layer type sparsified by default (include= adds them)",
+    "vector": "other 1-D tensors (scales)",
+    "frozen": "frozen (requires_grad=False)",
+    "excluded": "exclude=",
+    "full": "density 1.0 (layer_density, dense_first, dense_last)",
+    "released": "released (engine.release)",
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select` chose: the sparsified tensors, and each dense one with its reason
+    (a key of :data:`DENSE_REASONS`) and size."""
+
+    targets: list[Target]
+    dense: dict[str, tuple[str, int]]  # name -> (reason, weights)
+
+
+def dense_by_reason(dense: Mapping[str, tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """(reason, tensors, weights) for each reason that holds any of ``dense`` (name ->
+    (reason, weights)), in :data:`DENSE_REASONS` order."""
+    out = []
+    for reason in DENSE_REASONS:
+        sizes = [n for why, n in dense.values() if why == reason]
+        if sizes:
+            out.append((reason, len(sizes), sum(sizes)))
+    return out
 
 
 ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -60,10 +108,55 @@ def is_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
-def _by_default(module: nn.Module, local: str) -> bool:
+def expert_count(module: nn.Module, local: str, param: Tensor) -> int | None:
+    """The number of experts if ``param`` is a stack of expert matrices, (experts, out, in) or
+    (experts, in, out) (a 3-D parameter of a module that holds experts: its ``num_experts``,
+    or its class named ``...Experts``, as transformers' are), else None."""
+    if param.dim() != 3 or "bias" in local:
+        return None
+    experts = getattr(module, "num_experts", None)
+    if isinstance(experts, int) and not isinstance(experts, bool):
+        return experts if param.shape[0] == experts else None
+    return int(param.shape[0]) if type(module).__name__.endswith("Experts") else None
+
+
+def _by_default(module: nn.Module, local: str, param: Tensor) -> bool:
     if isinstance(module, nn.MultiheadAttention):
         return local in ATTENTION_WEIGHTS
+    if expert_count(module, local, param) is not None:
+        return True
     return local == "weight" and (isinstance(module, DEFAULT_TYPES) or is_conv1d(module))
+
+
+def _routers(model: nn.Module) -> set[str]:
+    """Names of the modules that route tokens to experts: a ``gate``, ``router`` or
+    ``..._gate`` beside a module holding expert stacks."""
+    holders = {
+        name
+        for name, module in model.named_modules()
+        for local, p in module.named_parameters(recurse=False)
+        if expert_count(module, local, p) is not None
+    }
+    parents = {name.rpartition(".")[0] for name in holders}
+    routers = set()
+    for name, _ in model.named_modules():
+        parent, _, child = name.rpartition(".")
+        if parent in parents and (child in ("gate", "router") or child.endswith("_gate")):
+            routers.add(name)
+    return routers
+
+
+def _dense_reason(module: nn.Module, local: str, param: Tensor) -> str:
+    """Why a tensor that no default and no include selects stays dense."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or any(
+        word in local.lower() for word in ("embed", "position", "pos_", "token")
+    ):
+        return "embedding"
+    if isinstance(module, NORM_TYPES) or "Norm" in type(module).__name__:
+        return "norm"
+    if local.startswith("bias") or local.endswith("bias"):
+        return "bias"
+    return "other" if param.dim() >= 2 else "vector"
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -92,8 +185,13 @@ def _matches(selector: Selector, name: str, module: nn.Module, aliases: Sequence
 
 
 def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
-    """The parameters ``config`` sparsifies, in module registration order. Frozen weights
-    (``requires_grad=False``) are left dense.
+    """The parameters ``config`` sparsifies, in module registration order (:func:`select`)."""
+    return select(model, config).targets
+
+
+def select(model: nn.Module, config: SparsityConfig) -> Selection:
+    """The parameters ``config`` sparsifies, in module registration order, and why each other
+    one stays dense. Frozen weights (``requires_grad=False``) are left dense.
 
     Raises ``ValueError`` for selectors that match nothing (typos) or name a parameter that can
     never be sparsified, and when nothing is left to sparsify.
@@ -104,15 +202,31 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
         aliases.setdefault(id(p), []).append(name)
 
     params = {id(p): p for p in model.parameters()}
+    routers = _routers(model)
+    module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     rows = []  # (canonical name, param, module, aliases), registration order, tied weights once
     # selected by default where every module sharing the weight would be (a head tied to an
-    # embedding stays dense with it)
+    # embedding stays dense with it); a router stays dense
     default = {
-        pid: all(_by_default(m, loc) for _, m, loc in found) for pid, found in owners.items()
+        pid: all(
+            _by_default(m, loc, params[pid]) and module_names[id(m)] not in routers
+            for _, m, loc in found
+        )
+        for pid, found in owners.items()
     }
+    dense: dict[str, tuple[str, int]] = {}
     for pid, found in owners.items():
         name, module, local = found[0]
         rows.append((name, params[pid], module, local, aliases[pid]))
+        p = params[pid]
+        if not default[pid]:
+            if any(module_names[id(m)] in routers for _, m, _ in found):
+                reason = "router"
+            elif any(_by_default(m, loc, p) for _, m, loc in found):
+                reason = "tied"
+            else:
+                reason = _dense_reason(module, local, p)
+            dense[name] = (reason, p.numel())
 
     for selector in config.include:
         if isinstance(selector, str) and not selector.startswith("re:"):
@@ -131,7 +245,7 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
                     "never changes, so its mask could not either; unfreeze it to sparsify it"
                 )
 
-    chosen: list[tuple[str, nn.Parameter, nn.Module]] = []
+    chosen: list[tuple[str, nn.Parameter, nn.Module, str]] = []
     used_includes: set[int] = set()
     frozen: list[str] = []
     for name, p, module, local, names in rows:
@@ -139,6 +253,7 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
             continue
         if not p.requires_grad:  # frozen weights stay dense: they never train
             frozen.append(name)
+            dense[name] = ("frozen", p.numel())
             continue
         selected = default[id(p)]
         for i, selector in enumerate(config.include):
@@ -146,7 +261,8 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
                 used_includes.add(i)
                 selected = True
         if selected:
-            chosen.append((name, p, module))
+            chosen.append((name, p, module, local))
+            dense.pop(name, None)
     for i, selector in enumerate(config.include):
         if i not in used_includes:
             raise ValueError(
@@ -161,6 +277,9 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
                 f"exclude: {_show(selector)} matches none of the sparsified parameters "
                 f"({', '.join(c[0] for c in chosen) or 'none'})"
             )
+        for c in chosen:
+            if c not in kept:
+                dense[c[0]] = ("excluded", c[1].numel())
         chosen = kept
 
     if frozen:
@@ -182,7 +301,7 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
                 f"layer_density: {key!r} matches none of the sparsified parameters "
                 f"({', '.join(c[0] for c in chosen)})"
             )
-        for name, _, _ in hits:
+        for name, _, _, _ in hits:
             if name in densities and densities[name] != dens:
                 raise ValueError(
                     f"layer_density: {name} gets {densities[name]} from {sources[name]!r} and "
@@ -194,21 +313,23 @@ def find_targets(model: nn.Module, config: SparsityConfig) -> list[Target]:
     if config.dense_last:
         densities[chosen[-1][0]] = 1.0
 
-    for name, _, module in chosen:
+    for name, _, module, _ in chosen:
         if isinstance(module, nn.Embedding) and module.sparse:
             raise ValueError(
                 f"{name}: nn.Embedding(sparse=True) produces sparse gradients, which masks "
                 "cannot be applied to; use sparse=False"
             )
     # a layer at density 1.0 is left dense: it is not masked at all
-    targets = [
-        Target(name, p, type(module).__name__, densities.get(name))
-        for name, p, module in chosen
-        if densities.get(name) != 1.0
-    ]
+    targets = []
+    for name, p, module, local in chosen:
+        if densities.get(name) == 1.0:
+            dense[name] = ("full", p.numel())
+            continue
+        experts = expert_count(module, local, p)
+        targets.append(Target(name, p, type(module).__name__, densities.get(name), experts))
     if not targets:
         raise ValueError("every selected layer is kept dense (density 1.0): nothing to sparsify")
-    return targets
+    return Selection(targets, dense)
 
 
 def _no_such_parameter(

@@ -29,7 +29,7 @@ from ..criteria import GROWTH, PRUNE, REDISTRIBUTION, Criterion
 from ..methods import METHODS
 from ..schedules import MASK_SCHEDULE, MaskSchedule
 from ..selection import top_k
-from ..targets import Target, find_targets
+from ..targets import DENSE_REASONS, Target, dense_by_reason, select
 from . import distributed
 from .calendar import Calendar
 from .sharding import Shard, local_tensor, shard_of
@@ -104,7 +104,10 @@ class SparseEngine:
         self.model = model
         self.optimizer = optimizer
         self.schedule: MaskSchedule = MASK_SCHEDULE.get(config.schedule)
-        targets = find_targets(model, config)
+        selection = select(model, config)
+        targets = selection.targets
+        # the model's other weights, each with the reason it stays dense (name -> (reason, n))
+        self._dense: dict[str, tuple[str, int]] = dict(selection.dense)
         meta = [t.name for t in targets if t.param.is_meta]
         if meta:
             raise ValueError(
@@ -189,7 +192,7 @@ class SparseEngine:
             except BaseException:
                 self.remove()
                 raise
-        logger.info("sparsify: %s", self._headline())
+        logger.info("sparsify: %s; %s", self._headline(), self._dense_line())
         self._warn_if_masks_never_change()
 
     def _warn_if_masks_never_change(self) -> None:
@@ -230,9 +233,10 @@ class SparseEngine:
             if free:
                 counts = layer_counts(
                     cfg.init,
-                    [targets[i].param.shape for i in free],
+                    [targets[i].matrix_shape for i in free],
                     cfg.density,
                     [targets[i].name for i in free],
+                    [targets[i].param.numel() for i in free],
                 )
                 for i, c in zip(free, counts, strict=True):
                     final[i] = c
@@ -335,7 +339,25 @@ class SparseEngine:
             lines.append("  ".join(cells).rstrip())
             if j == 0 or j == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
+        groups = dense_by_reason(self._dense)
+        if groups:
+            dense, everything = self._dense_share()
+            lines.append(
+                f"dense: {dense:,} of the model's {everything:,} weights "
+                f"({100 * dense / everything:.2f}%) are not sparsified:"
+            )
+            width = max(len(DENSE_REASONS[reason]) for reason, _, _ in groups)
+            for reason, tensors, n in groups:
+                lines.append(
+                    f"  {DENSE_REASONS[reason].ljust(width)}  {n:>{len(f'{everything:,}')},} "
+                    f"in {tensors} tensor{'s' if tensors > 1 else ''}"
+                )
         return "\n".join(lines)
+
+    def _dense_share(self) -> tuple[int, int]:
+        """(weights of the model left dense, weights of the model)."""
+        dense = sum(n for _, n in self._dense.values())
+        return dense, dense + sum(layer.numel for layer in self._layers)
 
     def _headline(self) -> str:
         cfg = self.config
@@ -343,6 +365,17 @@ class SparseEngine:
             f"{cfg.method}: {len(self._layers)} sparsified tensors, target density "
             f"{cfg.density:.4g}, step {self._step}"
         )
+
+    def _dense_line(self) -> str:
+        """Which share of the model stays dense, and why (for the log line of sparsify)."""
+        dense, everything = self._dense_share()
+        if not dense:
+            return "every weight of the model is sparsified"
+        parts = ", ".join(
+            f"{DENSE_REASONS[reason]} {100 * n / everything:.1f}%"
+            for reason, _, n in dense_by_reason(self._dense)
+        )
+        return f"{100 * dense / everything:.1f}% of the model's weights stay dense ({parts})"
 
     def __repr__(self) -> str:
         return f"SparseEngine({self._headline()})"
@@ -449,6 +482,7 @@ class SparseEngine:
         if len(self._layers) == 1:
             raise ValueError(f"{name} is the only sparsified tensor; call engine.remove() instead")
         del self._layers[index]
+        self._dense[name] = ("released", layer.numel)
         handle = self._grad_hooks.pop(name, None)
         if handle is not None:
             handle.remove()
