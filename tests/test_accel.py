@@ -7,6 +7,7 @@ import gc
 import importlib
 import io
 import math
+import weakref
 from typing import Any
 
 import pytest
@@ -732,6 +733,48 @@ def test_accelerate_refuses_what_it_cannot_speed_up() -> None:
     engine = sl.sparsify(model, opt, method="rigl", density=0.2, total_steps=40)
     with pytest.raises(ValueError, match="pass example_input"):
         accelerate(model, engine)
+
+
+def test_the_report_names_why_a_layer_stays_dense() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "rnn": nn.LSTM(6, 8),
+            "attn": nn.MultiheadAttention(8, 2),
+            "depthwise": nn.Conv2d(4, 4, 3, groups=4),
+            "dilated": nn.Conv2d(4, 4, 3, dilation=2),
+            "fc": nn.Linear(8, 8),
+        }
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = sl.sparsify(model, opt, "static", 0.5, include=["re:rnn\\.weight_.*"])
+    report = accelerate(model, engine, mode="sparse")
+    reasons = {c.name: c.reason for c in report.layers}
+    assert reasons["rnn.weight_ih_l0"] == (
+        "LSTM.weight_ih_l0: no sparse kernel (Linear, Conv2d and Conv1D have one)"
+    )
+    assert reasons["attn.in_proj_weight"] == (
+        "MultiheadAttention's in_proj_weight (read by its attention): no sparse kernel"
+    )
+    assert reasons["attn.out_proj.weight"] == (
+        "MultiheadAttention's out_proj (read by its attention): no sparse kernel"
+    )
+    assert reasons["depthwise.weight"] == "Conv2d with groups=4: no sparse kernel"
+    assert reasons["dilated.weight"] == "Conv2d with dilation=(2, 2): no sparse kernel"
+    assert report.accelerated == ["fc.weight"]
+
+
+@pytest.mark.parametrize("method", ["static", "rigl"])  # rigl masks gradients with a hook
+def test_accelerate_frees_the_dense_weights_it_replaced(method: str) -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = sl.sparsify(model, opt, method, 0.2, total_steps=40)
+    model(torch.randn(4, 20)).sum().backward()
+    opt.step()  # optimizer state and gradients, as in a run
+    olds = [weakref.ref(model[i].weight) for i in (0, 2, 4)]
+    accelerate(model, engine, mode="sparse")
+    assert [ref() is None for ref in olds] == [True, True, True]  # no gc.collect() needed
 
 
 def test_auto_mode_times_each_layer_on_the_real_shape() -> None:

@@ -85,7 +85,7 @@ def load(
             f"{path} was not written by sparselearn.save (format {content.get('format')!r}); "
             "load a training run's checkpoint with sparselearn train --resume"
         )
-    _check_matches(path, model.state_dict(), content["model"])
+    _check_matches(path, model.state_dict(), content["model"], _sized_by_active(model))
     for name, given in (("optimizer", optimizer), ("engine", engine)):
         if given is not None and content.get(name) is None:
             raise ValueError(
@@ -101,15 +101,34 @@ def load(
     return dict(content.get("extra") or {})
 
 
+def _sized_by_active(model: nn.Module) -> set[str]:
+    """The tensors whose size is the number of active weights (an accelerated layer's values
+    and indices): a saved run may hold another number, which loading adopts."""
+    from .accel import SparseWeight
+
+    return {
+        f"{name}.{key}" if name else key
+        for name, module in model.named_modules()
+        if isinstance(module, SparseWeight)
+        for key in SparseWeight.SIZED_BY_ACTIVE
+    }
+
+
 def _check_matches(
-    path: str | os.PathLike[str], want: Mapping[str, Tensor], got: Mapping[str, Any]
+    path: str | os.PathLike[str],
+    want: Mapping[str, Tensor],
+    got: Mapping[str, Any],
+    sized_by_active: set[str],
 ) -> None:
     missing = [k for k in want if k not in got]
     unexpected = [k for k in got if k not in want]
     shapes = [
         f"{k} {tuple(got[k].shape)} (the model's is {tuple(v.shape)})"
         for k, v in want.items()
-        if k in got and isinstance(got[k], Tensor) and got[k].shape != v.shape
+        if k in got
+        and isinstance(got[k], Tensor)
+        and got[k].shape != v.shape
+        and not (k in sized_by_active and got[k].dim() == v.dim() == 1)
     ]
     if not (missing or unexpected or shapes):
         return

@@ -16,8 +16,15 @@ from torch import Tensor, nn
 from ..engine import LayerStorage, SparseEngine
 from ..engine.sharding import refuse_sharded
 from ..kernels import check_threads, ops_for
-from ..targets import is_conv1d
-from .layers import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight, supports_conv
+from ..targets import expert_count, is_conv1d
+from .layers import (
+    SparseConv1D,
+    SparseConv2d,
+    SparseLinear,
+    SparseWeight,
+    compute_dtype,
+    supports_conv,
+)
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,12 @@ def _wait_for(device: torch.device) -> None:
     around the launches alone would measure the launches, not the work)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _kernels(t: Tensor, backend: str) -> str:
+    """The kernels a sparse layer runs for tensors like ``t`` (half precision computes in
+    float32): "cpp" or "torch"."""
+    return ops_for(torch.empty(0, dtype=compute_dtype(t.dtype), device=t.device), backend).name
 
 
 def _fwd_bwd(module: nn.Module, x: Tensor, threads: int | None = None) -> Any:
@@ -237,11 +250,10 @@ def accelerate(
         "options=StateDictOptions(full_state_dict=True)))",
     )
     layers = _check_arguments(engine, example_input, mode, layers, threads, inference_dense)
-    owners: dict[int, list[tuple[str, nn.Module]]] = {}
-    for mod_name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if isinstance(w, nn.Parameter):
-            owners.setdefault(id(w), []).append((mod_name, module))
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append((mod_name, module, local))
 
     report = AccelerationReport(backend=backend)
     with _model_state_kept(model):  # timing runs the model: its buffers, grads and RNG return
@@ -265,7 +277,7 @@ def accelerate(
         if choice.chosen == "sparse" and sparse is not None and found is not None:
             index = report.layers.index(choice)
             report.layers[index] = dataclasses.replace(
-                choice, backend=ops_for(layer.param, backend).name
+                choice, backend=_kernels(layer.param, backend)
             )
             _install(model, engine, layer, found, sparse, choice.threads, choice.inference)
     return report
@@ -372,9 +384,37 @@ def _input_shapes(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> 
     return shapes
 
 
+def _no_kernel(module: nn.Module, local: str, param: Tensor) -> str:
+    """Why the tensor ``local`` of ``module`` has no sparse kernel, for the report."""
+    kind = type(module).__name__
+    experts = expert_count(module, local, param)
+    if experts is not None:
+        return f"stack of {experts} expert matrices ({kind}.{local}): no sparse kernel"
+    if isinstance(module, nn.MultiheadAttention):
+        return f"MultiheadAttention's {local} (read by its attention): no sparse kernel"
+    if isinstance(module, nn.Linear) and kind == "NonDynamicallyQuantizableLinear":
+        return "MultiheadAttention's out_proj (read by its attention): no sparse kernel"
+    if isinstance(module, nn.Linear):
+        return f"{kind}, a subclass of Linear (its forward may differ): no sparse kernel"
+    if isinstance(module, nn.Conv2d) and type(module) is nn.Conv2d:
+        unsupported = [
+            f"{what}={value}"
+            for what, value, fine in (
+                ("groups", module.groups, module.groups == 1),
+                ("dilation", module.dilation, module.dilation == (1, 1)),
+                ("stride", module.stride, module.stride[0] == module.stride[1]),
+                ("padding", module.padding, not isinstance(module.padding, str)),
+                ("padding_mode", module.padding_mode, module.padding_mode == "zeros"),
+            )
+            if not fine
+        ]
+        return f"Conv2d with {', '.join(unsupported)}: no sparse kernel"
+    return f"{kind}.{local}: no sparse kernel (Linear, Conv2d and Conv1D have one)"
+
+
 def _choose(
     layer: LayerStorage,
-    found: list[tuple[str, nn.Module]],
+    found: list[tuple[str, nn.Module, str]],
     shapes: Mapping[str, torch.Size],
     mode: str,
     backend: str,
@@ -395,10 +435,12 @@ def _choose(
     if layers is not None and layer.name not in layers:
         return dense("not in layers")
     if len(found) != 1:
-        return dense("tied to several modules" if found else "not a module's weight")
-    mod_name, module = found[0]
+        return dense("tied to several modules" if found else "not among the model's parameters")
+    mod_name, module, local = found[0]
     sparse: nn.Module
     # these exact types (a subclass may compute otherwise); isinstance narrows for mypy
+    if local != "weight":
+        return dense(_no_kernel(module, local, layer.param))
     if isinstance(module, nn.Linear) and type(module) is nn.Linear:
         kind, sparse = "linear", SparseLinear(module, layer.mask, backend)
     elif isinstance(module, nn.Conv2d) and type(module) is nn.Conv2d and supports_conv(module):
@@ -406,21 +448,21 @@ def _choose(
     elif is_conv1d(module):
         kind, sparse = "conv1d", SparseConv1D(module, layer.mask, backend)
     else:
-        return dense(f"{type(module).__name__} with these settings has no sparse kernel")
+        return dense(_no_kernel(module, local, layer.param))
     if mode != "auto":
         cap = threads.get(layer.name) if mode == "sparse" and threads is not None else None
         how = "dense" if layer.name in inference_dense else "sparse"
         choice = LayerChoice(
             layer.name, kind, density, None, None, mode, "forced", cap, inference=how
         )
-        return choice, found[0], sparse
+        return choice, (mod_name, module), sparse
     if mod_name not in shapes:
         return dense("not reached by the example input", kind)
     x = torch.randn(shapes[mod_name], device=layer.device, dtype=layer.param.dtype)
     runs = [_fwd_bwd(module, x), _fwd_bwd(sparse, x)]
     # a small layer can be faster on one thread than waking the others for each of its
     # parallel regions (with OMP_WAIT_POLICY=PASSIVE every region wakes the sleeping threads)
-    if torch.get_num_threads() > 1 and ops_for(x, backend).name == "cpp":
+    if torch.get_num_threads() > 1 and _kernels(x, backend) == "cpp":
         runs.append(_fwd_bwd(sparse, x, threads=1))
     dense_ms, *sparse_times = _time_turns(runs, repeats)
     best = min(range(len(sparse_times)), key=sparse_times.__getitem__)
@@ -447,7 +489,7 @@ def _choose(
         dense_inference_ms=dense_inference_ms,
         sparse_inference_ms=sparse_inference_ms,
     )
-    return choice, found[0], sparse
+    return choice, (mod_name, module), sparse
 
 
 def _install(

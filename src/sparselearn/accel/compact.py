@@ -74,26 +74,13 @@ class CompactResult:
 
 
 def densified(model: nn.Module) -> nn.Module:
-    """A copy in eval mode in which accelerated layers are ordinary dense layers again."""
+    """A copy in eval mode in which accelerated layers are the dense layers they replaced
+    again (a ``Conv1D`` with its (in, out) weight)."""
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
         if isinstance(module, (SparseLinear, SparseConv2d)):
-            w = module.weight_sparse
-            dense: nn.Module
-            if isinstance(module, SparseLinear):
-                dense = nn.Linear(module.in_features, module.out_features, module.bias is not None)
-            else:
-                kh, kw = module.kernel_size
-                dense = nn.Conv2d(module.in_channels, module.out_channels, (kh, kw),
-                                  stride=module.stride, padding=module.padding,
-                                  bias=module.bias is not None)  # fmt: skip
-            with torch.no_grad():
-                dense.weight.copy_(w.dense())
-                if module.bias is not None:
-                    assert dense.bias is not None
-                    dense.bias.copy_(module.bias)
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2], dense.eval())
+            setattr(parent, name.rpartition(".")[2], module.to_dense_module().eval())
     return model
 
 

@@ -9,6 +9,7 @@ kept in buffers and rebuilt only when the mask changes (:meth:`SparseWeight.rest
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from ..kernels import Ops, check_threads, ops_for
+from .weight_view import SparseWeightView
 
 DenseGradSink = Callable[[Tensor], None]
 
@@ -86,6 +88,10 @@ class SparseWeight(nn.Module):
     perm: Tensor
     perm_inv: Tensor
 
+    # the saved tensors whose length is the number of active weights (a state_dict of another
+    # mask holds another length, which loading adopts)
+    SIZED_BY_ACTIVE = ("values", "col", "col_t", "perm")
+
     def __init__(self, dense: Tensor, mask: Tensor) -> None:
         super().__init__()
         self.shape = tuple(dense.shape)
@@ -126,9 +132,17 @@ class SparseWeight(nn.Module):
 
     def dense(self) -> Tensor:
         """The weight as a dense tensor with exact zeros (materialised, no gradient)."""
-        w = torch.zeros(self.rows, self.fan_in, dtype=self.values.dtype, device=self.values.device)
-        w[self.mask().view(self.rows, -1)] = self.values.detach()
-        return w.view(self.shape)
+        return self.dense_from(self.values.detach())
+
+    def dense_from(self, values: Tensor) -> Tensor:
+        """The dense weight holding ``values`` (in this structure's CSR order) at the active
+        positions and exact zeros elsewhere; differentiable with respect to ``values``."""
+        rows = torch.repeat_interleave(
+            torch.arange(self.rows, device=self.col.device), self.crow.diff()
+        )
+        positions = rows * self.fan_in + self.col.long()
+        flat = values.new_zeros(self.rows * self.fan_in)
+        return flat.index_put((positions,), values).view(self.shape)
 
     def cached_dense(self) -> Tensor:
         """:meth:`dense`, kept until the structure or the values change (an optimizer step, a
@@ -317,6 +331,15 @@ class _SparseLinearFn(torch.autograd.Function):
     def backward(
         ctx: Any, grad_y: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        if torch.is_autocast_enabled(grad_y.device.type):  # computes as the forward did
+            with _no_autocast(grad_y):
+                return _SparseLinearFn._backward(ctx, grad_y)
+        return _SparseLinearFn._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(
+        ctx: Any, grad_y: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         xp, values = ctx.saved_tensors
         w: SparseWeight | _Unfolded = ctx.weight
         ops = ctx.ops
@@ -396,6 +419,15 @@ class _SparseConv2dFn(torch.autograd.Function):
 
     @staticmethod
     def backward(
+        ctx: Any, grad_y: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
+        if torch.is_autocast_enabled(grad_y.device.type):  # computes as the forward did
+            with _no_autocast(grad_y):
+                return _SparseConv2dFn._backward(ctx, grad_y)
+        return _SparseConv2dFn._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(
         ctx: Any, grad_y: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
         x, values, saved = ctx.saved_tensors
@@ -480,7 +512,81 @@ class _InferenceChoice:
         return "" if self._inference == "sparse" else f", inference={self._inference}"
 
 
-class SparseLinear(_InferenceChoice, nn.Module):
+class _DenseFace:
+    """What model code asks of the dense layer that an accelerated one replaced: ``.weight``,
+    answered by a :class:`~.weight_view.SparseWeightView` (the dense weight's shape, dtype,
+    device and ``requires_grad``, with no dense weight built for asking), never assigned."""
+
+    weight_sparse: SparseWeight
+    # the dense layer's weight is the transpose of the stored (out, in) matrix (a Conv1D)
+    _weight_transposed = False
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight this layer computes with, as model code reads it."""
+        return SparseWeightView(self.weight_sparse, self._weight_transposed, type(self).__name__)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__}.weight cannot be assigned: the layer computes with "
+                "its sparse values (weight_sparse.values, in CSR order), which change through "
+                "the optimizer, mask updates or load_state_dict"
+            )
+        super().__setattr__(name, value)
+
+    def to_dense_module(self) -> nn.Module:
+        """The dense layer this one replaced, holding the same weights (inactive ones zero),
+        on the same device and in the same dtype."""
+        raise NotImplementedError
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer with weights (or inputs) of ``dtype`` computes in."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _in_compute_dtype(
+    x: Tensor, values: Tensor, bias: Tensor | None, layer: str
+) -> tuple[Tensor, Tensor, Tensor | None, torch.dtype | None]:
+    """``x``, ``values`` and ``bias`` in the dtype the kernels compute in, and the dtype the
+    layer returns (None: the computed output as it is, float32 or float64 without autocast).
+
+    The returned dtype is the dense layer's: autocast's where autocast is on for the input's
+    device, else the input's. Half-precision inputs or weights compute in float32: the kernels
+    compute and accumulate in one dtype, and float32 keeps the dense layer's accuracy (whose
+    half-precision products accumulate in float32 too)."""
+    device = x.device.type
+    autocast = x.is_floating_point() and torch.is_autocast_enabled(device)
+    if not autocast and x.dtype == values.dtype and x.dtype not in _HALF:
+        return x, values, bias, None
+    if autocast:
+        out = torch.get_autocast_dtype(device)
+    elif x.dtype != values.dtype:
+        raise RuntimeError(
+            f"{layer}: the input is {x.dtype} but the weights are {values.dtype}; cast the "
+            "input (or the model), or compute under torch.autocast, as for the dense layer"
+        )
+    else:
+        out = x.dtype
+    half = out in _HALF or x.dtype in _HALF or values.dtype in _HALF
+    compute = torch.float32 if half else values.dtype
+    return x.to(compute), values.to(compute), None if bias is None else bias.to(compute), out
+
+
+def _no_autocast(t: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off for ``t``'s device where it is on: the kernels' PyTorch operations compute
+    in the dtype the layer chose (:func:`_in_compute_dtype`), not autocast's."""
+    device = t.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
+class SparseLinear(_InferenceChoice, _DenseFace, nn.Module):
     """``nn.Linear`` computing with a CSR weight (see :class:`SparseWeight`).
 
     ``backend``: ``"auto"``, ``"cpp"`` or ``"torch"`` (:func:`sparselearn.kernels.ops_for`).
@@ -488,7 +594,8 @@ class SparseLinear(_InferenceChoice, nn.Module):
     ``torch.get_num_threads()``); a small layer can run faster on one thread than pay for
     waking the others (``sl.accelerate`` times both). The results do not depend on it.
     :attr:`inference` (set after construction): ``"sparse"`` (the default) or ``"dense"`` where no
-    gradient is recorded.
+    gradient is recorded. Under autocast, and with half-precision inputs or weights, it
+    computes in float32 and returns the dtype the dense layer would (:func:`_in_compute_dtype`).
     """
 
     def __init__(
@@ -506,10 +613,28 @@ class SparseLinear(_InferenceChoice, nn.Module):
         if self._infers_densely():
             return F.linear(x, w.cached_dense(), self.bias)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (B, in)
+        x2, values, bias, out = _in_compute_dtype(
+            x.reshape(-1, self.in_features), w.values, self.bias, type(self).__name__
+        )  # (B, in)
         ops = ops_for(x2, self.backend, self.threads)
-        y = _sparse_linear(x2, w.values, self.bias, w, ops)
+        if out is None:
+            y = _sparse_linear(x2, values, bias, w, ops)
+        else:
+            with _no_autocast(x2):
+                y = _sparse_linear(x2, values, bias, w, ops).to(out)
         return y.reshape(*lead, self.out_features)
+
+    def to_dense_module(self) -> nn.Module:
+        v = self.weight_sparse.values
+        dense = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None, v.device, v.dtype
+        )
+        with torch.no_grad():
+            dense.weight.copy_(self.weight_sparse.dense())
+            if self.bias is not None:
+                assert dense.bias is not None
+                dense.bias.copy_(self.bias)
+        return dense.train(self.training)
 
     def extra_repr(self) -> str:
         w = self.weight_sparse
@@ -538,6 +663,21 @@ class SparseConv1D(SparseLinear):
         self.bias = bias if isinstance(bias, nn.Parameter) else None  # type: ignore[assignment]
         self.backend = backend
         self.threads = check_threads(threads)
+        self._conv1d_type = type(conv1d)  # transformers' class, rebuilt by to_dense_module
+
+    _weight_transposed = True
+
+    def to_dense_module(self) -> nn.Module:
+        v = self.weight_sparse.values
+        dense = self._conv1d_type(self.out_features, self.in_features)  # Conv1D(nf, nx)
+        dense.to(device=v.device, dtype=v.dtype)
+        weight, bias = dense.weight, dense.bias
+        assert isinstance(weight, Tensor)
+        assert isinstance(bias, Tensor)
+        with torch.no_grad():
+            weight.copy_(self.weight_sparse.dense().t())  # (in, out)
+            bias.copy_(self.bias if self.bias is not None else torch.zeros_like(bias))
+        return dense.train(self.training)
 
 
 # Output planes of at most this many positions compute as a product over patches (im2col and
@@ -553,7 +693,7 @@ PANEL_UNFOLD_MAX_POSITIONS = 4
 _ALGORITHMS = ("auto", "planes", "unfold")
 
 
-class SparseConv2d(_InferenceChoice, nn.Module):
+class SparseConv2d(_InferenceChoice, _DenseFace, nn.Module):
     """``nn.Conv2d`` (groups 1, dilation 1, zero padding) computing directly with a CSR weight.
 
     ``algorithm``: ``"planes"`` walks shifted input planes (a stride above 1 runs as a stride-1
@@ -567,6 +707,11 @@ class SparseConv2d(_InferenceChoice, nn.Module):
     way every time it is resumed.
     ``backend`` and ``threads`` as for :class:`SparseLinear`.
     """
+
+    # what model code reads of an nn.Conv2d (the settings the kernels compute)
+    dilation = (1, 1)
+    groups = 1
+    padding_mode = "zeros"
 
     def __init__(
         self,
@@ -583,7 +728,7 @@ class SparseConv2d(_InferenceChoice, nn.Module):
             raise ValueError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = conv.kernel_size
-        self.stride = conv.stride[0]
+        self.stride: tuple[int, int] = conv.stride  # type: ignore[assignment]
         self.padding: tuple[int, int] = conv.padding  # type: ignore[assignment]
         self.weight_sparse = SparseWeight(conv.weight, mask)
         self.bias = conv.bias
@@ -598,7 +743,7 @@ class SparseConv2d(_InferenceChoice, nn.Module):
         """The stride-1 form of this strided convolution (rebuilt when the mask changes)."""
         w, ph = self.weight_sparse, self._phases
         if ph is None or ph.version != w.version or ph.device != w.col.device:
-            ph = self._phases = _Phases(w, self.stride)
+            ph = self._phases = _Phases(w, self.stride[0])
         return ph
 
     def unfolded(self) -> _Unfolded:
@@ -610,7 +755,8 @@ class SparseConv2d(_InferenceChoice, nn.Module):
 
     def output_size(self, input_hw: tuple[int, int]) -> tuple[int, int]:
         (h, wd), (pad_h, pad_w), (kh, kw) = input_hw, self.padding, self.kernel_size
-        return (h + 2 * pad_h - kh) // self.stride + 1, (wd + 2 * pad_w - kw) // self.stride + 1
+        s = self.stride[0]
+        return (h + 2 * pad_h - kh) // s + 1, (wd + 2 * pad_w - kw) // s + 1
 
     def algorithm_for(
         self,
@@ -628,7 +774,7 @@ class SparseConv2d(_InferenceChoice, nn.Module):
     def _on_panels(self, batch: int, dtype: torch.dtype, ops: Ops) -> bool:
         """Whether the stride-1 kernels (of a strided convolution: over its phase planes) run a
         batch on batch panels."""
-        s = self.stride
+        s = self.stride[0]
         kh, kw = -(-self.kernel_size[0] // s), -(-self.kernel_size[1] // s)
         return ops.uses_panels(batch, kh, kw, dtype)
 
@@ -647,13 +793,22 @@ class SparseConv2d(_InferenceChoice, nn.Module):
         w = self.weight_sparse
         if self._infers_densely():
             return F.conv2d(x, w.cached_dense(), self.bias, self.stride, self.padding)
+        x, values, bias, out = _in_compute_dtype(x, w.values, self.bias, type(self).__name__)
+        if out is None:
+            return self._forward_sparse(x, values, bias)
+        with _no_autocast(x):
+            return self._forward_sparse(x, values, bias).to(out)
+
+    def _forward_sparse(self, x: Tensor, values: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution on the kernels, ``values`` and ``bias`` in ``x``'s dtype."""
+        w = self.weight_sparse
         out_hw = self.output_size((x.shape[2], x.shape[3]))
         ops = ops_for(x, self.backend, self.threads)
         on_panels = self._on_panels(x.shape[0], x.dtype, ops)
         if self._algorithm((x.shape[2], x.shape[3]), on_panels) == "unfold":
-            return self._forward_unfolded(x, out_hw, ops)
-        fused, rest = _split_bias(self.bias, x)
-        stride = self.stride
+            return self._forward_unfolded(x, values, bias, out_hw, ops)
+        fused, rest = _split_bias(bias, x)
+        stride = self.stride[0]
         if stride > 1 and self.kernel_size == (1, 1) and self.padding == (0, 0):
             # a pointwise convolution reads every s-th row and column only: phase plane (0, 0),
             # the input of a stride-1 one (all s * s planes would be built, one of them read)
@@ -666,28 +821,50 @@ class SparseConv2d(_InferenceChoice, nn.Module):
             ph = self.phases()
             y: Tensor = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
                 x,
-                w.values[ph.index],
+                values[ph.index],
                 fused,
                 ph,
-                self.stride,
+                self.stride[0],
                 self.padding,
                 ops,
                 ph.planes_size(out_hw),
             )
         else:
             y = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
-                x, w.values, fused, w, stride, self.padding, ops
+                x, values, fused, w, stride, self.padding, ops
             )
         return y if rest is None else y + rest.view(1, -1, 1, 1)
 
-    def _forward_unfolded(self, x: Tensor, out_hw: tuple[int, int], ops: Ops) -> Tensor:
+    def _forward_unfolded(
+        self, x: Tensor, values: Tensor, bias: Tensor | None, out_hw: tuple[int, int], ops: Ops
+    ) -> Tensor:
         n = x.shape[0]
         rows: Tensor = _PatchesFn.apply(  # type: ignore[no-untyped-call]
-            x, self.kernel_size, self.stride, self.padding, out_hw, ops
+            x, self.kernel_size, self.stride[0], self.padding, out_hw, ops
         )  # (N * OH * OW, C * kh * kw)
-        y = _sparse_linear(rows, self.weight_sparse.values, self.bias, self.unfolded(), ops)
+        y = _sparse_linear(rows, values, bias, self.unfolded(), ops)
         y = y.view(n, out_hw[0], out_hw[1], self.out_channels).permute(0, 3, 1, 2)
         return y.contiguous()
+
+    def to_dense_module(self) -> nn.Module:
+        v = self.weight_sparse.values
+        kh, kw = self.kernel_size
+        dense = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            (kh, kw),
+            stride=self.stride,
+            padding=self.padding,
+            bias=self.bias is not None,
+            device=v.device,
+            dtype=v.dtype,
+        )
+        with torch.no_grad():
+            dense.weight.copy_(self.weight_sparse.dense())
+            if self.bias is not None:
+                assert dense.bias is not None
+                dense.bias.copy_(self.bias)
+        return dense.train(self.training)
 
     def extra_repr(self) -> str:
         w = self.weight_sparse

@@ -500,6 +500,12 @@ class SparseEngine:
         if old.kind == "csr":
             raise ValueError(f"{name} is already accelerated")
         new = CSRStorage(old, weight, transposed=transposed)
+        # the masking hook of the dense weight holds its storage (weight and masks): removed,
+        # so that the dense weight is freed as soon as the model lets it go (a CSR layer has
+        # nothing to mask)
+        handle = self._grad_hooks.pop(name, None)
+        if handle is not None:
+            handle.remove()
         ema = self.signals.ema.get(name)
         if ema is not None:
             self.signals.ema[name] = new.from_weight_shape(ema).clone()
