@@ -243,3 +243,133 @@ def test_a_damaged_export_is_named(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match=r"not written by sparselearn\.export"):
         sl.load_exported(other)
+
+
+# ------------------------------------------------------------------ every layer kind
+
+
+class _Experts(nn.Module):
+    """A stack of expert matrices (E, out, in), each applied to the whole input."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.num_experts = 3
+        self.weight_stack = nn.Parameter(torch.randn(3, n_out, n_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bi,eoi->bo", x, self.weight_stack)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, kdim: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, 2, kdim=kdim, vdim=kdim, batch_first=True)
+        self.kdim = kdim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = (
+            x[..., : self.kdim] if self.kdim <= x.shape[-1] else x.repeat(1, 1, 2)[..., : self.kdim]
+        )
+        return self.attn(x, kv, kv, need_weights=False)[0]
+
+
+class _Conv1DModel(nn.Module):
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_fc = Conv1D(n_out, n_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_fc(x)
+
+
+def _layer_case(kind: str, square: bool) -> tuple[nn.Module, torch.Tensor, dict[str, object]]:
+    """A model holding one layer of ``kind`` (its weight square or not), an input, and the
+    options that sparsify it."""
+    n_in, n_out = (12, 12) if square else (12, 20)
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(n_in, n_out)), torch.randn(4, n_in), {}
+    if kind == "conv1d":
+        return _Conv1DModel(n_in, n_out), torch.randn(2, 3, n_in), {}
+    if kind == "conv2d":
+        return (
+            nn.Sequential(nn.Conv2d(6, 6 if square else 10, 3, padding=1)),
+            torch.randn(2, 6, 5, 5),
+            {},
+        )
+    if kind == "attention":  # packed in_proj_weight, or separate q/k/v projections
+        return _Attention(12, 12 if square else 8), torch.randn(2, 5, 12), {}
+    if kind == "embedding":
+        model = nn.Sequential(nn.Embedding(n_out, n_in))
+        return model, torch.randint(0, n_out, (2, 5)), {"include": [nn.Embedding]}
+    return _Experts(n_in, n_out), torch.randn(4, n_in), {}
+
+
+KINDS = ["linear", "conv1d", "conv2d", "attention", "embedding", "experts"]
+
+
+@pytest.mark.parametrize("accelerated", [False, True])
+@pytest.mark.parametrize("square", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_and_sparse_state_dict_hold_the_masked_weights_of_every_layer_kind(
+    kind: str, square: bool, accelerated: bool, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model, x, options = _layer_case(kind, square)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = sl.sparsify(model, opt, "static", 0.3, **options)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # non-zero where the mask is inactive
+    engine.apply_masks()
+    model.eval()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        out = model(x)
+    if accelerated:
+        report = sl.accelerate(model, engine, mode="sparse")
+        assert bool(report.accelerated) == (kind in ("linear", "conv1d", "conv2d")), str(report)
+    sl.export(model, engine, tmp_path / "m.safetensors")
+    state = sl.load_exported(tmp_path / "m.safetensors")
+    assert state.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(state[key], value), key
+    for key, value in sl.sparse_state_dict(model, engine).items():
+        if value.layout == torch.sparse_csr:
+            assert value.shape == (want[key].shape[0], want[key][0].numel()), key
+            value = value.to_dense().reshape(want[key].shape)
+        assert torch.equal(value, want[key]), key
+    if kind != "attention":  # (its control flow on shapes is not torch.fx-traceable)
+        with torch.no_grad():
+            small = sl.compact(model, engine, example_input=x).model
+            torch.testing.assert_close(small(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_compact_rebuilds_an_accelerated_conv1d_as_conv1d() -> None:
+    from sparselearn.accel.compact import densified
+
+    torch.manual_seed(0)
+    model, x, _ = _layer_case("conv1d", square=False)
+    engine = sl.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.3)
+    model.eval()
+    want = model(x)
+    sl.accelerate(model, engine, mode="sparse")
+    dense = densified(model)
+    assert type(dense.c_fc).__name__ == "Conv1D"
+    assert dense.c_fc.weight.shape == (12, 20)
+    torch.testing.assert_close(dense(x), want)
+
+
+def test_a_compiled_model_exports_under_the_plain_models_names(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLP()
+    compiled = torch.compile(model)
+    engine = sl.sparsify(compiled, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.3)
+    assert all(name.startswith("_orig_mod.") for name in engine.masks)
+    sl.export(compiled, engine, tmp_path / "m.safetensors")
+    plain = MLP()
+    plain.load_state_dict(sl.load_exported(tmp_path / "m.safetensors"))  # strict: same names
+    x = torch.randn(3, 20)
+    assert torch.equal(plain(x), model(x))
+    assert set(sl.sparse_state_dict(compiled, engine)) == set(model.state_dict())

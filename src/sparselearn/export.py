@@ -33,11 +33,33 @@ FORMAT = "sparselearn-csr/1"
 _SUFFIXES = (".values", ".col_indices", ".crow_indices")
 
 
+def _unwrapped(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model inside ``torch.compile``'s and data parallelism's wrappers, and the prefix
+    the wrappers put before its tensors' names (``_orig_mod.``, ``module.``)."""
+    prefix = ""
+    while True:
+        compiled = getattr(model, "_orig_mod", None)
+        if type(model).__name__ == "OptimizedModule" and isinstance(compiled, nn.Module):
+            model, prefix = compiled, prefix + "_orig_mod."
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model, prefix = model.module, prefix + "module."
+        else:
+            return model, prefix
+
+
+def _plain_name(name: str) -> str:
+    """A tensor's name in the plain model: without the ``_orig_mod.`` of a compiled
+    submodule."""
+    return name.replace("._orig_mod.", ".")
+
+
 def _dense_state(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state_dict with accelerated layers as the dense layers they replace."""
+    """The state_dict of the plain model (outside compile's and data parallelism's wrappers,
+    under its own names), with accelerated layers as the dense layers they replace."""
     from .accel.compact import densified
 
-    return {k: v.detach() for k, v in densified(model).state_dict().items()}
+    state = densified(_unwrapped(model)[0]).state_dict()
+    return {_plain_name(k): v.detach() for k, v in state.items()}
 
 
 def _check_engine(model: nn.Module, engine: Any) -> None:
@@ -49,7 +71,7 @@ def _check_engine(model: nn.Module, engine: Any) -> None:
         "unsharded copy of the model and export that with engine=None (inactive weights are "
         "exact zeros, so its non-zeros are the masks)",
     )
-    if engine is not None and engine.model is not model:
+    if engine is not None and _unwrapped(engine.model)[0] is not _unwrapped(model)[0]:
         raise ValueError("engine sparsifies another model than the one given")
 
 
@@ -57,7 +79,11 @@ def _masks(engine: Any, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The active weights of each tensor stored as CSR: the engine's masks where given, else
     the non-zeros of every tensor of two or more dimensions whose CSR is the smaller."""
     if engine is not None:
-        masks = {k: m.detach().to(torch.bool).cpu() for k, m in engine.masks.items()}
+        prefix = _unwrapped(engine.model)[1]
+        masks = {
+            _plain_name(k.removeprefix(prefix)): m.detach().to(torch.bool).cpu()
+            for k, m in engine.masks.items()
+        }
         unknown = [k for k in masks if k not in state]
         if unknown:
             raise ValueError(
