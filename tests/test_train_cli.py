@@ -173,11 +173,19 @@ def test_resume_reapplies_the_thread_caps(
         torch.set_num_threads(previous)
 
 
-def test_accelerate_rejects_bad_values_and_amp(data_dir: Path) -> None:
+def test_accelerate_rejects_bad_values(data_dir: Path) -> None:
     with pytest.raises(ValueError, match="accelerate must be 'off', 'auto'"):
         small(data_dir, accelerate="yes")
-    with pytest.raises(ValueError, match="accelerate and amp cannot be combined"):
-        small(data_dir, accelerate="sparse", amp=True)
+
+
+def test_accelerate_trains_under_amp(tmp_path: Path, data_dir: Path) -> None:
+    # bfloat16 autocast on the CPU; the sparse layers compute in float32 and return bfloat16
+    cfg = small(data_dir, method="rigl", accelerate="sparse", amp=True)
+    summary = train(cfg, tmp_path / "amp", progress=False)
+    masked = train(small(data_dir, method="rigl", amp=True), tmp_path / "masked", progress=False)
+    assert summary["final_density"] == pytest.approx(0.1, abs=1e-3)
+    assert summary["test_acc"] > 0.5  # it learned the class templates
+    assert summary["test_acc"] == pytest.approx(masked["test_acc"], abs=0.05)
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path: Path, data_dir: Path) -> None:
@@ -365,6 +373,22 @@ def test_cli_train_and_errors(
     code = cli.main(["train", "--density", "1.5", "--out", str(tmp_path / "r3")])
     assert code == 2
     assert "density must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", ["abc", "-3", "1.5"])
+def test_a_bad_update_every_names_the_flag_and_what_it_takes(
+    given: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--update-every", given, "--out", str(tmp_path / "r")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --update-every: expected an integer >= 0 (optimizer steps between " in err
+    assert f"or 'epoch', got '{given}'" in err
+    config = tmp_path / "run.yaml"
+    config.write_text(f"update_every: '{given}'\n")
+    assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    assert "update_every must be an integer >= 0" in capsys.readouterr().err
 
 
 def test_progress_bar_only_on_a_terminal(

@@ -36,6 +36,22 @@ def _float_or_none(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
 
 
+def _update_every(text: str) -> int | str:
+    """``--update-every``: optimizer steps (an integer >= 0) or ``epoch``."""
+    if text == "epoch":
+        return text
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = -1
+    if steps < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 0 (optimizer steps between mask updates) or 'epoch', "
+            f"got {text!r}"
+        )
+    return steps
+
+
 def _shown(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(map(str, value)) or "none"
@@ -74,6 +90,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         elif name == "momentum_window":
             kw["type"] = int
+        elif name == "update_every":
+            kw["type"] = _update_every
         engine.add_argument(_flag(name), **kw)
 
 

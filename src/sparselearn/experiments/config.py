@@ -167,11 +167,6 @@ class TrainConfig:
             self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
         ):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.accelerate != "off" and self.amp:
-            raise ValueError(
-                "accelerate and amp cannot be combined: the sparse kernels compute in the "
-                "weights' dtype (float32); drop one of them"
-            )
         if self.density is not None:  # checked before any data is read
             _check_unit("density", self.density, low_open=True, high_open=False)
         if not isinstance(self.sparsity, Mapping):
@@ -305,7 +300,13 @@ def engine_options(cfg: TrainConfig) -> dict[str, Any]:
         if key in ("include", "exclude"):
             value = [_selector(v) for v in ([value] if isinstance(value, str) else value)]
         elif key == "update_every" and isinstance(value, str) and value != "epoch":
-            value = int(value)
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(
+                    f"update_every must be an integer >= 0 (optimizer steps between mask "
+                    f"updates) or 'epoch', got {value!r}"
+                ) from None
         out[key] = value
     return out
 
