@@ -51,6 +51,7 @@ bench: $(STAMP) $(FMNIST)
 	$(BENCH_ENV) $(BIN)/python benchmarks/mask_update.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/fsdp_update.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/speed.py --out docs/performance.md
+	$(BENCH_ENV) $(BIN)/python benchmarks/autocast.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/op_profile.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/end_to_end.py --out docs/performance.md
 
