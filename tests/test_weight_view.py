@@ -92,12 +92,27 @@ def test_gradients_through_weight_reach_the_values() -> None:
     torch.manual_seed(0)
     dense = masked(nn.Linear(12, 7))
     sparse = sparse_twin(dense)
+    assert sparse.weight.grad is None
     x = torch.randn(4, 12)
     (x @ dense.weight.t()).pow(2).sum().backward()
     (x @ sparse.weight.t()).pow(2).sum().backward()
     grad = sparse.weight_sparse.values.grad
     assert grad is not None
-    torch.testing.assert_close(grad, dense.weight.grad[dense.weight != 0])
+    active = dense.weight != 0
+    torch.testing.assert_close(grad, dense.weight.grad[active])
+    # .grad reads as the dense layer's gradient at the active weights, zero elsewhere
+    torch.testing.assert_close(sparse.weight.grad, dense.weight.grad * active)
+
+
+def test_a_conv1d_weight_reads_in_its_in_out_shape() -> None:
+    torch.manual_seed(0)
+    dense = masked(Conv1D(7, 12))
+    sparse = sparse_twin(dense)
+    x = torch.randn(3, 12)
+    dense(x).sum().backward()
+    sparse(x).sum().backward()
+    assert torch.equal(sparse.weight + 0, dense.weight.detach())
+    torch.testing.assert_close(sparse.weight.grad, dense.weight.grad * (dense.weight != 0))
 
 
 WRITES: dict[str, Callable[[nn.Module], Any]] = {

@@ -26,15 +26,15 @@ if TYPE_CHECKING:
 # attributes and methods answered from the view's own metadata (shape, dtype, device, autograd
 # flags): nothing is built for them
 _METADATA_ATTRIBUTES = frozenset(
-    {"shape", "dtype", "device", "requires_grad", "is_leaf", "ndim", "layout", "grad",
-     "grad_fn", "is_cuda", "is_cpu", "is_meta", "is_mps", "is_xpu", "is_sparse",
-     "is_sparse_csr", "is_quantized", "is_mkldnn", "is_nested", "names", "itemsize", "nbytes",
-     "output_nr", "_version", "_base"}
+    {"shape", "dtype", "device", "requires_grad", "is_leaf", "ndim", "layout", "grad_fn",
+     "is_cuda", "is_cpu", "is_meta", "is_mps", "is_xpu", "is_sparse", "is_sparse_csr",
+     "is_quantized", "is_mkldnn", "is_nested", "names", "itemsize", "nbytes", "output_nr",
+     "_version", "_base"}
 )  # fmt: skip
 _METADATA_METHODS = frozenset(
     {"size", "dim", "ndimension", "numel", "nelement", "element_size", "is_floating_point",
-     "is_complex", "is_signed", "get_device", "stride", "is_contiguous", "__len__", "type",
-     "__hash__", "__format__"}
+     "is_complex", "is_signed", "get_device", "stride", "is_contiguous", "__len__", "__hash__",
+     "__format__"}
 )  # fmt: skip
 _IN_PLACE_DUNDERS = frozenset(
     {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
@@ -70,9 +70,10 @@ class SparseWeightView(Tensor):
     """The dense weight of an accelerated layer, built only when something computes with it.
 
     ``shape``, ``dtype``, ``device``, ``requires_grad`` and the other metadata are the dense
-    weight's (a ``Conv1D``'s: its (in, out) shape). Any operation on it sees the dense weight
-    with exact zeros at the inactive positions; where autograd records, its gradient reaches
-    the layer's values. In-place edits and assignment are refused.
+    weight's (a ``Conv1D``'s: its (in, out) shape); ``grad`` is the values' gradient, zero at
+    the inactive positions. Any operation on it sees the dense weight with exact zeros at the
+    inactive positions; where autograd records, its gradient reaches the layer's values.
+    In-place edits and assignment are refused.
     """
 
     _storage_of: SparseWeight
@@ -106,6 +107,14 @@ class SparseWeightView(Tensor):
         dense = storage.dense_from(values)
         return dense.t() if self._transposed else dense
 
+    def _dense_grad(self) -> Tensor | None:
+        """The values' gradient as a dense gradient of the weight (None before a backward)."""
+        grad = self._storage_of.values.grad
+        if grad is None:
+            return None
+        dense = self._storage_of.dense_from(grad)
+        return dense.t() if self._transposed else dense
+
     def _refuse(self, what: str) -> RuntimeError:
         return RuntimeError(
             f"{self._layer}.weight is computed from the layer's sparse values and cannot be "
@@ -127,6 +136,8 @@ class SparseWeightView(Tensor):
         if (name == "__get__" and attribute in _METADATA_ATTRIBUTES) or name in _METADATA_METHODS:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        if name == "__get__" and attribute == "grad":
+            return args[0]._dense_grad()
         if _writes(func, args, kwargs):
             view = next(a for a in (*args, *kwargs.values()) if isinstance(a, cls))
             what = f"set ({attribute})" if attribute else f"edited in place ({name})"
