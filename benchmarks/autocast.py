@@ -15,7 +15,6 @@ import copy
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
+from benchmarks.op_profile import median_ms
 from benchmarks.speed import cpu_name, masked
 
 from sparselearn.accel import SparseConv2d, SparseLinear
@@ -88,19 +88,12 @@ def infer(module: nn.Module, x: torch.Tensor, amp: bool) -> Callable[[], None]:
 
 
 def rounds_ms(fns: list[Callable[[], None]], repeats: int, rounds: int) -> list[list[float]]:
-    """Each callable's median ms in each round; in a round every callable runs twice untimed,
-    then ``repeats`` timed (turns put all sides under the same load)."""
+    """Each callable's median ms in each round (two untimed runs, then ``repeats`` timed),
+    the callables in turns within every round, so that all sides share the machine's load."""
     out: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for fn, per in zip(fns, out, strict=True):
-            fn()
-            fn()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            per.append(1e3 * statistics.median(times))
+            per.append(median_ms(fn, repeats))
     return out
 
 

@@ -70,6 +70,15 @@ class RNNClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+def masked(dense: nn.Module, density: float = 0.3) -> nn.Module:
+    """``dense`` with a random share ``density`` of its weight kept, the rest exact zeros."""
+    w = dense.weight
+    assert isinstance(w, torch.Tensor)
+    with torch.no_grad():
+        w.mul_(torch.rand(w.shape) < density)
+    return dense
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "mlp": MLP,
     "conv_bn": ConvBN,

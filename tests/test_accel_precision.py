@@ -14,17 +14,10 @@ from transformers.pytorch_utils import Conv1D
 import sparselearn as sl
 from sparselearn.accel import SparseConv1D, SparseConv2d, SparseLinear
 from sparselearn.kernels import extension
+from tests.helpers import masked
 
 BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
 HALF = [torch.bfloat16, torch.float16]
-
-
-def masked(dense: nn.Module, density: float = 0.3) -> nn.Module:
-    w = dense.weight
-    assert isinstance(w, torch.Tensor)
-    with torch.no_grad():
-        w.mul_(torch.rand(w.shape) < density)
-    return dense
 
 
 # (dense layer, its input): a Linear on a 3-D input, GPT-2's Conv1D, convolutions on planes

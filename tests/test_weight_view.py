@@ -15,15 +15,7 @@ from transformers.pytorch_utils import Conv1D
 import sparselearn as sl
 from sparselearn.accel import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight
 from sparselearn.accel.weight_view import SparseWeightView
-
-
-def masked(dense: nn.Module, density: float = 0.3) -> nn.Module:
-    """``dense`` with a random mask applied: its weight has exact zeros."""
-    w = dense.weight
-    assert isinstance(w, torch.Tensor)
-    with torch.no_grad():
-        w.mul_(torch.rand(w.shape) < density)
-    return dense
+from tests.helpers import masked
 
 
 def sparse_twin(dense: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -307,6 +307,18 @@ class _PatchesFn(torch.autograd.Function):
         return ctx.ops.patches_grad(grad, ctx.shape, *ctx.args), None, None, None, None, None
 
 
+_Grads = TypeVar("_Grads")
+
+
+def _as_in_forward(backward: Callable[[Any, Tensor], _Grads], ctx: Any, grad: Tensor) -> _Grads:
+    """``backward(ctx, grad)`` with autocast off where it is on: a backward called under
+    autocast computes in the dtype the forward did (:func:`_in_compute_dtype`)."""
+    if torch.is_autocast_enabled(grad.device.type):
+        with _no_autocast(grad):
+            return backward(ctx, grad)
+    return backward(ctx, grad)
+
+
 class _SparseLinearFn(torch.autograd.Function):
     """``x @ W.T + bias`` with W sparse; the bias is added as the output is written, and its
     gradient (the output gradient summed over the batch) comes from the pass that packs the
@@ -331,10 +343,7 @@ class _SparseLinearFn(torch.autograd.Function):
     def backward(
         ctx: Any, grad_y: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        if torch.is_autocast_enabled(grad_y.device.type):  # computes as the forward did
-            with _no_autocast(grad_y):
-                return _SparseLinearFn._backward(ctx, grad_y)
-        return _SparseLinearFn._backward(ctx, grad_y)
+        return _as_in_forward(_SparseLinearFn._backward, ctx, grad_y)
 
     @staticmethod
     def _backward(
@@ -421,10 +430,7 @@ class _SparseConv2dFn(torch.autograd.Function):
     def backward(
         ctx: Any, grad_y: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
-        if torch.is_autocast_enabled(grad_y.device.type):  # computes as the forward did
-            with _no_autocast(grad_y):
-                return _SparseConv2dFn._backward(ctx, grad_y)
-        return _SparseConv2dFn._backward(ctx, grad_y)
+        return _as_in_forward(_SparseConv2dFn._backward, ctx, grad_y)
 
     @staticmethod
     def _backward(
@@ -629,12 +635,7 @@ class SparseLinear(_InferenceChoice, _DenseFace, nn.Module):
         dense = nn.Linear(
             self.in_features, self.out_features, self.bias is not None, v.device, v.dtype
         )
-        with torch.no_grad():
-            dense.weight.copy_(self.weight_sparse.dense())
-            if self.bias is not None:
-                assert dense.bias is not None
-                dense.bias.copy_(self.bias)
-        return dense.train(self.training)
+        return _holding_weights(self, dense)
 
     def extra_repr(self) -> str:
         w = self.weight_sparse
@@ -670,14 +671,7 @@ class SparseConv1D(SparseLinear):
     def to_dense_module(self) -> nn.Module:
         v = self.weight_sparse.values
         dense = self._conv1d_type(self.out_features, self.in_features)  # Conv1D(nf, nx)
-        dense.to(device=v.device, dtype=v.dtype)
-        weight, bias = dense.weight, dense.bias
-        assert isinstance(weight, Tensor)
-        assert isinstance(bias, Tensor)
-        with torch.no_grad():
-            weight.copy_(self.weight_sparse.dense().t())  # (in, out)
-            bias.copy_(self.bias if self.bias is not None else torch.zeros_like(bias))
-        return dense.train(self.training)
+        return _holding_weights(self, dense.to(device=v.device, dtype=v.dtype))
 
 
 # Output planes of at most this many positions compute as a product over patches (im2col and
@@ -859,12 +853,7 @@ class SparseConv2d(_InferenceChoice, _DenseFace, nn.Module):
             device=v.device,
             dtype=v.dtype,
         )
-        with torch.no_grad():
-            dense.weight.copy_(self.weight_sparse.dense())
-            if self.bias is not None:
-                assert dense.bias is not None
-                dense.bias.copy_(self.bias)
-        return dense.train(self.training)
+        return _holding_weights(self, dense)
 
     def extra_repr(self) -> str:
         w = self.weight_sparse
@@ -876,6 +865,19 @@ class SparseConv2d(_InferenceChoice, _DenseFace, nn.Module):
             + ("" if self.threads is None else f", threads={self.threads}")
             + self._inference_repr()
         )
+
+
+def _holding_weights(layer: SparseLinear | SparseConv2d, dense: nn.Module) -> nn.Module:
+    """``dense``, a fresh layer of the type ``layer`` replaced, given its weight and bias (zero
+    where ``layer`` has none), in its training mode (:meth:`_DenseFace.to_dense_module`)."""
+    weight, bias = dense.weight, dense.bias
+    assert isinstance(weight, Tensor)
+    stored = layer.weight_sparse.dense()
+    with torch.no_grad():
+        weight.copy_(stored.t() if layer._weight_transposed else stored)
+        if isinstance(bias, Tensor):
+            bias.copy_(layer.bias if layer.bias is not None else torch.zeros_like(bias))
+    return dense.train(layer.training)
 
 
 def supports_conv(conv: nn.Conv2d) -> bool:
