@@ -32,6 +32,7 @@ from benchmarks.speed import cpu_name, masked
 from sparselearn.accel import SparseConv2d, SparseLinear
 from sparselearn.experiments.report import replace_section
 from sparselearn.kernels import extension
+from sparselearn.kernels.build import march
 
 START, END = "<!-- autocast:start -->", "<!-- autocast:end -->"
 DENSITY = 0.05
@@ -149,7 +150,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    backend = "compiled C++/OpenMP kernels (-march=native)" if extension() else "PyTorch fallback"
+    backend = (
+        f"compiled C++/OpenMP kernels (-march={march()})" if extension() else "PyTorch fallback"
+    )
     env = (
         f"{cpu_name()} ({cpu_isa()}), {os.cpu_count()} cores; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "

@@ -36,6 +36,7 @@ import sparselearn as sl
 from sparselearn.accel import SparseConv2d, SparseLinear
 from sparselearn.experiments.report import replace_section
 from sparselearn.kernels import extension
+from sparselearn.kernels.build import march
 from sparselearn.models import create_model
 
 START, END = "<!-- speed:start -->", "<!-- speed:end -->"
@@ -325,7 +326,11 @@ def main() -> None:
     args = p.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
-    backend = "compiled C++/OpenMP kernels" if extension() is not None else "PyTorch fallback"
+    backend = (
+        f"compiled C++/OpenMP kernels (-march={march()})"
+        if extension() is not None
+        else "PyTorch fallback"
+    )
     env = (
         f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..engine import LayerStorage, SparseEngine
 from ..engine.sharding import refuse_sharded
 from ..kernels import check_threads, ops_for
+from ..kernels.build import march
 from ..targets import expert_count, is_conv1d
 from .layers import (
     SparseConv1D,
@@ -49,6 +50,9 @@ class LayerChoice:
 class AccelerationReport:
     backend: str  # as asked for; each accelerated layer's ``backend`` says what it uses
     layers: list[LayerChoice] = field(default_factory=list)
+    # the instruction set the compiled kernels were built for ($SPARSELEARN_MARCH; None where
+    # no layer runs them)
+    march: str | None = None
 
     @property
     def accelerated(self) -> list[str]:
@@ -95,9 +99,12 @@ class AccelerationReport:
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join(
+        lines = [
             "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
-        )
+        ]
+        if self.march is not None:
+            lines.append(f"compiled kernels built with -march={self.march}")
+        return "\n".join(lines)
 
 
 def _parent(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -280,6 +287,8 @@ def accelerate(
                 choice, backend=_kernels(layer.param, backend)
             )
             _install(model, engine, layer, found, sparse, choice.threads, choice.inference)
+    if any(c.backend == "cpp" for c in report.layers):
+        report.march = march()
     return report
 
 

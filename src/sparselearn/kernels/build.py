@@ -7,7 +7,9 @@ location), so that two environments never rebuild each other's build. Where it c
 (sources missing, no compiler, a failed build), one warning says why and how to get it, and the
 PyTorch backend computes the same results.
 ``SPARSELEARN_BACKEND`` chooses: ``auto`` (the default), ``cpp`` (the compiled kernels or an
-error) or ``torch`` (always the fallback).
+error) or ``torch`` (always the fallback). ``SPARSELEARN_MARCH`` sets the instruction set the
+kernels are compiled for (``-march``; default ``native``): ``x86-64-v3`` builds the AVX2 kernels
+on an AVX-512 machine, so that both can be tested and timed on one CPU.
 """
 
 from __future__ import annotations
@@ -66,8 +68,22 @@ def backend_setting() -> str:
     return value
 
 
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
+
+
+def march() -> str:
+    """``$SPARSELEARN_MARCH``: the ``-march`` of the kernel build (``native`` where unset)."""
+    value = os.environ.get("SPARSELEARN_MARCH", "").strip() or "native"
+    if not all(c.isalnum() or c in "-_.+" for c in value):
+        raise ValueError(
+            f"SPARSELEARN_MARCH must be a -march value of the compiler (native, x86-64-v3, "
+            f"x86-64-v4, armv8.2-a, ...), got {value!r}"
+        )
+    return value
+
+
+def _cflags() -> list[str]:
+    return ["-O3", f"-march={march()}", "-fopenmp"]
 
 
 def _compiler() -> str:
@@ -83,9 +99,9 @@ def _compiler() -> str:
 
 
 def _build_key() -> str:
-    """Everything that changes the binary: the sources and headers, the flags, the compiler,
-    the CPU (``-march=native``), and the Python environment the extension is built against
-    (its torch, its interpreter, its location)."""
+    """Everything that changes the binary: the sources and headers, the flags (``-march``
+    among them), the compiler, the CPU (for ``-march=native``), and the Python environment the
+    extension is built against (its torch, its interpreter, its location)."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -98,7 +114,7 @@ def _build_key() -> str:
     for source in (*_SOURCES, *_HEADERS):
         h.update(source.read_bytes())
     for part in (
-        " ".join(_CFLAGS + _LDFLAGS),
+        " ".join(_cflags() + _LDFLAGS),
         _compiler(),
         flags,
         torch.__version__,
@@ -148,7 +164,7 @@ def _build() -> Any:
         return load(
             name="sparselearn_cpu",
             sources=[str(s) for s in _SOURCES],
-            extra_cflags=_CFLAGS,
+            extra_cflags=_cflags(),
             extra_ldflags=_LDFLAGS,
             build_directory=str(build),
             verbose=False,

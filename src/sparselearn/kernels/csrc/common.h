@@ -27,27 +27,41 @@
 
 namespace slk {
 
-// 64-byte vectors (one AVX-512 register; GCC splits them where the CPU has narrower ones).
-// Written out explicitly: left to itself, GCC vectorised some of these loops across non-zeros,
-// with gathers, at a twentieth of the speed.
+// The kernels' vectors are one register of the CPU they are built for: 64 bytes with AVX-512,
+// 32 with AVX2 (x86-64-v3), 16 elsewhere (ARM64's NEON, SSE). Written out explicitly: left to
+// itself, GCC vectorised some of these loops across non-zeros, with gathers, at a twentieth of
+// the speed. Wider than a register they cost far more than the split: GCC keeps arrays of them
+// (the accumulators) in memory, and on AVX2 each 64-byte multiply-add became stack stores and
+// reloads, ten times slower than 32-byte vectors in registers.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+typedef float vNf __attribute__((vector_size(kVecBytes)));
+typedef double vNd __attribute__((vector_size(kVecBytes)));
+// 64-byte vectors, for the code written for sixteen float lanes (transposing reductions, the
+// narrow pooling kernels)
 typedef float v16f __attribute__((vector_size(64)));
-typedef double v8d __attribute__((vector_size(64)));
 typedef int v16i __attribute__((vector_size(64)));
 
 template <typename T>
 struct Vec;
 template <>
 struct Vec<float> {
-  using type = v16f;
+  using type = vNf;
 };
 template <>
 struct Vec<double> {
-  using type = v8d;
+  using type = vNd;
 };
 template <typename T>
 using vec_t = typename Vec<T>::type;
+// elements per vector: the samples of a batch panel's vector in the convolutions' layout
 template <typename T>
-constexpr int kLanes = 64 / int(sizeof(T));
+constexpr int kLanes = kVecBytes / int(sizeof(T));
 
 template <typename T>
 inline vec_t<T> loadv(const T* p) {
@@ -61,7 +75,13 @@ inline void storev(T* p, vec_t<T> v) {
   __builtin_memcpy(p, &v, sizeof v);
 }
 
-inline v16f load16(const float* p) { return loadv<float>(p); }
+inline v16f load16(const float* p) {
+  v16f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, v16f v) { __builtin_memcpy(p, &v, sizeof v); }
 
 // Work (multiply-adds plus elements moved) below which a kernel runs on the calling thread alone:
 // with OMP_WAIT_POLICY=PASSIVE each parallel region, and each barrier in one, wakes the pool's

@@ -349,7 +349,7 @@ void backward_body(const int64_t* crowT, const I* colT, const I* perm_inv, const
           acc[i] = vec_t<T>{};
         }
         const int64_t begin = crowT[c], end = crowT[c + 1];
-        if constexpr (std::is_same_v<T, float>) {
+        if constexpr (std::is_same_v<T, float> && kLanes<float> == 16) {
           // sixteen non-zeros at a time (the last group padded with zeros): their sixteen
           // lane-wise partial dot products reduce to one register of sums (see sampled_panels)
           constexpr int kRev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};

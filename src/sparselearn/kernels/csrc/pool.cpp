@@ -83,7 +83,7 @@ inline void pool_rows2(const float* r0, const float* r1, float* out, uint8_t* at
       best = take ? cand[i] : best;
       where = take ? v16i_t{} + i : where;
     }
-    storev<float>(out + ox, best);
+    store16(out + ox, best);
     if (at) {
       const v16u8 w = __builtin_convertvector(where, v16u8);
       __builtin_memcpy(at + ox, &w, sizeof w);
@@ -117,10 +117,10 @@ inline void unpool_rows2(const float* g, const uint8_t* at, float* r0, float* r1
     const v16f z = v16f{};
     const v16f c0 = w == 0 ? gv : z, c1 = w == 1 ? gv : z;
     const v16f c2 = w == 2 ? gv : z, c3 = w == 3 ? gv : z;
-    storev<float>(r0 + 2 * ox, __builtin_shuffle(c0, c1, lo));
-    storev<float>(r0 + 2 * ox + 16, __builtin_shuffle(c0, c1, hi));
-    storev<float>(r1 + 2 * ox, __builtin_shuffle(c2, c3, lo));
-    storev<float>(r1 + 2 * ox + 16, __builtin_shuffle(c2, c3, hi));
+    store16(r0 + 2 * ox, __builtin_shuffle(c0, c1, lo));
+    store16(r0 + 2 * ox + 16, __builtin_shuffle(c0, c1, hi));
+    store16(r1 + 2 * ox, __builtin_shuffle(c2, c3, lo));
+    store16(r1 + 2 * ox + 16, __builtin_shuffle(c2, c3, hi));
   }
   for (; ox < OW; ++ox) {
     r0[2 * ox] = at[ox] == 0 ? g[ox] : 0.0f;
