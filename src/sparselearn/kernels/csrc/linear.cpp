@@ -231,17 +231,42 @@ void spmm_panels(const int64_t* crow, const I* col, const T* val, const T* XP, c
 }
 
 
-// One level of a transposing reduction: lanes of a and b, summed pairwise over blocks of 2h.
+// The transposing reduction of N = kLanes<float> vectors of lane-wise partial sums: one vector
+// whose lane j is the sum of the lanes of s[bitreverse(j)] (no horizontal sum per vector). Each
+// level folds pairs: lanes of a and b summed pairwise over blocks of 2H.
+constexpr int kFloatLanes = kLanes<float>;
+typedef int vNi __attribute__((vector_size(kVecBytes)));
+
 template <int H>
-inline v16f fold(v16f a, v16f b) {
-  v16i lo, hi;
-  for (int i = 0, n = 0; i < 16; i += 2 * H)
+inline vNf fold(vNf a, vNf b) {
+  constexpr int N = kFloatLanes;
+  vNi lo, hi;
+  for (int i = 0, n = 0; i < N; i += 2 * H)
     for (int side = 0; side < 2; ++side)
       for (int j = 0; j < H; ++j, ++n) {
-        lo[n] = side * 16 + i + j;
-        hi[n] = side * 16 + i + H + j;
+        lo[n] = side * N + i + j;
+        hi[n] = side * N + i + H + j;
       }
   return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+template <int M>
+inline __attribute__((always_inline)) vNf transposed_sums(const vNf* s) {
+  if constexpr (M == 1) {
+    return s[0];
+  } else {
+    vNf t[M / 2];
+#pragma GCC unroll 8
+    for (int i = 0; i < M / 2; ++i) t[i] = fold<M / 2>(s[2 * i], s[2 * i + 1]);
+    return transposed_sums<M / 2>(t);
+  }
+}
+
+// The slot of the j-th of N non-zeros in transposed_sums, so that the sums come out in order.
+constexpr int slot(int j) {
+  int r = 0;
+  for (int b = 1; b < kFloatLanes; b <<= 1) r = (r << 1) | ((j & b) ? 1 : 0);
+  return r;
 }
 
 // dval[k] = sum_b GP[p, r, b] * XP[p, col[k], b] summed over the panels p, for each non-zero
@@ -261,39 +286,32 @@ void sampled_panels(const int64_t* crow, const I* col, const T* GP, const T* XP,
       for (int b = 0; b < W; ++b) g[b] = gs[b];
       const int64_t end = crow[r + 1];
       int64_t k = crow[r];
-      if constexpr (std::is_same_v<T, float> && W % 16 == 0) {
-        // sixteen non-zeros at a time: sixteen lane-wise partial dot products, then one
-        // transposing reduction gives their sixteen sums in one register (no horizontal sum
-        // per non-zero). Non-zero j goes to slot bitreverse(j) so that the sums come out in order.
-        constexpr int kRev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
-        v16f gv[W / 16];
-#pragma GCC unroll 4
-        for (int c = 0; c < W / 16; ++c) gv[c] = load16(g + 16 * c);
-        for (; k + 16 <= end; k += 16) {
-          v16f s[16];
+      if constexpr (std::is_same_v<T, float> && W % kFloatLanes == 0) {
+        // N = kFloatLanes non-zeros at a time: N lane-wise partial dot products, then one
+        // transposing reduction gives their N sums in one register (no horizontal sum per
+        // non-zero)
+        constexpr int N = kFloatLanes, NV = W / N;
+        vNf gv[NV];
+#pragma GCC unroll 8
+        for (int c = 0; c < NV; ++c) gv[c] = loadv<float>(g + N * c);
+        for (; k + N <= end; k += N) {
+          vNf s[N];
 #pragma GCC unroll 16
-          for (int j = 0; j < 16; ++j) {
+          for (int j = 0; j < N; ++j) {
             if (k + j + kPrefetch < end) {
               const T* q = X + int64_t(col[k + j + kPrefetch]) * W;
 #pragma GCC unroll 4
               for (int l = 0; l < W; l += 16) __builtin_prefetch(q + l);
             }
             const T* x = X + int64_t(col[k + j]) * W;
-            v16f t = gv[0] * load16(x);
-#pragma GCC unroll 4
-            for (int c = 1; c < W / 16; ++c) t += gv[c] * load16(x + 16 * c);
-            s[kRev[j]] = t;
-          }
-          v16f s8[8], s4[4], s2[2];
+            vNf t = gv[0] * loadv<float>(x);
 #pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) s8[i] = fold<8>(s[2 * i], s[2 * i + 1]);
-#pragma GCC unroll 4
-          for (int i = 0; i < 4; ++i) s4[i] = fold<4>(s8[2 * i], s8[2 * i + 1]);
-          s2[0] = fold<2>(s4[0], s4[1]);
-          s2[1] = fold<2>(s4[2], s4[3]);
-          v16f sum = fold<1>(s2[0], s2[1]);
-          if (p > 0) sum += load16(dval + k);
-          __builtin_memcpy(dval + k, &sum, sizeof sum);
+            for (int c = 1; c < NV; ++c) t += gv[c] * loadv<float>(x + N * c);
+            s[slot(j)] = t;
+          }
+          vNf sum = transposed_sums<N>(s);
+          if (p > 0) sum += loadv<float>(dval + k);
+          storev<float>(dval + k, sum);
         }
       }
       for (; k < end; ++k) {
@@ -349,46 +367,39 @@ void backward_body(const int64_t* crowT, const I* colT, const I* perm_inv, const
           acc[i] = vec_t<T>{};
         }
         const int64_t begin = crowT[c], end = crowT[c + 1];
-        if constexpr (std::is_same_v<T, float> && kLanes<float> == 16) {
-          // sixteen non-zeros at a time (the last group padded with zeros): their sixteen
+        if constexpr (std::is_same_v<T, float>) {
+          // N = kFloatLanes non-zeros at a time (the last group padded with zeros): their N
           // lane-wise partial dot products reduce to one register of sums (see sampled_panels)
-          constexpr int kRev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
-          for (int64_t k = begin; k < end; k += 16) {
-            const int m = int(std::min<int64_t>(16, end - k));
-            v16f s[16];
+          constexpr int N = kFloatLanes;
+          for (int64_t k = begin; k < end; k += N) {
+            const int m = int(std::min<int64_t>(N, end - k));
+            vNf s[N];
 #pragma GCC unroll 16
-            for (int q = 0; q < 16; ++q) {
+            for (int q = 0; q < N; ++q) {
               if (q < m) {
                 if (k + q + kPrefetch < end) {
                   const float* next = G + int64_t(colT[k + q + kPrefetch]) * W;
 #pragma GCC unroll 4
-                  for (int i = 0; i < NV; ++i) __builtin_prefetch(next + 16 * i);
+                  for (int i = 0; i < W; i += 16) __builtin_prefetch(next + i);
                 }
                 const float* g = G + int64_t(colT[k + q]) * W;
                 const float v = valT[k + q];
-                v16f d = v16f{};
-#pragma GCC unroll 4
+                vNf d = vNf{};
+#pragma GCC unroll 8
                 for (int i = 0; i < NV; ++i) {
-                  const v16f gi = load16(g + 16 * i);
+                  const vNf gi = loadv<float>(g + N * i);
                   acc[i] += v * gi;
                   d += gi * xc[i];
                 }
-                s[kRev[q]] = d;
+                s[slot(q)] = d;
               } else {
-                s[kRev[q]] = v16f{};
+                s[slot(q)] = vNf{};
               }
             }
-            v16f s8[8], s4[4], s2[2];
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; ++i) s8[i] = fold<8>(s[2 * i], s[2 * i + 1]);
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; ++i) s4[i] = fold<4>(s8[2 * i], s8[2 * i + 1]);
-            s2[0] = fold<2>(s4[0], s4[1]);
-            s2[1] = fold<2>(s4[2], s4[3]);
-            v16f sum = fold<1>(s2[0], s2[1]);
-            if (m == 16) {
-              if (p > 0) sum += load16(dvalT + k);
-              __builtin_memcpy(dvalT + k, &sum, sizeof sum);
+            vNf sum = transposed_sums<N>(s);
+            if (m == N) {
+              if (p > 0) sum += loadv<float>(dvalT + k);
+              storev<float>(dvalT + k, sum);
             } else {
 #if defined(__AVX512F__)
               // a short group (at 1% density most rows of W^T hold about ten non-zeros): one
