@@ -51,6 +51,9 @@ bench: $(STAMP) $(FMNIST)
 	$(BENCH_ENV) $(BIN)/python benchmarks/mask_update.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/fsdp_update.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/speed.py --out docs/performance.md
+	if grep -qw avx512f /proc/cpuinfo; then \
+	  SPARSELEARN_MARCH=x86-64-v3 $(BENCH_ENV) $(BIN)/python benchmarks/speed.py \
+	    --out docs/performance.md; fi
 	$(BENCH_ENV) $(BIN)/python benchmarks/autocast.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/op_profile.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/end_to_end.py --out docs/performance.md

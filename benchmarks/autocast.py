@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
 from benchmarks.op_profile import median_ms
-from benchmarks.speed import cpu_name, masked
+from benchmarks.speed import cpu_isa, cpu_name, masked
 
 from sparselearn.accel import SparseConv2d, SparseLinear
 from sparselearn.experiments.report import replace_section
@@ -36,28 +36,6 @@ from sparselearn.kernels.build import march
 
 START, END = "<!-- autocast:start -->", "<!-- autocast:end -->"
 DENSITY = 0.05
-
-
-def cpu_isa() -> str:
-    """The CPU's family and model, and the vector extensions that decide these timings."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return "ISA unknown"
-    flags = set(fields.get("flags", "").split())
-    extensions = (
-        ("avx512f", "AVX-512"),
-        ("avx512_bf16", "AVX-512 BF16"),
-        ("amx_bf16", "AMX BF16"),
-        ("avx2", "AVX2"),
-    )
-    isa = [name for flag, name in extensions if flag in flags]
-    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; " + (
-        ", ".join(isa) or "no AVX2"
-    )
 
 
 def autocast(on: bool) -> contextlib.AbstractContextManager[object]:

@@ -1,6 +1,8 @@
 """Speed of the accelerated sparse layers against dense PyTorch (``sl.accelerate``).
 
-Usage: ``make bench`` (or ``python benchmarks/speed.py --out docs/performance.md``).
+Usage: ``make bench`` (or ``python benchmarks/speed.py --out docs/performance.md``); with
+``SPARSELEARN_MARCH=x86-64-v3`` the kernels are built for AVX2 and the tables go to a section of
+their own (``make bench`` runs both where the CPU has AVX-512).
 
 Every number is a median over repeats, measured in one process, dense and sparse side by side,
 after warm-up. Rows: single Linear layers (training step = forward + both gradients), an MLP
@@ -40,6 +42,16 @@ from sparselearn.kernels.build import march
 from sparselearn.models import create_model
 
 START, END = "<!-- speed:start -->", "<!-- speed:end -->"
+
+
+def markers() -> tuple[str, str]:
+    """This build's section: the machine's own (``native``) or another instruction set's
+    (``SPARSELEARN_MARCH=x86-64-v3`` on an AVX-512 machine: ``speed-x86-64-v3``)."""
+    if march() == "native":
+        return START, END
+    return f"<!-- speed-{march()}:start -->", f"<!-- speed-{march()}:end -->"
+
+
 LINEAR_TARGET = {0.01: 20.0, 0.05: 8.0, 0.1: 3.5}  # at 20% and above: never slower (>= 1x)
 
 
@@ -315,6 +327,28 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_isa() -> str:
+    """The CPU's family and model, and the vector extensions that decide these timings."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "ISA unknown"
+    flags = set(fields.get("flags", "").split())
+    extensions = (
+        ("avx512f", "AVX-512"),
+        ("avx512_bf16", "AVX-512 BF16"),
+        ("amx_bf16", "AMX BF16"),
+        ("avx2", "AVX2"),
+    )
+    isa = [name for flag, name in extensions if flag in flags]
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; " + (
+        ", ".join(isa) or "no AVX2"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="markdown file to write the section into")
@@ -332,7 +366,7 @@ def main() -> None:
         else "PyTorch fallback"
     )
     env = (
-        f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"{cpu_name()} ({cpu_isa()}), {os.cpu_count()} cores; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
         f"sparse kernels: {backend}; float32; median of {args.repeats} repeats "
         "(fewer for the largest shapes) after warm-up"
@@ -352,7 +386,9 @@ def main() -> None:
                    "`sl.accelerate` choosing per layer", bench_models),
     }  # fmt: skip
     parts = [
-        "Command: `make bench` (`python benchmarks/speed.py --out docs/performance.md`).",
+        "Command: `make bench` (`"
+        + ("" if march() == "native" else f"SPARSELEARN_MARCH={march()} ")
+        + "python benchmarks/speed.py --out docs/performance.md`).",
         "",
         f"Machine: {env}.",
     ]
@@ -363,7 +399,7 @@ def main() -> None:
         print(f"\n{title} ({time.time() - t0:.0f} s)\n" + "\n".join(rows), flush=True)
         parts += ["", f"**{title}.**", "", *rows]
     if args.out:
-        replace_section(args.out, START, END, "\n".join(parts))
+        replace_section(args.out, *markers(), "\n".join(parts))
         print(f"\nwrote {args.out}")
 
 
