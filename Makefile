@@ -9,6 +9,8 @@ CONSTRAINTS := requirements/constraints.txt
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+# The test suite compiles the kernel sources for ARM64 too (tests/test_isa.py).
+CROSS  := /usr/bin/aarch64-linux-gnu-g++
 
 # Benchmarks: PyTorch's OpenMP spin-wait makes small ops very slow on a 2-core VM.
 BENCH_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)}
@@ -32,10 +34,14 @@ $(FMNIST):
 	$(APT) install -y -q dataset-fashion-mnist || \
 	  ($(APT) update -q && $(APT) install -y -q dataset-fashion-mnist)
 
+$(CROSS):
+	$(APT) install -y -q g++-aarch64-linux-gnu || \
+	  ($(APT) update -q && $(APT) install -y -q g++-aarch64-linux-gnu)
+
 demo: $(STAMP) $(FMNIST)
 	$(BIN)/sparselearn demo
 
-test: $(STAMP)
+test: $(STAMP) $(CROSS)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -384,7 +384,10 @@ def test_the_kernel_cache_key_follows_the_environment_and_flags(
     monkeypatch.setattr(sys, "prefix", "/some/other/venv")
     assert build._build_key() != key
     monkeypatch.undo()
-    monkeypatch.setattr(build, "_CFLAGS", ["-O2", "-fopenmp"])
+    monkeypatch.setenv("SPARSELEARN_MARCH", "x86-64-v2")  # the -march of the build
+    assert build._build_key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(build, "_LDFLAGS", ["-fopenmp", "-lm"])
     assert build._build_key() != key
     monkeypatch.undo()
     monkeypatch.setenv("CXX", "/nonexistent/clang++")
