@@ -15,8 +15,8 @@ CROSS  := /usr/bin/aarch64-linux-gnu-g++
 # Benchmarks: PyTorch's OpenMP spin-wait makes small ops very slow on a 2-core VM.
 BENCH_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)}
 
-.PHONY: all venv data demo test lint format bench study results study-gpt results-gpt \
-	study-paper results-paper clean
+.PHONY: all venv data demo test lint format bench bench-peers study results study-gpt \
+	results-gpt study-paper results-paper clean
 
 all: test
 
@@ -63,6 +63,24 @@ bench: $(STAMP) $(FMNIST)
 	$(BENCH_ENV) $(BIN)/python benchmarks/autocast.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/op_profile.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/end_to_end.py --out docs/performance.md
+
+# sparselearn's Linear layer against PyTorch's CSR product, SparseProp and SparseLab, each
+# checked against a float64 reference first (docs/performance.md, "Against the peers"). The
+# peers live in an environment of their own, never the project's.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+
+$(PEERS_STAMP): pyproject.toml $(CONSTRAINTS) requirements/peers.txt
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet -c $(CONSTRAINTS) "setuptools"
+	$(PEERS)/bin/python -m pip install --quiet -c $(CONSTRAINTS) -e . -r requirements/peers.txt
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(BENCH_ENV) $(PEERS)/bin/python benchmarks/peers.py --out docs/performance.md
+	if grep -qw avx512f /proc/cpuinfo; then \
+	  SPARSELEARN_MARCH=x86-64-v3 $(BENCH_ENV) $(PEERS)/bin/python benchmarks/peers.py \
+	    --out docs/performance.md; fi
 
 # The reproduction study of docs/results.md: the paper's protocol, then the same with the
 # gradient norm clipped at 5 (about two hours each on 2 cores; finished runs are skipped,
@@ -119,4 +137,4 @@ results-paper: $(STAMP) $(FMNIST)
 	  --plots docs/figures/paper --section report-paper-lenet300 --claims $(CURVES)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(PEERS) .pytest_cache .mypy_cache .ruff_cache .hypothesis
