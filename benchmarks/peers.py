@@ -20,7 +20,6 @@ import copy
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
+from benchmarks.autocast import rounds_ms
 from benchmarks.speed import cpu_isa, cpu_name
 
 from sparselearn.accel import SparseLinear
@@ -190,21 +190,6 @@ def runner(layer: nn.Module, case: Case) -> Callable[[], None]:
         opt.step()
 
     return step
-
-
-def rounds_ms(fns: list[Callable[[], None]], repeats: int, rounds: int) -> list[list[float]]:
-    out: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, per in zip(fns, out, strict=True):
-            for _ in range(3):
-                fn()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            per.append(1e3 * statistics.median(times))
-    return out
 
 
 def bench(repeats: int, rounds: int) -> list[str]:
