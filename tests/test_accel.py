@@ -8,6 +8,7 @@ import importlib
 import io
 import math
 import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ import sparselearn as sl
 from sparselearn.accel import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight, accelerate
 from sparselearn.accel.layers import PANEL_UNFOLD_MAX_POSITIONS, UNFOLD_MAX_POSITIONS
 from sparselearn.engine import CSRStorage
-from sparselearn.kernels import TorchOps, extension, ops_for, release_cached_blocks
+from sparselearn.kernels import TorchOps, build, extension, ops_for, release_cached_blocks
 
 BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
 
@@ -108,6 +109,35 @@ def test_linear_gradients_when_only_some_are_wanted(backend: str, wanted: str) -
         assert torch.allclose(sparse.bias.grad, lin.bias.grad, rtol=1e-5, atol=1e-5)
 
 
+def packed(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` (batch, features) as panels of ``width`` rows, transposed and zero-padded: the
+    protocol's layout, written out."""
+    b, f = x.shape
+    nb = -(-b // width)
+    padded = F.pad(x, (0, 0, 0, nb * width - b))
+    return padded.view(nb, width, f).transpose(1, 2).contiguous()
+
+
+def avx512_here() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "avx512f" in cpuinfo.read_text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_panel_widths_follow_the_batch(backend: str) -> None:
+    ops = ops_for(torch.empty(0), backend)
+    widest = ops.panel_width(10_000)
+    assert widest in (32, 64)
+    assert [ops.panel_width(b) for b in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 32]
+    assert ops.panel_width(widest) == widest
+    if backend == "torch":
+        assert widest == 64
+    elif build.march() == "x86-64-v3":  # AVX2: 32, so that a panel row stays in registers
+        assert widest == 32
+    elif build.march() == "native" and avx512_here():
+        assert widest == 64
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "layout", ["expanded", "transposed", "sliced", "row_broadcast", "column_broadcast"]
@@ -126,7 +156,7 @@ def test_pack_reads_any_strides(backend: str, layout: str) -> None:
     assert not x.is_contiguous()
     ops = ops_for(x, backend)
     xp, total = ops.pack_sum(x)
-    ref = TorchOps().pack(x.contiguous())
+    ref = packed(x.contiguous(), ops.panel_width(x.shape[0]))
     assert torch.equal(xp, ref)
     assert torch.equal(ops.pack(x), ref)
     assert torch.allclose(total, x.contiguous().sum(0), rtol=1e-6, atol=1e-5)
@@ -143,10 +173,10 @@ def test_pack_property(batch: int, features: int, dtype: torch.dtype, seed: int)
     # any batch (panel padding) and width (16-wide blocks and their remainder): the panels are
     # the same data moved, so equal exactly; the column sums equal the batch sums
     x = torch.randn(batch, features, dtype=dtype, generator=torch.Generator().manual_seed(seed))
-    ref = TorchOps().pack(x)
     for backend in BACKENDS:
-        xp, total = ops_for(x, backend).pack_sum(x)
-        assert torch.equal(xp, ref)
+        ops = ops_for(x, backend)
+        xp, total = ops.pack_sum(x)
+        assert torch.equal(xp, packed(x, ops.panel_width(batch)))
         assert torch.allclose(total, x.sum(0), rtol=1e-5, atol=1e-4)
 
 

@@ -40,6 +40,9 @@ class CppOps:
         self.threads, self.extension_module = threads, ext
         self._ext = ext if threads is None else _ThreadLimited(ext, threads)
 
+    def panel_width(self, batch: int) -> int:
+        return int(self._ext.panel_width(batch))
+
     def pack(self, x: Tensor) -> Tensor:
         out: Tensor = self._ext.pack(x)
         return out

@@ -1,7 +1,7 @@
 """The operations every kernel backend implements, on a CSR weight (``crow``, ``col``, ``val``).
 
 - ``pack(x) -> xp``: activations (batch, features) as panels (nb, features, W): batch rows
-  ``p*W .. p*W+W-1`` transposed, zero-padded (``W = panel_width(batch)``), so that each
+  ``p*W .. p*W+W-1`` transposed, zero-padded (``W = ops.panel_width(batch)``), so that each
   non-zero weight scales one contiguous, cache-resident row of W floats; ``pack_sum(x)`` also
   returns the column sums of ``x`` (a bias gradient) from the same pass;
 - ``spmm(crow, col, val, xp, rows, batch, perm=None, bias=None) -> Y``: ``Y = X @ W.T (+ bias)``
@@ -51,13 +51,18 @@ import torch
 from torch import Tensor
 
 
-def panel_width(batch: int) -> int:
-    """Batch rows per panel: 64, or 32/16 for small batches (less padding)."""
-    return 64 if batch >= 64 else 32 if batch > 16 else 16
+def panel_width(batch: int, widest: int = 64) -> int:
+    """Batch rows per panel: ``widest`` (64, or 32 where the kernels keep narrower vectors),
+    or 32/16 for small batches (less padding)."""
+    return widest if batch >= widest else 32 if batch > 16 else 16
 
 
 class Ops(Protocol):
     name: str
+
+    def panel_width(self, batch: int) -> int:
+        """The ``W`` of these kernels' panels for a batch of ``batch`` rows."""
+        ...
 
     def pack(self, x: Tensor) -> Tensor: ...
 

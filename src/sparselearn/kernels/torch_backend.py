@@ -29,6 +29,9 @@ class TorchOps:
                 crow.to(col.dtype), col, val, shape, check_invariants=False
             )
 
+    def panel_width(self, batch: int) -> int:
+        return panel_width(batch)
+
     def pack(self, x: Tensor) -> Tensor:
         b, f = x.shape
         w = panel_width(b)

@@ -443,7 +443,14 @@ void backward_body(const int64_t* crowT, const I* colT, const I* perm_inv, const
 
 }  // namespace
 
-int64_t panel_width(int64_t batch) { return batch >= 64 ? 64 : batch > 16 ? 32 : 16; }
+// Panels of 64 samples where a row of one is at most four vectors (AVX-512); with narrower
+// vectors, 32: the one-pass backward keeps a panel row of the input and of its product in
+// registers (2 x 8 vectors at 64 with AVX2's 32-byte ones would take all 16 of its registers)
+constexpr int64_t kWidestPanel = kVecBytes == 64 ? 64 : 32;
+
+int64_t panel_width(int64_t batch) {
+  return batch >= kWidestPanel ? kWidestPanel : batch > 16 ? 32 : 16;
+}
 
 // Panels of x (any strides) and, with want_sum, the column sums of x (sum over the batch).
 std::vector<torch::Tensor> pack_impl(const torch::Tensor& x, bool want_sum) {
