@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
 from benchmarks.autocast import rounds_ms
-from benchmarks.speed import cpu_isa, cpu_name
+from benchmarks.speed import cpu_isa, cpu_name, markers
 
 from sparselearn.accel import SparseLinear
 from sparselearn.experiments.report import replace_section
@@ -223,11 +223,6 @@ def bench(repeats: int, rounds: int) -> list[str]:
     return rows
 
 
-def markers() -> tuple[str, str]:
-    tag = "peers" if march() == "native" else f"peers-{march()}"
-    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="markdown file to write the section into")
@@ -260,7 +255,7 @@ def main() -> None:
         *rows,
     ]
     if args.out:
-        replace_section(args.out, *markers(), "\n".join(text))
+        replace_section(args.out, *markers("peers"), "\n".join(text))
         print(f"\nwrote {args.out}")
 
 

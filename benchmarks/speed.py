@@ -41,15 +41,12 @@ from sparselearn.kernels import extension
 from sparselearn.kernels.build import march
 from sparselearn.models import create_model
 
-START, END = "<!-- speed:start -->", "<!-- speed:end -->"
 
-
-def markers() -> tuple[str, str]:
-    """This build's section: the machine's own (``native``) or another instruction set's
-    (``SPARSELEARN_MARCH=x86-64-v3`` on an AVX-512 machine: ``speed-x86-64-v3``)."""
-    if march() == "native":
-        return START, END
-    return f"<!-- speed-{march()}:start -->", f"<!-- speed-{march()}:end -->"
+def markers(name: str = "speed") -> tuple[str, str]:
+    """This build's section ``name``: the machine's own (``native``) or another instruction
+    set's (``SPARSELEARN_MARCH=x86-64-v3`` on an AVX-512 machine: ``speed-x86-64-v3``)."""
+    tag = name if march() == "native" else f"{name}-{march()}"
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
 
 
 LINEAR_TARGET = {0.01: 20.0, 0.05: 8.0, 0.1: 3.5}  # at 20% and above: never slower (>= 1x)

@@ -121,13 +121,17 @@ class SparseWeight(nn.Module):
     def nnz(self) -> int:
         return self.col.numel()
 
-    def mask(self) -> Tensor:
-        """Bool mask of the weight's shape (materialised)."""
-        m = torch.zeros(self.rows, self.fan_in, dtype=torch.bool, device=self.col.device)
+    def positions(self) -> Tensor:
+        """Each value's flat position in the weight (row * fan_in + column), in CSR order."""
         rows = torch.repeat_interleave(
             torch.arange(self.rows, device=self.col.device), self.crow.diff()
         )
-        m[rows, self.col] = True
+        return rows * self.fan_in + self.col.long()
+
+    def mask(self) -> Tensor:
+        """Bool mask of the weight's shape (materialised)."""
+        m = torch.zeros(self.rows * self.fan_in, dtype=torch.bool, device=self.col.device)
+        m[self.positions()] = True
         return m.view(self.shape)
 
     def dense(self) -> Tensor:
@@ -137,12 +141,8 @@ class SparseWeight(nn.Module):
     def dense_from(self, values: Tensor) -> Tensor:
         """The dense weight holding ``values`` (in this structure's CSR order) at the active
         positions and exact zeros elsewhere; differentiable with respect to ``values``."""
-        rows = torch.repeat_interleave(
-            torch.arange(self.rows, device=self.col.device), self.crow.diff()
-        )
-        positions = rows * self.fan_in + self.col.long()
         flat = values.new_zeros(self.rows * self.fan_in)
-        return flat.index_put((positions,), values).view(self.shape)
+        return flat.index_put((self.positions(),), values).view(self.shape)
 
     def cached_dense(self) -> Tensor:
         """:meth:`dense`, kept until the structure or the values change (an optimizer step, a
@@ -313,8 +313,9 @@ _Grads = TypeVar("_Grads")
 def _as_in_forward(backward: Callable[[Any, Tensor], _Grads], ctx: Any, grad: Tensor) -> _Grads:
     """``backward(ctx, grad)`` with autocast off where it is on: a backward called under
     autocast computes in the dtype the forward did (:func:`_in_compute_dtype`)."""
-    if torch.is_autocast_enabled(grad.device.type):
-        with _no_autocast(grad):
+    device = grad.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
             return backward(ctx, grad)
     return backward(ctx, grad)
 

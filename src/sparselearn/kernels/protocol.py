@@ -51,10 +51,11 @@ import torch
 from torch import Tensor
 
 
-def panel_width(batch: int, widest: int = 64) -> int:
-    """Batch rows per panel: ``widest`` (64, or 32 where the kernels keep narrower vectors),
-    or 32/16 for small batches (less padding)."""
-    return widest if batch >= widest else 32 if batch > 16 else 16
+def panel_width(batch: int) -> int:
+    """Batch rows per panel: 64, or 32/16 for small batches (less padding). (The compiled
+    kernels choose their own, ``ops.panel_width``: 32 at most where their vectors are narrower
+    than AVX-512's.)"""
+    return 64 if batch >= 64 else 32 if batch > 16 else 16
 
 
 class Ops(Protocol):
