@@ -47,6 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 import sparselearn as sl
 from sparselearn.accel import SparseConv2d, SparseLinear, SparseWeight
 from sparselearn.experiments.report import replace_section
+from sparselearn.kernels import ops as kops
 from sparselearn.kernels import ops_for
 from sparselearn.models import create_model
 
@@ -58,6 +59,7 @@ from benchmarks.speed import (  # timed as speed.py times them
     full_step,
     inference,
     paired_ms,
+    settle,
     train_step,
 )
 
@@ -88,16 +90,16 @@ def kernel_times(n: int, density: float, batch: int) -> tuple[float, ...]:
     w = SparseWeight(torch.randn(n, n), mask)
     crow, col, crow_t, col_t, perm, inv = w.crow, w.col, w.crow_t, w.col_t, w.perm, w.perm_inv
     val = w.values.detach()
-    ops = ops_for(x)
-    xp, gp = ops.pack(x), ops.pack(g)
+    k = ops_for(x).kernels
+    xp, gp = kops.pack(x, k), kops.pack(g, k)
     return (
-        median_ms(lambda: ops.pack(x)),
-        median_ms(lambda: ops.spmm(crow, col, val, xp, n, batch)),
+        median_ms(lambda: kops.pack(x, k)),
+        median_ms(lambda: kops.spmm(crow, col, val, xp, n, batch, None, None, k)),
         median_ms(
-            lambda: ops.linear_backward(crow, col, crow_t, col_t, perm, inv, val, g, xp, False)
+            lambda: kops.linear_backward(crow, col, crow_t, col_t, perm, inv, val, g, xp, False, k)
         ),
-        median_ms(lambda: ops.spmm(crow_t, col_t, val, gp, n, batch, perm)),
-        median_ms(lambda: ops.sampled(crow, col, gp, xp)),
+        median_ms(lambda: kops.spmm(crow_t, col_t, val, gp, n, batch, perm, None, k)),
+        median_ms(lambda: kops.sampled(crow, col, gp, xp, k)),
         col.numel(),
     )
 
@@ -171,11 +173,14 @@ def layout_rows() -> list[str]:
         for n in (1000, 1024, 4000, 4096):
             x = torch.randn(256, n)
             w = SparseWeight(torch.randn(n, n), torch.zeros(n, n, dtype=torch.bool))
-            ops = ops_for(x)
-            xp, val = ops.pack(x), w.values.detach()
+            k = ops_for(x).kernels
+            xp, val = kops.pack(x, k), w.values.detach()
             mib = 256 * n * 4 / 2**20
-            out_ms = median_ms(lambda: ops.spmm(w.crow, w.col, val, xp, n, 256), 201)  # noqa: B023
-            pack_ms = median_ms(lambda: ops.pack(x), 201)  # noqa: B023
+            out_ms = median_ms(
+                lambda: kops.spmm(w.crow, w.col, val, xp, n, 256, None, None, k),  # noqa: B023
+                201,
+            )
+            pack_ms = median_ms(lambda: kops.pack(x, k), 201)  # noqa: B023
             rows.append(f"| {n} | {out_ms / mib:.4f} | {pack_ms / mib:.4f} |")
     finally:
         torch.set_num_threads(threads)
@@ -311,9 +316,12 @@ def model_choices() -> list[str]:
         model = create_model(name, (3, 32, 32), 10)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         engine = sl.sparsify(model, opt, method="static", density=0.05)
-        report = sl.accelerate(model, engine, torch.randn(64, 3, 32, 32), repeats=3)
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        report = sl.accelerate(model, engine, x, repeats=3)
+        settle(model, full_step(model, opt, x, y))
         out += [f"`{name}` (batch 64, 5% ERK): per layer, forward + backward timed on its input; "
-                "for the layers made sparse, the forward without gradients too (inference)",
+                "for the layers made sparse, the forward without gradients too (inference), "
+                "and the check of the choice over the first steps of training (in the run)",
                 "", "```", str(report), "```", ""]  # fmt: skip
     return out
 
@@ -324,7 +332,7 @@ def model_choices() -> list[str]:
 # sparselearn's kernels (the convolutions that run as a product over patches show their backward
 # as the sparse Linear function's); dense layers are those sl.accelerate left to PyTorch.
 STEP_PARTS = (
-    ("sparse layers", ("_sparseconv2dfn", "_patchesfn", "_sparselinearfn")),
+    ("sparse layers", ("_sparseconv2dfn", "_patchesfn", "_sparselinearfn", "sparselearn::")),
     ("dense layers", ("conv", "addmm", "aten::mm", "linear")),
     ("BatchNorm", ("batch_norm", "_batchnormfn")),
     ("activations", ("relu", "threshold")),
@@ -357,6 +365,7 @@ def cifar_model(
     if sparse:
         engine = sl.sparsify(model, opt, method="static", density=0.05)
         sl.accelerate(model, engine, x, repeats=3)
+        settle(model, full_step(model, opt, x, torch.randint(0, 10, (x.shape[0],))))
     return model, opt
 
 

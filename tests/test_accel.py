@@ -23,6 +23,7 @@ from sparselearn.accel import SparseConv1D, SparseConv2d, SparseLinear, SparseWe
 from sparselearn.accel.layers import PANEL_UNFOLD_MAX_POSITIONS, UNFOLD_MAX_POSITIONS
 from sparselearn.engine import CSRStorage
 from sparselearn.kernels import TorchOps, build, extension, ops_for, release_cached_blocks
+from sparselearn.kernels import ops as kops
 
 BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
 
@@ -125,11 +126,11 @@ def avx512_here() -> bool:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_panel_widths_follow_the_batch(backend: str) -> None:
-    ops = ops_for(torch.empty(0), backend)
-    widest = ops.panel_width(10_000)
+    kernels = ops_for(torch.empty(0), backend).kernels
+    widest = kops.panel_width(10_000, kernels)
     assert widest in (32, 64)
-    assert [ops.panel_width(b) for b in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 32]
-    assert ops.panel_width(widest) == widest
+    assert [kops.panel_width(b, kernels) for b in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 32]
+    assert kops.panel_width(widest, kernels) == widest
     if backend == "torch":
         assert widest == 64
     elif build.march() == "x86-64-v3":  # AVX2: 32, so that a panel row stays in registers
@@ -154,11 +155,11 @@ def test_pack_reads_any_strides(backend: str, layout: str) -> None:
         "column_broadcast": torch.randn(70, 1).expand(70, 33),  # constant along the features
     }[layout]
     assert not x.is_contiguous()
-    ops = ops_for(x, backend)
-    xp, total = ops.pack_sum(x)
-    ref = packed(x.contiguous(), ops.panel_width(x.shape[0]))
+    kernels = ops_for(x, backend).kernels
+    xp, total = kops.pack_sum(x, kernels)
+    ref = packed(x.contiguous(), kops.panel_width(x.shape[0], kernels))
     assert torch.equal(xp, ref)
-    assert torch.equal(ops.pack(x), ref)
+    assert torch.equal(kops.pack(x, kernels), ref)
     assert torch.allclose(total, x.contiguous().sum(0), rtol=1e-6, atol=1e-5)
 
 
@@ -174,9 +175,9 @@ def test_pack_property(batch: int, features: int, dtype: torch.dtype, seed: int)
     # the same data moved, so equal exactly; the column sums equal the batch sums
     x = torch.randn(batch, features, dtype=dtype, generator=torch.Generator().manual_seed(seed))
     for backend in BACKENDS:
-        ops = ops_for(x, backend)
-        xp, total = ops.pack_sum(x)
-        assert torch.equal(xp, packed(x, ops.panel_width(batch)))
+        kernels = ops_for(x, backend).kernels
+        xp, total = kops.pack_sum(x, kernels)
+        assert torch.equal(xp, packed(x, kops.panel_width(batch, kernels)))
         assert torch.allclose(total, x.sum(0), rtol=1e-5, atol=1e-4)
 
 
@@ -384,14 +385,14 @@ def test_pointwise_strided_conv_reads_one_phase(
     torch.manual_seed(stride + hw[1] + batch)
     conv, mask = masked_conv(6, 5, 1, stride, 0, 0.5, torch.float32)
     sparse = SparseConv2d(copy.deepcopy(conv), mask, backend, algorithm="planes")
-    received: list[torch.Tensor] = []
     for step in range(2):
-        if step == 1:
-            sparse.weight_sparse.dense_grad_sink = received.append
+        sparse.weight_sparse.arm_dense_grad(step == 1)
         check_conv_against_dense(sparse, conv, mask, torch.randn(batch, 6, *hw))
         if step == 1:
-            assert len(received) == 1
-            assert torch.allclose(received[0], conv.weight.grad, rtol=1e-4, atol=1e-4)
+            probe = sparse.weight_sparse.dense_grad_probe
+            assert probe is not None
+            assert probe.grad is not None
+            assert torch.allclose(probe.grad, conv.weight.grad, rtol=1e-4, atol=1e-4)
         conv.zero_grad()
         sparse.zero_grad()
     assert sparse._phases is None
@@ -404,15 +405,16 @@ def test_strided_conv_dense_gradient_steps(algorithm: str) -> None:
     torch.manual_seed(3)
     conv, mask = masked_conv(4, 6, 3, 2, 1, 0.3, torch.float32)
     sparse = SparseConv2d(copy.deepcopy(conv), mask, algorithm=algorithm)
-    received: list[torch.Tensor] = []
-    sparse.weight_sparse.dense_grad_sink = received.append
+    sparse.weight_sparse.arm_dense_grad(True)
     x = torch.randn(2, 4, 9, 9)
     g = torch.randn(2, 6, 5, 5)
     sparse(x).backward(g)
     conv(x).backward(g)
-    assert len(received) == 1
-    assert received[0].shape == conv.weight.shape
-    assert torch.allclose(received[0], conv.weight.grad, rtol=1e-4, atol=1e-4)
+    probe = sparse.weight_sparse.dense_grad_probe
+    assert probe is not None
+    assert probe.grad is not None
+    assert probe.grad.shape == conv.weight.shape
+    assert torch.allclose(probe.grad, conv.weight.grad, rtol=1e-4, atol=1e-4)
     assert torch.allclose(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
     assert torch.allclose(
         sparse.weight_sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4
@@ -740,7 +742,7 @@ def test_window_computes_dense_gradients_only_before_updates() -> None:
     for _ in range(10):
         armed.append(
             any(
-                layer.storage.dense_grad_sink is not None
+                layer.storage.dense_grad_probe is not None
                 for layer in engine.layers
                 if isinstance(layer, CSRStorage)
             )

@@ -26,6 +26,7 @@ from .layers import (
     compute_dtype,
     supports_conv,
 )
+from .live import LiveCheck, Way
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class LayerChoice:
     inference: str | None = None
     dense_inference_ms: float | None = None
     sparse_inference_ms: float | None = None
+    # how a sparse layer computes its training steps: its kernels ("sparse") or the dense
+    # product of its weights ("dense"), as the check in the run decided (``live``: the median
+    # ms of each way it timed there; None until it has decided, or where nothing was checked)
+    steps: str | None = None
+    live: str | None = None
 
 
 @dataclass
@@ -65,6 +71,13 @@ class AccelerationReport:
         return [c.name for c in self.layers if c.chosen == "sparse" and c.inference == "dense"]
 
     @property
+    def dense_steps(self) -> list[str]:
+        """The accelerated layers that compute their training steps densely, as the check in
+        the run decided (pass them back as ``dense_steps=`` with ``layers=accelerated`` to
+        re-apply these choices)."""
+        return [c.name for c in self.layers if c.chosen == "sparse" and c.steps == "dense"]
+
+    @property
     def thread_caps(self) -> dict[str, int]:
         """The accelerated layers that run on fewer than all threads, with their caps (pass
         them back as ``threads=`` with ``layers=accelerated`` to re-apply these choices)."""
@@ -75,7 +88,7 @@ class AccelerationReport:
     def __str__(self) -> str:
         rows = [
             ("layer", "kind", "density", "dense ms", "sparse ms", "chosen", "backend", "why",
-             "inference dense/sparse ms", "inference")
+             "inference dense/sparse ms", "inference", "steps", "in the run (median ms)")
         ]  # fmt: skip
 
         def ms(v: float | None) -> str:
@@ -96,6 +109,8 @@ class AccelerationReport:
                     if c.dense_inference_ms is None
                     else f"{ms(c.dense_inference_ms)} / {ms(c.sparse_inference_ms)}",
                     c.inference or "-",
+                    c.steps or "-",
+                    c.live or "-",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -215,6 +230,8 @@ def accelerate(
     layers: Collection[str] | None = None,
     threads: Mapping[str, int] | None = None,
     inference_dense: Collection[str] | None = None,
+    dense_steps: Collection[str] | None = None,
+    live_rounds: int = 6,
 ) -> AccelerationReport:
     """Replace the engine's sparsified Linear and Conv2d layers with layers that compute with
     the sparse weights, wherever that is faster.
@@ -242,6 +259,16 @@ def accelerate(
             where the dense one is faster the layer computes densely there (its
             ``inference``: a layer can train faster sparse and infer faster dense, as a dense
             backward is slower than a dense forward by more than a sparse one is).
+        dense_steps: with ``mode="sparse"``, the layers that compute their training steps
+            densely (``report.dense_steps`` of an earlier call).
+        live_rounds: with ``mode="auto"``, each accelerated layer checks the choice in the
+            run itself: over its first training steps it computes, in turns, on its kernels
+            with every thread, with one, and densely (:attr:`SparseLinear.steps`), times each
+            step's forward and backward, and keeps the fastest by the median of
+            ``live_rounds`` rounds (after two untimed ones). A timing before the run can be
+            wrong on a busy machine; this one is taken under the run's own conditions. The
+            report's ``steps``, ``threads`` and ``live`` fill in as each layer decides.
+            0: no check (the choices stay as timed here).
 
     The weights and their optimizer state of accelerated layers then take memory proportional
     to their active weights; masks change as before (the sparse structure is rebuilt at each
@@ -256,7 +283,11 @@ def accelerate(
         "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
         "options=StateDictOptions(full_state_dict=True)))",
     )
-    layers = _check_arguments(engine, example_input, mode, layers, threads, inference_dense)
+    layers = _check_arguments(
+        engine, example_input, mode, layers, threads, inference_dense, dense_steps
+    )
+    if live_rounds < 0:
+        raise ValueError(f"live_rounds must be >= 0 (0: no check in the run), got {live_rounds}")
     owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
@@ -283,10 +314,14 @@ def accelerate(
     for layer, choice, found, sparse in chosen:
         if choice.chosen == "sparse" and sparse is not None and found is not None:
             index = report.layers.index(choice)
-            report.layers[index] = dataclasses.replace(
-                choice, backend=_kernels(layer.param, backend)
-            )
-            _install(model, engine, layer, found, sparse, choice.threads, choice.inference)
+            choice = dataclasses.replace(choice, backend=_kernels(layer.param, backend))
+            if mode == "sparse":
+                steps = "dense" if layer.name in (dense_steps or ()) else "sparse"
+                choice = dataclasses.replace(choice, steps=steps)
+            report.layers[index] = choice
+            _install(model, engine, layer, found, sparse, choice)
+            if mode == "auto" and live_rounds > 0:
+                _check_live(report, index, sparse, live_rounds)
     if any(c.backend == "cpp" for c in report.layers):
         report.march = march()
     return report
@@ -318,6 +353,7 @@ def _check_arguments(
     layers: Collection[str] | None,
     threads: Mapping[str, int] | None,
     inference_dense: Collection[str] | None = None,
+    dense_steps: Collection[str] | None = None,
 ) -> set[str] | None:
     """Refuse what accelerate cannot do, naming it; returns ``layers`` as a set."""
     if mode not in ("auto", "sparse", "dense"):
@@ -338,6 +374,8 @@ def _check_arguments(
             check_threads(value)
     if inference_dense is not None:
         _check_reapplied("inference_dense", inference_dense, "the inference choices", mode, engine)
+    if dense_steps is not None:
+        _check_reapplied("dense_steps", dense_steps, "the steps' choices", mode, engine)
     engine.check_attached()
     cfg = engine.config
     growth = engine.growth
@@ -507,14 +545,14 @@ def _install(
     layer: LayerStorage,
     found: tuple[str, nn.Module],
     sparse: nn.Module,
-    cap: int | None,
-    inference: str | None,
+    choice: LayerChoice,
 ) -> None:
     """Put the sparse layer in its module's place; the optimizer and the engine follow."""
     mod_name, module = found
     assert isinstance(sparse, (SparseLinear, SparseConv2d))
-    sparse.threads = cap
-    sparse.inference = inference or "sparse"
+    sparse.threads = choice.threads
+    sparse.inference = choice.inference or "sparse"
+    sparse.steps = choice.steps or "sparse"
     sparse.train(module.training)
     parent, child = _parent(model, mod_name)
     setattr(parent, child, sparse)
@@ -523,3 +561,22 @@ def _install(
     transposed = isinstance(sparse, SparseConv1D)  # stores the (in, out) weight's transpose
     _swap_in_optimizer(engine.optimizer, layer.param, storage.values, layer.mask, transposed)
     engine.store_as_csr(layer.name, storage, transposed=transposed)
+
+
+def _check_live(report: AccelerationReport, index: int, layer: nn.Module, rounds: int) -> None:
+    """Give ``layer`` (report.layers[index]) the check of its choice in the run: the ways it
+    can compute its steps, the chosen one first; its verdict goes into the report."""
+    assert isinstance(layer, (SparseLinear, SparseConv2d))
+    choice = report.layers[index]
+    ways = [Way("sparse", choice.threads)]
+    if choice.backend == "cpp" and torch.get_num_threads() > 1:
+        ways.append(Way("sparse", 1 if choice.threads is None else None))
+    ways.append(Way("dense"))
+
+    def verdict(best: Way, medians: dict[Way, float]) -> None:
+        timed = ", ".join(f"{way} {ms:.2f}" for way, ms in medians.items())
+        report.layers[index] = dataclasses.replace(
+            report.layers[index], steps=best.steps, threads=best.threads, live=timed
+        )
+
+    layer.live = LiveCheck(ways, verdict, rounds=rounds)

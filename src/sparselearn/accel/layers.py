@@ -20,10 +20,9 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from ..kernels import Ops, check_threads, ops_for
+from ..kernels import ops as kops
+from .live import LiveCheck, no_live_check
 from .weight_view import SparseWeightView
-
-DenseGradSink = Callable[[Tensor], None]
-
 
 # Column indices and the permutation are 32-bit: the kernels stream them once per panel of the
 # batch, and half the bytes is a few percent of a product (the row pointers stay 64-bit).
@@ -104,8 +103,8 @@ class SparseWeight(nn.Module):
         self.register_buffer("col_t", col_t)
         self.register_buffer("perm", perm)
         self.register_buffer("perm_inv", _inverse(perm), persistent=False)
-        # set by the engine on steps that need the dense gradient (RigL, windows): receives it
-        self.dense_grad_sink: DenseGradSink | None = None
+        # armed by the engine on steps that need the dense gradient (RigL, windows)
+        self.dense_grad_probe: Tensor | None = None
         self.version = 0  # bumped whenever the structure changes (for cached masks)
         self._dense: tuple[tuple[object, ...], Tensor] | None = None  # (key, cached_dense())
 
@@ -124,9 +123,26 @@ class SparseWeight(nn.Module):
     def positions(self) -> Tensor:
         """Each value's flat position in the weight (row * fan_in + column), in CSR order."""
         rows = torch.repeat_interleave(
-            torch.arange(self.rows, device=self.col.device), self.crow.diff()
+            torch.arange(self.rows, device=self.col.device), self.crow.diff(), output_size=self.nnz
         )
         return rows * self.fan_in + self.col.long()
+
+    def arm_dense_grad(self, wanted: bool) -> None:
+        """Whether the coming steps produce the dense gradient of the weight: then
+        :attr:`dense_grad_probe` is a leaf of the weight's shape that holds one zero (expanded),
+        given to the layer's product as one more input, and its ``.grad`` receives the dense
+        gradient (summed over the backward passes until it is armed again). A gradient, not a
+        callback, so that a compiled graph carries it (a callback in the backward would be a
+        side effect that torch.compile cannot trace)."""
+        v = self.values
+        self.dense_grad_probe = (
+            v.new_zeros((), dtype=compute_dtype(v.dtype))
+            .expand(self.shape)
+            .detach()
+            .requires_grad_()
+            if wanted
+            else None
+        )
 
     def mask(self) -> Tensor:
         """Bool mask of the weight's shape (materialised)."""
@@ -220,7 +236,7 @@ class _Phases:
         self.index = torch.argsort(position)  # this structure's row-major order
         self.crow, self.col, self.crow_t, self.col_t, self.perm = csr_structure(mask)
         self._mask = mask
-        self.dense_grad_sink: DenseGradSink | None = None  # dense steps take the direct path
+        self.dense_grad_probe: Tensor | None = None  # dense steps take the direct path
 
     @property
     def rows(self) -> int:
@@ -257,13 +273,13 @@ class _Unfolded:
     def mask(self) -> Tensor:
         return self._mask
 
+    def positions(self) -> Tensor:
+        return self._weight.positions()  # (out, in * kh * kw) flattens as the weight does
+
     @property
-    def dense_grad_sink(self) -> DenseGradSink | None:
-        """The weight's sink, handed the dense gradient in the weight's own shape."""
-        sink, shape = self._weight.dense_grad_sink, self._weight.shape
-        if sink is None:
-            return None
-        return lambda grad: sink(grad.reshape(shape))
+    def dense_grad_probe(self) -> Tensor | None:
+        """The weight's probe (the dense gradient in the weight's own shape)."""
+        return self._weight.dense_grad_probe
 
 
 class _FirstPhaseFn(torch.autograd.Function):
@@ -332,54 +348,69 @@ class _SparseLinearFn(torch.autograd.Function):
         values: Tensor,
         bias: Tensor | None,
         weight: SparseWeight | _Unfolded,
-        ops: Ops,
+        kernels: int,
+        probe: Tensor | None,
     ) -> Tensor:
         # y, and x in panels (each non-zero scales one contiguous row of batch values)
-        y, xp = ops.linear_forward(x, weight.crow, weight.col, values, weight.rows, bias)
+        y, xp = kops.linear_forward(x, weight.crow, weight.col, values, weight.rows, bias, kernels)
         ctx.save_for_backward(xp, values)
-        ctx.weight, ctx.ops = weight, ops
+        ctx.weight, ctx.kernels = weight, kernels
+        ctx.probe_shape = None if probe is None else probe.shape
         return y
 
     @staticmethod
     def backward(
         ctx: Any, grad_y: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, Tensor | None]:
         return _as_in_forward(_SparseLinearFn._backward, ctx, grad_y)
 
     @staticmethod
     def _backward(
         ctx: Any, grad_y: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, Tensor | None]:
         xp, values = ctx.saved_tensors
         w: SparseWeight | _Unfolded = ctx.weight
-        ops = ctx.ops
+        kernels = ctx.kernels
         batch = grad_y.shape[0]
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        sink = w.dense_grad_sink
-        if want_x and want_w and sink is None:
+        want_dense = ctx.probe_shape is not None and ctx.needs_input_grad[5]
+        if want_x and want_w and not want_dense:
             # both products in one pass: each row of the gradient's panels is read once for two
-            grad_x, grad_values, grad_bias = ops.linear_backward(
-                w.crow, w.col, w.crow_t, w.col_t, w.perm, w.perm_inv, values, grad_y, xp, want_b
+            gx, gv, gb = kops.linear_backward(
+                w.crow,
+                w.col,
+                w.crow_t,
+                w.col_t,
+                w.perm,
+                w.perm_inv,
+                values,
+                grad_y,
+                xp,
+                want_b,
+                kernels,
             )
-            return grad_x, grad_values, grad_bias, None, None
-        grad_bias = None
+            return gx, gv, gb if want_b else None, None, None, None
+        grad_bias: Tensor | None = None
         if want_b:
-            gp, grad_bias = ops.pack_sum(grad_y)
+            gp, grad_bias = kops.pack_sum(grad_y, kernels)
         else:
-            gp = ops.pack(grad_y)
-        grad_x = None
+            gp = kops.pack(grad_y, kernels)
+        grad_x: Tensor | None = None
         if want_x:
-            grad_x = ops.spmm(w.crow_t, w.col_t, values, gp, w.fan_in, batch, w.perm)
-        grad_values = None
-        if want_w:
-            if sink is not None:
-                # the full gradient, only on the steps that ask (padding rows are zero)
-                dense = torch.einsum("pow,piw->oi", gp, xp)
-                sink(dense)
-                grad_values = dense[w.mask()]
-            else:
-                grad_values = ops.sampled(w.crow, w.col, gp, xp)
-        return grad_x, grad_values, grad_bias, None, None
+            grad_x = kops.spmm(
+                w.crow_t, w.col_t, values, gp, w.fan_in, batch, w.perm, None, kernels
+            )
+        grad_values: Tensor | None = None
+        grad_dense: Tensor | None = None
+        if want_dense:
+            # the full gradient, only on the steps that ask (padding rows are zero)
+            dense = torch.einsum("pow,piw->oi", gp, xp)
+            grad_dense = dense.view(ctx.probe_shape)
+            if want_w:
+                grad_values = dense.view(-1)[w.positions()]
+        elif want_w:
+            grad_values = kops.sampled(w.crow, w.col, gp, xp, kernels)
+        return grad_x, grad_values, grad_bias, None, None, grad_dense
 
 
 class _SparseConv2dFn(torch.autograd.Function):
@@ -400,6 +431,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         padding: tuple[int, int],
         ops: Ops,
         phases: tuple[int, int] | None = None,
+        probe: Tensor | None = None,
     ) -> Tensor:
         _, kh, kw = weight.shape[1:]
         # ``saved``: what the backward reads, in the backend's layout (batch panels of the
@@ -424,25 +456,29 @@ class _SparseConv2dFn(torch.autograd.Function):
             )
         ctx.save_for_backward(x, values, saved)
         ctx.weight, ctx.ops, ctx.stride, ctx.padding = weight, ops, stride, padding
-        ctx.phases = phases
+        ctx.phases, ctx.want_dense = phases, probe is not None
         return y
 
     @staticmethod
     def backward(
         ctx: Any, grad_y: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
+    ) -> tuple[
+        Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None, Tensor | None
+    ]:
         return _as_in_forward(_SparseConv2dFn._backward, ctx, grad_y)
 
     @staticmethod
     def _backward(
         ctx: Any, grad_y: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
+    ) -> tuple[
+        Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None, Tensor | None
+    ]:
         x, values, saved = ctx.saved_tensors
         w: SparseWeight | _Phases = ctx.weight
         kh, kw = w.shape[2:]
         g = grad_y.contiguous()
         want_x, want_w = ctx.needs_input_grad[:2]
-        sink = w.dense_grad_sink
+        want_dense = ctx.want_dense and ctx.needs_input_grad[8]
         # the convolution the kernels ran: of the phase planes at stride 1, unpadded, or of x
         stride, padding = (1, (0, 0)) if ctx.phases else (ctx.stride, ctx.padding)
         # both gradients in one call (stride 1: they share one copy of the output gradient);
@@ -460,18 +496,20 @@ class _SparseConv2dFn(torch.autograd.Function):
             stride,
             *padding,
             want_x,
-            want_w and sink is None,
+            want_w and not want_dense,
         )
         if grad_x is not None and ctx.phases:  # the phase planes' gradient, then x's
             grad_x = ctx.ops.phase_planes_grad(grad_x, ctx.stride, *ctx.padding, *x.shape[2:])
-        if want_w and sink is not None:
-            dense = conv2d_weight(  # type: ignore[no-untyped-call]
+        grad_dense = None
+        if want_dense:
+            assert isinstance(w, SparseWeight)  # steps that want it take the direct path
+            grad_dense = conv2d_weight(  # type: ignore[no-untyped-call]
                 x, w.shape, g, stride=ctx.stride, padding=ctx.padding
             )
-            sink(dense)
-            grad_values = dense.reshape(w.rows, -1)[w.mask().view(w.rows, -1)]
+            if want_w:
+                grad_values = grad_dense.reshape(-1)[w.positions()]
         grad_bias = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_values, grad_bias, None, None, None, None, None
+        return grad_x, grad_values, grad_bias, None, None, None, None, None, grad_dense
 
 
 def _split_bias(bias: Tensor | None, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -483,19 +521,33 @@ def _split_bias(bias: Tensor | None, x: Tensor) -> tuple[Tensor | None, Tensor |
 
 
 def _sparse_linear(
-    x: Tensor, values: Tensor, bias: Tensor | None, weight: SparseWeight | _Unfolded, ops: Ops
+    x: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    weight: SparseWeight | _Unfolded,
+    kernels: int,
 ) -> Tensor:
-    """``x @ W.T + bias`` for a (batch, in) ``x``, the bias fused where the kernels take it."""
+    """``x @ W.T + bias`` for a (batch, in) ``x``, the bias fused where the kernels take it
+    (``kernels``: the operators', :func:`~sparselearn.kernels.ops.kernels_for`)."""
     fused, rest = _split_bias(bias, x)
-    y: Tensor = _SparseLinearFn.apply(x, values, fused, weight, ops)  # type: ignore[no-untyped-call]
+    y: Tensor = _SparseLinearFn.apply(  # type: ignore[no-untyped-call]
+        x, values, fused, weight, kernels, weight.dense_grad_probe
+    )
     return y if rest is None else y + rest
 
 
-class _InferenceChoice:
-    """What a sparse layer does where no gradient is recorded (``torch.no_grad``,
-    ``torch.inference_mode``): :attr:`inference`."""
+class _ComputeChoice:
+    """How a sparse layer computes: :attr:`steps` where a gradient is recorded, :attr:`inference`
+    where none is (``torch.no_grad``, ``torch.inference_mode``), and the :attr:`live` check of
+    its steps' choice during the first steps of a run (:mod:`.live`)."""
 
+    weight_sparse: SparseWeight
+    threads: int | None
+    training: bool
     _inference = "sparse"
+    _steps = "sparse"
+    # set by ``sl.accelerate`` (mode "auto"); the check drops itself once it has decided
+    live: LiveCheck | None = None
 
     @property
     def inference(self) -> str:
@@ -510,13 +562,49 @@ class _InferenceChoice:
             raise ValueError(f"inference must be 'sparse' or 'dense', got {how!r}")
         self._inference = how
 
-    def _infers_densely(self) -> bool:
-        """Whether this call computes densely: ``inference="dense"``, no gradient recorded."""
-        return self._inference == "dense" and not torch.is_grad_enabled()
+    @property
+    def steps(self) -> str:
+        """``"sparse"``: the layer's kernels; ``"dense"``: the dense layer's product with the
+        dense weight built from the values at each call (the gradient reaches the values,
+        and the weights keep the memory of the active ones). Where a gradient is recorded;
+        the results agree to rounding."""
+        return self._steps
 
-    def _inference_repr(self) -> str:
-        """The ``extra_repr`` part of a layer that infers densely (none for the default)."""
-        return "" if self._inference == "sparse" else f", inference={self._inference}"
+    @steps.setter
+    def steps(self, how: str) -> None:
+        if how not in ("sparse", "dense"):
+            raise ValueError(f"steps must be 'sparse' or 'dense', got {how!r}")
+        self._steps = how
+
+    def forward(self, x: Tensor) -> Tensor:
+        live = self.live
+        if live is not None and self.training and not no_live_check():
+            live.finish(self)  # decides once the last timed step's backward has run
+            if self.live is not None:
+                return live.step(self, x)
+        return self._compute(x)
+
+    def _compute(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _dense_weight(self) -> Tensor | None:
+        """The dense weight to compute this call with (None: the kernels): with a gradient
+        where :attr:`steps` is dense (handing the dense gradient to the engine on the steps
+        that ask for it), without one where :attr:`inference` is."""
+        w = self.weight_sparse
+        if not torch.is_grad_enabled():
+            return w.cached_dense() if self._inference == "dense" else None
+        if self._steps == "sparse":
+            return None
+        dense = w.dense_from(w.values)
+        probe = w.dense_grad_probe
+        return dense if probe is None else dense + probe.to(dense.dtype)
+
+    def _choices_repr(self) -> str:
+        """The ``extra_repr`` part of a layer that computes densely (none for the defaults)."""
+        return ("" if self._steps == "sparse" else f", steps={self._steps}") + (
+            "" if self._inference == "sparse" else f", inference={self._inference}"
+        )
 
 
 class _DenseFace:
@@ -593,7 +681,7 @@ def _no_autocast(t: Tensor) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-class SparseLinear(_InferenceChoice, _DenseFace, nn.Module):
+class SparseLinear(_ComputeChoice, _DenseFace, nn.Module):
     """``nn.Linear`` computing with a CSR weight (see :class:`SparseWeight`).
 
     ``backend``: ``"auto"``, ``"cpp"`` or ``"torch"`` (:func:`sparselearn.kernels.ops_for`).
@@ -615,20 +703,21 @@ class SparseLinear(_InferenceChoice, _DenseFace, nn.Module):
         self.backend = backend
         self.threads = check_threads(threads)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _compute(self, x: Tensor) -> Tensor:
         w = self.weight_sparse
-        if self._infers_densely():
-            return F.linear(x, w.cached_dense(), self.bias)
+        dense = self._dense_weight()
+        if dense is not None:
+            return F.linear(x, dense, self.bias)
         lead = x.shape[:-1]
         x2, values, bias, out = _in_compute_dtype(
             x.reshape(-1, self.in_features), w.values, self.bias, type(self).__name__
         )  # (B, in)
-        ops = ops_for(x2, self.backend, self.threads)
+        kernels = kops.kernels_for(x2, self.backend, self.threads)
         if out is None:
-            y = _sparse_linear(x2, values, bias, w, ops)
+            y = _sparse_linear(x2, values, bias, w, kernels)
         else:
             with _no_autocast(x2):
-                y = _sparse_linear(x2, values, bias, w, ops).to(out)
+                y = _sparse_linear(x2, values, bias, w, kernels).to(out)
         return y.reshape(*lead, self.out_features)
 
     def to_dense_module(self) -> nn.Module:
@@ -644,7 +733,7 @@ class SparseLinear(_InferenceChoice, _DenseFace, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"density={w.nnz / (w.rows * w.fan_in):.4f}, backend={self.backend}"
             + ("" if self.threads is None else f", threads={self.threads}")
-            + self._inference_repr()
+            + self._choices_repr()
         )
 
 
@@ -688,7 +777,7 @@ PANEL_UNFOLD_MAX_POSITIONS = 4
 _ALGORITHMS = ("auto", "planes", "unfold")
 
 
-class SparseConv2d(_InferenceChoice, _DenseFace, nn.Module):
+class SparseConv2d(_ComputeChoice, _DenseFace, nn.Module):
     """``nn.Conv2d`` (groups 1, dilation 1, zero padding) computing directly with a CSR weight.
 
     ``algorithm``: ``"planes"`` walks shifted input planes (a stride above 1 runs as a stride-1
@@ -780,14 +869,15 @@ class SparseConv2d(_InferenceChoice, _DenseFace, nn.Module):
         limit = PANEL_UNFOLD_MAX_POSITIONS if on_panels else UNFOLD_MAX_POSITIONS
         return "unfold" if oh * ow <= limit else "planes"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _compute(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(
                 f"SparseConv2d takes a batched (N, C, H, W) input, got shape {tuple(x.shape)}"
             )
         w = self.weight_sparse
-        if self._infers_densely():
-            return F.conv2d(x, w.cached_dense(), self.bias, self.stride, self.padding)
+        dense = self._dense_weight()
+        if dense is not None:
+            return F.conv2d(x, dense, self.bias, self.stride, self.padding)
         x, values, bias, out = _in_compute_dtype(x, w.values, self.bias, type(self).__name__)
         if out is None:
             return self._forward_sparse(x, values, bias)
@@ -808,7 +898,7 @@ class SparseConv2d(_InferenceChoice, _DenseFace, nn.Module):
             # a pointwise convolution reads every s-th row and column only: phase plane (0, 0),
             # the input of a stride-1 one (all s * s planes would be built, one of them read)
             x, stride = _FirstPhaseFn.apply(x, stride, out_hw, ops), 1  # type: ignore[no-untyped-call]
-        if stride > 1 and w.dense_grad_sink is None:
+        if stride > 1 and w.dense_grad_probe is None:
             # strided: a stride-1 convolution over the phase planes (the stride-1 kernels read
             # contiguous slices, where a strided walk reads every s-th element); steps that
             # need the dense gradient take the direct path below, which computes it in the
@@ -826,7 +916,7 @@ class SparseConv2d(_InferenceChoice, _DenseFace, nn.Module):
             )
         else:
             y = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
-                x, values, fused, w, stride, self.padding, ops
+                x, values, fused, w, stride, self.padding, ops, None, w.dense_grad_probe
             )
         return y if rest is None else y + rest.view(1, -1, 1, 1)
 
@@ -837,7 +927,7 @@ class SparseConv2d(_InferenceChoice, _DenseFace, nn.Module):
         rows: Tensor = _PatchesFn.apply(  # type: ignore[no-untyped-call]
             x, self.kernel_size, self.stride[0], self.padding, out_hw, ops
         )  # (N * OH * OW, C * kh * kw)
-        y = _sparse_linear(rows, values, bias, self.unfolded(), ops)
+        y = _sparse_linear(rows, values, bias, self.unfolded(), ops.kernels)
         y = y.view(n, out_hw[0], out_hw[1], self.out_channels).permute(0, 3, 1, 2)
         return y.contiguous()
 
@@ -864,7 +954,7 @@ class SparseConv2d(_InferenceChoice, _DenseFace, nn.Module):
             f"density={w.nnz / (w.rows * w.fan_in):.4f}, algorithm={self.algorithm}, "
             f"backend={self.backend}"
             + ("" if self.threads is None else f", threads={self.threads}")
-            + self._inference_repr()
+            + self._choices_repr()
         )
 
 

@@ -10,7 +10,6 @@ of sparselearn (``accelerate``, ``flops``, ``compat``) and extensions build on.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import warnings
 import weakref
@@ -629,9 +628,7 @@ class SparseEngine:
         """Tell accelerated layers whether the coming step must produce the dense gradient."""
         wanted = self._attached and self.calendar.wants_dense_grad(self._step + 1)
         for layer in self._layers:
-            layer.set_dense_grad_sink(
-                functools.partial(self.signals.receive_dense_grad, layer.name) if wanted else None
-            )
+            layer.want_dense_grad(wanted)
 
     def _capture_grads_for_manual_update(self) -> None:
         if "grad" not in self.needs or self.signals.dense_grads:

@@ -119,13 +119,7 @@ class Signals:
 
     def snapshot_grads(self, layers: list[LayerStorage]) -> None:
         for layer in layers:
-            self.dense_grads[layer.name] = layer.snapshot_grad(self.dense_grads.get(layer.name))
-
-    def receive_dense_grad(self, name: str, grad: Tensor) -> None:
-        """A layer's sink: the dense gradient of this step (summed over accumulation)."""
-        g = grad.detach()
-        prior = self.dense_grads.get(name)
-        self.dense_grads[name] = g.clone() if prior is None else prior + g
+            self.dense_grads[layer.name] = layer.snapshot_grad()
 
     @torch.no_grad()
     def update_ema(self, layers: list[LayerStorage]) -> None:
@@ -151,7 +145,7 @@ class Signals:
     def update_window(self, layers: list[LayerStorage]) -> None:
         """Fold this step's dense gradient into the window momentum (window steps only)."""
         for layer in layers:
-            # the dense gradient captured before masking (pre-step hook, or the layer's sink)
+            # the dense gradient captured before masking (the pre-step hook)
             g = self.dense_grads.get(layer.name)
             if g is None:
                 continue

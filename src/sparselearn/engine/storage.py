@@ -12,7 +12,6 @@ order) for :class:`CSRStorage`. ``to_weight_shape``, ``from_weight_shape`` and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -23,8 +22,6 @@ from .sharding import Shard, all_counts, local_tensor
 if TYPE_CHECKING:
     from ..accel.layers import SparseWeight
     from ..targets import Target
-
-DenseGradSink = Callable[[Tensor], None]
 
 
 class LayerStorage(Protocol):
@@ -87,13 +84,13 @@ class LayerStorage(Protocol):
         (positions the layout does not hold are dropped)."""
         ...
 
-    def snapshot_grad(self, received: Tensor | None) -> Tensor:
-        """This step's dense gradient in the weight's shape (``received``: what the layer's
-        sink delivered during backward, for storage that computes it there)."""
+    def snapshot_grad(self) -> Tensor:
+        """This step's dense gradient in the weight's shape."""
         ...
 
-    def set_dense_grad_sink(self, sink: DenseGradSink | None) -> None:
-        """Where the dense gradient of the coming step goes (None: it is not needed)."""
+    def want_dense_grad(self, wanted: bool) -> None:
+        """Whether the coming step must produce the dense gradient (storage whose gradient
+        is not dense computes it on those steps only)."""
         ...
 
     def check_loadable(self, mask: Tensor) -> str | None:
@@ -189,11 +186,11 @@ class MaskedDense:
     def param_positions(self, positions: Tensor) -> Tensor:
         return positions
 
-    def snapshot_grad(self, received: Tensor | None) -> Tensor:
+    def snapshot_grad(self) -> Tensor:
         g = self.param.grad
         return torch.zeros_like(self.param) if g is None else g.detach().clone()
 
-    def set_dense_grad_sink(self, sink: DenseGradSink | None) -> None:
+    def want_dense_grad(self, wanted: bool) -> None:
         pass  # the gradient of a dense weight is dense already
 
     def check_loadable(self, mask: Tensor) -> str | None:
@@ -261,7 +258,7 @@ class ShardedDense(MaskedDense):
     def from_weight_shape(self, tensor: Tensor) -> Tensor:
         return local_tensor(tensor)
 
-    def snapshot_grad(self, received: Tensor | None) -> Tensor:
+    def snapshot_grad(self) -> Tensor:
         g = self.param.grad
         if g is None:
             return torch.zeros_like(self.mask, dtype=self.param.dtype)
@@ -363,16 +360,17 @@ class CSRStorage:
     def param_positions(self, positions: Tensor) -> Tensor:
         return self._stored(positions)[self._stored(self.mask)]
 
-    def snapshot_grad(self, received: Tensor | None) -> Tensor:
-        # the module's sink delivers the dense gradient during backward; none: no gradient
-        return torch.zeros(self.shape, device=self.device) if received is None else received
+    def snapshot_grad(self) -> Tensor:
+        # the gradient of the module's probe (summed over the backward passes since it was
+        # armed); none: no gradient reached the layer
+        probe = self.storage.dense_grad_probe
+        grad = None if probe is None else probe.grad
+        if grad is None:
+            return torch.zeros(self.shape, device=self.device)
+        return self._shaped(grad.detach())
 
-    def set_dense_grad_sink(self, sink: DenseGradSink | None) -> None:
-        if sink is not None and self.transposed:
-            deliver = sink
-            self.storage.dense_grad_sink = lambda grad: deliver(grad.t().contiguous())
-        else:
-            self.storage.dense_grad_sink = sink
+    def want_dense_grad(self, wanted: bool) -> None:
+        self.storage.arm_dense_grad(wanted)
 
     def check_loadable(self, mask: Tensor) -> str | None:
         if torch.equal(mask.to(self.device), self.mask):

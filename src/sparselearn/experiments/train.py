@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ from .runs import (
     write_metrics,
 )
 from .tasks import task_of
+
+if TYPE_CHECKING:
+    from ..accel import AccelerationReport
 
 __all__ = ["CHECKPOINT_FORMAT", "SPARSITY_OPTIONS", "TrainConfig", "evaluate", "train"]
 
@@ -132,9 +135,7 @@ def _train(
                 f"{checkpoint_path} was written by {written_by} process(es) and this run has "
                 f"{world.size}: resume it {how}"
             )
-    accelerated: list[str] = []
-    thread_caps: dict[str, int] = {}
-    inference_dense: list[str] = []
+    report = None
     if cfg.accelerate != "off":
         saved = None
         if state is not None:
@@ -143,10 +144,9 @@ def _train(
                 state["accelerated"],
                 state.get("accelerated_threads", {}),
                 state.get("accelerated_inference_dense", []),
+                state.get("accelerated_dense_steps", []),
             )
-        accelerated, thread_caps, inference_dense = _accelerate(
-            cfg, model, engine, data, device, saved, out
-        )
+        report = _accelerate(cfg, model, engine, data, device, saved, out)
 
     start_epoch, wall = 0, 0.0
     if state is not None:
@@ -208,6 +208,8 @@ def _train(
         if not world.main:
             continue
         write_metrics(out, metrics)
+        if report is not None and state is None:  # a resumed run keeps its first report
+            write_atomic(out / "acceleration.txt", f"{report}\n")
         save_checkpoint(
             checkpoint_path,
             {
@@ -220,9 +222,11 @@ def _train(
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "torch_rng": torch.get_rng_state(),
                 "wall_time": wall,
-                "accelerated": accelerated,
-                "accelerated_threads": thread_caps,
-                "accelerated_inference_dense": inference_dense,
+                # the choices as they stand (the check in the run may have changed some)
+                "accelerated": report.accelerated if report else [],
+                "accelerated_threads": report.thread_caps if report else {},
+                "accelerated_inference_dense": report.inference_dense if report else [],
+                "accelerated_dense_steps": report.dense_steps if report else [],
                 "ever_active": board.ever_active() if board is not None else None,
                 "world_size": world.size,
             },
@@ -488,14 +492,13 @@ def _accelerate(
     engine: SparseEngine,
     data: Any,
     device: torch.device,
-    saved: tuple[list[str], dict[str, int], list[str]] | None,
+    saved: tuple[list[str], dict[str, int], list[str], list[str]] | None,
     out: Path,
-) -> tuple[list[str], dict[str, int], list[str]]:
+) -> AccelerationReport:
     """``sl.accelerate`` for a run: timed on a real training batch (``auto``) or forced
-    (``sparse``); a resumed run re-applies the layers, thread caps and inference choices its
-    first launch made. The per-layer report goes to ``acceleration.txt``; returns the names of
-    the accelerated weights, their thread caps and those that infer densely (kept in the
-    checkpoint)."""
+    (``sparse``); a resumed run re-applies the layers, thread caps, inference and steps'
+    choices that the checkpoint holds. The per-layer report goes to ``acceleration.txt``
+    (written again at each checkpoint: the check in the run fills it in); returns it."""
     from ..accel import accelerate
 
     # timing draws random inputs on the layers' device: keep the run's RNG, there too
@@ -509,6 +512,7 @@ def _accelerate(
                 layers=saved[0],
                 threads=saved[1],
                 inference_dense=saved[2],
+                dense_steps=saved[3],
             )
         else:
             x = None
@@ -521,7 +525,7 @@ def _accelerate(
     if saved is None:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "acceleration.txt", f"{report}\n")
-    return report.accelerated, report.thread_caps, report.inference_dense
+    return report
 
 
 def summarize(

@@ -1,11 +1,14 @@
-"""Sparse compute kernels: a compiled CPU extension and a pure-PyTorch fallback, behind one
-protocol (:class:`Ops`, in ``protocol.py``).
+"""Sparse compute kernels: a compiled CPU extension and a pure-PyTorch fallback.
 
-- ``protocol.py``: the operations on a CSR weight, and the panel layout of activations;
+- ``ops.py``: the Linear kernels as PyTorch operators (``torch.ops.sparselearn.*``), each
+  declared once, with its PyTorch implementation, its compiled one on the CPU and its shapes
+  for ``torch.compile`` and ``torch.export``;
+- ``protocol.py``: the other operations on a CSR weight (convolutions, layouts, dropout,
+  pooling), behind one protocol (:class:`Ops`), and the panel layout of activations;
 - ``build.py``: the extension, built on first use from ``csrc/`` (C++ with OpenMP: ``linear.cpp``,
   ``conv.cpp``, ``layouts.cpp``, ``dropout.cpp``, ``pool.cpp``, ``norm.cpp``, ``bindings.cpp``,
   sharing ``common.h``) and cached;
-- ``torch_backend.py``: the same operations with PyTorch ops (CUDA, other dtypes, no compiler);
+- ``torch_backend.py``: the operations with PyTorch ops (CUDA, other dtypes, no compiler);
 - ``cpp_backend.py``: the compiled functions, with an optional cap on their threads.
 
 :func:`ops_for` picks the backend for a tensor.
@@ -76,6 +79,11 @@ def ops_for(t: Tensor, backend: str = "auto", threads: int | None = None) -> Ops
     for bit on any number). PyTorch's own operations, and so the ``torch`` backend, run on
     PyTorch's thread pool: ``torch.set_num_threads``.
     """
+    return _ops(t.device.type, t.dtype, backend, threads)
+
+
+def _ops(device: str, dtype: torch.dtype, backend: str, threads: int | None) -> Ops:
+    """:func:`ops_for` of a tensor on ``device`` (its type) of ``dtype``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto', 'cpp' or 'torch', got {backend!r}")
     check_threads(threads)
@@ -83,7 +91,7 @@ def ops_for(t: Tensor, backend: str = "auto", threads: int | None = None) -> Ops
         backend = backend_setting()
     if backend == "torch":
         return _TORCH
-    usable = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+    usable = device == "cpu" and dtype in (torch.float32, torch.float64)
     ext = extension() if usable else None
     if ext is not None:
         ops = _CPP.get(threads)
@@ -93,8 +101,8 @@ def ops_for(t: Tensor, backend: str = "auto", threads: int | None = None) -> Ops
     if backend == "cpp":
         if not usable:
             raise RuntimeError(
-                f"the compiled kernels compute float32 and float64 on the CPU, not {t.dtype} on "
-                f"{t.device}; use backend='auto' or 'torch' for these tensors"
+                f"the compiled kernels compute float32 and float64 on the CPU, not {dtype} on "
+                f"{device}; use backend='auto' or 'torch' for these tensors"
             )
         raise RuntimeError(
             f"the compiled kernels are unavailable ({unavailable_reason()}); {HOW_TO_BUILD}"

@@ -215,6 +215,11 @@ def extension() -> Any:
     return _extension
 
 
+def loaded() -> Any:
+    """The compiled extension if it is loaded (None otherwise: nothing is built)."""
+    return _extension
+
+
 def unavailable_reason() -> str | None:
     """Why the compiled kernels are not available (None: they are, or were not tried yet)."""
     return _extension_error

@@ -38,64 +38,8 @@ class CppOps:
 
     def __init__(self, ext: Any, threads: int | None = None) -> None:
         self.threads, self.extension_module = threads, ext
+        self.kernels = threads or 0  # the operators' ``kernels`` (kernels/ops.py)
         self._ext = ext if threads is None else _ThreadLimited(ext, threads)
-
-    def panel_width(self, batch: int) -> int:
-        return int(self._ext.panel_width(batch))
-
-    def pack(self, x: Tensor) -> Tensor:
-        out: Tensor = self._ext.pack(x)
-        return out
-
-    def pack_sum(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        xp, total = self._ext.pack_sum(x)
-        return xp, total
-
-    def spmm(
-        self,
-        crow: Tensor,
-        col: Tensor,
-        val: Tensor,
-        xp: Tensor,
-        rows: int,
-        batch: int,
-        perm: Tensor | None = None,
-        bias: Tensor | None = None,
-    ) -> Tensor:
-        out: Tensor = self._ext.spmm(crow, col, val, xp, rows, batch, perm, bias)
-        return out
-
-    def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor:
-        out: Tensor = self._ext.sampled(crow, col, gp, xp)
-        return out
-
-    def linear_forward(
-        self,
-        x: Tensor,
-        crow: Tensor,
-        col: Tensor,
-        val: Tensor,
-        rows: int,
-        bias: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        y, xp = self._ext.linear_forward(x, crow, col, val, rows, bias)
-        return y, xp
-
-    def linear_backward(
-        self,
-        crow: Tensor,
-        col: Tensor,
-        crow_t: Tensor,
-        col_t: Tensor,
-        perm: Tensor,
-        perm_inv: Tensor,
-        val: Tensor,
-        grad_y: Tensor,
-        xp: Tensor,
-        want_bias: bool,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        out = self._ext.linear_backward(crow_t, col_t, perm, perm_inv, val, grad_y, xp, want_bias)
-        return out[0], out[1], out[2] if want_bias else None
 
     def conv2d_forward(
         self,

@@ -1,22 +1,8 @@
 """The operations every kernel backend implements, on a CSR weight (``crow``, ``col``, ``val``).
 
-- ``pack(x) -> xp``: activations (batch, features) as panels (nb, features, W): batch rows
-  ``p*W .. p*W+W-1`` transposed, zero-padded (``W = ops.panel_width(batch)``), so that each
-  non-zero weight scales one contiguous, cache-resident row of W floats; ``pack_sum(x)`` also
-  returns the column sums of ``x`` (a bias gradient) from the same pass;
-- ``spmm(crow, col, val, xp, rows, batch, perm=None, bias=None) -> Y``: ``Y = X @ W.T (+ bias)``
-  (batch, rows), the values read through ``perm`` when given (the transposed product reuses W's
-  values);
-- ``sampled(crow, col, gp, xp) -> dval``: ``(G.T @ X)`` at the non-zeros of W only;
-- ``linear_forward(x, crow, col, val, rows, bias=None) -> (y, xp)``: ``pack`` and ``spmm`` (in
-  one parallel region of the compiled kernels: each region, and each barrier in one, wakes the
-  sleeping threads under ``OMP_WAIT_POLICY=PASSIVE``);
-- ``linear_backward(crow, col, crow_t, col_t, perm, perm_inv, val, grad_y, xp, want_bias) ->
-  (grad_x, dval, grad_bias or None)``: every gradient of ``y = x @ W.T + bias`` from the output
-  gradient (``dval`` in W's CSR order); the compiled kernel packs ``grad_y``, walks W^T's CSR
-  once, reading each row of the gradient panel once for both products, and puts ``dval`` back in
-  W's order with a gather through ``perm_inv`` (sequential writes, where a scatter through ``perm``
-  would write at random), all in one parallel region;
+(The Linear kernels, on the panels of activations that ``panel_width`` sizes, are operators:
+``ops.py``.)
+
 - ``conv2d_forward(crow, col, val, x, out_channels, kh, kw, stride, ph, pw, bias=None) -> (y,
   saved)``: direct sparse convolution of an NCHW input padded by ``(ph, pw)`` (an optional bias
   added as the output is written), and what the backward reads, in a layout of the backend's
@@ -60,52 +46,7 @@ def panel_width(batch: int) -> int:
 
 class Ops(Protocol):
     name: str
-
-    def panel_width(self, batch: int) -> int:
-        """The ``W`` of these kernels' panels for a batch of ``batch`` rows."""
-        ...
-
-    def pack(self, x: Tensor) -> Tensor: ...
-
-    def pack_sum(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
-
-    def spmm(
-        self,
-        crow: Tensor,
-        col: Tensor,
-        val: Tensor,
-        xp: Tensor,
-        rows: int,
-        batch: int,
-        perm: Tensor | None = None,
-        bias: Tensor | None = None,
-    ) -> Tensor: ...
-
-    def sampled(self, crow: Tensor, col: Tensor, gp: Tensor, xp: Tensor) -> Tensor: ...
-
-    def linear_forward(
-        self,
-        x: Tensor,
-        crow: Tensor,
-        col: Tensor,
-        val: Tensor,
-        rows: int,
-        bias: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]: ...
-
-    def linear_backward(
-        self,
-        crow: Tensor,
-        col: Tensor,
-        crow_t: Tensor,
-        col_t: Tensor,
-        perm: Tensor,
-        perm_inv: Tensor,
-        val: Tensor,
-        grad_y: Tensor,
-        xp: Tensor,
-        want_bias: bool,
-    ) -> tuple[Tensor, Tensor, Tensor | None]: ...
+    kernels: int  # the ``kernels`` argument of the operators of ``ops.py`` for these kernels
 
     def conv2d_forward(
         self,

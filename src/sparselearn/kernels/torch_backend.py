@@ -19,6 +19,7 @@ class TorchOps:
     """The fallback: torch's CSR matmul and sampled matmul; dense convolution routines."""
 
     name = "torch"
+    kernels = -1  # the operators' ``kernels`` (kernels/ops.py): this implementation
 
     @staticmethod
     def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -28,9 +29,6 @@ class TorchOps:
             return torch.sparse_csr_tensor(
                 crow.to(col.dtype), col, val, shape, check_invariants=False
             )
-
-    def panel_width(self, batch: int) -> int:
-        return panel_width(batch)
 
     def pack(self, x: Tensor) -> Tensor:
         b, f = x.shape

@@ -1,4 +1,5 @@
-// The extension module: every operation of kernels.h, and the thread cap.
+// The extension module: the operations of kernels.h, and the thread cap. (The Linear kernels are
+// operators, registered beside them: kernels/ops.py.)
 
 #include <torch/extension.h>
 
@@ -8,19 +9,7 @@
 using namespace slk;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "x (batch, features) -> panels (nb, features, W), zero-padded");
-  m.def("pack_sum", &pack_sum, "(panels of x, the column sums of x)");
   m.def("panel_width", &panel_width, "the panel width W used for a batch size");
-  m.def("spmm", &spmm, "Y (batch, rows) = X @ CSR(W)^T from panels; values read through perm",
-        py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("XP"), py::arg("rows"),
-        py::arg("batch"), py::arg("perm") = py::none(), py::arg("bias") = py::none());
-  m.def("sampled", &sampled, "dW at the non-zeros from panels of G and X");
-  m.def("linear_forward", &linear_forward, "(y, panels of x): packing and product, one region",
-        py::arg("x"), py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("rows"),
-        py::arg("bias") = py::none());
-  m.def("linear_backward", &linear_backward,
-        "(grad_x, dW at the non-zeros[, grad_bias]): packing the output gradient and one pass "
-        "over the CSR of W^T, one region");
   m.def("conv2d_forward", &conv2d_forward,
         "(direct sparse convolution of the padded input (+ bias), what the backward reads)",
         py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("x"), py::arg("out_channels"),

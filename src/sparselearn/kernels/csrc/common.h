@@ -98,6 +98,23 @@ constexpr int64_t kParallelWork = int64_t(1) << 20;
 // Only speed changes: every kernel gives the same result, bit for bit, on any number of threads.
 inline thread_local int tl_thread_limit = 0;
 
+// F with the thread cap as one more, last, argument (`threads`: tl_thread_limit for the call,
+// restored after it): how the kernels are registered as operators (TORCH_LIBRARY_FRAGMENT
+// beside each kernel; kernels/ops.py declares the public operators that call them).
+template <auto F>
+struct Capped;
+template <typename R, typename... A, R (*F)(A...)>
+struct Capped<F> {
+  static R call(A... args, int64_t threads) {
+    struct Restore {
+      int previous;
+      ~Restore() { tl_thread_limit = previous; }
+    } restore{tl_thread_limit};
+    tl_thread_limit = threads > 0 ? int(std::min<int64_t>(threads, 1 << 20)) : 0;
+    return F(std::move(args)...);
+  }
+};
+
 // Threads for a parallel region of `work` units: one below kParallelWork (regions that are
 // always worth their wake-up leave out the work).
 inline int team(int64_t work = kParallelWork) {

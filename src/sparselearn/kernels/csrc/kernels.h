@@ -8,20 +8,8 @@
 #include <vector>
 
 // linear.cpp: a CSR weight times packed activations, the sampled gradient, whole layer steps
+// (registered as operators there); the panel width its layouts use
 int64_t panel_width(int64_t batch);
-torch::Tensor pack(torch::Tensor x);
-std::vector<torch::Tensor> pack_sum(torch::Tensor x);
-torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, torch::Tensor XP,
-                   int64_t rows, int64_t batch, c10::optional<torch::Tensor> perm,
-                   c10::optional<torch::Tensor> bias);
-torch::Tensor sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor GP, torch::Tensor XP);
-std::vector<torch::Tensor> linear_forward(torch::Tensor x, torch::Tensor crow, torch::Tensor col,
-                                          torch::Tensor val, int64_t rows,
-                                          c10::optional<torch::Tensor> bias);
-std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor colT,
-                                           torch::Tensor perm, torch::Tensor perm_inv,
-                                           torch::Tensor val, torch::Tensor grad_y,
-                                           torch::Tensor XP, bool want_bias);
 
 // conv.cpp: direct sparse convolution of an NCHW input, on batch panels or per sample
 std::vector<torch::Tensor> conv2d_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor val,

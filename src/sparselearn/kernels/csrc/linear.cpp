@@ -8,6 +8,8 @@
 // transpose would not: its rows are a whole batch apart (1 KiB for 256 floats), so a batch block
 // of them maps to a fraction of the cache sets and thrashes L2 (docs/performance.md).
 
+#include <torch/library.h>
+
 #include "common.h"
 #include "kernels.h"
 
@@ -631,10 +633,13 @@ std::vector<torch::Tensor> linear_forward(torch::Tensor x, torch::Tensor crow, t
   return {Y, XP};
 }
 
-// (grad_x (batch, F), dval (nnz,) in the CSR order of W, and the bias gradient when want_bias)
+// (grad_x (batch, F), dval (nnz,) in the CSR order of W, and the bias gradient: empty unless
+// want_bias)
 // for y = x @ W.T (+ bias), from the output gradient (any strides) and the panels of x; W^T's
-// CSR with perm (valT[k] = val[perm[k]]) and its inverse.
-std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor colT,
+// CSR with perm (valT[k] = val[perm[k]]) and its inverse. (W's own CSR, crow and col, is not
+// read: the values' gradient is gathered in its order through perm_inv.)
+std::vector<torch::Tensor> linear_backward(torch::Tensor /*crow*/, torch::Tensor /*col*/,
+                                           torch::Tensor crowT, torch::Tensor colT,
                                            torch::Tensor perm, torch::Tensor perm_inv,
                                            torch::Tensor val, torch::Tensor grad_y,
                                            torch::Tensor XP, bool want_bias) {
@@ -673,6 +678,16 @@ std::vector<torch::Tensor> linear_backward(torch::Tensor crowT, torch::Tensor co
       });
     });
   });
-  if (want_bias) return {GX, dval, gbias};
-  return {GX, dval};
+  return {GX, dval, want_bias ? gbias : torch::empty({0}, opts)};
+}
+
+// The compiled implementations of the Linear operators of kernels/ops.py, for float32 and float64
+// on the CPU, each with the thread cap last (Capped).
+TORCH_LIBRARY_FRAGMENT(sparselearn_cpu, m) {
+  m.def("pack", &Capped<&pack>::call);
+  m.def("pack_sum", &Capped<&pack_sum>::call);
+  m.def("spmm", &Capped<&spmm>::call);
+  m.def("sampled", &Capped<&sampled>::call);
+  m.def("linear_forward", &Capped<&linear_forward>::call);
+  m.def("linear_backward", &Capped<&linear_backward>::call);
 }
