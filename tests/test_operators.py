@@ -46,15 +46,20 @@ def test_each_operator_passes_pytorchs_checks(name: str, kernels: int) -> None:
     # torch.library.opcheck: the schema matches what the implementation does (no mutation, no
     # aliasing), the fake implementation gives the real outputs' shapes, strides and dtypes,
     # and the operator survives tracing (what torch.compile and torch.export do)
-    op = getattr(kops, name)
+    op = getattr(kops, name).op
     torch.library.opcheck(op, _linear_args(kernels)[name])
 
 
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
 def test_compiled_and_pytorch_implementations_agree() -> None:
+    # through the operator (as compiled graphs call it) and directly (as eager layers do)
     ref, comp = _linear_args(kops.REFERENCE), _linear_args(0)
     for name in ("spmm", "sampled", "linear_forward", "linear_backward"):
-        a, b = getattr(kops, name)(*ref[name]), getattr(kops, name)(*comp[name])
+        a, b = getattr(kops, name).op(*ref[name]), getattr(kops, name).op(*comp[name])
+        direct = getattr(kops, name)(*comp[name])
+        for u, v in zip(b if isinstance(b, tuple) else (b,),
+                        direct if isinstance(direct, tuple) else (direct,), strict=True):  # fmt: skip
+            assert torch.equal(u, v), name
         for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,),
                         strict=True):  # fmt: skip
             assert torch.allclose(u, v, rtol=1e-5, atol=1e-5), name

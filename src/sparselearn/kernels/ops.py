@@ -23,7 +23,7 @@ Autograd is the layers' (``accel.layers``): they call the forward and backward o
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,44 +36,58 @@ REFERENCE = -1  # ``kernels``: the PyTorch implementation
 
 _REF = TorchOps()
 _COMPILED_DTYPES = (torch.float32, torch.float64)
-_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
-def _compiled(name: str, kernels: int) -> Any:
-    """The compiled implementation of ``name`` where ``kernels`` asks for it (None: the
-    PyTorch one)."""
-    if kernels == REFERENCE:
-        return None
-    if kernels < REFERENCE:
-        raise ValueError(
-            f"kernels must be -1 (PyTorch), 0 (all threads) or a thread cap, got {kernels}"
-        )
-    if build.loaded() is None:
-        raise RuntimeError(
-            "the compiled kernels are not loaded: take `kernels` from kernels_for(), which "
-            "builds them (or says -1 where they cannot be had)"
-        )
-    return getattr(torch.ops.sparselearn_cpu, name)
+class Operator:
+    """A kernel operator: ``torch.ops.sparselearn.<name>`` (:attr:`op`, what ``torch.compile``
+    and ``torch.export`` see), called as a function. Run eagerly, a call goes straight to the
+    implementation ``kernels`` names: the operator's own dispatch (its autograd, device and
+    aliasing checks, each in Python) costs tens of microseconds per call, as much as a small
+    layer's whole product, and gives the same result."""
+
+    def __init__(self, fn: Callable[..., Any], fake: Callable[..., Any]) -> None:
+        self.name = fn.__name__
+        self.reference = fn
+        self.op = torch.library.custom_op(f"sparselearn::{self.name}", fn, mutates_args=())
+        self.op.register_fake(fake)
+        self.op.register_kernel("cpu", self._cpu)
+        self.__doc__ = fn.__doc__
+        self._compiled: Any = None  # the compiled implementation, once the extension is loaded
+
+    def _cpu(self, *args: Any) -> Any:
+        """The CPU implementation ``kernels`` (the last argument) names."""
+        kernels = args[-1]
+        if kernels == REFERENCE:
+            return self.reference(*args)
+        if kernels < REFERENCE:
+            raise ValueError(
+                f"kernels must be -1 (PyTorch), 0 (all threads) or a thread cap, got {kernels}"
+            )
+        compiled = self._compiled
+        if compiled is None:
+            if build.loaded() is None:
+                raise RuntimeError(
+                    "the compiled kernels are not loaded: take `kernels` from kernels_for(), "
+                    "which builds them (or says -1 where they cannot be had)"
+                )
+            compiled = self._compiled = getattr(torch.ops.sparselearn_cpu, self.name).default
+        out = compiled(*args)
+        return tuple(out) if isinstance(out, list) else out
+
+    def __call__(self, *args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        if args[-1] == REFERENCE:
+            return self.reference(*args)
+        return self._cpu(*args)
 
 
-def _operator(fake: Callable[..., Any]) -> Callable[[_Fn], _Fn]:
+def _operator(fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Operator]:
     """Declare ``sparselearn::<name>`` from the PyTorch implementation ``fn`` (its signature is
     the schema), with ``fake`` for the shapes and the compiled implementation on the CPU."""
 
-    def define(fn: _Fn) -> _Fn:
-        name = fn.__name__
-        op = torch.library.custom_op(f"sparselearn::{name}", fn, mutates_args=())
-        op.register_fake(fake)
-
-        def cpu(*args: Any) -> Any:
-            compiled = _compiled(name, args[-1])
-            if compiled is None:
-                return fn(*args)
-            out = compiled(*args)
-            return tuple(out) if isinstance(out, list) else out
-
-        op.register_kernel("cpu", cpu)
-        return op  # type: ignore[return-value]
+    def define(fn: Callable[..., Any]) -> Operator:
+        return Operator(fn, fake)
 
     return define
 
