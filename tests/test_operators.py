@@ -55,14 +55,17 @@ def test_compiled_and_pytorch_implementations_agree() -> None:
     # through the operator (as compiled graphs call it) and directly (as eager layers do)
     ref, comp = _linear_args(kops.REFERENCE), _linear_args(0)
     for name in ("spmm", "sampled", "linear_forward", "linear_backward"):
-        a, b = getattr(kops, name).op(*ref[name]), getattr(kops, name).op(*comp[name])
-        direct = getattr(kops, name)(*comp[name])
-        for u, v in zip(b if isinstance(b, tuple) else (b,),
-                        direct if isinstance(direct, tuple) else (direct,), strict=True):  # fmt: skip
+        a = _tuple(getattr(kops, name).op(*ref[name]))
+        b = _tuple(getattr(kops, name).op(*comp[name]))
+        direct = _tuple(getattr(kops, name)(*comp[name]))
+        for u, v in zip(b, direct, strict=True):
             assert torch.equal(u, v), name
-        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,),
-                        strict=True):  # fmt: skip
+        for u, v in zip(a, b, strict=True):
             assert torch.allclose(u, v, rtol=1e-5, atol=1e-5), name
+
+
+def _tuple(out: Any) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
 
 
 def test_a_bad_kernels_argument_is_refused() -> None:
