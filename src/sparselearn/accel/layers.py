@@ -352,6 +352,7 @@ class _SparseLinearFn(torch.autograd.Function):
         probe: Tensor | None,
     ) -> Tensor:
         # y, and x in panels (each non-zero scales one contiguous row of batch values)
+        y: Tensor
         y, xp = kops.linear_forward(x, weight.crow, weight.col, values, weight.rows, bias, kernels)
         ctx.save_for_backward(xp, values)
         ctx.weight, ctx.kernels = weight, kernels
