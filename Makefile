@@ -61,6 +61,7 @@ bench: $(STAMP) $(FMNIST)
 	  SPARSELEARN_MARCH=x86-64-v3 $(BENCH_ENV) $(BIN)/python benchmarks/speed.py \
 	    --out docs/performance.md; fi
 	$(BENCH_ENV) $(BIN)/python benchmarks/autocast.py --out docs/performance.md
+	$(BENCH_ENV) $(BIN)/python benchmarks/compiled.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/op_profile.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/end_to_end.py --out docs/performance.md
 

@@ -47,8 +47,8 @@ from torch.profiler import ProfilerActivity, profile
 import sparselearn as sl
 from sparselearn.accel import SparseConv2d, SparseLinear, SparseWeight
 from sparselearn.experiments.report import replace_section
+from sparselearn.kernels import kernels_for
 from sparselearn.kernels import ops as kops
-from sparselearn.kernels import ops_for
 from sparselearn.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
@@ -90,7 +90,7 @@ def kernel_times(n: int, density: float, batch: int) -> tuple[float, ...]:
     w = SparseWeight(torch.randn(n, n), mask)
     crow, col, crow_t, col_t, perm, inv = w.crow, w.col, w.crow_t, w.col_t, w.perm, w.perm_inv
     val = w.values.detach()
-    k = ops_for(x).kernels
+    k = kernels_for(x)
     xp, gp = kops.pack(x, k), kops.pack(g, k)
     return (
         median_ms(lambda: kops.pack(x, k)),
@@ -173,7 +173,7 @@ def layout_rows() -> list[str]:
         for n in (1000, 1024, 4000, 4096):
             x = torch.randn(256, n)
             w = SparseWeight(torch.randn(n, n), torch.zeros(n, n, dtype=torch.bool))
-            k = ops_for(x).kernels
+            k = kernels_for(x)
             xp, val = kops.pack(x, k), w.values.detach()
             mib = 256 * n * 4 / 2**20
             out_ms = median_ms(

@@ -146,3 +146,22 @@ def assert_inactive_zero(engine: sl.SparseEngine, model: nn.Module) -> None:
         assert mask.dtype == torch.bool
         assert mask.shape == params[name].shape
         assert torch.count_nonzero(params[name].detach()[~mask]) == 0, name
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+class BoundKernels:
+    """The kernel operators (``sparselearn.kernels.ops``) with their last argument, ``kernels``,
+    bound: ``BoundKernels(x, "cpp").pack(x)`` is ``ops.pack(x, kernels_for(x, "cpp"))``."""
+
+    def __init__(self, t: torch.Tensor, backend: str = "auto", threads: int | None = None) -> None:
+        from sparselearn.kernels import kernels_for
+
+        self.kernels = kernels_for(t, backend, threads)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        from sparselearn.kernels import ops
+
+        op = getattr(ops, name)
+        return lambda *args: op(*args, self.kernels)

@@ -22,8 +22,15 @@ import sparselearn as sl
 from sparselearn.accel import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight, accelerate
 from sparselearn.accel.layers import PANEL_UNFOLD_MAX_POSITIONS, UNFOLD_MAX_POSITIONS
 from sparselearn.engine import CSRStorage
-from sparselearn.kernels import TorchOps, build, extension, ops_for, release_cached_blocks
+from sparselearn.kernels import (
+    REFERENCE,
+    build,
+    extension,
+    kernels_for,
+    release_cached_blocks,
+)
 from sparselearn.kernels import ops as kops
+from tests.helpers import BoundKernels
 
 BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
 
@@ -126,7 +133,7 @@ def avx512_here() -> bool:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_panel_widths_follow_the_batch(backend: str) -> None:
-    kernels = ops_for(torch.empty(0), backend).kernels
+    kernels = kernels_for(torch.empty(0), backend)
     widest = kops.panel_width(10_000, kernels)
     assert widest in (32, 64)
     assert [kops.panel_width(b, kernels) for b in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 32]
@@ -155,7 +162,7 @@ def test_pack_reads_any_strides(backend: str, layout: str) -> None:
         "column_broadcast": torch.randn(70, 1).expand(70, 33),  # constant along the features
     }[layout]
     assert not x.is_contiguous()
-    kernels = ops_for(x, backend).kernels
+    kernels = kernels_for(x, backend)
     xp, total = kops.pack_sum(x, kernels)
     ref = packed(x.contiguous(), kops.panel_width(x.shape[0], kernels))
     assert torch.equal(xp, ref)
@@ -175,7 +182,7 @@ def test_pack_property(batch: int, features: int, dtype: torch.dtype, seed: int)
     # the same data moved, so equal exactly; the column sums equal the batch sums
     x = torch.randn(batch, features, dtype=dtype, generator=torch.Generator().manual_seed(seed))
     for backend in BACKENDS:
-        kernels = ops_for(x, backend).kernels
+        kernels = kernels_for(x, backend)
         xp, total = kops.pack_sum(x, kernels)
         assert torch.equal(xp, packed(x, kops.panel_width(batch, kernels)))
         assert torch.allclose(total, x.sum(0), rtol=1e-5, atol=1e-4)
@@ -289,14 +296,14 @@ def test_phase_planes_property(
     big = F.pad(x, (pw, pw + s * wq, ph, ph + s * hq))  # the padded input, then more zeros
     g = torch.randn(2, built * 3, hq, wq, dtype=torch.float64, generator=gen)
     for backend in BACKENDS:
-        ops = ops_for(x, backend)
-        planes = ops.phase_planes(x, s, ph, pw, hq, wq, count=count)
+        ops = BoundKernels(x, backend)
+        planes = ops.phase_planes(x, s, ph, pw, hq, wq, built)
         assert planes.shape == (2, built * 3, hq, wq)
         for f in range(built):
             py, px = divmod(f, s)
             want = big[:, :, py::s, px::s][:, :, :hq, :wq]
             assert torch.equal(planes[:, f * 3 : (f + 1) * 3], want), (backend, py, px)
-        gx = ops.phase_planes_grad(g, s, ph, pw, *hw, count=count)
+        gx = ops.phase_planes_grad(g, s, ph, pw, *hw, built)
         assert gx.shape == x.shape
         assert torch.allclose((planes * g).sum(), (x * gx).sum(), rtol=1e-12, atol=1e-12)
 
@@ -324,10 +331,10 @@ def test_patches_property(
     want = F.unfold(x, k, padding=pad, stride=stride).transpose(1, 2).reshape(-1, 3 * k[0] * k[1])
     g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
     for backend in BACKENDS:
-        ops = ops_for(x, backend)
+        ops = BoundKernels(x, backend)
         rows = ops.patches(x, *k, stride, *pad, oh, ow)
         assert torch.equal(rows, want), backend
-        gx = ops.patches_grad(g, (2, 3, *hw), *k, stride, *pad, oh, ow)
+        gx = ops.patches_grad(g, 2, 3, *hw, *k, stride, *pad, oh, ow)
         assert gx.shape == x.shape
         assert torch.allclose((rows * g).sum(), (x * gx).sum(), rtol=1e-12, atol=1e-12)
 
@@ -362,7 +369,8 @@ def test_strided_conv_on_phase_planes(
     sparse = SparseConv2d(copy.deepcopy(conv), mask, backend, algorithm="planes")
     for step in range(2):
         check_conv_against_dense(sparse, conv, mask, torch.randn(batch, 5, *hw, dtype=dtype))
-        assert sparse.phases().shape[1] == 5 * stride * stride
+        if k != (1, 1):  # (a pointwise one reads a single phase plane as its input)
+            assert sparse.phases().shape[1] == 5 * stride * stride
         if step == 0:  # a new mask: the layer and the reference change the same way
             mask = torch.rand(conv.weight.shape) < 0.4
             sparse.weight_sparse.restructure(mask)
@@ -395,7 +403,7 @@ def test_pointwise_strided_conv_reads_one_phase(
             assert torch.allclose(probe.grad, conv.weight.grad, rtol=1e-4, atol=1e-4)
         conv.zero_grad()
         sparse.zero_grad()
-    assert sparse._phases is None
+    assert "phases" not in sparse.weight_sparse.derived  # one phase plane, not all s * s
 
 
 @pytest.mark.parametrize("algorithm", ["planes", "unfold"])
@@ -432,27 +440,38 @@ def test_conv_backward_gives_what_is_asked(stride: int, batch: int) -> None:
     w = SparseWeight(conv.weight, mask)
     x = torch.randn(batch, 5, 9, 9, dtype=torch.float64)
     vals = w.values.detach()
-    y, saved = ops_for(x, "cpp").conv2d_forward(w.crow, w.col, vals, x, 6, 3, 3, stride, 1, 1)
-    y_ref, saved_ref = TorchOps().conv2d_forward(w.crow, w.col, vals, x, 6, 3, 3, stride, 1, 1)
+    cpp, ref = BoundKernels(x, "cpp"), BoundKernels(x, "torch")
+    y, saved = cpp.conv2d_forward(w.crow, w.col, vals, x, 6, 3, 3, stride, 1, 1, None)
+    y_ref, saved_ref = ref.conv2d_forward(w.crow, w.col, vals, x, 6, 3, 3, stride, 1, 1, None)
     assert torch.allclose(y, y_ref, rtol=1e-10, atol=1e-10)
     assert saved.dim() == (3 if stride == 1 and batch >= 16 else 4)
     g = torch.randn_like(y)
     args = (w.crow, w.col, w.crow_t, w.col_t, vals[w.perm], g)
-    want = TorchOps().conv2d_backward(*args, saved_ref, 3, 3, stride, 1, 1, True, True)
-    assert want[0] is not None
+    want = ref.conv2d_backward(*args, saved_ref, 5, 9, 9, 3, 3, stride, 1, 1, True, True)
     assert want[0].shape == (batch, 5, 9, 9)  # the input's gradient, inside the padding
     for flags in [(True, True), (True, False), (False, True), (False, False)]:
-        got = ops_for(x, "cpp").conv2d_backward(*args, saved, 3, 3, stride, 1, 1, *flags)
+        got = cpp.conv2d_backward(*args, saved, 5, 9, 9, 3, 3, stride, 1, 1, *flags)
         for asked, a, b in zip(flags, got, want, strict=True):
             if asked:
-                assert a is not None
-                assert b is not None
                 assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
             else:
-                assert a is None
+                assert a.numel() == 0  # not asked for: empty
 
 
-def test_conv_algorithm_follows_the_output_size() -> None:
+def _count_patches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the calls of the patches operator (a convolution computed over its patches)."""
+    calls: list[int] = []
+    patches = kops.patches
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return patches(*args)
+
+    monkeypatch.setattr(kops, "patches", counted)
+    return calls
+
+
+def test_conv_algorithm_follows_the_output_size(monkeypatch: pytest.MonkeyPatch) -> None:
     # "auto" multiplies patches for small output planes (at most UNFOLD_MAX_POSITIONS
     # positions) and walks planes otherwise; both give the dense layer's output
     torch.manual_seed(5)
@@ -464,10 +483,11 @@ def test_conv_algorithm_follows_the_output_size() -> None:
     assert SparseConv2d(copy.deepcopy(conv), mask, algorithm="planes").algorithm_for((2, 2)) == (
         "planes"
     )
+    patched = _count_patches(monkeypatch)
     for side_ in (side, side + 4):
         x = torch.randn(2, 8, side_, side_)
         assert torch.allclose(sparse(x), conv(x), rtol=1e-5, atol=1e-5)
-    assert sparse._unfolded is not None  # the small input went through the patches
+    assert len(patched) == 1  # the small input went through the patches, the larger not
     with pytest.raises(ValueError, match="algorithm must be one of"):
         SparseConv2d(conv, mask, algorithm="im2col")
     with pytest.raises(ValueError, match=r"batched \(N, C, H, W\) input"):
@@ -475,7 +495,7 @@ def test_conv_algorithm_follows_the_output_size() -> None:
 
 
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
-def test_batch_panels_keep_smaller_planes() -> None:
+def test_batch_panels_keep_smaller_planes(monkeypatch: pytest.MonkeyPatch) -> None:
     # a batch that the compiled kernels run on batch panels walks planes down to
     # PANEL_UNFOLD_MAX_POSITIONS positions; one per sample, or the PyTorch backend, unfolds up
     # to UNFOLD_MAX_POSITIONS
@@ -492,8 +512,9 @@ def test_batch_panels_keep_smaller_planes() -> None:
     pointwise = SparseConv2d(*masked_conv(8, 8, 1, 1, 0, 0.3, torch.float32), "cpp")
     assert pointwise.algorithm_for((side + 1, side + 1), batch=64) == "unfold"
     x = torch.randn(64, 8, side + 1, side + 1)
+    patched = _count_patches(monkeypatch)
     assert torch.allclose(compiled(x), conv(x), rtol=1e-5, atol=1e-5)
-    assert compiled._unfolded is None  # planes, on panels
+    assert not patched  # planes, on panels
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -535,7 +556,7 @@ def test_fallback_equals_compiled() -> None:
         a.weight_sparse.values.grad, b.weight_sparse.values.grad, rtol=1e-12, atol=1e-12
     )
     assert torch.allclose(a.bias.grad, b.bias.grad, rtol=1e-12, atol=1e-12)
-    assert isinstance(ops_for(x, "torch"), TorchOps)
+    assert kernels_for(x, "torch") == REFERENCE
 
 
 def test_restructure_keeps_values_and_reports_sources() -> None:
@@ -1010,7 +1031,9 @@ def test_batch_panels_property(
         conv.weight.mul_(mask)
     x = torch.randn(batch, c_in, *hw, dtype=dtype)
     w = SparseWeight(conv.weight, mask)
-    _, saved = ops_for(x, "cpp").conv2d_forward(w.crow, w.col, w.values, x, c_out, *k, 1, *pad)
+    _, saved = BoundKernels(x, "cpp").conv2d_forward(
+        w.crow, w.col, w.values, x, c_out, *k, 1, *pad, None
+    )
     assert saved.dim() == 3  # the panels
     x_ref = x.clone().requires_grad_()
     y_ref = conv(x_ref)
@@ -1035,9 +1058,11 @@ def test_thread_cap_reaches_the_kernels_and_is_restored() -> None:
     big = 1 << 30
     assert ext.team_size(big) == 2  # no cap: every thread
     assert ext.team_size(1) == 1  # too little work for a second thread
-    capped = ops_for(torch.zeros(1), "cpp", threads=1)
-    assert capped._ext.team_size(big) == 1  # type: ignore[attr-defined]
-    assert ops_for(torch.zeros(1), "cpp", threads=5)._ext.team_size(big) == 2  # type: ignore[attr-defined]
+    # every kernel operator takes the cap as its last argument (Capped, in common.h)
+    team = torch.ops.sparselearn_cpu.team_size
+    assert team(big, kernels_for(torch.zeros(1), "cpp", threads=1)) == 1
+    assert team(big, kernels_for(torch.zeros(1), "cpp", threads=5)) == 2
+    assert team(big, kernels_for(torch.zeros(1), "cpp")) == 2
     assert ext.thread_limit() == 0  # restored after each call
     with pytest.raises(RuntimeError, match="thread limit must be 0"):
         ext.set_thread_limit(-1)
@@ -1102,7 +1127,7 @@ def test_threads_must_be_none_or_positive(bad: Any) -> None:
     with pytest.raises(ValueError, match="threads must be None"):
         SparseConv2d(conv, cmask, threads=bad)
     with pytest.raises(ValueError, match="threads must be None"):
-        ops_for(torch.zeros(1), threads=bad)
+        kernels_for(torch.zeros(1), threads=bad)
 
 
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
@@ -1300,18 +1325,18 @@ def test_large_outputs_reuse_their_memory_until_released() -> None:
     gc.collect()  # outputs of earlier tests still in reference cycles
     release_cached_blocks()
     x = torch.randn(4, 16, 128, 128)  # padded: 4 * 16 * 130 * 130 floats, over 2 MiB
-    ops = ops_for(x, "cpp")
-    first = ops.phase_planes(x, 1, 1, 1, 130, 130)
+    ops = BoundKernels(x, "cpp")
+    first = ops.phase_planes(x, 1, 1, 1, 130, 130, 1)
     address = first.data_ptr()
     assert ext.cached_bytes() == 0
     del first
     held = ext.cached_bytes()
     assert held >= 4 * 16 * 130 * 130 * 4
-    second = ops.phase_planes(x, 1, 1, 1, 130, 130)
+    second = ops.phase_planes(x, 1, 1, 1, 130, 130, 1)
     assert second.data_ptr() == address  # the same block again
     assert ext.cached_bytes() == 0
     assert torch.equal(second, F.pad(x, (1, 1, 1, 1)))
-    small = ops.phase_planes(x[:, :1, :8, :8], 1, 1, 1, 10, 10)  # under 2 MiB: PyTorch's
+    small = ops.phase_planes(x[:, :1, :8, :8], 1, 1, 1, 10, 10, 1)  # under 2 MiB: PyTorch's
     del small
     assert ext.cached_bytes() == 0
     del second

@@ -14,11 +14,17 @@ from hypothesis import strategies as st
 
 from sparselearn.accel import Dropout, dropout
 from sparselearn.accel.dropout import _DropoutFn
-from sparselearn.kernels import TorchOps, extension, ops_for
+from sparselearn.kernels import TorchOps, extension, kernels_for
 from sparselearn.models import create_model
+from tests.helpers import BoundKernels
 
 BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
 needs_cpp = pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
+
+
+def _seed(seed: int) -> torch.Tensor:
+    """A seed as the dropout operator takes it: a 0-d int64 tensor."""
+    return torch.tensor(seed, dtype=torch.int64)
 
 
 @needs_cpp
@@ -33,7 +39,7 @@ def test_compiled_and_fallback_give_the_same_bits(
     numel: int, keep: float, seed: int, double: bool
 ) -> None:
     x = torch.randn(numel, dtype=torch.float64 if double else torch.float32)
-    compiled = ops_for(x, "cpp").dropout(x, keep, seed)
+    compiled = BoundKernels(x, "cpp").dropout(x, keep, _seed(seed))
     assert torch.equal(compiled, TorchOps().dropout(x, keep, seed))
 
 
@@ -74,10 +80,12 @@ def test_backward_applies_the_forward_mask(backend: str) -> None:
     assert x.grad is not None
     kept = y.detach() != 0
     assert torch.equal(x.grad, torch.where(kept, g * (1 / 0.7), torch.zeros_like(g)))
-    ops = ops_for(x, backend)
+    kernels = kernels_for(x, backend)
     small = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     # one fixed seed: every call of the checked function draws the same mask
-    assert torch.autograd.gradcheck(lambda t: _DropoutFn.apply(t, 0.7, 11, ops), (small,))
+    assert torch.autograd.gradcheck(
+        lambda t: _DropoutFn.apply(t, 0.7, _seed(11), kernels), (small,)
+    )
 
 
 @needs_cpp
@@ -86,15 +94,16 @@ def test_one_thread_gives_the_same_bits_as_all() -> None:
     results = []
     for threads in (1, 2):  # the thread count is restored after each test (conftest)
         torch.set_num_threads(threads)
-        results.append(ops_for(x, "cpp").dropout(x, 0.7, 99))
+        results.append(BoundKernels(x, "cpp").dropout(x, 0.7, _seed(99)))
     assert torch.equal(*results)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_non_contiguous_input_is_masked_by_its_logical_index(backend: str) -> None:
     x = torch.randn(32, 48)
-    ops = ops_for(x, backend)
-    assert torch.equal(ops.dropout(x.t(), 0.6, 7), ops.dropout(x.t().contiguous(), 0.6, 7))
+    ops = BoundKernels(x, backend)
+    seed = _seed(7)
+    assert torch.equal(ops.dropout(x.t(), 0.6, seed), ops.dropout(x.t().contiguous(), 0.6, seed))
 
 
 def test_identity_in_evaluation_or_at_zero_and_zeros_at_one() -> None:
@@ -116,10 +125,10 @@ def test_a_probability_outside_zero_one_is_refused(bad: Any) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_kernels_refuse_a_keep_probability_outside_the_open_interval(backend: str) -> None:
-    ops = ops_for(torch.ones(1), backend)
+    ops = BoundKernels(torch.ones(1), backend)
     for keep in (0.0, 1.0):
         with pytest.raises((ValueError, RuntimeError), match="keep probability must be in"):
-            ops.dropout(torch.ones(3), keep, 0)
+            ops.dropout(torch.ones(3), keep, _seed(0))
 
 
 def test_wide_resnet_uses_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,6 @@ def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The extension not built yet in this process, with an empty cache."""
     monkeypatch.setattr(build, "_extension", None)
     monkeypatch.setattr(build, "_extension_error", None)
-    monkeypatch.setattr(kernels, "_CPP", {})
     monkeypatch.setenv("SPARSELEARN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SPARSELEARN_BACKEND", raising=False)
 
@@ -49,7 +48,7 @@ def test_missing_sources_warn_once_and_fall_back_with_the_same_results(
         assert kernels.extension() is None
         assert kernels.extension() is None
         x = torch.randn(8, 24)
-        assert kernels.ops_for(x).name == "torch"
+        assert kernels.kernels_for(x) == kernels.REFERENCE
     (message,) = _warnings(caplog)
     assert "kernel sources are not installed" in message
     assert str(tmp_path / "gone") in message
@@ -75,7 +74,7 @@ def test_a_failing_compiler_warns_with_its_error_and_falls_back(
     (message,) = [m for m in _warnings(caplog) if "sparse CPU kernels" in m]
     assert "the C++ build failed" in message
     assert "/nonexistent/bin/c++" in message
-    assert kernels.ops_for(torch.zeros(2, 2)).name == "torch"
+    assert kernels.kernels_for(torch.zeros(2, 2)) == kernels.REFERENCE
 
 
 @pytest.mark.usefixtures("fresh_build")
@@ -102,7 +101,7 @@ def test_backend_cpp_in_the_environment_turns_the_fallback_into_an_error(
         caplog.at_level(logging.WARNING, logger="sparselearn"),
         pytest.raises(RuntimeError, match=r"compiled kernels are unavailable .*sources"),
     ):
-        kernels.ops_for(torch.zeros(2, 2))
+        kernels.kernels_for(torch.zeros(2, 2))
     assert not _warnings(caplog)  # an error instead of the warning
 
 
@@ -111,7 +110,7 @@ def test_backend_torch_in_the_environment_forces_the_fallback(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("SPARSELEARN_BACKEND", "torch")
-    assert kernels.ops_for(torch.zeros(2, 2)).name == "torch"
+    assert kernels.kernels_for(torch.zeros(2, 2)) == kernels.REFERENCE
     assert kernels.extension() is None
     assert kernels.unavailable_reason() == "disabled by SPARSELEARN_BACKEND=torch"
 
@@ -122,11 +121,11 @@ def test_an_unknown_backend_in_the_environment_is_refused(
 ) -> None:
     monkeypatch.setenv("SPARSELEARN_BACKEND", "fast")
     with pytest.raises(ValueError, match="SPARSELEARN_BACKEND must be one of auto, cpp, torch"):
-        kernels.ops_for(torch.zeros(2, 2))
+        kernels.kernels_for(torch.zeros(2, 2))
 
 
 def test_backend_cpp_refuses_tensors_it_cannot_compute() -> None:
     if kernels.extension() is None:
         pytest.skip("needs the compiled kernels")
     with pytest.raises(RuntimeError, match=r"float32 and float64 on the CPU, not torch\.float16"):
-        kernels.ops_for(torch.zeros(2, 2, dtype=torch.float16), "cpp")
+        kernels.kernels_for(torch.zeros(2, 2, dtype=torch.float16), "cpp")

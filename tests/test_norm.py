@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparselearn.accel import BatchNorm2d
-from sparselearn.kernels import extension, ops_for
+from sparselearn.kernels import extension
+from tests.helpers import BoundKernels
 
 needs_kernels = pytest.mark.skipif(extension() is None, reason="the compiled kernels do not build")
 
@@ -146,9 +147,9 @@ def test_one_thread_gives_the_same_bits_as_all() -> None:
 
 @needs_kernels
 def test_relu_keeps_nan_and_its_gradient_stops_where_the_output_is_zero() -> None:
-    ops = ops_for(torch.ones(1), "cpp")
+    ops = BoundKernels(torch.ones(1), "cpp")
     x = torch.tensor([[[[-1.0, 0.5, float("nan"), 2.0]]]])
-    y = ops.batch_norm_apply(x, torch.ones(1), torch.zeros(1), True)  # type: ignore[attr-defined]
+    y = ops.batch_norm_apply(x, torch.ones(1), torch.zeros(1), True)
     assert torch.equal(y[..., :2], torch.tensor([[[[0.0, 0.5]]]]))
     assert torch.isnan(y[..., 2])
     bn = BatchNorm2d(1, relu=True, affine=False)

@@ -12,10 +12,11 @@ from torch import nn
 
 import sparselearn as sl
 from sparselearn.accel import SparseLinear, SparseWeight, accelerate
-from sparselearn.kernels import extension, ops_for
+from sparselearn.kernels import REFERENCE, extension, kernels_for
 from sparselearn.kernels import ops as kops
+from sparselearn.models import create_model
 
-KERNELS = [kops.REFERENCE] + ([0, 1] if extension() is not None else [])
+KERNELS = [REFERENCE] + ([0, 1] if extension() is not None else [])
 
 
 def _linear_args(kernels: int) -> dict[str, tuple[Any, ...]]:
@@ -38,22 +39,77 @@ def _linear_args(kernels: int) -> dict[str, tuple[Any, ...]]:
     }  # fmt: skip
 
 
+def _conv_args(kernels: int, batch: int, stride: int, pad: int) -> dict[str, tuple[Any, ...]]:
+    """Arguments of the convolution operators: 3x3 over 4 -> 6 channels of 7x7 planes, 30%;
+    a batch of 16 runs on batch panels in the compiled kernels (stride 1), a batch of 2 not."""
+    torch.manual_seed(batch + stride + pad)
+    w = SparseWeight(torch.randn(6, 4, 3, 3), torch.rand(6, 4, 3, 3) < 0.3)
+    val = w.values.detach()
+    x = torch.randn(batch, 4, 7, 7)
+    oh = (7 + 2 * pad - 3) // stride + 1
+    y, saved = kops.conv2d_forward(w.crow, w.col, val, x, 6, 3, 3, stride, pad, pad, None, kernels)
+    g = torch.randn_like(y)
+    hq = oh + 2  # the phase planes a stride-s convolution reads (kh' = 1 for 3x3 at stride 3)
+    return {
+        "conv2d_forward": (w.crow, w.col, val, x, 6, 3, 3, stride, pad, pad, torch.randn(6),
+                           kernels),
+        "conv2d_backward": (w.crow, w.col, w.crow_t, w.col_t, val[w.perm], g,
+                            x if saved.numel() == 0 else saved, 4, 7, 7, 3, 3, stride, pad, pad,
+                            True, True, kernels),
+        "phase_planes": (x, 2, pad, pad, 5, 5, 4, kernels),
+        "phase_planes_grad": (torch.randn(batch, 16, 5, 5), 2, pad, pad, 7, 7, 4, kernels),
+        "patches": (x, 3, 3, stride, pad, pad, oh, oh, kernels),
+        "patches_grad": (torch.randn(batch * oh * oh, 36), batch, 4, 7, 7, 3, 3, stride, pad,
+                         pad, oh, oh, kernels),
+        "conv2d_forward_phases": (w.crow, w.col, val, x, 6, 3, 3, 1, pad, pad, hq, hq, None,
+                                  kernels),
+    }  # fmt: skip
+
+
+def _other_args(kernels: int) -> dict[str, tuple[Any, ...]]:
+    torch.manual_seed(5)
+    x = torch.randn(4, 3, 8, 10)
+    y, index = kops.max_pool2d(x, 2, True, kernels)
+    mean, invstd = x.mean((0, 2, 3)), torch.rand(3) + 0.5
+    return {
+        "dropout": (x, 0.7, torch.tensor(123), kernels),
+        "max_pool2d": (x, 2, True, kernels),
+        "max_pool2d_backward": (torch.randn_like(y), index, 8, 10, 2, kernels),
+        "batch_norm_forward": (x, torch.rand(3), torch.randn(3), 1e-5, True, kernels),
+        "batch_norm_apply": (x, torch.rand(3), torch.randn(3), True, kernels),
+        "batch_norm_backward": (torch.randn_like(x), x, mean, invstd, torch.rand(3),
+                                torch.randn(3), True, True, kernels),
+    }  # fmt: skip
+
+
+CASES = [
+    *[(name, "linear") for name in _linear_args(REFERENCE)],
+    *[(name, (16, 1, 1)) for name in _conv_args(REFERENCE, 16, 1, 1)],
+    *[(name, (2, 2, 0)) for name in ("conv2d_forward", "conv2d_backward", "patches")],
+    ("conv2d_forward", (16, 1, 0)),  # unpadded: x itself is what the backward reads
+    *[(name, "other") for name in _other_args(REFERENCE)],
+]
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
-@pytest.mark.parametrize(
-    "name", ["pack", "pack_sum", "spmm", "sampled", "linear_forward", "linear_backward"]
-)
-def test_each_operator_passes_pytorchs_checks(name: str, kernels: int) -> None:
+@pytest.mark.parametrize(("name", "case"), CASES)
+def test_each_operator_passes_pytorchs_checks(name: str, case: Any, kernels: int) -> None:
     # torch.library.opcheck: the schema matches what the implementation does (no mutation, no
     # aliasing), the fake implementation gives the real outputs' shapes, strides and dtypes,
     # and the operator survives tracing (what torch.compile and torch.export do)
-    op = getattr(kops, name).op
-    torch.library.opcheck(op, _linear_args(kernels)[name])
+    if case == "linear":
+        args = _linear_args(kernels)[name]
+    elif case == "other":
+        args = _other_args(kernels)[name]
+    else:
+        args = _conv_args(kernels, *case)[name]
+    torch.library.opcheck(getattr(kops, name).op, args)
 
 
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
 def test_compiled_and_pytorch_implementations_agree() -> None:
     # through the operator (as compiled graphs call it) and directly (as eager layers do)
-    ref, comp = _linear_args(kops.REFERENCE), _linear_args(0)
+    ref, comp = _linear_args(REFERENCE), _linear_args(0)
     for name in ("spmm", "sampled", "linear_forward", "linear_backward"):
         a = _tuple(getattr(kops, name).op(*ref[name]))
         b = _tuple(getattr(kops, name).op(*comp[name]))
@@ -118,23 +174,89 @@ def test_fullgraph_compile_of_an_accelerated_mlp_trains_as_eager(backend: str) -
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_export_of_an_accelerated_model_runs_and_equals_eager() -> None:
-    model, _, _ = _accelerated_mlp()
+def _zoo_batch(name: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if name == "tiny-gpt":
+        idx = torch.randint(0, 50, (2, 16), generator=gen)
+        return idx, torch.randint(0, 50, (2, 16), generator=gen)
+    return torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+
+
+def _zoo(name: str) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(0)
+    model = create_model(
+        name, (16,) if name == "tiny-gpt" else (3, 32, 32), 50 if name == "tiny-gpt" else 10
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # RigL: the dense gradient on update steps (the probes), and mask updates along the way
+    engine = sl.sparsify(model, opt, method="rigl", density=0.2, update_every=2, total_steps=50)
+    accelerate(model, engine, mode="sparse")
+    return model, opt, engine
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg-d", "wrn-16-8", "tiny-gpt"])
+def test_fullgraph_compile_of_zoo_models_trains_as_eager(name: str) -> None:
+    # a CNN with BatchNorm, max pooling and strided convolutions, one with dropout, and a
+    # transformer: one graph each (fullgraph), through mask updates, and the eager numbers
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        model, opt, engine = _zoo(name)
+        run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(5):
+            x, y = _zoo_batch(name, gen)
+            torch.manual_seed(2)  # the same dropout seeds in both runs
+            opt.zero_grad()
+            out = run(x)
+            loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        assert len(engine.history) == 2  # masks changed at steps 2 and 4
+        results.append(losses)
+    assert results[1] == pytest.approx(results[0], rel=1e-3, abs=1e-4)
+
+
+def test_recompiles_over_many_mask_updates_are_bounded() -> None:
+    # the graphs of a step that produces the dense gradient and of one that does not; mask
+    # updates themselves (new values, same number of them) recompile nothing
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    model, opt, engine = _zoo("resnet18")
+    run = torch.compile(model, fullgraph=True, backend="eager")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        x, y = _zoo_batch("resnet18", gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(run(x), y).backward()
+        opt.step()
+    assert len(engine.history) == 6
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+def test_export_of_an_accelerated_model_runs_and_equals_eager(name: str) -> None:
+    if name == "mlp":
+        model, _, _ = _accelerated_mlp()
+        x = torch.randn(5, 32)
+    else:
+        model, _, _ = _zoo(name)
+        x = torch.randn(2, 3, 32, 32)
     model.eval()
-    x = torch.randn(5, 32)
     program = torch.export.export(model, (x,))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert any("sparselearn." in t for t in targets)  # the sparse product is one operator
+    assert any("sparselearn." in t for t in targets)  # the sparse products are operators
     with torch.no_grad():
-        assert torch.allclose(program.module()(x), model(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
     copy.deepcopy(program)  # a program holds tensors and operators only
 
 
 def test_kernels_for_says_which_implementation() -> None:
     x = torch.randn(3, 4)
-    assert kops.kernels_for(x, "torch") == kops.REFERENCE
-    assert kops.kernels_for(x.half(), "auto") == kops.REFERENCE
+    assert kernels_for(x, "torch") == REFERENCE
+    assert kernels_for(x.half(), "auto") == REFERENCE
     if extension() is not None:
-        assert kops.kernels_for(x, "auto") == 0
-        assert kops.kernels_for(x, "cpp", threads=1) == 1
-        assert ops_for(x, "cpp", 1).kernels == 1
+        assert kernels_for(x, "auto") == 0
+        assert kernels_for(x, "cpp", threads=1) == 1

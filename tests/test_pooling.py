@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from sparselearn.accel import MaxPool2d, max_pool2d
 from sparselearn.accel.pooling import _MaxPoolFn
-from sparselearn.kernels import extension, ops_for
+from sparselearn.kernels import extension, kernels_for
 from sparselearn.models import create_model
+from tests.helpers import BoundKernels
 
 BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
 
@@ -24,7 +25,7 @@ def _both(x: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, ...]:
     """(the kernels', PyTorch's) outputs and input gradients for one output gradient (the
     kernels on any plane, where max_pool2d leaves narrow ones to PyTorch)."""
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = _MaxPoolFn.apply(a, k, ops_for(a, backend)), F.max_pool2d(b, k)
+    ya, yb = _MaxPoolFn.apply(a, k, kernels_for(a, backend)), F.max_pool2d(b, k)
     g = torch.randn(ya.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
     ya.backward(g)
     yb.backward(g)
@@ -93,7 +94,7 @@ def test_one_thread_gives_the_same_bits_as_all() -> None:
     results = []
     for threads in (1, 2):  # the thread count is restored after each test (conftest)
         torch.set_num_threads(threads)
-        results.append(ops_for(x, "cpp").max_pool2d(x, 2, True))
+        results.append(BoundKernels(x, "cpp").max_pool2d(x, 2, True))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
 
@@ -101,7 +102,7 @@ def test_one_thread_gives_the_same_bits_as_all() -> None:
 @pytest.mark.skipif(extension() is None, reason="needs the compiled kernels")
 def test_inference_keeps_no_index() -> None:
     x = torch.randn(2, 3, 8, 8)
-    _, index = ops_for(x, "cpp").max_pool2d(x, 2, False)
+    _, index = BoundKernels(x, "cpp").max_pool2d(x, 2, False)
     assert index.numel() == 0
     with torch.no_grad():
         assert torch.equal(max_pool2d(x, 2), F.max_pool2d(x, 2))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..engine import LayerStorage, SparseEngine
 from ..engine.sharding import refuse_sharded
-from ..kernels import check_threads, ops_for
+from ..kernels import REFERENCE, check_threads, kernels_for
 from ..kernels.build import march
 from ..targets import expert_count, is_conv1d
 from .layers import (
@@ -157,7 +157,8 @@ def _wait_for(device: torch.device) -> None:
 def _kernels(t: Tensor, backend: str) -> str:
     """The kernels a sparse layer runs for tensors like ``t`` (half precision computes in
     float32): "cpp" or "torch"."""
-    return ops_for(torch.empty(0, dtype=compute_dtype(t.dtype), device=t.device), backend).name
+    like = torch.empty(0, dtype=compute_dtype(t.dtype), device=t.device)
+    return "torch" if kernels_for(like, backend) == REFERENCE else "cpp"
 
 
 def _fwd_bwd(module: nn.Module, x: Tensor, threads: int | None = None) -> Any:

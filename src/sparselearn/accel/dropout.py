@@ -17,19 +17,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..kernels import Ops, ops_for
+from ..kernels import kernels_for
+from ..kernels import ops as kops
 
 
 class _DropoutFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, keep: float, seed: int, ops: Ops) -> Tensor:
-        ctx.keep, ctx.seed, ctx.ops = keep, seed, ops
-        return ops.dropout(x, keep, seed)
+    def forward(ctx: Any, x: Tensor, keep: float, seed: Tensor, kernels: int) -> Tensor:
+        ctx.keep, ctx.kernels = keep, kernels
+        ctx.save_for_backward(seed)
+        y: Tensor = kops.dropout(x, keep, seed, kernels)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         # the same mask and scale: dropout is its own adjoint
-        return ctx.ops.dropout(grad, ctx.keep, ctx.seed), None, None, None
+        (seed,) = ctx.saved_tensors
+        return kops.dropout(grad, ctx.keep, seed, ctx.kernels), None, None, None
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, backend: str = "auto") -> Tensor:
@@ -44,8 +48,10 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, backend: str = "au
         return x
     if p == 1.0:
         return x * 0.0
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-    y: Tensor = _DropoutFn.apply(x, 1.0 - float(p), seed, ops_for(x, backend))  # type: ignore[no-untyped-call]
+    # a tensor: a compiled graph draws it as it runs (an int would be fixed when it is traced)
+    seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+    kernels = kernels_for(x, backend)
+    y: Tensor = _DropoutFn.apply(x, 1.0 - float(p), seed, kernels)  # type: ignore[no-untyped-call]
     return y
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
-from ..kernels import Ops, check_threads, ops_for
+from ..kernels import check_threads, kernels_for
 from ..kernels import ops as kops
 from .live import LiveCheck, no_live_check
 from .weight_view import SparseWeightView
@@ -107,6 +107,9 @@ class SparseWeight(nn.Module):
         self.dense_grad_probe: Tensor | None = None
         self.version = 0  # bumped whenever the structure changes (for cached masks)
         self._dense: tuple[tuple[object, ...], Tensor] | None = None  # (key, cached_dense())
+        # structures derived from this one (a convolution's phase planes, its patches' matrix),
+        # rebuilt with it
+        self.derived = nn.ModuleDict()
 
     @property
     def rows(self) -> int:
@@ -193,7 +196,13 @@ class SparseWeight(nn.Module):
         self.version += 1
         self.crow, self.col, self.crow_t, self.col_t, self.perm = crow, col, crow_t, col_t, perm
         self.perm_inv = _inverse(perm)
+        self._rebuild_derived()
         return source
+
+    def _rebuild_derived(self) -> None:
+        for d in self.derived.values():
+            assert isinstance(d, _Derived)
+            d.rebuild(self)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # the number of active weights may differ from this module's: take the saved sizes
@@ -210,40 +219,68 @@ class SparseWeight(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
         self.perm_inv = _inverse(self.perm)
         self.version += 1
+        self._rebuild_derived()
 
 
-class _Phases:
+class _Derived(nn.Module):
+    """A structure derived from a :class:`SparseWeight` (held by it, in ``derived``): its
+    tensors are buffers that are not saved (they move with the module, and a state dict holds
+    the weight's own only), rebuilt by :meth:`rebuild` whenever the weight's structure changes
+    (a mask update, a load). Built eagerly, never while a model is compiled: building reads the
+    mask's non-zeros, which no graph can hold, and a compiled graph then finds the buffers up to
+    date, with the same shapes while the number of non-zeros stays."""
+
+    def rebuild(self, weight: SparseWeight) -> None:
+        raise NotImplementedError
+
+    def _set(self, **tensors: Tensor) -> None:
+        for name, t in tensors.items():
+            if name in self._buffers:
+                self._buffers[name] = t
+            else:
+                self.register_buffer(name, t, persistent=False)
+
+
+class _Phases(_Derived):
     """A stride-s convolution as a stride-1 one over the s*s phase planes of its input.
 
     Output (oy, ox) reads the padded input at (s*oy + ky, s*ox + kx); with ky = s*qy + py and
     kx = s*qx + px that is phase plane (py, px) (the input rows py, py + s, ... and columns px,
     px + s, ...) at (oy + qy, ox + qx): a stride-1 convolution with a ceil(k/s)-wide kernel over
     s*s*C channels (channel (py*s + px)*C + c), with the same non-zeros. ``index`` gives the
-    values in this structure's CSR order: ``values[index]``. Derived from a
-    :class:`SparseWeight` (its ``version`` and device) and rebuilt when that changes.
+    values in this structure's CSR order: ``values[index]``.
     """
 
+    index: Tensor
+    crow: Tensor
+    col: Tensor
+    crow_t: Tensor
+    col_t: Tensor
+    perm: Tensor
+
     def __init__(self, weight: SparseWeight, stride: int) -> None:
+        super().__init__()
         out_c, in_c, kh, kw = weight.shape
-        s = stride
-        self.stride, self.version, self.device = s, weight.version, weight.col.device
+        s = self.stride = stride
         self.shape = (out_c, s * s * in_c, -(-kh // s), -(-kw // s))
+        self.dense_grad_probe: Tensor | None = None  # dense steps take the direct path
+        self.rebuild(weight)
+
+    def rebuild(self, weight: SparseWeight) -> None:
+        s, in_c = self.stride, weight.shape[1]
         o, c, ky, kx = weight.mask().nonzero(as_tuple=True)  # in the order of the values
         c2, qy, qx = ((ky % s) * s + kx % s) * in_c + c, ky // s, kx // s
-        mask = torch.zeros(self.shape, dtype=torch.bool, device=self.device)
+        mask = torch.zeros(self.shape, dtype=torch.bool, device=weight.col.device)
         mask[o, c2, qy, qx] = True
         position = ((o * self.shape[1] + c2) * self.shape[2] + qy) * self.shape[3] + qx
-        self.index = torch.argsort(position)  # this structure's row-major order
-        self.crow, self.col, self.crow_t, self.col_t, self.perm = csr_structure(mask)
-        self._mask = mask
-        self.dense_grad_probe: Tensor | None = None  # dense steps take the direct path
+        crow, col, crow_t, col_t, perm = csr_structure(mask)
+        # the values in this structure's row-major order
+        self._set(index=torch.argsort(position), crow=crow, col=col, crow_t=crow_t, col_t=col_t,
+                  perm=perm)  # fmt: skip
 
     @property
     def rows(self) -> int:
         return self.shape[0]
-
-    def mask(self) -> Tensor:
-        return self._mask
 
     def planes_size(self, out_hw: tuple[int, int]) -> tuple[int, int]:
         """(OH + kh' - 1, OW + kw' - 1): the phase planes' height and width, as large as the
@@ -251,35 +288,44 @@ class _Phases:
         return out_hw[0] + self.shape[2] - 1, out_hw[1] + self.shape[3] - 1
 
 
-class _Unfolded:
+class _Unfolded(_Derived):
     """A convolution as a matrix product over its input's patches (im2col): the weight as an
     (out, in * kh * kw) matrix, the CSR of a Linear layer's weight (the values in the same
     order as the convolution's), with the transpose a Linear layer's backward walks. For small
-    output planes, where the plane kernels have little to vectorise over. Derived from a
-    :class:`SparseWeight` (its ``version`` and device) and rebuilt when that changes.
+    output planes, where the plane kernels have little to vectorise over.
     """
 
+    crow: Tensor
+    col: Tensor
+    crow_t: Tensor
+    col_t: Tensor
+    perm: Tensor
+    perm_inv: Tensor
+
     def __init__(self, weight: SparseWeight) -> None:
-        self.version, self.device = weight.version, weight.col.device
+        super().__init__()
         self.rows, self.fan_in = weight.rows, weight.fan_in
-        self._weight = weight
-        self._mask = weight.mask().reshape(self.rows, self.fan_in)
+        # the weight it derives from (not a child module: the weight holds this one)
+        object.__setattr__(self, "_weight", weight)
+        self.rebuild(weight)
+
+    def rebuild(self, weight: SparseWeight) -> None:
+        object.__setattr__(self, "_weight", weight)
         # the rows are the weight's own CSR (same column encoding, same order); the transpose
         # is the (in * kh * kw, out) one of a Linear layer
-        self.crow, self.col = weight.crow, weight.col
-        _, _, self.crow_t, self.col_t, self.perm = csr_structure(self._mask)
-        self.perm_inv = _inverse(self.perm)
-
-    def mask(self) -> Tensor:
-        return self._mask
+        _, _, crow_t, col_t, perm = csr_structure(weight.mask().reshape(self.rows, self.fan_in))
+        self._set(crow=weight.crow, col=weight.col, crow_t=crow_t, col_t=col_t, perm=perm,
+                  perm_inv=_inverse(perm))  # fmt: skip
 
     def positions(self) -> Tensor:
-        return self._weight.positions()  # (out, in * kh * kw) flattens as the weight does
+        weight: SparseWeight = self.__dict__["_weight"]
+        return weight.positions()  # (out, in * kh * kw) flattens as the weight does
 
     @property
     def dense_grad_probe(self) -> Tensor | None:
         """The weight's probe (the dense gradient in the weight's own shape)."""
-        return self._weight.dense_grad_probe
+        weight: SparseWeight = self.__dict__["_weight"]
+        return weight.dense_grad_probe
 
 
 class _FirstPhaseFn(torch.autograd.Function):
@@ -287,13 +333,14 @@ class _FirstPhaseFn(torch.autograd.Function):
     stride s, unpadded), and back, in one pass each of the backend's kernels."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, stride: int, out_hw: tuple[int, int], ops: Ops) -> Tensor:
-        ctx.ops, ctx.stride, ctx.hw = ops, stride, (x.shape[2], x.shape[3])
-        return ops.phase_planes(x, stride, 0, 0, *out_hw, count=1)
+    def forward(ctx: Any, x: Tensor, stride: int, out_hw: tuple[int, int], kernels: int) -> Tensor:
+        ctx.kernels, ctx.stride, ctx.hw = kernels, stride, (x.shape[2], x.shape[3])
+        planes: Tensor = kops.phase_planes(x, stride, 0, 0, *out_hw, 1, kernels)
+        return planes
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        gx = ctx.ops.phase_planes_grad(grad.contiguous(), ctx.stride, 0, 0, *ctx.hw, count=1)
+        gx = kops.phase_planes_grad(grad.contiguous(), ctx.stride, 0, 0, *ctx.hw, 1, ctx.kernels)
         return gx, None, None, None
 
 
@@ -309,18 +356,20 @@ class _PatchesFn(torch.autograd.Function):
         stride: int,
         padding: tuple[int, int],
         out_hw: tuple[int, int],
-        ops: Ops,
+        kernels: int,
     ) -> Tensor:
-        ctx.ops, ctx.shape, ctx.args = (
-            ops,
+        ctx.kernels, ctx.shape, ctx.args = (
+            kernels,
             tuple(x.shape),
             (*kernel_size, stride, *padding, *out_hw),
         )
-        return ops.patches(x, *ctx.args)
+        rows: Tensor = kops.patches(x, *ctx.args, kernels)
+        return rows
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
-        return ctx.ops.patches_grad(grad, ctx.shape, *ctx.args), None, None, None, None, None
+        gx = kops.patches_grad(grad.contiguous(), *ctx.shape, *ctx.args, ctx.kernels)
+        return gx, None, None, None, None, None
 
 
 _Grads = TypeVar("_Grads")
@@ -430,19 +479,31 @@ class _SparseConv2dFn(torch.autograd.Function):
         weight: SparseWeight | _Phases,
         stride: int,
         padding: tuple[int, int],
-        ops: Ops,
+        kernels: int,
         phases: tuple[int, int] | None = None,
         probe: Tensor | None = None,
     ) -> Tensor:
         _, kh, kw = weight.shape[1:]
-        # ``saved``: what the backward reads, in the backend's layout (batch panels of the
-        # input or of its phase planes, or the padded input or its phase planes)
+        # ``saved``: what the backward reads, in the kernels' layout (batch panels of the
+        # input or of its phase planes, or the padded input or its phase planes; empty where
+        # it is x itself)
+        y: Tensor
         if phases is None:
-            y, saved = ops.conv2d_forward(
-                weight.crow, weight.col, values, x, weight.rows, kh, kw, stride, *padding, bias
+            y, saved = kops.conv2d_forward(
+                weight.crow,
+                weight.col,
+                values,
+                x,
+                weight.rows,
+                kh,
+                kw,
+                stride,
+                *padding,
+                bias,
+                kernels,
             )
         else:  # ``weight``: the stride-1 convolution over the (hq, wq) phase planes
-            y, saved = ops.conv2d_forward_phases(
+            y, saved = kops.conv2d_forward_phases(
                 weight.crow,
                 weight.col,
                 values,
@@ -454,9 +515,10 @@ class _SparseConv2dFn(torch.autograd.Function):
                 *padding,
                 *phases,
                 bias,
+                kernels,
             )
         ctx.save_for_backward(x, values, saved)
-        ctx.weight, ctx.ops, ctx.stride, ctx.padding = weight, ops, stride, padding
+        ctx.weight, ctx.kernels, ctx.stride, ctx.padding = weight, kernels, stride, padding
         ctx.phases, ctx.want_dense = phases, probe is not None
         return y
 
@@ -482,25 +544,37 @@ class _SparseConv2dFn(torch.autograd.Function):
         want_dense = ctx.want_dense and ctx.needs_input_grad[8]
         # the convolution the kernels ran: of the phase planes at stride 1, unpadded, or of x
         stride, padding = (1, (0, 0)) if ctx.phases else (ctx.stride, ctx.padding)
+        # its input: x, or the phase planes (as many channels as the weight reads, the planes'
+        # size)
+        c_in = w.shape[1]
+        h, wd = ctx.phases if ctx.phases else x.shape[2:]
         # both gradients in one call (stride 1: they share one copy of the output gradient);
         # on steps that ask for the dense weight gradient, that comes from PyTorch instead
-        grad_x, grad_values = ctx.ops.conv2d_backward(
+        gx, gv = kops.conv2d_backward(
             w.crow,
             w.col,
             w.crow_t,
             w.col_t,
             values[w.perm],
             g,
-            saved,
+            x if saved.numel() == 0 else saved,
+            c_in,
+            h,
+            wd,
             kh,
             kw,
             stride,
             *padding,
             want_x,
             want_w and not want_dense,
+            ctx.kernels,
         )
+        grad_x: Tensor | None = gx if want_x else None
+        grad_values: Tensor | None = gv if want_w and not want_dense else None
         if grad_x is not None and ctx.phases:  # the phase planes' gradient, then x's
-            grad_x = ctx.ops.phase_planes_grad(grad_x, ctx.stride, *ctx.padding, *x.shape[2:])
+            grad_x = kops.phase_planes_grad(
+                grad_x, ctx.stride, *ctx.padding, *x.shape[2:], ctx.stride**2, ctx.kernels
+            )
         grad_dense = None
         if want_dense:
             assert isinstance(w, SparseWeight)  # steps that want it take the direct path
@@ -685,7 +759,7 @@ def _no_autocast(t: Tensor) -> contextlib.AbstractContextManager[Any]:
 class SparseLinear(_ComputeChoice, _DenseFace, nn.Module):
     """``nn.Linear`` computing with a CSR weight (see :class:`SparseWeight`).
 
-    ``backend``: ``"auto"``, ``"cpp"`` or ``"torch"`` (:func:`sparselearn.kernels.ops_for`).
+    ``backend``: ``"auto"``, ``"cpp"`` or ``"torch"`` (:func:`sparselearn.kernels.kernels_for`).
     ``threads``: the most threads its compiled kernels use (None: all of
     ``torch.get_num_threads()``); a small layer can run faster on one thread than pay for
     waking the others (``sl.accelerate`` times both). The results do not depend on it.
@@ -713,13 +787,13 @@ class SparseLinear(_ComputeChoice, _DenseFace, nn.Module):
         x2, values, bias, out = _in_compute_dtype(
             x.reshape(-1, self.in_features), w.values, self.bias, type(self).__name__
         )  # (B, in)
-        kernels = kops.kernels_for(x2, self.backend, self.threads)
+        kernels = kernels_for(x2, self.backend, self.threads)
         if out is None:
             y = _sparse_linear(x2, values, bias, w, kernels)
         else:
             with _no_autocast(x2):
                 y = _sparse_linear(x2, values, bias, w, kernels).to(out)
-        return y.reshape(*lead, self.out_features)
+        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
 
     def to_dense_module(self) -> nn.Module:
         v = self.weight_sparse.values
@@ -820,23 +894,29 @@ class SparseConv2d(_ComputeChoice, _DenseFace, nn.Module):
         self.backend = backend
         self.algorithm = algorithm
         self.threads = check_threads(threads)
-        # derived from weight_sparse, rebuilt when it changes
-        self._phases: _Phases | None = None
-        self._unfolded: _Unfolded | None = None
+        # the structures its kernels may need, derived from weight_sparse now (not while a
+        # model is compiled) and rebuilt with it: the stride-1 form of a strided convolution
+        # (a pointwise unpadded one reads one phase plane as its input instead), and the
+        # matrix of a product over patches, for small outputs
+        w = self.weight_sparse
+        if self.stride[0] > 1 and not self._pointwise_unpadded():
+            w.derived["phases"] = _Phases(w, self.stride[0])
+        w.derived["unfolded"] = _Unfolded(w)
 
     def phases(self) -> _Phases:
         """The stride-1 form of this strided convolution (rebuilt when the mask changes)."""
-        w, ph = self.weight_sparse, self._phases
-        if ph is None or ph.version != w.version or ph.device != w.col.device:
-            ph = self._phases = _Phases(w, self.stride[0])
+        ph = self.weight_sparse.derived["phases"]
+        assert isinstance(ph, _Phases)
         return ph
 
     def unfolded(self) -> _Unfolded:
         """The weight as the matrix of a product over patches (rebuilt when the mask changes)."""
-        w, u = self.weight_sparse, self._unfolded
-        if u is None or u.version != w.version or u.device != w.col.device:
-            u = self._unfolded = _Unfolded(w)
+        u = self.weight_sparse.derived["unfolded"]
+        assert isinstance(u, _Unfolded)
         return u
+
+    def _pointwise_unpadded(self) -> bool:
+        return self.kernel_size == (1, 1) and self.padding == (0, 0)
 
     def output_size(self, input_hw: tuple[int, int]) -> tuple[int, int]:
         (h, wd), (pad_h, pad_w), (kh, kw) = input_hw, self.padding, self.kernel_size
@@ -853,15 +933,15 @@ class SparseConv2d(_ComputeChoice, _DenseFace, nn.Module):
         the CPU (with ``batch``: a batch of that many samples, of ``dtype``)."""
         if batch is None:
             return self._algorithm(input_hw, False)
-        ops = ops_for(torch.empty(0, dtype=dtype), self.backend, self.threads)
-        return self._algorithm(input_hw, self._on_panels(batch, dtype, ops))
+        kernels = kernels_for(torch.empty(0, dtype=dtype), self.backend, self.threads)
+        return self._algorithm(input_hw, self._on_panels(batch, dtype, kernels))
 
-    def _on_panels(self, batch: int, dtype: torch.dtype, ops: Ops) -> bool:
+    def _on_panels(self, batch: int, dtype: torch.dtype, kernels: int) -> bool:
         """Whether the stride-1 kernels (of a strided convolution: over its phase planes) run a
         batch on batch panels."""
         s = self.stride[0]
         kh, kw = -(-self.kernel_size[0] // s), -(-self.kernel_size[1] // s)
-        return ops.uses_panels(batch, kh, kw, dtype)
+        return kops.uses_panels(batch, kh, kw, dtype, kernels)
 
     def _algorithm(self, input_hw: tuple[int, int], on_panels: bool) -> str:
         if self.algorithm != "auto":
@@ -889,16 +969,16 @@ class SparseConv2d(_ComputeChoice, _DenseFace, nn.Module):
         """The convolution on the kernels, ``values`` and ``bias`` in ``x``'s dtype."""
         w = self.weight_sparse
         out_hw = self.output_size((x.shape[2], x.shape[3]))
-        ops = ops_for(x, self.backend, self.threads)
-        on_panels = self._on_panels(x.shape[0], x.dtype, ops)
+        kernels = kernels_for(x, self.backend, self.threads)
+        on_panels = self._on_panels(x.shape[0], x.dtype, kernels)
         if self._algorithm((x.shape[2], x.shape[3]), on_panels) == "unfold":
-            return self._forward_unfolded(x, values, bias, out_hw, ops)
+            return self._forward_unfolded(x, values, bias, out_hw, kernels)
         fused, rest = _split_bias(bias, x)
         stride = self.stride[0]
-        if stride > 1 and self.kernel_size == (1, 1) and self.padding == (0, 0):
+        if stride > 1 and self._pointwise_unpadded():
             # a pointwise convolution reads every s-th row and column only: phase plane (0, 0),
             # the input of a stride-1 one (all s * s planes would be built, one of them read)
-            x, stride = _FirstPhaseFn.apply(x, stride, out_hw, ops), 1  # type: ignore[no-untyped-call]
+            x, stride = _FirstPhaseFn.apply(x, stride, out_hw, kernels), 1  # type: ignore[no-untyped-call]
         if stride > 1 and w.dense_grad_probe is None:
             # strided: a stride-1 convolution over the phase planes (the stride-1 kernels read
             # contiguous slices, where a strided walk reads every s-th element); steps that
@@ -912,23 +992,23 @@ class SparseConv2d(_ComputeChoice, _DenseFace, nn.Module):
                 ph,
                 self.stride[0],
                 self.padding,
-                ops,
+                kernels,
                 ph.planes_size(out_hw),
             )
         else:
             y = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
-                x, values, fused, w, stride, self.padding, ops, None, w.dense_grad_probe
+                x, values, fused, w, stride, self.padding, kernels, None, w.dense_grad_probe
             )
         return y if rest is None else y + rest.view(1, -1, 1, 1)
 
     def _forward_unfolded(
-        self, x: Tensor, values: Tensor, bias: Tensor | None, out_hw: tuple[int, int], ops: Ops
+        self, x: Tensor, values: Tensor, bias: Tensor | None, out_hw: tuple[int, int], kernels: int
     ) -> Tensor:
         n = x.shape[0]
         rows: Tensor = _PatchesFn.apply(  # type: ignore[no-untyped-call]
-            x, self.kernel_size, self.stride[0], self.padding, out_hw, ops
+            x, self.kernel_size, self.stride[0], self.padding, out_hw, kernels
         )  # (N * OH * OW, C * kh * kw)
-        y = _sparse_linear(rows, values, bias, self.unfolded(), ops.kernels)
+        y = _sparse_linear(rows, values, bias, self.unfolded(), kernels)
         y = y.view(n, out_hw[0], out_hw[1], self.out_channels).permute(0, 3, 1, 2)
         return y.contiguous()
 

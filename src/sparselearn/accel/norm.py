@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..kernels import BACKENDS, CppOps, ops_for
+from ..kernels import BACKENDS, REFERENCE, kernels_for
+from ..kernels import ops as kops
 
 
 class _BatchNormFn(torch.autograd.Function):
@@ -34,11 +35,11 @@ class _BatchNormFn(torch.autograd.Function):
         bias: Tensor | None,
         eps: float,
         relu: bool,
-        ops: CppOps,
+        kernels: int,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var, invstd = ops.batch_norm_forward(x, weight, bias, eps, relu)
+        y, mean, var, invstd = kops.batch_norm_forward(x, weight, bias, eps, relu, kernels)
         ctx.save_for_backward(x, mean, invstd, weight, bias)
-        ctx.relu, ctx.ops = relu, ops
+        ctx.relu, ctx.kernels = relu, kernels
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -49,10 +50,17 @@ class _BatchNormFn(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         x, mean, invstd, weight, bias = ctx.saved_tensors
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = ctx.ops.batch_norm_backward(
-            grad_y, x, mean, invstd, weight, bias, ctx.relu, want_x
+        gx, gw, gb = kops.batch_norm_backward(
+            grad_y, x, mean, invstd, weight, bias, ctx.relu, want_x, ctx.kernels
         )
-        return gx, gw if want_w else None, gb if want_b else None, None, None, None
+        return (
+            gx if want_x else None,
+            gw if want_w else None,
+            gb if want_b else None,
+            None,
+            None,
+            None,
+        )
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -93,8 +101,8 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        ops = ops_for(x, self.backend)
-        if not isinstance(ops, CppOps) or not self._kernels_take(x):
+        kernels = kernels_for(x, self.backend)
+        if kernels == REFERENCE or not self._kernels_take(x):
             y = super().forward(x)
             # in place: BatchNorm's backward reads its input and statistics, not its output
             return torch.relu_(y) if self.relu else y
@@ -105,7 +113,7 @@ class BatchNorm2d(nn.BatchNorm2d):
                 factor = 1.0 / float(self.num_batches_tracked)
         if self._batch_statistics():
             y, mean, var = _BatchNormFn.apply(  # type: ignore[no-untyped-call]
-                x, self.weight, self.bias, self.eps, self.relu, ops
+                x, self.weight, self.bias, self.eps, self.relu, kernels
             )
             if self.training and self.running_mean is not None and self.running_var is not None:
                 n = x.numel() // x.shape[1]
@@ -124,7 +132,8 @@ class BatchNorm2d(nn.BatchNorm2d):
             shift = -self.running_mean * scale
             if self.bias is not None:
                 shift = shift + self.bias
-        return ops.batch_norm_apply(x, scale, shift, self.relu)
+        applied: Tensor = kops.batch_norm_apply(x, scale, shift, self.relu, kernels)
+        return applied
 
     def _batch_statistics(self) -> bool:
         """Whether this call normalises with the batch's statistics (as nn.BatchNorm2d: in

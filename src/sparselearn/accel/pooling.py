@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..kernels import Ops, ops_for
+from ..kernels import kernels_for
+from ..kernels import ops as kops
 
 # Float64 outputs narrower than this pool with PyTorch's kernel: the compiled one vectorises
 # float64 along output rows only, and on narrow ones its per-row work costs more than PyTorch's
@@ -31,16 +32,18 @@ def _check_kernel_size(kernel_size: object) -> None:
 
 class _MaxPoolFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, k: int, ops: Ops) -> Tensor:
-        y, index = ops.max_pool2d(x, k, ctx.needs_input_grad[0])
+    def forward(ctx: Any, x: Tensor, k: int, kernels: int) -> Tensor:
+        y: Tensor
+        y, index = kops.max_pool2d(x, k, ctx.needs_input_grad[0], kernels)
         ctx.save_for_backward(index)
-        ctx.k, ctx.ops, ctx.hw = k, ops, x.shape[2:]
+        ctx.k, ctx.kernels, ctx.hw = k, kernels, x.shape[2:]
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (index,) = ctx.saved_tensors
-        return ctx.ops.max_pool2d_backward(grad, index, *ctx.hw, ctx.k), None, None
+        gx = kops.max_pool2d_backward(grad, index, *ctx.hw, ctx.k, ctx.kernels)
+        return gx, None, None
 
 
 def max_pool2d(x: Tensor, kernel_size: int, backend: str = "auto") -> Tensor:
@@ -57,7 +60,8 @@ def max_pool2d(x: Tensor, kernel_size: int, backend: str = "auto") -> Tensor:
     if kernel_size > 16 or (narrow and x.dtype != torch.float32):
         # a window's place is kept in one byte; on narrow float64 planes PyTorch's is faster
         return nn.functional.max_pool2d(x, kernel_size)
-    y: Tensor = _MaxPoolFn.apply(x, kernel_size, ops_for(x, backend))  # type: ignore[no-untyped-call]
+    kernels = kernels_for(x, backend)
+    y: Tensor = _MaxPoolFn.apply(x, kernel_size, kernels)  # type: ignore[no-untyped-call]
     return y
 
 

@@ -1,45 +1,42 @@
-"""Sparse compute kernels: a compiled CPU extension and a pure-PyTorch fallback.
+"""Sparse compute kernels: compiled CPU kernels and a pure-PyTorch implementation of each, as
+PyTorch operators.
 
-- ``ops.py``: the Linear kernels as PyTorch operators (``torch.ops.sparselearn.*``), each
-  declared once, with its PyTorch implementation, its compiled one on the CPU and its shapes
-  for ``torch.compile`` and ``torch.export``;
-- ``protocol.py``: the other operations on a CSR weight (convolutions, layouts, dropout,
-  pooling), behind one protocol (:class:`Ops`), and the panel layout of activations;
-- ``build.py``: the extension, built on first use from ``csrc/`` (C++ with OpenMP: ``linear.cpp``,
-  ``conv.cpp``, ``layouts.cpp``, ``dropout.cpp``, ``pool.cpp``, ``norm.cpp``, ``bindings.cpp``,
-  sharing ``common.h``) and cached;
-- ``torch_backend.py``: the operations with PyTorch ops (CUDA, other dtypes, no compiler);
-- ``cpp_backend.py``: the compiled functions, with an optional cap on their threads.
+- ``ops.py``: the kernels as operators (``torch.ops.sparselearn.*``), each declared once, with
+  its PyTorch implementation, its compiled one on the CPU and its shapes for ``torch.compile``
+  and ``torch.export``;
+- ``build.py``: the extension, built on first use from ``csrc/`` (C++ with OpenMP:
+  ``linear.cpp``, ``conv.cpp``, ``layouts.cpp``, ``dropout.cpp``, ``pool.cpp``, ``norm.cpp``,
+  each registering its operators, and ``bindings.cpp`` for the rest, sharing ``common.h``) and
+  cached;
+- ``torch_backend.py``: the PyTorch implementations (CUDA, other dtypes, no compiler).
 
-:func:`ops_for` picks the backend for a tensor.
+:func:`kernels_for` says which implementation computes for a tensor.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .build import BACKENDS, HOW_TO_BUILD, backend_setting, extension, unavailable_reason
-from .cpp_backend import CppOps
-from .protocol import Ops, panel_width
-from .torch_backend import TorchOps
+from .torch_backend import TorchOps, panel_width
 
 __all__ = [
     "BACKENDS",
-    "CppOps",
-    "Ops",
+    "REFERENCE",
     "TorchOps",
     "backend_setting",
     "check_threads",
     "extension",
-    "ops_for",
+    "kernels_for",
     "panel_width",
     "release_cached_blocks",
     "unavailable_reason",
 ]
 
-_TORCH = TorchOps()
-_CPP: dict[int | None, CppOps] = {}  # one per thread cap (the layers ask on every call)
+REFERENCE = -1  # ``kernels``: the PyTorch implementation (ops.py)
 
 
 def check_threads(threads: int | None) -> int | None:
@@ -70,34 +67,33 @@ def release_cached_blocks() -> int:
     return int(ext.release_cached_blocks()) if ext is not None else 0
 
 
-def ops_for(t: Tensor, backend: str = "auto", threads: int | None = None) -> Ops:
-    """The kernels to use for tensors like ``t``: ``auto`` (compiled on CPU float32/float64 when
-    it builds, else PyTorch; ``$SPARSELEARN_BACKEND`` can make it ``cpp`` or ``torch``), ``cpp``
-    (error if unavailable) or ``torch``.
+def kernels_for(t: Tensor, backend: str = "auto", threads: int | None = None) -> int:
+    """Which kernels compute for tensors like ``t``: the ``kernels`` argument of the operators
+    (``ops.py``). ``backend``: ``auto`` (the compiled kernels on CPU float32/float64 where they
+    build, else PyTorch; ``$SPARSELEARN_BACKEND`` can make it ``cpp`` or ``torch``), ``cpp``
+    (an error where they are unavailable) or ``torch``. Returns :data:`REFERENCE` (-1) for the
+    PyTorch implementation, else ``threads`` or 0 (all threads).
 
     ``threads`` caps the threads of the compiled kernels (None: all; the result is the same bit
     for bit on any number). PyTorch's own operations, and so the ``torch`` backend, run on
-    PyTorch's thread pool: ``torch.set_num_threads``.
+    PyTorch's thread pool: ``torch.set_num_threads``. Under ``torch.compile`` the choice is
+    made as the model is traced (a constant of the graph).
     """
-    return _ops(t.device.type, t.dtype, backend, threads)
+    return _constant_kernels(t.device.type, t.dtype, backend, threads)
 
 
-def _ops(device: str, dtype: torch.dtype, backend: str, threads: int | None) -> Ops:
-    """:func:`ops_for` of a tensor on ``device`` (its type) of ``dtype``."""
+def _kernels(device: str, dtype: torch.dtype, backend: str, threads: int | None) -> int:
+    """:func:`kernels_for` of a tensor on ``device`` (its type) of ``dtype``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto', 'cpp' or 'torch', got {backend!r}")
     check_threads(threads)
     if backend == "auto":
         backend = backend_setting()
     if backend == "torch":
-        return _TORCH
+        return REFERENCE
     usable = device == "cpu" and dtype in (torch.float32, torch.float64)
-    ext = extension() if usable else None
-    if ext is not None:
-        ops = _CPP.get(threads)
-        if ops is None or ops.extension_module is not ext:
-            ops = _CPP[threads] = CppOps(ext, threads)
-        return ops
+    if usable and extension() is not None:
+        return threads or 0
     if backend == "cpp":
         if not usable:
             raise RuntimeError(
@@ -107,4 +103,9 @@ def _ops(device: str, dtype: torch.dtype, backend: str, threads: int | None) -> 
         raise RuntimeError(
             f"the compiled kernels are unavailable ({unavailable_reason()}); {HOW_TO_BUILD}"
         )
-    return _TORCH
+    return REFERENCE
+
+
+_constant_kernels: Callable[[str, torch.dtype, str, int | None], int] = (
+    torch.compiler.assume_constant_result(_kernels)  # type: ignore[no-untyped-call]
+)

@@ -205,7 +205,7 @@ def extension() -> Any:
         except Exception as err:  # sources missing, no compiler, a failed build: say why
             _extension_error = _summary(err)
             logger.debug("building the sparse CPU kernels failed", exc_info=True)
-            if setting == "auto":  # with "cpp", ops_for raises instead
+            if setting == "auto":  # with "cpp", kernels_for raises instead
                 logger.warning(
                     "sparse CPU kernels unavailable (%s); using the PyTorch backend, which gives "
                     "the same results more slowly. To get them: %s",

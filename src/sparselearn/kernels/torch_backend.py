@@ -1,6 +1,6 @@
-"""The PyTorch backend: torch's CSR matmul and sampled matmul, dense convolution routines. It
-computes what the compiled kernels compute, wherever they cannot run (CUDA, other dtypes, no
-compiler)."""
+"""The PyTorch implementations of the kernel operators (``ops.py``): torch's CSR matmul and
+sampled matmul, dense convolution routines. They compute what the compiled kernels compute,
+wherever those cannot run (CUDA, other dtypes, no compiler), in layouts of their own."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from .protocol import panel_width
+
+def panel_width(batch: int) -> int:
+    """Batch rows per panel of the PyTorch implementation: 64, or 32/16 for small batches (less
+    padding). (The compiled kernels choose their own, ``ops.panel_width``: 32 at most where
+    their vectors are narrower than AVX-512's.)"""
+    return 64 if batch >= 64 else 32 if batch > 16 else 16
 
 
 class TorchOps:

@@ -1,5 +1,6 @@
-// The extension module: the operations of kernels.h, and the thread cap. (The Linear kernels are
-// operators, registered beside them: kernels/ops.py.)
+// The extension module: what the Python side asks of the kernels besides computing (panel
+// widths, layouts' shapes, threads, kept memory). The kernels are operators, registered beside
+// their definitions (kernels/ops.py declares them).
 
 #include <torch/extension.h>
 
@@ -8,42 +9,24 @@
 
 using namespace slk;
 
+namespace {
+
+int64_t team_size(int64_t work) { return team(work); }
+
+}  // namespace
+
+// The threads a parallel region of this much work gets under a thread cap (Capped, as every
+// kernel operator takes it; for tests).
+TORCH_LIBRARY_FRAGMENT(sparselearn_cpu, m) { m.def("team_size", &Capped<&team_size>::call); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_width", &panel_width, "the panel width W used for a batch size");
-  m.def("conv2d_forward", &conv2d_forward,
-        "(direct sparse convolution of the padded input (+ bias), what the backward reads)",
-        py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("x"), py::arg("out_channels"),
-        py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("ph"), py::arg("pw"),
-        py::arg("bias") = py::none());
-  m.def("conv2d_forward_phases", &conv2d_forward_phases,
-        "(the stride-1 convolution of the phase planes of the padded input (+ bias), what the "
-        "backward reads)",
-        py::arg("crow"), py::arg("col"), py::arg("val"), py::arg("x"), py::arg("out_channels"),
-        py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("ph"), py::arg("pw"),
-        py::arg("hq"), py::arg("wq"), py::arg("bias") = py::none());
-  m.def("conv2d_backward", &conv2d_backward,
-        "(gradient of the input inside the padding or None, gradient at the non-zeros or None), "
-        "from what the forward saved");
   m.def("uses_panels", &uses_panels,
         "whether a stride-1 convolution of this batch and kernel runs on batch panels");
-  m.def("phase_planes", &phase_planes,
-        "the first count of the s*s phase planes of the padded input (stride s)");
-  m.def("phase_planes_grad", &phase_planes_grad,
-        "the input gradient from the gradient of the first count phase planes");
-  m.def("patches", &patches, "each output position's input patch as a row (im2col)");
-  m.def("patches_grad", &patches_grad, "the input gradient from the patch rows' gradient");
-  m.def("batch_norm_forward", &batch_norm_forward,
-        "(y, mean, biased variance, inverse deviation): batch normalisation over all but the "
-        "channels with the batch's statistics, then an optional ReLU");
-  m.def("batch_norm_apply", &batch_norm_apply, "x * scale + shift per channel, then an optional ReLU");
-  m.def("batch_norm_backward", &batch_norm_backward,
-        "(grad_x or None, grad_weight, grad_bias) of batch_norm_forward");
-  m.def("dropout", &dropout,
-        "x * scale where hash(seed, index) < keep * 2^32, else 0 (scale = 1 / keep)");
-  m.def("max_pool2d", &max_pool2d,
-        "(max over non-overlapping k x k windows, each maximum's place in its window or empty)");
-  m.def("max_pool2d_backward", &max_pool2d_backward,
-        "the input gradient: each window's output gradient at its maximum's place");
+  m.def("conv2d_saved_shape", &conv2d_saved_shape,
+        "the shape of what the conv2d_forward operator saves for the backward");
+  m.def("conv2d_phases_saved_shape", &conv2d_phases_saved_shape,
+        "the shape of what the conv2d_forward_phases operator saves for the backward");
   m.def("num_threads", []() { return omp_get_max_threads(); });
   m.def("release_cached_blocks", []() { return BlockCache::get().release(); },
         "frees the kept memory of freed large outputs; returns its size in bytes");

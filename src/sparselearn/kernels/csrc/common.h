@@ -3,6 +3,7 @@
 #pragma once
 
 // the tensor API only: torch/extension.h (pybind11, the C++ frontend) is for bindings.cpp
+#include <torch/library.h>
 #include <torch/types.h>
 
 #include <omp.h>

@@ -1012,13 +1012,14 @@ torch::Tensor grad_weight_direct(const torch::Tensor& crow, const torch::Tensor&
 // (ph, pw), and the weight's at the non-zeros, from what the forward saved (conv2d_forward).
 // With stride 1 they share one copy of the output gradient on its margin grid (as panels, or per
 // sample); other strides take the direct kernels.
-std::vector<c10::optional<torch::Tensor>> conv2d_backward(
+std::vector<torch::Tensor> conv2d_backward(
     torch::Tensor crow, torch::Tensor col, torch::Tensor crowT, torch::Tensor colT,
     torch::Tensor valT, torch::Tensor g, torch::Tensor saved, int64_t kh, int64_t kw,
     int64_t stride, int64_t ph, int64_t pw, bool want_input, bool want_weight) {
   TORCH_CHECK(g.dim() == 4 && g.is_contiguous() && saved.is_contiguous(),
               "g and what the forward saved must be contiguous");
-  c10::optional<torch::Tensor> gx, dval;
+  // a gradient not asked for is empty
+  torch::Tensor gx = torch::empty({0}, g.options()), dval = torch::empty({0}, g.options());
   if (!want_input && !want_weight) return {gx, dval};
   col = col.to(torch::kLong);  // the convolution kernels index with int64
   colT = colT.to(torch::kLong);
@@ -1045,7 +1046,7 @@ std::vector<c10::optional<torch::Tensor>> conv2d_backward(
         panel_sampled<scalar_t>(crow.data_ptr<int64_t>(), blk.data_ptr<int64_t>(), NB,
                                 off.data_ptr<int64_t>(),
                                 Gs.data_ptr<scalar_t>() + M * L, O * Lg * L, Lg,
-                                saved.data_ptr<scalar_t>(), C * Pl * L, dval->data_ptr<scalar_t>(),
+                                saved.data_ptr<scalar_t>(), C * Pl * L, dval.data_ptr<scalar_t>(),
                                 saved.size(0), O, (OH - 1) * Wp + OW);
       });
     }
@@ -1073,4 +1074,76 @@ std::vector<c10::optional<torch::Tensor>> conv2d_backward(
 
 bool uses_panels(int64_t batch, int64_t kh, int64_t kw, bool is_double) {
   return is_double ? use_panels<double>(batch, kh, kw) : use_panels<float>(batch, kh, kw);
+}
+
+namespace {
+
+int64_t lanes(bool is_double) { return is_double ? kLanes<double> : kLanes<float>; }
+
+// conv2d_forward as an operator: what the backward reads is empty where it would be x itself
+// (an operator's outputs never alias its inputs; the layer hands x to the backward instead).
+std::vector<torch::Tensor> conv2d_forward_op(torch::Tensor crow, torch::Tensor col,
+                                             torch::Tensor val, torch::Tensor x,
+                                             int64_t out_channels, int64_t kh, int64_t kw,
+                                             int64_t stride, int64_t ph, int64_t pw,
+                                             c10::optional<torch::Tensor> bias) {
+  auto out = conv2d_forward(crow, col, val, x, out_channels, kh, kw, stride, ph, pw, bias);
+  if (out[1].is_same(x)) out[1] = torch::empty({0}, x.options());
+  return out;
+}
+
+// conv2d_backward as an operator: given the input's channels and size too (for the shapes of
+// torch.compile, which cannot read them from a layout of the kernels'), the input's gradient
+// contiguous.
+std::vector<torch::Tensor> conv2d_backward_op(torch::Tensor crow, torch::Tensor col,
+                                              torch::Tensor crowT, torch::Tensor colT,
+                                              torch::Tensor valT, torch::Tensor g,
+                                              torch::Tensor saved, int64_t C, int64_t H, int64_t W,
+                                              int64_t kh, int64_t kw, int64_t stride, int64_t ph,
+                                              int64_t pw, bool want_input, bool want_weight) {
+  auto out = conv2d_backward(crow, col, crowT, colT, valT, g, saved, kh, kw, stride, ph, pw,
+                             want_input, want_weight);
+  if (want_input) {
+    TORCH_CHECK(out[0].size(1) == C && out[0].size(2) == H && out[0].size(3) == W,
+                "conv2d_backward: the input's channels and size do not match what was saved");
+    out[0] = out[0].contiguous();
+  }
+  return out;
+}
+
+}  // namespace
+
+// The shape of what conv2d_forward (as an operator) saves for the backward of an input (B, C,
+// H, W): the input on panels, the padded input, or nothing ({0}: x itself, contiguous and
+// unpadded). For the shapes torch.compile and torch.export are given (kernels/ops.py).
+std::vector<int64_t> conv2d_saved_shape(int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh,
+                                        int64_t kw, int64_t stride, int64_t ph, int64_t pw,
+                                        bool is_double, bool contiguous) {
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  if (stride == 1 && uses_panels(B, kh, kw, is_double)) {
+    const int64_t L = lanes(is_double);
+    return {(B + L - 1) / L, C, (Hp * Wp + kPanelTail) * L};
+  }
+  if (ph == 0 && pw == 0 && contiguous) return {0};
+  return {B, C, Hp, Wp};
+}
+
+// The same for conv2d_forward_phases: the phase planes (hq x wq, s * s * C of them) on panels,
+// or built.
+std::vector<int64_t> conv2d_phases_saved_shape(int64_t B, int64_t C, int64_t s, int64_t hq,
+                                               int64_t wq, int64_t kh, int64_t kw,
+                                               bool is_double) {
+  if (uses_panels(B, kh, kw, is_double)) {
+    const int64_t L = lanes(is_double);
+    return {(B + L - 1) / L, s * s * C, (hq * wq + kPanelTail) * L};
+  }
+  return {B, s * s * C, hq, wq};
+}
+
+// The compiled implementations of the convolution operators of kernels/ops.py (Capped: the
+// thread cap last).
+TORCH_LIBRARY_FRAGMENT(sparselearn_cpu, m) {
+  m.def("conv2d_forward", &Capped<&conv2d_forward_op>::call);
+  m.def("conv2d_forward_phases", &Capped<&conv2d_forward_phases>::call);
+  m.def("conv2d_backward", &Capped<&conv2d_backward_op>::call);
 }

@@ -61,3 +61,19 @@ torch::Tensor dropout(torch::Tensor x, double keep, int64_t seed) {
   });
   return y;
 }
+
+namespace {
+
+// dropout as an operator: the seed a 0-d int64 tensor (which a compiled graph draws as it runs)
+torch::Tensor dropout_op(torch::Tensor x, double keep, torch::Tensor seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == torch::kLong,
+              "dropout: the seed must be one int64");
+  return dropout(x, keep, seed.item<int64_t>());
+}
+
+}  // namespace
+
+// The compiled implementations of the dropout operators of kernels/ops.py.
+TORCH_LIBRARY_FRAGMENT(sparselearn_cpu, m) {
+  m.def("dropout", &Capped<&dropout_op>::call);
+}

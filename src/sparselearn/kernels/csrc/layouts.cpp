@@ -220,3 +220,11 @@ torch::Tensor patches_grad(torch::Tensor G, int64_t N, int64_t C, int64_t H, int
   });
   return GX;
 }
+
+// The compiled implementations of the layout operators of kernels/ops.py.
+TORCH_LIBRARY_FRAGMENT(sparselearn_cpu, m) {
+  m.def("phase_planes", &Capped<&phase_planes>::call);
+  m.def("phase_planes_grad", &Capped<&phase_planes_grad>::call);
+  m.def("patches", &Capped<&patches>::call);
+  m.def("patches_grad", &Capped<&patches_grad>::call);
+}

@@ -8,8 +8,6 @@
 // transpose would not: its rows are a whole batch apart (1 KiB for 256 floats), so a batch block
 // of them maps to a fraction of the cache sets and thrashes L2 (docs/performance.md).
 
-#include <torch/library.h>
-
 #include "common.h"
 #include "kernels.h"
 

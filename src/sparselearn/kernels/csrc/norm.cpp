@@ -263,7 +263,7 @@ torch::Tensor batch_norm_apply(torch::Tensor x, torch::Tensor scale, torch::Tens
   return y;
 }
 
-std::vector<c10::optional<torch::Tensor>> batch_norm_backward(
+std::vector<torch::Tensor> batch_norm_backward(
     torch::Tensor g, torch::Tensor x, torch::Tensor mean, torch::Tensor invstd,
     c10::optional<torch::Tensor> w, c10::optional<torch::Tensor> b, bool relu, bool want_input) {
   const auto [N, C, HW] = channel_shape(x);
@@ -273,18 +273,25 @@ std::vector<c10::optional<torch::Tensor>> batch_norm_backward(
   TORCH_CHECK(mean.numel() == C && invstd.numel() == C && mean.is_contiguous() &&
                   invstd.is_contiguous(),
               "batch_norm_backward: one mean and inverse deviation per channel");
-  c10::optional<torch::Tensor> gx;
-  if (want_input) gx = empty_output(x.sizes(), x.options());
+  // empty unless want_input
+  auto gx = want_input ? empty_output(x.sizes(), x.options()) : torch::empty({0}, x.options());
   auto gw = torch::empty({C}, x.options()), gb = torch::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_backward", [&] {
     with_relu(relu, [&](auto R) {
       bn_backward_kernel<scalar_t, R>(
           g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-          gx ? gx->data_ptr<scalar_t>() : nullptr, N, C, HW, mean.data_ptr<scalar_t>(),
+          want_input ? gx.data_ptr<scalar_t>() : nullptr, N, C, HW, mean.data_ptr<scalar_t>(),
           invstd.data_ptr<scalar_t>(), static_cast<const scalar_t*>(optional_ptr(w, x)),
           static_cast<const scalar_t*>(optional_ptr(b, x)), gw.data_ptr<scalar_t>(),
           gb.data_ptr<scalar_t>());
     });
   });
   return {gx, gw, gb};
+}
+
+// The compiled implementations of the batch normalisation operators of kernels/ops.py.
+TORCH_LIBRARY_FRAGMENT(sparselearn_cpu, m) {
+  m.def("batch_norm_forward", &Capped<&batch_norm_forward>::call);
+  m.def("batch_norm_apply", &Capped<&batch_norm_apply>::call);
+  m.def("batch_norm_backward", &Capped<&batch_norm_backward>::call);
 }

@@ -317,3 +317,9 @@ torch::Tensor max_pool2d_backward(torch::Tensor g, torch::Tensor idx, int64_t H,
   });
   return gx;
 }
+
+// The compiled implementations of the max pooling operators of kernels/ops.py.
+TORCH_LIBRARY_FRAGMENT(sparselearn_cpu, m) {
+  m.def("max_pool2d", &Capped<&max_pool2d>::call);
+  m.def("max_pool2d_backward", &Capped<&max_pool2d_backward>::call);
+}
