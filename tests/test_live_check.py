@@ -251,3 +251,17 @@ def test_dense_steps_train_like_the_kernels() -> None:
             o.step()
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 12), (2, 3, 12)])
+def test_the_check_times_every_way_before_an_inplace_activation(shape: tuple[int, ...]) -> None:
+    # a ReLU(inplace=True) after the layer rewrites its output's history (on a reshaped,
+    # 3-D output: a view's); the check still times the backward of every way
+    layer, _ = _layer("linear")
+    model = nn.Sequential(layer, nn.ReLU(inplace=True))
+    check = LiveCheck([Way("sparse"), Way("dense")], lambda w, m: None, rounds=2, warmup=1)
+    layer.live = check
+    x = torch.randn(shape)
+    for _ in range(6):
+        model(x).sum().backward()
+    assert {w: len(t) for w, t in check.times.items()} == {Way("sparse"): 2, Way("dense"): 2}

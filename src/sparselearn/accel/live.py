@@ -80,6 +80,11 @@ class LiveCheck:
         t0 = _now(x)
         y: Tensor = layer._compute(x)
         forward = _now(y) - t0
+        if y._is_view():
+            # an in-place operation on a view (a ReLU(inplace=True) after a reshaped output)
+            # rebases the view's history and its hook would never fire: a copy of its own, for
+            # the few steps of the check
+            y = y.clone()
         if timed and y.requires_grad and values.requires_grad:
             pending = self._pending = [way, forward, None]
             self._handles = [
