@@ -76,7 +76,7 @@ def step_of(
 
 
 def split(step: Callable[[], None], runs: int = 3) -> tuple[float, float]:
-    """(ms per step in the sparse operators, ms in everything else), from the profiler."""
+    """(ms per step in sparselearn's operators, ms in everything else), from the profiler."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(runs):
             step()
@@ -93,8 +93,8 @@ def split(step: Callable[[], None], runs: int = 3) -> tuple[float, float]:
 def bench(repeats: int) -> list[str]:
     rows = [
         "| model (5% ERK, every supported layer sparse) | eager ms | compiled ms | compiled "
-        "speedup | compile s | eager: sparse ops / the rest ms | compiled: sparse ops / the "
-        "rest ms |",
+        "speedup | compile s | eager: sparselearn's operators / the rest ms | compiled: "
+        "sparselearn's operators / the rest ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in MODELS:
@@ -145,8 +145,9 @@ def main() -> None:
             f"Machine: {env}.",
             "",
             "**A full training step (forward, loss, backward, SGD step), accelerated, eager "
-            "and compiled; and where each spends its time (the profiler's self time: the "
-            "sparse operators, and the rest).**",
+            "and compiled; and where each spends its time (the profiler's self time in "
+            "sparselearn's operators: the sparse layers, and the CNNs' BatchNorm, pooling and "
+            "dropout; and in the rest).**",
             "",
             *rows,
         ]
