@@ -79,6 +79,7 @@ def _other_args(kernels: int) -> dict[str, tuple[Any, ...]]:
         "batch_norm_apply": (x, torch.rand(3), torch.randn(3), True, kernels),
         "batch_norm_backward": (torch.randn_like(x), x, mean, invstd, torch.rand(3),
                                 torch.randn(3), True, True, kernels),
+        "relu_grad": (torch.randn_like(x), x.relu(), REFERENCE),  # PyTorch's everywhere
     }  # fmt: skip
 
 
@@ -260,3 +261,29 @@ def test_kernels_for_says_which_implementation() -> None:
     if extension() is not None:
         assert kernels_for(x, "auto") == 0
         assert kernels_for(x, "cpp", threads=1) == 1
+
+
+def test_add_relu_gives_the_bits_of_add_then_relu() -> None:
+    # the end of a residual block: forward and both gradients equal F.relu(x.add_(o)), NaN
+    # and zeros included; x is modified in place and returned, as before
+    from sparselearn.accel.activation import add_relu_
+
+    torch.manual_seed(3)
+    base, other = torch.randn(4, 5, 6), torch.randn(4, 5, 6)
+    base[0, 0, :3] = torch.tensor([float("nan"), 0.0, -0.0])
+    other[0, 0, :3] = 0.0
+    g = torch.randn(4, 5, 6)
+    results = []
+    for fn in (add_relu_, lambda x, o: nn.functional.relu(x.add_(o), inplace=True)):
+        a, o = base.clone().requires_grad_(), other.clone().requires_grad_()
+        x = a * 1.0  # a non-leaf, as a BatchNorm's output is
+        y = fn(x, o)
+        assert y is x
+        y.backward(g)
+        assert a.grad is not None
+        assert o.grad is not None
+        results.append((y.detach(), a.grad, o.grad))
+    for u, v in zip(*results, strict=True):
+        assert torch.equal(u.nan_to_num(7.0), v.nan_to_num(7.0))
+    with pytest.raises(ValueError, match="adds a tensor of x's shape"):
+        add_relu_(torch.zeros(2, 3), torch.zeros(3))

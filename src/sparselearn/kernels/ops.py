@@ -34,6 +34,7 @@ from .torch_backend import TorchOps
 from .torch_backend import panel_width as reference_panel_width
 
 _REF = TorchOps()
+_CPU_KERNELS = torch.library.Library("sparselearn", "IMPL")  # type: ignore[no-untyped-call]
 _COMPILED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -49,7 +50,9 @@ class Operator:
         self.reference = fn
         self.op = torch.library.custom_op(f"sparselearn::{self.name}", fn, mutates_args=())
         self.op.register_fake(fake)
-        self.op.register_kernel("cpu", self._cpu)
+        # the CPU kernel registered with the dispatcher as it is (``register_kernel`` would wrap
+        # it in checks run in Python at every call of a compiled graph)
+        _CPU_KERNELS.impl(self.name, self._cpu, "CPU")  # type: ignore[no-untyped-call]
         self.__doc__ = fn.__doc__
         self._compiled: Any = None  # the compiled implementation, once the extension is loaded
 
@@ -628,3 +631,19 @@ def batch_norm_backward(
     scale = invstd if weight is None else invstd * weight
     gx = (g - (gb / n).view(shape) - xhat * (gw / n).view(shape)) * scale.view(shape)
     return gx, gw, gb
+
+
+# ---------------------------------------------------------------------------- activations
+
+
+def _relu_grad_fake(g: Tensor, out: Tensor, kernels: int) -> Tensor:
+    return g.new_empty(g.shape)
+
+
+@_operator(_relu_grad_fake)
+def relu_grad(g: Tensor, out: Tensor, kernels: int) -> Tensor:
+    """The gradient through a ReLU from its output: ``g``, zero where ``out <= 0`` (PyTorch's
+    ``threshold_backward``). An operator so that a compiled graph saves the float output for it
+    rather than a bool mask (:mod:`..accel.activation`); PyTorch implements it everywhere
+    (``kernels`` -1)."""
+    return torch.where(out <= 0, 0.0, g)

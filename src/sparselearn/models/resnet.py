@@ -11,8 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..accel.activation import add_relu_
 from ..accel.norm import BatchNorm2d
 from ._registry import InputShape, register_model
+
+# one operation for torch.fx (sl.compact traces the models): its inside checks the shapes
+torch.fx.wrap("add_relu_")
 
 
 def _projection(c_in: int, c_out: int, stride: int) -> nn.Module | None:
@@ -39,7 +43,7 @@ class BasicBlock(nn.Module):
         # its input, not its output; an addition's, neither): no fresh activation-sized tensor
         out = self.bn1(self.conv1(x))
         out = self.bn2(self.conv2(out))
-        return F.relu(out.add_(x if self.downsample is None else self.downsample(x)), inplace=True)
+        return add_relu_(out, x if self.downsample is None else self.downsample(x))
 
 
 class Bottleneck(nn.Module):
@@ -61,7 +65,7 @@ class Bottleneck(nn.Module):
         out = self.bn1(self.conv1(x))  # BatchNorm with its ReLU, as in BasicBlock
         out = self.bn2(self.conv2(out))
         out = self.bn3(self.conv3(out))
-        return F.relu(out.add_(x if self.downsample is None else self.downsample(x)), inplace=True)
+        return add_relu_(out, x if self.downsample is None else self.downsample(x))
 
 
 class ResNet(nn.Module):
