@@ -27,12 +27,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
 from benchmarks.op_profile import median_ms
-from benchmarks.speed import cpu_isa, cpu_name, masked
+from benchmarks.speed import machine, masked
 
 from sparselearn.accel import SparseConv2d, SparseLinear
 from sparselearn.experiments.report import replace_section
-from sparselearn.kernels import extension
-from sparselearn.kernels.build import march
 
 START, END = "<!-- autocast:start -->", "<!-- autocast:end -->"
 DENSITY = 0.05
@@ -127,15 +125,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed runs per round")
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    backend = (
-        f"compiled C++/OpenMP kernels (-march={march()})" if extension() else "PyTorch fallback"
-    )
-    env = (
-        f"{cpu_name()} ({cpu_isa()}), {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-        f"sparse kernels: {backend}"
-    )
+    env = machine()
     print(env, flush=True)
     rows = bench(args.repeats, args.rounds)
     text = [

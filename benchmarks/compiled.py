@@ -26,12 +26,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
-from benchmarks.speed import cpu_isa, cpu_name, paired_ms
+from benchmarks.speed import machine, paired_ms
 
 import sparselearn as sl
 from sparselearn.experiments.report import replace_section
-from sparselearn.kernels import extension
-from sparselearn.kernels.build import march
 from sparselearn.models import create_model
 
 START, END = "<!-- compiled:start -->", "<!-- compiled:end -->"
@@ -123,18 +121,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="markdown file to write the section into")
     p.add_argument("--repeats", type=int, default=6)
     args = p.parse_args()
-    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
-    torch.set_num_threads(threads)
-    kernels = (
-        f"compiled C++/OpenMP kernels (-march={march()})"
-        if extension() is not None
-        else "PyTorch fallback"
-    )
     env = (
-        f"{cpu_name()} ({cpu_isa()}), {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-        f"sparse kernels: {kernels}; float32; torch.compile(fullgraph=True), inductor; median "
-        f"of {args.repeats} steps in 3 turns"
+        f"{machine()}; float32; torch.compile(fullgraph=True), inductor; median of "
+        f"{args.repeats} steps in 3 turns"
     )
     print(env, flush=True)
     rows = bench(args.repeats)

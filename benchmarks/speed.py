@@ -382,6 +382,22 @@ def cpu_isa() -> str:
     )
 
 
+def machine() -> str:
+    """Set the threads from ``OMP_NUM_THREADS`` and say what the timings ran on: the CPU, its
+    instruction sets, the threads and wait policy, and the sparse kernels' build."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    kernels = (
+        f"compiled C++/OpenMP kernels (-march={march()})"
+        if extension() is not None
+        else "PyTorch fallback"
+    )
+    return (
+        f"{cpu_name()} ({cpu_isa()}), {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+        f"sparse kernels: {kernels}"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="markdown file to write the section into")
@@ -391,17 +407,8 @@ def main() -> None:
         default=["linear", "mlp", "conv", "models"],
     )  # fmt: skip
     args = p.parse_args()
-    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
-    torch.set_num_threads(threads)
-    backend = (
-        f"compiled C++/OpenMP kernels (-march={march()})"
-        if extension() is not None
-        else "PyTorch fallback"
-    )
     env = (
-        f"{cpu_name()} ({cpu_isa()}), {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-        f"sparse kernels: {backend}; float32; median of {args.repeats} repeats "
+        f"{machine()}; float32; median of {args.repeats} repeats "
         "(fewer for the largest shapes) after warm-up"
     )
     print(env, flush=True)
