@@ -488,35 +488,11 @@ class _SparseConv2dFn(torch.autograd.Function):
         # input or of its phase planes, or the padded input or its phase planes; empty where
         # it is x itself)
         y: Tensor
+        args = (weight.crow, weight.col, values, x, weight.rows, kh, kw, stride, *padding)
         if phases is None:
-            y, saved = kops.conv2d_forward(
-                weight.crow,
-                weight.col,
-                values,
-                x,
-                weight.rows,
-                kh,
-                kw,
-                stride,
-                *padding,
-                bias,
-                kernels,
-            )
+            y, saved = kops.conv2d_forward(*args, bias, kernels)
         else:  # ``weight``: the stride-1 convolution over the (hq, wq) phase planes
-            y, saved = kops.conv2d_forward_phases(
-                weight.crow,
-                weight.col,
-                values,
-                x,
-                weight.rows,
-                kh,
-                kw,
-                stride,
-                *padding,
-                *phases,
-                bias,
-                kernels,
-            )
+            y, saved = kops.conv2d_forward_phases(*args, *phases, bias, kernels)
         ctx.save_for_backward(x, values, saved)
         ctx.weight, ctx.kernels, ctx.stride, ctx.padding = weight, kernels, stride, padding
         ctx.phases, ctx.want_dense = phases, probe is not None
