@@ -256,7 +256,7 @@ def _write_data(root: Path) -> None:
 
 def run_record(run: Path) -> dict[str, Any]:
     """What a finished run directory holds, without its timings."""
-    from sparselearn.train import read_metrics
+    from sparselearn.experiments.runs import read_metrics
 
     timing = {"epoch_seconds", "wall_time"}
     rows = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run)]
@@ -273,7 +273,7 @@ def run_record(run: Path) -> dict[str, Any]:
 
 
 def train_run(root: Path) -> dict[str, Any]:
-    from sparselearn.cli import main
+    from sparselearn.experiments.cli import main
 
     with _chdir(root):
         flags = [*TRAIN_FLAGS, "--method", "rigl", "--density", "0.1", "--update-every", "7"]
@@ -287,8 +287,8 @@ class _InterruptedError(Exception):
 
 def write_legacy_runs(root: Path, archive: Path) -> None:
     """Interrupted runs (checkpoint after epoch 1 of 3), packed into ``archive``."""
-    from sparselearn.cli import build_parser, resolve_config
-    from sparselearn.train import train
+    from sparselearn.experiments.cli import build_parser, resolve_config
+    from sparselearn.experiments.train import train
 
     def stop(row: dict[str, Any]) -> None:
         if row["epoch"] == 1:
@@ -306,7 +306,9 @@ def write_legacy_runs(root: Path, archive: Path) -> None:
 
 def resume_legacy_runs(root: Path, archive: Path) -> dict[str, Any]:
     """Resume each legacy run to its end with the code checked out."""
-    from sparselearn.train import TrainConfig, load_yaml, train
+    from sparselearn.experiments.config import TrainConfig
+    from sparselearn.experiments.runs import load_yaml
+    from sparselearn.experiments.train import train
 
     out = {}
     with _chdir(root):

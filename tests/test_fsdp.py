@@ -349,8 +349,3 @@ def test_the_fsdp_example_trains_and_resumes_under_torchrun(tmp_path: Path) -> N
     resumed = run("--out", str(tmp_path / "b"), "--resume")
     assert first == whole[:1]
     assert resumed == whole[1:]  # the same accuracy and counts as the uninterrupted run
-
-
-def test_a_redistribution_gives_both_sums_and_combine_or_neither() -> None:
-    with pytest.raises(TypeError, match="give both sums and combine, or neither"):
-        sl.register_redistribution("test-half", sums=lambda layer: [1.0])

@@ -30,23 +30,3 @@ def test_package_is_typed() -> None:
     import importlib.resources
 
     assert importlib.resources.files("sparselearn").joinpath("py.typed").is_file()
-
-
-def test_moved_modules_keep_their_import_paths() -> None:
-    import sparselearn.experiments.cli as cli
-    import sparselearn.experiments.config as config
-    import sparselearn.experiments.train as train
-    from sparselearn import analyze, demo, plots, report, study
-    from sparselearn.cli import main
-    from sparselearn.train import TrainConfig, load_yaml, read_metrics
-    from sparselearn.train import train as train_fn
-
-    assert main is cli.main
-    assert TrainConfig is config.TrainConfig
-    assert train_fn is train.train
-    assert callable(load_yaml)
-    assert callable(read_metrics)
-    for module in (analyze, demo, plots, report, study):
-        assert module.__all__
-        for name in module.__all__:
-            assert getattr(module, name) is not None, (module.__name__, name)

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from sparselearn import cli
 from sparselearn.data import text
+from sparselearn.experiments import cli
 from sparselearn.experiments.report import collect, table
 
 SMALL = {"train": 24_000, "val": 4_000, "test": 4_000}  # characters kept for the training test

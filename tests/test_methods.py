@@ -556,3 +556,23 @@ def test_an_elementwise_prune_criterion_sees_only_the_active_weights_and_agrees(
     finally:
         sl.PRUNE.unregister("test_whole")
         sl.PRUNE.unregister("test_elementwise")
+
+
+def test_a_redistribution_returns_a_number_or_a_mean_or_total_over_positions() -> None:
+    from sparselearn.criteria import Redistribution
+    from sparselearn.engine.placement import WHOLE
+
+    w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    mask = torch.tensor([[True, True], [False, True]])
+    view = LayerView("w", w, mask)
+
+    def stat(fn: Any) -> float:
+        return WHOLE.statistic(Redistribution("t", fn, frozenset(), ""), view)
+
+    assert stat(lambda layer: layer.mean(layer.weight.abs(), where=layer.mask)) == pytest.approx(
+        3.5 / 3
+    )
+    assert stat(lambda layer: layer.total(layer.weight, where=layer.mask)) == -0.5
+    assert stat(lambda layer: layer.total(layer.mask)) == 3.0  # a bool tensor: its count
+    assert stat(lambda layer: layer.mean(layer.weight)) == 2.5 / 4  # every position
+    assert stat(lambda layer: 7) == 7.0

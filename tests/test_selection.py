@@ -7,8 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparselearn import selection
 from sparselearn.selection import bottom_k, top_k
+from sparselearn.selection import local as selection
 
 
 @st.composite

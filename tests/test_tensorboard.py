@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # type: ig
 from torch import nn
 
 import sparselearn as sl
-from sparselearn import cli
+from sparselearn.experiments import cli
 from sparselearn.experiments.train import train
 from sparselearn.integrations.tensorboard import TensorBoardLogger
 from tests.datafiles import write_mnist_like

@@ -20,7 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -28,7 +28,28 @@ from torch import Tensor
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from .layers import _ComputeChoice
+
+class _HasValues(Protocol):
+    @property
+    def values(self) -> Tensor: ...
+
+
+class Checked(Protocol):
+    """What the check uses of the layer it times (a sparse layer of ``layers.py``)."""
+
+    threads: int | None
+    live: LiveCheck | None
+
+    @property
+    def weight_sparse(self) -> _HasValues: ...
+
+    @property
+    def steps(self) -> str: ...
+
+    @steps.setter
+    def steps(self, how: str) -> None: ...
+
+    def _compute(self, x: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +90,7 @@ class LiveCheck:
         self._pending: list[Any] | None = None
         self._handles: list[RemovableHandle] = []
 
-    def step(self, layer: _ComputeChoice, x: Tensor) -> Tensor:
+    def step(self, layer: Checked, x: Tensor) -> Tensor:
         """``layer``'s forward on ``x`` the way this step is to be computed, timed."""
         self._discard()  # a step whose backward never came (or a second forward) counts not
         way = self.ways[self._calls % len(self.ways)]
@@ -110,14 +131,14 @@ class LiveCheck:
         self._handles = []
         self._pending = None
 
-    def finish(self, layer: _ComputeChoice) -> None:
+    def finish(self, layer: Checked) -> None:
         """Decide once the last timed step's backward has run (the layer calls it before its
         next forward)."""
         if self._calls >= (self.warmup + self.rounds) * len(self.ways):
             self._discard()
             self._decide(layer)
 
-    def _decide(self, layer: _ComputeChoice) -> None:
+    def _decide(self, layer: Checked) -> None:
         medians = {w: statistics.median(t) for w, t in self.times.items() if t}
         if len(medians) == len(self.ways):
             best = min(medians, key=medians.__getitem__)

@@ -14,14 +14,23 @@ tensor with ``__torch_function__`` and take their ordinary path, which calls the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-if TYPE_CHECKING:
-    from .layers import SparseWeight
+
+class DenseSource(Protocol):
+    """What a view uses of the sparse weight it stands for (``layers.SparseWeight``)."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def values(self) -> Tensor: ...
+
+    def dense_from(self, values: Tensor) -> Tensor: ...
+
 
 # attributes and methods answered from the view's own metadata (shape, dtype, device, autograd
 # flags): nothing is built for them
@@ -76,12 +85,12 @@ class SparseWeightView(Tensor):
     In-place edits and assignment are refused.
     """
 
-    _storage_of: SparseWeight
+    _storage_of: DenseSource
     _transposed: bool
     _layer: str
 
     @staticmethod
-    def __new__(cls, storage: SparseWeight, transposed: bool, layer: str) -> SparseWeightView:
+    def __new__(cls, storage: DenseSource, transposed: bool, layer: str) -> SparseWeightView:
         values = storage.values
         shape = tuple(storage.shape)
         view: SparseWeightView = Tensor._make_wrapper_subclass(

@@ -42,7 +42,7 @@ from .registry import (
     register_prune,
     register_redistribution,
 )
-from .view import SIGNALS, LayerView
+from .view import SIGNALS, LayerView, Reduction
 
 __all__ = [
     "GROWTH",
@@ -52,6 +52,7 @@ __all__ = [
     "Criterion",
     "LayerView",
     "Redistribution",
+    "Reduction",
     "Scope",
     "ScoreFn",
     "StatFn",

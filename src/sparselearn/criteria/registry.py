@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from torch import Tensor
 
 from .._registry import Registry
-from .view import SIGNALS, LayerView
+from .view import SIGNALS, LayerView, Reduction
 
 Scope = Literal["layer", "global"]
 
 ScoreFn = Callable[[LayerView], Tensor]
-StatFn = Callable[[LayerView], float]
+StatFn = Callable[[LayerView], "float | Reduction"]
 
 
 @dataclass(frozen=True)
@@ -29,26 +29,14 @@ class Criterion:
     elementwise: bool = False  # a position's score depends only on the values at it
 
 
-SumsFn = Callable[[LayerView], Sequence[float]]
-CombineFn = Callable[[Sequence[float]], float]
-
-
 @dataclass(frozen=True)
 class Redistribution:
-    """A registered redistribution. ``fn`` is ``None`` for "each layer regrows what it lost".
-
-    ``sums`` and ``combine`` (optional) compute the same number from a block of the weight
-    (FSDP2): ``sums(view)`` gives sums over the block's positions, which are added over the
-    ranks, and ``combine(totals)`` the statistic (a mean: ``(sum, count)`` and their ratio).
-    Without them, a sharded weight is gathered whole for ``fn``.
-    """
+    """A registered redistribution. ``fn`` is ``None`` for "each layer regrows what it lost"."""
 
     name: str
     fn: StatFn | None
     needs: frozenset[str]
     doc: str
-    sums: SumsFn | None = None
-    combine: CombineFn | None = None
 
 
 PRUNE: Registry[Criterion] = Registry("prune criterion")
@@ -82,10 +70,9 @@ def register_prune(
     ``scope="global"`` compares scores across layers (the engine still never empties a layer).
     ``elementwise=True`` promises that a position's score depends only on the values at that
     position (``torch.abs(layer.weight)`` does; a rank within the layer, or ``layer.rand()``,
-    does not): the engine may then call ``fn`` on a view of the active weights only, with 1-D
-    tensors, which saves a pass over the whole layer when few weights are active, and on the
-    block of a weight that FSDP2 shards (a criterion that is not elementwise sees the whole
-    weight, gathered from the ranks).
+    does not): the engine may then call ``fn`` on any subset of the layer's positions, e.g. a
+    view of the active weights only, with 1-D tensors, which saves a pass over the whole
+    layer when few weights are active. Without it, ``fn`` always sees the whole layer.
     """
     needs_set, scope_v = _check_needs(needs), _check_scope(scope)
 
@@ -106,7 +93,8 @@ def register_growth(
     momentum of missing weights keeps accumulating (the growth signal of sparse momentum).
     ``scope="global"`` grows across all layers at once and needs ``redistribution="none"``.
     ``elementwise=True`` promises that a position's score depends only on the values at that
-    position (``layer.rand()`` counts as such: it is drawn per position of the whole weight).
+    position (``layer.rand()`` counts as such: it is drawn per position of the whole weight):
+    the engine may then call ``fn`` on any subset of the layer's positions.
     """
     needs_set, scope_v = _check_needs(needs), _check_scope(scope)
 
@@ -118,23 +106,16 @@ def register_growth(
     return decorator
 
 
-def register_redistribution(
-    name: str,
-    *,
-    needs: Iterable[str] = (),
-    sums: SumsFn | None = None,
-    combine: CombineFn | None = None,
-) -> Callable[[StatFn], StatFn]:
-    """Register a redistribution: ``fn(layer) -> float >= 0``; regrowth is shared in proportion.
-    ``sums`` and ``combine`` (both or neither) compute it on weights sharded by FSDP2 without
-    gathering them: see :class:`Redistribution`."""
+def register_redistribution(name: str, *, needs: Iterable[str] = ()) -> Callable[[StatFn], StatFn]:
+    """Register a redistribution: ``fn(layer)`` gives one number >= 0 per layer; regrowth is
+    shared in proportion. Return a float, or, for a mean or a sum over positions, what
+    ``layer.mean(values, where=...)`` or ``layer.total(values, where=...)`` gives: the engine
+    then reduces it over the whole layer wherever its parts are held, never gathering them."""
     needs_set = _check_needs(needs)
-    if (sums is None) != (combine is None):
-        raise TypeError("give both sums and combine, or neither")
 
     def decorator(fn: StatFn) -> StatFn:
         doc = (fn.__doc__ or "").strip()
-        REDISTRIBUTION.register(name, Redistribution(name, fn, needs_set, doc, sums, combine))
+        REDISTRIBUTION.register(name, Redistribution(name, fn, needs_set, doc))
         return fn
 
     return decorator

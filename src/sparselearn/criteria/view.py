@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from ..engine.sharding import Shard
-
 SIGNALS = ("grad", "momentum")
 """The signals a criterion may declare in ``needs``."""
+
+
+class Reduction(NamedTuple):
+    """A layer's statistic as a reduction over positions (what :meth:`LayerView.mean` and
+    :meth:`LayerView.total` return): the engine reduces ``values`` over the whole layer,
+    wherever its parts are held, without gathering them."""
+
+    values: Tensor  # 1-D, the values at the positions reduced over
+    mean: bool  # their mean, else their sum (a bool tensor sums to its count)
 
 
 class LayerView:
@@ -37,7 +43,7 @@ class LayerView:
     __slots__ = (
         "_cache",
         "_generator",
-        "_shard",
+        "_noise",
         "_signals",
         "kept",
         "mask",
@@ -56,7 +62,7 @@ class LayerView:
         generator: torch.Generator | None = None,
         kept: Tensor | None = None,
         n_grow: int | None = None,
-        shard: Shard | None = None,
+        noise: Callable[[torch.Generator, Tensor], Tensor] | None = None,
     ) -> None:
         self.name = name
         self.weight = weight
@@ -65,7 +71,7 @@ class LayerView:
         self.n_grow = n_grow
         self._signals = dict(signals or {})
         self._generator = generator
-        self._shard = shard
+        self._noise = noise
         self._cache: dict[str, Tensor] = {}
 
     def _signal(self, key: str) -> Tensor:
@@ -90,12 +96,21 @@ class LayerView:
         """Uniform [0, 1) noise of the weight's shape, from the engine's seeded generator."""
         if self._generator is None:
             raise RuntimeError("no generator attached to this LayerView")
-        shard = self._shard
-        # a sharded weight's block: the block of the whole weight's noise, so that the draw is
-        # the one a single process makes
-        shape = self.weight.shape if shard is None else shard.shape
-        noise = torch.rand(shape, generator=self._generator, device=self.weight.device)
-        return (noise if shard is None else shard.block(noise)).to(torch.float32)
+        if self._noise is not None:  # the engine's draw for the part of the weight held here
+            return self._noise(self._generator, self.weight)
+        noise = torch.rand(self.weight.shape, generator=self._generator, device=self.weight.device)
+        return noise.to(torch.float32)
+
+    def mean(self, values: Tensor, where: Tensor | None = None) -> Reduction:
+        """The mean of ``values`` (the weight's shape) over the positions ``where`` (bool; all
+        positions if None), as a redistribution returns it: ``return layer.mean(
+        layer.weight.abs(), where=layer.mask)``."""
+        return Reduction(_at(values, where), True)
+
+    def total(self, values: Tensor, where: Tensor | None = None) -> Reduction:
+        """The sum of ``values`` over the positions ``where`` (a bool ``values``: their count),
+        as a redistribution returns it."""
+        return Reduction(_at(values, where), False)
 
     def with_growth(self, kept: Tensor, n_grow: int | None) -> LayerView:
         """The same view for the growth phase, sharing already computed signals."""
@@ -107,7 +122,7 @@ class LayerView:
             generator=self._generator,
             kept=kept,
             n_grow=n_grow,
-            shard=self._shard,
+            noise=self._noise,
         )
         view._cache = self._cache
         return view
@@ -122,6 +137,10 @@ class LayerView:
             torch.ones(idx.numel(), dtype=torch.bool, device=idx.device),
             signals=signals,
         )
+
+
+def _at(values: Tensor, where: Tensor | None) -> Tensor:
+    return values.reshape(-1) if where is None else values[where]
 
 
 def _gather_signal(view: LayerView, key: str, idx: Tensor) -> Tensor:

@@ -5,11 +5,12 @@ agreement (``distributed.py``)."""
 
 from __future__ import annotations
 
+from ..schedules import MaskUpdate
 from .calendar import Calendar
 from .engine import SparseEngine, SparsityWarning, make_config, sparsify
 from .state import STATE_FORMAT
 from .storage import CSRStorage, LayerStorage, MaskedDense
-from .update import MaskUpdate, MaskUpdater
+from .update import MaskUpdater
 
 __all__ = [
     "STATE_FORMAT",

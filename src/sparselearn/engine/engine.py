@@ -16,7 +16,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,19 +26,16 @@ from ..budget import layer_counts
 from ..config import OPTION_NAMES, SparsityConfig, unknown_option_message
 from ..criteria import GROWTH, PRUNE, REDISTRIBUTION, Criterion
 from ..methods import METHODS
-from ..schedules import MASK_SCHEDULE, MaskSchedule
+from ..schedules import MASK_SCHEDULE, MaskSchedule, MaskUpdate
 from ..selection import top_k
 from ..targets import DENSE_REASONS, Target, dense_by_reason, select
 from . import distributed
 from .calendar import Calendar
-from .sharding import Shard, local_tensor, shard_of
+from .placement import Placement, check_records, placements
 from .signals import Signals
 from .state import STATE_FORMAT, check_state
-from .storage import CSRStorage, LayerStorage, MaskedDense, ShardedDense
-from .update import Criteria, MaskUpdate, MaskUpdater
-
-if TYPE_CHECKING:
-    from ..accel.layers import SparseWeight
+from .storage import CSRStorage, CSRWeight, LayerStorage, MaskedDense
+from .update import Criteria, MaskUpdater
 
 logger = logging.getLogger("sparselearn")
 
@@ -114,7 +111,7 @@ class SparseEngine:
                 "(shapes without values): masks need real weights; materialise the model "
                 "first (model.to_empty(device=...) and initialise it, or load its state_dict)"
             )
-        shards = _shards(targets)
+        where = placements([t.name for t in targets], [t.param for t in targets])
         _check_optimizer_holds(optimizer, targets)
         _check_not_sparsified(model, targets)
 
@@ -149,7 +146,7 @@ class SparseEngine:
         )
         self._notified = 0  # updates handed to the hooks
 
-        self._layers: list[LayerStorage] = list(self._initial_layers(targets, shards))
+        self._layers: list[LayerStorage] = list(self._initial_layers(targets, where))
         self.signals = Signals(optimizer, config, self.needs, self._layers)
         self._updater = MaskUpdater(
             config,
@@ -218,13 +215,12 @@ class SparseEngine:
 
     # ------------------------------------------------------------------ construction
 
-    def _initial_layers(
-        self, targets: list[Target], shards: list[Shard | None]
-    ) -> list[MaskedDense]:
+    def _initial_layers(self, targets: list[Target], where: list[Placement]) -> list[MaskedDense]:
         """Each target with its initial mask: every weight active for schedules that start
         dense, else the init's share of the budget drawn at random (the seeded generator).
-        A sharded weight keeps its block of the mask drawn for the whole weight (the draw of
-        one process; the whole mask exists for that moment only, one layer at a time)."""
+        A process that holds part of a weight keeps its part of the mask drawn for the whole
+        weight (the draw of one process; the whole mask exists for that moment only, one layer
+        at a time)."""
         cfg = self.config
         final = [0] * len(targets)
         if self.schedule.masks:
@@ -248,22 +244,17 @@ class SparseEngine:
                             f"({t.param.numel()} weights); raise it"
                         )
         layers: list[MaskedDense] = []
-        for t, count, shard in zip(targets, final, shards, strict=True):
+        for t, count, placement in zip(targets, final, where, strict=True):
             p = t.param
             if self.schedule.starts_dense:
-                mask = torch.ones(local_tensor(p).shape, dtype=torch.bool, device=p.device)
+                mask = torch.ones(placement.local(p).shape, dtype=torch.bool, device=p.device)
             else:
                 gen = self._generator(p.device)
                 noise = torch.rand(p.shape, generator=gen, device=p.device)
                 everywhere = torch.ones(p.shape, dtype=torch.bool, device=p.device)
-                mask = top_k(noise, everywhere, count, gen, count=p.numel())
-                if shard is not None:
-                    mask = shard.block(mask).clone()
+                mask = placement.part(top_k(noise, everywhere, count, gen, count=p.numel()))
             final_count = count if self.schedule.masks else p.numel()
-            if shard is None:
-                layers.append(MaskedDense(t, mask, final_count))
-            else:
-                layers.append(ShardedDense(t, mask, final_count, shard))
+            layers.append(MaskedDense(t, mask, final_count, placement))
         return layers
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -490,7 +481,7 @@ class SparseEngine:
         if _ACTIVE.get(id(layer.param)) is not None:
             del _ACTIVE[id(layer.param)]
 
-    def store_as_csr(self, name: str, weight: SparseWeight, *, transposed: bool = False) -> None:
+    def store_as_csr(self, name: str, weight: CSRWeight, *, transposed: bool = False) -> None:
         """Hand layer ``name`` over to CSR storage in an accelerated module (see
         :func:`sparselearn.accelerate`): the optimizer must hold ``weight.values`` already.
         ``transposed``: ``weight`` stores the transpose of the parameter (a ``Conv1D``)."""
@@ -522,9 +513,9 @@ class SparseEngine:
         and ``"shards"`` records which rows of each weight they are: each rank saves its own
         state and loads it into an engine sharded the same way.
         """
-        shards = _shard_record(self._layers)
+        records = _placement_records(self._layers)
         return {
-            **({"shards": shards} if shards else {}),
+            **({"shards": records} if records else {}),
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
             "step": self._step,
@@ -541,7 +532,7 @@ class SparseEngine:
         """Restore what :meth:`state_dict` saved. The engine must have been created with the same
         configuration on the same model; differences are reported, nothing is half-applied."""
         self.check_attached()
-        _check_shards(state, self._layers)
+        check_records(state.get("shards", {}), _placement_records(self._layers))
         check_state(state, self.config, self.schedule, self._layers, self.signals.ema)
         masks = state["masks"]
         for layer in self._layers:
@@ -657,59 +648,12 @@ class _OnDemand:
         return self._updater.prune_to(fraction)
 
 
-def _shards(targets: list[Target]) -> list[Shard | None]:
-    """Each target's block under FSDP2 (None: a whole weight). The engine handles a model whose
-    sparsified weights are all sharded on one 1-D mesh, or none."""
-    shards = [shard_of(t.name, t.param) for t in targets]
-    sharded = [t.name for t, s in zip(targets, shards, strict=True) if s is not None]
-    whole = [t.name for t, s in zip(targets, shards, strict=True) if s is None]
-    if sharded and whole:
-        raise TypeError(
-            f"{', '.join(sharded[:3])} are sharded by fully_shard but {', '.join(whole[:3])} "
-            "are not: apply fully_shard to the root module as well (fully_shard(model) after "
-            "its blocks), so that every sparsified weight is sharded"
-        )
-    meshes = [s.mesh for s in shards if s is not None]
-    if any(m != meshes[0] for m in meshes[1:]):
-        raise TypeError(
-            "the sparsified weights are sharded on different device meshes; shard the whole "
-            "model on one mesh (fully_shard(..., mesh=mesh) with the same mesh everywhere)"
-        )
-    return shards
-
-
-def _shard_record(layers: Sequence[LayerStorage]) -> dict[str, list[int]]:
-    """Which rows of each sharded weight this rank holds, and over how many ranks (what a
-    sharded engine's state records)."""
+def _placement_records(layers: Sequence[LayerStorage]) -> dict[str, list[int]]:
+    """What a saved state records of where each layer lives (e.g. which rows of each weight a
+    rank of a sharded model holds)."""
     return {
-        layer.name: [shard.start, shard.stop, shard.mesh.size()]
-        for layer in layers
-        if (shard := getattr(layer, "shard", None)) is not None
+        layer.name: record for layer in layers if (record := layer.placement.record()) is not None
     }
-
-
-def _check_shards(state: Mapping[str, Any], layers: Sequence[LayerStorage]) -> None:
-    """A sharded engine's state fits only an engine sharded the same way (its masks are one
-    rank's blocks)."""
-    saved = state.get("shards", {})
-    mine = _shard_record(layers)
-    if not isinstance(saved, Mapping) or {k: list(v) for k, v in saved.items()} == mine:
-        return
-    if not mine:
-        raise ValueError(
-            "this engine state was saved by one rank of a model sharded by fully_shard (its "
-            "masks are blocks of the weights); load it into the same model sharded the same "
-            "way, on the same number of ranks"
-        )
-    name = next(iter(mine))
-    was = saved.get(name) if saved else None
-    described = f"rows {was[0]}:{was[1]} of {name} over {was[2]} ranks" if was else "whole weights"
-    now = mine[name]
-    raise ValueError(
-        f"this engine state holds {described}, but this rank holds rows {now[0]}:{now[1]} over "
-        f"{now[2]} ranks: load each rank's own state on the same number of ranks it was saved "
-        "with (per-rank files: engine-rank<r>.pt)"
-    )
 
 
 def _check_optimizer_holds(optimizer: torch.optim.Optimizer, targets: list[Target]) -> None:

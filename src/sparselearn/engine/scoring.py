@@ -1,19 +1,17 @@
-"""Scoring and selection for mask updates: the views criteria read, their scores (checked
-for shape and finiteness), and exact selections over several layers at once."""
+"""Scoring and selection for mask updates, in whole-layer terms: the views criteria read, their
+scores (checked for shape and finiteness), the prune sets. How each step is done for the part
+of a weight this process holds is the layer's placement's business (``placement.py``)."""
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..criteria import Criterion, LayerView, Redistribution
-from ..selection import bottom_k, top_k
-from .sharding import Part, Shard, all_sum, any_rank, sharded_argmax, sharded_top_k
+from ..criteria import Criterion, LayerView
 from .signals import Signals, _finite
 from .storage import LayerStorage
 
@@ -34,7 +32,6 @@ def layer_views(
     views = []
     for layer in layers:
         layer.sync_device()
-        shard = shard_of(layer)
         reads: dict[str, Callable[[], Tensor]] = {}
         if "momentum" in needs:
             reads["momentum"] = functools.partial(signals.momentum, layer)
@@ -47,34 +44,20 @@ def layer_views(
                 layer.mask,
                 signals=reads,
                 generator=generator(layer.device),
-                shard=shard,
+                noise=layer.placement.noise,
             )
         )
     return views
 
 
-def shard_of(layer: LayerStorage) -> Shard | None:
-    """The block of the weight this rank holds (FSDP2), None for a whole weight."""
-    shard = getattr(layer, "shard", None)
-    return shard if isinstance(shard, Shard) else None
-
-
-def _group(layers: Sequence[LayerStorage]) -> object | None:
-    """The process group of sharded layers (the engine shards all layers or none)."""
-    shard = shard_of(layers[0]) if layers else None
-    return None if shard is None else shard.group
-
-
-def _agreed(reason: str | None, group: object | None) -> str | None:
-    """A reason to skip an update, the same on every rank: one rank's non-finite values make
-    every rank skip (their blocks differ, so the others may not have seen any)."""
-    if group is None or not any_rank(reason is not None, group):
-        return reason
-    return reason or "non-finite values on another rank"
+def _agreed(reason: str | None, layers: Sequence[LayerStorage]) -> str | None:
+    """A reason to skip an update, the same wherever the layers' parts are held (the engine
+    places all its layers alike)."""
+    return layers[0].placement.agree(reason) if layers else reason
 
 
 def non_finite_inputs(
-    views: list[LayerView], needs: frozenset[str], layers: Sequence[LayerStorage] = ()
+    views: list[LayerView], needs: frozenset[str], layers: Sequence[LayerStorage]
 ) -> str | None:
     """Name the first non-finite weight, gradient or momentum, or None if all are finite."""
     found = None
@@ -85,44 +68,17 @@ def non_finite_inputs(
                 found = f"{key} of {view.name}"
         if found is not None:
             break
-    return _agreed(found, _group(layers))
-
-
-def _whole(view: LayerView, shard: Shard) -> LayerView:
-    """The view of the whole weight, gathered from every rank's block (signals on first use)."""
-
-    def gathered(key: str) -> Tensor:
-        return shard.gather(view._signal(key))
-
-    return LayerView(
-        view.name,
-        shard.gather(view.weight),
-        shard.gather(view.mask),
-        signals={key: functools.partial(gathered, key) for key in view._signals},
-        generator=view._generator,
-        kept=None if view.kept is None else shard.gather(view.kept),
-        n_grow=view.n_grow,
-    )
-
-
-def evaluate(criterion: Criterion, view: LayerView, shard: Shard | None) -> object:
-    """``criterion.fn(view)``; for a block of a sharded weight, the block of the scores: the
-    criterion sees the block itself where it is elementwise, else the whole weight."""
-    if shard is None or criterion.elementwise:
-        return criterion.fn(view)
-    whole = criterion.fn(_whole(view, shard))
-    return shard.block(whole) if isinstance(whole, Tensor) else whole
+    return _agreed(found, layers)
 
 
 def scores(
-    criterion: Criterion, views: list[LayerView], layers: Sequence[LayerStorage] = ()
+    criterion: Criterion, views: list[LayerView], layers: Sequence[LayerStorage]
 ) -> list[Tensor] | str:
     """Each view's scores; a string (the reason) where a criterion gave non-finite ones."""
     out = []
-    group = _group(layers)
     reason = None
     for i, view in enumerate(views):
-        s = evaluate(criterion, view, shard_of(layers[i]) if layers else None)
+        s = layers[i].placement.evaluate(criterion, view)
         if not isinstance(s, Tensor) or s.shape != view.weight.shape:
             raise TypeError(
                 f"criterion {criterion.name!r} must return a tensor of shape "
@@ -130,44 +86,12 @@ def scores(
                 f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
             )
         if reason is None and not _finite(s):
+            # no early exit: where a criterion is evaluated together with other processes,
+            # each of them must evaluate every layer
             reason = f"criterion {criterion.name!r} gave non-finite scores for {view.name}"
-            if group is None:
-                break
         out.append(s)
-    reason = _agreed(reason, group)
+    reason = _agreed(reason, layers)
     return out if reason is None else reason
-
-
-def statistic(redistribution: Redistribution, view: LayerView, layer: LayerStorage) -> float:
-    """A redistribution's number for one layer (for a sharded weight: from sums over every
-    rank's block where the redistribution gives them, else from the whole weight)."""
-    assert redistribution.fn is not None
-    shard = shard_of(layer)
-    if shard is None:
-        return redistribution.fn(view)
-    if redistribution.sums is not None and redistribution.combine is not None:
-        return redistribution.combine(all_sum(list(redistribution.sums(view)), shard.group))
-    return redistribution.fn(_whole(view, shard))
-
-
-def select(
-    layer: LayerStorage,
-    scores: Tensor,
-    candidates: Tensor,
-    k: int,
-    generator: torch.Generator,
-    *,
-    largest: bool = True,
-    count: int | None = None,
-) -> Tensor:
-    """:func:`~sparselearn.selection.top_k` within one layer (over every rank's block of a
-    sharded weight: the same positions)."""
-    shard = shard_of(layer)
-    if shard is None:
-        return top_k(scores, candidates, k, generator, largest=largest, count=count)
-    part = Part(scores, shard.flat_start, candidates.numel(), candidates=candidates)
-    chosen = sharded_top_k([part], k, generator, shard.group, largest=largest, count=count)
-    return chosen[0].view_as(candidates)
 
 
 def prune_scores(
@@ -180,7 +104,6 @@ def prune_scores(
         whole = scores(crit, views, layers)
         return whole if isinstance(whole, str) else list[Tensor | ActiveScores](whole)
     out: list[Tensor | ActiveScores] = []
-    group = _group(layers)
     reason = None
     for view, layer in zip(views, layers, strict=True):
         if 2 * layer.active >= layer.numel:
@@ -206,39 +129,8 @@ def prune_scores(
             reason = f"criterion {crit.name!r} gave non-finite scores for {view.name}"
             break
         out.append(entry)
-    reason = _agreed(reason, group)
+    reason = _agreed(reason, layers)
     return out if reason is None else reason
-
-
-def select_across(
-    scores: list[Tensor],
-    candidates: list[Tensor],
-    k: int,
-    generator: Generators,
-    *,
-    largest: bool = True,
-    shards: Sequence[Shard | None] = (),
-) -> list[Tensor]:
-    """Exact top-k (or bottom-k) over several layers at once; one bool tensor per layer
-    (``shards``: the blocks of sharded weights that ``scores`` and ``candidates`` are)."""
-    if shards and shards[0] is not None:
-        parts, offset = [], 0
-        for s, c, shard in zip(scores, candidates, shards, strict=True):
-            assert shard is not None
-            parts.append(Part(s, offset + shard.flat_start, c.numel(), candidates=c))
-            offset += math.prod(shard.shape)
-        gen = generator(scores[0].device)
-        chosen_parts = sharded_top_k(parts, k, gen, shards[0].group, largest=largest)
-        return [o.view_as(c) for o, c in zip(chosen_parts, candidates, strict=True)]
-    device = scores[0].device
-    flat = torch.cat([s.float().reshape(-1).to(device) for s in scores])
-    cand = torch.cat([c.reshape(-1).to(device) for c in candidates])
-    chosen = top_k(flat, cand, k, generator(device), largest=largest)
-    out, offset = [], 0
-    for c in candidates:
-        out.append(chosen[offset : offset + c.numel()].view_as(c).to(c.device))
-        offset += c.numel()
-    return out
 
 
 def prune_sets(
@@ -259,25 +151,15 @@ def prune_sets(
     for i, (view, s) in enumerate(zip(views, scores, strict=True)):
         if glob and i in free:
             continue
-        shard = shard_of(layers[i])
-        if isinstance(s, ActiveScores) and shard is not None:
-            part = Part(s.scores, shard.flat_start, view.mask.numel(), positions=s.idx)
-            gen = generator(s.idx.device)
-            blocks = sharded_top_k(
-                [part], remove[i], gen, shard.group, largest=False, count=layers[i].active
-            )
-            out[i] = blocks[0].view_as(view.mask)
-            continue
+        placement = layers[i].placement
         if isinstance(s, ActiveScores):  # scores of the active positions only
-            m = s.idx.numel()
-            every = torch.ones(m, dtype=torch.bool, device=s.idx.device)
-            chosen = bottom_k(s.scores, every, remove[i], generator(s.idx.device), count=m)
-            pruned = torch.zeros(view.mask.numel(), dtype=torch.bool, device=s.idx.device)
-            pruned[s.idx[chosen]] = True
-            out[i] = pruned.view_as(view.mask)
+            gen = generator(s.idx.device)
+            chosen = placement.select_listed(
+                s.scores, s.idx, view.mask.numel(), remove[i], gen, count=layers[i].active
+            )
+            out[i] = chosen.view_as(view.mask)
             continue
-        out[i] = select(
-            layers[i],
+        out[i] = placement.select(
             s,
             view.mask,
             remove[i],
@@ -289,20 +171,21 @@ def prune_sets(
         full = [s for s in scores if isinstance(s, Tensor)]
         assert len(full) == len(scores)  # global criteria are scored over whole layers
         cands = []
-        shards = [shard_of(layers[i]) for i in free]
-        for i, shard in zip(free, shards, strict=True):
+        for i in free:
             mask = views[i].mask
             cand = mask.clone()
             # protected: every layer keeps at least one weight
-            if shard is None:
-                cand.view(-1)[torch.where(mask, full[i].float(), -math.inf).argmax()] = False
-            else:
-                best = sharded_argmax(full[i], mask, shard) - shard.flat_start
-                if 0 <= best < cand.numel():
-                    cand.view(-1)[best] = False
+            best = layers[i].placement.best(full[i], mask)
+            if best is not None:
+                cand.view(-1)[best] = False
             cands.append(cand)
-        across = select_across(
-            [full[i] for i in free], cands, total_free, generator, largest=False, shards=shards
+        across = layers[free[0]].placement.select_across(
+            [full[i] for i in free],
+            cands,
+            [layers[i].placement for i in free],
+            total_free,
+            generator,
+            largest=False,
         )
         for i, c in zip(free, across, strict=True):
             out[i] = c

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SparsityConfig
-from .sharding import local_tensor
 from .storage import LayerStorage
 
 
@@ -54,12 +53,13 @@ def optimizer_momentum(optimizer: torch.optim.Optimizer, param: nn.Parameter) ->
 
 
 @torch.no_grad()
-def reset_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, positions: Tensor) -> None:
-    """Zero every per-weight optimizer state tensor of ``param`` at the ``positions`` (bool;
-    for a sharded parameter, of its block)."""
+def reset_state(optimizer: torch.optim.Optimizer, layer: LayerStorage, positions: Tensor) -> None:
+    """Zero every per-weight optimizer state tensor of ``layer``'s parameter at the
+    ``positions`` (bool, the part of the weight this process holds)."""
+    param = layer.param
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, Tensor) and value.shape == param.shape:
-            local = local_tensor(value)
+            local = layer.local(value)
             local.masked_fill_(positions.to(local.device), 0)
 
 
@@ -95,7 +95,7 @@ class Signals:
             for layer in layers:
                 if not keeps_momentum(optimizer, layer.param):
                     self.ema[layer.name] = torch.zeros_like(
-                        local_tensor(layer.param), dtype=torch.float32
+                        layer.local(layer.param), dtype=torch.float32
                     )
 
     def momentum(self, layer: LayerStorage) -> Tensor:
@@ -104,7 +104,7 @@ class Signals:
         if m is None:
             m = self.ema.get(layer.name)
         if m is None:
-            m = torch.zeros_like(local_tensor(layer.param))
+            m = torch.zeros_like(layer.local(layer.param))
         m = layer.to_weight_shape(m.detach())
         window = self.window.get(layer.name)
         if window is not None:  # missing weights: the momentum gathered in the window
@@ -132,7 +132,7 @@ class Signals:
                 ema = self.ema[layer.name] = ema.to(layer.param.device)
             ema.mul_(decay)
             if layer.param.grad is not None:
-                ema.add_(local_tensor(layer.param.grad), alpha=1.0 - decay)
+                ema.add_(layer.local(layer.param.grad), alpha=1.0 - decay)
 
     def momentum_coefficient(self, layer: LayerStorage) -> float:
         group = group_of(self.optimizer, layer.param)

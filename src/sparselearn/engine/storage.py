@@ -17,11 +17,31 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
-from .sharding import Shard, all_counts, local_tensor
+from .placement import WHOLE, Placement
 
 if TYPE_CHECKING:
-    from ..accel.layers import SparseWeight
     from ..targets import Target
+
+
+class CSRWeight(Protocol):
+    """What :class:`CSRStorage` uses of a weight held as CSR (an accelerated layer's
+    :class:`~sparselearn.accel.SparseWeight`)."""
+
+    values: nn.Parameter  # the active values, in CSR order
+    shape: tuple[int, ...]  # the stored (out, in, ...) shape
+    version: int  # bumped whenever the structure changes
+    dense_grad_probe: Tensor | None
+
+    @property
+    def nnz(self) -> int: ...
+
+    def mask(self) -> Tensor: ...
+
+    def dense(self) -> Tensor: ...
+
+    def restructure(self, new_mask: Tensor) -> Tensor: ...
+
+    def arm_dense_grad(self, wanted: bool) -> None: ...
 
 
 class LayerStorage(Protocol):
@@ -31,6 +51,7 @@ class LayerStorage(Protocol):
     fixed: bool  # a layer_density override: its own count, never shared with other layers
     final_count: int  # active weights at the target density
     kind: str  # "masked" (dense weight, masked) or "csr" (active values only)
+    placement: Placement  # where the weight lives: the part of it this process holds
 
     @property
     def param(self) -> nn.Parameter:
@@ -73,6 +94,11 @@ class LayerStorage(Protocol):
     def to_weight_shape(self, values: Tensor) -> Tensor:
         """A per-weight tensor in the parameter's layout, in the weight's shape (zeros where
         the layout holds nothing)."""
+        ...
+
+    def local(self, tensor: Tensor) -> Tensor:
+        """A tensor of the parameter's layout (the parameter, its gradient, optimizer state) as
+        this process holds it: the same storage, in-place changes reach it."""
         ...
 
     def from_weight_shape(self, tensor: Tensor) -> Tensor:
@@ -121,36 +147,52 @@ class LayerStorage(Protocol):
 
 
 class MaskedDense:
-    """A weight kept dense, with its mask: the optimizer holds the whole weight."""
+    """A weight kept dense, with its mask: the optimizer holds the weight. Where the process
+    holds a part of the weight only (``placement``: e.g. FSDP2's block of rows), ``mask``,
+    ``weight()``, gradients and every per-weight tensor the engine handles are the part's;
+    ``active``, ``numel`` and ``shape`` are the whole weight's."""
 
     kind = "masked"
 
-    __slots__ = ("_seen", "_zero", "active", "final_count", "fixed", "mask", "name", "param")
+    __slots__ = (
+        "_seen",
+        "_zero",
+        "active",
+        "final_count",
+        "fixed",
+        "mask",
+        "name",
+        "param",
+        "placement",
+    )
 
-    def __init__(self, target: Target, mask: Tensor, final_count: int) -> None:
+    def __init__(
+        self, target: Target, mask: Tensor, final_count: int, placement: Placement = WHOLE
+    ) -> None:
         self.name = target.name
         self.param = target.param
+        self.placement = placement
         self.fixed = target.density is not None
         self.final_count = final_count
         self.mask = mask  # bool, the truth
         self._zero = _zeroing_mask(mask, self.param.dtype)
-        self.active = count(mask)  # kept in step with the mask
+        self.active = placement.count(mask)  # kept in step with the mask
         self._seen = mask._version  # in-place changes the engine did not make show up here
 
     @property
     def numel(self) -> int:
-        return self.mask.numel()
+        return math.prod(self.shape)
 
     @property
     def shape(self) -> torch.Size:
-        return self.mask.shape
+        return self.placement.whole_shape(self.mask.shape)
 
     @property
     def device(self) -> torch.device:
         return self.param.device
 
     def weight(self) -> Tensor:
-        return self.param.detach()
+        return self.placement.local(self.param).detach()
 
     def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
         self.mask.copy_(new)
@@ -158,12 +200,13 @@ class MaskedDense:
             torch.logical_not(new, out=self._zero)
         else:
             self._zero.copy_(new).neg_()
-        self.active = count(new) if active is None else active
+        self.active = self.placement.count(new) if active is None else active
         self._seen = self.mask._version
         return None
 
     def zero_inactive_(self, tensor: Tensor) -> None:
         # exact zeros even over inf and NaN (a product with a 0/1 mask would keep NaN)
+        tensor = self.placement.local(tensor)
         z = self._zero
         if z.dtype == torch.bool:
             tensor.masked_fill_(z, 0)
@@ -178,17 +221,22 @@ class MaskedDense:
             tensor.masked_fill_(~self.mask, 0)
 
     def to_weight_shape(self, values: Tensor) -> Tensor:
-        return values
+        return self.placement.local(values)
 
     def from_weight_shape(self, tensor: Tensor) -> Tensor:
-        return tensor
+        return self.placement.local(tensor)
+
+    def local(self, tensor: Tensor) -> Tensor:
+        return self.placement.local(tensor)
 
     def param_positions(self, positions: Tensor) -> Tensor:
         return positions
 
     def snapshot_grad(self) -> Tensor:
         g = self.param.grad
-        return torch.zeros_like(self.param) if g is None else g.detach().clone()
+        if g is None:
+            return torch.zeros_like(self.mask, dtype=self.param.dtype)
+        return self.placement.local(g).detach().clone()
 
     def want_dense_grad(self, wanted: bool) -> None:
         pass  # the gradient of a dense weight is dense already
@@ -216,62 +264,10 @@ class MaskedDense:
         pass  # nothing is materialised
 
     def count(self, positions: Tensor) -> int:
-        return count(positions)
+        return self.placement.count(positions)
 
     def public_mask(self) -> Tensor:
-        return self.mask
-
-
-class ShardedDense(MaskedDense):
-    """A weight sharded by FSDP2: this rank's block of rows of the weight, masked. ``mask``,
-    ``weight()``, gradients and every per-weight tensor the engine handles are the block's
-    (plain tensors); ``active``, ``numel`` and ``shape`` are the whole weight's.
-    ``public_mask()`` is the mask as a DTensor sharded like the parameter."""
-
-    __slots__ = ("shard",)
-
-    def __init__(self, target: Target, mask: Tensor, final_count: int, shard: Shard) -> None:
-        self.shard = shard
-        super().__init__(target, mask, final_count)
-        self.active = self.count(mask)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shard.shape)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.shard.shape
-
-    def weight(self) -> Tensor:
-        return local_tensor(self.param).detach()
-
-    def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
-        return super().install(new, self.count(new) if active is None else active)
-
-    def zero_inactive_(self, tensor: Tensor) -> None:
-        super().zero_inactive_(local_tensor(tensor))
-
-    def to_weight_shape(self, values: Tensor) -> Tensor:
-        return local_tensor(values)
-
-    def from_weight_shape(self, tensor: Tensor) -> Tensor:
-        return local_tensor(tensor)
-
-    def snapshot_grad(self) -> Tensor:
-        g = self.param.grad
-        if g is None:
-            return torch.zeros_like(self.mask, dtype=self.param.dtype)
-        return local_tensor(g).detach().clone()
-
-    def check_loadable(self, mask: Tensor) -> str | None:
-        return None  # the block's shape is checked with the other masks
-
-    def count(self, positions: Tensor) -> int:
-        return all_counts([count(positions)], self.shard.group)[0]
-
-    def public_mask(self) -> Tensor:
-        return self.shard.dtensor(self.mask)
+        return self.placement.public(self.mask)
 
 
 class CSRStorage:
@@ -285,10 +281,9 @@ class CSRStorage:
     """
 
     kind = "csr"
+    placement: Placement = WHOLE  # accelerated layers compute with whole CSR weights
 
-    def __init__(
-        self, old: LayerStorage, storage: SparseWeight, *, transposed: bool = False
-    ) -> None:
+    def __init__(self, old: LayerStorage, storage: CSRWeight, *, transposed: bool = False) -> None:
         self.name = old.name
         self.fixed = old.fixed
         self.final_count = old.final_count
@@ -356,6 +351,9 @@ class CSRStorage:
 
     def from_weight_shape(self, tensor: Tensor) -> Tensor:
         return self._stored(tensor)[self._stored(self.mask)]
+
+    def local(self, tensor: Tensor) -> Tensor:
+        return tensor
 
     def param_positions(self, positions: Tensor) -> Tensor:
         return self._stored(positions)[self._stored(self.mask)]

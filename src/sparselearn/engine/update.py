@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -18,36 +18,13 @@ from torch import Tensor, nn
 from ..budget import allocate
 from ..config import SparsityConfig
 from ..criteria import Criterion, LayerView, Redistribution
+from ..schedules import MaskUpdate
 from . import distributed, scoring
 from .calendar import Calendar
-from .sharding import all_counts, local_tensor
 from .signals import Signals, reset_state
-from .storage import LayerStorage, count
+from .storage import LayerStorage
 
 logger = logging.getLogger("sparselearn")
-
-
-@dataclass
-class MaskUpdate:
-    """What one mask update did (``engine.history`` holds them all, ``engine.last_update`` the
-    latest)."""
-
-    step: int
-    kind: str  # "regrow", "prune" or "skipped"
-    prune_rate: float | None
-    pruned: dict[str, int] = field(default_factory=dict)
-    grown: dict[str, int] = field(default_factory=dict)
-    density: float = 0.0
-    seconds: float = 0.0
-    reason: str = ""
-
-    @property
-    def total_pruned(self) -> int:
-        return sum(self.pruned.values())
-
-    @property
-    def total_grown(self) -> int:
-        return sum(self.grown.values())
 
 
 @dataclass(frozen=True)
@@ -202,7 +179,7 @@ class MaskUpdater:
         if redistribution.fn is None:
             weights = [float(lost[i]) for i in free]
         else:
-            weights = [scoring.statistic(redistribution, views[i], self.layers[i]) for i in free]
+            weights = [self.layers[i].placement.statistic(redistribution, views[i]) for i in free]
             if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
                 logger.warning(
                     "step %d: redistribution %r gave %s; each layer regrows what it lost",
@@ -240,21 +217,22 @@ class MaskUpdater:
             return growth_scores
         grown: list[Tensor | None] = [None] * len(layers)
         for i in per_layer:
-            grown[i] = scoring.select(
-                layers[i],
+            grown[i] = layers[i].placement.select(
                 growth_scores[i],
                 ~layers[i].mask,
                 grow[i],
                 self.generator(layers[i].mask.device),
+                largest=True,
                 count=room[i],
             )
         if global_growth and free:
-            chosen = scoring.select_across(
+            chosen = layers[free[0]].placement.select_across(
                 [growth_scores[i] for i in free],
                 [~layers[i].mask for i in free],
+                [layers[i].placement for i in free],
                 total,
                 self.generator,
-                shards=[scoring.shard_of(layers[i]) for i in free],
+                largest=True,
             )
             for i, c in zip(free, chosen, strict=True):
                 grown[i] = c
@@ -317,11 +295,11 @@ class MaskUpdater:
             param = layer.param
             layer.zero_inactive_(param)
             if policy in ("reset_pruned", "reset_both"):
-                reset_state(self.optimizer, param, pruned)
+                reset_state(self.optimizer, layer, pruned)
             if grown is not None and (
                 policy in ("reset_grown", "reset_both") or window is not None
             ):
-                reset_state(self.optimizer, param, grown)
+                reset_state(self.optimizer, layer, grown)
         if grown is not None and window is not None and policy == "keep":
             self._carry_window_momentum(layer, grown, window)
 
@@ -365,7 +343,7 @@ class MaskUpdater:
         buf = state.get("momentum_buffer")
         if not isinstance(buf, Tensor):
             return
-        buf = local_tensor(buf)
+        buf = layer.local(buf)
         carried = window / (1.0 - self.signals.momentum_coefficient(layer))
         is_grown = layer.param_positions(grown)
         buf[is_grown] = layer.from_weight_shape(carried)[is_grown].to(buf.dtype)
@@ -377,16 +355,12 @@ class MaskUpdater:
         Sharded weights (FSDP2): each rank holds its own block of the mask, so the check is
         that the blocks add up to each layer's count; nothing can be copied from rank 0 (a
         layer that fails names a broken invariant, not a rank that drifted)."""
-        shard = scoring.shard_of(self.layers[0]) if self.layers else None
-        if shard is not None:
-            totals = all_counts([count(layer.mask) for layer in self.layers], shard.group)
-            return [
-                layer.name
-                for layer, total in zip(self.layers, totals, strict=True)
-                if total != layer.active
-            ]
-        bad = distributed.disagreeing([layer.mask for layer in self.layers])
-        for i in bad:
+        if not self.layers:
+            return []
+        bad, repairable = self.layers[0].placement.disagreeing(
+            [layer.mask for layer in self.layers], [layer.active for layer in self.layers]
+        )
+        for i in bad if repairable else ():
             layer = self.layers[i]
             mask = layer.mask.clone()
             distributed.broadcast_(mask)

@@ -14,6 +14,8 @@ from .base import (
     SCHEDULE_OPTIONS,
     MaskOps,
     MaskSchedule,
+    MaskUpdate,
+    ScheduleConfig,
     register_schedule,
 )
 from .builtin import Dense, Fixed, Gradual, OneShot, Periodic
@@ -36,9 +38,11 @@ __all__ = [
     "Gradual",
     "MaskOps",
     "MaskSchedule",
+    "MaskUpdate",
     "OneShot",
     "Periodic",
     "RateFn",
+    "ScheduleConfig",
     "builtin",
     "constant",
     "cosine",

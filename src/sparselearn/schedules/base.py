@@ -11,13 +11,10 @@ masks are frozen) and the budget exact; a schedule is stateless.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from .._registry import Registry
-
-if TYPE_CHECKING:
-    from ..config import SparsityConfig
-    from ..engine.update import MaskUpdate
 
 # The options whose meaning depends on the schedule, grouped by the machinery that reads them.
 CALENDAR_OPTIONS = frozenset({"update_every", "steps_per_epoch", "start_at", "stop_at"})
@@ -34,6 +31,65 @@ REGROWTH_OPTIONS = frozenset(
 )
 MASK_OPTIONS = frozenset({"init", "prune", "layer_density", "dense_first", "dense_last"})
 SCHEDULE_OPTIONS = CALENDAR_OPTIONS | REGROWTH_OPTIONS | MASK_OPTIONS | {"ema_decay"}
+
+
+@dataclass
+class MaskUpdate:
+    """What one mask update did (``engine.history`` holds them all, ``engine.last_update`` the
+    latest)."""
+
+    step: int
+    kind: str  # "regrow", "prune" or "skipped"
+    prune_rate: float | None
+    pruned: dict[str, int] = field(default_factory=dict)
+    grown: dict[str, int] = field(default_factory=dict)
+    density: float = 0.0
+    seconds: float = 0.0
+    reason: str = ""
+
+    @property
+    def total_pruned(self) -> int:
+        return sum(self.pruned.values())
+
+    @property
+    def total_grown(self) -> int:
+        return sum(self.grown.values())
+
+
+class ScheduleConfig(Protocol):
+    """What the built-in schedules read of the configuration; the engine passes its
+    :class:`~sparselearn.ScheduleConfig`, which has every option (a schedule of your own may
+    read any of them)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def density(self) -> float: ...
+
+    @property
+    def total_steps(self) -> int | None: ...
+
+    @property
+    def prune_rate(self) -> float: ...
+
+    @property
+    def prune_rate_schedule(self) -> str: ...
+
+    @property
+    def start_at(self) -> float: ...
+
+    @property
+    def stop_at(self) -> float: ...
+
+    @property
+    def interval(self) -> int: ...
+
+    def window(self) -> tuple[float, float]: ...
+
+    def progress(self, step: int) -> float: ...
+
+    def prune_rate_at(self, step: int) -> float: ...
 
 
 class MaskOps(Protocol):
@@ -81,10 +137,10 @@ class MaskSchedule:
     def grows(self) -> bool:
         return "growth" in self.options
 
-    def check(self, config: SparsityConfig) -> None:
+    def check(self, config: ScheduleConfig) -> None:
         """Raise ``ValueError`` for a configuration this schedule cannot run."""
 
-    def needs_total_steps(self, config: SparsityConfig) -> bool:
+    def needs_total_steps(self, config: ScheduleConfig) -> bool:
         """Whether the calendar depends on ``config.total_steps``."""
         return False
 
@@ -93,22 +149,22 @@ class MaskSchedule:
         in effect, the preset's and the user's)."""
         return sorted(passed & (SCHEDULE_OPTIONS - self.options))
 
-    def due(self, config: SparsityConfig, step: int) -> bool:
+    def due(self, config: ScheduleConfig, step: int) -> bool:
         """Whether a mask update follows optimizer step ``step`` (1-based)."""
         return False
 
     def update(
-        self, masks: MaskOps, config: SparsityConfig, step: int, prune_rate: float | None = None
+        self, masks: MaskOps, config: ScheduleConfig, step: int, prune_rate: float | None = None
     ) -> MaskUpdate:
         """The update after step ``step``, scheduled or asked for by ``engine.update_masks``
         (``prune_rate``: the caller's override)."""
         raise RuntimeError(f"method {config.method!r} (schedule {self.name!r}) never updates masks")
 
-    def first_step(self, masks: MaskOps, config: SparsityConfig) -> MaskUpdate:
+    def first_step(self, masks: MaskOps, config: ScheduleConfig) -> MaskUpdate:
         """The update before the first optimizer step (``before_first_step`` schedules)."""
         raise NotImplementedError
 
-    def prune_rate(self, config: SparsityConfig, step: int) -> float | None:
+    def prune_rate(self, config: ScheduleConfig, step: int) -> float | None:
         """The prune rate an update at ``step`` would use, where the schedule has one."""
         return None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..criteria import PRUNE
 from .base import (
@@ -12,13 +12,11 @@ from .base import (
     SCHEDULE_OPTIONS,
     MaskOps,
     MaskSchedule,
+    MaskUpdate,
+    ScheduleConfig,
     register_schedule,
 )
 from .prune_rate import gradual_fraction
-
-if TYPE_CHECKING:
-    from ..config import SparsityConfig
-    from ..engine.update import MaskUpdate
 
 
 @register_schedule("dense")
@@ -28,7 +26,7 @@ class Dense(MaskSchedule):
     starts_dense = True
     masks = False
 
-    def check(self, config: SparsityConfig) -> None:
+    def check(self, config: ScheduleConfig) -> None:
         if config.density != 1.0:
             raise ValueError(f"method {config.method!r} trains every weight; density must be 1.0")
 
@@ -56,7 +54,7 @@ class OneShot(MaskSchedule):
             unused.append("init")  # a global cut ignores the initial split across layers
         return unused
 
-    def first_step(self, masks: MaskOps, config: SparsityConfig) -> MaskUpdate:
+    def first_step(self, masks: MaskOps, config: ScheduleConfig) -> MaskUpdate:
         return masks.prune_to(1.0)
 
 
@@ -68,14 +66,14 @@ class Periodic(MaskSchedule):
     options = SCHEDULE_OPTIONS
     updates = True
 
-    def needs_total_steps(self, config: SparsityConfig) -> bool:
+    def needs_total_steps(self, config: ScheduleConfig) -> bool:
         return not (
             config.prune_rate_schedule == "constant"
             and config.start_at == 0.0
             and config.stop_at == 1.0
         )
 
-    def due(self, config: SparsityConfig, step: int) -> bool:
+    def due(self, config: ScheduleConfig, step: int) -> bool:
         every = config.interval
         if every == 0:
             return False
@@ -83,14 +81,14 @@ class Periodic(MaskSchedule):
         return step % every == 0 and start <= step < stop
 
     def update(
-        self, masks: MaskOps, config: SparsityConfig, step: int, prune_rate: float | None = None
+        self, masks: MaskOps, config: ScheduleConfig, step: int, prune_rate: float | None = None
     ) -> MaskUpdate:
         rate = config.prune_rate_at(step) if prune_rate is None else prune_rate
         if not 0 <= rate < 1:
             raise ValueError(f"prune_rate must be in [0, 1), got {rate}")
         return masks.regrow(rate)
 
-    def prune_rate(self, config: SparsityConfig, step: int) -> float | None:
+    def prune_rate(self, config: ScheduleConfig, step: int) -> float | None:
         return config.prune_rate_at(step)
 
 
@@ -103,10 +101,10 @@ class Gradual(MaskSchedule):
     starts_dense = True
     updates = True
 
-    def needs_total_steps(self, config: SparsityConfig) -> bool:
+    def needs_total_steps(self, config: ScheduleConfig) -> bool:
         return True
 
-    def due(self, config: SparsityConfig, step: int) -> bool:
+    def due(self, config: ScheduleConfig, step: int) -> bool:
         every = config.interval
         if every == 0:
             return False
@@ -115,7 +113,7 @@ class Gradual(MaskSchedule):
         return step >= start and (step % every == 0 or step >= stop)
 
     def update(
-        self, masks: MaskOps, config: SparsityConfig, step: int, prune_rate: float | None = None
+        self, masks: MaskOps, config: ScheduleConfig, step: int, prune_rate: float | None = None
     ) -> MaskUpdate:
         if prune_rate is not None:
             raise ValueError("gradual pruning follows its cubic schedule; prune_rate is unused")

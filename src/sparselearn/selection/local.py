@@ -1,4 +1,4 @@
-"""Exact top-k with seeded tie-breaking: the one place scores become positions."""
+"""Exact top-k and bottom-k of one tensor, ties drawn with a seeded generator."""
 
 from __future__ import annotations
 
