@@ -298,3 +298,22 @@ def test_conv_error_messages_name_the_model_parameters() -> None:
     assert re.search(
         r"features\.0\.weight, features\.3\.weight, classifier\.weight", str(err.value)
     )
+
+
+def test_options_are_checked_in_one_place_before_the_run_length_is_known() -> None:
+    from sparselearn.methods import make_config
+
+    cfg = make_config(
+        "sparse_momentum", 0.1, run_length_known=False, update_every="epoch", momentum_window=20
+    )
+    assert cfg.total_steps is not None
+    assert cfg.interval >= 20
+    with pytest.raises(ValueError, match="have no effect with method 'static'"):
+        make_config("static", 0.1, run_length_known=False, prune_rate=0.2)
+    with pytest.raises(TypeError, match="did you mean 'update_every'"):
+        make_config("rigl", 0.1, run_length_known=False, update_evry=3)
+    with pytest.raises(ValueError, match="needs a density"):
+        make_config("rigl", run_length_known=False)
+    # a length the run does know is used as it is
+    with pytest.raises(ValueError, match="momentum_window"):
+        make_config("sparse_momentum", 0.1, 100, update_every=10, momentum_window=20)

@@ -160,6 +160,14 @@ def test_callback_refuses_what_it_cannot_honour() -> None:
         SparseTrainingCallback(method="rgl", density=0.1)
 
 
+def test_callback_accepts_per_epoch_updates_with_a_window_before_the_epoch_is_known() -> None:
+    # the epoch's length is the trainer's: a window must fit in it, which only the run can tell
+    cb = SparseTrainingCallback(
+        method="sparse_momentum", density=0.1, update_every="epoch", momentum_window=20
+    )
+    assert cb.options["momentum_window"] == 20
+
+
 def test_resume_without_engine_state_says_so(tmp_path: Path) -> None:
     train(tmp_path, StopAt(SAVE))  # a dense run: its checkpoints have no engine state
     with pytest.raises(FileNotFoundError, match=r"no sparselearn engine state.*resume_from="):

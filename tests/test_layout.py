@@ -208,3 +208,13 @@ def test_criterion_registration_takes_no_placement_parameters() -> None:
     for register in (sl.register_prune, sl.register_growth, sl.register_redistribution):
         params = set(inspect.signature(register).parameters)
         assert params <= {"name", "needs", "scope", "elementwise"}, (register.__name__, params)
+
+
+def test_the_tooling_loads_a_run_s_data_in_one_place() -> None:
+    # training and analysis read the same data for a run (its image size, split, mirror)
+    callers = sorted(
+        str(p.relative_to(PACKAGE))
+        for p in (PACKAGE / "experiments").rglob("*.py")
+        if "load_dataset(" in p.read_text()
+    )
+    assert callers == ["experiments/train.py"]

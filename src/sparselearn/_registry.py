@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -12,13 +12,21 @@ T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 
+def did_you_mean(text: str, choices: Iterable[str], n: int = 1) -> str:
+    """``"; did you mean 'momentum'?"``: the closest of ``choices`` to ``text`` (the same name in
+    another case first; up to ``n`` of them), or ``""`` where none is close. The one helper
+    behind every error message that suggests a name."""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    close = [lowered[text.lower()]] if text.lower() in lowered else []
+    close = close or difflib.get_close_matches(text, choices, n=n, cutoff=0.6)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
 def unknown_name_message(kind: str, name: object, choices: list[str]) -> str:
     """``unknown growth 'momentun'; did you mean 'momentum'? (choices: gradient, momentum)``."""
     text = str(name)
-    lowered = {c.lower(): c for c in choices}
-    close = [lowered[text.lower()]] if text.lower() in lowered else []
-    close = close or difflib.get_close_matches(text, choices, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(text, choices)
     return f"unknown {kind} {text!r}{hint} (choices: {', '.join(choices) or 'none'})"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ._registry import unknown_name_message
+from ._registry import did_you_mean, unknown_name_message
 from .budget import INIT
 from .criteria import GROWTH, PRUNE, REDISTRIBUTION
 from .schedules import MASK_SCHEDULE, PRUNE_RATE_SCHEDULE
@@ -313,6 +312,5 @@ OPTION_NAMES: tuple[str, ...] = tuple(
 
 
 def unknown_option_message(name: str, valid: tuple[str, ...] = OPTION_NAMES) -> str:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(name, valid)
     return f"unknown option {name!r}{hint} (options: {', '.join(sorted(valid))})"

@@ -12,6 +12,14 @@ from typing import Any
 
 from ._registry import Registry
 from .config import OPTION_NAMES, SparsityConfig, unknown_option_message
+from .schedules import MASK_SCHEDULE
+
+# What stands in for the run's length while it is not known yet (a trainer callback created
+# before its trainer, a run's file checked before its data is read): long enough that no check
+# against the run's length or an epoch fails for a run that can work; those checks are made
+# again with the real lengths when the run starts.
+_STAND_IN_STEPS = 1_000_000
+_STAND_IN_EPOCH = 100_000
 
 
 @dataclass(frozen=True)
@@ -152,3 +160,40 @@ register_method(
     update_every=100,
     stop_at=0.75,
 )
+
+
+def make_config(
+    method: str = "sparse_momentum",
+    density: float | None = None,
+    total_steps: int | None = None,
+    *,
+    run_length_known: bool = True,
+    **options: Any,
+) -> SparsityConfig:
+    """The :class:`SparsityConfig` of a method preset with ``options`` over it: the one place
+    the options are validated. Unknown methods and options, missing densities and options
+    that have no effect under the method's schedule are refused here, before any model is
+    touched. ``run_length_known=False`` checks everything else before the run's length (and
+    its epoch's) is known, with stand-ins for them (:func:`sparselearn.sparsify` checks again
+    with the real ones)."""
+    preset = METHODS.get(method)
+    for key in options:
+        if key not in OPTION_NAMES:
+            raise TypeError(unknown_option_message(key))
+    params = {**preset.defaults, **options}
+    schedule = MASK_SCHEDULE.get(params.get("schedule", "periodic"))
+    if density is None:
+        if schedule.masks:
+            raise ValueError(f"method {method!r} needs a density in (0, 1], e.g. density=0.05")
+        density = 1.0
+    unused = schedule.unused_options(set(options), params)
+    if unused:
+        raise ValueError(
+            f"option(s) {', '.join(unused)} have no effect with method {method!r} "
+            f"(schedule {schedule.name!r}); remove them"
+        )
+    if not run_length_known:
+        total_steps = total_steps or _STAND_IN_STEPS
+        if "steps_per_epoch" in schedule.options and params.get("steps_per_epoch") is None:
+            params["steps_per_epoch"] = _STAND_IN_EPOCH
+    return SparsityConfig(method=method, density=density, total_steps=total_steps, **params)

@@ -13,7 +13,6 @@ why each weight left dense is dense (:class:`Selection`), for ``engine.summary()
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._registry import did_you_mean
 from .config import Selector, SparsityConfig
 
 logger = logging.getLogger("sparselearn")
@@ -337,8 +337,7 @@ def _no_such_parameter(
 ) -> str:
     """The error for ``include`` naming a parameter the model does not have: close matches,
     and the weights it could name (attention projections among them)."""
-    close = difflib.get_close_matches(name, [a for row in rows for a in row[4]], n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    hint = did_you_mean(name, [a for row in rows for a in row[4]], n=3)
     candidates = [row[0] for row in rows if _eligible(row[2], row[3], row[1])]
     shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
     return (

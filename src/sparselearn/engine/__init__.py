@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..schedules import MaskUpdate
 from .calendar import Calendar
-from .engine import SparseEngine, SparsityWarning, make_config, sparsify
+from .engine import SparseEngine, SparsityWarning, sparsify
 from .state import STATE_FORMAT
 from .storage import CSRStorage, LayerStorage, MaskedDense
 from .update import MaskUpdater
@@ -22,6 +22,5 @@ __all__ = [
     "MaskedDense",
     "SparseEngine",
     "SparsityWarning",
-    "make_config",
     "sparsify",
 ]

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..budget import layer_counts
-from ..config import OPTION_NAMES, SparsityConfig, unknown_option_message
+from ..config import SparsityConfig
 from ..criteria import GROWTH, PRUNE, REDISTRIBUTION, Criterion
-from ..methods import METHODS
+from ..methods import make_config
 from ..schedules import MASK_SCHEDULE, MaskSchedule, MaskUpdate
 from ..selection import top_k
 from ..targets import DENSE_REASONS, Target, dense_by_reason, select
@@ -715,32 +715,3 @@ def sparsify(
     """
     config = make_config(method, density, total_steps, **options)
     return SparseEngine(model, optimizer, config, state=state)
-
-
-def make_config(
-    method: str = "sparse_momentum",
-    density: float | None = None,
-    total_steps: int | None = None,
-    **options: Any,
-) -> SparsityConfig:
-    """The :class:`SparsityConfig` that :func:`sparsify` would use, checked the same way:
-    unknown methods and options, missing densities and options that have no effect are
-    refused here, before any model is touched (the trainer callbacks check their arguments
-    with it when they are created)."""
-    preset = METHODS.get(method)
-    for key in options:
-        if key not in OPTION_NAMES:
-            raise TypeError(unknown_option_message(key))
-    params = {**preset.defaults, **options}
-    schedule = MASK_SCHEDULE.get(params.get("schedule", "periodic"))
-    if density is None:
-        if schedule.masks:
-            raise ValueError(f"method {method!r} needs a density in (0, 1], e.g. density=0.05")
-        density = 1.0
-    unused = schedule.unused_options(set(options), params)
-    if unused:
-        raise ValueError(
-            f"option(s) {', '.join(unused)} have no effect with method {method!r} "
-            f"(schedule {schedule.name!r}); remove them"
-        )
-    return SparsityConfig(method=method, density=density, total_steps=total_steps, **params)

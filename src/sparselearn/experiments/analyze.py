@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..data.datasets import load_dataset
 from ..models import create_model
 from .config import TrainConfig
 from .report import replace_section
 from .runs import iter_runs, load_yaml, read_json, write_atomic
+from .train import load_data
 
 START, END = "<!-- analysis:start -->", "<!-- analysis:end -->"  # the default section
 RECORD = "selectivity.json"
@@ -95,14 +95,7 @@ def _read_record(run: Path) -> list[LayerSpecialisation]:
 @torch.no_grad()
 def _measure(run: Path, batch_size: int) -> list[LayerSpecialisation]:
     cfg = TrainConfig.from_dict(load_yaml(run / "config.yaml"))
-    data = load_dataset(
-        cfg.data,
-        cfg.data_dir,
-        val_fraction=cfg.val_fraction,
-        split_seed=cfg.split_seed,
-        download=cfg.download,
-        mirror=cfg.data_mirror,
-    )
+    data = load_data(cfg)
     model = create_model(cfg.model, data.info.input_shape, data.info.num_classes)
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from ..config import OPTION_NAMES, SparsityConfig, _check_unit, unknown_option_message
+from ..config import OPTION_NAMES, _check_unit, unknown_option_message
 from ..data.datasets import DATASETS
-from ..methods import METHODS
+from ..methods import METHODS, make_config
 from ..models import MODELS, model_inputs
 from ..schedules import MASK_SCHEDULE
 
@@ -271,26 +271,25 @@ def _number(
 
 
 def check_engine_options(cfg: TrainConfig) -> None:
-    """The run's engine options, validated as the engine will (with stand-ins for what only
-    the data can tell: the steps of the run and of an epoch)."""
+    """The run's engine options, validated as the engine will before the run's length is
+    known (the data tells it)."""
+    density, options = engine_arguments(cfg)
+    make_config(cfg.method, density, run_length_known=False, **options)
+
+
+def engine_arguments(
+    cfg: TrainConfig, steps_per_epoch: int | None = None
+) -> tuple[float | None, dict[str, Any]]:
+    """The density and options ``sparsify`` gets for this run: no density for a method that
+    masks nothing, and the epoch's steps where the method's schedule reads them (for
+    ``update_every: epoch``)."""
     options = engine_options(cfg)
-    preset = METHODS.get(cfg.method)
-    params = {**preset.defaults, **options}
-    schedule = MASK_SCHEDULE.get(params.get("schedule", "periodic"))
-    unused = schedule.unused_options(set(options), params)
-    if unused:
-        raise ValueError(
-            f"option(s) {', '.join(unused)} have no effect with method {cfg.method!r} "
-            f"(schedule {schedule.name!r}); remove them"
-        )
-    if "steps_per_epoch" in schedule.options:
-        # a stand-in as long as any epoch: checks against the interval (a momentum window
-        # must fit in it) are made again with the real epoch when the run starts
-        params["steps_per_epoch"] = 100_000
-    density = cfg.density if schedule.masks else 1.0
-    if density is None:
-        raise ValueError(f"method {cfg.method!r} needs a density in (0, 1], e.g. density: 0.05")
-    SparsityConfig(method=cfg.method, density=density, total_steps=1_000_000, **params)
+    schedule = MASK_SCHEDULE.get(
+        options.get("schedule", METHODS.get(cfg.method).defaults.get("schedule", "periodic"))
+    )
+    if steps_per_epoch is not None and "steps_per_epoch" in schedule.options:
+        options["steps_per_epoch"] = steps_per_epoch
+    return (cfg.density if schedule.masks else None), options
 
 
 def engine_options(cfg: TrainConfig) -> dict[str, Any]:

@@ -26,10 +26,8 @@ from .._io import remove_stale_temps
 from ..data.datasets import DATASETS, Data, load_dataset, steps_per_epoch
 from ..engine import MaskUpdate, SparseEngine, sparsify
 from ..flops import count_flops
-from ..methods import METHODS
 from ..models import create_model
-from ..schedules import MASK_SCHEDULE
-from .config import SPARSITY_OPTIONS, TrainConfig, engine_options, jsonable, same_config
+from .config import SPARSITY_OPTIONS, TrainConfig, engine_arguments, jsonable, same_config
 from .optim import lr_at, make_optimizer
 from .parallel import World, shard, world_from_environment
 from .progress import Progress
@@ -104,7 +102,7 @@ def _train(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same model on every rank
-    data = _load_data(cfg)
+    data = load_data(cfg)
     augment = data.info.augment if cfg.augment is None else cfg.augment
     model = create_model(cfg.model, data.info.input_shape, data.info.num_classes).to(device)
     optimizer = make_optimizer(cfg, model)
@@ -297,7 +295,8 @@ def _check_run_dir(out: Path, resume: bool) -> None:
         )
 
 
-def _load_data(cfg: TrainConfig) -> Data:
+def load_data(cfg: TrainConfig) -> Data:
+    """The run's data as its configuration names it (what training and analysis both read)."""
     data = load_dataset(
         cfg.data,
         cfg.data_dir,
@@ -343,17 +342,12 @@ def _sparsify(
     epoch_steps: int,
     total: int,
 ) -> SparseEngine:
-    options = engine_options(cfg)
-    schedule = MASK_SCHEDULE.get(
-        options.get("schedule", METHODS.get(cfg.method).defaults.get("schedule", "periodic"))
-    )
-    if "steps_per_epoch" in schedule.options:
-        options["steps_per_epoch"] = epoch_steps  # for "epoch"
+    density, options = engine_arguments(cfg, epoch_steps)
     return sparsify(
         model,
         optimizer,
         method=cfg.method,
-        density=cfg.density if schedule.masks else None,
+        density=density,
         total_steps=total,
         seed=cfg.seed,
         **options,

@@ -9,10 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..engine import MaskUpdate, make_config
-
-# placeholder run length for checking arguments before the trainer knows its own
-_CHECK_STEPS = 1_000_000
+from ..engine import MaskUpdate
+from ..methods import make_config
 
 REFUSED = {
     "total_steps": "it is taken from the trainer (the number of optimizer steps it will run)",
@@ -28,7 +26,7 @@ def check_arguments(
     for key, why in REFUSED.items():
         if key in options:
             raise TypeError(f"{owner} does not take {key!r}: {why}")
-    make_config(method, density, _CHECK_STEPS, **with_epoch(options, 1))
+    make_config(method, density, run_length_known=False, **options)
 
 
 def with_epoch(options: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
