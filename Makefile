@@ -9,7 +9,7 @@ CONSTRAINTS := requirements/constraints.txt
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
-# The test suite compiles the kernel sources for ARM64 too (tests/test_isa.py).
+# The test suite compiles the kernel sources for ARM64 too (tests/kernels/test_isa.py).
 CROSS  := /usr/bin/aarch64-linux-gnu-g++
 
 # Benchmarks: PyTorch's OpenMP spin-wait makes small ops very slow on a 2-core VM.

@@ -80,7 +80,7 @@ def _rank(rank: int, store: str, out: str, args: argparse.Namespace) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    os._exit(0)  # see tests/test_distributed.py
+    os._exit(0)  # see tests/engine/test_distributed.py
 
 
 def sharded(args: argparse.Namespace) -> dict[str, list[float]]:

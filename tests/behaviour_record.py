@@ -2,8 +2,8 @@
 result bit for bit.
 
 ``python -m tests.behaviour_record --write`` computes the records with the code checked out and
-writes ``tests/data/behaviour.json`` (and, with ``--legacy``, the interrupted run directories
-of ``tests/data/legacy-runs.tar.gz``, which later code must still resume). ``test_behaviour.py``
+writes ``tests/records/behaviour.json`` (and, with ``--legacy``, the interrupted run directories
+of ``tests/records/legacy-runs.tar.gz``, which later code must still resume). ``test_behaviour.py``
 recomputes them and compares.
 
 What is recorded: short runs of every preset, with SGD and with Adam, on an MLP, a small CNN
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "records"
 RECORDS = DATA / "behaviour.json"
 LEGACY = DATA / "legacy-runs.tar.gz"
 REPO = Path(__file__).resolve().parents[1]
@@ -370,7 +370,7 @@ def main() -> None:
     import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="write tests/data/behaviour.json")
+    parser.add_argument("--write", action="store_true", help="write tests/records/behaviour.json")
     parser.add_argument("--legacy", action="store_true", help="(re)write the legacy run archive")
     args = parser.parse_args()
     DATA.mkdir(exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import sparselearn as sl
+from sparselearn.kernels import extension
 
 # ----------------------------------------------------------------------------- models
 
@@ -165,3 +167,60 @@ class BoundKernels:
 
         op = getattr(ops, name)
         return lambda *args: op(*args, self.kernels)
+
+
+def sparse_mlp(
+    method: str = "sparse_momentum", optimizer: str = "sgd", **options: object
+) -> tuple[MLP, torch.optim.Optimizer, sl.SparseEngine]:
+    """A small MLP sparsified at density 0.2 for 100 steps (seed 0), with its optimizer: SGD
+    with momentum, ``"adam"``, or plain SGD (any other name)."""
+    torch.manual_seed(0)
+    model = MLP()
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    kw: dict[str, Any] = {"density": 0.2, "total_steps": 100, "seed": 0}
+    kw.update(options)
+    return model, opt, sl.sparsify(model, opt, method=method, **kw)
+
+
+def distinct_values(shape: torch.Size, seed: int) -> torch.Tensor:
+    """Values without ties, so that a top-k is unambiguous."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    return (torch.randperm(n, generator=g).float() + 1).reshape(shape) / n
+
+
+# ----------------------------------------------------------------------------- sparse layers
+
+# the kernel implementations this machine has: PyTorch's always, the compiled ones where built
+BACKENDS = ["torch"] + (["cpp"] if extension() is not None else [])
+
+
+def masked_linear(
+    n_in: int, n_out: int, density: float, dtype: torch.dtype
+) -> tuple[nn.Linear, torch.Tensor]:
+    lin = nn.Linear(n_in, n_out).to(dtype)
+    mask = torch.rand(n_out, n_in) < density
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    return lin, mask
+
+
+def masked_conv(
+    c_in: int,
+    c_out: int,
+    k: int,
+    stride: int,
+    pad: int | tuple[int, int],
+    density: float,
+    dtype: torch.dtype,
+) -> tuple[nn.Conv2d, torch.Tensor]:
+    conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad).to(dtype)
+    mask = torch.rand(conv.weight.shape) < density
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    return conv, mask

@@ -218,3 +218,11 @@ def test_the_tooling_loads_a_run_s_data_in_one_place() -> None:
         if "load_dataset(" in p.read_text()
     )
     assert callers == ["experiments/train.py"]
+
+
+def test_the_tests_mirror_the_package() -> None:
+    # the test of a feature is found where its code is: tests/<folder>/ for each package folder
+    tests = PACKAGE.parents[1] / "tests"
+    folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    test_folders = {p.parent.name for p in tests.glob("*/test_*.py")}
+    assert folders == test_folders

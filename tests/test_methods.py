@@ -4,36 +4,21 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 import sparselearn as sl
-from sparselearn.criteria import LayerView
-from tests.helpers import MLP, ConvBN, batches, make_batch, train_step
-
-
-def setup(method: str = "sparse_momentum", optimizer: str = "sgd", **options: object):
-    torch.manual_seed(0)
-    model = MLP()
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    kw: dict[str, Any] = {"density": 0.2, "total_steps": 100, "seed": 0}
-    kw.update(options)
-    return model, opt, sl.sparsify(model, opt, method=method, **kw)
-
-
-def distinct_values(shape: torch.Size, seed: int) -> torch.Tensor:
-    """Values without ties, so that a top-k is unambiguous."""
-    g = torch.Generator().manual_seed(seed)
-    n = math.prod(shape)
-    return (torch.randperm(n, generator=g).float() + 1).reshape(shape) / n
+from tests.helpers import (
+    MLP,
+    ConvBN,
+    batches,
+    distinct_values,
+    make_batch,
+    sparse_mlp,
+    train_step,
+)
 
 
 def expected_top(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,7 +33,7 @@ def expected_top(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torc
 
 
 def test_sparse_momentum_leaves_gradients_dense_so_missing_weights_gather_momentum() -> None:
-    model, opt, engine = setup(update_every=0)
+    model, opt, engine = sparse_mlp(update_every=0)
     train_step(model, opt, *make_batch("mlp"))
     for name, p in model.named_parameters():
         if name in engine.masks:
@@ -58,7 +43,7 @@ def test_sparse_momentum_leaves_gradients_dense_so_missing_weights_gather_moment
 
 
 def test_sparse_momentum_prunes_smallest_magnitude_and_regrows_largest_momentum() -> None:
-    model, opt, engine = setup(update_every=0, redistribution="none")
+    model, opt, engine = sparse_mlp(update_every=0, redistribution="none")
     train_step(model, opt, *make_batch("mlp"))
     params = dict(model.named_parameters())
     before = {n: m.clone() for n, m in engine.masks.items()}
@@ -132,7 +117,7 @@ def test_redistribution_never_fills_a_layer_beyond_full_density() -> None:
 
 
 def test_adam_momentum_signal_is_exp_avg_over_root_exp_avg_sq() -> None:
-    model, opt, engine = setup(optimizer="adam", update_every=0, redistribution="none")
+    model, opt, engine = sparse_mlp(optimizer="adam", update_every=0, redistribution="none")
     train_step(model, opt, *make_batch("mlp"))
     p = model.fc2.weight
     state = opt.state[p]
@@ -147,7 +132,7 @@ def test_adam_momentum_signal_is_exp_avg_over_root_exp_avg_sq() -> None:
 
 
 def test_plain_sgd_uses_an_engine_kept_gradient_average() -> None:
-    model, opt, engine = setup(optimizer="plain", update_every=0, redistribution="none")
+    model, opt, engine = sparse_mlp(optimizer="plain", update_every=0, redistribution="none")
     decay = engine.config.ema_decay
     ema = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in engine.masks}
     for x, y in batches("mlp", 3):
@@ -163,7 +148,7 @@ def test_plain_sgd_uses_an_engine_kept_gradient_average() -> None:
 
 
 def test_sparse_momentum_prune_rate_follows_a_cosine_to_the_minimum() -> None:
-    model, opt, engine = setup(update_every=5, total_steps=40)
+    model, opt, engine = sparse_mlp(update_every=5, total_steps=40)
     checked = 0
     for step, (x, y) in enumerate(batches("mlp", 40), start=1):
         active = {n: int(m.sum()) for n, m in engine.masks.items()}
@@ -181,7 +166,7 @@ def test_sparse_momentum_prune_rate_follows_a_cosine_to_the_minimum() -> None:
 
 
 def test_pruned_count_per_layer_is_the_prune_rate_of_its_active_weights() -> None:
-    model, opt, engine = setup(update_every=0)
+    model, opt, engine = sparse_mlp(update_every=0)
     train_step(model, opt, *make_batch("mlp"))
     active = {n: int(m.sum()) for n, m in engine.masks.items()}
     update = engine.update_masks(prune_rate=0.37)
@@ -190,7 +175,7 @@ def test_pruned_count_per_layer_is_the_prune_rate_of_its_active_weights() -> Non
 
 
 def test_keep_policy_keeps_the_momentum_of_regrown_weights() -> None:
-    model, opt, engine = setup(update_every=0)
+    model, opt, engine = sparse_mlp(update_every=0)
     train_step(model, opt, *make_batch("mlp"))
     p = model.fc2.weight
     old = engine.masks["fc2.weight"].clone()
@@ -203,7 +188,7 @@ def test_keep_policy_keeps_the_momentum_of_regrown_weights() -> None:
 
 
 def test_epoch_updates() -> None:
-    model, opt, engine = setup(update_every="epoch", steps_per_epoch=7, total_steps=35)
+    model, opt, engine = sparse_mlp(update_every="epoch", steps_per_epoch=7, total_steps=35)
     for x, y in batches("mlp", 35):
         train_step(model, opt, x, y)
     assert [u.step for u in engine.history] == [7, 14, 21, 28]
@@ -213,7 +198,7 @@ def test_epoch_updates() -> None:
 
 
 def test_rigl_grows_where_the_dense_gradient_is_largest_and_resets_their_state() -> None:
-    model, opt, engine = setup("rigl", update_every=4, total_steps=40)
+    model, opt, engine = sparse_mlp("rigl", update_every=4, total_steps=40)
     data = list(batches("mlp", 4))
     for x, y in data[:3]:
         train_step(model, opt, x, y)
@@ -241,14 +226,14 @@ def test_rigl_grows_where_the_dense_gradient_is_largest_and_resets_their_state()
 
 
 def test_rigl_stops_updating_at_three_quarters_of_training() -> None:
-    model, opt, engine = setup("rigl", update_every=5, total_steps=40)
+    model, opt, engine = sparse_mlp("rigl", update_every=5, total_steps=40)
     for x, y in batches("mlp", 40):
         train_step(model, opt, x, y)
     assert [u.step for u in engine.history] == [5, 10, 15, 20, 25]
 
 
 def test_erk_gives_small_layers_higher_density() -> None:
-    _, _, engine = setup("rigl")
+    _, _, engine = sparse_mlp("rigl")
     d = engine.layer_densities()
     # fc1: 32x20, fc2: 32x32, fc3: 5x32 -> ERK density ∝ (out + in) / (out * in)
     rho = {"fc1.weight": 52 / 640, "fc2.weight": 64 / 1024, "fc3.weight": 37 / 160}
@@ -261,26 +246,8 @@ def test_erk_gives_small_layers_higher_density() -> None:
 # ----------------------------------------------------------------------------- SET, DSR
 
 
-def test_set_removes_weights_closest_to_zero_on_both_sides() -> None:
-    w = torch.tensor([-5.0, -4.0, -3.0, -0.2, -0.1, 0.1, 0.2, 3.0, 4.0, 5.0])
-    view = LayerView("w", w, torch.ones(10, dtype=torch.bool))
-    scores = sl.PRUNE.get("set").fn(view)
-    removed = torch.sort(scores).indices[:4]
-    # the 2019 code removed the most negative weights (-5, -4): the paper removes those nearest 0
-    assert torch.equal(torch.sort(w[removed]).values, torch.tensor([-0.2, -0.1, 0.1, 0.2]))
-
-
-def test_set_removes_the_same_fraction_of_each_sign() -> None:
-    g = torch.Generator().manual_seed(0)
-    w = torch.cat([torch.rand(300, generator=g) + 0.01, -(torch.rand(100, generator=g) + 0.01)])
-    view = LayerView("w", w, torch.ones(400, dtype=torch.bool))
-    removed = torch.sort(sl.PRUNE.get("set").fn(view)).indices[:120]
-    assert int((w[removed] > 0).sum()) == 90  # 30% of the positives
-    assert int((w[removed] < 0).sum()) == 30  # 30% of the negatives
-
-
 def test_set_prunes_at_a_constant_rate() -> None:
-    model, opt, engine = setup("set", update_every=3, total_steps=30)
+    model, opt, engine = sparse_mlp("set", update_every=3, total_steps=30)
     for x, y in batches("mlp", 30):
         train_step(model, opt, x, y)
     assert {u.prune_rate for u in engine.history} == {0.3}
@@ -290,7 +257,7 @@ def test_set_prunes_at_a_constant_rate() -> None:
 
 
 def test_dsr_prunes_globally_but_never_empties_a_layer() -> None:
-    model, opt, engine = setup("dsr", update_every=0)
+    model, opt, engine = sparse_mlp("dsr", update_every=0)
     train_step(model, opt, *make_batch("mlp"))
     with torch.no_grad():
         model.fc3.weight.mul_(1e-6)  # every fc3 weight is smaller than any other
@@ -307,7 +274,7 @@ def test_dsr_prunes_globally_but_never_empties_a_layer() -> None:
 
 
 def test_gmp_follows_the_cubic_schedule_to_the_target() -> None:
-    model, opt, engine = setup("gmp", update_every=4, total_steps=40)
+    model, opt, engine = sparse_mlp("gmp", update_every=4, total_steps=40)
     numel = {"fc1.weight": 640, "fc2.weight": 1024, "fc3.weight": 160}
     final = {n: round(0.2 * v) for n, v in numel.items()}  # uniform: every layer at 20%
     for step, (x, y) in enumerate(batches("mlp", 40), start=1):
@@ -348,7 +315,7 @@ def test_snip_keeps_the_globally_most_salient_weights_of_the_first_batch() -> No
 
 
 def test_static_masks_never_change() -> None:
-    model, opt, engine = setup("static")
+    model, opt, engine = sparse_mlp("static")
     masks = {n: m.clone() for n, m in engine.masks.items()}
     for x, y in batches("mlp", 10):
         train_step(model, opt, x, y)
@@ -375,44 +342,8 @@ def test_dense_is_identical_to_training_without_the_engine() -> None:
 # ----------------------------------------------------------------------------- parts and options
 
 
-def test_global_momentum_growth_picks_the_largest_momentum_across_layers() -> None:
-    model, opt, engine = setup(update_every=0, growth="global_momentum", redistribution="none")
-    train_step(model, opt, *make_batch("mlp"))
-    names = list(engine.masks)
-    params = dict(model.named_parameters())
-    old = {n: m.clone() for n, m in engine.masks.items()}
-    mom = {}
-    for i, n in enumerate(names):
-        mom[n] = distinct_values(params[n].shape, 10 + i) * (10.0 if n == "fc3.weight" else 1.0)
-        opt.state[params[n]]["momentum_buffer"].copy_(mom[n])
-    update = engine.update_masks(prune_rate=0.2)
-    flat = torch.cat([torch.where(~old[n], mom[n], -1.0).reshape(-1) for n in names])
-    threshold = torch.sort(flat, descending=True).values[update.total_grown - 1]
-    for n in names:
-        assert torch.equal(engine.masks[n] & ~old[n], (mom[n] >= threshold) & ~old[n])
-
-
-def test_momentum_neuron_fills_each_neurons_quota_first() -> None:
-    m = torch.zeros(4, 10)
-    m[0] = 10.0  # neuron 0 holds most of the momentum ...
-    m[1:] = torch.linspace(0.1, 1.0, 10)
-    mask = torch.zeros(4, 10, dtype=torch.bool)
-    mask[0, :5] = True  # ... but only 5 free positions
-    view = LayerView("w", torch.zeros(4, 10), mask, signals={"momentum": lambda: m}, n_grow=12)
-    scores = sl.GROWTH.get("momentum_neuron").fn(view)
-    ranked = torch.sort(torch.where(mask, -1.0, scores).reshape(-1), descending=True).indices
-    rows = torch.bincount(ranked[:12] // 10, minlength=4)
-    share = m.mean(1) / m.mean(1).sum()  # 0.86 / 0.05 / 0.05 / 0.05 of 12 -> quotas 10, 0, 0, 0
-    assert torch.floor(share * 12).long().tolist() == [10, 0, 0, 0]
-    # neuron 0's quota is capped by its 5 free slots; the other 7 go to the largest momentum left
-    assert rows[0] == 5
-    grown_values = torch.sort(m.reshape(-1)[ranked[5:12]], descending=True).values
-    expected = torch.tensor([1.0, 1.0, 1.0, 0.9, 0.9, 0.9, 0.8])
-    assert torch.allclose(grown_values, expected)
-
-
 def test_layer_density_override_keeps_its_count_through_updates() -> None:
-    model, opt, engine = setup(update_every=2, layer_density={"fc3.weight": 0.5})
+    model, opt, engine = sparse_mlp(update_every=2, layer_density={"fc3.weight": 0.5})
     for x, y in batches("mlp", 20):
         train_step(model, opt, x, y)
         assert int(engine.masks["fc3.weight"].sum()) == 80
@@ -440,7 +371,7 @@ def test_include_and_exclude_by_name_pattern_and_type() -> None:
 
 @pytest.mark.parametrize("policy", ["reset_pruned", "reset_both"])
 def test_optimizer_state_of_pruned_weights_can_be_reset(policy: str) -> None:
-    model, opt, engine = setup(optimizer="adam", update_every=0, optimizer_state=policy)
+    model, opt, engine = sparse_mlp(optimizer="adam", update_every=0, optimizer_state=policy)
     train_step(model, opt, *make_batch("mlp"))
     old = engine.masks["fc2.weight"].clone()
     engine.update_masks(prune_rate=0.3)
@@ -450,54 +381,6 @@ def test_optimizer_state_of_pruned_weights_can_be_reset(policy: str) -> None:
         assert torch.count_nonzero(state[key][old & ~new]) == 0
         if policy == "reset_both":
             assert torch.count_nonzero(state[key][new & ~old]) == 0
-
-
-def test_custom_criterion_in_a_few_lines() -> None:
-    @sl.register_growth("test_gradient_x_weight", needs=("grad",))
-    def gradient_x_momentum(layer: sl.LayerView) -> torch.Tensor:
-        return layer.grad.abs() + layer.weight.abs()
-
-    try:
-        model, opt, engine = setup("rigl", update_every=2, growth="test_gradient_x_weight")
-        assert "test_gradient_x_weight" in sl.choices("growth")
-        for x, y in batches("mlp", 4):
-            train_step(model, opt, x, y)
-        assert [u.kind for u in engine.history] == ["regrow", "regrow"]
-        with pytest.raises(ValueError, match="already registered"):
-            sl.register_growth("test_gradient_x_weight")(gradient_x_momentum)
-    finally:
-        sl.GROWTH.unregister("test_gradient_x_weight")
-
-
-def test_a_criterion_reading_an_undeclared_signal_is_told_so() -> None:
-    @sl.register_growth("test_sneaky")
-    def sneaky(layer: sl.LayerView) -> torch.Tensor:
-        return layer.momentum.abs()
-
-    try:
-        model, opt, engine = setup("set", update_every=0, growth="test_sneaky")
-        train_step(model, opt, *make_batch("mlp"))
-        with pytest.raises(RuntimeError, match=r"registered without needs=\('momentum',\)"):
-            engine.update_masks()
-    finally:
-        sl.GROWTH.unregister("test_sneaky")
-
-
-@pytest.mark.parametrize(
-    ("elementwise", "match"),
-    [(False, "must return a tensor of shape"), (True, "must return scores of the shape of its")],
-)
-def test_a_criterion_returning_the_wrong_shape_is_reported(elementwise: bool, match: str) -> None:
-    @sl.register_prune("test_bad_shape", elementwise=elementwise)
-    def bad(layer: sl.LayerView) -> torch.Tensor:
-        return layer.weight.reshape(-1)[:1]  # neither the weight's shape nor its own input's
-
-    try:
-        _model, _opt, engine = setup(update_every=0, prune="test_bad_shape")
-        with pytest.raises(TypeError, match=match):
-            engine.update_masks()
-    finally:
-        sl.PRUNE.unregister("test_bad_shape")
 
 
 def test_register_a_new_method_preset() -> None:
@@ -512,7 +395,7 @@ def test_register_a_new_method_preset() -> None:
     )
     try:
         assert "test_set_erk" in sl.methods()
-        model, opt, engine = setup("test_set_erk", update_every=3)
+        model, opt, engine = sparse_mlp("test_set_erk", update_every=3)
         for x, y in batches("mlp", 6):
             train_step(model, opt, x, y)
         assert [u.prune_rate for u in engine.history] == [0.2, 0.2]
@@ -520,59 +403,3 @@ def test_register_a_new_method_preset() -> None:
             sl.register_method("test_bad", schedule="fixed", prune=None, growth=None, prune_ratio=1)
     finally:
         sl.METHODS.unregister("test_set_erk")
-
-
-def test_an_elementwise_prune_criterion_sees_only_the_active_weights_and_agrees() -> None:
-    # the same score registered both ways must give the same masks, step for step; the
-    # elementwise one is called on 1-D tensors of the active positions only
-    def score(layer: sl.LayerView) -> torch.Tensor:
-        return (layer.grad * layer.weight).abs() + layer.weight.abs()
-
-    seen: list[tuple[int, ...]] = []
-
-    def elementwise(layer: sl.LayerView) -> torch.Tensor:
-        seen.append(tuple(layer.weight.shape))
-        assert layer.grad.shape == layer.weight.shape == layer.mask.shape
-        return score(layer)
-
-    sl.register_prune("test_whole", needs=("grad",))(score)
-    sl.register_prune("test_elementwise", needs=("grad",), elementwise=True)(elementwise)
-    try:
-        masks = []
-        for prune in ("test_whole", "test_elementwise"):
-            model, opt, engine = setup("rigl", update_every=2, prune=prune, init="uniform")
-            for x, y in batches("mlp", 8):
-                train_step(model, opt, x, y)
-            assert [u.kind for u in engine.history] == ["regrow"] * 4
-            masks.append({k: v.clone() for k, v in engine.masks.items()})
-            engine.remove()
-        assert masks[0].keys() == masks[1].keys()
-        for name in masks[0]:
-            assert torch.equal(masks[0][name], masks[1][name]), name
-        # fc1 (20x32 at 20%: 128 active) and the others: 1-D, the active count each
-        assert seen
-        assert all(len(shape) == 1 for shape in seen)
-        assert (128,) in seen
-    finally:
-        sl.PRUNE.unregister("test_whole")
-        sl.PRUNE.unregister("test_elementwise")
-
-
-def test_a_redistribution_returns_a_number_or_a_mean_or_total_over_positions() -> None:
-    from sparselearn.criteria import Redistribution
-    from sparselearn.engine.placement import WHOLE
-
-    w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
-    mask = torch.tensor([[True, True], [False, True]])
-    view = LayerView("w", w, mask)
-
-    def stat(fn: Any) -> float:
-        return WHOLE.statistic(Redistribution("t", fn, frozenset(), ""), view)
-
-    assert stat(lambda layer: layer.mean(layer.weight.abs(), where=layer.mask)) == pytest.approx(
-        3.5 / 3
-    )
-    assert stat(lambda layer: layer.total(layer.weight, where=layer.mask)) == -0.5
-    assert stat(lambda layer: layer.total(layer.mask)) == 3.0  # a bool tensor: its count
-    assert stat(lambda layer: layer.mean(layer.weight)) == 2.5 / 4  # every position
-    assert stat(lambda layer: 7) == 7.0

@@ -1,4 +1,5 @@
-"""Every Python example in the README runs as written."""
+"""Every Python example in the README and the docs pages runs as written, and the README stays a
+front page whose links lead somewhere."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ from torch import nn
 import sparselearn as sl
 from tests.helpers import MLP, batches
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+BLOCKS = [
+    (page.relative_to(REPO).as_posix(), block)
+    for page in PAGES
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+]
 
 
 # what a block may assume, when its first line says "# with your model, optimizer, ..."
@@ -48,10 +55,23 @@ def namespace(block: str) -> dict[str, Any]:
 
 
 def test_the_readme_has_examples() -> None:
-    assert len(BLOCKS) >= 4
+    assert sum(page == "README.md" for page, _ in BLOCKS) >= 2
+    assert len(BLOCKS) >= 8
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_the_readme_is_a_front_page_whose_links_resolve() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+@pytest.mark.parametrize(
+    "index", range(len(BLOCKS)), ids=[f"{page}-{i}" for i, (page, _) in enumerate(BLOCKS)]
+)
 def test_readme_example_runs(
     index: int,
     capsys: pytest.CaptureFixture[str],
@@ -67,9 +87,10 @@ def test_readme_example_runs(
         sl.METHODS,
     ]
     before = [set(r.names()) for r in registries]
-    ns = namespace(BLOCKS[index])
+    page, block = BLOCKS[index]
+    ns = namespace(block)
     try:
-        exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), ns)
+        exec(compile(block, f"{page} block {index}", "exec"), ns)
     finally:
         for registry, names in zip(registries, before, strict=True):
             for name in set(registry.names()) - names:

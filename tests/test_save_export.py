@@ -157,13 +157,13 @@ def test_export_is_small_and_loads_into_a_plain_model(tmp_path: Path) -> None:
     torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
 
 
 def _readme_block(marker: str) -> str:
-    blocks = re.findall(r"```python notest\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    blocks = re.findall(r"```python notest\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
     found = [b for b in blocks if b.startswith(marker)]
-    assert len(found) == 1, f"the README has no block starting {marker!r}"
+    assert len(found) == 1, f"docs/guide.md has no block starting {marker!r}"
     return found[0]
 
 
@@ -171,7 +171,7 @@ def test_the_readmes_plain_torch_loader_rebuilds_the_model(tmp_path: Path) -> No
     model = ConvBN()
     engine = sl.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.3)
     path = sl.export(model, engine, tmp_path / "model.safetensors")
-    # the README's lines, in a process that never imports sparselearn
+    # the guide's lines, in a process that never imports sparselearn
     script = _readme_block("# without sparselearn") + textwrap.dedent(
         """
         import sys

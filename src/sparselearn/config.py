@@ -60,7 +60,7 @@ class SparsityConfig:
     """Everything that defines how a model is trained sparse. Build it with
     :func:`sparselearn.sparsify` (which merges a method preset with your options) or directly.
 
-    See the README for the meaning and default of every field.
+    docs/guide.md, "Options", gives the meaning and default of every field.
     """
 
     method: str = _option("custom", "the preset these options came from")

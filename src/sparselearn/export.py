@@ -8,8 +8,9 @@ units; a convolution's kernel flattened into the columns; a Hugging Face ``Conv1
 int64 past 2**31 entries); the other tensors as they are. The metadata (``__metadata__``,
 strings) says how to rebuild it: ``format`` = ``sparselearn-csr/1`` and ``sparse``, a JSON map
 from each CSR tensor's name to its shape, plus ``aliases`` for tied tensors (stored once) and
-``sha256``, a digest of the tensors that :func:`load_exported` checks. A
-model without sparselearn loads it in a few lines of torch and safetensors (see the README).
+``sha256``, a digest of the tensors that :func:`load_exported` checks. A model without
+sparselearn loads it in a few lines of torch and safetensors (docs/guide.md, "Save, load and
+export").
 """
 
 from __future__ import annotations

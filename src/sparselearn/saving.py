@@ -54,7 +54,7 @@ def save(
         "save the model and optimizer with torch.distributed.checkpoint (dcp.save of "
         "torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer)) and each "
         "rank's engine state with torch.save(engine.state_dict(), f'engine-rank{rank}.pt'); "
-        "see the README's FSDP2 section",
+        'see docs/guide.md, "Sharded models: FSDP2"',
     )
     checkpoint.save(
         path,

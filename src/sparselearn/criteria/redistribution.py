@@ -16,13 +16,13 @@ REDISTRIBUTION.register(
 @register_redistribution("momentum", needs=("momentum",))
 def momentum_redistribution(layer: LayerView) -> Reduction:
     """Sparse momentum: mean |momentum| over the layer's active weights."""
-    return layer.mean(layer.momentum.abs(), where=layer.mask)
+    return layer.mean(layer.momentum[layer.mask].abs())  # indexed first: |.| of the few
 
 
 @register_redistribution("magnitude")
 def magnitude_redistribution(layer: LayerView) -> Reduction:
     """Mean |w| over the layer's active weights."""
-    return layer.mean(layer.weight.abs(), where=layer.mask)
+    return layer.mean(layer.weight[layer.mask].abs())
 
 
 @register_redistribution("nonzero")

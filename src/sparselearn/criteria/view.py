@@ -102,9 +102,10 @@ class LayerView:
         return noise.to(torch.float32)
 
     def mean(self, values: Tensor, where: Tensor | None = None) -> Reduction:
-        """The mean of ``values`` (the weight's shape) over the positions ``where`` (bool; all
-        positions if None), as a redistribution returns it: ``return layer.mean(
-        layer.weight.abs(), where=layer.mask)``."""
+        """The mean of ``values`` over the positions ``where`` (bool, ``values``' shape; all of
+        them if None), as a redistribution returns it: ``return
+        layer.mean(layer.weight.abs(), where=layer.mask)``, or, cheaper where few are active,
+        ``layer.mean(layer.weight[layer.mask].abs())``."""
         return Reduction(_at(values, where), True)
 
     def total(self, values: Tensor, where: Tensor | None = None) -> Reduction:

@@ -702,7 +702,8 @@ def sparsify(
         state: an engine's ``state_dict()`` to continue from. Its masks are adopted as they
             are, without applying the freshly drawn initial masks first, so weights restored
             before this call (a trainer resuming a checkpoint) keep their values.
-        **options: any preset field to override (see the README), e.g. ``update_every=100``.
+        **options: any preset field to override (docs/guide.md, "Options"), e.g.
+            ``update_every=100``.
 
     Returns:
         The :class:`SparseEngine`, with ``masks``, ``density()``, ``summary()``,

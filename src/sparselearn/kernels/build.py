@@ -52,8 +52,8 @@ _extension_error: str | None = None
 BACKENDS = ("auto", "cpp", "torch")
 HOW_TO_BUILD = (
     "the compiled kernels need the package's C++ sources, a C++ compiler with OpenMP (g++) and "
-    "ninja (e.g. `apt install g++ ninja-build` or `pip install ninja`); see the README's Install "
-    "section"
+    "ninja (e.g. `apt install g++ ninja-build` or `pip install ninja`); see docs/speed.md, "
+    '"Building the kernels"'
 )
 
 

@@ -147,7 +147,7 @@ def test_variants_of_one_method_are_labelled(tmp_path: Path) -> None:
     assert "label" not in runs["sparse_momentum"]
 
 
-STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("spec", STUDIES, ids=[p.stem for p in STUDIES])

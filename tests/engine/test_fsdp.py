@@ -127,7 +127,7 @@ def _init(rank: int, store: str) -> None:
 def _finish() -> None:
     dist.barrier()
     dist.destroy_process_group()
-    # leave without interpreter finalization (see tests/test_distributed.py)
+    # leave without interpreter finalization (see tests/engine/test_distributed.py)
     os._exit(0)
 
 
@@ -328,7 +328,7 @@ def test_the_fsdp_example_trains_and_resumes_under_torchrun(tmp_path: Path) -> N
 
     data = write_mnist_like(tmp_path / "data", n_train=400, n_test=100)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSELEARN_DATA": str(data)}
-    script = Path(__file__).resolve().parents[1] / "examples" / "fsdp_train.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "fsdp_train.py"
 
     def run(*flags: str) -> list[str]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -20,7 +20,7 @@ from torch import nn
 import sparselearn as sl
 from sparselearn.kernels import build, extension
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # what x86-64-v3 assumes of the CPU (GCC's level: AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE)
 X86_64_V3 = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "abm", "movbe"}
 
@@ -65,11 +65,12 @@ def test_the_accelerate_report_names_the_build() -> None:
 
 
 KERNEL_TESTS = [
-    "tests/test_accel.py",
-    "tests/test_accel_precision.py",
-    "tests/test_pooling.py",
-    "tests/test_norm.py",
-    "tests/test_dropout.py",
+    "tests/kernels/test_layers.py",
+    "tests/accel/test_accelerate.py",
+    "tests/accel/test_precision.py",
+    "tests/accel/test_pooling.py",
+    "tests/accel/test_norm.py",
+    "tests/accel/test_dropout.py",
 ]
 
 
