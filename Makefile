@@ -56,6 +56,7 @@ format: $(STAMP)
 bench: $(STAMP) $(FMNIST)
 	$(BENCH_ENV) $(BIN)/python benchmarks/mask_update.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/fsdp_update.py --out docs/performance.md
+	$(BENCH_ENV) $(BIN)/python benchmarks/memory.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/speed.py --out docs/performance.md
 	if grep -qw avx512f /proc/cpuinfo; then \
 	  SPARSELEARN_MARCH=x86-64-v3 $(BENCH_ENV) $(BIN)/python benchmarks/speed.py \

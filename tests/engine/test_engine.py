@@ -186,3 +186,19 @@ def test_inactive_entries_become_exact_zeros_even_over_inf_and_nan(dtype: torch.
     layer.zero_inactive_(tensor)
     assert (tensor[~new] == 0).all()
     assert torch.equal(tensor[new].nan_to_num(), values[new].nan_to_num())
+
+
+def test_masks_applied_once_hold_no_zeroing_words_until_used_again() -> None:
+    # sparsify applies the masks once: a model accelerated right after holds no second
+    # per-weight buffer for every layer at once; training steps build it (and agree)
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = sl.sparsify(model, opt, "static", 0.3)
+    layers = engine.layers
+    assert all(getattr(layer, "_zero", None) is None for layer in layers)
+    assert_inactive_zero(engine, model)
+    for x, y in batches("mlp", 3):
+        train_step(model, opt, x, y)
+    assert all(getattr(layer, "_zero", None) is not None for layer in layers)
+    assert_inactive_zero(engine, model)

@@ -157,6 +157,7 @@ class MaskedDense:
     __slots__ = (
         "_seen",
         "_zero",
+        "_zeroed",
         "active",
         "final_count",
         "fixed",
@@ -175,7 +176,10 @@ class MaskedDense:
         self.fixed = target.density is not None
         self.final_count = final_count
         self.mask = mask  # bool, the truth
-        self._zero = _zeroing_mask(mask, self.param.dtype)
+        # what zero_inactive_ applies, built on its second use: a weight accelerated right
+        # after sparsify (its masks applied once) never holds it, all layers' at once
+        self._zero: Tensor | None = None
+        self._zeroed = 0
         self.active = placement.count(mask)  # kept in step with the mask
         self._seen = mask._version  # in-place changes the engine did not make show up here
 
@@ -196,7 +200,9 @@ class MaskedDense:
 
     def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
         self.mask.copy_(new)
-        if self._zero.dtype == torch.bool:
+        if self._zero is None:
+            pass
+        elif self._zero.dtype == torch.bool:
             torch.logical_not(new, out=self._zero)
         else:
             self._zero.copy_(new).neg_()
@@ -208,6 +214,12 @@ class MaskedDense:
         # exact zeros even over inf and NaN (a product with a 0/1 mask would keep NaN)
         tensor = self.placement.local(tensor)
         z = self._zero
+        if z is None:
+            self._zeroed += 1
+            if self._zeroed < 2:
+                tensor.masked_fill_(~self.mask, 0)
+                return
+            z = self._zero = _zeroing_mask(self.mask, self.param.dtype)
         if z.dtype == torch.bool:
             tensor.masked_fill_(z, 0)
         elif (
@@ -254,9 +266,10 @@ class MaskedDense:
         if self.mask.device != self.param.device:
             self.mask = self.mask.to(self.param.device)
             self._seen = self.mask._version
-        if self._zero.device != self.param.device or (
-            self._zero.dtype != torch.bool
-            and self._zero.dtype.itemsize != self.param.dtype.itemsize
+        z = self._zero
+        if z is not None and (
+            z.device != self.param.device
+            or (z.dtype != torch.bool and z.dtype.itemsize != self.param.dtype.itemsize)
         ):
             self._zero = _zeroing_mask(self.mask, self.param.dtype)
 

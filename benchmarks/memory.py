@@ -1,0 +1,235 @@
+"""Peak memory of a whole training run, dense against sparse: the peak RSS of a fresh process per
+configuration, construction, mask updates and optimizer state included.
+
+Usage: ``make bench`` (or ``python benchmarks/memory.py --out docs/performance.md``).
+
+Each configuration runs in a process of its own (a process's peak RSS never falls, so one
+process per row is the only honest measure): an MLP 1024-W-W-W-10 built dense, as
+``nn.Linear`` layers are, then, for a sparse row, ``sl.sparsify`` and ``sl.accelerate(mode=
+"sparse")`` (the weights and optimizer state held as CSR values), a few optimizer steps on
+Fashion-MNIST images padded to 32x32 (1024 inputs), batch 64, with mask updates inside the run
+(every ``--every`` steps). The row records the RSS before the model exists (the interpreter,
+torch and the batches), after construction, and the peak over the whole run from there
+(``VmHWM`` of ``/proc/self/status``, reset once the data is read). Writes its section of the
+output file between markers and leaves the rest of the file alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# OpenMP reads its wait policy when it loads (see speed.py)
+if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
+from benchmarks.mask_update import load_fashion_mnist, write_section
+from benchmarks.speed import machine
+
+import sparselearn as sl
+
+START, END = "<!-- memory:start -->", "<!-- memory:end -->"
+METHODS = ["static", "set", "rigl", "dsr", "sparse_momentum"]
+OPTIMIZERS = ["sgd", "adamw"]
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str  # "dense" or a sparse method
+    optimizer: str  # "sgd" (momentum 0.9) or "adamw"
+    density: float
+    width: int
+    steps: int
+    every: int
+    batch: int
+
+
+def rss_now() -> int:
+    """This process's resident set now, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def peak_rss() -> int:
+    """This process's peak resident set since :func:`reset_peak`, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak() -> None:
+    """Start the peak afresh from the RSS now (Linux: ``5`` into ``/proc/self/clear_refs``), so
+    that reading the whole data file before the run does not count as the run's."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def mlp(width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(1024, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, 10),
+    )
+
+
+def optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def run_one(cfg: Config) -> dict[str, float]:
+    """One configuration, in this process: what its row records."""
+    torch.manual_seed(0)
+    data = [
+        (F.pad(x.view(-1, 28, 28), (2, 2, 2, 2)).reshape(-1, 1024), y)
+        for x, y in load_fashion_mnist(cfg.batch, cfg.steps)
+    ]
+    reset_peak()
+    base = rss_now()
+    model = mlp(cfg.width)
+    opt = optimizer(cfg.optimizer, model)
+    engine = None
+    if cfg.method != "dense":
+        options: dict[str, object] = {"seed": 0}
+        if cfg.method != "static":
+            options["update_every"] = cfg.every
+        if cfg.method == "sparse_momentum":
+            options["momentum_window"] = min(2, cfg.every)  # dense gradients only before updates
+        engine = sl.sparsify(model, opt, cfg.method, cfg.density, total_steps=cfg.steps, **options)
+        sl.accelerate(model, engine, mode="sparse", live_rounds=0)
+    built = rss_now()
+    for x, y in data:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    updates = 0 if engine is None else sum(u.kind != "skipped" for u in engine.history)
+    return {
+        "base": base / GIB,
+        "built": built / GIB,
+        "peak": peak_rss() / GIB,
+        "updates": updates,
+    }
+
+
+def measure(cfg: Config) -> dict[str, float]:
+    """:func:`run_one` in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", json.dumps(cfg.__dict__)],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{cfg} failed:\n{out.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+def render(rows: list[tuple[Config, dict[str, float]]], args: argparse.Namespace) -> str:
+    dense_adamw = next((r for c, r in rows if c.method == "dense" and c.optimizer == "adamw"), None)
+    width = args.width
+    dense_weights = (1024 * width + 2 * width * width + width * 10) * 4 / GIB
+    lines = [
+        START,
+        "## Memory: peak RSS of a whole run",
+        "",
+        f"`python benchmarks/memory.py --width {width} --steps {args.steps} --every {args.every}` "
+        f"(in `make bench`), on {machine()}. MLP 1024-{width}-{width}-{width}-10 "
+        f"({dense_weights:.2f} GiB of dense fp32 weights), batch {args.batch}, "
+        f"{args.steps} optimizer steps on Fashion-MNIST (padded to 32x32), mask updates every "
+        f"{args.every} steps; each row is a fresh process. Sparse rows: `sl.sparsify` then "
+        '`sl.accelerate(mode="sparse")` (weights and optimizer state as CSR values; sparse '
+        "momentum with `momentum_window=2`).",
+        "",
+        "| method | optimizer | density | before the model (GiB) | after construction (GiB) "
+        "| peak (GiB) | peak / dense AdamW | updates |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cfg, r in rows:
+        ratio = f"{r['peak'] / dense_adamw['peak']:.2f}" if dense_adamw else "-"
+        density = "1" if cfg.method == "dense" else f"{cfg.density:g}"
+        lines.append(
+            f"| {cfg.method} | {cfg.optimizer} | {density} | {r['base']:.2f} | {r['built']:.2f} | "
+            f"{r['peak']:.2f} | {ratio} | {int(r['updates'])} |"
+        )
+    lines += [
+        "",
+        "*Before the model*: the interpreter, torch and the run's batches. *After construction*: "
+        "once the model, the optimizer and (sparse rows) the engine and its accelerated layers "
+        "exist, before the first step. *Peak*: the largest RSS from before the model to the end "
+        "of the run (construction, steps and mask updates; reading the whole data file before "
+        "it is not counted). A sparse model "
+        "is still built dense and masked first, and mask updates materialise dense weights, "
+        "gradients and scores one layer set at a time: the peak shows what that costs.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="markdown file to update")
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.05])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--every", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a row, in this process
+    args = parser.parse_args()
+    if args.one is not None:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+        print(json.dumps(run_one(Config(**json.loads(args.one)))), flush=True)
+        return
+    print(machine(), flush=True)
+    configs = [
+        Config("dense", opt, 1.0, args.width, args.steps, args.every, args.batch)
+        for opt in OPTIMIZERS
+    ]
+    configs += [
+        Config(method, opt, density, args.width, args.steps, args.every, args.batch)
+        for density in args.densities
+        for method in args.methods
+        for opt in OPTIMIZERS
+    ]
+    rows = []
+    for cfg in configs:
+        result = measure(cfg)
+        print(
+            f"{cfg.method} {cfg.optimizer} {cfg.density:g}: built {result['built']:.2f} GiB, "
+            f"peak {result['peak']:.2f} GiB, {int(result['updates'])} updates",
+            flush=True,
+        )
+        rows.append((cfg, result))
+    section = render(rows, args)
+    print(section)
+    if args.out is not None:
+        write_section(args.out, section, START, END)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
