@@ -182,8 +182,8 @@ def render(rows: list[tuple[Config, dict[str, float]]], args: argparse.Namespace
         "exist, before the first step. *Peak*: the largest RSS from before the model to the end "
         "of the run (construction, steps and mask updates; reading the whole data file before "
         "it is not counted). A sparse model "
-        "is still built dense and masked first, and mask updates materialise dense weights, "
-        "gradients and scores one layer set at a time: the peak shows what that costs.",
+        "is still built dense and masked first, and a mask update materialises dense weights, "
+        "masks, gradients and scores of every layer at once: the peaks show what that costs.",
         END,
     ]
     return "\n".join(lines) + "\n"

@@ -261,7 +261,8 @@ def bench_mlp(repeats: int) -> list[str]:
         f"| 4x | {verdict(dt / st, 4.0)} |",
         f"| inference | {di:.1f} ms | {si:.1f} ms | {di / si:.2f}x | {fs:.1f}x "
         f"| 6x | {verdict(di / si, 6.0)} |",
-        f"| weights + optimizer state | {dm / 2**20:.1f} MiB | {sm / 2**20:.1f} MiB "
+        f"| weights + optimizer state, counted (tensor bytes) | {dm / 2**20:.1f} MiB "
+        f"| {sm / 2**20:.1f} MiB "
         f"| {dm / sm:.1f}x smaller | | | |",
     ]
 

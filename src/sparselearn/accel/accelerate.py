@@ -273,8 +273,10 @@ def accelerate(
 
     The weights and their optimizer state of accelerated layers then take memory proportional
     to their active weights; masks change as before (the sparse structure is rebuilt at each
-    mask update). Methods whose growth needs the momentum of missing weights at every step
-    (sparse momentum) must set ``momentum_window`` to be accelerated.
+    mask update, which materialises the dense weight, mask and scores of every layer for that
+    moment: docs/performance.md, "Memory", measures a whole run's peak). Methods whose growth
+    needs the momentum of missing weights at every step (sparse momentum) must set
+    ``momentum_window`` to be accelerated.
     """
     refuse_sharded(
         model,
