@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import sparselearn as sl
-from sparselearn.accel import SparseConv1D, SparseConv2d, SparseLinear, accelerate
+from sparselearn.accel import SparseConv1D, SparseConv2d, SparseLinear, SparseWeight, accelerate
 from sparselearn.engine import CSRStorage
 from sparselearn.kernels import (
     extension,
@@ -469,3 +469,31 @@ def test_dense_inference_agrees_and_keeps_training_sparse(kind: str) -> None:
         assert torch.equal(w.cached_dense(), w.dense())
     with pytest.raises(ValueError, match="inference must be 'sparse' or 'dense', got 'fast'"):
         layer.inference = "fast"
+
+
+@pytest.mark.parametrize("method", ["rigl", "sparse_momentum"])
+def test_a_mask_update_reads_csr_values_without_building_the_dense_weight(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # magnitude pruning reads the active weights only where they are fewer than half: an
+    # accelerated layer gives its values, and the update builds no dense copy of such a weight
+    # (the masks are those of the masked run)
+    built: list[str] = []
+    real = SparseWeight.dense
+
+    def spy(self: SparseWeight) -> torch.Tensor:
+        if 2 * self.nnz < self.rows * self.fan_in:
+            built.append(str(self.shape))
+        return real(self)
+
+    monkeypatch.setattr(SparseWeight, "dense", spy)
+    options: dict[str, Any] = {"update_every": 4}
+    if method == "sparse_momentum":
+        options["momentum_window"] = 2
+    _, _, engine, _ = train(method, True, **options)
+    assert engine.history
+    assert all(u.kind == "regrow" for u in engine.history)
+    assert built == []
+    _, _, masked, _ = train(method, False, **options)
+    for name, mask in masked.masks.items():
+        assert torch.equal(engine.masks[name], mask)

@@ -27,7 +27,8 @@ class LayerView:
 
     Attributes:
         name: fully qualified parameter name, as in ``model.named_parameters()``.
-        weight: the weight values, detached (criteria must not modify them).
+        weight: the weight values, detached (criteria must not modify them); materialised on
+            first access for a weight held as CSR values.
         mask: bool tensor, the active positions before this update.
         kept: bool tensor, the active positions left after pruning (set for growth and
             redistribution criteria, ``None`` while pruning).
@@ -45,17 +46,18 @@ class LayerView:
         "_generator",
         "_noise",
         "_signals",
+        "_weight",
+        "_weight_at",
         "kept",
         "mask",
         "n_grow",
         "name",
-        "weight",
     )
 
     def __init__(
         self,
         name: str,
-        weight: Tensor,
+        weight: Tensor | Callable[[], Tensor],
         mask: Tensor,
         *,
         signals: Mapping[str, Callable[[], Tensor]] | None = None,
@@ -63,9 +65,13 @@ class LayerView:
         kept: Tensor | None = None,
         n_grow: int | None = None,
         noise: Callable[[torch.Generator, Tensor], Tensor] | None = None,
+        weight_at: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.name = name
-        self.weight = weight
+        # the weight, or how to get it when a criterion first reads it (a weight held as CSR
+        # values is dense only then); weight_at: its values at listed positions, without it
+        self._weight = weight
+        self._weight_at = weight_at
         self.mask = mask
         self.kept = kept
         self.n_grow = n_grow
@@ -85,6 +91,17 @@ class LayerView:
         return self._cache[key]
 
     @property
+    def weight(self) -> Tensor:
+        if not isinstance(self._weight, Tensor):
+            self._weight = self._weight()
+        return self._weight
+
+    @property
+    def shape(self) -> torch.Size:
+        """The weight's shape (without materialising it)."""
+        return self.mask.shape
+
+    @property
     def grad(self) -> Tensor:
         return self._signal("grad")
 
@@ -97,8 +114,8 @@ class LayerView:
         if self._generator is None:
             raise RuntimeError("no generator attached to this LayerView")
         if self._noise is not None:  # the engine's draw for the part of the weight held here
-            return self._noise(self._generator, self.weight)
-        noise = torch.rand(self.weight.shape, generator=self._generator, device=self.weight.device)
+            return self._noise(self._generator, self.mask)
+        noise = torch.rand(self.mask.shape, generator=self._generator, device=self.mask.device)
         return noise.to(torch.float32)
 
     def mean(self, values: Tensor, where: Tensor | None = None) -> Reduction:
@@ -117,13 +134,14 @@ class LayerView:
         """The same view for the growth phase, sharing already computed signals."""
         view = LayerView(
             self.name,
-            self.weight,
+            self._weight,
             self.mask,
             signals=self._signals,
             generator=self._generator,
             kept=kept,
             n_grow=n_grow,
             noise=self._noise,
+            weight_at=self._weight_at,
         )
         view._cache = self._cache
         return view
@@ -132,9 +150,13 @@ class LayerView:
         """The view restricted to the flat positions ``idx``: 1-D weight, mask and signals (the
         full signals are computed once and shared). For elementwise prune criteria."""
         signals = {key: functools.partial(_gather_signal, self, key, idx) for key in self._signals}
+        if isinstance(self._weight, Tensor) or self._weight_at is None:
+            weight = self.weight.reshape(-1)[idx]
+        else:
+            weight = self._weight_at(idx)
         return LayerView(
             self.name,
-            self.weight.reshape(-1)[idx],
+            weight,
             torch.ones(idx.numel(), dtype=torch.bool, device=idx.device),
             signals=signals,
         )

@@ -79,9 +79,10 @@ class Placement(Protocol):
         """A redistribution's number for the whole layer."""
         ...
 
-    def noise(self, generator: torch.Generator, weight: Tensor) -> Tensor:
-        """Uniform [0, 1) noise for the part held here: the part of the whole weight's draw, so
-        that the draw is the one a single process makes."""
+    def noise(self, generator: torch.Generator, like: Tensor) -> Tensor:
+        """Uniform [0, 1) noise for the part held here (``like``: a tensor of its shape and
+        device): the part of the whole weight's draw, so that the draw is the one a single
+        process makes."""
         ...
 
     def select(
@@ -169,8 +170,8 @@ class Whole:
         assert redistribution.fn is not None
         return _value(redistribution.fn(view))
 
-    def noise(self, generator: torch.Generator, weight: Tensor) -> Tensor:
-        return torch.rand(weight.shape, generator=generator, device=weight.device).to(torch.float32)
+    def noise(self, generator: torch.Generator, like: Tensor) -> Tensor:
+        return torch.rand(like.shape, generator=generator, device=like.device).to(torch.float32)
 
     def select(
         self,
@@ -302,8 +303,8 @@ class RowBlock:
             return totals[0] / totals[1] if found.mean else totals[0]
         return _value(redistribution.fn(self._whole(view)))
 
-    def noise(self, generator: torch.Generator, weight: Tensor) -> Tensor:
-        whole = torch.rand(self.shard.shape, generator=generator, device=weight.device)
+    def noise(self, generator: torch.Generator, like: Tensor) -> Tensor:
+        whole = torch.rand(self.shard.shape, generator=generator, device=like.device)
         return self.shard.block(whole).to(torch.float32)
 
     def select(

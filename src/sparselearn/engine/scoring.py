@@ -40,11 +40,12 @@ def layer_views(
         views.append(
             LayerView(
                 layer.name,
-                layer.weight(),
+                layer.weight,  # materialised where a criterion reads it
                 layer.mask,
                 signals=reads,
                 generator=generator(layer.device),
                 noise=layer.placement.noise,
+                weight_at=layer.weight_at,
             )
         )
     return views
@@ -61,9 +62,10 @@ def non_finite_inputs(
 ) -> str | None:
     """Name the first non-finite weight, gradient or momentum, or None if all are finite."""
     found = None
-    for view in views:
+    for view, layer in zip(views, layers, strict=True):
         for key in ("weight", *sorted(needs)):
-            value = view.weight if key == "weight" else getattr(view, key)
+            # the weight's values as held (a dense weight's inactive entries are zeros)
+            value = layer.local(layer.param).detach() if key == "weight" else getattr(view, key)
             if found is None and not _finite(value):
                 found = f"{key} of {view.name}"
         if found is not None:
@@ -79,10 +81,10 @@ def scores(
     reason = None
     for i, view in enumerate(views):
         s = layers[i].placement.evaluate(criterion, view)
-        if not isinstance(s, Tensor) or s.shape != view.weight.shape:
+        if not isinstance(s, Tensor) or s.shape != view.shape:
             raise TypeError(
                 f"criterion {criterion.name!r} must return a tensor of shape "
-                f"{tuple(view.weight.shape)} for {view.name}, got "
+                f"{tuple(view.shape)} for {view.name}, got "
                 f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
             )
         if reason is None and not _finite(s):
@@ -108,10 +110,10 @@ def prune_scores(
     for view, layer in zip(views, layers, strict=True):
         if 2 * layer.active >= layer.numel:
             s = crit.fn(view)
-            if not isinstance(s, Tensor) or s.shape != view.weight.shape:
+            if not isinstance(s, Tensor) or s.shape != view.shape:
                 raise TypeError(
                     f"criterion {crit.name!r} must return a tensor of shape "
-                    f"{tuple(view.weight.shape)} for {view.name}, got "
+                    f"{tuple(view.shape)} for {view.name}, got "
                     f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
                 )
             entry: Tensor | ActiveScores = s

@@ -35,6 +35,8 @@ class CSRWeight(Protocol):
     @property
     def nnz(self) -> int: ...
 
+    def positions(self) -> Tensor: ...
+
     def mask(self) -> Tensor: ...
 
     def dense(self) -> Tensor: ...
@@ -77,6 +79,11 @@ class LayerStorage(Protocol):
 
     def weight(self) -> Tensor:
         """The weight in its shape, detached (materialised for CSR)."""
+        ...
+
+    def weight_at(self, positions: Tensor) -> Tensor:
+        """The weight's values at flat ``positions`` (ascending), without materialising the
+        weight where the layout holds them (CSR: its values at the active positions)."""
         ...
 
     def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
@@ -197,6 +204,9 @@ class MaskedDense:
 
     def weight(self) -> Tensor:
         return self.placement.local(self.param).detach()
+
+    def weight_at(self, positions: Tensor) -> Tensor:
+        return self.weight().reshape(-1)[positions]
 
     def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
         self.mask.copy_(new)
@@ -345,6 +355,18 @@ class CSRStorage:
 
     def weight(self) -> Tensor:
         return self._shaped(self.storage.dense())
+
+    def weight_at(self, positions: Tensor) -> Tensor:
+        # the values are in the stored matrix's row-major order: the active positions in
+        # ascending order where the stored matrix is the weight itself
+        values = self.param.detach()
+        if (
+            not self.transposed
+            and positions.numel() == values.numel()
+            and torch.equal(positions, self.storage.positions().to(positions.device))
+        ):
+            return values
+        return self.weight().reshape(-1)[positions]
 
     def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
         # kept values carried over, new ones zero
