@@ -344,17 +344,19 @@ class MaskUpdater:
         if not isinstance(buf, Tensor):
             return
         buf = layer.local(buf)
-        carried = window / (1.0 - self.signals.momentum_coefficient(layer))
         is_grown = layer.param_positions(grown)
-        buf[is_grown] = layer.from_weight_shape(carried)[is_grown].to(buf.dtype)
+        # scaled at the grown positions only (no second tensor of the weight's size)
+        carried = layer.from_weight_shape(window)[is_grown]
+        carried = carried / (1.0 - self.signals.momentum_coefficient(layer))
+        buf[is_grown] = carried.to(buf.dtype)
 
     def agree(self) -> list[str]:
         """Check that every rank holds the same masks (a checksum per layer, all-gathered);
         layers that differ get rank 0's mask. Returns their names (the same on every rank).
 
-        Sharded weights (FSDP2): each rank holds its own block of the mask, so the check is
-        that the blocks add up to each layer's count; nothing can be copied from rank 0 (a
-        layer that fails names a broken invariant, not a rank that drifted)."""
+        Where each rank holds only a part of every weight, the layers' placement checks that
+        the parts add up to each layer's count instead, and nothing can be copied from rank 0
+        (a layer that fails names a broken invariant, not a rank that drifted)."""
         if not self.layers:
             return []
         bad, repairable = self.layers[0].placement.disagreeing(
