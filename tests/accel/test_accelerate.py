@@ -471,13 +471,13 @@ def test_dense_inference_agrees_and_keeps_training_sparse(kind: str) -> None:
         layer.inference = "fast"
 
 
-@pytest.mark.parametrize("method", ["rigl", "sparse_momentum"])
+@pytest.mark.parametrize("method", ["rigl", "sparse_momentum", "dsr"])
 def test_a_mask_update_reads_csr_values_without_building_the_dense_weight(
     method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # magnitude pruning reads the active weights only where they are fewer than half: an
-    # accelerated layer gives its values, and the update builds no dense copy of such a weight
-    # (the masks are those of the masked run)
+    # magnitude pruning, per layer or global, reads the active weights only where they are
+    # fewer than half: an accelerated layer gives its values, and the update builds no dense
+    # copy of such a weight (the masks are those of the masked run)
     built: list[str] = []
     real = SparseWeight.dense
 

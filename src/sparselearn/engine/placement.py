@@ -132,6 +132,29 @@ class Placement(Protocol):
         (the layers share this placement's kind)."""
         ...
 
+    def best_listed(self, scores: Tensor, positions: Tensor, numel: int) -> int | None:
+        """:meth:`best` among scores given at listed flat ``positions`` of the part (of
+        ``numel`` entries): the index into the list, None when the best lies elsewhere."""
+        ...
+
+    def select_across_listed(
+        self,
+        scores: Sequence[Tensor],
+        positions: Sequence[Tensor],
+        candidates: Sequence[Tensor],
+        numels: Sequence[int],
+        placements: Sequence[Placement],
+        k: int,
+        generator: Generators,
+        *,
+        largest: bool,
+    ) -> list[Tensor]:
+        """:meth:`select_across` over scores given at listed flat ``positions`` of each layer's
+        part (``candidates``: bool over the listed entries; ``numels``: the parts' entries):
+        one bool tensor over the listed entries per layer, the same selection as over the
+        whole layers."""
+        ...
+
     def disagreeing(self, masks: Sequence[Tensor], active: Sequence[int]) -> tuple[list[int], bool]:
         """Data-parallel checks after an update: the indices of layers whose masks are wrong
         somewhere, and whether rank 0's copy may repair them."""
@@ -224,6 +247,25 @@ class Whole:
             out.append(chosen[offset : offset + c.numel()].view_as(c).to(c.device))
             offset += c.numel()
         return out
+
+    def best_listed(self, scores: Tensor, positions: Tensor, numel: int) -> int | None:
+        return int(scores.float().argmax()) if scores.numel() else None
+
+    def select_across_listed(
+        self,
+        scores: Sequence[Tensor],
+        positions: Sequence[Tensor],
+        candidates: Sequence[Tensor],
+        numels: Sequence[int],
+        placements: Sequence[Placement],
+        k: int,
+        generator: Generators,
+        *,
+        largest: bool,
+    ) -> list[Tensor]:
+        # the listed positions ascend within each layer: the concatenation orders candidates
+        # (and so ties) as the whole layers' concatenation does
+        return self.select_across(scores, candidates, placements, k, generator, largest=largest)
 
     def disagreeing(self, masks: Sequence[Tensor], active: Sequence[int]) -> tuple[list[int], bool]:
         return distributed.disagreeing(masks), True
@@ -359,6 +401,39 @@ class RowBlock:
         chosen = sharded_top_k(parts, k, gen, self.shard.group, largest=largest)
         return [o.view_as(c) for o, c in zip(chosen, candidates, strict=True)]
 
+    def best_listed(self, scores: Tensor, positions: Tensor, numel: int) -> int | None:
+        full, cand = _spread(
+            scores, positions, positions.new_ones(positions.shape, dtype=torch.bool), numel
+        )
+        best = self.best(full, cand)
+        return None if best is None else int((positions == best).nonzero()[0, 0])
+
+    def select_across_listed(
+        self,
+        scores: Sequence[Tensor],
+        positions: Sequence[Tensor],
+        candidates: Sequence[Tensor],
+        numels: Sequence[int],
+        placements: Sequence[Placement],
+        k: int,
+        generator: Generators,
+        *,
+        largest: bool,
+    ) -> list[Tensor]:
+        # the ranks' parts are numbered by global position: spread over each block
+        spread = [
+            _spread(*entry) for entry in zip(scores, positions, candidates, numels, strict=True)
+        ]
+        chosen = self.select_across(
+            [f for f, _ in spread],
+            [c for _, c in spread],
+            placements,
+            k,
+            generator,
+            largest=largest,
+        )
+        return [c.reshape(-1)[p] for c, p in zip(chosen, positions, strict=True)]
+
     def disagreeing(self, masks: Sequence[Tensor], active: Sequence[int]) -> tuple[list[int], bool]:
         # each rank holds its own block: the blocks must add up to each layer's count, and
         # nothing can be copied from rank 0 (a layer that fails names a broken invariant)
@@ -367,6 +442,18 @@ class RowBlock:
 
     def record(self) -> list[int] | None:
         return [self.shard.start, self.shard.stop, self.shard.mesh.size()]
+
+
+def _spread(
+    scores: Tensor, positions: Tensor, candidates: Tensor, numel: int
+) -> tuple[Tensor, Tensor]:
+    """Scores and candidates given at listed flat positions, as flat tensors of ``numel``
+    entries (zeros, and no candidate, elsewhere)."""
+    full = torch.zeros(numel, dtype=torch.float32, device=scores.device)
+    full[positions] = scores.float()
+    cand = torch.zeros(numel, dtype=torch.bool, device=scores.device)
+    cand[positions[candidates]] = True
+    return full, cand
 
 
 def _value(found: float | Reduction) -> float:

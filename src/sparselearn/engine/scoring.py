@@ -99,10 +99,11 @@ def scores(
 def prune_scores(
     crit: Criterion, views: list[LayerView], layers: Sequence[LayerStorage]
 ) -> list[Tensor | ActiveScores] | str:
-    """Prune scores per layer. An elementwise layer-scope criterion (magnitude) is evaluated
-    on the active weights only where they are fewer than half: the scores of those
-    positions, with the positions, instead of a pass over the whole layer."""
-    if not (crit.elementwise and crit.scope == "layer"):
+    """Prune scores per layer. An elementwise criterion (magnitude, global magnitude) is
+    evaluated on the active weights only where they are fewer than half: the scores of those
+    positions, with the positions, instead of a pass over the whole layer (and, for a weight
+    held as CSR values, without building it)."""
+    if not crit.elementwise:
         whole = scores(crit, views, layers)
         return whole if isinstance(whole, str) else list[Tensor | ActiveScores](whole)
     out: list[Tensor | ActiveScores] = []
@@ -170,25 +171,37 @@ def prune_sets(
             count=layers[i].active,
         )
     if glob:
-        full = [s for s in scores if isinstance(s, Tensor)]
-        assert len(full) == len(scores)  # global criteria are scored over whole layers
+        # across the free layers, over their active positions (the same candidates, in the
+        # same order, as over the whole layers)
+        listed = [_listed(scores[i], views[i].mask) for i in free]
         cands = []
-        for i in free:
-            mask = views[i].mask
-            cand = mask.clone()
+        for i, entry in zip(free, listed, strict=True):
+            cand = torch.ones(entry.idx.numel(), dtype=torch.bool, device=entry.idx.device)
             # protected: every layer keeps at least one weight
-            best = layers[i].placement.best(full[i], mask)
+            best = layers[i].placement.best_listed(entry.scores, entry.idx, views[i].mask.numel())
             if best is not None:
-                cand.view(-1)[best] = False
+                cand[best] = False
             cands.append(cand)
-        across = layers[free[0]].placement.select_across(
-            [full[i] for i in free],
+        across = layers[free[0]].placement.select_across_listed(
+            [entry.scores for entry in listed],
+            [entry.idx for entry in listed],
             cands,
+            [views[i].mask.numel() for i in free],
             [layers[i].placement for i in free],
             total_free,
             generator,
             largest=False,
         )
-        for i, c in zip(free, across, strict=True):
-            out[i] = c
+        for i, entry, chosen in zip(free, listed, across, strict=True):
+            pruned = torch.zeros(views[i].mask.numel(), dtype=torch.bool, device=entry.idx.device)
+            pruned[entry.idx[chosen]] = True
+            out[i] = pruned.view_as(views[i].mask)
     return [o for o in out if o is not None]
+
+
+def _listed(scores: Tensor | ActiveScores, mask: Tensor) -> ActiveScores:
+    """Scores at the active positions only."""
+    if isinstance(scores, ActiveScores):
+        return scores
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    return ActiveScores(idx, scores.reshape(-1)[idx])
