@@ -18,7 +18,7 @@ from sparselearn.engine import CSRStorage
 from sparselearn.kernels import (
     extension,
 )
-from tests.helpers import BACKENDS, masked_conv, masked_linear
+from tests.helpers import BACKENDS, batches, masked_conv, masked_linear, train_step
 
 
 def mlp() -> nn.Module:
@@ -497,3 +497,32 @@ def test_a_mask_update_reads_csr_values_without_building_the_dense_weight(
     _, _, masked, _ = train(method, False, **options)
     for name, mask in masked.masks.items():
         assert torch.equal(engine.masks[name], mask)
+
+
+def test_an_update_that_reads_no_gradient_holds_no_dense_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # sparse momentum with a window: the window step's dense gradients went into the window
+    # before the update, which then holds none of them (their memory is the update's)
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = sl.sparsify(
+        model, opt, "sparse_momentum", 0.2, total_steps=40, update_every=4, momentum_window=2
+    )
+    accelerate(model, engine, mode="sparse")
+    seen: list[tuple[int, int]] = []
+    schedule = engine.schedule
+    real = type(schedule).update
+
+    def spy(masks: Any, config: Any, step: int, prune_rate: float | None = None) -> Any:
+        probes = [m.weight_sparse.dense_grad_probe for m in model if isinstance(m, SparseLinear)]
+        seen.append((len(engine.signals.dense_grads), sum(p is not None for p in probes)))
+        return real(schedule, masks, config, step, prune_rate)
+
+    monkeypatch.setattr(schedule, "update", spy)
+    for x, y in batches("mlp", 8):
+        train_step(model, opt, x, y)
+    assert seen == [(0, 0), (0, 0)]
+    assert len(engine.history) == 2
+    assert engine.signals.window == {}  # the window was read by the update, then restarted

@@ -603,6 +603,12 @@ class SparseEngine:
             self.signals.update_window(self._layers)
         try:
             if self.calendar.update_due(self._step):
+                if "grad" not in self.needs:
+                    # the window has taken what it needs of this step's dense gradients: they
+                    # are freed before the update materialises its own tensors
+                    self.signals.dense_grads.clear()
+                    for layer in self._layers:
+                        layer.want_dense_grad(False)
                 self.schedule.update(self._updater, self.config, self._step)
         finally:
             self.signals.dense_grads.clear()
