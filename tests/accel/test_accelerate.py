@@ -516,7 +516,9 @@ def test_an_update_that_reads_no_gradient_holds_no_dense_gradient(
     real = type(schedule).update
 
     def spy(masks: Any, config: Any, step: int, prune_rate: float | None = None) -> Any:
-        probes = [m.weight_sparse.dense_grad_probe for m in model if isinstance(m, SparseLinear)]
+        probes = [
+            m.weight_sparse.dense_grad_probe for m in model.modules() if isinstance(m, SparseLinear)
+        ]
         seen.append((len(engine.signals.dense_grads), sum(p is not None for p in probes)))
         return real(schedule, masks, config, step, prune_rate)
 
