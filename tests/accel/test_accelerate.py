@@ -528,3 +528,33 @@ def test_an_update_that_reads_no_gradient_holds_no_dense_gradient(
     assert seen == [(0, 0), (0, 0)]
     assert len(engine.history) == 2
     assert engine.signals.window == {}  # the window was read by the update, then restarted
+
+
+def test_growth_frees_each_layers_signals_once_it_is_scored() -> None:
+    # the dense gradients of an update are freed layer by layer as growth scores them, not
+    # all at the end: the update never holds every layer's gradient and scores at once
+    seen: list[list[str]] = []
+    engine: sl.SparseEngine | None = None
+
+    @sl.register_growth("test_grad_spy", needs=("grad",), elementwise=True)
+    def spy(layer: sl.LayerView) -> torch.Tensor:
+        assert engine is not None
+        seen.append(sorted(engine.signals.dense_grads))
+        return layer.grad.abs()
+
+    try:
+        torch.manual_seed(0)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        engine = sl.sparsify(
+            model, opt, "rigl", 0.2, total_steps=40, update_every=4, growth="test_grad_spy"
+        )
+        accelerate(model, engine, mode="sparse")
+        for x, y in batches("mlp", 4):
+            train_step(model, opt, x, y)
+    finally:
+        sl.GROWTH.unregister("test_grad_spy")
+    names = sorted(layer.name for layer in engine.layers)
+    order = [layer.name for layer in engine.layers]
+    assert seen == [sorted(set(names) - set(order[:i])) for i in range(len(order))]
+    assert len(engine.history) == 1

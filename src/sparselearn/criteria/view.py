@@ -130,6 +130,11 @@ class LayerView:
         as a redistribution returns it."""
         return Reduction(_at(values, where), False)
 
+    def release(self) -> None:
+        """Drop the signals computed so far (the engine calls it once no criterion of this
+        update reads them again); a later read computes them anew."""
+        self._cache.clear()
+
     def with_growth(self, kept: Tensor, n_grow: int | None) -> LayerView:
         """The same view for the growth phase, sharing already computed signals."""
         view = LayerView(

@@ -603,6 +603,7 @@ class SparseEngine:
             self.signals.update_window(self._layers)
         try:
             if self.calendar.update_due(self._step):
+                self._updater.after_step = True
                 if "grad" not in self.needs:
                     # the window has taken what it needs of this step's dense gradients: they
                     # are freed before the update materialises its own tensors
@@ -611,6 +612,7 @@ class SparseEngine:
                         layer.want_dense_grad(False)
                 self.schedule.update(self._updater, self.config, self._step)
         finally:
+            self._updater.after_step = False
             self.signals.dense_grads.clear()
             self._arm_sinks()
 

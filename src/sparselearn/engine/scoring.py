@@ -74,13 +74,19 @@ def non_finite_inputs(
 
 
 def scores(
-    criterion: Criterion, views: list[LayerView], layers: Sequence[LayerStorage]
+    criterion: Criterion,
+    views: list[LayerView],
+    layers: Sequence[LayerStorage],
+    done: Callable[[int], None] | None = None,
 ) -> list[Tensor] | str:
-    """Each view's scores; a string (the reason) where a criterion gave non-finite ones."""
+    """Each view's scores; a string (the reason) where a criterion gave non-finite ones.
+    ``done(i)`` is called once layer ``i`` is scored."""
     out = []
     reason = None
     for i, view in enumerate(views):
         s = layers[i].placement.evaluate(criterion, view)
+        if done is not None:
+            done(i)
         if not isinstance(s, Tensor) or s.shape != view.shape:
             raise TypeError(
                 f"criterion {criterion.name!r} must return a tensor of shape "

@@ -65,6 +65,8 @@ class MaskUpdater:
         self.clock, self.generator = clock, generator
         self.history, self.replaced = history, replaced
         self.on_disagreement = on_disagreement
+        # set by the engine around the updates of its step hook: the step's gradients are spent
+        self.after_step = False
 
     @property
     def step(self) -> int:
@@ -212,7 +214,11 @@ class MaskUpdater:
         per_layer = [i for i in range(len(layers)) if not (global_growth and i in free)]
         for i in per_layer:
             views[i] = views[i].with_growth(kept[i], grow[i])
-        growth_scores = scoring.scores(growth, views, layers)
+        # no criterion reads a layer's signals after its growth scores: each layer's are freed
+        # as soon as it is scored, not all of them at the end
+        growth_scores = scoring.scores(
+            growth, views, layers, done=lambda i: self._release(views[i])
+        )
         if isinstance(growth_scores, str):
             return growth_scores
         grown: list[Tensor | None] = [None] * len(layers)
@@ -239,6 +245,15 @@ class MaskUpdater:
         out = [g for g in grown if g is not None]
         assert len(out) == len(layers)
         return out
+
+    def _release(self, view: LayerView) -> None:
+        """Free what was computed for ``view``'s criteria: its signals, and the dense gradient
+        its layer produced for this update."""
+        view.release()
+        self.signals.dense_grads.pop(view.name, None)
+        if self.after_step:  # (an update asked for between backward and step keeps them)
+            layer = next(layer for layer in self.layers if layer.name == view.name)
+            layer.want_dense_grad(False)  # the engine arms the layers again after the step
 
     @torch.no_grad()
     def prune_to(self, fraction: float) -> MaskUpdate:
