@@ -65,9 +65,10 @@ def load_fashion_mnist(batch: int, n_batches: int) -> list[tuple[torch.Tensor, t
     )
 
 
-def mlp(width: int) -> nn.Module:
+def mlp(width: int, inputs: int = 784) -> nn.Module:
+    """MLP inputs-width-width-width-10."""
     return nn.Sequential(
-        nn.Linear(784, width),
+        nn.Linear(inputs, width),
         nn.ReLU(),
         nn.Linear(width, width),
         nn.ReLU(),

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
-from benchmarks.mask_update import load_fashion_mnist, write_section
+from benchmarks.mask_update import load_fashion_mnist, mlp, write_section
 from benchmarks.speed import machine
 
 import sparselearn as sl
@@ -58,20 +58,26 @@ class Config:
     batch: int
 
 
+def _status(field: str) -> int | None:
+    """A size of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def rss_now() -> int:
     """This process's resident set now, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    rss = _status("VmRSS")
+    if rss is None:
+        raise RuntimeError("no VmRSS in /proc/self/status")
+    return rss
 
 
 def peak_rss() -> int:
     """This process's peak resident set since :func:`reset_peak`, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if peak is None else peak
 
 
 def reset_peak() -> None:
@@ -79,18 +85,6 @@ def reset_peak() -> None:
     that reading the whole data file before the run does not count as the run's."""
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
-
-
-def mlp(width: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(1024, width),
-        nn.ReLU(),
-        nn.Linear(width, width),
-        nn.ReLU(),
-        nn.Linear(width, width),
-        nn.ReLU(),
-        nn.Linear(width, 10),
-    )
 
 
 def optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -108,7 +102,7 @@ def run_one(cfg: Config) -> dict[str, float]:
     ]
     reset_peak()
     base = rss_now()
-    model = mlp(cfg.width)
+    model = mlp(cfg.width, inputs=1024)
     opt = optimizer(cfg.optimizer, model)
     engine = None
     if cfg.method != "dense":

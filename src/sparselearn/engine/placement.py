@@ -113,11 +113,6 @@ class Placement(Protocol):
         how many are listed over the whole layer): flat bool of ``numel`` entries."""
         ...
 
-    def best(self, scores: Tensor, candidates: Tensor) -> int | None:
-        """The flat position in this part of the layer's best candidate (the first by position
-        among equal ones), None when it lies in another part."""
-        ...
-
     def select_across(
         self,
         scores: Sequence[Tensor],
@@ -133,8 +128,9 @@ class Placement(Protocol):
         ...
 
     def best_listed(self, scores: Tensor, positions: Tensor, numel: int) -> int | None:
-        """:meth:`best` among scores given at listed flat ``positions`` of the part (of
-        ``numel`` entries): the index into the list, None when the best lies elsewhere."""
+        """The layer's best score among scores given at listed flat ``positions`` of the part
+        (of ``numel`` entries), the first by position among equal ones: its index into the
+        list, None when it lies in another part."""
         ...
 
     def select_across_listed(
@@ -224,9 +220,6 @@ class Whole:
         out = torch.zeros(numel, dtype=torch.bool, device=positions.device)
         out[positions[chosen]] = True
         return out
-
-    def best(self, scores: Tensor, candidates: Tensor) -> int | None:
-        return int(torch.where(candidates, scores.float(), -math.inf).argmax())
 
     def select_across(
         self,
@@ -334,11 +327,7 @@ class RowBlock:
         # again from the whole weight
         found = redistribution.fn(view)
         if isinstance(found, Reduction):
-            sums = [
-                float(found.values.double().sum())
-                if found.values.dtype != torch.bool
-                else float(torch.count_nonzero(found.values))
-            ]
+            sums = [_sum(found.values)]
             if found.mean:
                 sums.append(float(found.values.numel()))
             totals = all_sum(sums, self.shard.group)
@@ -376,11 +365,6 @@ class RowBlock:
         part = Part(scores, self.shard.flat_start, numel, positions=positions)
         return sharded_top_k([part], k, generator, self.shard.group, largest=False, count=count)[0]
 
-    def best(self, scores: Tensor, candidates: Tensor) -> int | None:
-        best = sharded_argmax(scores, candidates, self.shard.flat_start, self.shard.group)
-        here = best - self.shard.flat_start
-        return here if 0 <= here < candidates.numel() else None
-
     def select_across(
         self,
         scores: Sequence[Tensor],
@@ -405,8 +389,9 @@ class RowBlock:
         full, cand = _spread(
             scores, positions, positions.new_ones(positions.shape, dtype=torch.bool), numel
         )
-        best = self.best(full, cand)
-        return None if best is None else int((positions == best).nonzero()[0, 0])
+        best = sharded_argmax(full, cand, self.shard.flat_start, self.shard.group)
+        here = (positions == best - self.shard.flat_start).nonzero()
+        return int(here[0, 0]) if here.numel() else None
 
     def select_across_listed(
         self,
@@ -460,9 +445,13 @@ def _value(found: float | Reduction) -> float:
     """A redistribution's number from what it returned, where the whole weight is at hand."""
     if not isinstance(found, Reduction):
         return float(found)
-    values = found.values
     if found.mean:
-        return float(values.float().mean())
+        return float(found.values.float().mean())
+    return _sum(found.values)
+
+
+def _sum(values: Tensor) -> float:
+    """The sum of a reduction's values (a bool tensor's: its count)."""
     if values.dtype == torch.bool:
         return float(torch.count_nonzero(values))
     return float(values.double().sum())

@@ -217,7 +217,7 @@ class MaskUpdater:
         # no criterion reads a layer's signals after its growth scores: each layer's are freed
         # as soon as it is scored, not all of them at the end
         growth_scores = scoring.scores(
-            growth, views, layers, done=lambda i: self._release(views[i])
+            growth, views, layers, done=lambda i: self._release(views[i], layers[i])
         )
         if isinstance(growth_scores, str):
             return growth_scores
@@ -246,13 +246,12 @@ class MaskUpdater:
         assert len(out) == len(layers)
         return out
 
-    def _release(self, view: LayerView) -> None:
+    def _release(self, view: LayerView, layer: LayerStorage) -> None:
         """Free what was computed for ``view``'s criteria: its signals, and the dense gradient
-        its layer produced for this update."""
+        its ``layer`` produced for this update."""
         view.release()
-        self.signals.dense_grads.pop(view.name, None)
+        self.signals.dense_grads.pop(layer.name, None)
         if self.after_step:  # (an update asked for between backward and step keeps them)
-            layer = next(layer for layer in self.layers if layer.name == view.name)
             layer.want_dense_grad(False)  # the engine arms the layers again after the step
 
     @torch.no_grad()
