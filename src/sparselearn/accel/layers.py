@@ -28,6 +28,9 @@ from .weight_view import SparseWeightView
 # batch, and half the bytes is a few percent of a product (the row pointers stay 64-bit).
 INDEX_DTYPE = torch.int32
 _INDEX_LIMIT = 2**31
+# a Linear weight of more entries than this gives the engine its dense gradient as factors
+# (SparseWeight.arm_dense_grad): 16 MiB of float32
+CAPTURE_ABOVE = 1 << 22
 
 
 def csr_structure(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -39,23 +42,35 @@ def csr_structure(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
     transpose has one row per input channel, and its columns encode (out, ky, kx) as
     ``o * kh * kw + ky * kw + kx``, which is what the input-gradient kernel walks.
     """
-    rows = mask.shape[0]
-    if mask.numel() >= _INDEX_LIMIT:
+    return csr_from_positions(mask.reshape(-1).nonzero().squeeze(1), tuple(mask.shape))
+
+
+def _check_index_range(shape: tuple[int, ...]) -> None:
+    if math.prod(shape) >= _INDEX_LIMIT:
         raise ValueError(
-            f"a weight of {mask.numel()} entries is too large for the sparse kernels' 32-bit "
+            f"a weight of {math.prod(shape)} entries is too large for the sparse kernels' 32-bit "
             f"indices (at most {_INDEX_LIMIT - 1}); leave this layer dense (sl.accelerate(..., "
             "layers=[...]) chooses which layers are accelerated)"
         )
-    khw = math.prod(mask.shape[2:]) if mask.dim() == 4 else 1
-    rows_t = mask.shape[1] if mask.dim() == 4 else math.prod(mask.shape[1:])
-    flat = mask.reshape(rows, -1)
-    r, c = flat.nonzero(as_tuple=True)  # row-major order = CSR order of W
-    crow = torch.zeros(rows + 1, dtype=torch.long, device=mask.device)
+
+
+def csr_from_positions(
+    positions: Tensor, shape: tuple[int, ...]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`csr_structure` of the weight of ``shape`` whose active entries are at the flat
+    ``positions`` (int64, ascending), without a tensor of the weight's size."""
+    _check_index_range(shape)
+    rows = shape[0]
+    khw = math.prod(shape[2:]) if len(shape) == 4 else 1
+    fan_in = math.prod(shape[1:])
+    rows_t = shape[1] if len(shape) == 4 else fan_in
+    r, c = positions // fan_in, positions % fan_in  # row-major order = CSR order of W
+    crow = torch.zeros(rows + 1, dtype=torch.long, device=positions.device)
     crow[1:] = torch.bincount(r, minlength=rows).cumsum(0)
     row_t = c // khw
     col_t = r * khw + c % khw
     order = torch.argsort(row_t * (rows * khw) + col_t)  # CSR order of the transpose
-    crow_t = torch.zeros(rows_t + 1, dtype=torch.long, device=mask.device)
+    crow_t = torch.zeros(rows_t + 1, dtype=torch.long, device=positions.device)
     crow_t[1:] = torch.bincount(row_t, minlength=rows_t).cumsum(0)
     return (
         crow,
@@ -70,6 +85,31 @@ def _inverse(perm: Tensor) -> Tensor:
     inv = torch.empty_like(perm)
     inv[perm.long()] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
     return inv
+
+
+class CapturedGrad:
+    """The dense gradient of a Linear weight (out, in) held as its factors: for each backward
+    pass, the output gradient and the input, both in the kernels' panels of the batch
+    (``(panels, rows, width)``, zero-padded). Any block of rows of the gradient is one product,
+    so a mask update scores a large layer block by block and never holds it whole."""
+
+    def __init__(self, parts: list[tuple[Tensor, Tensor]], shape: tuple[int, ...]) -> None:
+        self.parts, self.shape = parts, shape
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of the gradient (summed over the passes, in their order)."""
+        out: Tensor | None = None
+        for gp, xp in self.parts:
+            block = torch.einsum("pow,piw->oi", gp[:, start:stop], xp)
+            out = block if out is None else out.add_(block)
+        assert out is not None
+        return out
+
+    def dense(self) -> Tensor:
+        return self.rows(0, self.shape[0])
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for part in self.parts for t in part)
 
 
 class SparseWeight(nn.Module):
@@ -92,11 +132,26 @@ class SparseWeight(nn.Module):
     SIZED_BY_ACTIVE = ("values", "col", "col_t", "perm")
 
     def __init__(self, dense: Tensor, mask: Tensor) -> None:
+        shape = tuple(dense.shape)
+        flat_mask = mask.reshape(shape[0], -1)
+        values = dense.detach().reshape(shape[0], -1)[flat_mask].clone()
+        self._build(shape, mask.reshape(-1).nonzero().squeeze(1), values)
+
+    @classmethod
+    def from_positions(
+        cls, shape: tuple[int, ...], positions: Tensor, values: Tensor
+    ) -> SparseWeight:
+        """The weight of ``shape`` holding ``values`` at the flat ``positions`` (int64,
+        ascending) and zeros elsewhere, built without a tensor of the weight's size."""
+        weight = cls.__new__(cls)
+        weight._build(tuple(shape), positions, values.detach().clone())
+        return weight
+
+    def _build(self, shape: tuple[int, ...], positions: Tensor, values: Tensor) -> None:
         super().__init__()
-        self.shape = tuple(dense.shape)
-        flat_mask = mask.reshape(self.shape[0], -1)
-        self.values = nn.Parameter(dense.detach().reshape(self.shape[0], -1)[flat_mask].clone())
-        crow, col, crow_t, col_t, perm = csr_structure(mask.view(self.shape))
+        self.shape = shape
+        self.values = nn.Parameter(values)
+        crow, col, crow_t, col_t, perm = csr_from_positions(positions, shape)
         self.register_buffer("crow", crow)
         self.register_buffer("col", col)
         self.register_buffer("crow_t", crow_t)
@@ -105,6 +160,9 @@ class SparseWeight(nn.Module):
         self.register_buffer("perm_inv", _inverse(perm), persistent=False)
         # armed by the engine on steps that need the dense gradient (RigL, windows)
         self.dense_grad_probe: Tensor | None = None
+        # where armed (a list), the backward passes of the coming steps leave the factors of
+        # the dense gradient here instead of the gradient itself (see captured_grad)
+        self.capture: list[tuple[Tensor, Tensor]] | None = None
         self.version = 0  # bumped whenever the structure changes (for cached masks)
         self._dense: tuple[tuple[object, ...], Tensor] | None = None  # (key, cached_dense())
         # structures derived from this one (a convolution's phase planes, its patches' matrix),
@@ -136,7 +194,15 @@ class SparseWeight(nn.Module):
         given to the layer's product as one more input, and its ``.grad`` receives the dense
         gradient (summed over the backward passes until it is armed again). A gradient, not a
         callback, so that a compiled graph carries it (a callback in the backward would be a
-        side effect that torch.compile cannot trace)."""
+        side effect that torch.compile cannot trace).
+
+        A 2-D weight (a Linear's) of more than :data:`CAPTURE_ABOVE` entries is armed to
+        :attr:`capture` instead: a backward pass run eagerly then leaves the two factors of its
+        dense gradient (the output gradient and the input, a few rows each of the batch's size)
+        and not the gradient itself, and :meth:`captured_grad` gives any block of rows of their
+        product (a compiled backward fills the probe as before). A smaller weight's dense
+        gradient is cheap to hold, and the probe gives the values' gradient from it exactly as
+        a compiled step does."""
         v = self.values
         self.dense_grad_probe = (
             v.new_zeros((), dtype=compute_dtype(v.dtype))
@@ -146,6 +212,17 @@ class SparseWeight(nn.Module):
             if wanted
             else None
         )
+        big = len(self.shape) == 2 and math.prod(self.shape) > CAPTURE_ABOVE
+        self.capture = [] if wanted and big else None
+
+    def captured_grad(self) -> CapturedGrad | None:
+        """The dense gradient of the backward passes since the layer was armed, as its factors
+        (None: none were captured); the capture starts afresh."""
+        parts = self.capture
+        if not parts:
+            return None
+        self.capture = []
+        return CapturedGrad(parts, self.shape)
 
     def mask(self) -> Tensor:
         """Bool mask of the weight's shape (materialised)."""
@@ -183,12 +260,16 @@ class SparseWeight(nn.Module):
         Returns ``source`` (new nnz,): for each new position the index of its old value, or -1
         for a new position (so that the caller can move optimizer state the same way).
         """
-        old = torch.full((self.rows * self.fan_in,), -1, dtype=torch.long, device=self.col.device)
-        old[self.mask().reshape(-1).nonzero().squeeze(1)] = torch.arange(
-            self.nnz, device=self.col.device
-        )
-        source = old[new_mask.reshape(-1).nonzero().squeeze(1)]
-        crow, col, crow_t, col_t, perm = csr_structure(new_mask.reshape(self.shape))
+        return self.restructure_positions(new_mask.reshape(-1).nonzero().squeeze(1))
+
+    @torch.no_grad()
+    def restructure_positions(self, positions: Tensor) -> Tensor:
+        """:meth:`restructure` to the active flat ``positions`` (int64, ascending), without a
+        tensor of the weight's size."""
+        old = self.positions()  # ascending: CSR order is row-major
+        at = torch.searchsorted(old, positions).clamp_(max=max(self.nnz - 1, 0))
+        source = torch.where(old[at] == positions, at, -1) if self.nnz else at.fill_(-1)
+        crow, col, crow_t, col_t, perm = csr_from_positions(positions, self.shape)
         values = torch.zeros(col.numel(), dtype=self.values.dtype, device=self.values.device)
         kept = source >= 0
         values[kept] = self.values.detach()[source[kept]]
@@ -424,7 +505,14 @@ class _SparseLinearFn(torch.autograd.Function):
         batch = grad_y.shape[0]
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         want_dense = ctx.probe_shape is not None and ctx.needs_input_grad[5]
-        if want_x and want_w and not want_dense:
+        capture = getattr(w, "capture", None)
+        if want_dense and capture is not None and not torch.compiler.is_compiling():
+            # the dense gradient's factors, kept for the engine instead of their product
+            want_dense = False
+            factors = True
+        else:
+            factors = False
+        if want_x and want_w and not want_dense and not factors:
             # both products in one pass: each row of the gradient's panels is read once for two
             gx, gv, gb = kops.linear_backward(
                 w.crow,
@@ -445,6 +533,9 @@ class _SparseLinearFn(torch.autograd.Function):
             gp, grad_bias = kops.pack_sum(grad_y, kernels)
         else:
             gp = kops.pack(grad_y, kernels)
+        if factors:
+            assert capture is not None
+            capture.append((gp, xp))
         grad_x: Tensor | None = None
         if want_x:
             grad_x = kops.spmm(

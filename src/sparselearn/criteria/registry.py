@@ -37,6 +37,9 @@ class Redistribution:
     fn: StatFn | None
     needs: frozenset[str]
     doc: str
+    # reads the layer only at its active (``mask``) or kept positions, reducing over them: a
+    # layer held in index form gets a 1-D view of its active positions instead of the whole
+    elementwise: bool = False
 
 
 PRUNE: Registry[Criterion] = Registry("prune criterion")
@@ -106,16 +109,23 @@ def register_growth(
     return decorator
 
 
-def register_redistribution(name: str, *, needs: Iterable[str] = ()) -> Callable[[StatFn], StatFn]:
+def register_redistribution(
+    name: str, *, needs: Iterable[str] = (), elementwise: bool = False
+) -> Callable[[StatFn], StatFn]:
     """Register a redistribution: ``fn(layer)`` gives one number >= 0 per layer; regrowth is
     shared in proportion. Return a float, or, for a mean or a sum over positions, what
     ``layer.mean(values, where=...)`` or ``layer.total(values, where=...)`` gives: the engine
-    then reduces it over the whole layer wherever its parts are held, never gathering them."""
+    then reduces it over the whole layer wherever its parts are held, never gathering them.
+
+    ``elementwise=True`` says that ``fn`` reads the layer only at the positions of its
+    ``mask`` or ``kept`` and reduces over them (``layer.mean(layer.weight[layer.mask].abs())``
+    does): a layer held as CSR values is then given as a 1-D view of its active positions,
+    with no tensor of the weight's size (:mod:`sparselearn.engine.listed`)."""
     needs_set = _check_needs(needs)
 
     def decorator(fn: StatFn) -> StatFn:
         doc = (fn.__doc__ or "").strip()
-        REDISTRIBUTION.register(name, Redistribution(name, fn, needs_set, doc))
+        REDISTRIBUTION.register(name, Redistribution(name, fn, needs_set, doc, elementwise))
         return fn
 
     return decorator

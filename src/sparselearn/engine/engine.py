@@ -32,7 +32,7 @@ from ..targets import DENSE_REASONS, Target, dense_by_reason, select
 from . import distributed
 from .calendar import Calendar
 from .placement import Placement, check_records, placements
-from .signals import Signals
+from .signals import Signals, dense_of
 from .state import STATE_FORMAT, check_state
 from .storage import CSRStorage, CSRWeight, LayerStorage, MaskedDense
 from .update import Criteria, MaskUpdater
@@ -524,7 +524,7 @@ class SparseEngine:
             "masks": {layer.name: layer.mask.clone() for layer in self._layers},
             "generators": {k: g.get_state() for k, g in self._generators.items()},
             "ema": {k: v.clone() for k, v in self.signals.ema.items()},
-            "window": {k: v.clone() for k, v in self.signals.window.items()},
+            "window": {k: dense_of(v).clone() for k, v in self.signals.window.items()},
             "history": [dataclasses.asdict(u) for u in self.history],
         }
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SparsityConfig
-from .storage import LayerStorage
+from .storage import LayerStorage, RowsGrad
 
 
 def group_of(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> dict[str, Any]:
@@ -71,13 +71,58 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
+class FactoredWindow:
+    """The window momentum of a layer whose dense gradients came as blocks of rows
+    (:class:`~.storage.RowsGrad`): the window's gradients themselves, each with the momentum
+    coefficient of its step, and any block of rows of their moving average replayed from them,
+    in the order and with the operations :meth:`Signals.update_window` uses on whole tensors.
+    It holds each step's factors (a few rows of the batch's size per step) instead of a tensor
+    of the weight's size."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.steps: list[tuple[float, RowsGrad]] = []
+
+    def add(self, grad: RowsGrad, beta: float) -> None:
+        self.steps.append((beta, grad))
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        buf: Tensor | None = None
+        for beta, grad in self.steps:
+            block = grad.rows(start, stop)
+            if buf is None:
+                buf = block.float() * (1.0 - beta)
+            else:
+                buf.mul_(beta).add_(block, alpha=1.0 - beta)
+        assert buf is not None
+        return buf
+
+    def dense(self) -> Tensor:
+        return self.rows(0, self.shape[0])
+
+    def finite(self) -> bool:
+        return all(grad.finite() for _, grad in self.steps)
+
+
+def rows_of(signal: Tensor | RowsGrad | FactoredWindow, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of a per-weight signal, however it is held."""
+    if isinstance(signal, Tensor):
+        return signal[start:stop]
+    return signal.rows(start, stop)
+
+
+def dense_of(signal: Tensor | RowsGrad | FactoredWindow) -> Tensor:
+    return signal if isinstance(signal, Tensor) else signal.dense()
+
+
 class Signals:
     """What the engine gathers between mask updates for the criteria to read.
 
     ``ema``: an exponential moving average of the gradient, for weights whose optimizer keeps no
     momentum (in the parameter's layout); ``window``: the momentum of the dense gradient within
-    the window before an update (the weight's shape); ``dense_grads``: this step's dense
-    gradient, captured on the steps that need it (the weight's shape).
+    the window before an update (the weight's shape, or a :class:`FactoredWindow`);
+    ``dense_grads``: this step's dense gradient, captured on the steps that need it (the
+    weight's shape, or blocks of its rows: :class:`~.storage.RowsGrad`).
     """
 
     def __init__(
@@ -89,8 +134,8 @@ class Signals:
     ) -> None:
         self.optimizer, self.config = optimizer, config
         self.ema: dict[str, Tensor] = {}
-        self.window: dict[str, Tensor] = {}
-        self.dense_grads: dict[str, Tensor] = {}
+        self.window: dict[str, Tensor | FactoredWindow] = {}
+        self.dense_grads: dict[str, Tensor | RowsGrad] = {}
         if "momentum" in needs:
             for layer in layers:
                 if not keeps_momentum(optimizer, layer.param):
@@ -108,10 +153,26 @@ class Signals:
         m = layer.to_weight_shape(m.detach())
         window = self.window.get(layer.name)
         if window is not None:  # missing weights: the momentum gathered in the window
-            m = torch.where(layer.mask, m, window.to(m.dtype))
+            m = torch.where(layer.mask, m, dense_of(window).to(m.dtype))
         return m
 
+    def active_momentum(self, layer: LayerStorage) -> Tensor:
+        """The momentum at the active weights only, in the parameter's layout."""
+        m = optimizer_momentum(self.optimizer, layer.param)
+        if m is None:
+            m = self.ema.get(layer.name)
+        if m is None:
+            m = torch.zeros_like(layer.local(layer.param))
+        return m.detach()
+
     def grad(self, layer: LayerStorage) -> Tensor:
+        g = self.grad_held(layer)
+        if not isinstance(g, Tensor):
+            g = self.dense_grads[layer.name] = g.dense()
+        return g
+
+    def grad_held(self, layer: LayerStorage) -> Tensor | RowsGrad:
+        """This update's dense gradient as captured (whole, or as blocks of rows)."""
         g = self.dense_grads.get(layer.name)
         if g is None:
             raise RuntimeError(f"no dense gradient captured for {layer.name} at this update")
@@ -151,9 +212,16 @@ class Signals:
                 continue
             beta = self.momentum_coefficient(layer)
             buf = self.window.get(layer.name)
+            if not isinstance(g, Tensor) and (buf is None or isinstance(buf, FactoredWindow)):
+                if buf is None:
+                    buf = self.window[layer.name] = FactoredWindow(g.shape)
+                buf.add(g, beta)
+                continue
+            g = dense_of(g)
             if buf is None:
                 self.window[layer.name] = g.float() * (1.0 - beta)
             else:
+                buf = self.window[layer.name] = dense_of(buf)
                 buf.mul_(beta).add_(g, alpha=1.0 - beta)
 
     def restart(self) -> list[str]:

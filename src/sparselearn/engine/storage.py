@@ -23,12 +23,27 @@ if TYPE_CHECKING:
     from ..targets import Target
 
 
+class RowsGrad(Protocol):
+    """A dense gradient held in a form that gives any block of its rows (an accelerated
+    Linear's captured factors): a mask update reads a large layer block by block."""
+
+    shape: tuple[int, ...]
+
+    def rows(self, start: int, stop: int) -> Tensor: ...
+
+    def dense(self) -> Tensor: ...
+
+    def finite(self) -> bool: ...
+
+
 class CSRWeight(Protocol):
     """What :class:`CSRStorage` uses of a weight held as CSR (an accelerated layer's
     :class:`~sparselearn.accel.SparseWeight`)."""
 
     values: nn.Parameter  # the active values, in CSR order
     shape: tuple[int, ...]  # the stored (out, in, ...) shape
+    crow: Tensor  # row pointers (int64, rows + 1)
+    col: Tensor  # column of each value, in CSR order
     version: int  # bumped whenever the structure changes
     dense_grad_probe: Tensor | None
 
@@ -43,7 +58,11 @@ class CSRWeight(Protocol):
 
     def restructure(self, new_mask: Tensor) -> Tensor: ...
 
+    def restructure_positions(self, positions: Tensor) -> Tensor: ...
+
     def arm_dense_grad(self, wanted: bool) -> None: ...
+
+    def captured_grad(self) -> RowsGrad | None: ...
 
 
 class LayerStorage(Protocol):
@@ -117,8 +136,8 @@ class LayerStorage(Protocol):
         (positions the layout does not hold are dropped)."""
         ...
 
-    def snapshot_grad(self) -> Tensor:
-        """This step's dense gradient in the weight's shape."""
+    def snapshot_grad(self) -> Tensor | RowsGrad:
+        """This step's dense gradient in the weight's shape (or as blocks of its rows)."""
         ...
 
     def want_dense_grad(self, wanted: bool) -> None:
@@ -368,6 +387,41 @@ class CSRStorage:
             return values
         return self.weight().reshape(-1)[positions]
 
+    @property
+    def listed(self) -> bool:
+        """Whether mask updates may handle this layer in index form (:mod:`.listed`): its
+        active positions as a list, its signals and scores block by block of rows. A Linear's
+        (out, in) weight stored as itself."""
+        return not self.transposed and len(self.storage.shape) == 2
+
+    def positions(self) -> Tensor:
+        """The active flat positions (int64, ascending: the values' CSR order)."""
+        return self.storage.positions()
+
+    def rows_of(self, values: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Rows ``start:stop`` of the weight: (the dense block holding ``values``, of the
+        parameter's layout, at the active positions, and the block's bool mask)."""
+        crow, col = self.storage.crow, self.storage.col
+        lo, hi = int(crow[start]), int(crow[stop])
+        fan_in = self.storage.shape[1]
+        rows = torch.repeat_interleave(
+            torch.arange(stop - start, device=col.device),
+            crow[start : stop + 1].diff(),
+            output_size=hi - lo,
+        )
+        flat = rows * fan_in + col[lo:hi].long()
+        dense = torch.zeros((stop - start) * fan_in, dtype=values.dtype, device=values.device)
+        dense[flat] = values[lo:hi]
+        mask = torch.zeros((stop - start) * fan_in, dtype=torch.bool, device=col.device)
+        mask[flat] = True
+        return dense.view(stop - start, fan_in), mask.view(stop - start, fan_in)
+
+    def install_positions(self, positions: Tensor) -> Tensor:
+        """Adopt the active flat ``positions`` (ascending): as :meth:`install`, without a
+        tensor of the weight's size."""
+        self._mask = None
+        return self.storage.restructure_positions(positions)
+
     def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
         # kept values carried over, new ones zero
         source = self.storage.restructure(self._stored(new).contiguous())
@@ -393,9 +447,13 @@ class CSRStorage:
     def param_positions(self, positions: Tensor) -> Tensor:
         return self._stored(positions)[self._stored(self.mask)]
 
-    def snapshot_grad(self) -> Tensor:
-        # the gradient of the module's probe (summed over the backward passes since it was
-        # armed); none: no gradient reached the layer
+    def snapshot_grad(self) -> Tensor | RowsGrad:
+        # the factors the layer's backward passes left since it was armed (a Linear run
+        # eagerly), else the gradient of the module's probe (summed over those passes); none:
+        # no gradient reached the layer
+        captured = self.storage.captured_grad()
+        if captured is not None:
+            return captured if not self.transposed else self._shaped(captured.dense())
         probe = self.storage.dense_grad_probe
         grad = None if probe is None else probe.grad
         if grad is None:

@@ -19,9 +19,9 @@ from ..budget import allocate
 from ..config import SparsityConfig
 from ..criteria import Criterion, LayerView, Redistribution
 from ..schedules import MaskUpdate
-from . import distributed, scoring
+from . import distributed, listed, scoring
 from .calendar import Calendar
-from .signals import Signals, reset_state
+from .signals import FactoredWindow, Signals, dense_of, reset_state
 from .storage import LayerStorage
 
 logger = logging.getLogger("sparselearn")
@@ -93,6 +93,8 @@ class MaskUpdater:
     @torch.no_grad()
     def regrow(self, rate: float) -> MaskUpdate:
         """Prune ``rate`` of the active weights, share the regrowth, regrow: budget unchanged."""
+        if listed.applies(self):
+            return listed.regrow(self, rate)
         t0 = time.perf_counter()
         prune, growth = self.criteria.prune, self.criteria.growth
         assert prune is not None
@@ -322,10 +324,17 @@ class MaskUpdater:
         engine's gradient average follow it, their per-weight entries moved to the new layout
         (kept positions carry their values, new ones start at zero). Returns whether it did."""
         old = layer.param
-        old_numel = old.numel()
         source = layer.install(new, active)
         if source is None:
             return False
+        self._adopt(layer, old, source)
+        return True
+
+    def _adopt(self, layer: LayerStorage, old: nn.Parameter, source: Tensor) -> None:
+        """``layer`` holds a new parameter in place of ``old``, with ``source`` (for each new
+        entry, the index of its value in ``old``, -1: a new position): the optimizer and the
+        engine's gradient average follow it."""
+        old_numel = old.numel()
         kept = source >= 0
 
         def moved(value: Tensor) -> Tensor:
@@ -348,9 +357,10 @@ class MaskUpdater:
         if ema is not None:
             self.signals.ema[layer.name] = moved(ema)
         self.replaced(old, new_param)
-        return True
 
-    def _carry_window_momentum(self, layer: LayerStorage, grown: Tensor, window: Tensor) -> None:
+    def _carry_window_momentum(
+        self, layer: LayerStorage, grown: Tensor, window: Tensor | FactoredWindow
+    ) -> None:
         """SGD: a regrown weight starts with the momentum its position gathered in the window
         (the window keeps an average; SGD's buffer is a sum: scale by 1 / (1 - momentum))."""
         state = self.optimizer.state.get(layer.param, {})
@@ -360,7 +370,7 @@ class MaskUpdater:
         buf = layer.local(buf)
         is_grown = layer.param_positions(grown)
         # scaled at the grown positions only (no second tensor of the weight's size)
-        carried = layer.from_weight_shape(window)[is_grown]
+        carried = layer.from_weight_shape(dense_of(window))[is_grown]
         carried = carried / (1.0 - self.signals.momentum_coefficient(layer))
         buf[is_grown] = carried.to(buf.dtype)
 

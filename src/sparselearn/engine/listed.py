@@ -1,0 +1,334 @@
+"""Mask updates in index form, for layers that never hold a tensor of their weight's size.
+
+An accelerated Linear keeps its active weights as CSR values (:class:`~.storage.CSRStorage`);
+the regrowth of :meth:`~.update.MaskUpdater.regrow` would still build, for each layer, its
+dense mask, dense gradient or window momentum, and dense scores. Here the same update is
+computed with:
+
+- the active positions as a list (ascending): pruning scores the active values, as a 1-D view;
+- growth scored block by block of rows (at most :data:`BLOCK` entries each): the block's mask
+  and weight rebuilt from the CSR rows, its dense gradient or window momentum from the factors
+  the layer's backward passes left (:class:`~.storage.RowsGrad`,
+  :class:`~.signals.FactoredWindow`), and the candidates' scores fed to
+  :func:`~sparselearn.selection.streamed.streamed_top_k`, which selects what ``top_k`` selects
+  on the whole layer;
+- the new structure installed from the positions.
+
+It applies where every layer can be handled so and the criteria allow it: an elementwise
+prune criterion, a per-layer elementwise growth criterion and an elementwise redistribution
+(each position's score depends on that position only, so a block's scores are the whole
+layer's at those positions). A layer that fits in one block is scored exactly as the whole
+layer is; a larger one differs from the whole-tensor computation only in how its gradient's
+products are rounded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..criteria import LayerView
+from ..schedules import MaskUpdate
+from ..selection import bottom_k
+from ..selection.streamed import streamed_top_k
+from . import distributed
+from .signals import _finite, rows_of
+from .storage import CSRStorage
+
+if TYPE_CHECKING:
+    from .update import MaskUpdater
+
+BLOCK = 1 << 22
+"""The most entries of a weight that a block of rows holds while growth is scored (a dense
+float32 block is 16 MiB)."""
+
+
+def applies(updater: MaskUpdater) -> bool:
+    """Whether :func:`regrow` can compute ``updater``'s regrowth (see the module docstring)."""
+    prune, growth = updater.criteria.prune, updater.criteria.growth
+    redistribution = updater.criteria.redistribution
+    return (
+        bool(updater.layers)
+        and all(isinstance(layer, CSRStorage) and layer.listed for layer in updater.layers)
+        and prune is not None
+        and prune.elementwise
+        and growth is not None
+        and growth.elementwise
+        and growth.scope == "layer"
+        and (redistribution.fn is None or redistribution.elementwise)
+        and not distributed.is_parallel()
+    )
+
+
+def _rows_per_block(fan_in: int) -> int:
+    return max(1, BLOCK // max(fan_in, 1))
+
+
+class _Layer:
+    """One layer during a listed update: its storage, active positions and 1-D view."""
+
+    def __init__(self, updater: MaskUpdater, layer: CSRStorage) -> None:
+        self.updater, self.layer = updater, layer
+        self.positions = layer.positions()
+        self.values = layer.param.detach()
+        signals = updater.signals
+        reads = {}
+        if "momentum" in updater.needs:
+            reads["momentum"] = lambda: signals.active_momentum(layer)
+        if "grad" in updater.needs:
+            reads["grad"] = self._active_grad
+        self.view = LayerView(
+            layer.name,
+            self.values,
+            torch.ones(self.values.numel(), dtype=torch.bool, device=self.values.device),
+            signals=reads,
+            generator=updater.generator(layer.device),
+        )
+
+    def _active_grad(self) -> Tensor:
+        """The dense gradient at the active positions, gathered block by block."""
+        held = self.updater.signals.grad_held(self.layer)
+        crow = self.layer.storage.crow
+        fan_in = self.layer.storage.shape[1]
+        parts = []
+        for start, stop in self.blocks():
+            lo, hi = int(crow[start]), int(crow[stop])
+            block = rows_of(held, start, stop).reshape(-1)
+            parts.append(block[self.positions[lo:hi] - start * fan_in])
+        return torch.cat(parts)
+
+    def blocks(self) -> list[tuple[int, int]]:
+        rows, fan_in = self.layer.storage.shape[0], self.layer.storage.shape[1]
+        step = _rows_per_block(fan_in)
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+    def growth_view(self, start: int, stop: int, kept: Tensor, n_grow: int) -> LayerView:
+        """The growth criterion's view of rows ``start:stop``."""
+        layer, signals = self.layer, self.updater.signals
+        weight, mask = layer.rows_of(self.values, start, stop)
+        kept_rows, _ = layer.rows_of(kept, start, stop)
+        reads = {}
+        if "momentum" in self.updater.needs:
+
+            def momentum() -> Tensor:
+                m, _ = layer.rows_of(signals.active_momentum(layer), start, stop)
+                window = signals.window.get(layer.name)
+                if window is None:
+                    return m
+                return torch.where(mask, m, rows_of(window, start, stop).to(m.dtype))
+
+            reads["momentum"] = momentum
+        if "grad" in self.updater.needs:
+            held = signals.grad_held(layer)
+            reads["grad"] = lambda: rows_of(held, start, stop)
+        return LayerView(
+            layer.name,
+            weight,
+            mask,
+            signals=reads,
+            generator=self.updater.generator(layer.device),
+            kept=kept_rows,
+            n_grow=n_grow,
+            noise=layer.placement.noise,
+        )
+
+
+@torch.no_grad()
+def regrow(updater: MaskUpdater, rate: float) -> MaskUpdate:
+    """:meth:`MaskUpdater.regrow` in index form (where :func:`applies`)."""
+    t0 = time.perf_counter()
+    prune, growth = updater.criteria.prune, updater.criteria.growth
+    assert prune is not None
+    assert growth is not None
+    storages = updater.layers
+    layers = [_Layer(updater, layer) for layer in storages]  # type: ignore[arg-type]
+    bad = _non_finite(updater, layers)
+    if bad:
+        return updater._skip(f"non-finite {bad}", rate)
+    active = [layer.active for layer in storages]
+    room = [layer.numel - a for layer, a in zip(storages, active, strict=True)]
+    free = [i for i, layer in enumerate(storages) if not layer.fixed]
+
+    scores = []
+    for entry in layers:
+        s = prune.fn(entry.view)
+        if not isinstance(s, Tensor) or s.shape != entry.values.shape:
+            raise TypeError(
+                f"elementwise criterion {prune.name!r} must return scores of the shape of its "
+                f"(1-D) inputs, {tuple(entry.values.shape)} for {entry.layer.name}, got "
+                f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
+            )
+        if not _finite(s):
+            return updater._skip(
+                f"criterion {prune.name!r} gave non-finite scores for {entry.layer.name}", rate
+            )
+        scores.append(s)
+    remove, total_free = updater._removals(rate, active, room, free)
+    pruned = _pruned(updater, layers, scores, remove, total_free, free)
+    kept = [p.logical_not() for p in pruned]
+    lost = [int(torch.count_nonzero(p)) for p in pruned]
+
+    growth_views = [
+        LayerView(
+            e.layer.name,
+            e.values,
+            e.view.mask,
+            signals=e.view._signals,
+            generator=e.view._generator,
+            kept=k,
+        )
+        for e, k in zip(layers, kept, strict=True)
+    ]
+    grow = updater._regrowth(lost, room, free, growth_views)
+    for view in growth_views:
+        view.release()
+
+    grown = []
+    for i, entry in enumerate(layers):
+        chosen = _grow(entry, kept[i], grow[i], room[i])
+        if isinstance(chosen, str):
+            return updater._skip(chosen, rate)
+        grown.append(chosen)
+        updater.signals.dense_grads.pop(entry.layer.name, None)
+        if updater.after_step:
+            entry.layer.want_dense_grad(False)
+
+    update = MaskUpdate(updater.step, "regrow", rate)
+    for i, entry in enumerate(layers):
+        new = torch.sort(torch.cat([entry.positions[kept[i]], grown[i]])).values
+        carried = _window_momentum_at(updater, entry, grown[i])
+        old = entry.layer.param
+        source = entry.layer.install_positions(new)
+        updater._adopt(entry.layer, old, source)
+        if carried is not None:
+            _carry(updater, entry.layer, new, grown[i], carried)
+        update.pruned[entry.layer.name] = lost[i]
+        update.grown[entry.layer.name] = grow[i]
+    return updater._finish(update, t0)
+
+
+def _non_finite(updater: MaskUpdater, layers: list[_Layer]) -> str | None:
+    """As :func:`~.scoring.non_finite_inputs`: the first non-finite weight or signal."""
+    signals = updater.signals
+    for entry in layers:
+        layer = entry.layer
+        if not _finite(entry.values):
+            return f"weight of {layer.name}"
+        for key in sorted(updater.needs):
+            if key == "grad":
+                held = signals.grad_held(layer)
+                ok = _finite(held) if isinstance(held, Tensor) else held.finite()
+            else:
+                window = signals.window.get(layer.name)
+                ok = _finite(signals.active_momentum(layer)) and (
+                    window is None
+                    or (_finite(window) if isinstance(window, Tensor) else window.finite())
+                )
+            if not ok:
+                return f"{key} of {layer.name}"
+    return None
+
+
+def _pruned(
+    updater: MaskUpdater,
+    layers: list[_Layer],
+    scores: list[Tensor],
+    remove: list[int],
+    total_free: int,
+    free: list[int],
+) -> list[Tensor]:
+    """Bool over each layer's active positions: those pruned (as ``scoring.prune_sets``)."""
+    prune = updater.criteria.prune
+    assert prune is not None
+    out: list[Tensor | None] = [None] * len(layers)
+    glob = prune.scope == "global" and len(free) > 0
+    for i, s in enumerate(scores):
+        if glob and i in free:
+            continue
+        every = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
+        out[i] = bottom_k(s, every, remove[i], updater.generator(s.device), count=s.numel())
+    if glob:
+        cands = []
+        for i in free:
+            cand = torch.ones(scores[i].numel(), dtype=torch.bool, device=scores[i].device)
+            if scores[i].numel():
+                cand[int(scores[i].float().argmax())] = False  # no layer is emptied
+            cands.append(cand)
+        placement = layers[free[0]].layer.placement
+        across = placement.select_across_listed(
+            [scores[i] for i in free],
+            [layers[i].positions for i in free],
+            cands,
+            [layers[i].layer.numel for i in free],
+            [layers[i].layer.placement for i in free],
+            total_free,
+            updater.generator,
+            largest=False,
+        )
+        for i, chosen in zip(free, across, strict=True):
+            out[i] = chosen
+    return [o for o in out if o is not None]
+
+
+def _grow(entry: _Layer, kept: Tensor, n_grow: int, room: int) -> Tensor | str:
+    """The positions ``entry`` grows (int64, ascending): the ``n_grow`` best growth scores
+    among its positions inactive before this update, selected block by block."""
+    updater = entry.updater
+    growth = updater.criteria.growth
+    assert growth is not None
+    fan_in = entry.layer.storage.shape[1]
+    reason: list[str] = []
+
+    def blocks():  # type: ignore[no-untyped-def]
+        for start, stop in entry.blocks():
+            view = entry.growth_view(start, stop, kept, n_grow)
+            s = growth.fn(view)
+            if not isinstance(s, Tensor) or s.shape != view.shape:
+                raise TypeError(
+                    f"criterion {growth.name!r} must return a tensor of shape "
+                    f"{tuple(view.shape)} for {view.name}, got "
+                    f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
+                )
+            if not _finite(s):
+                reason.append(f"criterion {growth.name!r} gave non-finite scores for {view.name}")
+                s = torch.zeros_like(s)
+            cand = view.mask.logical_not().reshape(-1)
+            at = cand.nonzero().squeeze(1)
+            yield s.reshape(-1)[at], at + start * fan_in
+
+    chosen = streamed_top_k(blocks, n_grow, room, updater.generator(entry.layer.device))
+    return reason[0] if reason else chosen
+
+
+def _window_momentum_at(updater: MaskUpdater, entry: _Layer, grown: Tensor) -> Tensor | None:
+    """SGD keeping its state across updates: the window momentum at the ``grown`` positions,
+    which their momentum starts from (see ``MaskUpdater._carry_window_momentum``)."""
+    layer = entry.layer
+    window = updater.signals.window.get(layer.name)
+    if window is None or updater.config.optimizer_state != "keep":
+        return None
+    state = updater.optimizer.state.get(layer.param, {})
+    if not isinstance(state.get("momentum_buffer"), Tensor):
+        return None
+    fan_in = layer.storage.shape[1]
+    rows = grown // fan_in
+    parts = []
+    for start, stop in entry.blocks():
+        lo, hi = torch.searchsorted(rows, torch.tensor([start, stop], device=rows.device)).tolist()
+        if hi > lo:
+            block = rows_of(window, start, stop).reshape(-1)
+            parts.append(block[grown[lo:hi] - start * fan_in])
+    if not parts:
+        return torch.zeros(0)
+    return torch.cat(parts) / (1.0 - updater.signals.momentum_coefficient(layer))
+
+
+def _carry(
+    updater: MaskUpdater, layer: CSRStorage, new: Tensor, grown: Tensor, carried: Tensor
+) -> None:
+    buf = updater.optimizer.state[layer.param]["momentum_buffer"]
+    at = torch.searchsorted(new, grown)
+    buf[at] = carried.to(buf.dtype)
