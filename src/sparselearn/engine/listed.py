@@ -25,21 +25,64 @@ products are rounded.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..criteria import LayerView
+from ..config import SparsityConfig
+from ..criteria import Criterion, LayerView, Redistribution
 from ..schedules import MaskUpdate
 from ..selection import bottom_k
 from ..selection.streamed import streamed_top_k
 from . import distributed
-from .signals import _finite, rows_of
-from .storage import CSRStorage
+from .signals import Signals, _finite, rows_of
+from .storage import CSRStorage, LayerStorage
 
-if TYPE_CHECKING:
-    from .update import MaskUpdater
+
+class MaskUpdater(Protocol):
+    """What the listed update uses of :class:`~.update.MaskUpdater` (whose regrowth it is)."""
+
+    config: SparsityConfig
+    optimizer: torch.optim.Optimizer
+    layers: list[LayerStorage]
+    needs: frozenset[str]
+    signals: Signals
+    generator: Callable[[torch.device], torch.Generator]
+    after_step: bool
+
+    @property
+    def criteria(self) -> Criteria: ...
+
+    @property
+    def step(self) -> int: ...
+
+    def _skip(self, reason: str, rate: float | None) -> MaskUpdate: ...
+
+    def _removals(
+        self, rate: float, active: list[int], room: list[int], free: list[int]
+    ) -> tuple[list[int], int]: ...
+
+    def _regrowth(
+        self, lost: list[int], room: list[int], free: list[int], views: list[LayerView]
+    ) -> list[int]: ...
+
+    def _adopt(self, layer: LayerStorage, old: nn.Parameter, source: Tensor) -> None: ...
+
+    def _finish(self, update: MaskUpdate, t0: float) -> MaskUpdate: ...
+
+
+class Criteria(Protocol):
+    @property
+    def prune(self) -> Criterion | None: ...
+
+    @property
+    def growth(self) -> Criterion | None: ...
+
+    @property
+    def redistribution(self) -> Redistribution: ...
+
 
 BLOCK = 1 << 22
 """The most entries of a weight that a block of rows holds while growth is scored (a dense
