@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..engine import LayerStorage, SparseEngine
 from ..engine.sharding import refuse_sharded
+from ..engine.storage import Planned
 from ..kernels import REFERENCE, check_threads, kernels_for
 from ..kernels.build import march
 from ..targets import expert_count, is_conv1d
@@ -27,6 +28,7 @@ from .layers import (
     supports_conv,
 )
 from .live import LiveCheck, Way
+from .materialise import check_initialisable, draw_active, materialise_rest, replace_in_optimizer
 
 
 @dataclass(frozen=True)
@@ -291,16 +293,17 @@ def accelerate(
     )
     if live_rounds < 0:
         raise ValueError(f"live_rounds must be >= 0 (0: no check in the run), got {live_rounds}")
-    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(p), []).append((mod_name, module, local))
-
     report = AccelerationReport(backend=backend)
+    if any(layer.kind == "planned" for layer in engine.layers):
+        _materialise(model, engine, mode, backend, report)
+    owners = _owners(model)
     with _model_state_kept(model):  # timing runs the model: its buffers, grads and RNG return
         shapes = {} if example_input is None else _input_shapes(model, example_input)
         chosen = []
+        materialised = {c.name for c in report.layers}
         for layer in engine.layers:
+            if layer.name in materialised:
+                continue
             choice, found, sparse = _choose(
                 layer,
                 owners.get(id(layer.param), []),
@@ -328,6 +331,76 @@ def accelerate(
     if any(c.backend == "cpp" for c in report.layers):
         report.march = march()
     return report
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """For each parameter (by id), the modules holding it: (module name, module, its name)."""
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append((mod_name, module, local))
+    return owners
+
+
+def _materialise(
+    model: nn.Module, engine: SparseEngine, mode: str, backend: str, report: AccelerationReport
+) -> None:
+    """A model built on the meta device: each sparsified layer becomes a sparse layer holding
+    its active weights only (drawn by the layer's own initialisation, at the positions the
+    engine drew), the rest of the model is initialised by its modules, on the CPU."""
+    if mode == "dense":
+        raise ValueError(
+            "the model is on the meta device: its sparsified layers can only be materialised "
+            "sparse (mode='sparse' or 'auto'), never as dense weights"
+        )
+    check_initialisable(model)
+    owners = _owners(model)
+    cpu = torch.device("cpu")
+    for layer in engine.layers:
+        if not isinstance(layer, Planned):
+            continue
+        found = owners.get(id(layer.param), [])
+        module = found[0][1] if len(found) == 1 else None
+        linear = isinstance(module, nn.Linear) and type(module) is nn.Linear
+        conv = isinstance(module, nn.Conv2d) and type(module) is nn.Conv2d and supports_conv(module)
+        if module is None or found[0][2] != "weight" or not (linear or conv):
+            what = _no_kernel(module, found[0][2], layer.param) if module is not None else "tied"
+            raise ValueError(
+                f"{layer.name} is on the meta device, and only a layer with a sparse kernel can "
+                f"be materialised sparse ({what}): exclude it (exclude=[...]) and build it on a "
+                "real device"
+            )
+        old_bias = getattr(module, "bias", None)
+        weight, bias = draw_active(module, layer.positions, cpu, layer.param.dtype)
+        if isinstance(old_bias, nn.Parameter) and bias is not None:
+            new_bias = nn.Parameter(bias, requires_grad=old_bias.requires_grad)
+            module.bias = new_bias  # the sparse layer takes it from the module
+            replace_in_optimizer(engine.optimizer, old_bias, new_bias)
+        sparse: nn.Module = (
+            SparseLinear(module, weight, backend)  # type: ignore[arg-type]
+            if linear
+            else SparseConv2d(module, weight, backend)  # type: ignore[arg-type]
+        )
+        sparse.train(module.training)
+        parent, child = _parent(model, found[0][0])
+        setattr(parent, child, sparse)
+        replace_in_optimizer(engine.optimizer, layer.param, weight.values)
+        engine.store_as_csr(layer.name, weight)
+        report.layers.append(
+            LayerChoice(
+                layer.name,
+                "linear" if linear else "conv2d",
+                layer.active / layer.numel,
+                None,
+                None,
+                "sparse",
+                "materialised from the meta device",
+                backend=_kernels(weight.values, backend),
+                inference="sparse",
+                steps="sparse",
+            )
+        )
+    materialise_rest(model, cpu, engine.optimizer)
 
 
 @contextlib.contextmanager
@@ -365,11 +438,11 @@ def _check_arguments(
         raise ValueError("mode='auto' times each layer on a real batch: pass example_input")
     if layers is not None:
         layers = set(layers)
-        unknown = sorted(layers - set(engine.masks))
+        unknown = sorted(layers - _names(engine))
         if unknown:
             raise ValueError(
                 f"layers {unknown} are not sparsified weights of this engine; "
-                f"choose from {sorted(engine.masks)}"
+                f"choose from {sorted(_names(engine))}"
             )
     if threads is not None:
         _check_reapplied("threads", threads, "the thread caps", mode, engine)
@@ -391,6 +464,11 @@ def _check_arguments(
     return layers
 
 
+def _names(engine: SparseEngine) -> set[str]:
+    """The names of the engine's sparsified weights (without building their masks)."""
+    return {layer.name for layer in engine.layers}
+
+
 def _check_reapplied(
     argument: str, names: Collection[str], what: str, mode: str, engine: SparseEngine
 ) -> None:
@@ -401,11 +479,11 @@ def _check_reapplied(
             f"{argument}= re-applies {what} of an earlier call with mode='sparse'; "
             "mode='auto' times them itself"
         )
-    unknown = sorted(set(names) - set(engine.masks))
+    unknown = sorted(set(names) - _names(engine))
     if unknown:
         raise ValueError(
             f"{argument} names {unknown}, which are not sparsified weights of this engine; "
-            f"choose from {sorted(engine.masks)}"
+            f"choose from {sorted(_names(engine))}"
         )
 
 

@@ -836,11 +836,18 @@ class SparseLinear(_ComputeChoice, _DenseFace, nn.Module):
     """
 
     def __init__(
-        self, linear: nn.Linear, mask: Tensor, backend: str = "auto", threads: int | None = None
+        self,
+        linear: nn.Linear,
+        mask: Tensor | SparseWeight,
+        backend: str = "auto",
+        threads: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_sparse = SparseWeight(linear.weight, mask)
+        # (a SparseWeight: the weight already held sparse, e.g. materialised from the meta device)
+        self.weight_sparse = (
+            mask if isinstance(mask, SparseWeight) else SparseWeight(linear.weight, mask)
+        )
         self.bias = linear.bias
         self.backend = backend
         self.threads = check_threads(threads)
@@ -942,7 +949,7 @@ class SparseConv2d(_ComputeChoice, _DenseFace, nn.Module):
     def __init__(
         self,
         conv: nn.Conv2d,
-        mask: Tensor,
+        mask: Tensor | SparseWeight,
         backend: str = "auto",
         algorithm: str = "auto",
         threads: int | None = None,
@@ -956,7 +963,9 @@ class SparseConv2d(_ComputeChoice, _DenseFace, nn.Module):
         self.kernel_size = conv.kernel_size
         self.stride: tuple[int, int] = conv.stride  # type: ignore[assignment]
         self.padding: tuple[int, int] = conv.padding  # type: ignore[assignment]
-        self.weight_sparse = SparseWeight(conv.weight, mask)
+        self.weight_sparse = (
+            mask if isinstance(mask, SparseWeight) else SparseWeight(conv.weight, mask)
+        )
         self.bias = conv.bias
         self.backend = backend
         self.algorithm = algorithm

@@ -27,14 +27,14 @@ from ..config import SparsityConfig
 from ..criteria import GROWTH, PRUNE, REDISTRIBUTION, Criterion
 from ..methods import make_config
 from ..schedules import MASK_SCHEDULE, MaskSchedule, MaskUpdate
-from ..selection import top_k
+from ..selection import sample_without_replacement, top_k
 from ..targets import DENSE_REASONS, Target, dense_by_reason, select
 from . import distributed
 from .calendar import Calendar
 from .placement import Placement, check_records, placements
 from .signals import Signals, dense_of
 from .state import STATE_FORMAT, check_state
-from .storage import CSRStorage, CSRWeight, LayerStorage, MaskedDense
+from .storage import CSRStorage, CSRWeight, LayerStorage, MaskedDense, Planned
 from .update import Criteria, MaskUpdater
 
 logger = logging.getLogger("sparselearn")
@@ -104,13 +104,7 @@ class SparseEngine:
         targets = selection.targets
         # the model's other weights, each with the reason it stays dense (name -> (reason, n))
         self._dense: dict[str, tuple[str, int]] = dict(selection.dense)
-        meta = [t.name for t in targets if t.param.is_meta]
-        if meta:
-            raise ValueError(
-                f"{', '.join(meta[:5])} {'is' if len(meta) == 1 else 'are'} on the meta device "
-                "(shapes without values): masks need real weights; materialise the model "
-                "first (model.to_empty(device=...) and initialise it, or load its state_dict)"
-            )
+        _check_meta(targets, self.schedule, state)
         where = placements([t.name for t in targets], [t.param for t in targets])
         _check_optimizer_holds(optimizer, targets)
         _check_not_sparsified(model, targets)
@@ -215,7 +209,7 @@ class SparseEngine:
 
     # ------------------------------------------------------------------ construction
 
-    def _initial_layers(self, targets: list[Target], where: list[Placement]) -> list[MaskedDense]:
+    def _initial_layers(self, targets: list[Target], where: list[Placement]) -> list[LayerStorage]:
         """Each target with its initial mask: every weight active for schedules that start
         dense, else the init's share of the budget drawn at random (the seeded generator).
         A process that holds part of a weight keeps its part of the mask drawn for the whole
@@ -243,9 +237,16 @@ class SparseEngine:
                             f"layer_density {t.density} leaves no active weight in {t.name} "
                             f"({t.param.numel()} weights); raise it"
                         )
-        layers: list[MaskedDense] = []
+        layers: list[LayerStorage] = []
         for t, count, placement in zip(targets, final, where, strict=True):
             p = t.param
+            if p.is_meta:
+                # a model built on the meta device: positions drawn as a list, uniformly, the
+                # values materialised at them only (sl.accelerate)
+                gen = self._generator(torch.device("cpu"))
+                picked = sample_without_replacement(p.numel(), count, gen)
+                layers.append(Planned(t, torch.sort(picked).values, count))
+                continue
             if self.schedule.starts_dense:
                 mask = torch.ones(placement.local(p).shape, dtype=torch.bool, device=p.device)
             else:
@@ -498,7 +499,11 @@ class SparseEngine:
             handle.remove()
         ema = self.signals.ema.get(name)
         if ema is not None:
-            self.signals.ema[name] = new.from_weight_shape(ema).clone()
+            self.signals.ema[name] = (
+                torch.zeros_like(new.param, dtype=torch.float32)
+                if ema.is_meta
+                else new.from_weight_shape(ema).clone()
+            )
         self._layers[index] = new
         self._track(old.param, new.param)
         self._arm_sinks()
@@ -567,6 +572,13 @@ class SparseEngine:
         return hook
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        planned = [layer.name for layer in self._layers if layer.kind == "planned"]
+        if planned:
+            raise RuntimeError(
+                f"{', '.join(planned[:3])}{', ...' if len(planned) > 3 else ''} "
+                "still on the meta device: call sl.accelerate(model, engine) before training, "
+                "which materialises the active weights"
+            )
         # hooks receive the step call's own arguments: (optimizer, closure?) and kwargs
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         self._closure_step = closure is not None
@@ -662,6 +674,32 @@ def _placement_records(layers: Sequence[LayerStorage]) -> dict[str, list[int]]:
     return {
         layer.name: record for layer in layers if (record := layer.placement.record()) is not None
     }
+
+
+def _check_meta(targets: list[Target], schedule: MaskSchedule, state: object) -> None:
+    """A model built on the meta device is sparsified with its positions drawn as lists: all
+    of its sparsified weights, from a sparse start, with no saved state to adopt."""
+    meta = [t.name for t in targets if t.param.is_meta]
+    if not meta:
+        return
+    names = f"{', '.join(meta[:5])}{', ...' if len(meta) > 5 else ''}"
+    if len(meta) != len(targets):
+        raise ValueError(
+            f"{names} {'is' if len(meta) == 1 else 'are'} on the meta device and the other "
+            "sparsified weights are not: build the whole model under torch.device('meta'), or "
+            "materialise it first (model.to_empty(device=...) and initialise it)"
+        )
+    if not schedule.masks or schedule.starts_dense:
+        raise ValueError(
+            f"{names} {'is' if len(meta) == 1 else 'are'} on the meta device, and this method "
+            "starts from the dense weights: build the model on a real device, or choose a "
+            "method that starts sparse (static, set, dsr, rigl, sparse_momentum)"
+        )
+    if state is not None:
+        raise ValueError(
+            "a saved state cannot be adopted by a model on the meta device: load the "
+            "checkpoint into the materialised model (sl.load)"
+        )
 
 
 def _check_optimizer_holds(optimizer: torch.optim.Optimizer, targets: list[Target]) -> None:

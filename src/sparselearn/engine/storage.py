@@ -312,6 +312,99 @@ class MaskedDense:
         return self.placement.public(self.mask)
 
 
+class Planned:
+    """A weight of a model built on the meta device (shapes without values): its active
+    positions only, drawn by ``sparsify`` as a list, until ``sl.accelerate`` materialises the
+    values at those positions in a layer that holds only them (:class:`CSRStorage`). Nothing
+    of the weight's size exists before or after."""
+
+    kind = "planned"
+    placement: Placement = WHOLE
+
+    def __init__(self, target: Target, positions: Tensor, final_count: int) -> None:
+        self.name = target.name
+        self.param = target.param
+        self.fixed = target.density is not None
+        self.final_count = final_count
+        self.positions = positions  # int64, ascending, on the CPU
+
+    @property
+    def mask(self) -> Tensor:
+        m = torch.zeros(self.numel, dtype=torch.bool)
+        m[self.positions] = True
+        return m.view(self.shape)
+
+    @property
+    def active(self) -> int:
+        return self.positions.numel()
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def _unmaterialised(self) -> RuntimeError:
+        return RuntimeError(
+            f"{self.name} is on the meta device (no values yet): call sl.accelerate(model, "
+            "engine) first, which materialises its active weights"
+        )
+
+    def weight(self) -> Tensor:
+        raise self._unmaterialised()
+
+    def weight_at(self, positions: Tensor) -> Tensor:
+        raise self._unmaterialised()
+
+    def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
+        raise self._unmaterialised()
+
+    def zero_inactive_(self, tensor: Tensor) -> None:
+        pass  # nothing is held
+
+    def to_weight_shape(self, values: Tensor) -> Tensor:
+        raise self._unmaterialised()
+
+    def from_weight_shape(self, tensor: Tensor) -> Tensor:
+        raise self._unmaterialised()
+
+    def local(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def param_positions(self, positions: Tensor) -> Tensor:
+        raise self._unmaterialised()
+
+    def snapshot_grad(self) -> Tensor:
+        raise self._unmaterialised()
+
+    def want_dense_grad(self, wanted: bool) -> None:
+        pass
+
+    def check_loadable(self, mask: Tensor) -> str | None:
+        return None
+
+    def load_mask(self, mask: Tensor) -> None:
+        self.positions = mask.reshape(-1).nonzero().squeeze(1).cpu()
+
+    def sync_device(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def count(self, positions: Tensor) -> int:
+        return count(positions)
+
+    def public_mask(self) -> Tensor:
+        return self.mask
+
+
 class CSRStorage:
     """A weight stored as CSR in an accelerated module (:class:`~sparselearn.accel.SparseWeight`):
     the optimizer holds only the active values. Masks, dense weights and gradients are

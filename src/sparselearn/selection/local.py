@@ -158,6 +158,13 @@ def _sample_without_replacement(
     return torch.from_numpy(picked).to(device)
 
 
+def sample_without_replacement(n: int, k: int, generator: torch.Generator) -> Tensor:
+    """``k`` distinct positions in ``range(n)`` (int64, in the order drawn), uniformly, from
+    ``generator``; memory of the order of ``k``, not ``n`` (a layer's initial mask drawn as a
+    list)."""
+    return _sample_without_replacement(n, k, generator, generator.device)
+
+
 def bottom_k(
     scores: Tensor,
     candidates: Tensor,
