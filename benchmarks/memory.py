@@ -4,11 +4,13 @@ configuration, construction, mask updates and optimizer state included.
 Usage: ``make bench`` (or ``python benchmarks/memory.py --out docs/performance.md``).
 
 Each configuration runs in a process of its own (a process's peak RSS never falls, so one
-process per row is the only honest measure): an MLP 1024-W-W-W-10 built dense, as
-``nn.Linear`` layers are, then, for a sparse row, ``sl.sparsify`` and ``sl.accelerate(mode=
-"sparse")`` (the weights and optimizer state held as CSR values), a few optimizer steps on
+process per row is the only honest measure): an MLP 1024-W-W-W-10 (a dense row
+builds it as ``nn.Linear`` layers are; a sparse row under ``torch.device("meta")``, then
+``sl.sparsify`` and ``sl.accelerate(mode="sparse")``, which materialises the active weights
+only, held with their optimizer state as CSR values), a few optimizer steps on
 Fashion-MNIST images padded to 32x32 (1024 inputs), batch 64, with mask updates inside the run
-(every ``--every`` steps). The row records the RSS before the model exists (the interpreter,
+(every ``--every`` steps). A sparse row builds the model on the meta device, so that no
+dense weight ever exists. The row records the RSS before the model exists (the interpreter,
 torch and the batches), after construction, and the peak over the whole run from there
 (``VmHWM`` of ``/proc/self/status``, reset once the data is read). Writes its section of the
 output file between markers and leaves the rest of the file alone.
@@ -102,7 +104,11 @@ def run_one(cfg: Config) -> dict[str, float]:
     ]
     reset_peak()
     base = rss_now()
-    model = mlp(cfg.width, inputs=1024)
+    if cfg.method == "dense":
+        model = mlp(cfg.width, inputs=1024)
+    else:
+        with torch.device("meta"):  # never dense: sl.accelerate materialises the active weights
+            model = mlp(cfg.width, inputs=1024)
     opt = optimizer(cfg.optimizer, model)
     engine = None
     if cfg.method != "dense":

@@ -64,7 +64,7 @@ def _run(
     return engine, model, calls
 
 
-@pytest.mark.parametrize("method", ["rigl", "sparse_momentum", "dsr"])
+@pytest.mark.parametrize("method", ["rigl", "sparse_momentum", "dsr", "set"])
 @pytest.mark.parametrize("opt_kind", ["sgd", "adamw"])
 def test_listed_updates_equal_whole_tensor_updates_block_by_block(
     method: str, opt_kind: str, monkeypatch: pytest.MonkeyPatch
@@ -88,10 +88,20 @@ def test_listed_updates_equal_whole_tensor_updates_block_by_block(
     assert abs(e1.density() - 0.15) < 1e-3
 
 
-def test_a_criterion_that_is_not_elementwise_takes_the_whole_tensor_update() -> None:
+def test_a_criterion_that_sees_the_whole_layer_takes_the_whole_tensor_update() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    engine = sl.sparsify(model, opt, "set", 0.3, total_steps=10, update_every=2)
+    # momentum_neuron shares a layer's growth among its rows: not elementwise
+    engine = sl.sparsify(
+        model,
+        opt,
+        "sparse_momentum",
+        0.3,
+        total_steps=10,
+        update_every=2,
+        growth="momentum_neuron",
+        momentum_window=2,
+    )
     sl.accelerate(model, engine, mode="sparse", live_rounds=0)
-    assert not listed.applies(engine._updater)  # SET's prune rule ranks within a layer
+    assert not listed.applies(engine._updater)

@@ -32,10 +32,9 @@ def problems(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, int, list[int
 def _blocks(scores: torch.Tensor, cand: torch.Tensor, cuts: list[int]) -> Blocks:
     bounds = [0, *cuts, scores.numel()]
 
-    def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         for lo, hi in itertools.pairwise(bounds):
-            at = cand[lo:hi].nonzero().squeeze(1) + lo
-            yield scores[at], at
+            yield scores[lo:hi], cand[lo:hi], lo
 
     return blocks
 

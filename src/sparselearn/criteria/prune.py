@@ -21,7 +21,7 @@ def global_magnitude(layer: LayerView) -> Tensor:
     return layer.weight.abs()
 
 
-@register_prune("set")
+@register_prune("set", active_only=True)
 def set_rule(layer: LayerView) -> Tensor:
     """SET (Mocanu et al. 2018): the same fraction of the positive weights closest to zero and of
     the negative weights closest to zero goes. (The 2019 code removed the most negative weights.)

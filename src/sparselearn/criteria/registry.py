@@ -27,6 +27,9 @@ class Criterion:
     scope: Scope
     doc: str
     elementwise: bool = False  # a position's score depends only on the values at it
+    # (prune) the active positions' scores depend only on the active positions' values, as a
+    # rank among them does: true of every elementwise criterion
+    active_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,12 @@ def _check_scope(scope: str) -> Scope:
 
 
 def register_prune(
-    name: str, *, needs: Iterable[str] = (), scope: str = "layer", elementwise: bool = False
+    name: str,
+    *,
+    needs: Iterable[str] = (),
+    scope: str = "layer",
+    elementwise: bool = False,
+    active_only: bool = False,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Register a prune criterion: ``fn(layer) -> scores``; the lowest-scoring active weights go.
 
@@ -76,12 +84,18 @@ def register_prune(
     does not): the engine may then call ``fn`` on any subset of the layer's positions, e.g. a
     view of the active weights only, with 1-D tensors, which saves a pass over the whole
     layer when few weights are active. Without it, ``fn`` always sees the whole layer.
+    ``active_only=True`` promises less: the scores of the active positions depend only on the
+    values at active positions (a rank among the active weights, as SET's rule): a layer held
+    as CSR values is then scored as a 1-D view of its active positions, never built dense.
     """
     needs_set, scope_v = _check_needs(needs), _check_scope(scope)
 
     def decorator(fn: ScoreFn) -> ScoreFn:
         doc = (fn.__doc__ or "").strip()
-        PRUNE.register(name, Criterion(name, fn, needs_set, scope_v, doc, elementwise))
+        PRUNE.register(
+            name,
+            Criterion(name, fn, needs_set, scope_v, doc, elementwise, elementwise or active_only),
+        )
         return fn
 
     return decorator

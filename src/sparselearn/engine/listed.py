@@ -14,8 +14,9 @@ computed with:
   on the whole layer;
 - the new structure installed from the positions.
 
-It applies where every layer can be handled so and the criteria allow it: an elementwise
-prune criterion, a per-layer elementwise growth criterion and an elementwise redistribution
+It applies where every layer can be handled so and the criteria allow it: a prune criterion
+that scores the active weights from the active weights alone (``active_only``: elementwise
+ones, SET's rank), a per-layer elementwise growth criterion and an elementwise redistribution
 (each position's score depends on that position only, so a block's scores are the whole
 layer's at those positions). A layer that fits in one block is scored exactly as the whole
 layer is; a larger one differs from the whole-tensor computation only in how its gradient's
@@ -84,9 +85,9 @@ class Criteria(Protocol):
     def redistribution(self) -> Redistribution: ...
 
 
-BLOCK = 1 << 22
+BLOCK = 1 << 20
 """The most entries of a weight that a block of rows holds while growth is scored (a dense
-float32 block is 16 MiB)."""
+float32 block is 4 MiB; a block's tensors together take a few times that)."""
 
 
 def applies(updater: MaskUpdater) -> bool:
@@ -97,7 +98,7 @@ def applies(updater: MaskUpdater) -> bool:
         bool(updater.layers)
         and all(isinstance(layer, CSRStorage) and layer.listed for layer in updater.layers)
         and prune is not None
-        and prune.elementwise
+        and prune.active_only
         and growth is not None
         and growth.elementwise
         and growth.scope == "layer"
@@ -151,8 +152,7 @@ class _Layer:
     def growth_view(self, start: int, stop: int, kept: Tensor, n_grow: int) -> LayerView:
         """The growth criterion's view of rows ``start:stop``."""
         layer, signals = self.layer, self.updater.signals
-        weight, mask = layer.rows_of(self.values, start, stop)
-        kept_rows, _ = layer.rows_of(kept, start, stop)
+        kept_rows, mask = layer.rows_of(kept, start, stop)
         reads = {}
         if "momentum" in self.updater.needs:
 
@@ -169,7 +169,7 @@ class _Layer:
             reads["grad"] = lambda: rows_of(held, start, stop)
         return LayerView(
             layer.name,
-            weight,
+            lambda: layer.rows_of(self.values, start, stop)[0],  # built where a criterion reads it
             mask,
             signals=reads,
             generator=self.updater.generator(layer.device),
@@ -338,9 +338,7 @@ def _grow(entry: _Layer, kept: Tensor, n_grow: int, room: int) -> Tensor | str:
             if not _finite(s):
                 reason.append(f"criterion {growth.name!r} gave non-finite scores for {view.name}")
                 s = torch.zeros_like(s)
-            cand = view.mask.logical_not().reshape(-1)
-            at = cand.nonzero().squeeze(1)
-            yield s.reshape(-1)[at], at + start * fan_in
+            yield s.reshape(-1), view.mask.logical_not().reshape(-1), start * fan_in
 
     chosen = streamed_top_k(blocks, n_grow, room, updater.generator(entry.layer.device))
     return reason[0] if reason else chosen

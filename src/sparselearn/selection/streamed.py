@@ -15,9 +15,21 @@ from torch import Tensor
 
 from .local import _kth_value, _sample_without_replacement
 
-Blocks = Callable[[], Iterator[tuple[Tensor, Tensor]]]
-"""A fresh pass over the blocks: each gives (scores, positions), 1-D, the candidates of the
-block only, positions ascending and above those of earlier blocks."""
+Blocks = Callable[[], Iterator[tuple[Tensor, Tensor, int]]]
+"""A fresh pass over the blocks: each gives (scores, candidates, offset): 1-D scores of
+consecutive positions starting at ``offset`` (after those of earlier blocks), and a bool
+tensor of the same length marking the candidates among them."""
+
+
+def _candidates(
+    scores: Tensor, candidates: Tensor, offset: int, threshold: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The block's candidates at or above ``threshold`` (all without one): their scores and
+    positions (positions are made for these only)."""
+    scores = _as_float(scores)
+    keep = candidates if threshold is None else candidates & (scores >= threshold)
+    at = keep.nonzero().squeeze(1)
+    return scores[at], at + offset
 
 
 def streamed_top_k(
@@ -39,16 +51,13 @@ def streamed_top_k(
     if k == 0:
         return torch.zeros(0, dtype=torch.long)
     if k == n_cand:
-        return torch.cat([p for _, p in blocks()])
+        return torch.cat([c.nonzero().squeeze(1) + offset for _, c, offset in blocks()])
     kept_s: list[Tensor] = []
     kept_p: list[Tensor] = []
     held = 0
     threshold: Tensor | None = None
-    for scores, positions in blocks():
-        scores = _as_float(scores)
-        if threshold is not None:
-            keep = scores >= threshold
-            scores, positions = scores[keep], positions[keep]
+    for block in blocks():
+        scores, positions = _candidates(*block, threshold)
         kept_s.append(scores)
         kept_p.append(positions)
         held += scores.numel()
@@ -84,15 +93,15 @@ def _by_passes(blocks: Blocks, k: int, generator: torch.Generator) -> Tensor:
     best value (the best ``k`` values kept as blocks come), then the positions strictly better
     and the count of the tied ones, then the tied positions drawn."""
     best: Tensor | None = None
-    for scores, _ in blocks():
-        scores = _as_float(scores)
+    for block in blocks():
+        scores, _ = _candidates(*block, None if best is None or best.numel() < k else best.min())
         pool = scores if best is None else torch.cat([best, scores])
         best = torch.topk(pool, min(k, pool.numel())).values
     assert best is not None
     kth = best.min()
     picked, counts = [], []
-    for scores, positions in blocks():
-        scores = _as_float(scores)
+    for block in blocks():
+        scores, positions = _candidates(*block, kth)
         picked.append(positions[scores > kth])
         counts.append(int(torch.count_nonzero(scores == kth)))
     better = torch.cat(picked)
@@ -104,10 +113,11 @@ def _by_passes(blocks: Blocks, k: int, generator: torch.Generator) -> Tensor:
             _sample_without_replacement(total, need, generator, better.device)
         ).values
     chosen, start = [], 0
-    for (scores, positions), n in zip(blocks(), counts, strict=True):
+    for block, n in zip(blocks(), counts, strict=True):
         lo, hi = torch.searchsorted(ranks, torch.tensor([start, start + n])).tolist()
         if hi > lo:
-            tied = positions[_as_float(scores) == kth]
+            scores, positions = _candidates(*block, kth)
+            tied = positions[scores == kth]
             chosen.append(tied[ranks[lo:hi] - start])
         start += n
     return torch.sort(torch.cat([better, *chosen])).values
