@@ -67,10 +67,19 @@ def csr_from_positions(
     r, c = positions // fan_in, positions % fan_in  # row-major order = CSR order of W
     crow = torch.zeros(rows + 1, dtype=torch.long, device=positions.device)
     crow[1:] = torch.bincount(r, minlength=rows).cumsum(0)
+    crow_t = torch.zeros(rows_t + 1, dtype=torch.long, device=positions.device)
+    if khw == 1:
+        # the transpose's order: by column, rows ascending within one (a stable sort keeps
+        # them so), without the 64-bit keys of the general case
+        col = c.to(INDEX_DTYPE)
+        del c
+        order = torch.sort(col, stable=True).indices
+        crow_t[1:] = torch.bincount(col, minlength=rows_t).cumsum(0)
+        col_t = r[order].to(INDEX_DTYPE)
+        return crow, col, crow_t, col_t, order.to(INDEX_DTYPE)
     row_t = c // khw
     col_t = r * khw + c % khw
     order = torch.argsort(row_t * (rows * khw) + col_t)  # CSR order of the transpose
-    crow_t = torch.zeros(rows_t + 1, dtype=torch.long, device=positions.device)
     crow_t[1:] = torch.bincount(row_t, minlength=rows_t).cumsum(0)
     return (
         crow,
@@ -267,8 +276,12 @@ class SparseWeight(nn.Module):
         """:meth:`restructure` to the active flat ``positions`` (int64, ascending), without a
         tensor of the weight's size."""
         old = self.positions()  # ascending: CSR order is row-major
-        at = torch.searchsorted(old, positions).clamp_(max=max(self.nnz - 1, 0))
-        source = torch.where(old[at] == positions, at, -1) if self.nnz else at.fill_(-1)
+        source = torch.searchsorted(old, positions).clamp_(max=max(self.nnz - 1, 0))
+        if self.nnz:
+            source.masked_fill_(old[source] != positions, -1)
+        else:
+            source.fill_(-1)
+        del old
         crow, col, crow_t, col_t, perm = csr_from_positions(positions, self.shape)
         values = torch.zeros(col.numel(), dtype=self.values.dtype, device=self.values.device)
         kept = source >= 0

@@ -116,7 +116,6 @@ class _Layer:
 
     def __init__(self, updater: MaskUpdater, layer: CSRStorage) -> None:
         self.updater, self.layer = updater, layer
-        self.positions = layer.positions()
         self.values = layer.param.detach()
         signals = updater.signals
         reads = {}
@@ -124,10 +123,11 @@ class _Layer:
             reads["momentum"] = lambda: signals.active_momentum(layer)
         if "grad" in updater.needs:
             reads["grad"] = self._active_grad
+        every = torch.ones(1, dtype=torch.bool, device=self.values.device)
         self.view = LayerView(
             layer.name,
             self.values,
-            torch.ones(self.values.numel(), dtype=torch.bool, device=self.values.device),
+            every.expand(self.values.numel()),  # (one byte, however many are active)
             signals=reads,
             generator=updater.generator(layer.device),
         )
@@ -137,11 +137,12 @@ class _Layer:
         held = self.updater.signals.grad_held(self.layer)
         crow = self.layer.storage.crow
         fan_in = self.layer.storage.shape[1]
+        positions = self.layer.positions()
         parts = []
         for start, stop in self.blocks():
             lo, hi = int(crow[start]), int(crow[stop])
             block = rows_of(held, start, stop).reshape(-1)
-            parts.append(block[self.positions[lo:hi] - start * fan_in])
+            parts.append(block[positions[lo:hi] - start * fan_in])
         return torch.cat(parts)
 
     def blocks(self) -> list[tuple[int, int]]:
@@ -195,8 +196,12 @@ def regrow(updater: MaskUpdater, rate: float) -> MaskUpdate:
     room = [layer.numel - a for layer, a in zip(storages, active, strict=True)]
     free = [i for i, layer in enumerate(storages) if not layer.fixed]
 
-    scores = []
-    for entry in layers:
+    remove, total_free = updater._removals(rate, active, room, free)
+    glob = prune.scope == "global" and len(free) > 0
+    # per-layer pruning is settled layer by layer; a global criterion keeps its scores
+    pruned: list[Tensor | None] = [None] * len(layers)
+    held: dict[int, Tensor] = {}
+    for i, entry in enumerate(layers):
         s = prune.fn(entry.view)
         if not isinstance(s, Tensor) or s.shape != entry.values.shape:
             raise TypeError(
@@ -208,11 +213,18 @@ def regrow(updater: MaskUpdater, rate: float) -> MaskUpdate:
             return updater._skip(
                 f"criterion {prune.name!r} gave non-finite scores for {entry.layer.name}", rate
             )
-        scores.append(s)
-    remove, total_free = updater._removals(rate, active, room, free)
-    pruned = _pruned(updater, layers, scores, remove, total_free, free)
-    kept = [p.logical_not() for p in pruned]
-    lost = [int(torch.count_nonzero(p)) for p in pruned]
+        if glob and i in free:
+            held[i] = s
+        else:
+            every = torch.ones(1, dtype=torch.bool, device=s.device).expand(s.numel())
+            pruned[i] = bottom_k(s, every, remove[i], updater.generator(s.device), count=s.numel())
+    if glob:
+        for i, chosen in zip(free, _pruned_across(updater, layers, held, total_free), strict=True):
+            pruned[i] = chosen
+        held.clear()
+    kept = [p.logical_not() for p in pruned if p is not None]
+    lost = [int(torch.count_nonzero(p)) for p in pruned if p is not None]
+    del pruned
 
     growth_views = [
         LayerView(
@@ -229,25 +241,30 @@ def regrow(updater: MaskUpdater, rate: float) -> MaskUpdate:
     for view in growth_views:
         view.release()
 
+    # every layer's growth is selected before any is installed: an update that is skipped
+    # leaves every mask as it was
     grown = []
     for i, entry in enumerate(layers):
-        chosen = _grow(entry, kept[i], grow[i], room[i])
-        if isinstance(chosen, str):
-            return updater._skip(chosen, rate)
-        grown.append(chosen)
+        picked = _grow(entry, kept[i], grow[i], room[i])
+        if isinstance(picked, str):
+            return updater._skip(picked, rate)
+        grown.append(picked)
         updater.signals.dense_grads.pop(entry.layer.name, None)
         if updater.after_step:
             entry.layer.want_dense_grad(False)
 
     update = MaskUpdate(updater.step, "regrow", rate)
     for i, entry in enumerate(layers):
-        new = torch.sort(torch.cat([entry.positions[kept[i]], grown[i]])).values
+        new = torch.sort(torch.cat([entry.layer.positions()[kept[i]], grown[i]])).values
         carried = _window_momentum_at(updater, entry, grown[i])
         old = entry.layer.param
         source = entry.layer.install_positions(new)
         updater._adopt(entry.layer, old, source)
+        del source
         if carried is not None:
             _carry(updater, entry.layer, new, grown[i], carried)
+        del new
+        kept[i] = grown[i] = torch.empty(0)  # freed layer by layer
         update.pruned[entry.layer.name] = lost[i]
         update.grown[entry.layer.name] = grow[i]
     return updater._finish(update, t0)
@@ -275,45 +292,27 @@ def _non_finite(updater: MaskUpdater, layers: list[_Layer]) -> str | None:
     return None
 
 
-def _pruned(
-    updater: MaskUpdater,
-    layers: list[_Layer],
-    scores: list[Tensor],
-    remove: list[int],
-    total_free: int,
-    free: list[int],
+def _pruned_across(
+    updater: MaskUpdater, layers: list[_Layer], scores: dict[int, Tensor], total: int
 ) -> list[Tensor]:
-    """Bool over each layer's active positions: those pruned (as ``scoring.prune_sets``)."""
-    prune = updater.criteria.prune
-    assert prune is not None
-    out: list[Tensor | None] = [None] * len(layers)
-    glob = prune.scope == "global" and len(free) > 0
-    for i, s in enumerate(scores):
-        if glob and i in free:
-            continue
-        every = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
-        out[i] = bottom_k(s, every, remove[i], updater.generator(s.device), count=s.numel())
-    if glob:
-        cands = []
-        for i in free:
-            cand = torch.ones(scores[i].numel(), dtype=torch.bool, device=scores[i].device)
-            if scores[i].numel():
-                cand[int(scores[i].float().argmax())] = False  # no layer is emptied
-            cands.append(cand)
-        placement = layers[free[0]].layer.placement
-        across = placement.select_across_listed(
-            [scores[i] for i in free],
-            [layers[i].positions for i in free],
-            cands,
-            [layers[i].layer.numel for i in free],
-            [layers[i].layer.placement for i in free],
-            total_free,
-            updater.generator,
-            largest=False,
-        )
-        for i, chosen in zip(free, across, strict=True):
-            out[i] = chosen
-    return [o for o in out if o is not None]
+    """A global prune criterion: bool over the active positions of each free layer (in the
+    order of ``scores``), ``total`` of them across the layers, never a layer's best weight
+    (as ``scoring.prune_sets``)."""
+    cands = []
+    for s in scores.values():
+        cand = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
+        if s.numel():
+            cand[int(s.float().argmax())] = False  # no layer is emptied
+        cands.append(cand)
+    first = layers[next(iter(scores))].layer.placement
+    return first.select_across(
+        list(scores.values()),
+        cands,
+        [layers[i].layer.placement for i in scores],
+        total,
+        updater.generator,
+        largest=False,
+    )
 
 
 def _grow(entry: _Layer, kept: Tensor, n_grow: int, room: int) -> Tensor | str:
