@@ -149,41 +149,49 @@ def measure(cfg: Config) -> dict[str, float]:
 
 
 def render(rows: list[tuple[Config, dict[str, float]]], args: argparse.Namespace) -> str:
-    dense_adamw = next((r for c, r in rows if c.method == "dense" and c.optimizer == "adamw"), None)
-    width = args.width
-    dense_weights = (1024 * width + 2 * width * width + width * 10) * 4 / GIB
+    widths = sorted({c.width for c, _ in rows})
     lines = [
         START,
         "## Memory: peak RSS of a whole run",
         "",
-        f"`python benchmarks/memory.py --width {width} --steps {args.steps} --every {args.every}` "
-        f"(in `make bench`), on {machine()}. MLP 1024-{width}-{width}-{width}-10 "
-        f"({dense_weights:.2f} GiB of dense fp32 weights), batch {args.batch}, "
-        f"{args.steps} optimizer steps on Fashion-MNIST (padded to 32x32), mask updates every "
-        f"{args.every} steps; each row is a fresh process. Sparse rows: `sl.sparsify` then "
-        '`sl.accelerate(mode="sparse")` (weights and optimizer state as CSR values; sparse '
-        "momentum with `momentum_window=2`).",
-        "",
-        "| method | optimizer | density | before the model (GiB) | after construction (GiB) "
-        "| peak (GiB) | peak / dense AdamW | updates |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"`python benchmarks/memory.py --widths {' '.join(map(str, widths))} --steps "
+        f"{args.steps} --every {args.every}` (in `make bench`), on {machine()}. MLP "
+        f"1024-W-W-W-10, batch {args.batch}, {args.steps} optimizer steps on Fashion-MNIST "
+        f"(padded to 32x32), mask updates every {args.every} steps; each row is a fresh "
+        "process. Sparse rows build the model on the meta device, then `sl.sparsify` and "
+        '`sl.accelerate(mode="sparse")`, which materialises the active weights only (held with '
+        "their optimizer state as CSR values); sparse momentum with `momentum_window=2`.",
     ]
-    for cfg, r in rows:
-        ratio = f"{r['peak'] / dense_adamw['peak']:.2f}" if dense_adamw else "-"
-        density = "1" if cfg.method == "dense" else f"{cfg.density:g}"
-        lines.append(
-            f"| {cfg.method} | {cfg.optimizer} | {density} | {r['base']:.2f} | {r['built']:.2f} | "
-            f"{r['peak']:.2f} | {ratio} | {int(r['updates'])} |"
+    for width in widths:
+        at = [(c, r) for c, r in rows if c.width == width]
+        dense_adamw = next(
+            (r for c, r in at if c.method == "dense" and c.optimizer == "adamw"), None
         )
+        dense_weights = (1024 * width + 2 * width * width + width * 10) * 4 / GIB
+        lines += [
+            "",
+            f"W = {width} ({dense_weights:.2f} GiB of dense fp32 weights):",
+            "",
+            "| method | optimizer | density | before the model (GiB) | after construction (GiB) "
+            "| peak (GiB) | peak / dense AdamW | updates |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for cfg, r in at:
+            ratio = f"{r['peak'] / dense_adamw['peak']:.2f}" if dense_adamw else "-"
+            density = "1" if cfg.method == "dense" else f"{cfg.density:g}"
+            lines.append(
+                f"| {cfg.method} | {cfg.optimizer} | {density} | {r['base']:.2f} | "
+                f"{r['built']:.2f} | {r['peak']:.2f} | {ratio} | {int(r['updates'])} |"
+            )
     lines += [
         "",
         "*Before the model*: the interpreter, torch and the run's batches. *After construction*: "
         "once the model, the optimizer and (sparse rows) the engine and its accelerated layers "
         "exist, before the first step. *Peak*: the largest RSS from before the model to the end "
         "of the run (construction, steps and mask updates; reading the whole data file before "
-        "it is not counted). A sparse model "
-        "is still built dense and masked first, and a mask update materialises dense weights, "
-        "masks, gradients and scores of every layer at once: the peaks show what that costs.",
+        "it is not counted). A sparse model is never dense on the way: it is built on the meta "
+        "device, and its mask updates score growth block by block of rows from the factors of "
+        'the dense gradient (docs/architecture.md, "Mask updates in index form").',
         END,
     ]
     return "\n".join(lines) + "\n"
@@ -192,7 +200,7 @@ def render(rows: list[tuple[Config, dict[str, float]]], args: argparse.Namespace
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="markdown file to update")
-    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--widths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.05])
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--steps", type=int, default=6)
@@ -205,22 +213,25 @@ def main() -> None:
         print(json.dumps(run_one(Config(**json.loads(args.one)))), flush=True)
         return
     print(machine(), flush=True)
-    configs = [
-        Config("dense", opt, 1.0, args.width, args.steps, args.every, args.batch)
-        for opt in OPTIMIZERS
-    ]
-    configs += [
-        Config(method, opt, density, args.width, args.steps, args.every, args.batch)
-        for density in args.densities
-        for method in args.methods
-        for opt in OPTIMIZERS
-    ]
+    configs = []
+    for width in args.widths:
+        configs += [
+            Config("dense", opt, 1.0, width, args.steps, args.every, args.batch)
+            for opt in OPTIMIZERS
+        ]
+        configs += [
+            Config(method, opt, density, width, args.steps, args.every, args.batch)
+            for density in args.densities
+            for method in args.methods
+            for opt in OPTIMIZERS
+        ]
     rows = []
     for cfg in configs:
         result = measure(cfg)
         print(
-            f"{cfg.method} {cfg.optimizer} {cfg.density:g}: built {result['built']:.2f} GiB, "
-            f"peak {result['peak']:.2f} GiB, {int(result['updates'])} updates",
+            f"W={cfg.width} {cfg.method} {cfg.optimizer} {cfg.density:g}: built "
+            f"{result['built']:.2f} GiB, peak {result['peak']:.2f} GiB, "
+            f"{int(result['updates'])} updates",
             flush=True,
         )
         rows.append((cfg, result))
