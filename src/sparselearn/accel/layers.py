@@ -64,19 +64,23 @@ def csr_from_positions(
     khw = math.prod(shape[2:]) if len(shape) == 4 else 1
     fan_in = math.prod(shape[1:])
     rows_t = shape[1] if len(shape) == 4 else fan_in
-    r, c = positions // fan_in, positions % fan_in  # row-major order = CSR order of W
-    crow = torch.zeros(rows + 1, dtype=torch.long, device=positions.device)
-    crow[1:] = torch.bincount(r, minlength=rows).cumsum(0)
-    crow_t = torch.zeros(rows_t + 1, dtype=torch.long, device=positions.device)
+    device = positions.device
+    crow_t = torch.zeros(rows_t + 1, dtype=torch.long, device=device)
     if khw == 1:
-        # the transpose's order: by column, rows ascending within one (a stable sort keeps
-        # them so), without the 64-bit keys of the general case
-        col = c.to(INDEX_DTYPE)
-        del c
+        # a Linear's, with as few tensors of nnz 64-bit integers alive at once as can be (a
+        # layer of a model larger than memory restructures with them): the row pointers by
+        # bisection, the transpose's order by column with rows ascending within one (a stable
+        # sort keeps them so)
+        bounds = torch.arange(rows + 1, device=device).mul_(fan_in)
+        crow = torch.searchsorted(positions, bounds)
+        col = torch.remainder(positions, fan_in).to(INDEX_DTYPE)
         order = torch.sort(col, stable=True).indices
         crow_t[1:] = torch.bincount(col, minlength=rows_t).cumsum(0)
-        col_t = r[order].to(INDEX_DTYPE)
+        col_t = positions[order].floor_divide_(fan_in).to(INDEX_DTYPE)
         return crow, col, crow_t, col_t, order.to(INDEX_DTYPE)
+    r, c = positions // fan_in, positions % fan_in  # row-major order = CSR order of W
+    crow = torch.zeros(rows + 1, dtype=torch.long, device=device)
+    crow[1:] = torch.bincount(r, minlength=rows).cumsum(0)
     row_t = c // khw
     col_t = r * khw + c % khw
     order = torch.argsort(row_t * (rows * khw) + col_t)  # CSR order of the transpose
@@ -192,10 +196,10 @@ class SparseWeight(nn.Module):
 
     def positions(self) -> Tensor:
         """Each value's flat position in the weight (row * fan_in + column), in CSR order."""
-        rows = torch.repeat_interleave(
+        flat = torch.repeat_interleave(
             torch.arange(self.rows, device=self.col.device), self.crow.diff(), output_size=self.nnz
         )
-        return rows * self.fan_in + self.col.long()
+        return flat.mul_(self.fan_in).add_(self.col)  # in place: one tensor of nnz int64
 
     def arm_dense_grad(self, wanted: bool) -> None:
         """Whether the coming steps produce the dense gradient of the weight: then
@@ -272,10 +276,11 @@ class SparseWeight(nn.Module):
         return self.restructure_positions(new_mask.reshape(-1).nonzero().squeeze(1))
 
     @torch.no_grad()
-    def restructure_positions(self, positions: Tensor) -> Tensor:
+    def restructure_positions(self, positions: Tensor, old: Tensor | None = None) -> Tensor:
         """:meth:`restructure` to the active flat ``positions`` (int64, ascending), without a
-        tensor of the weight's size."""
-        old = self.positions()  # ascending: CSR order is row-major
+        tensor of the weight's size (``old``: :meth:`positions`, where the caller has them)."""
+        if old is None:
+            old = self.positions()  # ascending: CSR order is row-major
         source = torch.searchsorted(old, positions).clamp_(max=max(self.nnz - 1, 0))
         if self.nnz:
             source.masked_fill_(old[source] != positions, -1)

@@ -58,7 +58,7 @@ class CSRWeight(Protocol):
 
     def restructure(self, new_mask: Tensor) -> Tensor: ...
 
-    def restructure_positions(self, positions: Tensor) -> Tensor: ...
+    def restructure_positions(self, positions: Tensor, old: Tensor | None = None) -> Tensor: ...
 
     def arm_dense_grad(self, wanted: bool) -> None: ...
 
@@ -509,11 +509,11 @@ class CSRStorage:
         mask[flat] = True
         return dense.view(stop - start, fan_in), mask.view(stop - start, fan_in)
 
-    def install_positions(self, positions: Tensor) -> Tensor:
+    def install_positions(self, positions: Tensor, old: Tensor | None = None) -> Tensor:
         """Adopt the active flat ``positions`` (ascending): as :meth:`install`, without a
-        tensor of the weight's size."""
+        tensor of the weight's size (``old``: :meth:`positions` before, where known)."""
         self._mask = None
-        return self.storage.restructure_positions(positions)
+        return self.storage.restructure_positions(positions, old)
 
     def install(self, new: Tensor, active: int | None = None) -> Tensor | None:
         # kept values carried over, new ones zero
