@@ -373,3 +373,101 @@ def test_a_compiled_model_exports_under_the_plain_models_names(tmp_path: Path) -
     x = torch.randn(3, 20)
     assert torch.equal(plain(x), model(x))
     assert set(sl.sparse_state_dict(compiled, engine)) == set(model.state_dict())
+
+
+def _accelerated_run(
+    monkeypatch: pytest.MonkeyPatch, method: str = "rigl"
+) -> tuple[nn.Module, torch.optim.Optimizer, sl.SparseEngine]:
+    """An MLP accelerated with its dense gradients captured as factors (as a large layer's
+    are), a few steps in."""
+    from sparselearn.accel import layers as accel_layers
+
+    monkeypatch.setattr(accel_layers, "CAPTURE_ABOVE", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    options: dict[str, object] = {"update_every": 4, "seed": 0}
+    if method == "sparse_momentum":
+        options["momentum_window"] = 3
+    engine = sl.sparsify(model, opt, method, 0.2, total_steps=40, **options)
+    sl.accelerate(model, engine, mode="sparse", live_rounds=0)
+    return model, opt, engine
+
+
+def _steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x, y = torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_an_accelerated_model_saves_its_structure_as_positions_and_continues_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sparse momentum saved in the middle of a window held as factors: the state holds the
+    # layers' positions and the window's factors, never a tensor of a weight's size, and the
+    # restored run continues as the uninterrupted one
+    model, opt, engine = _accelerated_run(monkeypatch, "sparse_momentum")
+    _steps(model, opt, 6, seed=1)  # an update at step 4; steps 5, 6 open the next window
+    state = engine.state_dict()
+    for layer in engine.layers:
+        saved = state["masks"][layer.name]
+        assert saved.dtype == torch.int64
+        assert saved.numel() == layer.active
+    assert state["window"] == {}
+    assert set(state["window_factors"]) == {layer.name for layer in engine.layers}
+    sl.save(tmp_path / "run.pt", model, opt, engine)
+
+    model2, opt2, engine2 = _accelerated_run(monkeypatch, "sparse_momentum")
+    _steps(model2, opt2, 1, seed=7)  # somewhere else: the load must put it back
+    sl.load(tmp_path / "run.pt", model2, opt2, engine2)
+    _steps(model, opt, 6, seed=2)
+    _steps(model2, opt2, 6, seed=2)
+    assert len(engine2.history) == len(engine.history) == 3
+    for (name, a), b in zip(engine.masks.items(), engine2.masks.values(), strict=True):
+        assert torch.equal(a, b), name
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+    bad = dict(state)
+    name = engine.layers[1].name
+    bad["masks"] = {**state["masks"], name: state["masks"][name].flip(0)}
+    with pytest.raises(ValueError, match=f"saved positions for {name} are not ascending"):
+        engine2.load_state_dict(bad)
+
+
+def test_export_of_an_accelerated_model_never_builds_a_dense_weight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    from sparselearn.accel import SparseWeight
+    from sparselearn.accel.compact import densified
+
+    model, opt, engine = _accelerated_run(monkeypatch)
+    _steps(model, opt, 5, seed=1)
+    want = densified(model).state_dict()
+
+    def refuse(self: object) -> torch.Tensor:
+        raise AssertionError("a dense weight was built")
+
+    monkeypatch.setattr(SparseWeight, "dense", refuse)
+    monkeypatch.setattr(SparseWeight, "mask", refuse)
+    path = sl.export(model, engine, tmp_path / "model.safetensors")
+    for use_engine in (engine, None):
+        sl.export(model, use_engine, tmp_path / "again.safetensors")
+    monkeypatch.undo()
+    # read by safetensors itself, and back into the dense architecture
+    raw = load_file(str(path))
+    assert raw["2.weight.values"].numel() == engine.layers[1].active
+    got = sl.load_exported(path)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    csr = sl.sparse_state_dict(model, engine)["2.weight"]
+    assert torch.equal(csr.to_dense(), want["2.weight"])

@@ -41,7 +41,7 @@ def _feed(h: Any, obj: Any) -> None:
     if isinstance(obj, Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # its bytes, not a copy
     elif isinstance(obj, Mapping):
         h.update(b"{")
         for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -54,13 +55,52 @@ def _plain_name(name: str) -> str:
     return name.replace("._orig_mod.", ".")
 
 
-def _dense_state(model: nn.Module) -> dict[str, Tensor]:
-    """The state_dict of the plain model (outside compile's and data parallelism's wrappers,
-    under its own names), with accelerated layers as the dense layers they replace."""
-    from .accel.compact import densified
+class _Sparse(NamedTuple):
+    """An accelerated layer's weight, as CSR of its 2-D view (rows: output units), taken from
+    the layer without building the dense weight."""
 
-    state = densified(_unwrapped(model)[0]).state_dict()
-    return {_plain_name(k): v.detach() for k, v in state.items()}
+    values: Tensor
+    col: Tensor  # int64
+    crow: Tensor  # int64
+    shape: tuple[int, ...]
+
+    def kept(self, keep: Tensor) -> _Sparse:
+        """The same with only the entries ``keep`` (bool, per value)."""
+        rows = torch.repeat_interleave(
+            torch.arange(self.crow.numel() - 1), self.crow.diff(), output_size=self.values.numel()
+        )
+        crow = torch.zeros_like(self.crow)
+        crow[1:] = torch.bincount(rows[keep], minlength=self.crow.numel() - 1).cumsum(0)
+        return _Sparse(self.values[keep], self.col[keep], crow, self.shape)
+
+
+def _state(model: nn.Module) -> dict[str, Tensor | _Sparse]:
+    """The state_dict of the plain model (outside compile's and data parallelism's wrappers,
+    under its own names), with accelerated layers as the dense layers they replace: their
+    weights as :class:`_Sparse` (a ``Conv1D``'s, which the file holds as its (in, out) weight,
+    materialised one layer at a time)."""
+    from .accel import SparseConv1D, SparseConv2d, SparseLinear
+
+    plain = _unwrapped(model)[0]
+    state: dict[str, Tensor | _Sparse] = {
+        _plain_name(k): v.detach() for k, v in plain.state_dict().items()
+    }
+    for name, module in plain.named_modules():
+        if not isinstance(module, (SparseLinear, SparseConv2d)):
+            continue
+        prefix = _plain_name(f"{name}.") if name else ""
+        for key in [k for k in state if k.startswith(f"{prefix}weight_sparse.")]:
+            del state[key]
+        if isinstance(module, SparseConv1D):
+            weight = module.to_dense_module().weight
+            assert isinstance(weight, Tensor)
+            state[f"{prefix}weight"] = weight.detach()
+            continue
+        w = module.weight_sparse
+        state[f"{prefix}weight"] = _Sparse(
+            w.values.detach().cpu(), w.col.long().cpu(), w.crow.cpu(), tuple(w.shape)
+        )
+    return state
 
 
 def _check_engine(model: nn.Module, engine: Any) -> None:
@@ -76,15 +116,18 @@ def _check_engine(model: nn.Module, engine: Any) -> None:
         raise ValueError("engine sparsifies another model than the one given")
 
 
-def _masks(engine: Any, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _masks(engine: Any, state: dict[str, Tensor | _Sparse]) -> dict[str, Tensor]:
     """The active weights of each tensor stored as CSR: the engine's masks where given, else
-    the non-zeros of every tensor of two or more dimensions whose CSR is the smaller."""
+    the non-zeros of every tensor of two or more dimensions whose CSR is the smaller. (An
+    accelerated layer's weight is its CSR already: it needs none.)"""
     if engine is not None:
         prefix = _unwrapped(engine.model)[1]
-        masks = {
-            _plain_name(k.removeprefix(prefix)): m.detach().to(torch.bool).cpu()
-            for k, m in engine.masks.items()
-        }
+        masks = {}
+        for layer in engine.layers:
+            name = _plain_name(layer.name.removeprefix(prefix))
+            # (an accelerated layer held as CSR in the state is its own structure)
+            if not isinstance(state.get(name), _Sparse):
+                masks[name] = layer.public_mask().detach().to(torch.bool).cpu()
         unknown = [k for k in masks if k not in state]
         if unknown:
             raise ValueError(
@@ -94,11 +137,49 @@ def _masks(engine: Any, state: dict[str, Tensor]) -> dict[str, Tensor]:
         return masks
     out = {}
     for name, t in state.items():
+        if isinstance(t, _Sparse):
+            continue
         if t.dim() >= 2 and t.is_floating_point():
             nnz = int(torch.count_nonzero(t))
-            if nnz * (t.element_size() + 4) + (t.shape[0] + 1) * 4 < t.numel() * t.element_size():
+            if _csr_smaller(nnz, t):
                 out[name] = t != 0
     return out
+
+
+def _csr_smaller(nnz: int, t: Tensor | _Sparse) -> bool:
+    shape = t.shape if isinstance(t, _Sparse) else tuple(t.shape)
+    size = (t.values if isinstance(t, _Sparse) else t).element_size()
+    return nnz * (size + 4) + (shape[0] + 1) * 4 < math.prod(shape) * size
+
+
+def _sparse_entries(state: dict[str, Tensor | _Sparse], engine: Any) -> dict[str, Tensor | _Sparse]:
+    """Each tensor as it is stored: CSR (a :class:`_Sparse`) where the engine's masks (or,
+    without an engine, the non-zeros) say so, dense otherwise."""
+    masks = _masks(engine, state)
+    out: dict[str, Tensor | _Sparse] = {}
+    for name, t in state.items():
+        if isinstance(t, _Sparse):
+            if engine is None:  # its non-zeros, stored as CSR where that is smaller
+                keep = t.values != 0
+                nnz = int(torch.count_nonzero(keep))
+                if not _csr_smaller(nnz, t):
+                    out[name] = _densified(t)
+                    continue
+                if nnz != t.values.numel():
+                    t = t.kept(keep)
+            out[name] = t
+        elif name in masks:
+            values, col, crow = _csr(t, masks[name])
+            out[name] = _Sparse(values, col.long(), crow.long(), tuple(t.shape))
+        else:
+            out[name] = t
+    return out
+
+
+def _densified(t: _Sparse) -> Tensor:
+    rows, columns = t.shape[0], math.prod(t.shape[1:])
+    dense = torch.sparse_csr_tensor(t.crow, t.col, t.values, (rows, columns)).to_dense()
+    return dense.reshape(t.shape)
 
 
 def _csr(t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,27 +196,26 @@ def _csr(t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _stored(model: nn.Module, engine: Any) -> tuple[dict[str, Tensor], dict[str, str]]:
-    _check_engine(model, engine)  # before the model is copied
-    state = _dense_state(model)
-    masks = _masks(engine, state)
+    _check_engine(model, engine)
+    entries = _sparse_entries(_state(model), engine)
     tensors: dict[str, Tensor] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     aliases: dict[str, str] = {}
     sparse: dict[str, list[int]] = {}
-    for name, t in state.items():
+    for name, t in entries.items():
+        if isinstance(t, _Sparse):
+            index = torch.int32 if t.values.numel() < 2**31 and t.shape[0] < 2**31 else torch.int64
+            tensors[name + ".values"] = t.values.contiguous()
+            tensors[name + ".col_indices"] = t.col.to(index).contiguous()
+            tensors[name + ".crow_indices"] = t.crow.to(index)
+            sparse[name] = list(t.shape)
+            continue
         key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
         if t.numel() and key in seen:
             aliases[name] = seen[key]  # tied: stored once
             continue
         seen[key] = name
-        if name in masks:
-            values, col, crow = _csr(t, masks[name])
-            tensors[name + ".values"] = values
-            tensors[name + ".col_indices"] = col
-            tensors[name + ".crow_indices"] = crow
-            sparse[name] = list(t.shape)
-        else:
-            tensors[name] = t.contiguous().cpu()
+        tensors[name] = t.contiguous().cpu()
     metadata = {
         "format": FORMAT,
         "sparse": json.dumps(sparse),
@@ -143,6 +223,45 @@ def _stored(model: nn.Module, engine: Any) -> tuple[dict[str, Tensor], dict[str,
         "sha256": digest(tensors),
     }
     return tensors, metadata
+
+
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _write_safetensors(f: BinaryIO, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors format, written tensor by tensor: an 8-byte header length, a JSON
+    header (each tensor's dtype, shape and byte range; the metadata), the tensors' bytes. The
+    file is never whole in memory (``safetensors.torch.save`` builds it as one bytes object)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: safetensors cannot hold {t.dtype}")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(struct.pack("<Q", len(text)))
+    f.write(text)
+    for t in tensors.values():
+        if t.numel():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def export(model: nn.Module, engine: Any, path: str | os.PathLike[str]) -> Path:
@@ -154,16 +273,15 @@ def export(model: nn.Module, engine: Any, path: str | os.PathLike[str]) -> Path:
     (``pip install "sparselearn[safetensors]"``). Returns the path.
     """
     try:
-        from safetensors.torch import save
+        import safetensors  # noqa: F401  (what reads the file back)
     except ImportError as err:
         raise RuntimeError(
             f"export needs safetensors ({err}): pip install 'sparselearn[safetensors]'"
         ) from None
     tensors, metadata = _stored(model, engine)
     path = Path(path)
-    data = save(tensors, metadata=metadata)
     with atomic_file(path) as f:
-        f.write(data)
+        _write_safetensors(f, tensors, metadata)
     return path
 
 
@@ -221,14 +339,11 @@ def sparse_state_dict(model: nn.Module, engine: Any = None) -> dict[str, Tensor]
     view; a convolution's is rebuilt with ``t.to_dense().reshape(weight.shape)``.
     ``torch.save`` writes it, and ``torch.load(..., weights_only=True)`` reads it back."""
     _check_engine(model, engine)
-    state = _dense_state(model)
-    masks = _masks(engine, state)
     out: dict[str, Tensor] = {}
-    for name, t in state.items():
-        if name in masks:
-            values, col, crow = _csr(t, masks[name])
+    for name, t in _sparse_entries(_state(model), engine).items():
+        if isinstance(t, _Sparse):
             out[name] = torch.sparse_csr_tensor(
-                crow.long(), col.long(), values, (t.shape[0], t[0].numel())
+                t.crow, t.col, t.values, (t.shape[0], math.prod(t.shape[1:]))
             )
         else:
             out[name] = t

@@ -228,6 +228,10 @@ class SparseWeight(nn.Module):
         big = len(self.shape) == 2 and math.prod(self.shape) > CAPTURE_ABOVE
         self.capture = [] if wanted and big else None
 
+    def grad_from_factors(self, parts: list[tuple[Tensor, Tensor]]) -> CapturedGrad:
+        """A captured gradient from its saved factors (:attr:`CapturedGrad.parts`)."""
+        return CapturedGrad(parts, self.shape)
+
     def captured_grad(self) -> CapturedGrad | None:
         """The dense gradient of the backward passes since the layer was armed, as its factors
         (None: none were captured); the capture starts afresh."""

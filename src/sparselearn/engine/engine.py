@@ -32,7 +32,7 @@ from ..targets import DENSE_REASONS, Target, dense_by_reason, select
 from . import distributed
 from .calendar import Calendar
 from .placement import Placement, check_records, placements
-from .signals import Signals, dense_of
+from .signals import FactoredWindow, Signals
 from .state import STATE_FORMAT, check_state
 from .storage import CSRStorage, CSRWeight, LayerStorage, MaskedDense, Planned
 from .update import Criteria, MaskUpdater
@@ -526,11 +526,25 @@ class SparseEngine:
             "step": self._step,
             "pending_one_shot": self.calendar.pending_first_step,
             "finished": self.calendar.finished,
-            "masks": {layer.name: layer.mask.clone() for layer in self._layers},
+            "masks": {layer.name: layer.saved_structure() for layer in self._layers},
             "generators": {k: g.get_state() for k, g in self._generators.items()},
             "ema": {k: v.clone() for k, v in self.signals.ema.items()},
-            "window": {k: dense_of(v).clone() for k, v in self.signals.window.items()},
+            "window": {
+                k: v.clone() for k, v in self.signals.window.items() if isinstance(v, Tensor)
+            },
+            # a window held as the factors of its steps' gradients: the factors (as few bytes)
+            **({"window_factors": factors} if (factors := self._window_factors()) else {}),
             "history": [dataclasses.asdict(u) for u in self.history],
+        }
+
+    def _window_factors(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "betas": [beta for beta, _ in window.steps],
+                "steps": [[[gp, xp] for gp, xp in grad.parts] for _, grad in window.steps],
+            }
+            for name, window in self.signals.window.items()
+            if isinstance(window, FactoredWindow)
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -545,7 +559,20 @@ class SparseEngine:
             layer.release()
         for k, v in state.get("ema", {}).items():
             self.signals.ema[k].copy_(v)
-        self.signals.window = {k: v.clone() for k, v in state.get("window", {}).items()}
+        window: dict[str, Tensor | FactoredWindow] = {
+            k: v.clone() for k, v in state.get("window", {}).items()
+        }
+        by_name = {layer.name: layer for layer in self._layers}
+        for name, saved in state.get("window_factors", {}).items():
+            layer = by_name[name]
+            assert isinstance(layer, CSRStorage)
+            restored = window[name] = FactoredWindow(tuple(layer.storage.shape))
+            for beta, parts in zip(saved["betas"], saved["steps"], strict=True):
+                grad = layer.storage.grad_from_factors(
+                    [(gp.clone(), xp.clone()) for gp, xp in parts]
+                )
+                restored.add(grad, float(beta))
+        self.signals.window = window
         self._generators.clear()
         for key, gen_state in state["generators"].items():
             gen = torch.Generator(device=key)

@@ -52,10 +52,19 @@ def check_state(
         raise ValueError(f"engine state masks {saved} do not match this engine's {sorted(names)}")
     for layer in layers:
         m = masks[layer.name]
-        if not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != layer.mask.shape:
+        shape = _mask_shape(layer)
+        if isinstance(m, Tensor) and m.dtype == torch.int64 and m.dim() == 1:
+            if m.numel() and (
+                int(m[0]) < 0 or int(m[-1]) >= layer.numel or bool((m.diff() <= 0).any())
+            ):
+                raise ValueError(
+                    f"saved positions for {layer.name} are not ascending positions of a weight "
+                    f"of {layer.numel} entries"
+                )
+        elif not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != shape:
             raise ValueError(
-                f"saved mask for {layer.name} is not a bool tensor of shape "
-                f"{tuple(layer.mask.shape)}"
+                f"saved mask for {layer.name} is not a bool tensor of shape {tuple(shape)} "
+                "(nor its active positions)"
             )
     _check_budget(state, schedule, layers, masks)
     saved_ema = state.get("ema", {})
@@ -63,12 +72,33 @@ def check_state(
         not isinstance(v, Tensor) or v.shape != ema[k].shape for k, v in saved_ema.items()
     ):
         raise ValueError("engine state EMA buffers do not match this engine")
-    shapes = {layer.name: layer.mask.shape for layer in layers}  # a sharded weight's block
+    shapes = {layer.name: _mask_shape(layer) for layer in layers}  # a sharded weight's block
     for name, value in state.get("window", {}).items():
         if name not in shapes or not isinstance(value, Tensor) or value.shape != shapes[name]:
             raise ValueError(
                 f"engine state: window momentum {name!r} is not a tensor of a sparsified "
                 "weight's shape"
+            )
+    csr = {layer.name for layer in layers if layer.kind == "csr"}
+    for name, saved in state.get("window_factors", {}).items():
+        betas = saved.get("betas") if isinstance(saved, Mapping) else None
+        steps = saved.get("steps") if isinstance(saved, Mapping) else None
+        if (
+            name not in csr
+            or not isinstance(betas, list)
+            or not isinstance(steps, list)
+            or len(betas) != len(steps)
+            or any(
+                not isinstance(part, (list, tuple))
+                or len(part) != 2
+                or not all(isinstance(t, Tensor) and t.dim() == 3 for t in part)
+                for step in steps
+                for part in step
+            )
+        ):
+            raise ValueError(
+                f"engine state: window_factors {name!r} is not the window of an accelerated "
+                "layer (its steps' gradient factors)"
             )
     generators = state["generators"]
     if not isinstance(generators, Mapping) or any(
@@ -84,6 +114,12 @@ def check_state(
             raise ValueError(problem)
 
 
+def _mask_shape(layer: LayerStorage) -> torch.Size:
+    """The shape of the layer's mask (the part held here, for a sharded weight), without
+    building the mask of a layer that holds none."""
+    return layer.mask.shape if layer.kind == "masked" else layer.shape
+
+
 def _check_budget(
     state: Mapping[str, Any],
     schedule: MaskSchedule,
@@ -93,7 +129,11 @@ def _check_budget(
     """Saved masks keep the budget the way the engine keeps it: every layer active somewhere,
     dense runs dense, and the budget exact wherever the schedule holds it (sparse from the
     start, or once a dense start has been cut to the target)."""
-    active = {layer.name: layer.count(masks[layer.name]) for layer in layers}
+    active = {
+        layer.name: layer.count(m) if m.dtype == torch.bool else m.numel()
+        for layer in layers
+        for m in [masks[layer.name]]
+    }
     if not schedule.masks:
         for layer in layers:
             if active[layer.name] != layer.numel:

@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 
 class RowsGrad(Protocol):
     """A dense gradient held in a form that gives any block of its rows (an accelerated
-    Linear's captured factors): a mask update reads a large layer block by block."""
+    Linear's captured factors, ``parts``): a mask update reads a large layer block by block."""
 
     shape: tuple[int, ...]
+    parts: list[tuple[Tensor, Tensor]]
 
     def rows(self, start: int, stop: int) -> Tensor: ...
 
@@ -63,6 +64,8 @@ class CSRWeight(Protocol):
     def arm_dense_grad(self, wanted: bool) -> None: ...
 
     def captured_grad(self) -> RowsGrad | None: ...
+
+    def grad_from_factors(self, parts: list[tuple[Tensor, Tensor]]) -> RowsGrad: ...
 
 
 class LayerStorage(Protocol):
@@ -169,6 +172,12 @@ class LayerStorage(Protocol):
 
     def public_mask(self) -> Tensor:
         """The mask as ``engine.masks`` shows it (a DTensor for a sharded weight)."""
+        ...
+
+    def saved_structure(self) -> Tensor:
+        """The mask as a state saves it: bool, of the mask's shape, or for a layer held in
+        index form its active flat positions (int64, ascending), never a tensor of the
+        weight's size."""
         ...
 
 
@@ -287,7 +296,7 @@ class MaskedDense:
 
     def load_mask(self, mask: Tensor) -> None:
         self.sync_device()
-        self.install(mask.to(self.mask.device))
+        self.install(as_mask(mask, self.mask.shape).to(self.mask.device))
 
     def sync_device(self) -> None:
         if self.mask._version != self._seen:
@@ -310,6 +319,9 @@ class MaskedDense:
 
     def public_mask(self) -> Tensor:
         return self.placement.public(self.mask)
+
+    def saved_structure(self) -> Tensor:
+        return self.mask.clone()
 
 
 class Planned:
@@ -390,7 +402,7 @@ class Planned:
         return None
 
     def load_mask(self, mask: Tensor) -> None:
-        self.positions = mask.reshape(-1).nonzero().squeeze(1).cpu()
+        self.positions = as_positions(mask).cpu()
 
     def sync_device(self) -> None:
         pass
@@ -403,6 +415,9 @@ class Planned:
 
     def public_mask(self) -> Tensor:
         return self.mask
+
+    def saved_structure(self) -> Tensor:
+        return self.positions.clone()
 
 
 class CSRStorage:
@@ -557,7 +572,10 @@ class CSRStorage:
         self.storage.arm_dense_grad(wanted)
 
     def check_loadable(self, mask: Tensor) -> str | None:
-        if torch.equal(mask.to(self.device), self.mask):
+        if mask.dtype != torch.bool and not self.transposed:  # saved as positions
+            if torch.equal(mask.to(self.device), self.positions()):
+                return None
+        elif torch.equal(as_mask(mask, self.shape).to(self.device), self.mask):
             return None
         return (
             f"{self.name} is accelerated and its structure differs from the saved mask: load "
@@ -580,6 +598,23 @@ class CSRStorage:
 
     def public_mask(self) -> Tensor:
         return self.mask
+
+    def saved_structure(self) -> Tensor:
+        return self.positions() if self.listed else self.mask.clone()
+
+
+def as_positions(saved: Tensor) -> Tensor:
+    """A saved structure (a bool mask, or positions) as active flat positions."""
+    return saved if saved.dtype != torch.bool else saved.reshape(-1).nonzero().squeeze(1)
+
+
+def as_mask(saved: Tensor, shape: torch.Size) -> Tensor:
+    """A saved structure (a bool mask, or positions) as a bool mask of ``shape``."""
+    if saved.dtype == torch.bool:
+        return saved
+    mask = torch.zeros(math.prod(shape), dtype=torch.bool, device=saved.device)
+    mask[saved] = True
+    return mask.view(shape)
 
 
 def raise_edited(name: str) -> None:
