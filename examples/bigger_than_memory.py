@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=2000, help="test images to score")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export", type=Path, default=None, help="write the model here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -169,6 +170,14 @@ def main() -> None:
         "dense weights alone",
         flush=True,
     )
+    if args.export is not None:  # the active weights as CSR, written tensor by tensor
+        t0 = time.perf_counter()
+        sl.export(model, engine, args.export)
+        print(
+            f"exported to {args.export}: {args.export.stat().st_size / GIB:.2f} GiB in "
+            f"{time.perf_counter() - t0:.1f} s; peak RSS {status('VmHWM'):.2f} GiB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

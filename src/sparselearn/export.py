@@ -60,7 +60,7 @@ class _Sparse(NamedTuple):
     the layer without building the dense weight."""
 
     values: Tensor
-    col: Tensor  # int64
+    col: Tensor  # int32 or int64: as the layer holds it (no copy)
     crow: Tensor  # int64
     shape: tuple[int, ...]
 
@@ -98,7 +98,7 @@ def _state(model: nn.Module) -> dict[str, Tensor | _Sparse]:
             continue
         w = module.weight_sparse
         state[f"{prefix}weight"] = _Sparse(
-            w.values.detach().cpu(), w.col.long().cpu(), w.crow.cpu(), tuple(w.shape)
+            w.values.detach().cpu(), w.col.cpu(), w.crow.cpu(), tuple(w.shape)
         )
     return state
 
@@ -170,7 +170,7 @@ def _sparse_entries(state: dict[str, Tensor | _Sparse], engine: Any) -> dict[str
             out[name] = t
         elif name in masks:
             values, col, crow = _csr(t, masks[name])
-            out[name] = _Sparse(values, col.long(), crow.long(), tuple(t.shape))
+            out[name] = _Sparse(values, col, crow.long(), tuple(t.shape))
         else:
             out[name] = t
     return out
@@ -178,7 +178,7 @@ def _sparse_entries(state: dict[str, Tensor | _Sparse], engine: Any) -> dict[str
 
 def _densified(t: _Sparse) -> Tensor:
     rows, columns = t.shape[0], math.prod(t.shape[1:])
-    dense = torch.sparse_csr_tensor(t.crow, t.col, t.values, (rows, columns)).to_dense()
+    dense = torch.sparse_csr_tensor(t.crow, t.col.long(), t.values, (rows, columns)).to_dense()
     return dense.reshape(t.shape)
 
 
@@ -343,7 +343,7 @@ def sparse_state_dict(model: nn.Module, engine: Any = None) -> dict[str, Tensor]
     for name, t in _sparse_entries(_state(model), engine).items():
         if isinstance(t, _Sparse):
             out[name] = torch.sparse_csr_tensor(
-                t.crow, t.col, t.values, (t.shape[0], math.prod(t.shape[1:]))
+                t.crow, t.col.long(), t.values, (t.shape[0], math.prod(t.shape[1:]))
             )
         else:
             out[name] = t
