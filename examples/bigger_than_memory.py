@@ -20,9 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-# OpenMP reads its wait policy when it loads: sleeping threads, not spinning ones
-if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
+# Read when the process starts, so set here and the script started again. OpenMP's wait
+# policy: sleeping threads, not spinning ones. glibc's mmap threshold, fixed at 4 MiB: by
+# default it rises to the largest block freed so far (up to 32 MiB), and the activations,
+# gradient panels and blocks of a wide layer (a few MiB each) then come from a heap that
+# fragments and keeps what they free, a gigabyte over a few mask updates here.
+if (
+    os.environ.get("OMP_WAIT_POLICY") != "PASSIVE"
+    or os.environ.get("MALLOC_MMAP_THRESHOLD_") != "4194304"
+):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "4194304"
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch
@@ -113,7 +121,8 @@ def main() -> None:
     x_test, y_test = x_test[: args.test], y_test[: args.test]
     print(
         f"torch {torch.__version__}, {args.threads} threads, "
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; RSS with the data: "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+        f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}; RSS with the data: "
         f"{status('VmRSS'):.2f} GiB",
         flush=True,
     )
@@ -125,7 +134,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     options: dict[str, object] = {"update_every": args.every, "seed": args.seed}
     if args.method == "sparse_momentum":
-        options["momentum_window"] = 5  # the dense gradient's factors, 5 steps before updates
+        options["momentum_window"] = 3  # the dense gradient's factors, 3 steps before updates
     engine = sl.sparsify(
         model, optimizer, args.method, args.density, total_steps=args.steps, **options
     )

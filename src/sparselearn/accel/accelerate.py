@@ -274,11 +274,19 @@ def accelerate(
             0: no check (the choices stay as timed here).
 
     The weights and their optimizer state of accelerated layers then take memory proportional
-    to their active weights; masks change as before (the sparse structure is rebuilt at each
-    mask update, which materialises the dense weight, mask and scores of every layer for that
-    moment: docs/performance.md, "Memory", measures a whole run's peak). Methods whose growth
-    needs the momentum of missing weights at every step (sparse momentum) must set
+    to their active weights, and masks change as before: where every layer is an accelerated
+    Linear and the criteria allow it (docs/architecture.md, "Mask updates in index form"), an
+    update never builds a tensor of a weight's size, and a run's memory follows the active
+    weights (docs/performance.md, "Memory", measures a whole run's peak); otherwise an update
+    materialises each layer's dense weight, mask and scores for that moment. Methods whose
+    growth needs the momentum of missing weights at every step (sparse momentum) must set
     ``momentum_window`` to be accelerated.
+
+    A model built on the meta device (``with torch.device("meta"):``) and sparsified is
+    materialised here: each sparsified layer becomes a sparse layer holding its active weights
+    only, drawn by the layer's own ``reset_parameters`` a block of rows at a time, and the
+    model's other modules are initialised by theirs, on the CPU (docs/guide.md, "Models larger
+    than memory").
     """
     refuse_sharded(
         model,

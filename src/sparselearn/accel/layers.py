@@ -104,18 +104,42 @@ class CapturedGrad:
     """The dense gradient of a Linear weight (out, in) held as its factors: for each backward
     pass, the output gradient and the input, both in the kernels' panels of the batch
     (``(panels, rows, width)``, zero-padded). Any block of rows of the gradient is one product,
-    so a mask update scores a large layer block by block and never holds it whole."""
+    so a mask update scores a large layer block by block and never holds it whole; a few
+    entries of it are a few dot products (:meth:`at`)."""
 
     def __init__(self, parts: list[tuple[Tensor, Tensor]], shape: tuple[int, ...]) -> None:
         self.parts, self.shape = parts, shape
+        self._flat: list[tuple[Tensor, Tensor]] | None = None
+
+    def _matrices(self) -> list[tuple[Tensor, Tensor]]:
+        """Each pass's factors as (out, batch) and (in, batch) matrices (the panels' padding
+        rows are zero), made once: a block of rows is then one matrix product."""
+        if self._flat is None:
+            self._flat = [
+                (
+                    gp.permute(1, 0, 2).reshape(gp.shape[1], -1),
+                    xp.permute(1, 0, 2).reshape(xp.shape[1], -1),
+                )
+                for gp, xp in self.parts
+            ]
+        return self._flat
 
     def rows(self, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of the gradient (summed over the passes, in their order)."""
         out: Tensor | None = None
-        for gp, xp in self.parts:
-            block = torch.einsum("pow,piw->oi", gp[:, start:stop], xp)
+        for g, x in self._matrices():
+            block = g[start:stop] @ x.t()
             out = block if out is None else out.add_(block)
         assert out is not None
+        return out
+
+    def at(self, rows: Tensor, cols: Tensor, chunk: int = 1 << 16) -> Tensor:
+        """The gradient at the entries (``rows``, ``cols``), without any block of it."""
+        out = torch.zeros(rows.numel(), dtype=self.parts[0][0].dtype, device=rows.device)
+        for g, x in self._matrices():
+            for lo in range(0, rows.numel(), chunk):
+                r, c = rows[lo : lo + chunk], cols[lo : lo + chunk]
+                out[lo : lo + chunk] += (g[r] * x[c]).sum(1)
         return out
 
     def dense(self) -> Tensor:

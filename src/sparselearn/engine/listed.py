@@ -41,7 +41,7 @@ from ..schedules import MaskUpdate
 from ..selection import bottom_k
 from ..selection.streamed import streamed_top_k
 from . import distributed
-from .signals import Signals, _finite, rows_of
+from .signals import FactoredWindow, Signals, _finite, rows_of
 from .storage import CSRStorage, LayerStorage
 
 
@@ -252,7 +252,7 @@ def regrow(updater: MaskUpdater, rate: float) -> MaskUpdate:
         picked = _grow(entry, kept[i], grow[i], room[i])
         if isinstance(picked, str):
             return updater._skip(picked, rate)
-        grown.append(picked)
+        grown.append(picked.to(torch.int32))  # (an accelerated weight has < 2**31 entries)
         updater.signals.dense_grads.pop(entry.layer.name, None)
         if updater.after_step:
             entry.layer.want_dense_grad(False)
@@ -266,6 +266,7 @@ def regrow(updater: MaskUpdater, rate: float) -> MaskUpdate:
         layers[i] = None  # type: ignore[call-overload]  # its view of the old values goes
         del entry
         before = storage.positions()
+        grown[i] = grown[i].long()
         new = _merged(before[kept[i]], grown[i])
         old = storage.param
         source = storage.install_positions(new, before)
@@ -398,16 +399,11 @@ def _window_momentum_at(updater: MaskUpdater, entry: _Layer, grown: Tensor) -> T
     if not isinstance(state.get("momentum_buffer"), Tensor):
         return None
     fan_in = layer.storage.shape[1]
-    rows = grown // fan_in
-    parts = []
-    for start, stop in entry.blocks():
-        lo, hi = torch.searchsorted(rows, torch.tensor([start, stop], device=rows.device)).tolist()
-        if hi > lo:
-            block = rows_of(window, start, stop).reshape(-1)
-            parts.append(block[grown[lo:hi] - start * fan_in])
-    if not parts:
-        return torch.zeros(0)
-    return torch.cat(parts) / (1.0 - updater.signals.momentum_coefficient(layer))
+    if isinstance(window, FactoredWindow):  # a few dot products per grown position
+        carried = window.at(grown // fan_in, grown % fan_in)
+    else:
+        carried = window.reshape(-1)[grown.long()]
+    return carried / (1.0 - updater.signals.momentum_coefficient(layer))
 
 
 def _carry(

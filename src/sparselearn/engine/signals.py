@@ -97,6 +97,18 @@ class FactoredWindow:
         assert buf is not None
         return buf
 
+    def at(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """The window momentum at the entries (``rows``, ``cols``) only."""
+        buf: Tensor | None = None
+        for beta, grad in self.steps:
+            values = grad.at(rows, cols)
+            if buf is None:
+                buf = values.float() * (1.0 - beta)
+            else:
+                buf.mul_(beta).add_(values, alpha=1.0 - beta)
+        assert buf is not None
+        return buf
+
     def dense(self) -> Tensor:
         return self.rows(0, self.shape[0])
 
