@@ -119,7 +119,18 @@ def main() -> None:
     x_train, y_train = load("train")
     x_test, y_test = load("test")
     x_test, y_test = x_test[: args.test], y_test[: args.test]
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    flags = Path("/proc/cpuinfo").read_text()
+    isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
     print(
+        f"{cpu} ({isa}), "
         f"torch {torch.__version__}, {args.threads} threads, "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
         f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}; RSS with the data: "
