@@ -125,6 +125,7 @@ results-gpt: $(STAMP)
 study-paper: $(STAMP) $(FMNIST)
 	$(BIN)/sparselearn study studies/paper_lenet300.yaml
 	$(BIN)/sparselearn study studies/paper_lenet5.yaml
+	$(BIN)/sparselearn study studies/window_lenet300.yaml
 	$(MAKE) results-paper
 
 CURVES := --curves dense sparse_momentum@0.05 sparse_momentum@0.2
@@ -137,6 +138,9 @@ results-paper: $(STAMP) $(FMNIST)
 	  --markdown docs/results.md --section analysis-paper
 	$(BIN)/sparselearn report results/paper-lenet300 --markdown docs/results.md \
 	  --plots docs/figures/paper --section report-paper-lenet300 --claims $(CURVES)
+	$(BIN)/sparselearn report results/window-lenet300 \
+	  results/paper-lenet300/lenet300-100/sparse_momentum/density-0.05 \
+	  --markdown docs/results.md --section report-paper-window
 
 clean:
 	rm -rf $(VENV) $(PEERS) .pytest_cache .mypy_cache .ruff_cache .hypothesis
