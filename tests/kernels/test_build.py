@@ -129,3 +129,25 @@ def test_backend_cpp_refuses_tensors_it_cannot_compute() -> None:
         pytest.skip("needs the compiled kernels")
     with pytest.raises(RuntimeError, match=r"float32 and float64 on the CPU, not torch\.float16"):
         kernels.kernels_for(torch.zeros(2, 2, dtype=torch.float16), "cpp")
+
+
+@pytest.mark.usefixtures("fresh_build")
+def test_a_build_killed_midway_does_not_hold_later_builds_forever(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # PyTorch's build lock, left behind by a builder that was killed: the next build goes on
+    # (a stand-in for the compiler records what it found)
+    import torch.utils.cpp_extension
+
+    directory = tmp_path / "cache" / f"ext-{build._build_key()}"
+    directory.mkdir(parents=True)
+    (directory / "lock").touch()
+    found = []
+
+    def fake_load(**kwargs: object) -> str:
+        found.append((Path(str(kwargs["build_directory"])) / "lock").exists())
+        return "built"
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    assert build.extension() == "built"
+    assert found == [False]

@@ -214,3 +214,29 @@ def test_a_misleading_sample_gets_a_second_wider_try_before_ranking_everything(
     assert found is not None
     picked, ties = found
     assert torch.equal(torch.cat([picked, ties]).sort().values, torch.arange(n - k, n))
+
+
+@given(st.integers(1, 2000), st.floats(0.0, 1.0), st.integers(0, 2**30))
+def test_positions_drawn_without_replacement_are_distinct_ascending_and_exactly_k(
+    n: int, share: float, seed: int
+) -> None:
+    from sparselearn.selection import sample_without_replacement
+
+    k = round(share * n)
+    drawn = sample_without_replacement(n, k, torch.Generator().manual_seed(seed))
+    assert drawn.numel() == k
+    assert torch.equal(drawn, torch.unique(drawn))  # distinct and ascending
+    assert k == 0 or (int(drawn[0]) >= 0 and int(drawn[-1]) < n)
+
+
+def test_positions_drawn_without_replacement_are_uniform() -> None:
+    from sparselearn.selection import sample_without_replacement
+
+    # each position is drawn with probability k / n, below and above n / 2
+    for k in (3, 7):
+        counts = torch.zeros(10)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(4000):
+            counts[sample_without_replacement(10, k, gen)] += 1
+        expected = 4000 * k / 10
+        assert float((counts - expected).abs().max()) < 5 * (expected * (1 - k / 10)) ** 0.5

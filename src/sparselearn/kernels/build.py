@@ -14,6 +14,7 @@ on an AVX-512 machine, so that both can be tested and timed on one CPU.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -161,14 +162,20 @@ def _build() -> Any:
     # one compile per core (ninja's default runs more, and the builds then slow each other)
     os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
     try:
-        return load(
-            name="sparselearn_cpu",
-            sources=[str(s) for s in _SOURCES],
-            extra_cflags=_cflags(),
-            extra_ldflags=_LDFLAGS,
-            build_directory=str(build),
-            verbose=False,
-        )
+        # one builder at a time, under a lock the system releases when its holder dies:
+        # PyTorch's own (a file named "lock" that its builder deletes when done) outlives a
+        # builder that is killed, and every later build would then wait for it forever
+        with open(build / "sparselearn.lock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (build / "lock").unlink(missing_ok=True)  # only a dead builder's can be there
+            return load(
+                name="sparselearn_cpu",
+                sources=[str(s) for s in _SOURCES],
+                extra_cflags=_cflags(),
+                extra_ldflags=_LDFLAGS,
+                build_directory=str(build),
+                verbose=False,
+            )
     finally:
         for key, value in saved.items():
             if value is None:

@@ -159,10 +159,34 @@ def _sample_without_replacement(
 
 
 def sample_without_replacement(n: int, k: int, generator: torch.Generator) -> Tensor:
-    """``k`` distinct positions in ``range(n)`` (int64, in the order drawn), uniformly, from
-    ``generator``; memory of the order of ``k``, not ``n`` (a layer's initial mask drawn as a
-    list)."""
-    return _sample_without_replacement(n, k, generator, generator.device)
+    """``k`` distinct positions in ``range(n)`` (int64, ascending), every set of ``k`` equally
+    likely, from ``generator``; memory of the order of ``min(k, n - k)`` positions (and ``n``
+    bytes above ``k = n / 2``), never ``n`` positions: a layer's initial mask drawn as a list.
+
+    Up to ``k = n / 50``, NumPy's ``choice`` draws the set in memory of the order of ``k`` (its
+    seed drawn from ``generator``). Past that it would permute all of ``range(n)``; positions
+    are then drawn independently, the repeated ones dropped, until ``k`` distinct ones are in
+    hand, and ``k`` of those kept at random: the set drawn so is uniform too (the draws are
+    exchangeable).
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot draw {k} of {n} positions")
+    device = generator.device
+    if 50 * k <= n:
+        return torch.sort(_sample_without_replacement(n, k, generator, device)).values
+    if 2 * k > n:  # draw the positions left out
+        out = torch.ones(n, dtype=torch.bool, device=device)
+        out[sample_without_replacement(n, n - k, generator)] = False
+        return out.nonzero().squeeze(1)
+    picked = torch.zeros(0, dtype=torch.long, device=device)
+    while picked.numel() < k:
+        need = k - picked.numel()
+        draw = torch.randint(0, n, (need + need // 8 + 16,), generator=generator, device=device)
+        picked = torch.unique(torch.cat([picked, draw]))
+    if picked.numel() > k:
+        keep = torch.randperm(picked.numel(), generator=generator, device=device)[:k]
+        picked = torch.sort(picked[keep]).values
+    return picked
 
 
 def bottom_k(
