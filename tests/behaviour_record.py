@@ -267,9 +267,26 @@ def run_record(run: Path) -> dict[str, Any]:
         "metrics": _exact(rows),
         "summary": _exact(summary),
         "model": tensor_hash(state["model"]),
-        "masks": tensor_hash(state["engine"]["masks"]),
+        "masks": tensor_hash(_bool_masks(state)),
         "accelerated": state.get("accelerated"),
     }
+
+
+def _bool_masks(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The engine state's masks as bool masks: an accelerated layer's is saved as its active
+    positions, which its CSR row pointers (and its transpose's) give the shape of."""
+    out = {}
+    for name, saved in state["engine"]["masks"].items():
+        if saved.dtype == torch.bool:
+            out[name] = saved
+            continue
+        prefix = name.rsplit(".", 1)[0] + ".weight_sparse."
+        rows = state["model"][prefix + "crow"].numel() - 1
+        cols = state["model"][prefix + "crow_t"].numel() - 1
+        mask = torch.zeros(rows * cols, dtype=torch.bool)
+        mask[saved] = True
+        out[name] = mask.view(rows, cols)
+    return out
 
 
 def train_run(root: Path) -> dict[str, Any]:
