@@ -41,6 +41,7 @@ from ..schedules import MaskUpdate
 from ..selection import bottom_k
 from ..selection.streamed import streamed_top_k
 from . import distributed
+from .scoring import checked
 from .signals import FactoredWindow, Signals, _finite, rows_of
 from .storage import CSRStorage, LayerStorage
 
@@ -205,13 +206,7 @@ def regrow(updater: MaskUpdater, rate: float) -> MaskUpdate:
     pruned: list[Tensor | None] = [None] * len(layers)
     held: dict[int, Tensor] = {}
     for i, entry in enumerate(layers):
-        s = prune.fn(entry.view)
-        if not isinstance(s, Tensor) or s.shape != entry.values.shape:
-            raise TypeError(
-                f"elementwise criterion {prune.name!r} must return scores of the shape of its "
-                f"(1-D) inputs, {tuple(entry.values.shape)} for {entry.layer.name}, got "
-                f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
-            )
+        s = checked(prune, prune.fn(entry.view), entry.values.shape, entry.layer.name)
         if not _finite(s):
             return updater._skip(
                 f"criterion {prune.name!r} gave non-finite scores for {entry.layer.name}", rate
@@ -372,13 +367,7 @@ def _grow(entry: _Layer, kept: Tensor, n_grow: int, room: int) -> Tensor | str:
     def blocks():  # type: ignore[no-untyped-def]
         for start, stop in entry.blocks():
             view = entry.growth_view(start, stop, kept, n_grow)
-            s = growth.fn(view)
-            if not isinstance(s, Tensor) or s.shape != view.shape:
-                raise TypeError(
-                    f"criterion {growth.name!r} must return a tensor of shape "
-                    f"{tuple(view.shape)} for {view.name}, got "
-                    f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
-                )
+            s = checked(growth, growth.fn(view), view.shape, view.name)
             if not _finite(s):
                 reason.append(f"criterion {growth.name!r} gave non-finite scores for {view.name}")
                 s = torch.zeros_like(s)

@@ -25,6 +25,20 @@ class ActiveScores(NamedTuple):
     scores: Tensor
 
 
+def checked(criterion: Criterion, scores: object, shape: torch.Size, name: str) -> Tensor:
+    """``scores`` as a criterion must return them for a layer ``name``: a tensor of ``shape``
+    (the view's; 1-D for a view of listed positions); else a TypeError naming both."""
+    if not isinstance(scores, Tensor) or scores.shape != shape:
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        what = (
+            "scores of the shape of its (1-D) inputs," if len(shape) == 1 else "a tensor of shape"
+        )
+        raise TypeError(
+            f"criterion {criterion.name!r} must return {what} {tuple(shape)} for {name}, got {got}"
+        )
+    return scores
+
+
 def layer_views(
     layers: Sequence[LayerStorage], needs: frozenset[str], signals: Signals, generator: Generators
 ) -> list[LayerView]:
@@ -87,12 +101,7 @@ def scores(
         s = layers[i].placement.evaluate(criterion, view)
         if done is not None:
             done(i)
-        if not isinstance(s, Tensor) or s.shape != view.shape:
-            raise TypeError(
-                f"criterion {criterion.name!r} must return a tensor of shape "
-                f"{tuple(view.shape)} for {view.name}, got "
-                f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
-            )
+        s = checked(criterion, s, view.shape, view.name)
         if reason is None and not _finite(s):
             # no early exit: where a criterion is evaluated together with other processes,
             # each of them must evaluate every layer
@@ -116,23 +125,11 @@ def prune_scores(
     reason = None
     for view, layer in zip(views, layers, strict=True):
         if 2 * layer.active >= layer.numel:
-            s = crit.fn(view)
-            if not isinstance(s, Tensor) or s.shape != view.shape:
-                raise TypeError(
-                    f"criterion {crit.name!r} must return a tensor of shape "
-                    f"{tuple(view.shape)} for {view.name}, got "
-                    f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
-                )
+            s = checked(crit, crit.fn(view), view.shape, view.name)
             entry: Tensor | ActiveScores = s
         else:
             idx = view.mask.reshape(-1).nonzero().squeeze(1)
-            s = crit.fn(view.at(idx))
-            if not isinstance(s, Tensor) or s.shape != idx.shape:
-                raise TypeError(
-                    f"elementwise criterion {crit.name!r} must return scores of the shape of "
-                    f"its (1-D) inputs, {tuple(idx.shape)} for {view.name}, got "
-                    f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}"
-                )
+            s = checked(crit, crit.fn(view.at(idx)), idx.shape, view.name)
             entry = ActiveScores(idx, s)
         if not _finite(s):
             reason = f"criterion {crit.name!r} gave non-finite scores for {view.name}"

@@ -4,6 +4,7 @@ window before each update; and resets of optimizer state."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,28 +87,24 @@ class FactoredWindow:
     def add(self, grad: RowsGrad, beta: float) -> None:
         self.steps.append((beta, grad))
 
-    def rows(self, start: int, stop: int) -> Tensor:
+    def _replayed(self, part: Callable[[RowsGrad], Tensor]) -> Tensor:
+        """The moving average of ``part`` of each step's gradient, as update_window makes it."""
         buf: Tensor | None = None
         for beta, grad in self.steps:
-            block = grad.rows(start, stop)
-            if buf is None:
-                buf = block.float() * (1.0 - beta)
-            else:
-                buf.mul_(beta).add_(block, alpha=1.0 - beta)
-        assert buf is not None
-        return buf
-
-    def at(self, rows: Tensor, cols: Tensor) -> Tensor:
-        """The window momentum at the entries (``rows``, ``cols``) only."""
-        buf: Tensor | None = None
-        for beta, grad in self.steps:
-            values = grad.at(rows, cols)
+            values = part(grad)
             if buf is None:
                 buf = values.float() * (1.0 - beta)
             else:
                 buf.mul_(beta).add_(values, alpha=1.0 - beta)
         assert buf is not None
         return buf
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        return self._replayed(lambda grad: grad.rows(start, stop))
+
+    def at(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """The window momentum at the entries (``rows``, ``cols``) only."""
+        return self._replayed(lambda grad: grad.at(rows, cols))
 
     def dense(self) -> Tensor:
         return self.rows(0, self.shape[0])
@@ -157,19 +154,15 @@ class Signals:
 
     def momentum(self, layer: LayerStorage) -> Tensor:
         """The momentum of ``layer``'s dense gradient, in the weight's shape."""
-        m = optimizer_momentum(self.optimizer, layer.param)
-        if m is None:
-            m = self.ema.get(layer.name)
-        if m is None:
-            m = torch.zeros_like(layer.local(layer.param))
-        m = layer.to_weight_shape(m.detach())
+        m = layer.to_weight_shape(self.active_momentum(layer))
         window = self.window.get(layer.name)
         if window is not None:  # missing weights: the momentum gathered in the window
             m = torch.where(layer.mask, m, dense_of(window).to(m.dtype))
         return m
 
     def active_momentum(self, layer: LayerStorage) -> Tensor:
-        """The momentum at the active weights only, in the parameter's layout."""
+        """The momentum in the parameter's layout (for a weight held as CSR values, at the
+        active weights only): the optimizer's, else the engine's average, else zeros."""
         m = optimizer_momentum(self.optimizer, layer.param)
         if m is None:
             m = self.ema.get(layer.name)
