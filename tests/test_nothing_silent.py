@@ -208,12 +208,17 @@ def test_a_state_whose_masks_break_the_budget_or_shapes_is_refused(
     assert all(torch.equal(before[n], m) for n, m in engine.masks.items())  # nothing applied
 
 
-def test_a_model_on_the_meta_device_is_refused() -> None:
+def test_a_model_on_the_meta_device_trains_only_once_materialised() -> None:
+    # accepted (its positions drawn as lists), but no step runs before sl.accelerate gives it
+    # values, and a method that starts from the dense weights is refused at once
     with torch.device("meta"):
         model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"on the meta device .* materialise the model"):
-        sl.sparsify(model, opt, method="static", density=0.2)
+    with pytest.raises(ValueError, match=r"on the meta device, and this method starts from"):
+        sl.sparsify(model, opt, method="gmp", density=0.2, total_steps=10)
+    sl.sparsify(model, opt, method="static", density=0.2)
+    with pytest.raises(RuntimeError, match=r"still on the meta device: call sl.accelerate"):
+        opt.step()
 
 
 def test_accelerate_leaves_the_models_state_as_it_was() -> None:
