@@ -206,9 +206,8 @@ def _swap_in_optimizer(
 ) -> None:
     """The optimizer holds ``new`` where it held ``old``; per-weight state follows the mask (in
     the stored matrix's order: the transpose's, for a ``transposed`` weight)."""
-    for group in optimizer.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]]
-    state = optimizer.state.pop(old, None)
+    state = optimizer.state.get(old)
+    replace_in_optimizer(optimizer, old, new)
     if state:
 
         def active(v: Tensor) -> Tensor:

@@ -99,7 +99,8 @@ def _meta_tensors(module: nn.Module) -> bool:
 def replace_in_optimizer(
     optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter
 ) -> None:
-    """The optimizer holds ``new`` where it held ``old`` (no state yet: it never stepped)."""
+    """The optimizer holds ``new`` where it held ``old``; the old one's state is dropped (a
+    caller that keeps it takes it first)."""
     if old is new:
         return
     for group in optimizer.param_groups:

@@ -43,7 +43,7 @@ from ..selection.streamed import streamed_top_k
 from . import distributed
 from .scoring import checked
 from .signals import FactoredWindow, Signals, _finite, rows_of
-from .storage import CSRStorage, LayerStorage
+from .storage import CSRStorage, LayerStorage, RowsGrad
 
 
 class MaskUpdater(Protocol):
@@ -320,16 +320,20 @@ def _non_finite(updater: MaskUpdater, layers: list[_Layer]) -> str | None:
         for key in sorted(updater.needs):
             if key == "grad":
                 held = signals.grad_held(layer)
-                ok = _finite(held) if isinstance(held, Tensor) else held.finite()
+                ok = _finite_signal(held)
             else:
                 window = signals.window.get(layer.name)
                 ok = _finite(signals.active_momentum(layer)) and (
-                    window is None
-                    or (_finite(window) if isinstance(window, Tensor) else window.finite())
+                    window is None or _finite_signal(window)
                 )
             if not ok:
                 return f"{key} of {layer.name}"
     return None
+
+
+def _finite_signal(signal: Tensor | RowsGrad | FactoredWindow) -> bool:
+    """Every entry of a signal finite, however it is held (factors: theirs)."""
+    return _finite(signal) if isinstance(signal, Tensor) else signal.finite()
 
 
 def _pruned_across(
