@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sparselearn"
 # From the ground up; a module imports from its own layer or the ones below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("_registry", "_io", "selection", "kernels", "checkpoint")),
-    ("registered parts and data", ("budget", "criteria", "schedules", "data")),
+    ("registered parts and data", ("budget", "criteria", "schedules", "data", "structure")),
     ("configuration", ("config",)),
     ("presets and targets", ("methods", "targets")),
     ("engine", ("engine",)),

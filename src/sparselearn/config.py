@@ -14,6 +14,7 @@ from ._registry import did_you_mean, unknown_name_message
 from .budget import INIT
 from .criteria import GROWTH, PRUNE, REDISTRIBUTION
 from .schedules import MASK_SCHEDULE, PRUNE_RATE_SCHEDULE
+from .structure import parse_structure
 
 OPTIMIZER_STATE_POLICIES = ("keep", "reset_grown", "reset_pruned", "reset_both")
 
@@ -105,6 +106,10 @@ class SparsityConfig:
     seed: int | None = _option(
         None, "seed of the engine's generator (initial masks, random growth, tie-breaking)"
     )
+    structure: str = _option(
+        "unstructured",
+        "mask structure: unstructured, fan_in (constant fan-in) or N:M such as 2:4",
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through object.__setattr__
@@ -167,7 +172,9 @@ class SparsityConfig:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise TypeError(f"seed must be an integer or None, got {self.seed!r}")
+        set_(self, "structure", parse_structure(self.structure).name)
         self._check_schedule()
+        self._check_structure()
 
     def _check_update_every(self) -> None:
         every = self.update_every
@@ -256,6 +263,36 @@ class SparsityConfig:
                 f"method {self.method!r} schedules its mask updates over training: pass "
                 "total_steps (the number of optimizer steps, e.g. epochs * len(train_loader))"
             )
+
+    def _check_structure(self) -> None:
+        """N:M fixes every layer's density at N/M: the density, the initial distribution and
+        the redistribution must agree with it."""
+        structure = parse_structure(self.structure)
+        if structure.density is None:
+            return
+        name, d = structure.name, structure.density
+        if not math.isclose(self.density, d, rel_tol=0, abs_tol=1e-9):
+            raise ValueError(
+                f"structure {name!r} keeps {structure.n} of every {structure.m} weights: the "
+                f"density must be {d:g}, got {self.density:g}"
+            )
+        if self.init != "uniform":
+            raise ValueError(
+                f"structure {name!r} gives every layer the density {d:g}: init must be "
+                f"'uniform', got {self.init!r}"
+            )
+        if self.redistribution != "none":
+            raise ValueError(
+                f"structure {name!r} fixes every layer's count, so nothing can move between "
+                f"layers: redistribution must be 'none', got {self.redistribution!r}"
+            )
+        for key, dens in self.layer_density:
+            if not math.isclose(dens, d, rel_tol=0, abs_tol=1e-9):
+                raise ValueError(
+                    f"structure {name!r} gives every layer the density {d:g}: "
+                    f"layer_density[{key!r}] = {dens:g} cannot hold; keep that layer dense "
+                    "(exclude=) instead"
+                )
 
     def needs_total_steps(self) -> bool:
         return MASK_SCHEDULE.get(self.schedule).needs_total_steps(self)

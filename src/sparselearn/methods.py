@@ -13,6 +13,7 @@ from typing import Any
 from ._registry import Registry
 from .config import OPTION_NAMES, SparsityConfig, unknown_option_message
 from .schedules import MASK_SCHEDULE
+from .structure import parse_structure
 
 # What stands in for the run's length while it is not known yet (a trainer callback created
 # before its trainer, a run's file checked before its data is read): long enough that no check
@@ -150,6 +151,42 @@ register_method(
     optimizer_state="keep",
 )
 register_method(
+    "srigl",
+    description="RigL with constant fan-in: every output unit keeps the same number of inputs "
+    "(prune by magnitude across the layer, each unit regrows what it lost by gradient).",
+    reference="Lasby et al. 2024 (SRigL)",
+    schedule="periodic",
+    init="erk",
+    prune="magnitude",
+    growth="gradient",
+    redistribution="none",
+    update_every=100,
+    stop_at=0.75,
+    prune_rate=0.3,
+    prune_rate_schedule="cosine",
+    prune_rate_min=0.0,
+    optimizer_state="reset_grown",
+    structure="fan_in",
+)
+register_method(
+    "srigl_2_4",
+    description="SRigL's schedule within 2:4 blocks (2 of every 4 inputs kept, the layout "
+    "NVIDIA's sparse tensor cores and vLLM serve): density 0.5.",
+    reference="Lasby et al. 2024 (N:M SRigL); Mishra et al. 2021 (2:4)",
+    schedule="periodic",
+    init="uniform",
+    prune="magnitude",
+    growth="gradient",
+    redistribution="none",
+    update_every=100,
+    stop_at=0.75,
+    prune_rate=0.3,
+    prune_rate_schedule="cosine",
+    prune_rate_min=0.0,
+    optimizer_state="reset_grown",
+    structure="2:4",
+)
+register_method(
     "gmp",
     description="Gradual magnitude pruning from dense to the target density on a cubic schedule.",
     reference="Zhu & Gupta 2017",
@@ -182,6 +219,16 @@ def make_config(
             raise TypeError(unknown_option_message(key))
     params = {**preset.defaults, **options}
     schedule = MASK_SCHEDULE.get(params.get("schedule", "periodic"))
+    structure = parse_structure(params.get("structure", "unstructured"))
+    if structure.density is not None:
+        # N:M fixes every layer's density: a preset's own initial distribution and
+        # redistribution give way to it (passed explicitly, they are checked and refused)
+        if "init" not in options:
+            params["init"] = "uniform"
+        if "redistribution" not in options and "redistribution" in params:
+            params["redistribution"] = "none"
+        if density is None:
+            density = structure.density
     if density is None:
         if schedule.masks:
             raise ValueError(f"method {method!r} needs a density in (0, 1], e.g. density=0.05")

@@ -28,13 +28,14 @@ from ..criteria import GROWTH, PRUNE, REDISTRIBUTION, Criterion
 from ..methods import make_config
 from ..schedules import MASK_SCHEDULE, MaskSchedule, MaskUpdate
 from ..selection import sample_without_replacement, top_k
+from ..structure import Groups, Structure, parse_structure
 from ..targets import DENSE_REASONS, Target, dense_by_reason, select
-from . import distributed
+from . import distributed, structured
 from .calendar import Calendar
-from .placement import Placement, check_records, placements
+from .placement import WHOLE, Placement, check_records, placements
 from .signals import FactoredWindow, Signals
 from .state import STATE_FORMAT, check_state
-from .storage import CSRStorage, CSRWeight, LayerStorage, MaskedDense, Planned
+from .storage import CSRStorage, CSRWeight, LayerStorage, MaskedDense, Planned, as_mask
 from .update import Criteria, MaskUpdater
 
 logger = logging.getLogger("sparselearn")
@@ -140,6 +141,12 @@ class SparseEngine:
         )
         self._notified = 0  # updates handed to the hooks
 
+        structure = parse_structure(config.structure)
+        self._groups = (
+            _structured_groups(targets, where, self.schedule, structure)
+            if structure.structured
+            else None
+        )
         self._layers: list[LayerStorage] = list(self._initial_layers(targets, where))
         self.signals = Signals(optimizer, config, self.needs, self._layers)
         self._updater = MaskUpdater(
@@ -155,6 +162,7 @@ class SparseEngine:
             history=self.history,
             replaced=self._track,
             on_disagreement=self._warn_disagreement,
+            groups=self._groups,
         )
         if state is None:
             self.apply_masks()
@@ -237,8 +245,16 @@ class SparseEngine:
                             f"layer_density {t.density} leaves no active weight in {t.name} "
                             f"({t.param.numel()} weights); raise it"
                         )
+        per_group: list[int | None] = [None] * len(targets)
+        if self._groups is not None and self.schedule.masks:
+            free = [i for i, t in enumerate(targets) if t.density is None]
+            counts = structured.initial_counts(self._groups, final, free)
+            final = [k * g.count for k, g in zip(counts, self._groups, strict=True)]
+            per_group = list(counts)
         layers: list[LayerStorage] = []
-        for t, count, placement in zip(targets, final, where, strict=True):
+        for i, (t, count, placement, k) in enumerate(
+            zip(targets, final, where, per_group, strict=True)
+        ):
             p = t.param
             if p.is_meta:
                 # a model built on the meta device: positions drawn as a list, uniformly, the
@@ -249,6 +265,9 @@ class SparseEngine:
                 continue
             if self.schedule.starts_dense:
                 mask = torch.ones(placement.local(p).shape, dtype=torch.bool, device=p.device)
+            elif k is not None and self._groups is not None:
+                gen = self._generator(p.device)
+                mask = structured.initial_mask(self._groups[i], k, gen, p.device)
             else:
                 gen = self._generator(p.device)
                 noise = torch.rand(p.shape, generator=gen, device=p.device)
@@ -554,6 +573,23 @@ class SparseEngine:
         check_records(state.get("shards", {}), _placement_records(self._layers))
         check_state(state, self.config, self.schedule, self._layers, self.signals.ema)
         masks = state["masks"]
+        if self._groups is not None:
+            wrong = [
+                why
+                for layer, g in zip(self._layers, self._groups, strict=True)
+                if (
+                    why := g.broken(
+                        as_mask(masks[layer.name], layer.shape),
+                        pruning=self.schedule.starts_dense,
+                    )
+                )
+                is not None
+            ]
+            if wrong:
+                raise ValueError(
+                    f"engine state masks break structure {self.config.structure!r}: "
+                    f"{'; '.join(wrong[:3])}"
+                )
         for layer in self._layers:
             layer.load_mask(masks[layer.name])
             layer.release()
@@ -701,6 +737,25 @@ def _placement_records(layers: Sequence[LayerStorage]) -> dict[str, list[int]]:
     return {
         layer.name: record for layer in layers if (record := layer.placement.record()) is not None
     }
+
+
+def _structured_groups(
+    targets: list[Target], where: list[Placement], schedule: MaskSchedule, structure: Structure
+) -> list[Groups]:
+    """Each target's groups under a structure; what the structure cannot handle is refused."""
+    if not schedule.masks:
+        raise ValueError(f"structure {structure.name!r} needs a sparse method, not dense")
+    if any(t.param.is_meta for t in targets):
+        raise ValueError(
+            f"structure {structure.name!r} with a model on the meta device is not supported: "
+            "build the model on a real device, or use structure='unstructured'"
+        )
+    if any(p is not WHOLE for p in where):
+        raise ValueError(
+            f"structure {structure.name!r} is not supported with weights sharded by "
+            "fully_shard yet; use DDP, one process, or structure='unstructured'"
+        )
+    return structured.groups_of(targets, structure)
 
 
 def _check_meta(targets: list[Target], schedule: MaskSchedule, state: object) -> None:

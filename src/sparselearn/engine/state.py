@@ -38,6 +38,7 @@ def check_state(
         raise ValueError(f"engine state lacks {', '.join(missing)}: it is damaged or incomplete")
     ours = config.to_dict()
     saved_cfg = dict(state["config"])
+    saved_cfg.setdefault("structure", "unstructured")  # saved before the option existed
     diff = [k for k in sorted(set(saved_cfg) | set(ours)) if saved_cfg.get(k) != ours.get(k)]
     if diff:
         detail = ", ".join(f"{k}: saved {saved_cfg.get(k)!r}, here {ours.get(k)!r}" for k in diff)

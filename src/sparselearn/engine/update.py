@@ -19,7 +19,8 @@ from ..budget import allocate
 from ..config import SparsityConfig
 from ..criteria import Criterion, LayerView, Redistribution
 from ..schedules import MaskUpdate
-from . import distributed, listed, scoring
+from ..structure import Groups
+from . import distributed, listed, scoring, structured
 from .calendar import Calendar
 from .signals import FactoredWindow, Signals, dense_of, reset_state
 from .storage import LayerStorage
@@ -59,12 +60,15 @@ class MaskUpdater:
         history: list[MaskUpdate],
         replaced: Callable[[nn.Parameter, nn.Parameter], None],
         on_disagreement: Callable[[list[str]], None] = lambda names: None,
+        groups: list[Groups] | None = None,
     ) -> None:
         self.config, self.optimizer, self.layers = config, optimizer, layers
         self.criteria, self.needs, self.signals, self.calendar = criteria, needs, signals, calendar
         self.clock, self.generator = clock, generator
         self.history, self.replaced = history, replaced
         self.on_disagreement = on_disagreement
+        # each layer's groups where the masks keep a structure (structure="fan_in", "N:M")
+        self.groups = groups
         # set by the engine around the updates of its step hook: the step's gradients are spent
         self.after_step = False
 
@@ -93,6 +97,8 @@ class MaskUpdater:
     @torch.no_grad()
     def regrow(self, rate: float) -> MaskUpdate:
         """Prune ``rate`` of the active weights, share the regrowth, regrow: budget unchanged."""
+        if self.groups is not None:
+            return structured.regrow(self, rate)
         if listed.applies(self):
             return listed.regrow(self, rate)
         t0 = time.perf_counter()
@@ -259,6 +265,8 @@ class MaskUpdater:
     @torch.no_grad()
     def prune_to(self, fraction: float) -> MaskUpdate:
         """Prune each layer towards its final count: ``fraction`` 0 is dense, 1 is the target."""
+        if self.groups is not None:
+            return structured.prune_to(self, fraction)
         t0 = time.perf_counter()
         prune = self.criteria.prune
         assert prune is not None

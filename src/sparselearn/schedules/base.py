@@ -29,7 +29,9 @@ REGROWTH_OPTIONS = frozenset(
         "momentum_window",
     }
 )
-MASK_OPTIONS = frozenset({"init", "prune", "layer_density", "dense_first", "dense_last"})
+MASK_OPTIONS = frozenset(
+    {"init", "prune", "layer_density", "dense_first", "dense_last", "structure"}
+)
 SCHEDULE_OPTIONS = CALENDAR_OPTIONS | REGROWTH_OPTIONS | MASK_OPTIONS | {"ema_decay"}
 
 

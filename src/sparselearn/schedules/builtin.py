@@ -35,7 +35,7 @@ class Dense(MaskSchedule):
 class Fixed(MaskSchedule):
     """Masks drawn from ``init`` at the start and never changed (static sparse)."""
 
-    options = frozenset({"init", "layer_density", "dense_first", "dense_last"})
+    options = frozenset({"init", "layer_density", "dense_first", "dense_last", "structure"})
 
 
 @register_schedule("one_shot")
