@@ -23,7 +23,7 @@ all: test
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) "setuptools"
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,huggingface,lightning,tensorboard,safetensors]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,huggingface,lightning,tensorboard,safetensors,compressed-tensors]"
 	touch $(STAMP)
 
 venv: $(STAMP)

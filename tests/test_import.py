@@ -14,6 +14,7 @@ def test_import_is_lean() -> None:
         "import sparselearn\n"
         "heavy = [m for m in ('matplotlib', 'tqdm', 'scipy', 'pandas', 'yaml', 'transformers',"
         " 'lightning', 'pytorch_lightning', 'tensorboard', 'safetensors', 'accelerate',"
+        " 'compressed_tensors', 'pydantic',"
         " 'sparselearn.compat', 'sparselearn.experiments', 'sparselearn.integrations',"
         " 'sparselearn_cpu', 'torch.utils.cpp_extension')"
         " if m in sys.modules and m not in before]\n"

@@ -264,13 +264,33 @@ def _write_safetensors(f: BinaryIO, tensors: dict[str, Tensor], metadata: dict[s
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def export(model: nn.Module, engine: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``model`` for inference to ``path`` (safetensors), each sparsified tensor as CSR.
+FORMATS = ("sparselearn-csr", "compressed-tensors")
 
-    ``engine`` (or None: the non-zeros of each tensor whose CSR is smaller) decides what is
-    active. Accelerated layers are written as the dense layers they replace; a model from
-    ``sl.compact`` (``result.model``) exports with ``engine=None``. Needs ``safetensors``
-    (``pip install "sparselearn[safetensors]"``). Returns the path.
+
+def export(
+    model: nn.Module,
+    engine: Any,
+    path: str | os.PathLike[str],
+    *,
+    format: str = "sparselearn-csr",
+) -> Path:
+    """Write ``model`` for inference to ``path``.
+
+    ``format="sparselearn-csr"`` (the default): one safetensors file, each sparsified tensor
+    as CSR. ``engine`` (or None: the non-zeros of each tensor whose CSR is smaller) decides
+    what is active. Accelerated layers are written as the dense layers they replace; a model
+    from ``sl.compact`` (``result.model``) exports with ``engine=None``. A structured engine's
+    structure is recorded in the metadata (``structure``).
+
+    ``format="compressed-tensors"``: a folder that vLLM and the ``compressed-tensors`` library
+    load, for a model trained with ``structure="2:4"``: ``model.safetensors`` with each 2:4
+    Linear weight in the ``sparse-24-bitmask`` layout (``<layer>.compressed``: the kept values,
+    (rows, in/2); ``<layer>.bitmask``: their positions, a bit per weight, packed along the row,
+    least significant bit first; ``<layer>.shape``), every other tensor dense; and
+    ``config.json`` with its ``quantization_config`` (the model's own Hugging Face config
+    merged in, where it has one).
+
+    Needs ``safetensors`` (``pip install "sparselearn[safetensors]"``). Returns the path.
     """
     try:
         import safetensors  # noqa: F401  (what reads the file back)
@@ -278,11 +298,113 @@ def export(model: nn.Module, engine: Any, path: str | os.PathLike[str]) -> Path:
         raise RuntimeError(
             f"export needs safetensors ({err}): pip install 'sparselearn[safetensors]'"
         ) from None
-    tensors, metadata = _stored(model, engine)
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     path = Path(path)
+    if format == "compressed-tensors":
+        return _export_compressed_tensors(model, engine, path)
+    tensors, metadata = _stored(model, engine)
+    structure = getattr(getattr(engine, "config", None), "structure", "unstructured")
+    if structure != "unstructured":
+        metadata["structure"] = structure
     with atomic_file(path) as f:
         _write_safetensors(f, tensors, metadata)
     return path
+
+
+COMPRESSED_TENSORS_FORMAT = "sparse-24-bitmask"
+# the compressed-tensors release whose layout the folder follows (the last with the 2:4
+# compressor; the test environment pins it and decompresses with it)
+COMPRESSED_TENSORS_VERSION = "0.13.0"
+
+
+def _export_compressed_tensors(model: nn.Module, engine: Any, path: Path) -> Path:
+    """:func:`export`'s ``compressed-tensors`` folder (see there)."""
+    if engine is None or getattr(engine.config, "structure", None) != "2:4":
+        got = "no engine" if engine is None else f"structure {engine.config.structure!r}"
+        raise ValueError(
+            f"format='compressed-tensors' writes 2:4 weights ({COMPRESSED_TENSORS_FORMAT}): "
+            f"pass the engine of a model trained with structure='2:4' (got {got}), or export "
+            "with the default format"
+        )
+    _check_engine(model, engine)
+    plain, prefix = _unwrapped(model)
+    modules = dict(plain.named_modules())
+    state = _state(model)
+    tensors: dict[str, Tensor] = {}
+    targets = []
+    sparse_names = set()
+    for layer in engine.layers:
+        name = _plain_name(layer.name.removeprefix(prefix))
+        owner = name.rpartition(".")[0]
+        module = modules.get(owner)
+        if not name.endswith("weight") or not _is_linear(module):
+            raise ValueError(
+                f"{name} is not the weight of a Linear layer; {COMPRESSED_TENSORS_FORMAT} holds "
+                "Linear weights only: keep it dense when sparsifying (exclude=[...]) or export "
+                "with the default format"
+            )
+        stored = state[name]
+        weight = _densified(stored) if isinstance(stored, _Sparse) else stored
+        mask = layer.public_mask().detach().to(torch.bool).cpu()
+        compressed, bitmask = _sparse_24(weight.cpu(), mask, name)
+        tensors[f"{owner}.compressed"] = compressed
+        tensors[f"{owner}.bitmask"] = bitmask
+        tensors[f"{owner}.shape"] = torch.tensor(list(weight.shape)).reshape(-1, 1)
+        targets.append(owner)
+        sparse_names.add(name)
+
+    def numel(t: Tensor | _Sparse) -> int:
+        return math.prod(t.shape)
+
+    total = sum(numel(t) for k, t in state.items() if k in sparse_names)
+    for name, t in state.items():
+        if name not in sparse_names:
+            tensors[name] = (_densified(t) if isinstance(t, _Sparse) else t).contiguous().cpu()
+    config: dict[str, Any] = {}
+    hf_config = getattr(plain, "config", None)
+    if hf_config is not None and callable(getattr(hf_config, "to_dict", None)):
+        config.update(hf_config.to_dict())
+    sparsity = {
+        "format": COMPRESSED_TENSORS_FORMAT,
+        "global_sparsity": 0.5 * total / max(sum(numel(t) for t in state.values()), 1),
+        "sparsity_structure": "2:4",
+        "targets": targets,
+        "ignore": [],
+        "registry_requires_subclass": False,
+    }
+    # what compressed-tensors' ModelCompressor.update_config writes for a sparsity config
+    # without quantization (no other key: any would be read as a quantization config)
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "version": COMPRESSED_TENSORS_VERSION,
+        "sparsity_config": sparsity,
+    }
+    with atomic_file(path / "model.safetensors") as f:
+        _write_safetensors(f, tensors, {"format": "pt"})
+    with atomic_file(path / "config.json") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True, default=str).encode())
+    return path
+
+
+def _is_linear(module: nn.Module | None) -> bool:
+    from .accel import SparseConv1D, SparseLinear
+
+    return isinstance(module, (nn.Linear, SparseLinear)) and not isinstance(module, SparseConv1D)
+
+
+def _sparse_24(weight: Tensor, mask: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """The kept values (rows, in/2) and the packed bitmask (rows, ceil(in/8)) of a 2:4 weight,
+    in the layout of compressed-tensors' ``sparse-24-bitmask``."""
+    import numpy as np
+
+    rows, cols = weight.shape
+    groups = mask.reshape(rows, -1, 4).sum(dim=2)
+    if cols % 4 or not bool((groups == 2).all()):
+        raise ValueError(f"{name}: its mask is not 2:4 (every 4 inputs holding 2)")
+    compressed = weight[mask].reshape(rows, cols // 2).contiguous()
+    packed = np.packbits(mask.numpy(), axis=-1, bitorder="little")
+    return compressed, torch.from_numpy(packed)
 
 
 def load_exported(

@@ -33,6 +33,7 @@ def _linear_args(kernels: int) -> dict[str, tuple[Any, ...]]:
         "spmm": (w.crow, w.col, val, xp, 40, 37, None, bias, kernels),
         "sampled": (w.crow, w.col, gp, xp, kernels),
         "linear_forward": (x, w.crow, w.col, val, 40, bias, kernels),
+        "linear_rows": (x[:2], w.crow, w.col, val, 40, bias, kernels),
         "linear_backward": (
             w.crow, w.col, w.crow_t, w.col_t, w.perm, w.perm_inv, val, g, xp, True, kernels
         ),
@@ -111,7 +112,7 @@ def test_each_operator_passes_pytorchs_checks(name: str, case: Any, kernels: int
 def test_compiled_and_pytorch_implementations_agree() -> None:
     # through the operator (as compiled graphs call it) and directly (as eager layers do)
     ref, comp = _linear_args(REFERENCE), _linear_args(0)
-    for name in ("spmm", "sampled", "linear_forward", "linear_backward"):
+    for name in ("spmm", "sampled", "linear_forward", "linear_backward", "linear_rows"):
         a = _tuple(getattr(kops, name).op(*ref[name]))
         b = _tuple(getattr(kops, name).op(*comp[name]))
         direct = _tuple(getattr(kops, name)(*comp[name]))

@@ -869,6 +869,12 @@ def _no_autocast(t: Tensor) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+# Batches of at most this many samples run inference as row products (kernels.ops.linear_rows):
+# the panels of the training kernels hold 16 samples or more, and a smaller batch would pay for
+# the padding (docs/performance.md, "Structured sparsity", times where they meet).
+ROWS_MAX_BATCH = 2
+
+
 class SparseLinear(_ComputeChoice, _DenseFace, nn.Module):
     """``nn.Linear`` computing with a CSR weight (see :class:`SparseWeight`).
 
@@ -908,7 +914,16 @@ class SparseLinear(_ComputeChoice, _DenseFace, nn.Module):
             x.reshape(-1, self.in_features), w.values, self.bias, type(self).__name__
         )  # (B, in)
         kernels = kernels_for(x2, self.backend, self.threads)
-        if out is None:
+        wants_grad = torch.is_grad_enabled() and (
+            x2.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        y: Tensor
+        if x2.shape[0] <= ROWS_MAX_BATCH and not wants_grad:
+            # a few samples and no gradient (inference): row products, no panels
+            y = kops.linear_rows(x2, w.crow, w.col, values.detach(), w.rows, bias, kernels)
+            if out is not None:
+                y = y.to(out)
+        elif out is None:
             y = _sparse_linear(x2, values, bias, w, kernels)
         else:
             with _no_autocast(x2):

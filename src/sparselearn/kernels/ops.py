@@ -192,6 +192,21 @@ def linear_forward(
     return y.contiguous(), xp
 
 
+def _linear_rows_fake(
+    x: Tensor, crow: Tensor, col: Tensor, val: Tensor, rows: int, bias: Tensor | None, kernels: int
+) -> Tensor:
+    return x.new_empty((x.shape[0], rows))
+
+
+@_operator(_linear_rows_fake)
+def linear_rows(
+    x: Tensor, crow: Tensor, col: Tensor, val: Tensor, rows: int, bias: Tensor | None, kernels: int
+) -> Tensor:
+    """``x @ W.T (+ bias)`` for a batch of a few samples (inference), without panels: each
+    output row a dot product of its non-zeros with the inputs they gather."""
+    return _REF.linear_rows(x, crow, col, val, rows, bias).contiguous()
+
+
 def _linear_backward_fake(
     crow: Tensor,
     col: Tensor,

@@ -86,6 +86,18 @@ class TorchOps:
         xp = self.pack(x)
         return self.spmm(crow, col, val, xp, rows, x.shape[0], bias=bias), xp
 
+    def linear_rows(
+        self,
+        x: Tensor,
+        crow: Tensor,
+        col: Tensor,
+        val: Tensor,
+        rows: int,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        y = (self._csr(crow, col, val, (rows, x.shape[1])) @ x.t()).t()
+        return y if bias is None else y + bias
+
     def linear_backward(
         self,
         crow: Tensor,
