@@ -16,7 +16,7 @@ CROSS  := /usr/bin/aarch64-linux-gnu-g++
 BENCH_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)}
 
 .PHONY: all venv data demo test lint format bench bench-peers study results study-gpt \
-	results-gpt study-paper results-paper clean
+	results-gpt study-paper results-paper study-structure results-structure clean
 
 all: test
 
@@ -60,6 +60,10 @@ bench: $(STAMP) $(FMNIST)
 	$(BENCH_ENV) $(BIN)/python benchmarks/speed.py --out docs/performance.md
 	if grep -qw avx512f /proc/cpuinfo; then \
 	  SPARSELEARN_MARCH=x86-64-v3 $(BENCH_ENV) $(BIN)/python benchmarks/speed.py \
+	    --out docs/performance.md; fi
+	$(BENCH_ENV) $(BIN)/python benchmarks/structure.py --out docs/performance.md
+	if grep -qw avx512f /proc/cpuinfo; then \
+	  SPARSELEARN_MARCH=x86-64-v3 $(BENCH_ENV) $(BIN)/python benchmarks/structure.py \
 	    --out docs/performance.md; fi
 	$(BENCH_ENV) $(BIN)/python benchmarks/autocast.py --out docs/performance.md
 	$(BENCH_ENV) $(BIN)/python benchmarks/compiled.py --out docs/performance.md
@@ -141,6 +145,23 @@ results-paper: $(STAMP) $(FMNIST)
 	$(BIN)/sparselearn report results/window-lenet300 \
 	  results/paper-lenet300/lenet300-100/sparse_momentum/density-0.05 \
 	  --markdown docs/results.md --section report-paper-window
+
+# Structured sparsity (docs/results.md, "Structured sparsity"): RigL and sparse momentum with and
+# without constant fan-in at 95% and 90% sparsity, and 2:4 at 50%, on Fashion-MNIST
+# LeNet-300-100 (a few minutes) and tiny-gpt (about an hour on 2 cores), 3 seeds; records kept
+# in results/ (finished runs are skipped), then the tables and what structure costs.
+study-structure: $(STAMP) $(FMNIST)
+	$(BIN)/sparselearn study studies/structure_lenet300.yaml
+	$(BIN)/sparselearn study studies/structure_lenet300_24.yaml
+	$(BIN)/sparselearn study studies/structure_gpt.yaml
+	$(BIN)/sparselearn study studies/structure_gpt_24.yaml
+	$(MAKE) results-structure
+
+results-structure: $(STAMP)
+	$(BIN)/sparselearn report results/structure-lenet300 --markdown docs/results.md \
+	  --section report-structure-lenet300 --structure-costs
+	$(BIN)/sparselearn report results/structure-gpt --markdown docs/results.md \
+	  --section report-structure-gpt --structure-costs
 
 clean:
 	rm -rf $(VENV) $(PEERS) .pytest_cache .mypy_cache .ruff_cache .hypothesis

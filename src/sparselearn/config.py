@@ -110,6 +110,11 @@ class SparsityConfig:
         "unstructured",
         "mask structure: unstructured, fan_in (constant fan-in) or N:M such as 2:4",
     )
+    neuron_ablation: float = _option(
+        0.0,
+        "with structure fan_in: remove a unit whose salient weights at an update are fewer "
+        "than this share of its fan-in (SRigL's gamma_sal; 0: never)",
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through object.__setattr__
@@ -266,8 +271,30 @@ class SparsityConfig:
 
     def _check_structure(self) -> None:
         """N:M fixes every layer's density at N/M: the density, the initial distribution and
-        the redistribution must agree with it."""
+        the redistribution must agree with it. Neuron ablation is SRigL's, for constant fan-in."""
         structure = parse_structure(self.structure)
+        set_ = object.__setattr__
+        set_(
+            self,
+            "neuron_ablation",
+            _check_unit("neuron_ablation", self.neuron_ablation, low_open=False, high_open=True),
+        )
+        if self.neuron_ablation > 0:
+            if structure.kind != "fan_in":
+                raise ValueError(
+                    "neuron_ablation removes whole units of a constant fan-in layer: it needs "
+                    f"structure='fan_in', got {structure.name!r}"
+                )
+            if self.redistribution != "none":
+                raise ValueError(
+                    "neuron_ablation keeps each layer's weights among its remaining units "
+                    f"(SRigL): it needs redistribution='none', got {self.redistribution!r}"
+                )
+            if self.growth is None or not GROWTH.get(self.growth).elementwise:
+                raise ValueError(
+                    "neuron_ablation ranks the weights growth would choose before pruning: it "
+                    f"needs an elementwise growth criterion, got {self.growth!r}"
+                )
         if structure.density is None:
             return
         name, d = structure.name, structure.density

@@ -153,7 +153,8 @@ register_method(
 register_method(
     "srigl",
     description="RigL with constant fan-in: every output unit keeps the same number of inputs "
-    "(prune by magnitude across the layer, each unit regrows what it lost by gradient).",
+    "(prune by magnitude across the layer, each unit regrows by gradient to the layer's "
+    "fan-in); units with under 30% of their fan-in salient are removed (neuron ablation).",
     reference="Lasby et al. 2024 (SRigL)",
     schedule="periodic",
     init="erk",
@@ -167,6 +168,7 @@ register_method(
     prune_rate_min=0.0,
     optimizer_state="reset_grown",
     structure="fan_in",
+    neuron_ablation=0.3,
 )
 register_method(
     "srigl_2_4",

@@ -149,11 +149,16 @@ class Groups:
         """How many active weights each group holds (int64, one per group)."""
         return self.view(mask).sum(dim=1)
 
-    def broken(self, mask: Tensor, *, pruning: bool = False) -> str | None:
+    def broken(self, mask: Tensor, *, pruning: bool = False, ablation: bool = False) -> str | None:
         """Why ``mask`` does not have this structure (None: it does). ``pruning``: the mask
         of a method that prunes from dense towards the structure, whose N:M blocks hold the
-        same count, N or more, until the end."""
+        same count, N or more, until the end. ``ablation``: units may be removed (rows of
+        none), the others hold the same count."""
         counts = self.counts(mask)
+        if ablation:
+            counts = counts[counts > 0]
+            if counts.numel() == 0:
+                return f"{self.name}: every unit was removed"
         low, high = int(counts.min()), int(counts.max())
         n = self.per_group
         if n and (low < n if pruning else low != n or high != n):

@@ -370,3 +370,78 @@ def test_whole_groups_adds_up_exactly_within_bounds(units: list[int], data: Any)
         )
         == k0
     )
+
+
+# ----------------------------------------------------------------------------- neuron ablation
+
+
+def test_a_unit_with_nothing_salient_is_removed_and_stays_removed() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    engine = sl.sparsify(
+        model, opt, method="srigl", density=0.5, total_steps=40, update_every=2, init="uniform"
+    )
+    assert engine.config.neuron_ablation == 0.3  # SRigL's gamma_sal
+    with torch.no_grad():  # unit 2 of the hidden layer: zero weights, never active (ReLU of -1)
+        model[0].weight[2] = 0.0
+        model[0].bias[2] = -1.0
+    before = int(engine.masks["0.weight"].sum())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        train_step(
+            model, opt, torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+        )
+        counts = engine.masks["0.weight"].sum(dim=1)
+        if engine.history:
+            assert int(counts[2]) == 0  # removed at the first update, never regrown
+            alive = counts[counts > 0]
+            assert int(alive.min()) == int(alive.max())  # the others at one fan-in
+            # the layer keeps its weights among 5 units: at most 4 fewer than before
+            assert before - 4 <= int(counts.sum()) <= before
+    assert len(engine.history) == 4
+    assert_inactive_zero(engine, model)
+    # a saved state with a removed unit loads (the structure allows empty units here)
+    engine.load_state_dict(save_load(engine.state_dict()))
+
+
+@settings(max_examples=4)
+@given(seed=st.integers(0, 2**20), density=st.sampled_from([0.1, 0.25]))
+def test_srigl_keeps_units_at_one_fan_in_or_removed(seed: int, density: float) -> None:
+    model, opt, engine = build("srigl", "fan_in", seed=seed, density=density, total_steps=12)
+    removed: dict[str, torch.Tensor] = {}
+    for x, y in data(12, seed):
+        before = sum(int(m.sum()) for m in engine.masks.values())
+        train_step(model, opt, x, y)
+        assert_inactive_zero(engine, model)
+        for name, mask in engine.masks.items():
+            counts = mask.sum(dim=1) if mask.dim() == 2 else mask.flatten(1).sum(dim=1)
+            alive = counts[counts > 0]
+            assert alive.numel() > 0, name
+            assert int(alive.min()) == int(alive.max()), name
+            gone = counts == 0
+            if name in removed:
+                assert bool((removed[name] <= gone).all()), name  # never back
+            removed[name] = gone
+        assert sum(int(m.sum()) for m in engine.masks.values()) <= before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"method": "rigl", "structure": "2:4", "neuron_ablation": 0.3},
+         "needs structure='fan_in'"),
+        ({"method": "sparse_momentum", "structure": "fan_in", "neuron_ablation": 0.3},
+         "needs redistribution='none'"),
+        ({"method": "srigl", "neuron_ablation": 1.0}, r"neuron_ablation must be in \[0, 1\)"),
+        ({"method": "static", "structure": "fan_in", "neuron_ablation": 0.3}, "have no effect"),
+    ],
+)  # fmt: skip
+def test_neuron_ablation_is_refused_where_it_cannot_apply(
+    options: dict[str, Any], message: str
+) -> None:
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    options.setdefault("density", 0.5)
+    with pytest.raises(ValueError, match=message):
+        sl.sparsify(model, opt, total_steps=10, **options)

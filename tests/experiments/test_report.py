@@ -168,3 +168,54 @@ def test_report_writes_the_claims_and_learning_curves(tmp_path: Path) -> None:
         report([runs], plots=figures, learning_curves=["sparse_momentum"])
     with pytest.raises(ValueError, match="--plots"):
         report([runs], learning_curves=["dense"])
+
+
+def _summaries(root: Path, rows: dict[tuple[str, str, float], list[float]], metric: str) -> Path:
+    for (method, label, density), values in rows.items():
+        for seed, value in enumerate(values, start=1):
+            run = root / label / f"density-{density}" / f"seed-{seed}"
+            run.mkdir(parents=True)
+            summary = {"data": "d", "model": "m", "method": method, "label": label,
+                       "density": density, "seed": seed, "metric": metric,
+                       metric: value}  # fmt: skip
+            (run / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def test_structure_costs_pair_each_structured_row_with_its_twin(tmp_path: Path) -> None:
+    runs = _summaries(
+        tmp_path,
+        {
+            ("rigl", "rigl", 0.1): [0.90, 0.91, 0.92],
+            ("rigl", "rigl-fan_in", 0.1): [0.85, 0.86, 0.87],  # 5 points below: costs
+            ("rigl", "rigl", 0.5): [0.90, 0.91, 0.92],
+            ("rigl", "rigl-2_4", 0.5): [0.905, 0.91, 0.915],  # level: no cost within error
+            ("set", "set-fan_in", 0.1): [0.8, 0.8],  # no unstructured twin: left out
+        },
+        "test_acc",
+    )
+    text = report([runs], structure_costs=True)
+    costs = text[text.index("### What structure costs") :]
+    rows = [line for line in costs.splitlines() if line.startswith("| rigl | ")]
+    assert rows == [
+        "| rigl | 2:4 | 50% | 91.00 ± 0.58 (3) | 91.00 ± 0.29 (3) | +0.00 ± 0.65 points "
+        "| **no cost within error** |",
+        "| rigl | fan_in | 10% | 91.00 ± 0.58 (3) | 86.00 ± 0.58 (3) | +5.00 ± 0.82 points "
+        "| **costs** |",
+    ]
+    assert "| set |" not in text
+
+
+def test_structure_costs_of_perplexity_count_higher_as_worse(tmp_path: Path) -> None:
+    runs = _summaries(
+        tmp_path,
+        {
+            ("rigl", "rigl", 0.1): [10.0, 10.1, 9.9],
+            ("rigl", "rigl-fan_in", 0.1): [9.0, 9.1, 8.9],  # lower perplexity: gains
+        },
+        "test_ppl",
+    )
+    text = report([runs], structure_costs=True)
+    row = next(line for line in text.splitlines() if line.startswith("| rigl | fan_in"))
+    assert "-1.000 ± 0.082 (-10.0%)" in row
+    assert row.endswith("| **gains** |")

@@ -99,7 +99,8 @@ def test_small_batch_inference_runs_row_products_that_match_the_dense_layer(
             layer = SparseLinear(copy.deepcopy(lin), mask, backend, threads=threads)
             with torch.inference_mode():
                 y = layer(x)
-            assert y.dtype == dtype and y.shape == (batch, n_out)
+            assert y.dtype == dtype
+            assert y.shape == (batch, n_out)
             tol = 1e-5 if dtype == torch.float32 else 1e-12
             assert torch.allclose(y.double(), want, rtol=tol, atol=tol)
             outs[backend, threads] = y

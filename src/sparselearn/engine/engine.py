@@ -581,6 +581,7 @@ class SparseEngine:
                     why := g.broken(
                         as_mask(masks[layer.name], layer.shape),
                         pruning=self.schedule.starts_dense,
+                        ablation=self.config.neuron_ablation > 0,
                     )
                 )
                 is not None

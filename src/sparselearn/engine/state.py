@@ -67,7 +67,7 @@ def check_state(
                 f"saved mask for {layer.name} is not a bool tensor of shape {tuple(shape)} "
                 "(nor its active positions)"
             )
-    _check_budget(state, schedule, layers, masks)
+    _check_budget(state, schedule, layers, masks, ablation=config.neuron_ablation > 0)
     saved_ema = state.get("ema", {})
     if sorted(saved_ema) != sorted(ema) or any(
         not isinstance(v, Tensor) or v.shape != ema[k].shape for k, v in saved_ema.items()
@@ -126,10 +126,13 @@ def _check_budget(
     schedule: MaskSchedule,
     layers: Sequence[LayerStorage],
     masks: Mapping[str, Tensor],
+    *,
+    ablation: bool = False,
 ) -> None:
     """Saved masks keep the budget the way the engine keeps it: every layer active somewhere,
     dense runs dense, and the budget exact wherever the schedule holds it (sparse from the
-    start, or once a dense start has been cut to the target)."""
+    start, or once a dense start has been cut to the target); with neuron ablation, no layer
+    above its count."""
     active = {
         layer.name: layer.count(m) if m.dtype == torch.bool else m.numel()
         for layer in layers
@@ -155,7 +158,16 @@ def _check_budget(
     )
     budget = sum(layer.final_count for layer in layers)
     total = sum(active.values())
-    if cut:
+    if cut and ablation:
+        # removed units give their weights to the others of their layer in whole rows' worth:
+        # a layer may end up to one row's worth per remaining unit below its count
+        over = [layer.name for layer in layers if active[layer.name] > layer.final_count]
+        if over:
+            raise ValueError(
+                f"engine state: masks[{over[0]!r}] holds more active weights than this "
+                "engine's budget gives it; it does not belong to this configuration"
+            )
+    elif cut:
         if total != budget:
             raise ValueError(
                 f"engine state: the masks hold {total} active weights where this engine's "

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..budget import allocate
+from ..config import SparsityConfig
 from ..criteria import LayerView
 from ..schedules import MaskUpdate
 from ..selection import top_k
@@ -55,6 +56,7 @@ class MaskUpdater(Protocol):
     """What the structured update uses of :class:`~.update.MaskUpdater` (whose updates it
     makes where the masks keep a structure)."""
 
+    config: SparsityConfig
     layers: list[LayerStorage]
     groups: list[Groups] | None
     needs: frozenset[str]
@@ -178,15 +180,34 @@ def regrow(up: MaskUpdater, rate: float) -> MaskUpdate:
         chosen = scoring.prune_sets(prune, layers, views, found, remove, total_free, up.generator)
         remove = [layers[i].count(c) if i in free else remove[i] for i, c in enumerate(chosen)]
     resize = set(free) if _resizes(up, groups) else set()
+    gamma = up.config.neuron_ablation
+    early: list[Tensor] | None = None
+    if gamma > 0:
+        # which weights growth would choose decides which units stay (an elementwise growth
+        # criterion: these are the scores the growth below reads)
+        first = [v.with_growth(v.mask, None) for v in views]
+        scored = scoring.scores(
+            growth, first, layers, done=lambda i: up._release(first[i], layers[i])
+        )
+        if isinstance(scored, str):
+            return up._skip(scored, rate)
+        early = scored
 
     per_row: dict[int, int] = {}  # the resized layers: what every row of each loses
+    grow_rows: dict[int, Tensor] = {}  # layers with units removed: what every row regrows
     pruned, lost_groups = [], []
     for i, (layer, g) in enumerate(zip(layers, groups, strict=True)):
         mask = g.view(layer.mask)
         scores = g.view(_dense_scores(found[i], layer.mask))
         gen = up.generator(layer.mask.device)
-        k = active[i] // g.count
-        if i in resize:
+        counts = mask.sum(dim=1)
+        alive = counts > 0
+        k = active[i] // max(int(alive.sum()), 1)
+        if early is not None:
+            chosen_g, grow_rows[i] = _ablated(
+                scores, g.view(early[i]), mask, counts, remove[i], gamma, gen
+            )
+        elif i in resize:
             p = min(round(remove[i] / g.count), k - 1, g.size - k)
             per_row[i] = p
             chosen_g = pick_per_group(scores, mask, p, gen, largest=False)
@@ -202,10 +223,11 @@ def regrow(up: MaskUpdater, rate: float) -> MaskUpdate:
     lost = [int(q.sum()) for q in lost_groups]
 
     grow_groups: list[Tensor | int] = list(lost_groups)
+    for i, each in grow_rows.items():
+        grow_groups[i] = each
     if per_row:
-        grow_rows = _share_rows(up, views, kept, groups, per_row, active)
-        for i, n in grow_rows.items():
-            grow_groups[i] = n
+        for i, same in _share_rows(up, views, kept, groups, per_row, active).items():
+            grow_groups[i] = same
     grow = [
         int(n) * g.count if isinstance(n, int) else int(n.sum())
         for n, g in zip(grow_groups, groups, strict=True)
@@ -215,7 +237,9 @@ def regrow(up: MaskUpdater, rate: float) -> MaskUpdate:
     def done(i: int) -> None:
         up._release(gviews[i], layers[i])
 
-    growth_scores = scoring.scores(growth, gviews, layers, done=done)
+    growth_scores = (
+        early if early is not None else scoring.scores(growth, gviews, layers, done=done)
+    )
     if isinstance(growth_scores, str):
         return up._skip(growth_scores, rate)
     update = MaskUpdate(up.step, "regrow", rate)
@@ -230,6 +254,46 @@ def regrow(up: MaskUpdater, rate: float) -> MaskUpdate:
         update.pruned[layer.name] = lost[i]
         update.grown[layer.name] = grow[i]
     return up._finish(update, t0)
+
+
+def _ablated(
+    scores: Tensor,
+    growth: Tensor,
+    mask: Tensor,
+    counts: Tensor,
+    remove: int,
+    gamma: float,
+    gen: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """SRigL's neuron ablation for one constant fan-in layer (rows: its units; ``scores``,
+    ``growth``: its prune and growth scores as rows). A unit's salient weights are those an
+    unstructured update of the layer would keep (the best ``active - remove`` prune scores) or
+    grow (the best ``remove`` growth scores); a unit with fewer than ``gamma`` times its fan-in
+    of them is removed, all its weights pruned and none regrown (the best unit always stays).
+    The others share the layer's weights equally, ``active // units`` each (at most one unit's
+    worth below the layer's count): they lose their lowest prune scores across the layer as
+    without ablation, and each regrows to the new count. Returns the pruned positions and what
+    each row regrows."""
+    alive = counts > 0
+    active = int(counts.sum())
+    k = active // int(alive.sum())
+    size = mask.shape[1]
+    kept = top_k(scores, mask, active - remove, gen, largest=True)
+    room = ~mask & alive.unsqueeze(1)
+    grown = top_k(growth, room, min(remove, int(room.sum())), gen, largest=True)
+    salient = (kept | grown).sum(dim=1)
+    removed = alive & (salient < gamma * k)
+    if bool(removed.sum() == alive.sum()):  # never every unit: the most salient one stays
+        best = torch.where(alive, salient, -1).argmax()
+        removed[best] = False
+    stays = alive & ~removed
+    k_new = min(size, active // int(stays.sum()))
+    cap = min(k, size - k_new)  # a row regrows k_new minus what it kept among its old inputs
+    eligible = mask & stays.unsqueeze(1) & (ranks(scores, mask, gen, largest=False) < cap)
+    pruned = top_k(scores, eligible, min(remove, int(eligible.sum())), gen, largest=False)
+    pruned |= mask & removed.unsqueeze(1)
+    left = counts - pruned.sum(dim=1)
+    return pruned, torch.where(stays, k_new - left, torch.zeros_like(left))
 
 
 def _resizes(up: MaskUpdater, groups: Sequence[Groups]) -> bool:

@@ -244,6 +244,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         section=args.section,
         wall_time=args.wall_time,
         claims=args.claims,
+        structure_costs=args.structure_costs,
         learning_curves=args.curves,
     )
     print(text)
@@ -319,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--claims",
         action="store_true",
         help="add the verdict on each of the paper's claims the runs can speak to",
+    )
+    p.add_argument(
+        "--structure-costs",
+        action="store_true",
+        help="add what each structured variant (a row named METHOD-fan_in, METHOD-2_4) costs "
+        "against the same method unstructured",
     )
     p.add_argument(
         "--curves",

@@ -273,11 +273,14 @@ def report(
     section: str = "report",
     wall_time: bool = False,
     claims: bool = False,
+    structure_costs: bool = False,
     learning_curves: Sequence[str] = (),
 ) -> str:
     """Aggregate runs; optionally write the tables into a markdown file and the plots,
     (``wall_time``) a table of training wall time beside the metric's, (``claims``) the
-    verdict on each of the paper's claims (:mod:`.claims`) and (``learning_curves``, with
+    verdict on each of the paper's claims (:mod:`.claims`), (``structure_costs``) what each
+    structured variant costs against its unstructured twin (:mod:`.structure_costs`) and
+    (``learning_curves``, with
     ``plots``) test accuracy against epoch for the rows given as ``ROW@DENSITY``.
 
     The tables go between ``<!-- {section}:start -->`` and ``<!-- {section}:end -->``, so that
@@ -291,6 +294,10 @@ def report(
         from .claims import table as claims_table
 
         text += "\n" + claims_table(results)
+    if structure_costs:
+        from .structure_costs import table as costs_table
+
+        text += "\n" + costs_table(results)
     if learning_curves and plots is None:
         raise ValueError("learning curves are figures: give a folder for them (--plots)")
     if plots is not None:

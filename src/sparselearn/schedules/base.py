@@ -27,6 +27,7 @@ REGROWTH_OPTIONS = frozenset(
         "prune_rate_min",
         "optimizer_state",
         "momentum_window",
+        "neuron_ablation",
     }
 )
 MASK_OPTIONS = frozenset(
