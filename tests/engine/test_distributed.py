@@ -28,7 +28,10 @@ def _worker(rank: int, store: str, out: str, method: str) -> None:
         torch.manual_seed(100 + rank)  # ranks seeded differently, as data loading often is
         model = DistributedDataParallel(MLP())  # DDP copies rank 0's weights to every rank
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        options = {"update_every": 3} if method != "static" else {}
+        method, _, structure = method.partition("/")  # "sparse_momentum/fan_in": structured
+        options: dict[str, object] = {"update_every": 3} if method != "static" else {}
+        if structure:
+            options["structure"] = structure
         engine = sl.sparsify(model, opt, method=method, density=0.2, total_steps=12, **options)
         initial = {n: m.clone() for n, m in engine.masks.items()}
         for x, y in batches("mlp", 12, seed=rank):  # each rank sees different data
@@ -54,7 +57,7 @@ def _worker(rank: int, store: str, out: str, method: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-@pytest.mark.parametrize("method", ["sparse_momentum", "set", "static"])
+@pytest.mark.parametrize("method", ["sparse_momentum", "set", "static", "sparse_momentum/fan_in"])
 def test_masks_identical_on_every_rank(tmp_path: Path, method: str) -> None:
     spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), method), nprocs=WORLD)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))

@@ -306,6 +306,8 @@ def test_every_engine_option_is_a_flag_and_a_config_key(tmp_path: Path) -> None:
         "dense_first": (None, True),
         "dense_last": (None, True),
         "momentum_window": ("20", 20),
+        "structure": ("2:4", "2:4"),
+        "neuron_ablation": ("0", 0.0),  # (above 0 it needs structure="fan_in" and RigL)
     }
     assert set(values) == set(SPARSITY_OPTIONS)
     for name, (text, expected) in values.items():
@@ -501,3 +503,13 @@ def test_a_checkpoint_from_before_an_option_existed_still_resumes(data_dir: Path
     assert not _same_config({**saved, "accelerate": "sparse"}, cfg)
     assert not _same_config({**saved, "no_such_option": 1}, cfg)
     assert not _same_config(None, cfg)
+
+
+def test_an_n_m_structure_sets_the_default_density() -> None:
+    parser = cli.build_parser()
+    assert cli.resolve_config(parser.parse_args(["train", "--method", "srigl_2_4"])).density == 0.5
+    got = cli.resolve_config(parser.parse_args(["train", "--structure", "1:4"]))
+    assert got.density == 0.25
+    assert cli.resolve_config(parser.parse_args(["train", "--method", "srigl"])).density == 0.05
+    with pytest.raises(ValueError, match="the density must be 0.5, got 0.1"):
+        cli.resolve_config(parser.parse_args(["train", "--structure", "2:4", "--density", "0.1"]))

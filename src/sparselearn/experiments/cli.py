@@ -78,7 +78,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             kw["type"] = _float_or_none if "None" in str(f.type) else float
         p.add_argument(_flag(f.name), **kw)
     engine = p.add_argument_group("sparse training (engine options)")
-    floats = ("start_at", "stop_at", "prune_rate", "prune_rate_min", "ema_decay")
+    floats = ("start_at", "stop_at", "prune_rate", "prune_rate_min", "ema_decay", "neuron_ablation")
     engine_help = {f.name: f.metadata["help"] for f in dataclasses.fields(SparsityConfig)}
     for name in SPARSITY_OPTIONS:
         kw = {"default": argparse.SUPPRESS, "help": f"{engine_help[name]} (default: the method's)"}

@@ -17,6 +17,7 @@ from ..data.datasets import DATASETS
 from ..methods import METHODS, make_config
 from ..models import MODELS, model_inputs
 from ..schedules import MASK_SCHEDULE
+from ..structure import parse_structure
 
 # engine options the training run sets itself
 _DERIVED = ("steps_per_epoch",)
@@ -40,7 +41,8 @@ class TrainConfig:
     method: str = _setting("sparse_momentum", "sparse training method (see `sparselearn list`)")
     label: str | None = _setting(None, "the name of this variant in reports (default: the method)")
     density: float | None = _setting(
-        0.05, "fraction of weights kept active, e.g. 0.05 (ignored by dense)"
+        0.05,
+        "fraction of weights kept active, e.g. 0.05 (ignored by dense; N/M under an N:M structure)",
     )
     epochs: int = _setting(None, "training epochs (default: 100; 2 for language)")
     batch_size: int = _setting(None, "training batch size (default: 100; 32 for language)")
@@ -202,6 +204,15 @@ class TrainConfig:
                 )
         if "lr_milestones" in run:
             run["lr_milestones"] = tuple(run["lr_milestones"])
+        if "density" not in run:
+            # an N:M structure fixes the density: it is the default there
+            method = run.get("method", cls.method)
+            preset = METHODS.get(method).defaults if method in METHODS.names() else {}
+            structure = parse_structure(
+                sparse.get("structure", preset.get("structure", "unstructured"))
+            )
+            if structure.density is not None:
+                run["density"] = structure.density
         return cls(**run, sparsity=sparse)
 
 
