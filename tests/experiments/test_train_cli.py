@@ -511,5 +511,5 @@ def test_an_n_m_structure_sets_the_default_density() -> None:
     got = cli.resolve_config(parser.parse_args(["train", "--structure", "1:4"]))
     assert got.density == 0.25
     assert cli.resolve_config(parser.parse_args(["train", "--method", "srigl"])).density == 0.05
-    with pytest.raises(ValueError, match="the density must be 0.5, got 0.1"):
+    with pytest.raises(ValueError, match=r"the density must be 0\.5, got 0\.1"):
         cli.resolve_config(parser.parse_args(["train", "--structure", "2:4", "--density", "0.1"]))
