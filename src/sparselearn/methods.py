@@ -117,22 +117,26 @@ register_method(
     prune_rate_schedule="cosine",
     optimizer_state="reset_grown",
 )
+# RigL's settings, which its structured variants share
+_RIGL: dict[str, Any] = {
+    "schedule": "periodic",
+    "init": "erk",
+    "prune": "magnitude",
+    "growth": "gradient",
+    "redistribution": "none",
+    "update_every": 100,
+    "stop_at": 0.75,
+    "prune_rate": 0.3,
+    "prune_rate_schedule": "cosine",
+    "prune_rate_min": 0.0,
+    "optimizer_state": "reset_grown",
+}
 register_method(
     "rigl",
     description="Prune by magnitude, regrow by instantaneous dense-gradient magnitude, every 100 "
     "steps until 75% of training.",
     reference="Evci et al. 2020",
-    schedule="periodic",
-    init="erk",
-    prune="magnitude",
-    growth="gradient",
-    redistribution="none",
-    update_every=100,
-    stop_at=0.75,
-    prune_rate=0.3,
-    prune_rate_schedule="cosine",
-    prune_rate_min=0.0,
-    optimizer_state="reset_grown",
+    **_RIGL,
 )
 register_method(
     "sparse_momentum",
@@ -156,37 +160,14 @@ register_method(
     "(prune by magnitude across the layer, each unit regrows by gradient to the layer's "
     "fan-in); units with under 30% of their fan-in salient are removed (neuron ablation).",
     reference="Lasby et al. 2024 (SRigL)",
-    schedule="periodic",
-    init="erk",
-    prune="magnitude",
-    growth="gradient",
-    redistribution="none",
-    update_every=100,
-    stop_at=0.75,
-    prune_rate=0.3,
-    prune_rate_schedule="cosine",
-    prune_rate_min=0.0,
-    optimizer_state="reset_grown",
-    structure="fan_in",
-    neuron_ablation=0.3,
+    **{**_RIGL, "structure": "fan_in", "neuron_ablation": 0.3},
 )
 register_method(
     "srigl_2_4",
     description="SRigL's schedule within 2:4 blocks (2 of every 4 inputs kept, the layout "
     "NVIDIA's sparse tensor cores and vLLM serve): density 0.5.",
     reference="Lasby et al. 2024 (N:M SRigL); Mishra et al. 2021 (2:4)",
-    schedule="periodic",
-    init="uniform",
-    prune="magnitude",
-    growth="gradient",
-    redistribution="none",
-    update_every=100,
-    stop_at=0.75,
-    prune_rate=0.3,
-    prune_rate_schedule="cosine",
-    prune_rate_min=0.0,
-    optimizer_state="reset_grown",
-    structure="2:4",
+    **{**_RIGL, "init": "uniform", "structure": "2:4"},
 )
 register_method(
     "gmp",

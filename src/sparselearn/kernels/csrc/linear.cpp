@@ -471,6 +471,20 @@ torch::Tensor pack(torch::Tensor x) { return pack_impl(x, false)[0]; }
 
 std::vector<torch::Tensor> pack_sum(torch::Tensor x) { return pack_impl(x, true); }
 
+namespace {
+
+// The bias of a product with `rows` outputs, contiguous (undefined where there is none).
+torch::Tensor checked_bias(const c10::optional<torch::Tensor>& bias, int64_t rows,
+                           const torch::Tensor& x) {
+  if (!bias.has_value()) return torch::Tensor();
+  auto b = bias->contiguous();
+  TORCH_CHECK(b.numel() == rows && b.scalar_type() == x.scalar_type(),
+              "bias must have one entry per row, of the input's dtype");
+  return b;
+}
+
+}  // namespace
+
 torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, torch::Tensor XP,
                    int64_t rows, int64_t batch, c10::optional<torch::Tensor> perm,
                    c10::optional<torch::Tensor> bias) {
@@ -479,12 +493,7 @@ torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, tor
   const int64_t W = XP.size(2);
   TORCH_CHECK(W == panel_width(batch) && XP.size(0) == (batch + W - 1) / W, "XP/batch mismatch");
   auto Y = torch::empty({batch, rows}, XP.options());
-  torch::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.numel() == rows && b.scalar_type() == XP.scalar_type(),
-                "bias must have one entry per row, of the panels' dtype");
-  }
+  const torch::Tensor b = checked_bias(bias, rows, XP);
   // values in this CSR's order: a gather for the transposed matrix (cheaper than reading
   // val[perm[k]] at random inside the kernel)
   auto v = perm.has_value() ? torch::empty_like(val) : val.contiguous();
@@ -498,7 +507,7 @@ torch::Tensor spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor val, tor
       auto run = [&](auto w) {
         spmm_panels<scalar_t, decltype(w)::value, index_t>(
             crow.data_ptr<int64_t>(), col.data_ptr<index_t>(), v.data_ptr<scalar_t>(),
-            XP.data_ptr<scalar_t>(), bias.has_value() ? b.data_ptr<scalar_t>() : nullptr,
+            XP.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
             Y.data_ptr<scalar_t>(), rows, XP.size(1), batch);
       };
       if (W == 64) run(std::integral_constant<int, 64>{});
@@ -611,19 +620,14 @@ std::vector<torch::Tensor> linear_forward(torch::Tensor x, torch::Tensor crow, t
   auto XP = torch::empty({(B + W - 1) / W, F, W}, x.options());
   auto Y = torch::empty({B, rows}, x.options());
   auto v = val.contiguous();
-  torch::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.numel() == rows && b.scalar_type() == x.scalar_type(),
-                "bias must have one entry per row, of x's dtype");
-  }
+  const torch::Tensor b = checked_bias(bias, rows, x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_forward", [&] {
     AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "linear_forward", [&] {
       with_panel_width(W, [&](auto w) {
         forward_region<scalar_t, decltype(w)::value, index_t>(
             x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), XP.data_ptr<scalar_t>(),
             crow.data_ptr<int64_t>(), col.data_ptr<index_t>(), v.data_ptr<scalar_t>(),
-            bias.has_value() ? b.data_ptr<scalar_t>() : nullptr, Y.data_ptr<scalar_t>(), rows, F,
+            b.defined() ? b.data_ptr<scalar_t>() : nullptr, Y.data_ptr<scalar_t>(), rows, F,
             B);
       });
     });
@@ -774,18 +778,13 @@ torch::Tensor linear_rows(torch::Tensor x, torch::Tensor crow, torch::Tensor col
   const int64_t B = xc.size(0);
   auto Y = torch::empty({B, rows}, x.options());
   auto v = val.contiguous();
-  torch::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.numel() == rows && b.scalar_type() == x.scalar_type(),
-                "bias must have one entry per row, of x's dtype");
-  }
+  const torch::Tensor b = checked_bias(bias, rows, x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_rows", [&] {
     AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "linear_rows", [&] {
       rows_product<scalar_t, index_t>(xc.data_ptr<scalar_t>(), xc.stride(0),
                                       crow.data_ptr<int64_t>(), col.data_ptr<index_t>(),
                                       v.data_ptr<scalar_t>(),
-                                      bias.has_value() ? b.data_ptr<scalar_t>() : nullptr,
+                                      b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                                       Y.data_ptr<scalar_t>(), rows, B);
     });
   });
