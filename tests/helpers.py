@@ -12,6 +12,7 @@ from torch import nn
 
 import sparselearn as sl
 from sparselearn.kernels import extension
+from sparselearn.structure import parse_structure
 
 # ----------------------------------------------------------------------------- models
 
@@ -119,10 +120,12 @@ def model_options(kind: str) -> dict[str, Any]:
 
 def method_options(method: str, total_steps: int, update_every: int = 3) -> dict[str, Any]:
     """Short schedules so that mask updates happen inside short test runs."""
-    schedule = sl.METHODS.get(method).defaults["schedule"]
+    defaults = sl.METHODS.get(method).defaults
+    schedule = defaults["schedule"]
     opts: dict[str, Any] = {"total_steps": total_steps}
     if schedule != "dense":
-        opts["density"] = 0.2
+        # an N:M preset fixes the density at N/M
+        opts["density"] = parse_structure(defaults.get("structure", "unstructured")).density or 0.2
     if schedule in ("periodic", "gradual"):
         opts["update_every"] = update_every
     return opts

@@ -34,6 +34,7 @@ ADDED_SETTINGS = {
     "tensorboard": False,
     "steps_per_epoch": None,
     "structure": "unstructured",
+    "neuron_ablation": (0.0).hex(),
 }
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import sparselearn as sl
+from sparselearn.structure import Groups, parse_structure
 from tests.helpers import (
     MODELS,
     RNN_INCLUDE,
@@ -18,8 +19,12 @@ from tests.helpers import (
     train_step,
 )
 
+# presets that keep a structure: their budgets are whole rows' worth (and SRigL removes units),
+# and N:M needs inputs in whole blocks (tested below)
+STRUCTURED = [m for m in sl.methods() if "structure" in sl.METHODS.get(m).defaults]
 
-@pytest.mark.parametrize("method", sl.methods())
+
+@pytest.mark.parametrize("method", [m for m in sl.methods() if m not in STRUCTURED])
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_every_model_trains_sparse_with_every_method(kind: str, method: str) -> None:
     torch.manual_seed(0)
@@ -33,6 +38,29 @@ def test_every_model_trains_sparse_with_every_method(kind: str, method: str) -> 
         assert_inactive_zero(engine, model)
     if engine.config.schedule in ("fixed", "periodic", "one_shot", "gradual"):
         assert engine.density() == pytest.approx(0.2, abs=2e-3)
+
+
+@pytest.mark.parametrize("method", STRUCTURED)
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_every_model_keeps_each_structure_or_is_refused_by_name(kind: str, method: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[kind]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    options = {**method_options(method, 12), **model_options(kind)}
+    structure = parse_structure(sl.METHODS.get(method).defaults["structure"])
+    if structure.kind == "n:m" and kind in ("conv_bn", "gru", "lstm"):
+        # their first weights take 1 channel or 6 inputs: N:M needs whole blocks, and the
+        # refusal names the way out
+        with pytest.raises(ValueError, match=rf"not a multiple of {structure.m}; exclude it"):
+            sl.sparsify(model, opt, method=method, seed=0, **options)
+        return
+    engine = sl.sparsify(model, opt, method=method, seed=0, **options)
+    for x, y in batches(kind, 12):
+        train_step(model, opt, x, y)
+        assert_inactive_zero(engine, model)
+        for name, mask in engine.masks.items():
+            groups = Groups(name, mask.shape, "out_first", structure)
+            assert groups.broken(mask, ablation=engine.config.neuron_ablation > 0) is None
 
 
 def test_conv_bn_sparsifies_conv_and_linear_weights_only() -> None:

@@ -38,7 +38,9 @@ def check_state(
         raise ValueError(f"engine state lacks {', '.join(missing)}: it is damaged or incomplete")
     ours = config.to_dict()
     saved_cfg = dict(state["config"])
-    saved_cfg.setdefault("structure", "unstructured")  # saved before the option existed
+    # options added since a state could be saved, with the value that keeps the old behaviour
+    for key, value in (("structure", "unstructured"), ("neuron_ablation", 0.0)):
+        saved_cfg.setdefault(key, value)
     diff = [k for k in sorted(set(saved_cfg) | set(ours)) if saved_cfg.get(k) != ours.get(k)]
     if diff:
         detail = ", ".join(f"{k}: saved {saved_cfg.get(k)!r}, here {ours.get(k)!r}" for k in diff)
