@@ -574,18 +574,12 @@ class SparseEngine:
         check_state(state, self.config, self.schedule, self._layers, self.signals.ema)
         masks = state["masks"]
         if self._groups is not None:
-            wrong = [
-                why
-                for layer, g in zip(self._layers, self._groups, strict=True)
-                if (
-                    why := g.broken(
-                        as_mask(masks[layer.name], layer.shape),
-                        pruning=self.schedule.starts_dense,
-                        ablation=self.config.neuron_ablation > 0,
-                    )
-                )
-                is not None
-            ]
+            wrong = structured.broken(
+                [as_mask(masks[layer.name], layer.shape) for layer in self._layers],
+                self._groups,
+                pruning=self.schedule.starts_dense,
+                ablation=self.config.neuron_ablation > 0,
+            )
             if wrong:
                 raise ValueError(
                     f"engine state masks break structure {self.config.structure!r}: "

@@ -138,10 +138,24 @@ def initial_mask(
     return groups.unview(pick_per_group(noise, everywhere, k, generator, largest=True))
 
 
-def broken(layers: Sequence[LayerStorage], groups: Sequence[Groups]) -> list[str]:
-    """What breaks the structure in the layers' masks (empty: every group holds its count)."""
-    found = (g.broken(layer.mask) for layer, g in zip(layers, groups, strict=True))
+def broken(
+    masks: Sequence[Tensor], groups: Sequence[Groups], *, pruning: bool, ablation: bool
+) -> list[str]:
+    """What breaks the structure in the layers' ``masks`` (empty: every group holds its
+    count; ``pruning`` and ``ablation`` as for :meth:`Groups.broken`)."""
+    found = (
+        g.broken(m, pruning=pruning, ablation=ablation) for m, g in zip(masks, groups, strict=True)
+    )
     return [why for why in found if why is not None]
+
+
+def _lowest_capped(
+    scores: Tensor, mask: Tensor, candidates: Tensor, cap: int, n: int, gen: torch.Generator
+) -> Tensor:
+    """Up to ``n`` of ``candidates`` (within ``mask``, rows as groups) with the lowest
+    scores across the layer, at most ``cap`` from one group."""
+    eligible = candidates & (ranks(scores, mask, gen, largest=False) < cap)
+    return top_k(scores, eligible, min(n, int(eligible.sum())), gen, largest=False)
 
 
 def _dense_scores(entry: Tensor | ActiveScores, mask: Tensor) -> Tensor:
@@ -213,10 +227,7 @@ def regrow(up: MaskUpdater, rate: float) -> MaskUpdate:
             chosen_g = pick_per_group(scores, mask, p, gen, largest=False)
         else:
             # the layer's lowest, at most as many from a group as it can regrow
-            cap = min(k, g.size - k)
-            eligible = mask & (ranks(scores, mask, gen, largest=False) < cap)
-            n = min(remove[i], int(eligible.sum()))
-            chosen_g = top_k(scores, eligible, n, gen, largest=False)
+            chosen_g = _lowest_capped(scores, mask, mask, min(k, g.size - k), remove[i], gen)
         pruned.append(g.unview(chosen_g))
         lost_groups.append(chosen_g.sum(dim=1))
     kept = [v.mask & p.logical_not() for v, p in zip(views, pruned, strict=True)]
@@ -288,9 +299,9 @@ def _ablated(
         removed[best] = False
     stays = alive & ~removed
     k_new = min(size, active // int(stays.sum()))
-    cap = min(k, size - k_new)  # a row regrows k_new minus what it kept among its old inputs
-    eligible = mask & stays.unsqueeze(1) & (ranks(scores, mask, gen, largest=False) < cap)
-    pruned = top_k(scores, eligible, min(remove, int(eligible.sum())), gen, largest=False)
+    # a row regrows k_new minus what it kept among its old inputs
+    cap = min(k, size - k_new)
+    pruned = _lowest_capped(scores, mask, mask & stays.unsqueeze(1), cap, remove, gen)
     pruned |= mask & removed.unsqueeze(1)
     left = counts - pruned.sum(dim=1)
     return pruned, torch.where(stays, k_new - left, torch.zeros_like(left))
