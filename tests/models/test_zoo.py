@@ -61,6 +61,17 @@ def test_parameter_counts_match_the_architectures() -> None:
     assert 15.2e6 < count(create_model("vgg-d", (3, 32, 32), 10)) < 15.3e6
     # ResNet-18 for CIFAR-10 (3x3 stem, 1x1 projection shortcuts): 11,173,962
     assert count(create_model("resnet18", (3, 32, 32), 10)) == 11_173_962
+    # LeNet-300-100 made wider: 784*600+600 + 600*200+200 + 200*10+10, and 1200-400
+    assert count(create_model("lenet300-100-x2", (1, 28, 28), 10)) == 593_210
+    assert count(create_model("lenet300-100-x4", (1, 28, 28), 10)) == 1_426_410
+    # tiny-gpt of width d (97 characters, 128 positions, 4 blocks, the head tied): the
+    # embeddings, per block two norms and the q/k/v, output and MLP Linear layers, a last norm
+    for name, d in (("tiny-gpt", 128), ("tiny-gpt-256", 256), ("tiny-gpt-512", 512)):
+        linear = (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+        block = 2 * 2 * d + linear
+        assert count(create_model(name, (128,), 97)) == 97 * d + 128 * d + 4 * block + 2 * d
+        heads = {m.heads for m in create_model(name, (128,), 97).modules() if hasattr(m, "heads")}
+        assert heads == {d // 32}  # heads of the same size
 
 
 def test_input_shapes_adapt() -> None:

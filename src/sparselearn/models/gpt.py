@@ -91,3 +91,15 @@ def tiny_gpt(input_shape: InputShape, num_classes: int) -> nn.Module:
             f"tiny-gpt reads sequences of token ids: input_shape (block_size,), got {input_shape}"
         )
     return TinyGPT(num_classes, input_shape[0])
+
+
+def _wide_gpt(width: int) -> None:
+    # tiny-gpt made wider at the same depth and head size (32): for comparisons at equal
+    # non-zero weights or training FLOPs
+    @register_model(f"tiny-gpt-{width}", inputs="sequence")
+    def build(input_shape: InputShape, num_classes: int) -> nn.Module:
+        return TinyGPT(num_classes, input_shape[0], dim=width, heads=width // 32)
+
+
+for _width in (256, 512):
+    _wide_gpt(_width)

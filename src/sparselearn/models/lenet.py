@@ -14,17 +14,18 @@ from ._shapes import output_features
 
 
 class LeNet300100(nn.Module):
-    """Fully connected: input -> 300 -> 100 -> classes, ReLU."""
+    """Fully connected: input -> 300 -> 100 -> classes, ReLU; ``width`` multiplies both hidden
+    layers (2: input -> 600 -> 200 -> classes)."""
 
-    def __init__(self, input_shape: InputShape, num_classes: int) -> None:
+    def __init__(self, input_shape: InputShape, num_classes: int, width: int = 1) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(math.prod(input_shape), 300)
-        self.fc2 = nn.Linear(300, 100)
-        self.fc3 = nn.Linear(100, num_classes)
+        self.fc1 = nn.Linear(math.prod(input_shape), 300 * width)
+        self.fc2 = nn.Linear(300 * width, 100 * width)
+        self.fc3 = nn.Linear(100 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.fc1(x.flatten(1)))  # (B, 300)
-        x = F.relu(self.fc2(x))  # (B, 100)
+        x = F.relu(self.fc1(x.flatten(1)))  # (B, 300 * width)
+        x = F.relu(self.fc2(x))  # (B, 100 * width)
         return self.fc3(x)  # (B, classes) logits
 
 
@@ -49,6 +50,17 @@ class LeNet5Caffe(nn.Module):
 @register_model("lenet300-100")
 def lenet300_100(input_shape: InputShape, num_classes: int) -> nn.Module:
     return LeNet300100(input_shape, num_classes)
+
+
+def _wide_lenet(width: int) -> None:
+    # the same network made wider, for comparisons at equal non-zero weights
+    @register_model(f"lenet300-100-x{width}")
+    def build(input_shape: InputShape, num_classes: int) -> nn.Module:
+        return LeNet300100(input_shape, num_classes, width)
+
+
+for _width in (2, 4):
+    _wide_lenet(_width)
 
 
 @register_model("lenet5")
