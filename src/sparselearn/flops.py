@@ -1,8 +1,10 @@
 """FLOP accounting for Linear and Conv layers and expert stacks, dense and sparse.
 
 One multiply-add counts as 2 FLOPs. A sparse layer is charged only for its active weights:
-``2 * active weights * output positions`` (Linear: one position per sample). Normalisation,
-activations, pooling and biases are not counted (they are a small share and stay dense).
+``2 * active weights * output positions`` (Linear: one position per sample). The products of
+attention (scores and weighted values, which multiply activations, not weights) are counted
+apart, as ``attention``. Normalisation, activations, pooling and biases are not counted (they
+are a small share and stay dense).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .targets import expert_count, is_conv1d
 
@@ -29,9 +32,11 @@ class LayerFlops:
 
 @dataclass(frozen=True)
 class FlopReport:
-    """Inference FLOPs per sample."""
+    """Inference FLOPs per sample: of the weight layers (``dense``, ``sparse``, per layer), and
+    of attention's products between activations (``attention``, never sparse)."""
 
     layers: list[LayerFlops] = field(default_factory=list)
+    attention: int = 0
 
     @property
     def dense(self) -> int:
@@ -64,9 +69,12 @@ def count_flops(
     ``masks`` (e.g. ``engine.masks``) gives the active weights; without it the model's own
     non-zero weights count as active. Linear, Conv and Hugging Face ``Conv1D`` layers are
     counted at each output position; ``nn.MultiheadAttention`` by its projections (queries at
-    the query positions, keys and values at the key positions, the output projection); the
-    attention products themselves (scores, weighted values) multiply activations, not weights,
-    and are not counted. A stack of expert matrices (a mixture of experts) counts each expert's
+    the query positions, keys and values at the key positions, the output projection). The
+    attention products themselves (scores, weighted values) multiply activations, not weights:
+    those computed by ``F.scaled_dot_product_attention`` (tiny-gpt, Hugging Face models' "sdpa"
+    attention) are the report's ``attention``, every query against every key (a causal mask
+    halves the useful work but not what the kernels compute); attention written as plain matrix
+    products is not counted. A stack of expert matrices (a mixture of experts) counts each expert's
     matrix for the tokens routed to it (the integer tensor of expert indices its module is
     called with; without one, every token for every expert).
     """
@@ -120,9 +128,11 @@ def count_flops(
     ]
     was_training = model.training
     model.eval()
+    attention = _AttentionCounter()
     try:
         device = next(model.parameters()).device
-        model(torch.zeros(1, *input_shape, device=device, dtype=dtype or torch.float32))
+        with attention:
+            model(torch.zeros(1, *input_shape, device=device, dtype=dtype or torch.float32))
     finally:
         model.train(was_training)
         for h in handles:
@@ -141,8 +151,36 @@ def count_flops(
             for name, (d, sp, numel, act) in sorted(
                 totals.items(), key=lambda kv: order.get(kv[0], len(order))
             )
-        ]
+        ],
+        attention.flops,
     )
+
+
+class _AttentionCounter(TorchFunctionMode):
+    """Counts the products of ``F.scaled_dot_product_attention`` calls: ``2 * L * S * E`` for
+    the scores and ``2 * L * S * Ev`` for the weighted values, per batch and head (queries
+    ``(..., L, E)``, keys ``(..., S, E)``, values ``(..., S, Ev)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v = (
+                args[i] if len(args) > i else kwargs[name]
+                for i, name in enumerate(("query", "key", "value"))
+            )
+            batch = q.numel() // (q.shape[-2] * q.shape[-1])
+            self.flops += 2 * batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        return func(*args, **kwargs)
 
 
 def _attention_uses(
@@ -221,13 +259,27 @@ class TrainingLayerFlops:
 @dataclass(frozen=True)
 class TrainingFlopReport:
     """:func:`flops`: per layer and in total; ``dense_gradient_share`` is the fraction of
-    training steps on which the engine needs the dense weight gradient."""
+    training steps on which the engine needs the dense weight gradient; ``attention`` the
+    inference FLOPs per sample of attention's products between activations (not in the
+    layers' rows: a training step costs three times that, forward and two gradients)."""
 
     layers: list[TrainingLayerFlops]
     dense_gradient_share: float
+    attention: int = 0
 
     def total(self, field_name: str) -> int:
         return sum(getattr(layer, field_name) for layer in self.layers)
+
+    @property
+    def train_dense_total(self) -> int:
+        """A dense training step's FLOPs per sample, attention included."""
+        return self.total("train_dense") + 3 * self.attention
+
+    @property
+    def train_sparse_total(self) -> int:
+        """A training step's FLOPs per sample as this engine computes it (dense-gradient steps
+        amortised), attention included: what comparisons at equal training cost use."""
+        return self.total("train_sparse") + 3 * self.attention
 
     @property
     def inference_speedup(self) -> float:
@@ -265,6 +317,12 @@ class TrainingFlopReport:
             f"{mf(self.total('inference_sparse')):>13} {mf(self.total('train_dense')):>12} "
             f"{mf(self.total('train_sparse')):>13} {mf(self.total('train_paper')):>12}"
         )
+        if self.attention:
+            a = self.attention
+            rows.append(
+                f"{'attention products':<28} {'':>8} {mf(a):>12} {mf(a):>13} {mf(3 * a):>12} "
+                f"{mf(3 * a):>13} {mf(3 * a):>12}"
+            )
         rows.append(
             f"theoretical speedup: inference {self.inference_speedup:.2f}x, training step "
             f"{self.train_speedup:.2f}x as computed (dense weight gradient on "
@@ -282,9 +340,15 @@ def dense_gradient_share(engine: Any) -> float:
     return share
 
 
-def flops(model: nn.Module, engine: Any, input_shape: tuple[int, ...]) -> TrainingFlopReport:
+def flops(
+    model: nn.Module,
+    engine: Any,
+    input_shape: tuple[int, ...],
+    dtype: torch.dtype | None = None,
+) -> TrainingFlopReport:
     """FLOPs per sample of ``model`` under ``engine``'s masks for one input of ``input_shape``
-    (no batch dimension): inference and a training step, dense and sparse, per layer.
+    (no batch dimension; ``dtype`` the input's, ``torch.long`` for token ids): inference and a
+    training step, dense and sparse, per layer, and attention's products apart.
 
     A training step is counted as three products per layer (forward, input gradient, weight
     gradient), each ``2 * weights * positions`` dense. Sparse: the forward and input gradient
@@ -292,7 +356,7 @@ def flops(model: nn.Module, engine: Any, input_shape: tuple[int, ...]) -> Traini
     where the engine needs the dense gradient (``dense_gradient_share``). The paper's
     accounting charges every product at the active weights only.
     """
-    inference = count_flops(model, input_shape, engine.masks)
+    inference = count_flops(model, input_shape, engine.masks, dtype=dtype)
     share = dense_gradient_share(engine)
     layers = []
     for r in inference.layers:
@@ -309,4 +373,4 @@ def flops(model: nn.Module, engine: Any, input_shape: tuple[int, ...]) -> Traini
                 train_paper=3 * r.sparse,
             )
         )
-    return TrainingFlopReport(layers, share)
+    return TrainingFlopReport(layers, share, inference.attention)

@@ -109,6 +109,20 @@ def test_tiny_gpt_trains_through_the_command(
     assert summary["data_provenance"]["sha256"] == manifest["sha256"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["test_ppl"] > rows[-1]["test_ppl"]  # trained: perplexity went down
+    # the run's training FLOPs: per sample of 128 characters, three products per weight use
+    # (forward and two gradients) and attention's (4 blocks x 4 heads x 2 products of
+    # 128 x 128 x 32), over the samples trained
+    flops = summary["training_flops"]
+    attention = 3 * 4 * 4 * 2 * (2 * 128 * 128 * 32)
+    assert flops["attention_per_sample"] == attention
+    weights = 786_432 + 97 * 128  # the sparsified Linear weights and the tied head
+    assert flops["dense_per_sample"] == 3 * 2 * 128 * weights + attention
+    assert flops["samples"] == summary["steps"] * 32
+    assert flops["total"] == flops["per_sample"] * flops["samples"]
+    if method == "dense":
+        assert flops["per_sample"] == flops["dense_per_sample"]
+    else:
+        assert flops["per_sample"] < flops["dense_per_sample"] / 2
     if method != "dense":
         assert summary["final_density"] == pytest.approx(0.1, abs=0.002)
         assert sum(r["mask_updates"] for r in rows) >= 2  # update_every=3: masks changed

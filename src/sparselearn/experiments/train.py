@@ -25,7 +25,7 @@ from .. import checkpoint
 from .._io import remove_stale_temps
 from ..data.datasets import DATASETS, Data, load_dataset, steps_per_epoch
 from ..engine import MaskUpdate, SparseEngine, sparsify
-from ..flops import count_flops
+from ..flops import flops as training_flops
 from ..models import create_model
 from .config import SPARSITY_OPTIONS, TrainConfig, engine_arguments, jsonable, same_config
 from .optim import lr_at, make_optimizer
@@ -532,7 +532,8 @@ def summarize(
     last = metrics[-1]
     task = task_of(data.info.task)
     dtype = torch.long if task.name == "language" else None
-    flops = count_flops(model, data.info.input_shape, engine.masks, dtype=dtype)
+    flops = training_flops(model, engine, data.info.input_shape, dtype=dtype)
+    samples = last["step"] * cfg.batch_size  # (one process's: each DDP rank trains as many)
     trained = [m for m in metrics if m["epoch"] > 0]
     key = "val_acc" if task.name == "classify" else "val_ppl"
     vals = [m[key] for m in trained if m[key] is not None]
@@ -561,7 +562,21 @@ def summarize(
         "active_weights": active,
         "sparsified_weights": sum(m.numel() for m in engine.masks.values()),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "inference_flops": {"dense": flops.dense, "sparse": flops.sparse, "ratio": flops.ratio},
+        "inference_flops": {
+            "dense": flops.total("inference_dense"),
+            "sparse": flops.total("inference_sparse"),
+            "ratio": flops.total("inference_sparse") / max(1, flops.total("inference_dense")),
+        },
+        # a training step's FLOPs per sample as the engine computes it, attention included
+        # (sparselearn.flops), and the run's: what comparisons at equal training cost use
+        "training_flops": {
+            "per_sample": flops.train_sparse_total,
+            "dense_per_sample": flops.train_dense_total,
+            "attention_per_sample": 3 * flops.attention,
+            "dense_gradient_share": flops.dense_gradient_share,
+            "samples": samples,
+            "total": flops.train_sparse_total * samples,
+        },
         "wall_time": last["wall_time"],
         "steps": last["step"],
         "config": jsonable(cfg.to_dict()),
