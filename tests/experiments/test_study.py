@@ -151,9 +151,20 @@ STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"
 
 
 @pytest.mark.parametrize("spec", STUDIES, ids=[p.stem for p in STUDIES])
-def test_the_shipped_studies_expand(spec: Path, tmp_path: Path) -> None:
+def test_the_shipped_studies_expand(
+    spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sparselearn.experiments import same_cost, study
     from sparselearn.experiments.runs import load_yaml
 
+    # a same-cost density is resolved by building the models (tests/experiments/
+    # test_same_cost.py); here each names a valid view
+    def resolve(cfg: dict[str, Any], reference: str, view: str) -> float:
+        assert view in same_cost.VIEWS
+        return 0.1
+
+    monkeypatch.setattr(same_cost, "resolve", resolve)
+    monkeypatch.setattr(study, "_resolved", {})
     runs = expand(load_yaml(spec), tmp_path, str(spec))
     assert runs
     assert len({r.folder for r in runs}) == len(runs)

@@ -13,6 +13,11 @@ Spec (YAML)::
     densities: [0.01, 0.05]                         # not used by dense
     seeds: [1, 2, 3]
 
+A method's settings may hold its own ``density``: a number, or ``same-nnz`` / ``same-flops``
+with the spec's ``reference`` (a model): the density at which the run's model keeps as many
+non-zero parameters as the dense reference, or costs as many training FLOPs per step
+(:mod:`sparselearn.experiments.same_cost`), resolved from the run's own settings.
+
 Each run lives in ``<out>/<model>/<method>/density-<d>/seed-<s>`` (dense: ``.../dense/seed-<s>``)
 and is one ``sparselearn train`` process with one thread per job. A run with a summary.json is
 finished and skipped; one with only a checkpoint is resumed. A study stopped by Ctrl-C or
@@ -40,7 +45,7 @@ from ..schedules import MASK_SCHEDULE
 from .config import TrainConfig
 from .runs import dump_yaml, load_yaml, write_atomic
 
-_SPEC_KEYS = {"out", "base", "models", "methods", "densities", "seeds"}
+_SPEC_KEYS = {"out", "base", "models", "methods", "densities", "seeds", "reference"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,9 @@ def expand(spec: Mapping[str, Any], out: Path, source: str = "the study spec") -
                 f"{source}: densities must be a list of numbers in (0, 1], got {densities!r}"
             )
         _unique(source, "densities", densities)
+    reference = spec.get("reference")
+    if reference is not None:
+        _names(source, "reference", [reference], MODELS)
     runs = []
     for model in models:
         for key, extra in methods.items():
@@ -131,23 +139,69 @@ def expand(spec: Mapping[str, Any], out: Path, source: str = "the study spec") -
             except ValueError as err:
                 raise ValueError(f"{source}: methods.{key}: {err}") from None
             dense = MASK_SCHEDULE.get(preset.defaults.get("schedule", "periodic")).masks is False
-            if not dense and not densities:
+            own = extra.pop("density", None)
+            if dense and own is not None:
+                raise ValueError(f"{source}: methods.{key}: {method!r} takes no density")
+            if not dense and own is None and not densities:
                 raise ValueError(f"{source}: method {method!r} needs densities in the spec")
-            for density in [None] if dense else list(densities or []):
+            listed = list(densities or []) if own is None else [own]
+            for density in [None] if dense else listed:
                 for seed in seeds:
                     cfg = {**base, **extra, "model": model, "method": method, "seed": seed}
-                    cfg["density"] = density
+                    cfg["density"] = _density(source, key, density, cfg, reference, model)
                     try:
                         TrainConfig.from_dict(cfg)  # fail now, not two hours in
                     except (TypeError, ValueError) as err:
                         raise ValueError(f"{source}: methods.{key} on {model}: {err}") from None
                     sub = Path(model) / key
-                    sub = sub / (f"seed-{seed}" if dense else f"density-{density}/seed-{seed}")
+                    where = f"density-{cfg['density']}/seed-{seed}"
+                    sub = sub / (f"seed-{seed}" if dense else where)
                     cost = 10.0 if "lenet5" in model or "wrn" in model or "vgg" in model else 1.0
+                    if isinstance(cfg.get("epochs"), int):  # longer runs of one model first
+                        cost *= cfg["epochs"]
                     runs.append(Run(out / sub, cfg, cost))
     # the costly runs first (they bound the study's length), and each seed's runs before the
     # next seed's: a study stopped early holds every cell, with fewer seeds
     return sorted(runs, key=lambda r: (-r.cost, seeds.index(r.config["seed"])))
+
+
+_resolved: dict[str, float] = {}
+
+
+def _density(
+    source: str,
+    key: str,
+    density: Any,
+    cfg: dict[str, Any],
+    reference: str | None,
+    model: str,
+) -> float | None:
+    """A run's density: the number given, or a same-cost view resolved for its settings (the
+    same for every seed: resolved once, at the first seed's)."""
+    from . import same_cost
+
+    if density is None or (
+        not isinstance(density, bool) and isinstance(density, (int, float)) and 0 < density <= 1
+    ):
+        return density
+    if density not in same_cost.VIEWS:
+        raise ValueError(
+            f"{source}: methods.{key}: density must be a number in (0, 1] or one of "
+            f"{', '.join(same_cost.VIEWS)}, got {density!r}"
+        )
+    if reference is None:
+        raise ValueError(
+            f"{source}: methods.{key}: density {density} needs the spec's reference (the dense "
+            "model whose cost it matches)"
+        )
+    settings = {k: v for k, v in cfg.items() if k != "seed"}
+    memo = repr((sorted(settings.items(), key=repr), reference, density))
+    if memo not in _resolved:
+        try:
+            _resolved[memo] = same_cost.resolve({**cfg, "density": 0.5}, reference, density)
+        except ValueError as err:
+            raise ValueError(f"{source}: methods.{key} on {model}: {err}") from None
+    return _resolved[memo]
 
 
 def _threads(run: Run, default: int) -> int:
