@@ -246,6 +246,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         claims=args.claims,
         structure_costs=args.structure_costs,
         learning_curves=args.curves,
+        same_cost=args.same_cost,
     )
     print(text)
     return 0
@@ -333,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ROW@DENSITY",
         help="learning-curve figure of these rows, e.g. dense sparse_momentum@0.05 (with --plots)",
+    )
+    p.add_argument(
+        "--same-cost",
+        metavar="MODEL",
+        help="instead, wider sparse models (rows METHOD-same-nnz, METHOD-same-flops) against "
+        "dense MODEL (rows dense, dense-2x, ...) at the same steps and the same wall time, "
+        "with a figure of quality against wall time (with --plots)",
     )
     p.set_defaults(func=cmd_report)
 

@@ -265,6 +265,30 @@ def replace_section(path: Path, start: str, end: str, body: str) -> None:
     write_atomic(path, text)
 
 
+def _figures_text(figures: list[Path], markdown: Path) -> str:
+    rel = [os.path.relpath(p, markdown.parent) for p in figures]
+    return "\n" + "\n".join(f"![{Path(r).stem}]({r})" for r in rel) + "\n"
+
+
+def _same_cost(
+    paths: Sequence[str | os.PathLike[str]],
+    reference: str,
+    markdown: Path | None,
+    plots: Path | None,
+    section: str,
+) -> str:
+    from . import same_cost_report
+
+    text = same_cost_report.table(paths, reference)
+    if plots is not None:
+        figures = same_cost_report.plot(paths, reference, plots)
+        if markdown is not None:
+            text += _figures_text(figures, markdown)
+    if markdown is not None:
+        replace_section(markdown, f"<!-- {section}:start -->", f"<!-- {section}:end -->", text)
+    return text
+
+
 def report(
     paths: Sequence[str | os.PathLike[str]],
     *,
@@ -275,17 +299,28 @@ def report(
     claims: bool = False,
     structure_costs: bool = False,
     learning_curves: Sequence[str] = (),
+    same_cost: str | None = None,
 ) -> str:
     """Aggregate runs; optionally write the tables into a markdown file and the plots,
     (``wall_time``) a table of training wall time beside the metric's, (``claims``) the
     verdict on each of the paper's claims (:mod:`.claims`), (``structure_costs``) what each
     structured variant costs against its unstructured twin (:mod:`.structure_costs`) and
     (``learning_curves``, with
-    ``plots``) test accuracy against epoch for the rows given as ``ROW@DENSITY``.
+    ``plots``) test accuracy against epoch for the rows given as ``ROW@DENSITY``. With
+    ``same_cost`` (a model name) the report is instead wider sparse models against that dense
+    model at the same steps and the same wall time (:mod:`.same_cost_report`), with its
+    figure of quality against wall time.
 
     The tables go between ``<!-- {section}:start -->`` and ``<!-- {section}:end -->``, so that
     one file can hold several reports; the rest of the file is kept.
     """
+    if same_cost is not None:
+        if wall_time or claims or structure_costs or learning_curves:
+            raise ValueError(
+                "--same-cost is a report of its own: give it without --wall-time, --claims, "
+                "--structure-costs or --curves"
+            )
+        return _same_cost(paths, same_cost, markdown, plots, section)
     results = collect(paths)
     text = table(results)
     if wall_time:
@@ -305,8 +340,7 @@ def report(
         if learning_curves:
             figures += curves(paths, learning_curves, plots)
         if markdown is not None:
-            rel = [os.path.relpath(p, markdown.parent) for p in figures]
-            text += "\n" + "\n".join(f"![{Path(r).stem}]({r})" for r in rel) + "\n"
+            text += _figures_text(figures, markdown)
     if markdown is not None:
         replace_section(markdown, f"<!-- {section}:start -->", f"<!-- {section}:end -->", text)
     return text

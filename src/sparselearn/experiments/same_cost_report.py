@@ -1,0 +1,302 @@
+"""Wider sparse models against a small dense one at the same cost (``sparselearn report
+--same-cost MODEL``).
+
+The runs hold a dense ``reference`` model trained for its recipe (the row ``dense``) and for
+longer (rows ``dense-<k>x``: the same recipe over k times the epochs), and wider models
+trained sparse at a same-cost density (rows ``<method>-same-nnz`` and ``<method>-same-flops``,
+see :mod:`.same_cost`), every run for the reference recipe's steps. Three comparisons each:
+
+- **the same steps** (and so the same non-zeros, or the same training FLOPs, by the row's
+  view): the sparse row against the dense one;
+- **the same wall time**: the sparse row against the dense model trained for as long as the
+  sparse one took on this machine, read off the dense runs' quality against their wall time
+  (the ``dense`` and ``dense-<k>x`` runs of the same seed, linear in the logarithm of the
+  time between the two that bracket the sparse run's; a seed whose dense runs do not bracket
+  it is left out: the comparison is never extrapolated).
+
+A verdict follows the two-standard-error rule of the paper-budget claims (:mod:`.claims`):
+the sparse model **beats** the dense one where its mean is better by more than two standard
+errors of the difference (sqrt(se_a² + se_b²)), **ties within error** within two, and
+**loses** beyond them the other way; a side with one seed gets no verdict.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cells import METRICS, Cell
+from .runs import iter_runs, read_json
+
+_VIEWS = {"same-nnz": "non-zeros", "same-flops": "training FLOPs"}
+_LADDER = re.compile(r"dense(?:-(\d+(?:\.\d+)?)x)?")
+
+
+@dataclass
+class _Run:
+    seed: int
+    value: float  # the task's metric (test accuracy or perplexity)
+    wall: float
+    flops: float | None  # training FLOPs of the run (None: not recorded)
+    nonzeros: int
+    density: float
+
+
+@dataclass
+class _Row:
+    model: str
+    method: str
+    view: str
+    runs: dict[int, _Run] = field(default_factory=dict)
+
+    def cell(self, metric: str, what: str = "value") -> Cell:
+        return Cell(tuple(getattr(r, what) for _, r in sorted(self.runs.items())), metric)
+
+
+def _read(paths: Sequence[str | os.PathLike[str]], reference: str) -> dict[str, Any]:
+    """The reference's dense runs by ladder factor and seed, and the sparse rows, per data."""
+    by_data: dict[str, Any] = {}
+    for run in iter_runs(list(paths)):
+        s = read_json(run / "summary.json")
+        metric = s.get("metric", "test_acc")
+        if metric not in METRICS or s.get(metric) is None or s.get("wall_time") is None:
+            raise ValueError(f"{run / 'summary.json'} is damaged: it has no {metric}")
+        label = s.get("label") or s["method"]
+        flops = (s.get("training_flops") or {}).get("total")
+        nonzeros = int(s["parameters"]) - int(s["sparsified_weights"]) + int(s["active_weights"])
+        one = _Run(
+            int(s["seed"]),
+            float(s[metric]),
+            float(s["wall_time"]),
+            None if flops is None else float(flops),
+            nonzeros,
+            float(s["density"]),
+        )
+        data = by_data.setdefault(
+            s["data"], {"metric": metric, "ladder": defaultdict(dict), "rows": {}}
+        )
+        if data["metric"] != metric:
+            raise ValueError(f"{run / 'summary.json'}: {metric} among runs reporting another")
+        ladder = _LADDER.fullmatch(label)
+        if s["model"] == reference and s["method"] == "dense" and ladder:
+            factor = float(ladder.group(1) or 1)
+            data["ladder"][factor][one.seed] = one
+            continue
+        if s["model"] == reference:
+            continue  # other runs of the reference: not part of this comparison
+        method, _, view = label.rpartition("-same-")
+        view = f"same-{view}"
+        if not method or view not in _VIEWS:
+            raise ValueError(
+                f"{run}: a run of {s['model']} labelled {label!r}; a same-cost row is "
+                f"labelled METHOD-same-nnz or METHOD-same-flops"
+            )
+        row = data["rows"].setdefault((s["model"], label), _Row(s["model"], method, view))
+        row.runs[one.seed] = one
+    if not by_data:
+        raise FileNotFoundError(
+            f"no finished runs (summary.json) under {', '.join(map(str, paths))}"
+        )
+    for name, data in by_data.items():
+        if 1.0 not in data["ladder"]:
+            raise ValueError(
+                f"no dense run of {reference} on {name} (the row 'dense') under "
+                f"{', '.join(map(str, paths))}: it is what the sparse rows are compared with"
+            )
+    return by_data
+
+
+def at_time(points: Sequence[tuple[float, float]], wall: float) -> float | None:
+    """The quality at ``wall`` seconds on the curve through ``points`` ((wall time, value) of
+    one seed's dense runs): linear in log(time) between the two that bracket it, None outside
+    them."""
+    pts = sorted(points)
+    for (t0, v0), (t1, v1) in itertools.pairwise(pts):
+        if t0 <= wall <= t1:
+            if t1 == t0:
+                return (v0 + v1) / 2
+            f = (math.log(wall) - math.log(t0)) / (math.log(t1) - math.log(t0))
+            return v0 + f * (v1 - v0)
+    return None
+
+
+def verdict(sparse: Cell, dense: Cell, higher: bool) -> tuple[float, float, str]:
+    """(how much better the sparse mean is, the difference's standard error, the verdict)."""
+    gain = (sparse.mean - dense.mean) if higher else (dense.mean - sparse.mean)
+    error = math.hypot(sparse.se, dense.se)
+    if min(sparse.n, dense.n) < 2:
+        return gain, error, "no verdict (one seed)"
+    if abs(gain) <= 2 * error:
+        return gain, error, "ties within error"
+    return gain, error, "beats" if gain > 0 else "loses"
+
+
+def _gain_text(gain: float, error: float, scale: float, digits: int, metric: str) -> str:
+    text = f"{scale * gain:+.{digits}f} ± {scale * error:.{digits}f}"
+    return text + " points" if metric == "test_acc" else text
+
+
+def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
+    """The same-cost tables as markdown, one pair per dataset."""
+    lines = []
+    for data, found in sorted(_read(paths, reference).items()):
+        metric = found["metric"]
+        title, scale, digits, higher = METRICS[metric]
+        what = title.split(" (")[0].lower()
+        dense_runs = found["ladder"][1.0]
+        dense = Cell(tuple(r.value for _, r in sorted(dense_runs.items())), metric)
+        dense_wall = Cell(tuple(r.wall for _, r in sorted(dense_runs.items())), "wall_time")
+        dense_flops = [r.flops for r in dense_runs.values() if r.flops]
+        nonzeros = next(iter(dense_runs.values())).nonzeros
+        lines += [
+            f"### Wider and sparse against dense {reference} on {data}: the same steps",
+            "",
+            f"{title}, mean ± standard error over seeds (number of seeds). Dense {reference}: "
+            f"{dense.text()}, {nonzeros:,} parameters, "
+            f"{_flops_text(sum(dense_flops) / len(dense_flops)) if dense_flops else '–'} "
+            "training FLOPs. Each wider model trains for the same steps at the density that "
+            "matches the dense model's non-zeros or training FLOPs (its view); the gain is how "
+            f"much better its {what} is than dense's.",
+            "",
+            "| model | method | same | density | non-zeros | training FLOPs (x dense) | "
+            f"{what} | gain over dense (± its standard error) | verdict |",
+            "|---|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        rows = sorted(found["rows"].values(), key=lambda r: (r.model, r.method, r.view))
+        for row in rows:
+            cell = row.cell(metric)
+            runs = list(row.runs.values())
+            ratio = (
+                f"{_mean([r.flops for r in runs]) / _mean(dense_flops):.2f}"  # type: ignore[arg-type]
+                if dense_flops and all(r.flops for r in runs)
+                else "–"
+            )
+            gain, error, said = verdict(cell, dense, higher)
+            lines.append(
+                f"| {row.model} | {row.method} | {_VIEWS[row.view]} | "
+                f"{100 * runs[0].density:.2f}% | {round(_mean([r.nonzeros for r in runs])):,} | "
+                f"{ratio} | {cell.text()} | {_gain_text(gain, error, scale, digits, metric)} | "
+                f"**{said}** |"
+            )
+        factors = sorted(found["ladder"])
+        ladder_text = ", ".join(
+            f"{f:g}x: {Cell(tuple(r.value for r in found['ladder'][f].values()), metric).text()}"
+            f" in {Cell(tuple(r.wall for r in found['ladder'][f].values()), 'wall_time').text()} s"
+            for f in factors
+        )
+        lines += [
+            "",
+            f"### Wider and sparse against dense {reference} on {data}: the same wall time",
+            "",
+            f"Training wall time (s) and {what}, mean ± standard error over seeds (number of "
+            f"seeds). Dense {reference} trained for its recipe's steps (1x) and longer: "
+            f"{ladder_text}. The dense model at a sparse row's wall time is read off its own "
+            "seed's dense runs (linear in log time between the two that bracket it; seeds "
+            "outside them are left out, and the number of seeds says how many remain).",
+            "",
+            f"| model | method | same | wall time (s) | x dense 1x | {what} | dense at that "
+            "wall time | gain over dense (± its standard error) | verdict |",
+            "|---|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in rows:
+            cell = row.cell(metric)
+            wall = row.cell("wall_time", "wall")
+            matched = {}
+            for seed, r in row.runs.items():
+                points = [
+                    (found["ladder"][f][seed].wall, found["ladder"][f][seed].value)
+                    for f in factors
+                    if seed in found["ladder"][f]
+                ]
+                v = at_time(points, r.wall)
+                if v is not None:
+                    matched[seed] = v
+            if matched:
+                same_time = Cell(tuple(v for _, v in sorted(matched.items())), metric)
+                paired = Cell(tuple(row.runs[s].value for s in sorted(matched)), metric)
+                gain, error, said = verdict(paired, same_time, higher)
+                at = same_time.text()
+                gained = _gain_text(gain, error, scale, digits, metric)
+                said = f"**{said}**"
+            else:
+                at, gained, said = "beyond the dense runs", "–", "no verdict"
+            lines.append(
+                f"| {row.model} | {row.method} | {_VIEWS[row.view]} | {wall.text()} | "
+                f"{wall.mean / dense_wall.mean:.2f} | {cell.text()} | {at} | {gained} | {said} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _flops_text(x: float) -> str:
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if x >= size:
+            return f"{x / size:.1f} {unit}"
+    return f"{x:.0f}"
+
+
+def plot(paths: Sequence[str | os.PathLike[str]], reference: str, folder: Path) -> list[Path]:
+    """Quality against training wall time, one PNG per dataset: the dense reference's runs
+    (its recipe and longer) as a line, each same-cost row as a point, mean ± standard error on
+    both axes."""
+    from .plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    written = []
+    for data, found in sorted(_read(paths, reference).items()):
+        metric = found["metric"]
+        title, scale, _, _ = METRICS[metric]
+        fig, ax = plt.subplots(figsize=(6.8, 4.4))
+        factors = sorted(found["ladder"])
+        cells = [
+            (
+                Cell(tuple(r.wall for r in found["ladder"][f].values()), "wall_time"),
+                Cell(tuple(r.value for r in found["ladder"][f].values()), metric),
+            )
+            for f in factors
+        ]
+        ax.errorbar(
+            [w.mean for w, _ in cells],
+            [scale * v.mean for _, v in cells],
+            xerr=[w.se for w, _ in cells],
+            yerr=[scale * v.se for _, v in cells],
+            color="k",
+            marker="s",
+            ms=4,
+            capsize=2,
+            label=f"dense {reference} (" + ", ".join(f"{f:g}x" for f in factors) + " steps)",
+        )
+        markers = {"same-nnz": "o", "same-flops": "^"}
+        for row in sorted(found["rows"].values(), key=lambda r: (r.model, r.method, r.view)):
+            wall, value = row.cell("wall_time", "wall"), row.cell(metric)
+            ax.errorbar(
+                [wall.mean],
+                [scale * value.mean],
+                xerr=[wall.se],
+                yerr=[scale * value.se],
+                marker=markers[row.view],
+                ms=5,
+                capsize=2,
+                ls="none",
+                label=f"{row.model} {row.method}, same {_VIEWS[row.view]}",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("training wall time (s)")
+        ax.set_ylabel(title[0].lower() + title[1:])
+        ax.set_title(f"same cost as dense {reference} on {data}")
+        ax.legend(fontsize=7)
+        path = folder / f"{data}-{reference}-same-cost.png"
+        save_figure(fig, path)
+        written.append(path)
+    return written
