@@ -16,7 +16,8 @@ CROSS  := /usr/bin/aarch64-linux-gnu-g++
 BENCH_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)}
 
 .PHONY: all venv data demo test lint format bench bench-peers study results study-gpt \
-	results-gpt study-paper results-paper study-structure results-structure clean
+	results-gpt study-paper results-paper study-structure results-structure study-same-cost \
+	results-same-cost clean
 
 all: test
 
@@ -162,6 +163,26 @@ results-structure: $(STAMP)
 	  --section report-structure-lenet300 --structure-costs
 	$(BIN)/sparselearn report results/structure-gpt --markdown docs/results.md \
 	  --section report-structure-gpt --structure-costs
+
+# Bigger and sparse at the same cost (docs/results.md): tiny-gpt made 2x and 4x wider and
+# trained sparse at the dense model's non-zeros or training FLOPs against dense tiny-gpt trained
+# for one to three epochs (hours on 2 cores), then LeNet-300-100 made 2x and 4x wider at its
+# non-zeros against dense LeNet-300-100 over 6 to 24 epochs (half an hour), 3 seeds; records
+# kept in results/ (finished runs are skipped, interrupted ones resumed), then the comparisons
+# at the same steps and the same wall time and the figures of quality against wall time.
+study-same-cost: $(STAMP) $(FMNIST)
+	$(BIN)/sparselearn study studies/same_cost_gpt_dense.yaml
+	$(BIN)/sparselearn study studies/same_cost_gpt_256.yaml
+	$(BIN)/sparselearn study studies/same_cost_lenet300_dense.yaml
+	$(BIN)/sparselearn study studies/same_cost_lenet300.yaml
+	$(BIN)/sparselearn study studies/same_cost_gpt_512.yaml
+	$(MAKE) results-same-cost
+
+results-same-cost: $(STAMP)
+	$(BIN)/sparselearn report results/same-cost-gpt --same-cost tiny-gpt --markdown docs/results.md \
+	  --plots docs/figures/same-cost --section report-same-cost-gpt
+	$(BIN)/sparselearn report results/same-cost-lenet300 --same-cost lenet300-100 \
+	  --markdown docs/results.md --plots docs/figures/same-cost --section report-same-cost-lenet300
 
 clean:
 	rm -rf $(VENV) $(PEERS) .pytest_cache .mypy_cache .ruff_cache .hypothesis
