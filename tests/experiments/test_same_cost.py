@@ -285,3 +285,31 @@ def test_the_same_cost_report_stands_alone(
 ) -> None:
     assert main(["report", str(tmp_path), "--same-cost", "tiny-gpt", "--claims"]) == 2
     assert "--same-cost is a report of its own" in capsys.readouterr().err
+
+
+def test_a_steps_time_is_read_from_the_runs_acceleration_report(tmp_path: Path) -> None:
+    from sparselearn.accel.accelerate import AccelerationReport, LayerChoice
+    from sparselearn.experiments.same_cost_report import _layer_times
+
+    def layer(name: str, steps: str | None, live: str | None) -> LayerChoice:
+        return LayerChoice(
+            name, "linear", 0.2, 10.0, 5.0, "sparse", "faster", backend="cpp",
+            inference="sparse", dense_inference_ms=3.0, sparse_inference_ms=2.0, steps=steps,
+            live=live,
+        )  # fmt: skip
+
+    report = AccelerationReport(
+        "auto",
+        [
+            layer("a.weight", "sparse", "sparse 50.98, dense 86.17"),
+            layer("b.weight", "dense", "sparse 30.00, dense 20.50"),  # the check chose dense
+            layer("c.weight", None, None),  # not checked: not counted
+            LayerChoice("d.weight", "linear", 0.2, 10.0, 12.0, "dense", "slower"),
+        ],
+        march="native",
+    )
+    (tmp_path / "acceleration.txt").write_text(f"{report}\n")
+    used, dense = _layer_times(tmp_path)  # type: ignore[misc]
+    assert used == pytest.approx(50.98 + 20.50)
+    assert dense == pytest.approx(86.17 + 20.50)
+    assert _layer_times(tmp_path / "nothing") is None

@@ -47,6 +47,32 @@ class _Run:
     flops: float | None  # training FLOPs of the run (None: not recorded)
     nonzeros: int
     density: float
+    steps: int = 0
+    layers: tuple[float, float] | None = None  # sparse layers' ms a step: as run, as dense
+
+
+_LIVE = re.compile(r"\b(sparse|dense) ([\d.]+)")  # "sparse 50.98, dense 86.17"
+
+
+def _layer_times(run: Path) -> tuple[float, float] | None:
+    """From a run's ``acceleration.txt``: the ms a training step spends in its accelerated
+    layers as they computed (sparse, or dense where the check in the run chose that), and as
+    the dense products of the same layers, by the medians the check in the run timed; None
+    where the run accelerated nothing or kept no such report."""
+    path = run / "acceleration.txt"
+    if not path.exists():
+        return None
+    used = dense = 0.0
+    for line in path.read_text().splitlines()[1:]:
+        fields = re.split(r"\s{2,}", line.strip())  # the report's columns
+        if len(fields) != 12:
+            continue  # the closing line, or a layer that was not accelerated
+        timed = {way: float(ms) for way, ms in _LIVE.findall(fields[11])}
+        if fields[10] not in timed or "dense" not in timed:
+            continue  # not checked in the run
+        used += timed[fields[10]]  # the way its steps computed
+        dense += timed["dense"]
+    return (used, dense) if dense else None
 
 
 @dataclass
@@ -70,7 +96,13 @@ def _read(paths: Sequence[str | os.PathLike[str]], reference: str) -> dict[str, 
             raise ValueError(f"{run / 'summary.json'} is damaged: it has no {metric}")
         label = s.get("label") or s["method"]
         flops = (s.get("training_flops") or {}).get("total")
-        nonzeros = int(s["parameters"]) - int(s["sparsified_weights"]) + int(s["active_weights"])
+        nonzeros = s.get("nonzero_parameters")
+        if nonzeros is None:  # a summary from before the field: its parameters were counted
+            accelerated = (s.get("config") or {}).get("accelerate", "off") != "off"
+            # as stored (an accelerated layer holds its active weights only), or dense
+            nonzeros = int(s["parameters"]) + (
+                0 if accelerated else int(s["active_weights"]) - int(s["sparsified_weights"])
+            )
         one = _Run(
             int(s["seed"]),
             float(s[metric]),
@@ -78,6 +110,8 @@ def _read(paths: Sequence[str | os.PathLike[str]], reference: str) -> dict[str, 
             None if flops is None else float(flops),
             nonzeros,
             float(s["density"]),
+            int(s.get("steps") or 0),
+            _layer_times(run),
         )
         data = by_data.setdefault(
             s["data"], {"metric": metric, "ladder": defaultdict(dict), "rows": {}}
@@ -231,8 +265,41 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
                 f"| {row.model} | {row.method} | {_VIEWS[row.view]} | {wall.text()} | "
                 f"{wall.mean / dense_wall.mean:.2f} | {cell.text()} | {at} | {gained} | {said} |"
             )
+        lines += _time_table(reference, rows, dense_runs)
         lines.append("")
     return "\n".join(lines)
+
+
+def _time_table(reference: str, rows: list[_Row], dense_runs: dict[int, _Run]) -> list[str]:
+    """Where a training step's time goes: the accelerated layers as they computed, the same
+    layers' dense products (both as the check in the run timed them), and the rest."""
+    timed = [r for r in rows if all(x.layers and x.steps for x in r.runs.values())]
+    if not timed:
+        return []
+    step = _mean([1000 * r.wall / r.steps for r in dense_runs.values() if r.steps])
+    lines = [
+        "",
+        f"Where a training step's time goes (ms, mean over seeds): dense {reference} takes "
+        f"{step:.0f} ms a step. The sparsified layers' times are the medians each layer's "
+        "check in the run timed over its first steps (its forward and backward, sparse and as "
+        "the dense product of the same weights; `acceleration.txt`); the rest is everything "
+        "else: attention, norms, embeddings and head, the optimizer, mask updates and the "
+        "dense-gradient steps.",
+        "",
+        "| model | method | same | step | sparsified layers | the same layers dense | "
+        "their speedup | the rest |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in timed:
+        runs = list(row.runs.values())
+        whole = _mean([1000 * r.wall / r.steps for r in runs])
+        used = _mean([r.layers[0] for r in runs if r.layers])
+        dense = _mean([r.layers[1] for r in runs if r.layers])
+        lines.append(
+            f"| {row.model} | {row.method} | {_VIEWS[row.view]} | {whole:.0f} | {used:.0f} | "
+            f"{dense:.0f} | {dense / used:.2f}x | {whole - used:.0f} |"
+        )
+    return lines
 
 
 def _mean(values: Sequence[float]) -> float:

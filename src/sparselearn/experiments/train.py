@@ -540,6 +540,12 @@ def summarize(
     pick = max if task.higher_is_better else min
     best = pick(range(len(vals)), key=vals.__getitem__) if vals else None
     active = sum(int(m.sum()) for m in engine.masks.values())
+    # non-zero parameters: the active weights and every other parameter in full (an
+    # accelerated layer's parameter holds its active weights only)
+    nonzero = sum(
+        int(engine.masks[n].sum()) if n in engine.masks else p.numel()
+        for n, p in model.named_parameters()
+    )
     scores: dict[str, Any] = {}
     if task.name == "classify":
         scores = {"test_acc": last["test_acc"], "val_acc": last["val_acc"]}
@@ -562,6 +568,7 @@ def summarize(
         "active_weights": active,
         "sparsified_weights": sum(m.numel() for m in engine.masks.values()),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "nonzero_parameters": nonzero,
         "inference_flops": {
             "dense": flops.total("inference_dense"),
             "sparse": flops.total("inference_sparse"),
