@@ -273,18 +273,18 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
 def _time_table(reference: str, rows: list[_Row], dense_runs: dict[int, _Run]) -> list[str]:
     """Where a training step's time goes: the accelerated layers as they computed, the same
     layers' dense products (both as the check in the run timed them), and the rest."""
-    timed = [r for r in rows if all(x.layers and x.steps for x in r.runs.values())]
-    if not timed:
+    timed = [r for r in rows if all(x.steps for x in r.runs.values())]
+    if not any(x.layers for r in timed for x in r.runs.values()):
         return []
     step = _mean([1000 * r.wall / r.steps for r in dense_runs.values() if r.steps])
     lines = [
         "",
         f"Where a training step's time goes (ms, mean over seeds): dense {reference} takes "
-        f"{step:.0f} ms a step. The sparsified layers' times are the medians each layer's "
+        f"{_ms(step)} ms a step. The sparsified layers' times are the medians each layer's "
         "check in the run timed over its first steps (its forward and backward, sparse and as "
         "the dense product of the same weights; `acceleration.txt`); the rest is everything "
-        "else: attention, norms, embeddings and head, the optimizer, mask updates and the "
-        "dense-gradient steps.",
+        "else in the step: layers left dense, attention, norms and embeddings where the model "
+        "has them, the optimizer, mask updates and the dense-gradient steps.",
         "",
         "| model | method | same | step | sparsified layers | the same layers dense | "
         "their speedup | the rest |",
@@ -293,13 +293,23 @@ def _time_table(reference: str, rows: list[_Row], dense_runs: dict[int, _Run]) -
     for row in timed:
         runs = list(row.runs.values())
         whole = _mean([1000 * r.wall / r.steps for r in runs])
+        if not all(r.layers for r in runs):
+            lines.append(
+                f"| {row.model} | {row.method} | {_VIEWS[row.view]} | {_ms(whole)} | – | – | "
+                "none ran sparse (dense timed faster) | – |"
+            )
+            continue
         used = _mean([r.layers[0] for r in runs if r.layers])
         dense = _mean([r.layers[1] for r in runs if r.layers])
         lines.append(
-            f"| {row.model} | {row.method} | {_VIEWS[row.view]} | {whole:.0f} | {used:.0f} | "
-            f"{dense:.0f} | {dense / used:.2f}x | {whole - used:.0f} |"
+            f"| {row.model} | {row.method} | {_VIEWS[row.view]} | {_ms(whole)} | {_ms(used)} | "
+            f"{_ms(dense)} | {dense / used:.2f}x | {_ms(whole - used)} |"
         )
     return lines
+
+
+def _ms(x: float) -> str:
+    return f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
 
 
 def _mean(values: Sequence[float]) -> float:
