@@ -330,6 +330,8 @@ def plot(paths: Sequence[str | os.PathLike[str]], reference: str, folder: Path) 
     from .plots import _pyplot, save_figure
 
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
     written = []
     for data, found in sorted(_read(paths, reference).items()):
         metric = found["metric"]
@@ -369,10 +371,14 @@ def plot(paths: Sequence[str | os.PathLike[str]], reference: str, folder: Path) 
                 label=f"{row.model} {row.method}, same {_VIEWS[row.view]}",
             )
         ax.set_xscale("log")
+        seconds = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(seconds)
+        ax.xaxis.set_minor_formatter(seconds)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("training wall time (s)")
         ax.set_ylabel(title[0].lower() + title[1:])
         ax.set_title(f"same cost as dense {reference} on {data}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         path = folder / f"{data}-{reference}-same-cost.png"
         save_figure(fig, path)
         written.append(path)
