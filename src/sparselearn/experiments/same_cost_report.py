@@ -208,7 +208,7 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
             cell = row.cell(metric)
             runs = list(row.runs.values())
             ratio = (
-                f"{_mean([r.flops for r in runs]) / _mean(dense_flops):.2f}"  # type: ignore[arg-type]
+                f"{_mean([r.flops for r in runs]) / _mean(dense_flops):.2f}"
                 if dense_flops and all(r.flops for r in runs)
                 else "–"
             )
