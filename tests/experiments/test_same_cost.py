@@ -59,7 +59,7 @@ def test_same_nnz_keeps_the_dense_models_parameters(corpus: Path) -> None:
 
 @pytest.mark.parametrize(
     ("method", "settings"),
-    [("rigl", {"update_every": 100}), ("sparse_momentum", {"momentum_window": 10})],
+    [("rigl", {}), ("sparse_momentum", {"momentum_window": 10})],
 )
 def test_same_flops_is_the_largest_density_within_the_dense_models_flops(
     corpus: Path, method: str, settings: dict[str, Any]
