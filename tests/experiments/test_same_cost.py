@@ -115,7 +115,6 @@ def test_a_study_resolves_each_methods_own_density(
         return 0.2 if view == "same-nnz" else 0.15
 
     monkeypatch.setattr(same_cost, "resolve", resolve)
-    monkeypatch.setattr(study, "_resolved", {})
     spec = {
         "reference": "tiny-gpt",
         "base": {"data": "stdlib-text", "epochs": 1},

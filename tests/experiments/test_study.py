@@ -154,7 +154,7 @@ STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"
 def test_the_shipped_studies_expand(
     spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sparselearn.experiments import same_cost, study
+    from sparselearn.experiments import same_cost
     from sparselearn.experiments.runs import load_yaml
 
     # a same-cost density is resolved by building the models (tests/experiments/
@@ -164,7 +164,6 @@ def test_the_shipped_studies_expand(
         return 0.1
 
     monkeypatch.setattr(same_cost, "resolve", resolve)
-    monkeypatch.setattr(study, "_resolved", {})
     runs = expand(load_yaml(spec), tmp_path, str(spec))
     assert runs
     assert len({r.folder for r in runs}) == len(runs)

@@ -124,6 +124,7 @@ def expand(spec: Mapping[str, Any], out: Path, source: str = "the study spec") -
     if reference is not None:
         _names(source, "reference", [reference], MODELS)
     runs = []
+    resolved: dict[str, float] = {}  # same-cost densities, once per entry
     for model in models:
         for key, extra in methods.items():
             if extra is not None and not isinstance(extra, Mapping):
@@ -148,7 +149,7 @@ def expand(spec: Mapping[str, Any], out: Path, source: str = "the study spec") -
             for density in [None] if dense else listed:
                 for seed in seeds:
                     cfg = {**base, **extra, "model": model, "method": method, "seed": seed}
-                    cfg["density"] = _density(source, key, density, cfg, reference, model)
+                    cfg["density"] = _density(source, key, density, cfg, reference, model, resolved)
                     try:
                         TrainConfig.from_dict(cfg)  # fail now, not two hours in
                     except (TypeError, ValueError) as err:
@@ -165,9 +166,6 @@ def expand(spec: Mapping[str, Any], out: Path, source: str = "the study spec") -
     return sorted(runs, key=lambda r: (-r.cost, seeds.index(r.config["seed"])))
 
 
-_resolved: dict[str, float] = {}
-
-
 def _density(
     source: str,
     key: str,
@@ -175,9 +173,10 @@ def _density(
     cfg: dict[str, Any],
     reference: str | None,
     model: str,
+    resolved: dict[str, float],
 ) -> float | None:
     """A run's density: the number given, or a same-cost view resolved for its settings (the
-    same for every seed: resolved once, at the first seed's)."""
+    same for every seed: resolved once, at the first seed's, and kept in ``resolved``)."""
     from . import same_cost
 
     if density is None or (
@@ -196,12 +195,12 @@ def _density(
         )
     settings = {k: v for k, v in cfg.items() if k != "seed"}
     memo = repr((sorted(settings.items(), key=repr), reference, density))
-    if memo not in _resolved:
+    if memo not in resolved:
         try:
-            _resolved[memo] = same_cost.resolve({**cfg, "density": 0.5}, reference, density)
+            resolved[memo] = same_cost.resolve({**cfg, "density": 0.5}, reference, density)
         except ValueError as err:
             raise ValueError(f"{source}: methods.{key} on {model}: {err}") from None
-    return _resolved[memo]
+    return resolved[memo]
 
 
 def _threads(run: Run, default: int) -> int:
