@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,24 @@ def test_a_build_killed_midway_does_not_hold_later_builds_forever(
     monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
     assert build.extension() == "built"
     assert found == [False]
+
+
+def test_the_build_compiles_every_kernel_file_and_keys_on_all_of_them() -> None:
+    # kernels_all.cpp includes each kernel file (a file it missed would leave its operators
+    # unregistered), and every source and header changes the build key
+    csrc = Path(build.__file__).parent / "csrc"
+    included = re.findall(r'^#include "(\w+\.cpp)"', (csrc / "kernels_all.cpp").read_text(), re.M)
+    units = {"bindings.cpp", "kernels_all.cpp"}
+    assert sorted(included) == sorted(p.name for p in csrc.glob("*.cpp") if p.name not in units)
+    assert {p.name for p in build._UNITS} == units
+    assert set(build._SOURCES) | set(build._HEADERS) == set(csrc.glob("*.cpp")) | set(
+        csrc.glob("*.h")
+    )
+
+
+@pytest.mark.skipif(build.extension() is None, reason="needs the compiled kernels")
+def test_the_build_key_is_the_same_after_the_build() -> None:
+    # the key names the folder a build is looked up in: one that changed once the extension was
+    # built would send the next lookup (another process, the installed package) to a new build
+    loaded = Path(build.extension().__file__).parent
+    assert loaded.name == f"ext-{build._build_key()}"

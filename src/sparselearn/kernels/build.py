@@ -2,10 +2,11 @@
 
 The extension (C++ with OpenMP, through ``torch.utils.cpp_extension``) is cached in
 ``$SPARSELEARN_CACHE`` (default ``~/.cache/sparselearn``), keyed by everything that changes the
-binary: its sources, flags and compiler, the CPU, and the Python environment (torch, interpreter,
-location), so that two environments never rebuild each other's build. Where it cannot be had
-(sources missing, no compiler, a failed build), one warning says why and how to get it, and the
-PyTorch backend computes the same results.
+binary: its sources, flags and compiler, the CPU, the Python environment (torch, interpreter,
+location) and the sources' folder, so that two environments, or two copies of the package, never
+rebuild each other's build. Where it cannot be had (sources missing, no compiler, a failed
+build), one warning says why and how to get it, and the PyTorch backend computes the same
+results.
 ``SPARSELEARN_BACKEND`` chooses: ``auto`` (the default), ``cpp`` (the compiled kernels or an
 error) or ``torch`` (always the fallback). ``SPARSELEARN_MARCH`` sets the instruction set the
 kernels are compiled for (``-march``; default ``native``): ``x86-64-v3`` builds the AVX2 kernels
@@ -31,19 +32,16 @@ import torch
 logger = logging.getLogger("sparselearn")
 
 _CSRC = Path(__file__).parent / "csrc"
-# the translation units, one per kernel family, and the headers they share; the longest builds
-# first (bindings.cpp parses torch/extension.h), so that the parallel build ends soonest
-_SOURCES = tuple(
-    _CSRC / f
-    for f in (
-        "bindings.cpp",
-        "linear.cpp",
-        "conv.cpp",
-        "layouts.cpp",
-        "dropout.cpp",
-        "pool.cpp",
-        "norm.cpp",
-    )
+# the two translation units compiled (built in parallel, bindings.cpp parsing torch/extension.h)
+# and the kernel files kernels_all.cpp includes, one per kernel family, with the headers they
+# share: all of them change the binary
+_UNITS = tuple(_CSRC / f for f in ("bindings.cpp", "kernels_all.cpp"))
+_SOURCES = (
+    *_UNITS,
+    *(
+        _CSRC / f
+        for f in ("conv.cpp", "dropout.cpp", "layouts.cpp", "linear.cpp", "norm.cpp", "pool.cpp")
+    ),
 )
 _HEADERS = tuple(_CSRC / f for f in ("common.h", "kernels.h"))
 _lock = threading.Lock()
@@ -69,7 +67,7 @@ def backend_setting() -> str:
     return value
 
 
-_LDFLAGS = ["-fopenmp"]
+_LDFLAGS = ("-fopenmp",)
 
 
 def march() -> str:
@@ -102,7 +100,8 @@ def _compiler() -> str:
 def _build_key() -> str:
     """Everything that changes the binary: the sources and headers, the flags (``-march``
     among them), the compiler, the CPU (for ``-march=native``), and the Python environment the
-    extension is built against (its torch, its interpreter, its location)."""
+    extension is built against (its torch, its interpreter, its location), and where the
+    sources are."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -115,12 +114,15 @@ def _build_key() -> str:
     for source in (*_SOURCES, *_HEADERS):
         h.update(source.read_bytes())
     for part in (
-        " ".join(_cflags() + _LDFLAGS),
+        " ".join((*_cflags(), *_LDFLAGS)),
         _compiler(),
         flags,
         torch.__version__,
         str(torch.version.git_version),
         str(Path(torch.__file__).parent),
+        # the sources' folder: the builder's files name it, and two copies of the package (a
+        # checkout and an installed wheel) sharing one folder would rebuild over each other
+        str(_CSRC),
         sys.version,
         sys.prefix,
     ):
@@ -170,9 +172,10 @@ def _build() -> Any:
             (build / "lock").unlink(missing_ok=True)  # only a dead builder's can be there
             return load(
                 name="sparselearn_cpu",
-                sources=[str(s) for s in _SOURCES],
+                sources=[str(s) for s in _UNITS],
                 extra_cflags=_cflags(),
-                extra_ldflags=_LDFLAGS,
+                # (a copy: the builder appends its own flags to the list it is given)
+                extra_ldflags=list(_LDFLAGS),
                 build_directory=str(build),
                 verbose=False,
             )

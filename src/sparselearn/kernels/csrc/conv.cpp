@@ -839,8 +839,8 @@ torch::Tensor panel_product(const torch::Tensor& crow, const torch::Tensor& col,
 
 // The bias the kernels add as they write the output: contiguous, one value per output channel,
 // in x's dtype.
-c10::optional<torch::Tensor> checked_bias(const c10::optional<torch::Tensor>& bias,
-                                          int64_t out_channels, const torch::Tensor& x) {
+c10::optional<torch::Tensor> checked_conv_bias(const c10::optional<torch::Tensor>& bias,
+                                               int64_t out_channels, const torch::Tensor& x) {
   if (!bias.has_value()) return bias;
   TORCH_CHECK(bias->numel() == out_channels && bias->scalar_type() == x.scalar_type(),
               "bias must hold one value per output channel, in the input's dtype");
@@ -858,7 +858,7 @@ std::vector<torch::Tensor> conv2d_forward(torch::Tensor crow, torch::Tensor col,
                                           c10::optional<torch::Tensor> bias_opt) {
   TORCH_CHECK(x.dim() == 4, "x must be a (B, C, H, W) tensor");
   TORCH_CHECK(ph >= 0 && pw >= 0 && stride >= 1, "the padding and stride must be valid");
-  const auto bias = checked_bias(bias_opt, out_channels, x);
+  const auto bias = checked_conv_bias(bias_opt, out_channels, x);
   col = col.to(torch::kLong);  // the convolution kernels index with int64
   const int64_t B = x.size(0), Hp = x.size(2) + 2 * ph, Wp = x.size(3) + 2 * pw;
   const int64_t OH = (Hp - kh) / stride + 1, OW = (Wp - kw) / stride + 1;
@@ -928,7 +928,7 @@ std::vector<torch::Tensor> conv2d_forward_phases(torch::Tensor crow, torch::Tens
   const int64_t Pl = hq * wq + kPanelTail;
   auto xs = phase_panels(x, s, ph, pw, hq, wq, Pl);
   auto y = panel_product(crow, col.to(torch::kLong), val, xs, B, out_channels, kh, kw, Pl, 1, 0,
-                         hq - kh + 1, wq - kw + 1, wq, checked_bias(bias, out_channels, x));
+                         hq - kh + 1, wq - kw + 1, wq, checked_conv_bias(bias, out_channels, x));
   return {y, xs};
 }
 
