@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +31,14 @@ def _restore_torch_globals() -> Iterator[None]:
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+@pytest.fixture(scope="session")
+def stdlib_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder holding the stdlib-text corpus (validation fraction 0.1, split seed 0),
+    built once for the session: the tests that use it only read it."""
+    from sparselearn.data import text
+
+    folder = tmp_path_factory.mktemp("stdlib-text-data")
+    text.load_text(folder, 0.1, 0)
+    return folder

@@ -26,11 +26,9 @@ from sparselearn.models import create_model
 # ---------------------------------------------------------------------- the densities
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    text.load_text(folder, 0.1, 0)
-    return folder
+@pytest.fixture
+def corpus(stdlib_corpus: Path) -> Path:
+    return stdlib_corpus
 
 
 def _run(corpus: Path, **settings: Any) -> dict[str, Any]:

@@ -27,7 +27,14 @@ PAPER_MODELS = [
 
 def test_the_papers_models_are_registered() -> None:
     assert set(PAPER_MODELS) <= set(list_models())
-    assert list_models("wrn-*") == ["wrn-16-10", "wrn-16-8", "wrn-22-2", "wrn-22-8", "wrn-28-2"]
+    assert list_models("wrn-*") == [
+        "wrn-16-10",
+        "wrn-16-2",
+        "wrn-16-8",
+        "wrn-22-2",
+        "wrn-22-8",
+        "wrn-28-2",
+    ]
 
 
 @pytest.mark.parametrize("name", list_models(inputs="image"))
@@ -64,6 +71,19 @@ def test_parameter_counts_match_the_architectures() -> None:
     # LeNet-300-100 made wider: 784*600+600 + 600*200+200 + 200*10+10, and 1200-400
     assert count(create_model("lenet300-100-x2", (1, 28, 28), 10)) == 593_210
     assert count(create_model("lenet300-100-x4", (1, 28, 28), 10)) == 1_426_410
+
+    # WRN-16-k on one channel: a 3x3 stem to 16 channels, three stages of two pre-activation
+    # blocks (two BatchNorms and 3x3 convolutions, a 1x1 shortcut where the width changes),
+    # a last BatchNorm and the classifier
+    def wrn_block(c_in: int, c_out: int) -> int:
+        shortcut = c_in * c_out if c_in != c_out else 0
+        return 2 * c_in + 9 * c_in * c_out + 2 * c_out + 9 * c_out * c_out + shortcut
+
+    for k in (2, 8):
+        stages = [(16, 16 * k), (16 * k, 32 * k), (32 * k, 64 * k)]
+        blocks = sum(wrn_block(c_in, c_out) + wrn_block(c_out, c_out) for c_in, c_out in stages)
+        expected = 9 * 16 + blocks + 2 * 64 * k + 64 * k * 10 + 10
+        assert count(create_model(f"wrn-16-{k}", (1, 28, 28), 10)) == expected
     # tiny-gpt of width d (97 characters, 128 positions, 4 blocks, the head tied): the
     # embeddings, per block two norms and the q/k/v, output and MLP Linear layers, a last norm
     for name, d in (("tiny-gpt", 128), ("tiny-gpt-256", 256), ("tiny-gpt-512", 512)):
