@@ -58,8 +58,13 @@ def main() -> None:
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be at least 1 and --warmup at least 0")
 
-    settings = {"model": args.wide, "data": args.data, "method": "static", "epochs": 1}
-    settings["batch_size"] = args.batch_size
+    settings = {
+        "model": args.wide,
+        "data": args.data,
+        "method": "static",
+        "epochs": 1,
+        "batch_size": args.batch_size,
+    }
     density = same_cost.resolve(settings, args.small, "same-nnz")
     data = load_data(TrainConfig.from_dict({**settings, "density": density}))
     x, y = next(iter(data.batches("train", args.batch_size, shuffle=False, seed=0, epoch=0,

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..methods import METHODS
 from ..schedules import MASK_SCHEDULE
@@ -112,10 +112,7 @@ def expand(spec: Mapping[str, Any], out: Path, source: str = "the study spec") -
     _unique(source, "seeds", seeds)
     densities = spec.get("densities")
     if densities is not None:
-        if not isinstance(densities, list) or any(
-            isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1
-            for d in densities
-        ):
+        if not isinstance(densities, list) or not all(_is_density(d) for d in densities):
             raise ValueError(
                 f"{source}: densities must be a list of numbers in (0, 1], got {densities!r}"
             )
@@ -166,6 +163,11 @@ def expand(spec: Mapping[str, Any], out: Path, source: str = "the study spec") -
     return sorted(runs, key=lambda r: (-r.cost, seeds.index(r.config["seed"])))
 
 
+def _is_density(value: object) -> TypeGuard[float]:
+    """A number in (0, 1] (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= 1
+
+
 def _density(
     source: str,
     key: str,
@@ -179,9 +181,7 @@ def _density(
     same for every seed: resolved once, at the first seed's, and kept in ``resolved``)."""
     from . import same_cost
 
-    if density is None or (
-        not isinstance(density, bool) and isinstance(density, (int, float)) and 0 < density <= 1
-    ):
+    if density is None or _is_density(density):
         return density
     if density not in same_cost.VIEWS:
         raise ValueError(
