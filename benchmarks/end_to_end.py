@@ -35,9 +35,9 @@ if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
 import torch
 
 from sparselearn.experiments.report import replace_section
+from sparselearn.kernels.machine import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
-from benchmarks.speed import cpu_name
 
 START, END = "<!-- end-to-end:start -->", "<!-- end-to-end:end -->"
 SEEDS_START, SEEDS_END = "<!-- end-to-end-seeds:start -->", "<!-- end-to-end-seeds:end -->"

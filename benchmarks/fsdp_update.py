@@ -29,9 +29,10 @@ from torch import nn
 from torch.multiprocessing.spawn import spawn
 
 import sparselearn as sl
+from sparselearn.kernels.machine import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
-from benchmarks.mask_update import cpu_name, load_fashion_mnist, mlp, sgd, write_section
+from benchmarks.mask_update import load_fashion_mnist, mlp, sgd, write_section
 
 START, END = "<!-- fsdp-update:start -->", "<!-- fsdp-update:end -->"
 METHODS = ["sparse_momentum", "rigl", "set", "dsr"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from torch import nn
 
 import sparselearn as sl
 from sparselearn.data import read_idx
+from sparselearn.kernels.machine import cpu_name
 
 START, END = "<!-- mask-update:start -->", "<!-- mask-update:end -->"
 DATA_DIRS = [os.environ.get("SPARSELEARN_DATA", ""), "/usr/share/datasets/fashion-mnist"]
@@ -155,16 +155,6 @@ def measure(args: argparse.Namespace) -> list[Row]:
         del engine, model, opt
         gc.collect()
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def render(rows: list[Row], args: argparse.Namespace) -> str:

@@ -49,13 +49,13 @@ from sparselearn.accel import SparseConv2d, SparseLinear, SparseWeight
 from sparselearn.experiments.report import replace_section
 from sparselearn.kernels import kernels_for
 from sparselearn.kernels import ops as kops
+from sparselearn.kernels.machine import cpu_name
 from sparselearn.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
 from benchmarks.speed import (  # timed as speed.py times them
     CONV_CASES,
     conv_case,
-    cpu_name,
     full_step,
     inference,
     paired_ms,

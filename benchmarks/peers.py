@@ -34,12 +34,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the sibling benchmark script
 from benchmarks.autocast import rounds_ms
-from benchmarks.speed import cpu_isa, cpu_name, markers
+from benchmarks.speed import markers
 
 from sparselearn.accel import SparseLinear
 from sparselearn.experiments.report import replace_section
 from sparselearn.kernels import extension
 from sparselearn.kernels.build import march
+from sparselearn.kernels.machine import cpu_isa, cpu_name
 
 LR = 0.01
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from sparselearn.accel import SparseConv2d, SparseLinear
 from sparselearn.experiments.report import replace_section
 from sparselearn.kernels import extension
 from sparselearn.kernels.build import march
+from sparselearn.kernels.machine import cpu_isa, cpu_name
 from sparselearn.models import create_model
 
 
@@ -349,38 +349,6 @@ def bench_models(repeats: int) -> list[str]:
         )
         del built
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_isa() -> str:
-    """The CPU's family and model, and the vector extensions that decide these timings."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return "ISA unknown"
-    flags = set(fields.get("flags", "").split())
-    extensions = (
-        ("avx512f", "AVX-512"),
-        ("avx512_bf16", "AVX-512 BF16"),
-        ("amx_bf16", "AMX BF16"),
-        ("avx2", "AVX2"),
-    )
-    isa = [name for flag, name in extensions if flag in flags]
-    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; " + (
-        ", ".join(isa) or "no AVX2"
-    )
 
 
 def machine() -> str:

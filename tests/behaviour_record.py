@@ -262,6 +262,7 @@ def run_record(run: Path) -> dict[str, Any]:
     rows = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run)]
     summary = json.loads((run / "summary.json").read_text())
     summary.pop("wall_time")
+    summary.pop("machine")  # what the wall time was taken on
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     return {
         "metrics": _exact(rows),

@@ -147,6 +147,24 @@ def test_variants_of_one_method_are_labelled(tmp_path: Path) -> None:
     assert "label" not in runs["sparse_momentum"]
 
 
+def test_a_study_can_keep_its_runs_per_machine(tmp_path: Path) -> None:
+    from sparselearn.kernels.machine import slug
+
+    assert slug("AMD EPYC (family 25 model 1; AVX2); kernels -march=native") == (
+        "amd-epyc-family-25-model-1-avx2-kernels-march-native"
+    )
+    spec = tmp_path / "timing.yaml"
+    spec.write_text(
+        f"out: {tmp_path}/timing/{{machine}}\nmodels: [lenet5]\nmethods: {{dense: {{}}}}\n"
+        "seeds: [1]\n"
+    )
+    said: list[str] = []
+    assert run_study(spec, dry_run=True, echo=said.append) == 0
+    folder = tmp_path / "timing" / slug() / "lenet5" / "dense" / "seed-1"
+    assert said[-1].strip() == str(folder)
+    assert "{" not in said[-1]
+
+
 STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
 
 

@@ -88,11 +88,28 @@ def test_a_run_directory_holds_everything(tmp_path: Path, data_dir: Path) -> Non
     assert summary["test_acc"] == rows[-1]["test_acc"]
     assert summary["active_weights"] == round(0.1 * summary["sparsified_weights"])
     assert summary["inference_flops"]["ratio"] == pytest.approx(0.1, abs=0.01)
+    # the machine its wall time was taken on: this CPU and the kernel build
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+    if names:
+        assert summary["machine"].startswith(names[0].split(":", 1)[1].strip() + " (")
+    march = os.environ.get("SPARSELEARN_MARCH") or "native"
+    assert summary["machine"].endswith(f"; kernels -march={march}")
     # the saved config reproduces the run's settings
     assert TrainConfig.from_dict(load_yaml(run / "config.yaml")) == cfg
     assert load_yaml(run / "sparsity.yaml")["update_every"] == "epoch"
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 3
+    assert state["machine"] == summary["machine"]
+
+
+def test_a_run_resumed_on_another_machine_records_both() -> None:
+    from sparselearn.experiments.train import _resumed_on
+
+    assert _resumed_on("A", "A") == "A"
+    assert _resumed_on("A", "B") == "several: A | B"
+    assert _resumed_on("several: A | B", "A") == "several: A | B"
+    assert _resumed_on("several: A | B", "C") == "several: A | B | C"
 
 
 def test_steps_per_epoch_trains_the_first_batches_of_each_epoch(
@@ -266,8 +283,9 @@ def test_resume_after_a_kill_gives_the_same_final_numbers(
 
     a = json.loads((tmp_path / "straight" / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
-    for key in ("test_acc", "val_acc", "final_density", "active_weights", "steps"):
+    for key in ("test_acc", "val_acc", "final_density", "active_weights", "steps", "machine"):
         assert a[key] == b[key], key
+    assert not b["machine"].startswith("several")  # resumed on the machine it started on
     strip = ("wall_time", "epoch_seconds")
     rows_a = [
         {k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / "straight")

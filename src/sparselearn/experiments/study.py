@@ -19,10 +19,13 @@ non-zero parameters as the dense reference, or costs as many training FLOPs per 
 (:mod:`sparselearn.experiments.same_cost`), resolved from the run's own settings.
 
 Each run lives in ``<out>/<model>/<method>/density-<d>/seed-<s>`` (dense: ``.../dense/seed-<s>``)
-and is one ``sparselearn train`` process with one thread per job. A run with a summary.json is
-finished and skipped; one with only a checkpoint is resumed. A study stopped by Ctrl-C or
-SIGTERM stops its running trainings too (each keeps its checkpoint of the last finished epoch),
-so that the same command resumes them instead of finding their folders still in use.
+and is one ``sparselearn train`` process with one thread per job. ``{machine}`` in ``out``
+stands for the machine the study runs on (:func:`sparselearn.kernels.machine.slug`): runs whose
+purpose is their wall time on it are kept apart from those of other machines. A run with a
+summary.json is finished and skipped; one with only a checkpoint is resumed. A study stopped
+by Ctrl-C or SIGTERM stops its running trainings too (each keeps its checkpoint of the last
+finished epoch), so that the same command resumes them instead of finding their folders still
+in use.
 """
 
 from __future__ import annotations
@@ -282,6 +285,10 @@ def run_study(
     if where is not None and (not isinstance(where, str) or not where):
         raise ValueError(f"{spec_path}: out must be a folder name, got {where!r}")
     out = Path(out or where or "runs/study")
+    if "{machine}" in str(out):  # runs kept per machine (the same-cost study's dense timings)
+        from ..kernels.machine import slug
+
+        out = Path(str(out).replace("{machine}", slug()))
     runs = expand(spec, out, str(spec_path))
     todo = [r for r in runs if not (r.folder / "summary.json").exists()]
     jobs = jobs or os.cpu_count() or 1

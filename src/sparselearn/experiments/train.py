@@ -147,6 +147,7 @@ def _train(
         report = _accelerate(cfg, model, engine, data, device, saved, out)
 
     start_epoch, wall = 0, 0.0
+    machine = _machine(device)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -155,6 +156,7 @@ def _train(
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, wall = int(state["epoch"]), float(state["wall_time"])
+        machine = _resumed_on(state.get("machine", "unrecorded"), machine)
         metrics = read_metrics(out)[: start_epoch + 1]  # the epoch-0 row, then one per epoch
     else:
         if world.main:
@@ -220,6 +222,7 @@ def _train(
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "torch_rng": torch.get_rng_state(),
                 "wall_time": wall,
+                "machine": machine,
                 # the choices as they stand (the check in the run may have changed some)
                 "accelerated": report.accelerated if report else [],
                 "accelerated_threads": report.thread_caps if report else {},
@@ -236,7 +239,7 @@ def _train(
         board.close()
 
     # ------------------------------------------------------------------ the end
-    summary = summarize(cfg, model, engine, data, metrics)
+    summary = summarize(cfg, model, engine, data, metrics, machine)
     if world.main:
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         from .plots import plot_run
@@ -248,6 +251,26 @@ def _train(
 
 
 # ----------------------------------------------------------------------------- the pieces
+
+
+def _machine(device: torch.device) -> str:
+    """What the run's wall time is measured on: the CPU and the kernel build
+    (:func:`sparselearn.kernels.machine.describe`), or the GPU."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    from ..kernels.machine import describe
+
+    return describe()
+
+
+def _resumed_on(before: str, now: str) -> str:
+    """The machine of a run resumed on ``now`` after epochs on ``before``: a wall time summed
+    over two kinds of machine is recorded as such (``several: A | B``), so that it is compared
+    with no single machine's."""
+    if before == now:
+        return now
+    seen = before.removeprefix("several: ").split(" | ")
+    return "several: " + " | ".join([*seen, now] if now not in seen else seen)
 
 
 def _tensorboard(
@@ -528,7 +551,10 @@ def summarize(
     engine: SparseEngine,
     data: Data,
     metrics: list[dict[str, Any]],
+    machine: str | None = None,
 ) -> dict[str, Any]:
+    """The run's ``summary.json``; ``machine`` is what its wall time was taken on (see
+    :func:`_machine`)."""
     last = metrics[-1]
     task = task_of(data.info.task)
     dtype = torch.long if task.name == "language" else None
@@ -585,6 +611,7 @@ def summarize(
             "total": flops.train_sparse_total * samples,
         },
         "wall_time": last["wall_time"],
+        "machine": machine,
         "steps": last["step"],
         "config": jsonable(cfg.to_dict()),
         "sparsity": engine.config.to_dict(),
