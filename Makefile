@@ -169,9 +169,12 @@ results-structure: $(STAMP)
 # for one to three epochs (hours on 2 cores), then LeNet-300-100 made 2x and 4x wider at its
 # non-zeros against dense LeNet-300-100 over 6 to 24 epochs (half an hour), 3 seeds; records
 # kept in results/ (finished runs are skipped, interrupted ones resumed), then the comparisons
-# at the same steps and the same wall time and the figures of quality against wall time.
+# at the same steps and the same wall time and the figures of quality against wall time. Wall
+# times are compared per machine: on a machine new to the study two dense tiny-gpt runs time
+# the dense step there first (results/same-cost-gpt/timing/<machine>).
 study-same-cost: $(STAMP) $(FMNIST)
 	$(BIN)/sparselearn study studies/same_cost_gpt_dense.yaml
+	$(BIN)/sparselearn study studies/same_cost_gpt_timing.yaml
 	$(BIN)/sparselearn study studies/same_cost_gpt_256.yaml
 	$(BIN)/sparselearn study studies/same_cost_lenet300_dense.yaml
 	$(BIN)/sparselearn study studies/same_cost_lenet300.yaml

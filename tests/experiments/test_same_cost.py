@@ -19,7 +19,7 @@ from sparselearn.data import text
 from sparselearn.experiments import same_cost, study
 from sparselearn.experiments.cells import Cell
 from sparselearn.experiments.cli import main
-from sparselearn.experiments.same_cost_report import at_time, verdict
+from sparselearn.experiments.same_cost_report import read_curve, table, verdict
 from sparselearn.flops import count_flops
 from sparselearn.models import create_model
 
@@ -180,22 +180,22 @@ def test_the_dense_curve_is_read_between_its_points_only(
     pts = sorted(points)
     lo, hi = pts[0][0], pts[-1][0]
     for t, v in pts:
-        assert at_time(pts, t) == pytest.approx(v, abs=1e-9) or any(
+        assert read_curve(pts, t) == pytest.approx(v, abs=1e-9) or any(
             t2 == t and v2 != v for t2, v2 in pts
         )
-    wall = lo + where * (hi - lo)
-    got = at_time(pts, wall)
+    x = lo + where * (hi - lo)
+    got = read_curve(pts, x)
     assert got is not None
-    left = max((p for p in pts if p[0] <= wall), key=lambda p: p[0])
-    right = min((p for p in pts if p[0] >= wall), key=lambda p: p[0])
+    left = max((p for p in pts if p[0] <= x), key=lambda p: p[0])
+    right = min((p for p in pts if p[0] >= x), key=lambda p: p[0])
     assert min(left[1], right[1]) - 1e-9 <= got <= max(left[1], right[1]) + 1e-9
-    assert at_time(pts, lo * 0.99) is None
-    assert at_time(pts, hi * 1.01) is None
+    assert read_curve(pts, lo * 0.99) is None
+    assert read_curve(pts, hi * 1.01) is None
 
 
-def test_the_curve_is_linear_in_log_time() -> None:
-    # halfway in log time between 100 s and 400 s is 200 s
-    assert at_time([(100.0, 14.0), (400.0, 12.0)], 200.0) == pytest.approx(13.0)
+def test_the_curve_is_linear_in_log_steps() -> None:
+    # halfway in log steps between 100 and 400 is 200
+    assert read_curve([(100.0, 14.0), (400.0, 12.0)], 200.0) == pytest.approx(13.0)
 
 
 def test_verdicts_follow_the_two_standard_error_rule() -> None:
@@ -212,7 +212,15 @@ def test_verdicts_follow_the_two_standard_error_rule() -> None:
 
 
 def _summary(
-    folder: Path, model: str, label: str, seed: int, ppl: float, wall: float, density: float
+    folder: Path,
+    model: str,
+    label: str,
+    seed: int,
+    ppl: float,
+    wall: float,
+    density: float,
+    steps: int = 100,
+    machine: str | None = "machine X",
 ) -> None:
     folder.mkdir(parents=True)
     sparsified = 786_432 if model == "tiny-gpt" else 3_145_728
@@ -227,24 +235,31 @@ def _summary(
         "metric": "test_ppl",
         "test_ppl": ppl,
         "wall_time": wall,
+        "steps": steps,
         "parameters": sparsified + dense,
         "sparsified_weights": sparsified,
         "active_weights": round(density * sparsified),
         "training_flops": {"total": 1e12 if model == "tiny-gpt" else 0.9e12},
     }
+    if machine is not None:
+        summary["machine"] = machine
     (folder / "summary.json").write_text(json.dumps(summary))
+
+
+JITTER = ((1, -0.01), (2, 0.0), (3, 0.01))
 
 
 def test_the_report_compares_at_the_same_steps_and_the_same_wall_time(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    for seed, jitter in ((1, -0.01), (2, 0.0), (3, 0.01)):
-        for label, ppl, wall in (("dense", 12.4, 300), ("dense-2x", 11.5, 600)):
+    for seed, jitter in JITTER:
+        # dense: 3 s a step on machine X
+        for label, ppl, steps in (("dense", 12.4, 100), ("dense-2x", 11.5, 200)):
             folder = runs / "tiny-gpt" / label / f"seed-{seed}"
-            _summary(folder, "tiny-gpt", label, seed, ppl + jitter, wall + 10 * seed, 1.0)
-        # better than dense at the same steps; slower, and worse than dense given its time
+            _summary(folder, "tiny-gpt", label, seed, ppl + jitter, 3 * steps, 1.0, steps)
+        # better than dense at the same steps; 1.5x dense's step time, worse given that time
         folder = runs / "tiny-gpt-256" / "rigl-same-nnz" / "density-0.2386" / f"seed-{seed}"
         _summary(folder, "tiny-gpt-256", "rigl-same-nnz", seed, 12.0 + jitter, 450, 0.2386)
-        # slower than the longest dense run: no reading at the same wall time
+        # 3x dense's step time, beyond the longest dense run: no reading in the same time
         folder = runs / "tiny-gpt-256" / "static-same-flops" / "density-0.2" / f"seed-{seed}"
         _summary(folder, "tiny-gpt-256", "static-same-flops", seed, 12.6 + jitter, 900, 0.2)
     md = tmp_path / "results.md"
@@ -263,18 +278,57 @@ def test_the_report_compares_at_the_same_steps_and_the_same_wall_time(tmp_path: 
     static = next(line for line in same_steps.splitlines() if "| static |" in line)
     assert "training FLOPs" in static
     assert "**loses**" in static
+    assert "- machine **A**: machine X; dense tiny-gpt 3000 ms a step (6 runs)" in same_time
     rigl = next(line for line in same_time.splitlines() if "| rigl |" in line)
-    # dense at 450 s: each seed's runs at 300 + 10 s and 600 + 10 s, read in log time
-    read = [
-        12.4 + j - 0.9 * math.log(450 / (300 + 10 * s)) / math.log((600 + 10 * s) / (300 + 10 * s))
-        for s, j in ((1, -0.01), (2, 0.0), (3, 0.01))
-    ]
+    # dense in 1.5x its steps' time: 150 steps, read between 100 and 200 in log steps
+    read = [12.4 + j - 0.9 * math.log(1.5) / math.log(2) for _, j in JITTER]
+    assert "| A | 4500 ± 0 (3) | 1.50 |" in rigl
     assert f"| {sum(read) / 3:.3f} ± " in rigl
     assert "**loses**" in rigl
     static = next(line for line in same_time.splitlines() if "| static |" in line)
     assert "beyond the dense runs" in static
     assert (tmp_path / "fig" / "stdlib-text-tiny-gpt-same-cost.png").stat().st_size > 0
     assert text.startswith("# Results\n")
+
+
+def test_a_wall_time_is_compared_with_dense_on_its_own_machine_only(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for seed, jitter in JITTER:
+        for label, ppl, steps in (("dense", 12.4, 100), ("dense-2x", 11.5, 200)):
+            folder = runs / "tiny-gpt" / label / f"seed-{seed}"
+            _summary(folder, "tiny-gpt", label, seed, ppl + jitter, 3 * steps, 1.0, steps)
+    # machine Z: dense timed by a run that counts for its time only (1 s a step), not quality
+    _summary(runs / "timing" / "z" / "tiny-gpt" / "dense-timing" / "seed-1", "tiny-gpt",
+             "dense-timing", 1, 99.0, 100, 1.0, machine="machine Z")  # fmt: skip
+    # RigL: seeds 1 and 2 on X at 1.5x dense's step there, seed 3 on Z at 2x dense's step there
+    for seed, jitter in JITTER:
+        machine, wall = ("machine Z", 200) if seed == 3 else ("machine X", 450)
+        folder = runs / "tiny-gpt-256" / "rigl-same-nnz" / "density-0.2386" / f"seed-{seed}"
+        _summary(folder, "tiny-gpt-256", "rigl-same-nnz", seed, 12.0 + jitter, wall, 0.2386,
+                 machine=machine)  # fmt: skip
+    # SET on a machine with no dense run, and one run whose machine was not recorded
+    for seed, machine in ((1, "machine Y"), (2, None)):
+        folder = runs / "tiny-gpt-256" / "set-same-nnz" / "density-0.2386" / f"seed-{seed}"
+        _summary(folder, "tiny-gpt-256", "set-same-nnz", seed, 12.1, 450, 0.2386,
+                 machine=machine)  # fmt: skip
+    text = table([runs], "tiny-gpt")
+    same_steps, same_time = text.split("the same wall time")
+    assert "Dense tiny-gpt: 12.400 ± 0.006 (3)" in same_steps  # the timing run is not counted
+    assert "- machine **C**: machine Z; dense tiny-gpt 1000 ms a step (1 run)" in same_time
+    assert "- machine **B**: machine Y; no dense tiny-gpt run timed there" in same_time
+    rigl = [line for line in same_time.splitlines() if "| rigl |" in line]
+    # machine X's ratio (its two runs) applied to all three seeds; machine Z's likewise
+    on_x = next(line for line in rigl if "| A |" in line)
+    assert "| 1.50 | 12.000 ± 0.006 (3) |" in on_x
+    read = [12.4 + j - 0.9 * math.log(1.5) / math.log(2) for _, j in JITTER]
+    assert f"| {sum(read) / 3:.3f} ± 0.006 (3) |" in on_x
+    on_z = next(line for line in rigl if "| C |" in line)
+    assert "| 2000 (n=1) | 2.00 |" in on_z
+    assert "| 11.500 ± 0.006 (3) |" in on_z  # exactly the 2x runs
+    set_rows = [line for line in same_time.splitlines() if "| set |" in line]
+    assert len(set_rows) == 2
+    assert all("no dense run timed on this machine" in line for line in set_rows)
+    assert "| not recorded |" in set_rows[1]
 
 
 def test_the_same_cost_report_stands_alone(

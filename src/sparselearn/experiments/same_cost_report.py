@@ -9,10 +9,16 @@ see :mod:`.same_cost`), every run for the reference recipe's steps. Three compar
 - **the same steps** (and so the same non-zeros, or the same training FLOPs, by the row's
   view): the sparse row against the dense one;
 - **the same wall time**: the sparse row against the dense model trained for as long as the
-  sparse one took on this machine, read off the dense runs' quality against their wall time
-  (the ``dense`` and ``dense-<k>x`` runs of the same seed, linear in the logarithm of the
-  time between the two that bracket the sparse run's; a seed whose dense runs do not bracket
-  it is left out: the comparison is never extrapolated).
+  sparse one took, on the same machine. Every run records the machine its wall time was taken
+  on (``machine`` in its summary: the CPU, its vector extensions and the kernel build), and a
+  wall time is compared only with dense runs of the same machine: the sparse runs' time a step
+  on machine M over the dense reference's time a step on M (any of its dense runs there: the
+  ladder's, or ``dense-timing`` runs that exist for this) gives the steps dense trains in the
+  sparse run's time, and the dense quality at those steps is read off each seed's dense runs
+  (``dense`` and ``dense-<k>x``, linear in the logarithm of the steps between the two that
+  bracket it; a seed whose dense runs do not bracket it is left out: the comparison is never
+  extrapolated). Quality does not depend on the machine, time does: the ratio of a machine
+  applies to every seed's run, and each machine gets its own rows.
 
 A verdict follows the two-standard-error rule of the paper-budget claims (:mod:`.claims`):
 the sparse model **beats** the dense one where its mean is better by more than two standard
@@ -49,6 +55,11 @@ class _Run:
     density: float
     steps: int = 0
     layers: tuple[float, float] | None = None  # sparse layers' ms a step: as run, as dense
+    machine: str | None = None  # what the wall time was taken on (None: not recorded)
+
+    @property
+    def step_ms(self) -> float:
+        return 1000 * self.wall / self.steps
 
 
 _LIVE = re.compile(r"\b(sparse|dense) ([\d.]+)")  # "sparse 50.98, dense 86.17"
@@ -112,13 +123,22 @@ def _read(paths: Sequence[str | os.PathLike[str]], reference: str) -> dict[str, 
             float(s["density"]),
             int(s.get("steps") or 0),
             _layer_times(run),
+            s.get("machine"),
         )
         data = by_data.setdefault(
-            s["data"], {"metric": metric, "ladder": defaultdict(dict), "rows": {}}
+            s["data"],
+            {
+                "metric": metric,
+                "ladder": defaultdict(dict),
+                "rows": {},
+                "timing": defaultdict(list),
+            },
         )
         if data["metric"] != metric:
             raise ValueError(f"{run / 'summary.json'}: {metric} among runs reporting another")
         ladder = _LADDER.fullmatch(label)
+        if s["model"] == reference and s["method"] == "dense" and one.steps and one.machine:
+            data["timing"][one.machine].append(one)  # dense's time a step on its machine
         if s["model"] == reference and s["method"] == "dense" and ladder:
             factor = float(ladder.group(1) or 1)
             data["ladder"][factor][one.seed] = one
@@ -147,18 +167,54 @@ def _read(paths: Sequence[str | os.PathLike[str]], reference: str) -> dict[str, 
     return by_data
 
 
-def at_time(points: Sequence[tuple[float, float]], wall: float) -> float | None:
-    """The quality at ``wall`` seconds on the curve through ``points`` ((wall time, value) of
-    one seed's dense runs): linear in log(time) between the two that bracket it, None outside
+def read_curve(points: Sequence[tuple[float, float]], x: float) -> float | None:
+    """The quality at ``x`` steps on the curve through ``points`` ((steps, value) of one
+    seed's dense runs): linear in log(steps) between the two that bracket it, None outside
     them."""
     pts = sorted(points)
-    for (t0, v0), (t1, v1) in itertools.pairwise(pts):
-        if t0 <= wall <= t1:
-            if t1 == t0:
+    for (x0, v0), (x1, v1) in itertools.pairwise(pts):
+        if x0 <= x <= x1:
+            if x1 == x0:
                 return (v0 + v1) / 2
-            f = (math.log(wall) - math.log(t0)) / (math.log(t1) - math.log(t0))
+            f = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
             return v0 + f * (v1 - v0)
     return None
+
+
+def _timing(found: dict[str, Any]) -> tuple[dict[str, list[_Run]], dict[str, str]]:
+    """The dense reference's runs by the machine they were timed on (a run resumed on another
+    machine is timed on none), and a letter for every machine a run of the comparison
+    names, in order of name."""
+    timing = {m: runs for m, runs in found["timing"].items() if not m.startswith("several: ")}
+    named = set(timing) | {
+        r.machine for row in found["rows"].values() for r in row.runs.values() if r.machine
+    }
+    letters = {m: chr(ord("A") + i) if i < 26 else f"M{i + 1}" for i, m in enumerate(sorted(named))}
+    return timing, letters
+
+
+def _machine_lines(
+    reference: str, timing: dict[str, list[_Run]], letters: dict[str, str]
+) -> list[str]:
+    lines = []
+    for machine, letter in letters.items():
+        runs = timing.get(machine, [])
+        dense = (
+            f"dense {reference} {_ms(_mean([r.step_ms for r in runs]))} ms a step "
+            f"({len(runs)} run{'s' * (len(runs) != 1)})"
+            if runs
+            else f"no dense {reference} run timed there"
+        )
+        lines.append(f"- machine **{letter}**: {machine}; {dense}")
+    return lines
+
+
+def _by_machine(row: _Row) -> dict[str | None, list[_Run]]:
+    """The row's runs by machine (None: not recorded), recorded machines first."""
+    groups: dict[str | None, list[_Run]] = defaultdict(list)
+    for _, r in sorted(row.runs.items()):
+        groups[r.machine].append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or "")))
 
 
 def verdict(sparse: Cell, dense: Cell, higher: bool) -> tuple[float, float, str]:
@@ -186,7 +242,6 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
         what = title.split(" (")[0].lower()
         dense_runs = found["ladder"][1.0]
         dense = Cell(tuple(r.value for _, r in sorted(dense_runs.items())), metric)
-        dense_wall = Cell(tuple(r.wall for _, r in sorted(dense_runs.items())), "wall_time")
         dense_flops = [r.flops for r in dense_runs.values() if r.flops]
         nonzeros = next(iter(dense_runs.values())).nonzeros
         lines += [
@@ -221,90 +276,114 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
             )
         factors = sorted(found["ladder"])
         ladder_text = ", ".join(
-            f"{f:g}x: {Cell(tuple(r.value for r in found['ladder'][f].values()), metric).text()}"
-            f" in {Cell(tuple(r.wall for r in found['ladder'][f].values()), 'wall_time').text()} s"
+            f"{f:g}x ({_mean([r.steps for r in found['ladder'][f].values()]):,.0f} steps): "
+            f"{Cell(tuple(r.value for r in found['ladder'][f].values()), metric).text()}"
             for f in factors
         )
+        timing, letters = _timing(found)
         lines += [
             "",
             f"### Wider and sparse against dense {reference} on {data}: the same wall time",
             "",
-            f"Training wall time (s) and {what}, mean ± standard error over seeds (number of "
-            f"seeds). Dense {reference} trained for its recipe's steps (1x) and longer: "
-            f"{ladder_text}. The dense model at a sparse row's wall time is read off its own "
-            "seed's dense runs (linear in log time between the two that bracket it; seeds "
-            "outside them are left out, and the number of seeds says how many remain).",
+            f"Dense {reference} trained for its recipe's steps (1x) and longer: {ladder_text}. "
+            "A wall time is compared only with dense runs on the same machine (the CPU, its "
+            "vector extensions and the kernel build; every run records it): a sparse row's time "
+            f"a step there over dense {reference}'s (*x dense*) gives the steps dense trains in "
+            "the same time, and the dense quality at those steps is read off each seed's dense "
+            "runs (linear in log steps between the two that bracket it; seeds outside them are "
+            f"left out, and the number of seeds says how many remain). The {what} column holds "
+            "every seed of the row, wherever it ran; a machine's rows apply its time ratio to "
+            "them all. Mean ± standard error over seeds (number of seeds).",
             "",
-            f"| model | method | same | wall time (s) | x dense 1x | {what} | dense at that "
-            "wall time | gain over dense (± its standard error) | verdict |",
-            "|---|---|---|---:|---:|---:|---:|---:|---|",
+            *_machine_lines(reference, timing, letters),
+            "",
+            f"| model | method | same | machine | time a step (ms) | x dense | {what} | dense in "
+            "that time | gain over dense (± its standard error) | verdict |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for row in rows:
             cell = row.cell(metric)
-            wall = row.cell("wall_time", "wall")
-            matched = {}
-            for seed, r in row.runs.items():
-                points = [
-                    (found["ladder"][f][seed].wall, found["ladder"][f][seed].value)
-                    for f in factors
-                    if seed in found["ladder"][f]
-                ]
-                v = at_time(points, r.wall)
-                if v is not None:
-                    matched[seed] = v
-            if matched:
-                same_time = Cell(tuple(v for _, v in sorted(matched.items())), metric)
-                paired = Cell(tuple(row.runs[s].value for s in sorted(matched)), metric)
-                gain, error, said = verdict(paired, same_time, higher)
-                at = same_time.text()
-                gained = _gain_text(gain, error, scale, digits, metric)
-                said = f"**{said}**"
-            else:
-                at, gained, said = "beyond the dense runs", "–", "no verdict"
-            lines.append(
-                f"| {row.model} | {row.method} | {_VIEWS[row.view]} | {wall.text()} | "
-                f"{wall.mean / dense_wall.mean:.2f} | {cell.text()} | {at} | {gained} | {said} |"
-            )
-        lines += _time_table(reference, rows, dense_runs)
+            for machine, runs in _by_machine(row).items():
+                step = Cell(tuple(r.step_ms for r in runs), "wall_time")
+                head = (
+                    f"| {row.model} | {row.method} | {_VIEWS[row.view]} | "
+                    f"{letters.get(machine or '', 'not recorded')} | {step.text()} |"
+                )
+                if machine not in timing:
+                    lines.append(
+                        f"{head} – | {cell.text()} | no dense run timed on this machine | – | "
+                        "no verdict |"
+                    )
+                    continue
+                slower = step.mean / _mean([r.step_ms for r in timing[machine]])
+                matched = {}
+                for seed, r in row.runs.items():
+                    points = [
+                        (found["ladder"][f][seed].steps, found["ladder"][f][seed].value)
+                        for f in factors
+                        if seed in found["ladder"][f]
+                    ]
+                    v = read_curve(points, slower * r.steps)
+                    if v is not None:
+                        matched[seed] = v
+                if matched:
+                    same_time = Cell(tuple(v for _, v in sorted(matched.items())), metric)
+                    paired = Cell(tuple(row.runs[s].value for s in sorted(matched)), metric)
+                    gain, error, said = verdict(paired, same_time, higher)
+                    at = same_time.text()
+                    gained = _gain_text(gain, error, scale, digits, metric)
+                    said = f"**{said}**"
+                else:
+                    at, gained, said = "beyond the dense runs", "–", "no verdict"
+                lines.append(f"{head} {slower:.2f} | {cell.text()} | {at} | {gained} | {said} |")
+        lines += _time_table(reference, rows, timing, letters)
         lines.append("")
     return "\n".join(lines)
 
 
-def _time_table(reference: str, rows: list[_Row], dense_runs: dict[int, _Run]) -> list[str]:
-    """Where a training step's time goes: the accelerated layers as they computed, the same
-    layers' dense products (both as the check in the run timed them), and the rest."""
+def _time_table(
+    reference: str,
+    rows: list[_Row],
+    timing: dict[str, list[_Run]],
+    letters: dict[str, str],
+) -> list[str]:
+    """Where a training step's time goes, per machine: the accelerated layers as they
+    computed, the same layers' dense products (both as the check in the run timed them), and
+    the rest."""
     timed = [r for r in rows if all(x.steps for x in r.runs.values())]
     if not any(x.layers for r in timed for x in r.runs.values()):
         return []
-    step = _mean([1000 * r.wall / r.steps for r in dense_runs.values() if r.steps])
     lines = [
         "",
-        f"Where a training step's time goes (ms, mean over seeds): dense {reference} takes "
-        f"{_ms(step)} ms a step. The sparsified layers' times are the medians each layer's "
-        "check in the run timed over its first steps (its forward and backward, sparse and as "
-        "the dense product of the same weights; `acceleration.txt`); the rest is everything "
-        "else in the step: layers left dense, attention, norms and embeddings where the model "
-        "has them, the optimizer, mask updates and the dense-gradient steps.",
+        "Where a training step's time goes (ms, mean over the runs on each machine), beside "
+        f"dense {reference}'s whole step on the same machine. The sparsified layers' times are "
+        "the medians each layer's check in the run timed over its first steps (its forward "
+        "and backward, sparse and as the dense product of the same weights; "
+        "`acceleration.txt`); the rest is everything else in the step: layers left dense, "
+        "attention, norms and embeddings where the model has them, the optimizer, mask updates "
+        "and the dense-gradient steps.",
         "",
-        "| model | method | same | step | sparsified layers | the same layers dense | "
-        "their speedup | the rest |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        f"| model | method | same | machine | dense {reference} step | step | sparsified layers "
+        "| the same layers dense | their speedup | the rest |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in timed:
-        runs = list(row.runs.values())
-        whole = _mean([1000 * r.wall / r.steps for r in runs])
-        if not all(r.layers for r in runs):
-            lines.append(
-                f"| {row.model} | {row.method} | {_VIEWS[row.view]} | {_ms(whole)} | – | – | "
-                "none ran sparse (dense timed faster) | – |"
+        for machine, runs in _by_machine(row).items():
+            head = (
+                f"| {row.model} | {row.method} | {_VIEWS[row.view]} | "
+                f"{letters.get(machine or '', 'not recorded')} | "
+                + (_ms(_mean([r.step_ms for r in timing[machine]])) if machine in timing else "–")
+                + f" | {_ms(_mean([r.step_ms for r in runs]))} |"
             )
-            continue
-        used = _mean([r.layers[0] for r in runs if r.layers])
-        dense = _mean([r.layers[1] for r in runs if r.layers])
-        lines.append(
-            f"| {row.model} | {row.method} | {_VIEWS[row.view]} | {_ms(whole)} | {_ms(used)} | "
-            f"{_ms(dense)} | {dense / used:.2f}x | {_ms(whole - used)} |"
-        )
+            if not all(r.layers for r in runs):
+                lines.append(f"{head} – | – | none ran sparse (dense timed faster) | – |")
+                continue
+            used = _mean([r.layers[0] for r in runs if r.layers])
+            dense = _mean([r.layers[1] for r in runs if r.layers])
+            whole = _mean([r.step_ms for r in runs])
+            lines.append(
+                f"{head} {_ms(used)} | {_ms(dense)} | {dense / used:.2f}x | {_ms(whole - used)} |"
+            )
     return lines
 
 
@@ -324,9 +403,10 @@ def _flops_text(x: float) -> str:
 
 
 def plot(paths: Sequence[str | os.PathLike[str]], reference: str, folder: Path) -> list[Path]:
-    """Quality against training wall time, one PNG per dataset: the dense reference's runs
-    (its recipe and longer) as a line, each same-cost row as a point, mean ± standard error on
-    both axes."""
+    """Quality against training time, one PNG per dataset, the time in units of the dense
+    reference's run of its recipe on the same machine: the dense runs (its recipe and longer)
+    as a line, each same-cost row as a point per machine timed, mean ± standard error on both
+    axes."""
     from .plots import _pyplot, save_figure
 
     plt = _pyplot()
@@ -338,44 +418,49 @@ def plot(paths: Sequence[str | os.PathLike[str]], reference: str, folder: Path) 
         title, scale, _, _ = METRICS[metric]
         fig, ax = plt.subplots(figsize=(6.8, 4.4))
         factors = sorted(found["ladder"])
-        cells = [
-            (
-                Cell(tuple(r.wall for r in found["ladder"][f].values()), "wall_time"),
-                Cell(tuple(r.value for r in found["ladder"][f].values()), metric),
-            )
-            for f in factors
+        base = _mean([r.steps for r in found["ladder"][1.0].values()])
+        values = [
+            Cell(tuple(r.value for r in found["ladder"][f].values()), metric) for f in factors
         ]
         ax.errorbar(
-            [w.mean for w, _ in cells],
-            [scale * v.mean for _, v in cells],
-            xerr=[w.se for w, _ in cells],
-            yerr=[scale * v.se for _, v in cells],
+            [_mean([r.steps for r in found["ladder"][f].values()]) / base for f in factors],
+            [scale * v.mean for v in values],
+            yerr=[scale * v.se for v in values],
             color="k",
             marker="s",
             ms=4,
             capsize=2,
             label=f"dense {reference} (" + ", ".join(f"{f:g}x" for f in factors) + " steps)",
         )
+        timing, letters = _timing(found)
         markers = {"same-nnz": "o", "same-flops": "^"}
         for row in sorted(found["rows"].values(), key=lambda r: (r.model, r.method, r.view)):
-            wall, value = row.cell("wall_time", "wall"), row.cell(metric)
-            ax.errorbar(
-                [wall.mean],
-                [scale * value.mean],
-                xerr=[wall.se],
-                yerr=[scale * value.se],
-                marker=markers[row.view],
-                ms=5,
-                capsize=2,
-                ls="none",
-                label=f"{row.model} {row.method}, same {_VIEWS[row.view]}",
-            )
+            value = row.cell(metric)
+            for machine, runs in _by_machine(row).items():
+                if machine not in timing:
+                    continue
+                dense_ms = _mean([r.step_ms for r in timing[machine]])
+                times = Cell(
+                    tuple(r.step_ms * r.steps / dense_ms / base for r in runs), "wall_time"
+                )
+                ax.errorbar(
+                    [times.mean],
+                    [scale * value.mean],
+                    xerr=[times.se],
+                    yerr=[scale * value.se],
+                    marker=markers[row.view],
+                    ms=5,
+                    capsize=2,
+                    ls="none",
+                    label=f"{row.model} {row.method}, same {_VIEWS[row.view]} "
+                    f"(machine {letters[machine]})",
+                )
         ax.set_xscale("log")
-        seconds = FuncFormatter(lambda v, _: f"{v:g}")
-        ax.xaxis.set_major_formatter(seconds)
-        ax.xaxis.set_minor_formatter(seconds)
+        ratio = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(ratio)
+        ax.xaxis.set_minor_formatter(ratio)
         ax.tick_params(axis="x", which="minor", labelsize=7)
-        ax.set_xlabel("training wall time (s)")
+        ax.set_xlabel(f"training time (x dense {reference}'s 1x run on the same machine)")
         ax.set_ylabel(title[0].lower() + title[1:])
         ax.set_title(f"same cost as dense {reference} on {data}")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
