@@ -282,7 +282,7 @@ def test_the_report_compares_at_the_same_steps_and_the_same_wall_time(tmp_path: 
     rigl = next(line for line in same_time.splitlines() if "| rigl |" in line)
     # dense in 1.5x its steps' time: 150 steps, read between 100 and 200 in log steps
     read = [12.4 + j - 0.9 * math.log(1.5) / math.log(2) for _, j in JITTER]
-    assert "| A | 4500 ± 0 (3) | 1.50 |" in rigl
+    assert "| A | 4500 ± 0.0 (3) | 1.50 |" in rigl
     assert f"| {sum(read) / 3:.3f} ± " in rigl
     assert "**loses**" in rigl
     static = next(line for line in same_time.splitlines() if "| static |" in line)

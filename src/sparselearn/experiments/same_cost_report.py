@@ -307,7 +307,7 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
                 step = Cell(tuple(r.step_ms for r in runs), "wall_time")
                 head = (
                     f"| {row.model} | {row.method} | {_VIEWS[row.view]} | "
-                    f"{letters.get(machine or '', 'not recorded')} | {step.text()} |"
+                    f"{letters.get(machine or '', 'not recorded')} | {_ms_text(step)} |"
                 )
                 if machine not in timing:
                     lines.append(
@@ -389,6 +389,13 @@ def _time_table(
 
 def _ms(x: float) -> str:
     return f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def _ms_text(cell: Cell) -> str:
+    """Milliseconds, mean ± standard error (number), in :func:`_ms`'s digits."""
+    if cell.n == 1:
+        return f"{_ms(cell.mean)} (n=1)"
+    return f"{_ms(cell.mean)} ± {_ms(cell.se)} ({cell.n})"
 
 
 def _mean(values: Sequence[float]) -> float:
