@@ -307,10 +307,10 @@ def test_a_wall_time_is_compared_with_dense_on_its_own_machine_only(tmp_path: Pa
         _summary(folder, "tiny-gpt-256", "rigl-same-nnz", seed, 12.0 + jitter, wall, 0.2386,
                  machine=machine)  # fmt: skip
     # SET on a machine with no dense run, and one run whose machine was not recorded
-    for seed, machine in ((1, "machine Y"), (2, None)):
+    for seed, recorded in ((1, "machine Y"), (2, None)):
         folder = runs / "tiny-gpt-256" / "set-same-nnz" / "density-0.2386" / f"seed-{seed}"
         _summary(folder, "tiny-gpt-256", "set-same-nnz", seed, 12.1, 450, 0.2386,
-                 machine=machine)  # fmt: skip
+                 machine=recorded)  # fmt: skip
     text = table([runs], "tiny-gpt")
     same_steps, same_time = text.split("the same wall time")
     assert "Dense tiny-gpt: 12.400 ± 0.006 (3)" in same_steps  # the timing run is not counted
