@@ -249,13 +249,18 @@ def _summary(
 JITTER = ((1, -0.01), (2, 0.0), (3, 0.01))
 
 
-def test_the_report_compares_at_the_same_steps_and_the_same_wall_time(tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
+def _dense_ladder(runs: Path) -> None:
+    """Dense tiny-gpt over 100 and 200 steps, 3 s a step on machine X, 3 seeds."""
     for seed, jitter in JITTER:
-        # dense: 3 s a step on machine X
         for label, ppl, steps in (("dense", 12.4, 100), ("dense-2x", 11.5, 200)):
             folder = runs / "tiny-gpt" / label / f"seed-{seed}"
             _summary(folder, "tiny-gpt", label, seed, ppl + jitter, 3 * steps, 1.0, steps)
+
+
+def test_the_report_compares_at_the_same_steps_and_the_same_wall_time(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _dense_ladder(runs)
+    for seed, jitter in JITTER:
         # better than dense at the same steps; 1.5x dense's step time, worse given that time
         folder = runs / "tiny-gpt-256" / "rigl-same-nnz" / "density-0.2386" / f"seed-{seed}"
         _summary(folder, "tiny-gpt-256", "rigl-same-nnz", seed, 12.0 + jitter, 450, 0.2386)
@@ -293,10 +298,7 @@ def test_the_report_compares_at_the_same_steps_and_the_same_wall_time(tmp_path: 
 
 def test_a_wall_time_is_compared_with_dense_on_its_own_machine_only(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    for seed, jitter in JITTER:
-        for label, ppl, steps in (("dense", 12.4, 100), ("dense-2x", 11.5, 200)):
-            folder = runs / "tiny-gpt" / label / f"seed-{seed}"
-            _summary(folder, "tiny-gpt", label, seed, ppl + jitter, 3 * steps, 1.0, steps)
+    _dense_ladder(runs)
     # machine Z: dense timed by a run that counts for its time only (1 s a step), not quality
     _summary(runs / "timing" / "z" / "tiny-gpt" / "dense-timing" / "seed-1", "tiny-gpt",
              "dense-timing", 1, 99.0, 100, 1.0, machine="machine Z")  # fmt: skip
