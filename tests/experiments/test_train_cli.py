@@ -104,12 +104,12 @@ def test_a_run_directory_holds_everything(tmp_path: Path, data_dir: Path) -> Non
 
 
 def test_a_run_resumed_on_another_machine_records_both() -> None:
-    from sparselearn.experiments.train import _resumed_on
+    from sparselearn.kernels.machine import resumed_on
 
-    assert _resumed_on("A", "A") == "A"
-    assert _resumed_on("A", "B") == "several: A | B"
-    assert _resumed_on("several: A | B", "A") == "several: A | B"
-    assert _resumed_on("several: A | B", "C") == "several: A | B | C"
+    assert resumed_on("A", "A") == "A"
+    assert resumed_on("A", "B") == "several: A | B"
+    assert resumed_on("several: A | B", "A") == "several: A | B"
+    assert resumed_on("several: A | B", "C") == "several: A | B | C"
 
 
 def test_steps_per_epoch_trains_the_first_batches_of_each_epoch(

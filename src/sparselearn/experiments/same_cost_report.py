@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..kernels.machine import SEVERAL
 from .cells import METRICS, Cell
 from .runs import iter_runs, read_json
 
@@ -137,12 +138,12 @@ def _read(paths: Sequence[str | os.PathLike[str]], reference: str) -> dict[str, 
         if data["metric"] != metric:
             raise ValueError(f"{run / 'summary.json'}: {metric} among runs reporting another")
         ladder = _LADDER.fullmatch(label)
-        if s["model"] == reference and s["method"] == "dense" and one.steps and one.machine:
-            data["timing"][one.machine].append(one)  # dense's time a step on its machine
-        if s["model"] == reference and s["method"] == "dense" and ladder:
-            factor = float(ladder.group(1) or 1)
-            data["ladder"][factor][one.seed] = one
-            continue
+        if s["model"] == reference and s["method"] == "dense":
+            if one.steps and one.machine:
+                data["timing"][one.machine].append(one)  # dense's time a step on its machine
+            if ladder:
+                data["ladder"][float(ladder.group(1) or 1)][one.seed] = one
+                continue
         if s["model"] == reference:
             continue  # other runs of the reference: not part of this comparison
         method, _, view = label.rpartition("-same-")
@@ -181,32 +182,50 @@ def read_curve(points: Sequence[tuple[float, float]], x: float) -> float | None:
     return None
 
 
-def _timing(found: dict[str, Any]) -> tuple[dict[str, list[_Run]], dict[str, str]]:
-    """The dense reference's runs by the machine they were timed on (a run resumed on another
-    machine is timed on none), and a letter for every machine a run of the comparison
-    names, in order of name."""
-    timing = {m: runs for m, runs in found["timing"].items() if not m.startswith("several: ")}
+@dataclass(frozen=True)
+class _Machine:
+    letter: str  # its name in the tables
+    dense_ms: float | None  # the dense reference's time a step there (None: no run timed)
+    dense_runs: int  # how many of its runs timed it
+
+
+def _machines(found: dict[str, Any]) -> dict[str, _Machine]:
+    """Every machine a run of the comparison names, lettered in order of name, with the dense
+    reference's time a step there (a run resumed on another machine times none)."""
+    timing = {m: runs for m, runs in found["timing"].items() if not m.startswith(SEVERAL)}
     named = set(timing) | {
         r.machine for row in found["rows"].values() for r in row.runs.values() if r.machine
     }
-    letters = {m: chr(ord("A") + i) if i < 26 else f"M{i + 1}" for i, m in enumerate(sorted(named))}
-    return timing, letters
+    return {
+        m: _Machine(
+            chr(ord("A") + i) if i < 26 else f"M{i + 1}",
+            _mean([r.step_ms for r in timing[m]]) if m in timing else None,
+            len(timing.get(m, [])),
+        )
+        for i, m in enumerate(sorted(named))
+    }
 
 
-def _machine_lines(
-    reference: str, timing: dict[str, list[_Run]], letters: dict[str, str]
-) -> list[str]:
+def _machine_lines(reference: str, machines: dict[str, _Machine]) -> list[str]:
     lines = []
-    for machine, letter in letters.items():
-        runs = timing.get(machine, [])
+    for name, m in machines.items():
         dense = (
-            f"dense {reference} {_ms(_mean([r.step_ms for r in runs]))} ms a step "
-            f"({len(runs)} run{'s' * (len(runs) != 1)})"
-            if runs
+            f"dense {reference} {_ms(m.dense_ms)} ms a step "
+            f"({m.dense_runs} run{'s' * (m.dense_runs != 1)})"
+            if m.dense_ms is not None
             else f"no dense {reference} run timed there"
         )
-        lines.append(f"- machine **{letter}**: {machine}; {dense}")
+        lines.append(f"- machine **{m.letter}**: {name}; {dense}")
     return lines
+
+
+def _dense_ms(machines: dict[str, _Machine], machine: str | None) -> float | None:
+    """The dense reference's time a step on ``machine`` (None: not timed, or not recorded)."""
+    return machines[machine].dense_ms if machine in machines else None
+
+
+def _letter(machines: dict[str, _Machine], machine: str | None) -> str:
+    return machines[machine].letter if machine in machines else "not recorded"
 
 
 def _by_machine(row: _Row) -> dict[str | None, list[_Run]]:
@@ -280,7 +299,11 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
             f"{Cell(tuple(r.value for r in found['ladder'][f].values()), metric).text()}"
             for f in factors
         )
-        timing, letters = _timing(found)
+        machines = _machines(found)
+        curves: dict[int, list[tuple[float, float]]] = defaultdict(list)  # seed: (steps, value)
+        for f in factors:
+            for seed, r in found["ladder"][f].items():
+                curves[seed].append((r.steps, r.value))
         lines += [
             "",
             f"### Wider and sparse against dense {reference} on {data}: the same wall time",
@@ -295,7 +318,7 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
             "every seed of the row, wherever it ran; a machine's rows apply its time ratio to "
             "them all. Mean ± standard error over seeds (number of seeds).",
             "",
-            *_machine_lines(reference, timing, letters),
+            *_machine_lines(reference, machines),
             "",
             f"| model | method | same | machine | time a step (ms) | x dense | {what} | dense in "
             "that time | gain over dense (± its standard error) | verdict |",
@@ -307,23 +330,19 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
                 step = Cell(tuple(r.step_ms for r in runs), "wall_time")
                 head = (
                     f"| {row.model} | {row.method} | {_VIEWS[row.view]} | "
-                    f"{letters.get(machine or '', 'not recorded')} | {_ms_text(step)} |"
+                    f"{_letter(machines, machine)} | {_ms_text(step)} |"
                 )
-                if machine not in timing:
+                dense_ms = _dense_ms(machines, machine)
+                if dense_ms is None:
                     lines.append(
                         f"{head} – | {cell.text()} | no dense run timed on this machine | – | "
                         "no verdict |"
                     )
                     continue
-                slower = step.mean / _mean([r.step_ms for r in timing[machine]])
+                slower = step.mean / dense_ms
                 matched = {}
                 for seed, r in row.runs.items():
-                    points = [
-                        (found["ladder"][f][seed].steps, found["ladder"][f][seed].value)
-                        for f in factors
-                        if seed in found["ladder"][f]
-                    ]
-                    v = read_curve(points, slower * r.steps)
+                    v = read_curve(curves[seed], slower * r.steps)
                     if v is not None:
                         matched[seed] = v
                 if matched:
@@ -336,7 +355,7 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
                 else:
                     at, gained, said = "beyond the dense runs", "–", "no verdict"
                 lines.append(f"{head} {slower:.2f} | {cell.text()} | {at} | {gained} | {said} |")
-        lines += _time_table(reference, rows, timing, letters)
+        lines += _time_table(reference, rows, machines)
         lines.append("")
     return "\n".join(lines)
 
@@ -344,8 +363,7 @@ def table(paths: Sequence[str | os.PathLike[str]], reference: str) -> str:
 def _time_table(
     reference: str,
     rows: list[_Row],
-    timing: dict[str, list[_Run]],
-    letters: dict[str, str],
+    machines: dict[str, _Machine],
 ) -> list[str]:
     """Where a training step's time goes, per machine: the accelerated layers as they
     computed, the same layers' dense products (both as the check in the run timed them), and
@@ -369,11 +387,11 @@ def _time_table(
     ]
     for row in timed:
         for machine, runs in _by_machine(row).items():
+            dense_ms = _dense_ms(machines, machine)
             head = (
                 f"| {row.model} | {row.method} | {_VIEWS[row.view]} | "
-                f"{letters.get(machine or '', 'not recorded')} | "
-                + (_ms(_mean([r.step_ms for r in timing[machine]])) if machine in timing else "–")
-                + f" | {_ms(_mean([r.step_ms for r in runs]))} |"
+                f"{_letter(machines, machine)} | {'–' if dense_ms is None else _ms(dense_ms)} | "
+                f"{_ms(_mean([r.step_ms for r in runs]))} |"
             )
             if not all(r.layers for r in runs):
                 lines.append(f"{head} – | – | none ran sparse (dense timed faster) | – |")
@@ -439,14 +457,14 @@ def plot(paths: Sequence[str | os.PathLike[str]], reference: str, folder: Path) 
             capsize=2,
             label=f"dense {reference} (" + ", ".join(f"{f:g}x" for f in factors) + " steps)",
         )
-        timing, letters = _timing(found)
+        machines = _machines(found)
         markers = {"same-nnz": "o", "same-flops": "^"}
         for row in sorted(found["rows"].values(), key=lambda r: (r.model, r.method, r.view)):
             value = row.cell(metric)
             for machine, runs in _by_machine(row).items():
-                if machine not in timing:
+                dense_ms = _dense_ms(machines, machine)
+                if dense_ms is None:
                     continue
-                dense_ms = _mean([r.step_ms for r in timing[machine]])
                 times = Cell(
                     tuple(r.step_ms * r.steps / dense_ms / base for r in runs), "wall_time"
                 )
@@ -460,7 +478,7 @@ def plot(paths: Sequence[str | os.PathLike[str]], reference: str, folder: Path) 
                     capsize=2,
                     ls="none",
                     label=f"{row.model} {row.method}, same {_VIEWS[row.view]} "
-                    f"(machine {letters[machine]})",
+                    f"(machine {_letter(machines, machine)})",
                 )
         ax.set_xscale("log")
         ratio = FuncFormatter(lambda v, _: f"{v:g}")

@@ -26,6 +26,7 @@ from .._io import remove_stale_temps
 from ..data.datasets import DATASETS, Data, load_dataset, steps_per_epoch
 from ..engine import MaskUpdate, SparseEngine, sparsify
 from ..flops import flops as training_flops
+from ..kernels.machine import describe, resumed_on
 from ..models import create_model
 from .config import SPARSITY_OPTIONS, TrainConfig, engine_arguments, jsonable, same_config
 from .optim import lr_at, make_optimizer
@@ -156,7 +157,7 @@ def _train(
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, wall = int(state["epoch"]), float(state["wall_time"])
-        machine = _resumed_on(state.get("machine", "unrecorded"), machine)
+        machine = resumed_on(state.get("machine", "unrecorded"), machine)
         metrics = read_metrics(out)[: start_epoch + 1]  # the epoch-0 row, then one per epoch
     else:
         if world.main:
@@ -258,19 +259,7 @@ def _machine(device: torch.device) -> str:
     (:func:`sparselearn.kernels.machine.describe`), or the GPU."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    from ..kernels.machine import describe
-
     return describe()
-
-
-def _resumed_on(before: str, now: str) -> str:
-    """The machine of a run resumed on ``now`` after epochs on ``before``: a wall time summed
-    over two kinds of machine is recorded as such (``several: A | B``), so that it is compared
-    with no single machine's."""
-    if before == now:
-        return now
-    seen = before.removeprefix("several: ").split(" | ")
-    return "several: " + " | ".join([*seen, now] if now not in seen else seen)
 
 
 def _tensorboard(

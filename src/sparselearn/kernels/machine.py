@@ -8,6 +8,7 @@ same-cost report compares a run's wall time only with dense runs recorded on the
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ _EXTENSIONS = (
 )
 
 
+@functools.cache
 def _cpuinfo() -> dict[str, str]:
     """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
     fields: dict[str, str] = {}
@@ -58,6 +60,19 @@ def describe() -> str:
     kernels -march=native``. Runs with the same description ran on the same kind of machine
     with the same kernel build, and only their wall times are compared with each other."""
     return f"{cpu_name()} ({cpu_isa()}); kernels -march={march()}"
+
+
+SEVERAL = "several: "  # the prefix of a wall time summed over more than one machine
+
+
+def resumed_on(before: str, now: str) -> str:
+    """The machine of a run resumed on ``now`` after epochs on ``before``: a wall time summed
+    over two kinds of machine is recorded as such (``several: A | B``), so that it is compared
+    with no single machine's."""
+    if before == now:
+        return now
+    seen = before.removeprefix(SEVERAL).split(" | ")
+    return SEVERAL + " | ".join([*seen, now] if now not in seen else seen)
 
 
 def slug(description: str | None = None) -> str:
